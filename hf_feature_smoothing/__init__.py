@@ -1,0 +1,39 @@
+"""Certified Feature-space Smoothing (FS) and the Gaussian Smoothness Booster (GSB) for 🤗 Transformers vision and
+multimodal models. Importing the package registers the `smoothed_*` model types with the Auto classes."""
+
+from .configuration_feature_smoothing import FeatureSmoothingConfig
+from .modeling_smoothed_tower import SmoothedVisionTower
+from .models import (
+    SMOOTHED_MODEL_CLASSES,
+    SmoothedLlavaConfig,
+    SmoothedLlavaForConditionalGeneration,
+    SmoothedQwen2_5_VLConfig,
+    SmoothedQwen2_5_VLForConditionalGeneration,
+    SmoothedQwen2VLConfig,
+    SmoothedQwen2VLForConditionalGeneration,
+    SmoothedQwen3VLConfig,
+    SmoothedQwen3VLForConditionalGeneration,
+)
+from .towers import TOWER_ADAPTERS, ImageInputs, TowerAdapter, get_tower_adapter, register_tower_adapter
+from .version import __version__
+
+
+__all__ = [
+    "SMOOTHED_MODEL_CLASSES",
+    "TOWER_ADAPTERS",
+    "FeatureSmoothingConfig",
+    "ImageInputs",
+    "SmoothedLlavaConfig",
+    "SmoothedLlavaForConditionalGeneration",
+    "SmoothedQwen2VLConfig",
+    "SmoothedQwen2VLForConditionalGeneration",
+    "SmoothedQwen2_5_VLConfig",
+    "SmoothedQwen2_5_VLForConditionalGeneration",
+    "SmoothedQwen3VLConfig",
+    "SmoothedQwen3VLForConditionalGeneration",
+    "SmoothedVisionTower",
+    "TowerAdapter",
+    "__version__",
+    "get_tower_adapter",
+    "register_tower_adapter",
+]

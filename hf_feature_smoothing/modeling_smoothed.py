@@ -1,0 +1,84 @@
+"""Shared machinery of the smoothed MLLM model types (`smoothed_llava`, `smoothed_qwen2_vl`, ...)."""
+
+import json
+import os
+
+from transformers import AutoConfig, AutoModelForImageTextToText, PreTrainedConfig, PreTrainedModel
+from transformers.conversion_mapping import get_checkpoint_conversion_mapping, register_checkpoint_conversion_mapping
+from transformers.utils import cached_file
+
+from .configuration_feature_smoothing import FeatureSmoothingConfig
+from .logging_utils import get_logger
+from .modeling_smoothed_tower import SmoothedVisionTower
+
+
+logger = get_logger(__name__)
+
+
+def _processor_stats(path: str | os.PathLike, **hub_kwargs) -> dict:
+    """`image_mean` / `image_std` from the checkpoint's `preprocessor_config.json`, when it has one."""
+    try:
+        file = cached_file(str(path), "preprocessor_config.json", _raise_exceptions_for_missing_entries=False,
+                           **hub_kwargs)
+    except OSError:
+        file = None
+    if file is None:
+        return {}
+    with open(file) as f:
+        data = json.load(f)
+    return {k: data[k] for k in ("image_mean", "image_std") if k in data}
+
+
+class FeatureSmoothingMixin:
+    """
+    Mixed into a stock `*ForConditionalGeneration` class: after `__init__` the model's vision features are smoothed
+    (see [`SmoothedVisionTower`]). The smoothing parameters live in `config.feature_smoothing`, so
+    `save_pretrained` / `from_pretrained` round-trip them through `config.json`.
+
+    `SmoothedXxx.from_pretrained(stock_checkpoint, smoothing=FeatureSmoothingConfig(...))` wraps a stock checkpoint;
+    the processor's mean/std are read from its `preprocessor_config.json` unless the config sets them. A
+    `booster` named in the config is loaded as a PEFT adapter.
+    """
+
+    def _init_feature_smoothing(self) -> None:
+        smoothing = FeatureSmoothingConfig.from_dict(self.config.feature_smoothing or {})
+        self.config.feature_smoothing = smoothing.to_dict()
+        # not a registered submodule: the state dict and `modules()` stay exactly the stock model's
+        object.__setattr__(self, "smoothed_vision_tower", SmoothedVisionTower(self, smoothing).install())
+
+    @property
+    def smoothing_config(self) -> FeatureSmoothingConfig:
+        return self.smoothed_vision_tower.config
+
+    @classmethod
+    def from_pretrained(cls, pretrained_model_name_or_path, *model_args, smoothing=None, **kwargs):
+        if smoothing is not None:
+            smoothing = FeatureSmoothingConfig.from_dict(smoothing)
+            if smoothing.image_mean is None or smoothing.image_std is None:
+                hub = {k: kwargs[k] for k in ("revision", "cache_dir", "token", "local_files_only") if k in kwargs}
+                stats = _processor_stats(pretrained_model_name_or_path, **hub)
+                smoothing = FeatureSmoothingConfig.from_dict({**stats, **{
+                    k: v for k, v in smoothing.to_dict().items() if v is not None}})
+            kwargs["feature_smoothing"] = smoothing.to_dict()
+        model = super().from_pretrained(pretrained_model_name_or_path, *model_args, **kwargs)
+        booster = model.smoothing_config.booster
+        if booster:
+            from .booster import load_booster
+
+            load_booster(model, booster)
+        return model
+
+
+def register_smoothed_model(
+    config_cls: type[PreTrainedConfig], model_cls: type[PreTrainedModel], stock_model_type: str
+) -> None:
+    """Register a smoothed model type with the Auto classes and reuse the stock checkpoint key mapping (without it,
+    `lm_head` would be silently re-initialised when loading a stock checkpoint)."""
+    AutoConfig.register(config_cls.model_type, config_cls, exist_ok=True)
+    AutoModelForImageTextToText.register(config_cls, model_cls, exist_ok=True)
+    mapping = get_checkpoint_conversion_mapping(stock_model_type)
+    if mapping is not None:
+        try:
+            register_checkpoint_conversion_mapping(model_cls.__name__, mapping)
+        except ValueError:  # already registered (module re-imported)
+            pass

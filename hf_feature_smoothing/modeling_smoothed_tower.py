@@ -1,0 +1,219 @@
+"""`SmoothedVisionTower`: the Monte Carlo smoothed encoder f̂(x) = E[f(x + δ)], δ ~ N(0, σ²I) in pixel space."""
+
+import contextlib
+from collections.abc import Iterator
+from dataclasses import dataclass
+from functools import partial
+
+import torch
+from torch import nn
+
+from .configuration_feature_smoothing import FeatureSmoothingConfig
+from .errors import check_images, check_positive_int
+from .towers import ImageInputs, TowerAdapter, get_tower_adapter
+
+
+_EPS = 1e-12
+
+
+@dataclass
+class _SmoothedCall:
+    """State of one hooked tower call: its clean inputs and the Monte Carlo sums of the other n − 1 copies."""
+
+    inputs: ImageInputs
+    sums: list[tuple[torch.Tensor, torch.Tensor]] | None = None
+    sites_done: int = 0
+
+
+class SmoothedVisionTower(nn.Module):
+    """
+    Feature-space Smoothing of a vision tower.
+
+    For every image x the base feature f(x) is the tower's feature at the *feature site* (see
+    [`FeatureSmoothingConfig.smoothed_features`]) flattened over the image's tokens and normalised to unit ℓ2 norm as
+    one vector. The smoothed feature is the Monte Carlo mean f̂(x) ≈ (1/n) Σᵢ f(x + δᵢ) with δᵢ ~ N(0, σ²I) drawn in
+    [0, 1] pixel space and mapped through the processor's mean/std, `chunk_size` images per tower call.
+
+    Called directly, it returns f̂ per image. [`~SmoothedVisionTower.install`] hooks it into an MLLM so that the
+    language model receives smoothed features: the model's own tower call sees noisy copy #1, the feature-site hook
+    runs the other n − 1 copies and substitutes the direction of f̂ scaled to the mean raw feature norm (cosine
+    certificates are scale-invariant, and the projector keeps the feature scale it was trained on).
+
+    Args:
+        model (`nn.Module`):
+            A supported transformers model (see `hf_feature_smoothing.towers.TOWER_ADAPTERS`).
+        config (`FeatureSmoothingConfig` or `dict`, *optional*):
+            Smoothing parameters; defaults to `FeatureSmoothingConfig()`.
+    """
+
+    def __init__(self, model: nn.Module, config: FeatureSmoothingConfig | dict | None = None):
+        super().__init__()
+        self.config = FeatureSmoothingConfig.from_dict(config or {})
+        self.adapter: TowerAdapter = get_tower_adapter(model, self.config)
+        self.encoder = model
+        self.enabled = True
+        self._generators: dict[torch.device, torch.Generator] = {}
+        self._handles: list[torch.utils.hooks.RemovableHandle] = []
+        self._call: _SmoothedCall | None = None
+
+    @property
+    def sigma(self) -> float:
+        return self.config.sigma
+
+    # ----- noise -------------------------------------------------------------------------------------------------
+    def _generator(self, device: torch.device) -> torch.Generator | None:
+        if self.config.seed is None:
+            return None
+        if device not in self._generators:
+            self._generators[device] = torch.Generator(device=device).manual_seed(self.config.seed)
+        return self._generators[device]
+
+    def add_noise(self, inputs: ImageInputs, copies: int, sigma: float | None = None) -> ImageInputs:
+        """`copies` noisy copies of every image (copies-major), noise N(0, σ²) on the [0, 1] pixel image, drawn in
+        one batched call on the inputs' device."""
+        image = self.adapter.to_image(inputs)
+        noise = torch.randn(
+            (copies, *image.shape), generator=self._generator(image.device), device=image.device, dtype=image.dtype
+        )
+        noisy = (image.unsqueeze(0) + (sigma if sigma is not None else self.sigma) * noise).flatten(0, 1)
+        repeated = self.adapter.repeat(inputs, copies)
+        return repeated.with_pixels(self.adapter.from_image(noisy, repeated))
+
+    # ----- base features ------------------------------------------------------------------------------------------
+    def _segments(self, inputs: ImageInputs, num_rows: int, device: torch.device) -> torch.Tensor:
+        counts = torch.tensor(self.adapter.rows_per_image(inputs, num_rows), device=device)
+        return torch.repeat_interleave(torch.arange(len(counts), device=device), counts)
+
+    def _unit_rows(self, rows: torch.Tensor, inputs: ImageInputs) -> tuple[torch.Tensor, torch.Tensor]:
+        """`(copies, R, F)` site rows → rows of the per-image unit vectors, and the per-image norms `(copies, B)`."""
+        seg = self._segments(inputs, rows.shape[1], rows.device)
+        squares = torch.zeros(rows.shape[0], inputs.num_images, device=rows.device, dtype=rows.dtype)
+        norms = squares.index_add(1, seg, rows.pow(2).sum(-1)).sqrt()
+        return rows / norms[:, seg, None].clamp_min(_EPS), norms
+
+    def _site_rows(self, inputs: ImageInputs, copies: int) -> list[torch.Tensor]:
+        """Encode `copies`-fold inputs; every site as float `(copies, R, F)`."""
+        return [rows.float().view(copies, -1, rows.shape[-1]) for rows in self.adapter.encode(inputs)]
+
+    @contextlib.contextmanager
+    def _compute_context(self, device: torch.device):
+        with contextlib.ExitStack() as stack:
+            if not torch.is_grad_enabled():
+                stack.enter_context(torch.inference_mode())
+            if self.config.autocast_dtype is not None:
+                stack.enter_context(torch.autocast(device.type, dtype=getattr(torch, self.config.autocast_dtype)))
+            yield
+
+    def iter_unit_features(
+        self, inputs: ImageInputs, num_samples: int, noise: bool = True
+    ) -> Iterator[list[torch.Tensor]]:
+        """Yield, chunk by chunk, the unit-normalised features of noisy copies of **one** image: a list (one per
+        site, primary last) of `(copies, F)` tensors. Used by certification and attacks."""
+        if inputs.num_images != 1:
+            raise ValueError(f"`iter_unit_features` takes one image, got {inputs.num_images}.")
+        chunk = self.config.chunk_size
+        for start in range(0, num_samples, chunk):
+            copies = min(chunk, num_samples - start)
+            batch = self.add_noise(inputs, copies) if noise else self.adapter.repeat(inputs, copies)
+            if not noise:
+                batch = batch.with_pixels(inputs.pixel_values.repeat(copies, *([1] * (inputs.pixel_values.ndim - 1))))
+            with self._compute_context(inputs.pixel_values.device):
+                sites = self._site_rows(batch, copies)
+                yield [self._unit_rows(rows, inputs)[0].flatten(1) for rows in sites]
+
+    def clean_unit_features(self, inputs: ImageInputs) -> list[torch.Tensor]:
+        """Unit-normalised base features f(x) of one clean image, one `(F,)` tensor per site (primary last)."""
+        return [site[0] for site in next(self.iter_unit_features(inputs, 1, noise=False))]
+
+    # ----- smoothing -----------------------------------------------------------------------------------------------
+    def monte_carlo(self, inputs: ImageInputs, num_samples: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """Per site: the sum over `num_samples` noisy copies of the unit feature rows `(R, F)` and of the per-image
+        raw norms `(B,)`, computed `chunk_size` images per tower call."""
+        sums: list[tuple[torch.Tensor, torch.Tensor]] | None = None
+        per_call = max(1, self.config.chunk_size // inputs.num_images)
+        device = inputs.pixel_values.device
+        with self._compute_context(device):
+            for start in range(0, num_samples, per_call):
+                copies = min(per_call, num_samples - start)
+                parts = []
+                for rows in self._site_rows(self.add_noise(inputs, copies), copies):
+                    unit, norms = self._unit_rows(rows, inputs)
+                    parts.append((unit.sum(0), norms.sum(0)))
+                sums = parts if sums is None else [(u + pu, n + pn) for (u, n), (pu, pn) in zip(sums, parts)]
+        if sums is not None and torch.is_inference(sums[0][0]):
+            sums = [(u.clone(), n.clone()) for u, n in sums]  # leave inference mode: downstream may need autograd
+        return sums or []
+
+    def forward(
+        self, pixel_values: torch.Tensor, image_grid_thw: torch.Tensor | None = None, num_samples: int | None = None
+    ) -> tuple[torch.Tensor, ...]:
+        """
+        Smoothed features f̂(x) of the primary feature site, one flattened `(F,)` vector per image (norm ≤ 1).
+
+        Args:
+            pixel_values (`torch.Tensor`):
+                Processed pixel values, as the model's image processor returns them.
+            image_grid_thw (`torch.Tensor`, *optional*):
+                Required by Qwen-VL towers.
+            num_samples (`int`, *optional*):
+                Monte Carlo samples; defaults to `config.num_samples`.
+        """
+        inputs = self.check_inputs(pixel_values, image_grid_thw)
+        n = check_positive_int("num_samples", num_samples or self.config.num_samples)
+        unit_sum, _ = self.monte_carlo(inputs, n)[-1]
+        mean = unit_sum / n
+        counts = self.adapter.rows_per_image(inputs, mean.shape[0])
+        return tuple(part.flatten() for part in mean.split(counts))
+
+    def check_inputs(self, pixel_values: torch.Tensor, image_grid_thw: torch.Tensor | None = None) -> ImageInputs:
+        """Validate user inputs (finite floats, right rank) and wrap them."""
+        patch_flattened = hasattr(self.adapter, "_patch")
+        check_images("pixel_values", pixel_values, 2 if patch_flattened else 4)
+        if patch_flattened and image_grid_thw is None:
+            raise ValueError("`image_grid_thw` is required for Qwen-VL towers (the processor returns it).")
+        return ImageInputs(pixel_values, image_grid_thw)
+
+    # ----- hooks into an MLLM --------------------------------------------------------------------------------------
+    def install(self) -> "SmoothedVisionTower":
+        """Hook smoothing into the model so the language model receives smoothed features. Idempotent."""
+        if self._handles or not self.adapter.site_modules():
+            return self
+        tower = self.adapter.tower()
+        self._handles.append(tower.register_forward_pre_hook(self._tower_pre_hook, with_kwargs=True))
+        for index, module in enumerate(self.adapter.site_modules()):
+            self._handles.append(self.adapter.register_site_hook(module, partial(self._site_hook, index)))
+        return self
+
+    def remove(self) -> None:
+        """Remove the hooks: the model is the stock model again."""
+        for handle in self._handles:
+            handle.remove()
+        self._handles, self._call = [], None
+
+    def _tower_pre_hook(self, module: nn.Module, args: tuple, kwargs: dict):
+        if self.adapter.capturing or not self.enabled:
+            return None
+        inputs = self.adapter.inputs_from_call(args, kwargs)
+        self._call = _SmoothedCall(inputs)
+        noisy = self.add_noise(inputs, 1)
+        return self.adapter.replace_call_pixels(args, kwargs, noisy.pixel_values)
+
+    def _site_hook(self, index: int, features: torch.Tensor) -> torch.Tensor | None:
+        call = self._call
+        if self.adapter.capturing or call is None or not self.enabled:
+            return None
+        n = self.config.num_samples
+        if call.sums is None:
+            call.sums = self.monte_carlo(call.inputs, n - 1)
+        rows = self.adapter.as_rows(features).float()
+        unit, norms = self._unit_rows(rows[None], call.inputs)
+        unit_sum, norm_sum = unit[0], norms[0]
+        if call.sums:
+            unit_sum, norm_sum = unit_sum + call.sums[index][0], norm_sum + call.sums[index][1]
+        seg = self._segments(call.inputs, rows.shape[0], rows.device)
+        direction_norms = torch.zeros_like(norm_sum).index_add(0, seg, unit_sum.pow(2).sum(-1)).sqrt()
+        smoothed = unit_sum * (norm_sum / n / direction_norms.clamp_min(_EPS))[seg, None]
+        call.sites_done += 1
+        if call.sites_done == len(self.adapter.site_modules()):
+            self._call = None
+        return smoothed.to(features.dtype).view_as(features)

@@ -1,0 +1,29 @@
+from .llava import SmoothedLlavaConfig, SmoothedLlavaForConditionalGeneration
+from .qwen_vl import (
+    SmoothedQwen2_5_VLConfig,
+    SmoothedQwen2_5_VLForConditionalGeneration,
+    SmoothedQwen2VLConfig,
+    SmoothedQwen2VLForConditionalGeneration,
+    SmoothedQwen3VLConfig,
+    SmoothedQwen3VLForConditionalGeneration,
+)
+
+
+SMOOTHED_MODEL_CLASSES = {
+    "llava": SmoothedLlavaForConditionalGeneration,
+    "qwen2_vl": SmoothedQwen2VLForConditionalGeneration,
+    "qwen2_5_vl": SmoothedQwen2_5_VLForConditionalGeneration,
+    "qwen3_vl": SmoothedQwen3VLForConditionalGeneration,
+}
+
+__all__ = [
+    "SMOOTHED_MODEL_CLASSES",
+    "SmoothedLlavaConfig",
+    "SmoothedLlavaForConditionalGeneration",
+    "SmoothedQwen2VLConfig",
+    "SmoothedQwen2VLForConditionalGeneration",
+    "SmoothedQwen2_5_VLConfig",
+    "SmoothedQwen2_5_VLForConditionalGeneration",
+    "SmoothedQwen3VLConfig",
+    "SmoothedQwen3VLForConditionalGeneration",
+]

@@ -1,0 +1,158 @@
+"""The contract a vision-tower family fulfils so that smoothing, certification and attacks can drive it."""
+
+from abc import ABC, abstractmethod
+from collections.abc import Callable
+from dataclasses import dataclass, replace
+
+import torch
+from torch import nn
+
+from ..configuration_feature_smoothing import FeatureSmoothingConfig
+
+
+OPENAI_CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
+OPENAI_CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
+IMAGENET_DEFAULT_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_DEFAULT_STD = (0.229, 0.224, 0.225)
+IMAGENET_STANDARD_MEAN = (0.5, 0.5, 0.5)
+IMAGENET_STANDARD_STD = (0.5, 0.5, 0.5)
+
+
+@dataclass
+class ImageInputs:
+    """Processed image inputs of one tower call: `pixel_values` as the processor returns them (normalised) and,
+    for patch-flattened towers (Qwen-VL), `image_grid_thw` with one `(t, h, w)` row per image."""
+
+    pixel_values: torch.Tensor
+    image_grid_thw: torch.Tensor | None = None
+
+    @property
+    def num_images(self) -> int:
+        return len(self.image_grid_thw) if self.image_grid_thw is not None else self.pixel_values.shape[0]
+
+    def with_pixels(self, pixel_values: torch.Tensor) -> "ImageInputs":
+        return replace(self, pixel_values=pixel_values)
+
+
+class _StopCapture(Exception):
+    """Raised by the last capture hook: everything after the smoothed features is not needed."""
+
+
+class TowerAdapter(ABC):
+    """
+    Everything that differs between vision-tower families, behind one interface.
+
+    Subclasses say where the tower and the *feature sites* (the modules whose input, or output, carries the features
+    that get smoothed) are, and how processed `pixel_values` map to an **image tensor** in [0, 1] pixel space where
+    every pixel appears exactly once: the space in which noise and perturbations live and ℓ2 norms are taken.
+    """
+
+    model_types: tuple[str, ...] = ()
+    default_image_mean: tuple[float, float, float] = OPENAI_CLIP_MEAN
+    default_image_std: tuple[float, float, float] = OPENAI_CLIP_STD
+
+    def __init__(self, model: nn.Module, config: FeatureSmoothingConfig):
+        self.model = model
+        self.config = config
+        self.image_mean = tuple(config.image_mean or self.default_image_mean)
+        self.image_std = tuple(config.image_std or self.default_image_std)
+        self.capturing = False
+        self._captured: list[torch.Tensor] = []
+
+    # ----- where things are -------------------------------------------------------------------------------------
+    @abstractmethod
+    def tower(self) -> nn.Module:
+        """The vision tower module whose call receives the (clean) pixel values."""
+
+    def site_modules(self) -> list[nn.Module]:
+        """Feature sites in the order they run; the **last** one is the primary site (the certified feature)."""
+        return []
+
+    # ----- inputs -----------------------------------------------------------------------------------------------
+    @abstractmethod
+    def inputs_from_call(self, args: tuple, kwargs: dict) -> ImageInputs:
+        """Read the image inputs from the arguments of a tower call."""
+
+    @abstractmethod
+    def replace_call_pixels(self, args: tuple, kwargs: dict, pixel_values: torch.Tensor) -> tuple[tuple, dict]:
+        """Return the tower-call arguments with `pixel_values` swapped in."""
+
+    @abstractmethod
+    def to_image(self, inputs: ImageInputs) -> torch.Tensor:
+        """Processed pixel values → image tensor in [0, 1] pixel space (each pixel once)."""
+
+    @abstractmethod
+    def from_image(self, image: torch.Tensor, inputs: ImageInputs) -> torch.Tensor:
+        """Image tensor (possibly `k` copies stacked along dim 0) → processed pixel values in the model's dtype."""
+
+    @abstractmethod
+    def repeat(self, inputs: ImageInputs, copies: int) -> ImageInputs:
+        """Inputs describing `copies` copies of every image, copies-major (pixel values filled in by the caller)."""
+
+    @abstractmethod
+    def split(self, inputs: ImageInputs) -> list[ImageInputs]:
+        """One `ImageInputs` per image."""
+
+    @abstractmethod
+    def rows_per_image(self, inputs: ImageInputs, num_rows: int) -> list[int]:
+        """How the `num_rows` rows of one site's features (one copy) divide among the images."""
+
+    def as_rows(self, features: torch.Tensor) -> torch.Tensor:
+        """Site features → `(rows, feature_dim)`; the rows of an image together form its feature vector."""
+        return features.flatten(1) if features.ndim > 2 else features
+
+    # ----- running the tower ------------------------------------------------------------------------------------
+    @abstractmethod
+    def run(self, inputs: ImageInputs) -> None:
+        """Run the model far enough that every feature site sees `inputs`."""
+
+    def encode(self, inputs: ImageInputs) -> list[torch.Tensor]:
+        """Site features of `inputs` as `(rows, feature_dim)` tensors, one per site (primary last), un-normalised.
+
+        Feature-site hooks installed by smoothing are bypassed, so this is the *base* encoder f (before
+        normalisation), computed without touching anything downstream of the last site.
+        """
+        sites = self.site_modules()
+        handles = [self._capture_hook(m, last=i == len(sites) - 1) for i, m in enumerate(sites)]
+        self.capturing, self._captured = True, []
+        try:
+            self.run(inputs)
+        except _StopCapture:
+            pass
+        finally:
+            self.capturing = False
+            for h in handles:
+                h.remove()
+        captured, self._captured = self._captured, []
+        if len(captured) != len(sites):
+            raise RuntimeError(f"Expected features from {len(sites)} site(s), captured {len(captured)}.")
+        return [self.as_rows(c) for c in captured]
+
+    def _capture_hook(self, module: nn.Module, last: bool) -> torch.utils.hooks.RemovableHandle:
+        def capture(features: torch.Tensor):
+            self._captured.append(features)
+            if last:
+                raise _StopCapture
+
+        if self.config.smoothed_features == "projected":
+            return module.register_forward_hook(lambda m, a, out: capture(out), prepend=True)
+        return module.register_forward_pre_hook(lambda m, args: capture(args[0]), prepend=True)
+
+    def register_site_hook(
+        self, module: nn.Module, fn: Callable[[torch.Tensor], torch.Tensor | None]
+    ) -> torch.utils.hooks.RemovableHandle:
+        """Hook `fn(features) -> replacement | None` on the site's input (`"vision"`) or output (`"projected"`)."""
+        if self.config.smoothed_features == "projected":
+            return module.register_forward_hook(lambda m, args, out: fn(out))
+
+        def pre_hook(m, args):
+            new = fn(args[0])
+            return None if new is None else (new, *args[1:])
+
+        return module.register_forward_pre_hook(pre_hook)
+
+    # ----- pixel-space helpers shared by the families -----------------------------------------------------------
+    def _stats(self, like: torch.Tensor, shape: tuple[int, ...]) -> tuple[torch.Tensor, torch.Tensor]:
+        mean = torch.tensor(self.image_mean, device=like.device, dtype=torch.float32).view(shape)
+        std = torch.tensor(self.image_std, device=like.device, dtype=torch.float32).view(shape)
+        return mean, std

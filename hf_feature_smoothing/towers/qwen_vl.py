@@ -1,0 +1,84 @@
+"""Qwen2-VL, Qwen2.5-VL and Qwen3-VL: patch-flattened pixels `(Σ t·h·w, C·T·p·p)` plus `image_grid_thw`.
+
+A still image is stored as `T = temporal_patch_size` identical frames, so the image tensor keeps one frame and noise
+is expanded over the temporal copies. The feature site is `visual.merger` (and, for Qwen3-VL, every
+`deepstack_merger_list` entry, whose features bypass the merger and enter the first LM layers)."""
+
+import torch
+from torch import nn
+
+from . import register_tower_adapter
+from .base import IMAGENET_STANDARD_MEAN, IMAGENET_STANDARD_STD, ImageInputs, TowerAdapter
+
+
+@register_tower_adapter
+class QwenVLTowerAdapter(TowerAdapter):
+    model_types = ("qwen2_vl", "qwen2_5_vl")
+
+    @property
+    def inner(self) -> nn.Module:
+        return self.model.model if hasattr(self.model, "lm_head") else self.model
+
+    def tower(self) -> nn.Module:
+        return self.inner.visual
+
+    def site_modules(self) -> list[nn.Module]:
+        return [self.inner.visual.merger]
+
+    @property
+    def _patch(self) -> tuple[int, int, int]:
+        vision = self.inner.config.vision_config
+        channels = getattr(vision, "in_channels", None) or getattr(vision, "in_chans", 3)
+        return channels, vision.temporal_patch_size, vision.patch_size
+
+    def inputs_from_call(self, args: tuple, kwargs: dict) -> ImageInputs:
+        pixel_values = args[0] if args else kwargs["hidden_states"]
+        grid = kwargs["grid_thw"] if "grid_thw" in kwargs else args[1]
+        return ImageInputs(pixel_values, grid)
+
+    def replace_call_pixels(self, args, kwargs, pixel_values):
+        if args:
+            return (pixel_values, *args[1:]), kwargs
+        return args, {**kwargs, "hidden_states": pixel_values}
+
+    def to_image(self, inputs: ImageInputs) -> torch.Tensor:
+        channels, temporal, patch = self._patch
+        frames = inputs.pixel_values.float().view(-1, channels, temporal, patch, patch)
+        if temporal > 1 and not torch.equal(frames[:, :, :1].expand_as(frames), frames):
+            raise ValueError(
+                "`pixel_values` hold video (temporal copies differ); feature smoothing supports still images only."
+            )
+        mean, std = self._stats(frames, (channels, 1, 1))
+        return frames[:, :, 0] * std + mean
+
+    def from_image(self, image: torch.Tensor, inputs: ImageInputs) -> torch.Tensor:
+        channels, temporal, patch = self._patch
+        mean, std = self._stats(image, (channels, 1, 1))
+        frames = ((image - mean) / std).unsqueeze(2).expand(-1, channels, temporal, patch, patch)
+        return frames.reshape(image.shape[0], -1).to(inputs.pixel_values.dtype)
+
+    def repeat(self, inputs: ImageInputs, copies: int) -> ImageInputs:
+        return ImageInputs(inputs.pixel_values, inputs.image_grid_thw.repeat(copies, 1))
+
+    def split(self, inputs: ImageInputs) -> list[ImageInputs]:
+        sizes = inputs.image_grid_thw.prod(-1).tolist()
+        rows = inputs.pixel_values.split(sizes)
+        return [ImageInputs(pv, grid[None]) for pv, grid in zip(rows, inputs.image_grid_thw)]
+
+    def rows_per_image(self, inputs: ImageInputs, num_rows: int) -> list[int]:
+        sizes = inputs.image_grid_thw.prod(-1)
+        return (sizes * num_rows // sizes.sum()).tolist()
+
+    def run(self, inputs: ImageInputs) -> None:
+        self.inner.get_image_features(pixel_values=inputs.pixel_values, image_grid_thw=inputs.image_grid_thw)
+
+
+@register_tower_adapter
+class Qwen3VLTowerAdapter(QwenVLTowerAdapter):
+    model_types = ("qwen3_vl",)
+    default_image_mean = IMAGENET_STANDARD_MEAN
+    default_image_std = IMAGENET_STANDARD_STD
+
+    def site_modules(self) -> list[nn.Module]:
+        visual = self.inner.visual
+        return [*visual.deepstack_merger_list, visual.merger]

@@ -1,0 +1,36 @@
+"""Stand-alone image encoders (DINOv2, CLIP/SigLIP vision models, ViT): `(B, 3, H, W)` pixels; the feature is the
+pooled output (the normalised CLS token for DINOv2 and CLIP). Used for certification, attacks and booster training
+on real encoders without a language model."""
+
+import torch
+from torch import nn
+
+from . import register_tower_adapter
+from .base import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD, ImageInputs
+from .llava import LlavaTowerAdapter
+
+
+@register_tower_adapter
+class VisionEncoderAdapter(LlavaTowerAdapter):
+    model_types = ("dinov2", "vit", "clip_vision_model", "siglip_vision_model")
+
+    def __init__(self, model: nn.Module, config):
+        super().__init__(model, config)
+        if model.config.model_type in ("dinov2", "vit") and config.image_mean is None:
+            self.image_mean, self.image_std = IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
+
+    @property
+    def inner(self) -> nn.Module:
+        return self.model
+
+    def tower(self) -> nn.Module:
+        return self.model
+
+    def site_modules(self) -> list[nn.Module]:
+        return []
+
+    def run(self, inputs: ImageInputs) -> None:
+        raise NotImplementedError("Stand-alone encoders are read through `encode`.")
+
+    def encode(self, inputs: ImageInputs) -> list[torch.Tensor]:
+        return [self.model(pixel_values=inputs.pixel_values).pooler_output.flatten(1)]

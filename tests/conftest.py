@@ -1,0 +1,30 @@
+import os
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+
+
+torch.set_num_threads(min(2, os.cpu_count() or 1))
+
+
+def populate_hub_cache(cache_dir: Path, repo_id: str, src_dir: Path, repo_type: str = "model") -> None:
+    """Hand-build a Hub cache entry (refs/main → snapshots/<commit>) so `from_pretrained(repo_id)` resolves it with
+    `HF_HUB_OFFLINE=1`: the real Hub code path, no network."""
+    commit = "0" * 40
+    repo = cache_dir / f"{repo_type}s--{repo_id.replace('/', '--')}"
+    (repo / "refs").mkdir(parents=True, exist_ok=True)
+    (repo / "refs" / "main").write_text(commit)
+    shutil.copytree(src_dir, repo / "snapshots" / commit, dirs_exist_ok=True)
+
+
+@pytest.fixture
+def hub_cache(tmp_path):
+    cache = tmp_path / "hub"
+    cache.mkdir()
+    return cache
+
+
+def offline_env(cache: Path) -> dict:
+    return {**os.environ, "HF_HUB_OFFLINE": "1", "HF_HUB_CACHE": str(cache), "HF_HOME": str(cache.parent / "home")}
