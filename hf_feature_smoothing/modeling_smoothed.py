@@ -53,30 +53,48 @@ class FeatureSmoothingMixin:
     @classmethod
     def from_pretrained(cls, pretrained_model_name_or_path, *model_args, smoothing=None, **kwargs):
         if smoothing is not None:
+            hub = {k: kwargs[k] for k in ("revision", "cache_dir", "token", "local_files_only") if k in kwargs}
             smoothing = FeatureSmoothingConfig.from_dict(smoothing)
             if smoothing.image_mean is None or smoothing.image_std is None:
-                hub = {k: kwargs[k] for k in ("revision", "cache_dir", "token", "local_files_only") if k in kwargs}
                 stats = _processor_stats(pretrained_model_name_or_path, **hub)
-                smoothing = FeatureSmoothingConfig.from_dict({**stats, **{
-                    k: v for k, v in smoothing.to_dict().items() if v is not None}})
-            kwargs["feature_smoothing"] = smoothing.to_dict()
-        model = super().from_pretrained(pretrained_model_name_or_path, *model_args, **kwargs)
-        booster = model.smoothing_config.booster
-        if booster:
+                given = {k: v for k, v in smoothing.to_dict().items() if v is not None}
+                smoothing = FeatureSmoothingConfig.from_dict({**stats, **given})
+            if "config" not in kwargs:
+                kwargs["config"] = cls._smoothed_config(pretrained_model_name_or_path, smoothing, hub)
+            else:
+                kwargs["feature_smoothing"] = smoothing.to_dict()
+        loaded = super().from_pretrained(pretrained_model_name_or_path, *model_args, **kwargs)
+        model = loaded[0] if isinstance(loaded, tuple) else loaded
+        if model.smoothing_config.booster:
             from .booster import load_booster
 
-            load_booster(model, booster)
-        return model
+            load_booster(model, model.smoothing_config.booster)
+        return loaded
+
+    @classmethod
+    def _smoothed_config(cls, path, smoothing: FeatureSmoothingConfig, hub: dict) -> PreTrainedConfig:
+        """The checkpoint's (stock or smoothed) config as this class's config, with `smoothing` set."""
+        stock = AutoConfig.from_pretrained(path, **hub)
+        expected = cls.config_class.model_type
+        if stock.model_type not in (expected, expected.removeprefix("smoothed_")):
+            raise ValueError(
+                f"`{path}` is a `{stock.model_type}` checkpoint but {cls.__name__} wraps "
+                f"`{expected.removeprefix('smoothed_')}`; use the class from `hf_feature_smoothing.SMOOTHED_MODEL_CLASSES` "
+                f"for `{stock.model_type}`."
+            )
+        data = {k: v for k, v in stock.to_dict().items() if k not in ("model_type", "transformers_version")}
+        return cls.config_class(**{**data, "feature_smoothing": smoothing.to_dict()})
 
 
-def register_smoothed_model(
-    config_cls: type[PreTrainedConfig], model_cls: type[PreTrainedModel], stock_model_type: str
-) -> None:
+def register_smoothed_model(config_cls: type[PreTrainedConfig], model_cls: type[PreTrainedModel]) -> None:
     """Register a smoothed model type with the Auto classes and reuse the stock checkpoint key mapping (without it,
     `lm_head` would be silently re-initialised when loading a stock checkpoint)."""
     AutoConfig.register(config_cls.model_type, config_cls, exist_ok=True)
     AutoModelForImageTextToText.register(config_cls, model_cls, exist_ok=True)
-    mapping = get_checkpoint_conversion_mapping(stock_model_type)
+    stock_cls = next(c for c in model_cls.__mro__[1:] if c.__module__.startswith("transformers."))
+    mapping = get_checkpoint_conversion_mapping(stock_cls.__name__) or get_checkpoint_conversion_mapping(
+        config_cls.model_type.removeprefix("smoothed_")
+    )
     if mapping is not None:
         try:
             register_checkpoint_conversion_mapping(model_cls.__name__, mapping)

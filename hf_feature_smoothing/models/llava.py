@@ -20,4 +20,4 @@ class SmoothedLlavaForConditionalGeneration(FeatureSmoothingMixin, LlavaForCondi
         self._init_feature_smoothing()
 
 
-register_smoothed_model(SmoothedLlavaConfig, SmoothedLlavaForConditionalGeneration, "llava")
+register_smoothed_model(SmoothedLlavaConfig, SmoothedLlavaForConditionalGeneration)

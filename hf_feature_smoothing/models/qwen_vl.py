@@ -55,6 +55,6 @@ class SmoothedQwen3VLForConditionalGeneration(FeatureSmoothingMixin, Qwen3VLForC
         self._init_feature_smoothing()
 
 
-register_smoothed_model(SmoothedQwen2VLConfig, SmoothedQwen2VLForConditionalGeneration, "qwen2_vl")
-register_smoothed_model(SmoothedQwen2_5_VLConfig, SmoothedQwen2_5_VLForConditionalGeneration, "qwen2_5_vl")
-register_smoothed_model(SmoothedQwen3VLConfig, SmoothedQwen3VLForConditionalGeneration, "qwen3_vl")
+register_smoothed_model(SmoothedQwen2VLConfig, SmoothedQwen2VLForConditionalGeneration)
+register_smoothed_model(SmoothedQwen2_5_VLConfig, SmoothedQwen2_5_VLForConditionalGeneration)
+register_smoothed_model(SmoothedQwen3VLConfig, SmoothedQwen3VLForConditionalGeneration)

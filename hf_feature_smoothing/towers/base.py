@@ -34,6 +34,10 @@ class ImageInputs:
         return replace(self, pixel_values=pixel_values)
 
 
+# ids of tower modules inside an `encode` pass: smoothing hooks of *any* SmoothedVisionTower on them stand aside
+_CAPTURING: set[int] = set()
+
+
 class _StopCapture(Exception):
     """Raised by the last capture hook: everything after the smoothed features is not needed."""
 
@@ -56,8 +60,12 @@ class TowerAdapter(ABC):
         self.config = config
         self.image_mean = tuple(config.image_mean or self.default_image_mean)
         self.image_std = tuple(config.image_std or self.default_image_std)
-        self.capturing = False
         self._captured: list[torch.Tensor] = []
+
+    @property
+    def capturing(self) -> bool:
+        """True while the tower runs inside `encode`: smoothing hooks must pass features through unchanged."""
+        return id(self.tower()) in _CAPTURING
 
     # ----- where things are -------------------------------------------------------------------------------------
     @abstractmethod
@@ -114,13 +122,14 @@ class TowerAdapter(ABC):
         """
         sites = self.site_modules()
         handles = [self._capture_hook(m, last=i == len(sites) - 1) for i, m in enumerate(sites)]
-        self.capturing, self._captured = True, []
+        key, self._captured = id(self.tower()), []
+        _CAPTURING.add(key)
         try:
             self.run(inputs)
         except _StopCapture:
             pass
         finally:
-            self.capturing = False
+            _CAPTURING.discard(key)
             for h in handles:
                 h.remove()
         captured, self._captured = self._captured, []
