@@ -34,6 +34,24 @@ class ImageInputs:
         return replace(self, pixel_values=pixel_values)
 
 
+def _center_crop(image, height: int, width: int):
+    """Resize (bicubic) so the image covers `height × width`, then centre-crop; returns an RGB PIL image."""
+    from PIL import Image
+
+    image = image.convert("RGB")
+    scale = max(height / image.height, width / image.width)
+    resized = image.resize((max(width, round(image.width * scale)), max(height, round(image.height * scale))),
+                           Image.Resampling.BICUBIC)
+    left, top = (resized.width - width) // 2, (resized.height - height) // 2
+    return resized.crop((left, top, left + width, top + height))
+
+
+def _pil_to_tensor(image) -> torch.Tensor:
+    """RGB PIL image → `(3, H, W)` float tensor in [0, 1]."""
+    data = torch.frombuffer(bytearray(image.tobytes()), dtype=torch.uint8)
+    return data.view(image.height, image.width, 3).permute(2, 0, 1).float() / 255.0
+
+
 # ids of tower modules inside an `encode` pass: smoothing hooks of *any* SmoothedVisionTower on them stand aside
 _CAPTURING: set[int] = set()
 
@@ -108,6 +126,17 @@ class TowerAdapter(ABC):
     def as_rows(self, features: torch.Tensor) -> torch.Tensor:
         """Site features → `(rows, feature_dim)`; the rows of an image together form its feature vector."""
         return features.flatten(1) if features.ndim > 2 else features
+
+    def default_image_size(self) -> int:
+        config = getattr(self.model.config, "vision_config", self.model.config)
+        return int(getattr(config, "image_size", 224))
+
+    def preprocess(self, images: list, image_size: int | None = None) -> ImageInputs:
+        """PIL images → processed inputs: resize the short side to `image_size`, centre-crop, normalise."""
+        size = image_size or self.default_image_size()
+        image = torch.stack([_pil_to_tensor(_center_crop(img, size, size)) for img in images])
+        like = ImageInputs(image)
+        return like.with_pixels(self.from_image(image, like))
 
     # ----- running the tower ------------------------------------------------------------------------------------
     @abstractmethod

@@ -8,7 +8,7 @@ import torch
 from torch import nn
 
 from . import register_tower_adapter
-from .base import IMAGENET_STANDARD_MEAN, IMAGENET_STANDARD_STD, ImageInputs, TowerAdapter
+from .base import IMAGENET_STANDARD_MEAN, IMAGENET_STANDARD_STD, ImageInputs, TowerAdapter, _center_crop, _pil_to_tensor
 
 
 @register_tower_adapter
@@ -59,6 +59,27 @@ class QwenVLTowerAdapter(TowerAdapter):
 
     def repeat(self, inputs: ImageInputs, copies: int) -> ImageInputs:
         return ImageInputs(inputs.pixel_values, inputs.image_grid_thw.repeat(copies, 1))
+
+    def default_image_size(self) -> int:
+        return 224
+
+    def preprocess(self, images: list, image_size: int | None = None) -> ImageInputs:
+        """PIL images → patch-flattened inputs in the processor's row order (merge windows of m×m patches), the side
+        rounded to a multiple of patch × merge size."""
+        channels, temporal, patch = self._patch
+        merge = self.inner.config.vision_config.spatial_merge_size
+        unit = patch * merge
+        side = max(unit, round((image_size or self.default_image_size()) / unit) * unit)
+        g = side // patch
+        patches, grids = [], []
+        for img in images:
+            x = _pil_to_tensor(_center_crop(img, side, side))
+            x = x.view(channels, g // merge, merge, patch, g // merge, merge, patch).permute(1, 4, 2, 5, 0, 3, 6)
+            patches.append(x.reshape(-1, channels, patch, patch))
+            grids.append([1, g, g])
+        image = torch.cat(patches)
+        like = ImageInputs(torch.zeros(0, channels * temporal * patch * patch), torch.tensor(grids))
+        return like.with_pixels(self.from_image(image, like))
 
     def split(self, inputs: ImageInputs) -> list[ImageInputs]:
         sizes = inputs.image_grid_thw.prod(-1).tolist()

@@ -23,6 +23,9 @@ class VisionEncoderAdapter(LlavaTowerAdapter):
     def inner(self) -> nn.Module:
         return self.model
 
+    def default_image_size(self) -> int:
+        return min(224, super().default_image_size())  # DINOv2 configs say 518; 224 is the usual, 5× cheaper input
+
     def tower(self) -> nn.Module:
         return self.model
 

@@ -1,0 +1,52 @@
+"""Encoders whose Gaussian smoothing is known in closed form, behind a registered tower adapter."""
+
+import math
+from types import SimpleNamespace
+
+import torch
+from torch import nn
+
+from hf_feature_smoothing.bounds import normal_cdf
+from hf_feature_smoothing.towers import register_tower_adapter
+from hf_feature_smoothing.towers.vision import VisionEncoderAdapter
+
+
+@register_tower_adapter
+class ToyEncoderAdapter(VisionEncoderAdapter):
+    model_types = ("toy_encoder",)
+    default_image_mean = (0.0, 0.0, 0.0)
+    default_image_std = (1.0, 1.0, 1.0)
+
+
+class ToyEncoder(nn.Module):
+    """Reads the first pixel z₁ of a `(B, 3, 1, 1)` image.
+
+    - `"angle"`: f(z) = (cos z₁, sin z₁), so cos(f(x + δ), f(x)) = cos δ₁ and S = (1 + exp(−σ²/2)) / 2.
+    - `"sign"`: f(z) = u if z₁ < a else −u, so S = Φ((a − x₁)/σ) and ⟨f̂(x + εe₁), u⟩ = FCSB(ε) exactly (tight).
+    """
+
+    def __init__(self, kind: str, threshold: float = 0.0):
+        super().__init__()
+        self.kind, self.threshold = kind, threshold
+        self.config = SimpleNamespace(model_type="toy_encoder", image_size=1)
+        self.u = nn.Parameter(torch.tensor([0.6, 0.8]), requires_grad=False)
+
+    def forward(self, pixel_values: torch.Tensor):
+        z = pixel_values.flatten(1)[:, 0].float()
+        if self.kind == "angle":
+            features = torch.stack([torch.cos(z), torch.sin(z)], dim=1)
+        else:
+            sign = torch.where(z < self.threshold, 1.0, -1.0)
+            features = sign[:, None] * self.u
+        return SimpleNamespace(pooler_output=features)
+
+    def true_score(self, x1: float, sigma: float) -> float:
+        if self.kind == "angle":
+            return (1 + math.exp(-(sigma**2) / 2)) / 2
+        return normal_cdf((self.threshold - x1) / sigma)
+
+
+def toy_image(x1: float) -> torch.Tensor:
+    image = torch.zeros(1, 3, 1, 1)
+    image[0, 0] = x1
+    return image
