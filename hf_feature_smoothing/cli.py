@@ -1,7 +1,6 @@
 """`hf-fs`: certify folders or datasets of images with a smoothed encoder, resumably, with plots."""
 
 import argparse
-import json
 import sys
 from pathlib import Path
 

@@ -93,7 +93,7 @@ def test_prediction_certificate_holds_under_attack():
     (certificate,) = certify_prediction(tower, inputs["pixel_values"], prototypes, labels=[0], n=500, n0=64,
                                         alpha=0.01)
     assert certificate.prediction == 0 and certificate.radius > 0 and certificate.correct
-    runner_up = int(torch.argmax((prototypes[1:] @ clean))) + 1
+    runner_up = int(torch.argmax(prototypes[1:] @ clean)) + 1
     direction = torch.nn.functional.normalize(prototypes[runner_up] - prototypes[0], dim=0)
     # minimising cos to (t_y − t_runner_up) pushes the smoothed feature towards the runner-up
     attack = pgd_feature_attack(tower, image_inputs, -direction, 0.95 * certificate.radius, steps=10,

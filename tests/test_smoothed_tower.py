@@ -160,3 +160,16 @@ def test_generate_end_to_end(family):
     with torch.no_grad():
         out = model.generate(**inputs, max_new_tokens=4, do_sample=False)
     assert out.shape == (1, inputs["input_ids"].shape[1] + 4)
+
+
+def test_qwen_preprocessing_matches_the_transformers_processor():
+    from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
+
+    from hf_feature_smoothing.assets import skimage_photos
+
+    image = skimage_photos(("astronaut",))["astronaut"].resize((224, 224))
+    adapter = get_tower_adapter(tiny_model("qwen2_vl"), FeatureSmoothingConfig())
+    ours = adapter.preprocess([image])
+    reference = Qwen2VLImageProcessorPil(min_pixels=224 * 224, max_pixels=224 * 224)(image, return_tensors="pt")
+    torch.testing.assert_close(ours.image_grid_thw, reference["image_grid_thw"])
+    torch.testing.assert_close(ours.pixel_values, reference["pixel_values"], atol=1e-5, rtol=0)

