@@ -47,12 +47,7 @@ def compare(name: str, model, inputs: ImageInputs, n: int, repeats: int, autocas
 
 def compare_hooked(family: str, n: int, repeats: int) -> None:
     stock = tiny_model(family, image_size=224)
-    smoothed = tiny_smoothed_model(family, num_samples=n, chunk_size=n)
-    smoothed.load_state_dict(stock.state_dict()) if family != "llava" else None
-    if family == "llava":
-        smoothed = type(smoothed)(type(smoothed.config)(**stock.config.to_dict(), feature_smoothing=dict(
-            num_samples=n, chunk_size=n))).eval()
-        smoothed.load_state_dict(stock.state_dict())
+    smoothed = tiny_smoothed_model(family, image_size=224, num_samples=n, chunk_size=n)
     one = tiny_inputs(stock, num_images=1)
     many = {k: v.repeat(n, *[1] * (v.ndim - 1)) for k, v in one.items() if k in ("pixel_values", "image_grid_thw")}
     kw = lambda d: {k: v for k, v in d.items() if k in ("pixel_values", "image_grid_thw")}  # noqa: E731

@@ -86,13 +86,13 @@ def tiny_inputs(model: torch.nn.Module, num_images: int = 1, seed: int = 0, text
                 pixel_values=adapter.from_image(image, like), image_grid_thw=grid)
 
 
-def tiny_smoothed_model(family: str, weights_seed: int = 0, **smoothing) -> tf.PreTrainedModel:
+def tiny_smoothed_model(family: str, weights_seed: int = 0, image_size: int = 56, **smoothing) -> tf.PreTrainedModel:
     """A tiny stock model of `family` (weights from `weights_seed`) wrapped as its smoothed model type; `smoothing`
     are `FeatureSmoothingConfig` fields."""
     from .configuration_feature_smoothing import FeatureSmoothingConfig
     from .models import SMOOTHED_MODEL_CLASSES
 
-    stock = tiny_model(family, weights_seed)
+    stock = tiny_model(family, weights_seed, image_size)
     cls = SMOOTHED_MODEL_CLASSES[family]
     config = cls.config_class(**stock.config.to_dict(), feature_smoothing=FeatureSmoothingConfig(**smoothing).to_dict())
     model = cls(config).eval()
