@@ -1,6 +1,7 @@
 """Certified Feature-space Smoothing (FS) and the Gaussian Smoothness Booster (GSB) for 🤗 Transformers vision and
 multimodal models. Importing the package registers the `smoothed_*` model types with the Auto classes."""
 
+from .booster import FeatureBoosterConfig, FeatureBoosterModel, add_booster, booster_noise_level, load_booster
 from .configuration_feature_smoothing import FeatureSmoothingConfig
 from .modeling_smoothed_tower import SmoothedVisionTower
 from .models import (
@@ -21,6 +22,8 @@ from .version import __version__
 __all__ = [
     "SMOOTHED_MODEL_CLASSES",
     "TOWER_ADAPTERS",
+    "FeatureBoosterConfig",
+    "FeatureBoosterModel",
     "FeatureSmoothingConfig",
     "ImageInputs",
     "SmoothedLlavaConfig",
@@ -34,6 +37,9 @@ __all__ = [
     "SmoothedVisionTower",
     "TowerAdapter",
     "__version__",
+    "add_booster",
+    "booster_noise_level",
     "get_tower_adapter",
+    "load_booster",
     "register_tower_adapter",
 ]

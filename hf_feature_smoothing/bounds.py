@@ -77,6 +77,8 @@ def lower_confidence_bound(scores: torch.Tensor, alpha: float, method: str = "be
         raise ValueError(f"`method` must be one of {CONFIDENCE_BOUNDS}, got {method!r}.")
     if scores.numel() == 0:
         raise ValueError("`scores` is empty: a confidence bound needs at least one sample.")
+    if isinstance(alpha, bool) or not isinstance(alpha, (int, float)) or not 0 < alpha < 1:
+        raise ValueError(f"`alpha` must be in (0, 1), got {alpha!r}; e.g. `alpha=0.001` for 99.9% confidence.")
     bound = hoeffding_lower_bound if method == "hoeffding" else empirical_bernstein_lower_bound
     return min(1.0, max(0.0, bound(scores, alpha)))
 

@@ -102,10 +102,14 @@ def _images(tower: SmoothedVisionTower, images, image_grid_thw) -> list[ImageInp
         return tower.adapter.split(tower.check_inputs(images, image_grid_thw))
     if isinstance(images, ImageInputs):
         return tower.adapter.split(tower.check_inputs(images.pixel_values, images.image_grid_thw))
-    images = list(images)
+    from PIL import Image
+
+    if not isinstance(images, (list, tuple)) or not all(isinstance(i, Image.Image) for i in images):
+        raise TypeError(f"`images` must be processed `pixel_values` (a torch.Tensor), an `ImageInputs` or a list of "
+                        f"PIL images, got {type(images).__name__}; convert arrays with `torch.from_numpy` or PIL.")
     if not images:
         raise ValueError("`images` is empty; pass at least one image.")
-    return tower.adapter.split(tower.adapter.preprocess(images))
+    return tower.adapter.split(tower.adapter.preprocess(list(images)))
 
 
 def _primary_features(tower: SmoothedVisionTower, inputs: ImageInputs, num: int) -> torch.Tensor:

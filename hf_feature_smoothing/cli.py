@@ -1,4 +1,4 @@
-"""`hf-fs`: certify folders or datasets of images with a smoothed encoder, resumably, with plots."""
+"""`hf-fs`: certify (`hf-fs certify`) or attack (`hf-fs attack`) folders or datasets of images, resumably."""
 
 import argparse
 import sys
@@ -99,6 +99,54 @@ def cmd_certify(args) -> int:
     return 0
 
 
+def cmd_attack(args) -> int:
+    from .evaluation import attack_rows, summarize
+
+    model = load_model(args.model)
+    variants = {"plain": (model, False), "smoothed": (model, True)}
+    if args.booster:
+        from .booster import load_booster
+
+        variants["smoothed+booster"] = (load_booster(load_model(args.model), args.booster), True)
+    records = JsonlRecords(args.output)
+    images = iter_images(args)
+    todo = [(key, image, name, model, smoothed) for key, image, _ in images for name, (model, smoothed) in variants.items()
+            if f"{key}|{name}" not in records.done]
+    logger.info(f"{len(records.rows)} rows already in {args.output}; {len(todo)} (image, variant) pairs to attack.")
+    generator = torch.Generator().manual_seed(args.seed)
+    for key, image, name, model, smoothed in tqdm(todo, desc="attack"):
+        if args.device:
+            model.to(args.device)
+        tower = as_smoothed_tower(model, args.sigma)
+        tower.config.chunk_size = args.chunk_size
+        inputs = tower.adapter.preprocess([image], args.image_size)
+        inputs = inputs.with_pixels(inputs.pixel_values.to(model.device))
+        rows = attack_rows(tower, inputs, args.epsilon, smoothed=smoothed, norm=args.norm, algorithm=args.algorithm,
+                           steps=args.steps, eot_samples=args.eot, eval_samples=args.eval_samples, n=args.n,
+                           alpha=args.alpha, success_threshold=args.success_threshold, generator=generator)
+        # one record per (image, variant) holds every ε, so a resumed run never repeats half an image
+        records.append({"key": f"{key}|{name}", "image": key, "variant": name, "model": args.model, "rows": rows})
+    flat = [{**row, "variant": r["variant"]} for r in records.rows for row in r["rows"]]
+    print(f"{args.algorithm.upper()}-{args.norm}, {args.steps} steps, EOT {args.eot}; σ={args.sigma} (pixel [0,1]), "
+          f"n={args.n}, α={args.alpha}; success = attacked cosine < {args.success_threshold}")
+    print(f"{'variant':<18}{'ε':>8}{'clean cos':>11}{'attacked':>10}{'success':>9}{'FCSB':>8}{'violations':>12}")
+    for s in summarize(flat):
+        fcsb = "-" if s["certified_cosine"] is None else f"{s['certified_cosine']:.4f}"
+        print(f"{s['variant']:<18}{s['epsilon']:>8g}{s['clean_cosine']:>11.4f}{s['attacked_cosine']:>10.4f}"
+              f"{s['success_rate']:>9.2f}{fcsb:>8}{s['violations']:>12}")
+    print(f"rows: {args.output}")
+    return 0
+
+
+def _add_image_source(parser: argparse.ArgumentParser) -> None:
+    source = parser.add_mutually_exclusive_group()
+    source.add_argument("--images", default=None, help="a folder of images, or `skimage` for built-in photos")
+    source.add_argument("--dataset", default=None, help="a `datasets` folder or Hub dataset id (offline cache)")
+    parser.add_argument("--split", default="train")
+    parser.add_argument("--image-column", default="image")
+    parser.add_argument("--label-column", default="label")
+
+
 def _summary(rows: list[dict]) -> None:
     first = rows[0]
     print(f"σ={first['sigma']} ({first['noise_space']}), n={first['n']}, α={first['alpha']}, bound={first['bound']}, "
@@ -115,12 +163,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
     c = sub.add_parser("certify", help="certify images; resumable JSONL rows + PNG plot")
     c.add_argument("--model", default="dinov2-s14", help="dinov2-s14 | tiny-<family> | path or Hub repo id")
-    source = c.add_mutually_exclusive_group()
-    source.add_argument("--images", default=None, help="a folder of images, or `skimage` for built-in photos")
-    source.add_argument("--dataset", default=None, help="a `datasets` folder or Hub dataset id (offline cache)")
-    c.add_argument("--split", default="train")
-    c.add_argument("--image-column", default="image")
-    c.add_argument("--label-column", default="label")
+    _add_image_source(c)
     c.add_argument("--prototypes", default=None, help="safetensors file with `prototypes` (K, F): certify predictions")
     c.add_argument("--sigma", type=float, default=0.12, help="noise std in [0, 1] pixel units")
     c.add_argument("--epsilon", type=float, nargs="+", default=[0.0, 0.05, 0.1, 0.25])
@@ -134,15 +177,36 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--device", default=None)
     c.add_argument("--output", default="outputs/certify.jsonl")
     c.set_defaults(func=cmd_certify)
+
+    a = sub.add_parser("attack", help="white-box (A)PGD with EOT on plain / smoothed / boosted towers; resumable JSONL")
+    a.add_argument("--model", default="dinov2-s14", help="dinov2-s14 | tiny-<family> | path or Hub repo id")
+    a.add_argument("--booster", default=None, help="booster adapter folder or Hub repo id: adds a smoothed+booster row")
+    _add_image_source(a)
+    a.add_argument("--sigma", type=float, default=0.25, help="noise std in [0, 1] pixel units")
+    a.add_argument("--epsilon", type=float, nargs="+", default=[0.1, 0.25], help="attack budgets (pixel [0, 1] units)")
+    a.add_argument("--norm", default="l2", choices=["l2", "linf"])
+    a.add_argument("--algorithm", default="apgd", choices=["apgd", "pgd"])
+    a.add_argument("--steps", type=int, default=20)
+    a.add_argument("--eot", type=int, default=8, help="noise draws per gradient step against smoothed towers")
+    a.add_argument("--eval-samples", type=int, default=128, help="noise draws to measure smoothed cosines")
+    a.add_argument("--n", type=int, default=500, help="samples for the certificate")
+    a.add_argument("--alpha", type=float, default=0.001)
+    a.add_argument("--success-threshold", type=float, default=0.5)
+    a.add_argument("--image-size", type=int, default=None)
+    a.add_argument("--chunk-size", type=int, default=32)
+    a.add_argument("--seed", type=int, default=0)
+    a.add_argument("--device", default=None)
+    a.add_argument("--output", default="outputs/attack.jsonl")
+    a.set_defaults(func=cmd_attack)
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    if args.command == "certify" and not args.images and not args.dataset:
+    if not args.images and not args.dataset:
         args.images = "skimage"
-    torch.set_grad_enabled(False)
-    return args.func(args)
+    with torch.no_grad():  # attacks re-enable gradients where they need them
+        return args.func(args)
 
 
 if __name__ == "__main__":

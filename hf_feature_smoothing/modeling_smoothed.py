@@ -7,6 +7,7 @@ from transformers import AutoConfig, AutoModelForImageTextToText, PreTrainedConf
 from transformers.conversion_mapping import get_checkpoint_conversion_mapping, register_checkpoint_conversion_mapping
 from transformers.utils import cached_file
 
+from .booster import load_booster
 from .configuration_feature_smoothing import FeatureSmoothingConfig
 from .logging_utils import get_logger
 from .modeling_smoothed_tower import SmoothedVisionTower
@@ -66,10 +67,27 @@ class FeatureSmoothingMixin:
         loaded = super().from_pretrained(pretrained_model_name_or_path, *model_args, **kwargs)
         model = loaded[0] if isinstance(loaded, tuple) else loaded
         if model.smoothing_config.booster:
-            from .booster import load_booster
-
-            load_booster(model, model.smoothing_config.booster)
+            hub = {k: kwargs[k] for k in ("revision", "cache_dir", "token", "local_files_only") if k in kwargs}
+            load_booster(model, model.smoothing_config.booster, **hub)
         return loaded
+
+    def save_pretrained(self, save_directory, *args, certificates=None, dataset_name: str = "custom images",
+                        dataset_type: str | None = None, repo_id: str | None = None, **kwargs):
+        """`PreTrainedModel.save_pretrained`, plus a `README.md` model card (from the package template) with the
+        smoothing parameters and, when `certificates` are given, their aggregates in `model-index` metadata."""
+        from .sharing import save_certified
+
+        if kwargs.pop("_card", True) is False:
+            return super().save_pretrained(save_directory, *args, **kwargs)
+        return save_certified(self, save_directory, certificates=certificates, repo_id=repo_id,
+                              dataset_name=dataset_name, dataset_type=dataset_type, _card=False, **kwargs)
+
+    def push_to_hub(self, repo_id: str, *, certificates=None, dataset_name: str = "custom images", **kwargs):
+        """Upload weights, config and the certified model card in one commit (see `push_certified_to_hub`); unlike
+        the stock `push_to_hub`, the card written by `save_pretrained` is kept."""
+        from .sharing import push_certified_to_hub
+
+        return push_certified_to_hub(self, repo_id, certificates=certificates, dataset_name=dataset_name, **kwargs)
 
     @classmethod
     def _smoothed_config(cls, path, smoothing: FeatureSmoothingConfig, hub: dict) -> PreTrainedConfig:

@@ -8,6 +8,7 @@ from functools import partial
 import torch
 from torch import nn
 
+from .booster.layer import booster_layers, booster_noise_level
 from .configuration_feature_smoothing import FeatureSmoothingConfig
 from .errors import check_images, check_positive_int
 from .towers import ImageInputs, TowerAdapter, get_tower_adapter
@@ -23,6 +24,7 @@ class _SmoothedCall:
     inputs: ImageInputs
     sums: list[tuple[torch.Tensor, torch.Tensor]] | None = None
     sites_done: int = 0
+    booster_levels: list[tuple[nn.Module, float]] | None = None
 
 
 class SmoothedVisionTower(nn.Module):
@@ -50,7 +52,7 @@ class SmoothedVisionTower(nn.Module):
         super().__init__()
         self.config = FeatureSmoothingConfig.from_dict(config or {})
         self.adapter: TowerAdapter = get_tower_adapter(model, self.config)
-        self.encoder = model
+        self.encoder = self.adapter.model
         self.enabled = True
         self._generators: dict[torch.device, torch.Generator] = {}
         self._handles: list[torch.utils.hooks.RemovableHandle] = []
@@ -98,6 +100,7 @@ class SmoothedVisionTower(nn.Module):
     @contextlib.contextmanager
     def _compute_context(self, device: torch.device):
         with contextlib.ExitStack() as stack:
+            stack.enter_context(booster_noise_level(self.encoder, self.sigma))  # boosters are conditioned on σ
             if not torch.is_grad_enabled():
                 stack.enter_context(torch.inference_mode())
             if self.config.autocast_dtype is not None:
@@ -194,7 +197,9 @@ class SmoothedVisionTower(nn.Module):
         if self.adapter.capturing or not self.enabled:
             return None
         inputs = self.adapter.inputs_from_call(args, kwargs)
-        self._call = _SmoothedCall(inputs)
+        self._call = _SmoothedCall(inputs, booster_levels=[(m, m.noise_level) for m in booster_layers(self.encoder)])
+        for layer, _ in self._call.booster_levels:  # copy #1 runs in the model's own call: condition boosters on σ
+            layer.noise_level = self.sigma
         noisy = self.add_noise(inputs, 1)
         return self.adapter.replace_call_pixels(args, kwargs, noisy.pixel_values)
 
@@ -215,5 +220,7 @@ class SmoothedVisionTower(nn.Module):
         smoothed = unit_sum * (norm_sum / n / direction_norms.clamp_min(_EPS))[seg, None]
         call.sites_done += 1
         if call.sites_done == len(self.adapter.site_modules()):
+            for layer, level in call.booster_levels or []:
+                layer.noise_level = level
             self._call = None
         return smoothed.to(features.dtype).view_as(features)

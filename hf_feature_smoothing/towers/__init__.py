@@ -32,7 +32,10 @@ def base_model_type(model: nn.Module) -> str:
 
 
 def get_tower_adapter(model: nn.Module, config: FeatureSmoothingConfig) -> TowerAdapter:
-    """Build the adapter for `model`; an unsupported model gets an error listing the supported model types."""
+    """Build the adapter for `model` (a `PeftModel` is unwrapped: boosters live inside the base model); an
+    unsupported model gets an error listing the supported model types."""
+    if callable(getattr(model, "get_base_model", None)):
+        model = model.get_base_model()
     model_type = base_model_type(model)
     if model_type not in TOWER_ADAPTERS:
         raise ValueError(

@@ -46,6 +46,14 @@ def _center_crop(image, height: int, width: int):
     return resized.crop((left, top, left + width, top + height))
 
 
+def unwrap_tuner_layer(module: nn.Module) -> nn.Module:
+    """The module a PEFT tuner layer (e.g. a booster placed *before* a feature site) wraps, else `module`: feature
+    sites are hooked on the wrapped module, so they see the boosted features."""
+    while isinstance(getattr(module, "base_layer", None), nn.Module):
+        module = module.base_layer
+    return module
+
+
 def _pil_to_tensor(image) -> torch.Tensor:
     """RGB PIL image → `(3, H, W)` float tensor in [0, 1]."""
     data = torch.frombuffer(bytearray(image.tobytes()), dtype=torch.uint8)
@@ -93,6 +101,18 @@ class TowerAdapter(ABC):
     def site_modules(self) -> list[nn.Module]:
         """Feature sites in the order they run; the **last** one is the primary site (the certified feature)."""
         return []
+
+    # ----- Gaussian Smoothness Booster ----------------------------------------------------------------------------
+    booster_position: str = "before"
+    """Whether the booster maps the input (`"before"`) or the output (`"after"`) of `booster_target()`."""
+
+    def booster_target(self) -> str:
+        """Dotted path (relative to the model) of the module a Gaussian Smoothness Booster wraps."""
+        raise NotImplementedError(f"{type(self).__name__} does not say where a booster goes (`booster_target`).")
+
+    def booster_feature_dim(self) -> int:
+        """Width of the features the booster maps (last dimension at the booster position)."""
+        raise NotImplementedError(f"{type(self).__name__} does not give the booster width (`booster_feature_dim`).")
 
     # ----- inputs -----------------------------------------------------------------------------------------------
     @abstractmethod

@@ -5,7 +5,7 @@ import torch
 from torch import nn
 
 from . import register_tower_adapter
-from .base import ImageInputs, TowerAdapter
+from .base import ImageInputs, TowerAdapter, unwrap_tuner_layer
 
 
 @register_tower_adapter
@@ -20,7 +20,13 @@ class LlavaTowerAdapter(TowerAdapter):
         return self.inner.vision_tower
 
     def site_modules(self) -> list[nn.Module]:
-        return [self.inner.multi_modal_projector]
+        return [unwrap_tuner_layer(self.inner.multi_modal_projector)]
+
+    def booster_target(self) -> str:
+        return "multi_modal_projector"
+
+    def booster_feature_dim(self) -> int:
+        return unwrap_tuner_layer(self.inner.multi_modal_projector).linear_1.in_features
 
     def inputs_from_call(self, args: tuple, kwargs: dict) -> ImageInputs:
         return ImageInputs(args[0] if args else kwargs["pixel_values"])

@@ -15,6 +15,7 @@ from .base import (
     TowerAdapter,
     _center_crop,
     _pil_to_tensor,
+    unwrap_tuner_layer,
 )
 
 
@@ -30,7 +31,15 @@ class QwenVLTowerAdapter(TowerAdapter):
         return self.inner.visual
 
     def site_modules(self) -> list[nn.Module]:
-        return [self.inner.visual.merger]
+        return [unwrap_tuner_layer(self.inner.visual.merger)]
+
+    def booster_target(self) -> str:
+        return "visual.merger"
+
+    def booster_feature_dim(self) -> int:
+        # the merger starts with a norm over the per-patch width (LayerNorm or RMSNorm)
+        merger = unwrap_tuner_layer(self.inner.visual.merger)
+        return next(m.weight.shape[0] for m in merger.modules() if getattr(m, "weight", None) is not None)
 
     @property
     def _patch(self) -> tuple[int, int, int]:
@@ -109,4 +118,4 @@ class Qwen3VLTowerAdapter(QwenVLTowerAdapter):
 
     def site_modules(self) -> list[nn.Module]:
         visual = self.inner.visual
-        return [*visual.deepstack_merger_list, visual.merger]
+        return [*visual.deepstack_merger_list, unwrap_tuner_layer(visual.merger)]

@@ -32,6 +32,14 @@ class VisionEncoderAdapter(LlavaTowerAdapter):
     def site_modules(self) -> list[nn.Module]:
         return []
 
+    booster_position = "after"  # on the final norm: the pooled feature is read from the boosted tokens
+
+    def booster_target(self) -> str:
+        return "layernorm" if self.model.config.model_type in ("dinov2", "vit") else "vision_model.post_layernorm"
+
+    def booster_feature_dim(self) -> int:
+        return int(self.model.config.hidden_size)
+
     def run(self, inputs: ImageInputs) -> None:
         raise NotImplementedError("Stand-alone encoders are read through `encode`.")
 

@@ -1,0 +1,58 @@
+"""`evaluate` metric: certified cosine (FCSB) and certified accuracy of Feature-space Smoothing certificates."""
+
+import datasets
+import evaluate
+
+from hf_feature_smoothing.summary import certified_accuracy, certified_cosine
+
+
+_DESCRIPTION = """
+Aggregates Feature-space Smoothing certificates (see `hf_feature_smoothing.certification`).
+
+* `"cosine"`: inputs `score_lower` (the (1 − α) lower confidence bound S_low of the Gaussian robustness score) and
+  `sigma` (noise std, pixel [0, 1] units) per image. Returns `certified_cosine@ε`: the mean over images of
+  FCSB(ε) = 2Φ(Φ⁻¹(S_low) − ε/σ) − 1, where an abstention (S_low ≤ 1/2) or a negative bound counts as 0, plus
+  `abstain_rate`.
+* `"accuracy"`: inputs `prediction` (−1 = abstain), `label` and `radius` (certified ℓ2 radius) per image. Returns
+  `certified_accuracy@r`: the fraction of images predicted correctly with a certified radius > r (r = 0: correct
+  and not abstained), plus `abstain_rate`.
+"""
+
+_KWARGS_DESCRIPTION = """
+Args:
+    score_lower (`list[float]`), sigma (`list[float]`): for `"cosine"`.
+    prediction (`list[int]`), label (`list[int]`), radius (`list[float]`): for `"accuracy"`.
+    epsilons (`list[float]`, *optional*, defaults to `[0.0, 0.05, 0.1, 0.25, 0.5]`): ℓ2 budgets (cosine).
+    radii (`list[float]`, *optional*, defaults to `[0.0, 0.05, 0.1, 0.25, 0.5]`): ℓ2 radii (accuracy).
+Returns:
+    `dict[str, float]`, e.g. `{"certified_cosine@0.1": 0.62, "abstain_rate": 0.1}`.
+Examples:
+    >>> metric = hf_feature_smoothing.metrics.load("certified_robustness", "cosine")
+    >>> metric.compute(score_lower=[0.9], sigma=[0.25], epsilons=[0.0])
+    {'certified_cosine@0': 0.8, 'abstain_rate': 0.0}
+"""
+
+_CITATION = "Feature-space Smoothing: certified robustness of multimodal LLM vision features (FS / GSB)."
+DEFAULT_BUDGETS = [0.0, 0.05, 0.1, 0.25, 0.5]
+
+
+@evaluate.utils.file_utils.add_start_docstrings(_DESCRIPTION, _KWARGS_DESCRIPTION)
+class CertifiedRobustness(evaluate.Metric):
+    BUILDER_CONFIGS = ["cosine", "accuracy"]
+
+    def _info(self):
+        if self.config_name == "accuracy":
+            features = datasets.Features({"prediction": datasets.Value("int64"), "label": datasets.Value("int64"),
+                                          "radius": datasets.Value("float64")})
+        elif self.config_name in ("cosine", "default"):
+            features = datasets.Features({"score_lower": datasets.Value("float64"), "sigma": datasets.Value("float64")})
+        else:
+            raise KeyError(f"config_name must be 'cosine' or 'accuracy', got {self.config_name!r}.")
+        return evaluate.MetricInfo(description=_DESCRIPTION, citation=_CITATION, inputs_description=_KWARGS_DESCRIPTION,
+                                   features=features)
+
+    def _compute(self, score_lower=None, sigma=None, prediction=None, label=None, radius=None, epsilons=None,
+                 radii=None):
+        if self.config_name == "accuracy":
+            return certified_accuracy(prediction, label, radius, DEFAULT_BUDGETS if radii is None else radii)
+        return certified_cosine(score_lower, sigma, DEFAULT_BUDGETS if epsilons is None else epsilons)

@@ -1,0 +1,175 @@
+"""Sharing certified checkpoints: model cards whose `model-index` carries the certificates, atomic saving, push."""
+
+import os
+import tempfile
+from collections.abc import Sequence
+from pathlib import Path
+
+from huggingface_hub import EvalResult, HfApi, ModelCard, ModelCardData
+
+from .configuration_feature_smoothing import FeatureSmoothingConfig
+from .summary import certified_accuracy, certified_cosine
+from .version import __version__
+
+
+TEMPLATE = Path(__file__).parent / "model_card_templates" / "certified_model.md"
+TAGS = ["hf-feature-smoothing", "certified-robustness", "feature-space-smoothing"]
+
+
+def _as_dicts(certificates) -> list[dict]:
+    rows = [c if isinstance(c, dict) else c.to_dict() for c in certificates or []]
+    kinds = {"prediction" in r for r in rows}
+    if len(kinds) > 1:
+        raise ValueError("Mix of feature and prediction certificates: share one kind per call.")
+    if len({(r["sigma"], r["n"], r["alpha"], r["bound"]) for r in rows}) > 1:
+        raise ValueError("Certificates differ in σ, n, α or bound: aggregate one setting at a time.")
+    return rows
+
+
+def certificate_eval_results(certificates, dataset_name: str, dataset_type: str | None = None,
+                             task_type: str = "image-feature-extraction",
+                             radii: Sequence[float] = (0.0, 0.05, 0.1, 0.25, 0.5)) -> list[EvalResult]:
+    """`model-index` entries for a list of [`FeatureCertificate`] (certified cosine at each of their ε, mean S_low,
+    abstain rate) or [`PredictionCertificate`] (certified accuracy at each of `radii`). Every entry's `metric_args`
+    states σ, ε or r, n, α, the bound and the noise space."""
+    rows = _as_dicts(certificates)
+    if not rows:
+        return []
+    first = rows[0]
+    args = {"sigma": first["sigma"], "n": first["n"], "alpha": first["alpha"], "bound": first["bound"],
+            "noise_space": first["noise_space"], "num_images": len(rows)}
+    common = dict(task_type=task_type, dataset_type=dataset_type or dataset_name, dataset_name=dataset_name)
+    results = []
+    if "prediction" in first:
+        accuracy = certified_accuracy([r["prediction"] for r in rows], [r["label"] for r in rows],
+                                      [r["radius"] for r in rows], radii)
+        for r in radii:
+            value = accuracy[f"certified_accuracy@{r:g}"]
+            results.append(EvalResult(**common, metric_type="certified_accuracy", metric_value=value,
+                                      metric_name=f"certified accuracy @ r={r:g} (σ={first['sigma']})",
+                                      metric_args={**args, "radius": r}))
+    else:
+        epsilons = first["epsilon"]
+        cosine = certified_cosine([r["score_lower"] for r in rows], [r["sigma"] for r in rows], epsilons)
+        for eps in epsilons:
+            results.append(EvalResult(**common, metric_type="certified_cosine",
+                                      metric_value=cosine[f"certified_cosine@{eps:g}"],
+                                      metric_name=f"certified cosine (FCSB) @ ε={eps:g} (σ={first['sigma']})",
+                                      metric_args={**args, "epsilon": eps, "reference": first["reference"]}))
+        results.append(EvalResult(**common, metric_type="gaussian_robustness_score_lower",
+                                  metric_value=sum(r["score_lower"] for r in rows) / len(rows),
+                                  metric_name=f"mean S_low (σ={first['sigma']})", metric_args=args))
+    results.append(EvalResult(**common, metric_type="abstain_rate", metric_value=sum(
+        bool(r.get("abstain", r.get("prediction") is None)) for r in rows) / len(rows),
+        metric_name=f"abstain rate (σ={first['sigma']})", metric_args=args))
+    return results
+
+
+def _results_table(results: list[EvalResult]) -> str:
+    if not results:
+        return "No certificates were attached when this card was written (`certificates=` in `save_pretrained`)."
+    lines = ["| metric | value | σ | n | α |", "|---|---|---|---|---|"]
+    for r in results:
+        a = r.metric_args
+        lines.append(f"| {r.metric_name} | {r.metric_value:.4f} | {a['sigma']} | {a['n']} | {a['alpha']} |")
+    return "\n".join(lines)
+
+
+def build_model_card(
+    repo_id: str,
+    *,
+    base_model: str | None = None,
+    smoothing: FeatureSmoothingConfig | dict | None = None,
+    certificates: Sequence | None = None,
+    dataset_name: str = "custom images",
+    dataset_type: str | None = None,
+    booster: bool = False,
+    model_class: str = "AutoModelForImageTextToText",
+) -> ModelCard:
+    """A model card for a smoothed model (`booster=False`) or a booster adapter (`booster=True`) from the package
+    template, with the certificates in `model-index`."""
+    results = certificate_eval_results(certificates, dataset_name, dataset_type)
+    if booster:
+        snippet = (f"import hf_feature_smoothing  # registers the booster method with PEFT\n"
+                   f"from peft import PeftModel\nmodel = PeftModel.from_pretrained(base_model, \"{repo_id}\")")
+        title, library = f"Gaussian Smoothness Booster: {repo_id}", "peft"
+        description = ("A Gaussian Smoothness Booster (GSB) adapter: a noise-conditioned residual feature mapper that "
+                       "raises the Gaussian robustness score of a frozen vision tower. Only the booster weights are "
+                       "in `adapter_model.safetensors`.")
+    else:
+        snippet = (f"import hf_feature_smoothing  # registers the smoothed model types\n"
+                   f"from transformers import {model_class}\nmodel = {model_class}.from_pretrained(\"{repo_id}\")")
+        title, library = f"Certified smoothed model: {repo_id}", "transformers"
+        description = "A vision-language model whose image features are certified by Feature-space Smoothing (FS)."
+    config = FeatureSmoothingConfig.from_dict(smoothing or {}) if smoothing is not None else None
+    if config is not None:
+        table = "| σ | n₀ (forward samples) | smoothed features | booster |\n|---|---|---|---|\n"
+        table += f"| {config.sigma} | {config.num_samples} | {config.smoothed_features} | {config.booster or '—'} |"
+    else:
+        table = "σ is chosen when the booster is used (`FeatureSmoothingConfig(sigma=...)`); see the certificates."
+    rows = _as_dicts(certificates)
+    card_data = ModelCardData(
+        library_name=library, base_model=base_model, tags=list(TAGS) + (["gsb", "peft"] if booster else []),
+        model_name=repo_id.split("/")[-1], eval_results=results or None,
+    )
+    return ModelCard.from_template(
+        card_data, template_path=str(TEMPLATE), title=title, description=description, load_snippet=snippet,
+        noise_space=rows[0]["noise_space"] if rows else "pixel [0,1], l2", smoothing_table=table,
+        bound=rows[0]["bound"] if rows else "empirical Bernstein", results_table=_results_table(results),
+        dataset_name=dataset_name, library_version=__version__,
+    )
+
+
+def write_card_atomically(card: ModelCard, directory: str | os.PathLike) -> Path:
+    """Write `README.md` through a temporary file and `os.replace`, so a crash never leaves half a card."""
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    with tempfile.NamedTemporaryFile("w", dir=directory, suffix=".tmp", delete=False, encoding="utf-8") as f:
+        f.write(str(card))
+        tmp = f.name
+    os.replace(tmp, directory / "README.md")
+    return directory / "README.md"
+
+
+def _smoothing_and_kind(model) -> tuple[FeatureSmoothingConfig | None, bool, str | None]:
+    from peft import PeftModel
+
+    booster = isinstance(model, PeftModel)
+    base = model.get_base_model() if booster else model
+    smoothing = getattr(base, "smoothing_config", None)
+    name = getattr(getattr(base, "config", None), "_name_or_path", None) or None
+    return smoothing, booster, name
+
+
+def save_certified(model, save_directory: str | os.PathLike, *, certificates: Sequence | None = None,
+                   repo_id: str | None = None, dataset_name: str = "custom images", dataset_type: str | None = None,
+                   **save_kwargs) -> Path:
+    """`save_pretrained` (safetensors) of a smoothed model or a booster `PeftModel`, plus a model card carrying
+    `certificates` in its `model-index`. Returns the folder."""
+    smoothing, booster, base_model = _smoothing_and_kind(model)
+    model.save_pretrained(save_directory, **save_kwargs)
+    card = build_model_card(repo_id or Path(save_directory).name, base_model=base_model, smoothing=smoothing,
+                            certificates=certificates, dataset_name=dataset_name, dataset_type=dataset_type,
+                            booster=booster)
+    write_card_atomically(card, save_directory)
+    return Path(save_directory)
+
+
+def push_certified_to_hub(model, repo_id: str, *, certificates: Sequence | None = None, dataset_name: str = "custom images",
+                          dataset_type: str | None = None, private: bool | None = None, token: str | None = None,
+                          revision: str | None = None, commit_message: str | None = None, create_pr: bool = False,
+                          api: HfApi | None = None):
+    """Save a smoothed model or booster with its certified card to a temporary folder and upload it in one commit.
+    `api` (default `HfApi(token=token)`) is the only thing that talks to the network: pass your own (a custom
+    `endpoint`, or a test double) to redirect it."""
+    api = api or HfApi(token=token)
+    repo_id = api.create_repo(repo_id, private=private, exist_ok=True).repo_id
+    with tempfile.TemporaryDirectory() as folder:
+        save_certified(model, folder, certificates=certificates, repo_id=repo_id, dataset_name=dataset_name,
+                       dataset_type=dataset_type)
+        return api.upload_folder(folder_path=folder, repo_id=repo_id, revision=revision, create_pr=create_pr,
+                                 commit_message=commit_message or "Upload certified checkpoint (hf_feature_smoothing)")
+
+
+__all__ = ["build_model_card", "certificate_eval_results", "push_certified_to_hub", "save_certified",
+           "write_card_atomically"]

@@ -1,0 +1,86 @@
+"""APGD / PGD internals, the end-to-end targeted text attack, and the `hf-fs attack` CLI."""
+
+import json
+
+import pytest
+import torch
+
+from hf_feature_smoothing import FeatureSmoothingConfig, SmoothedVisionTower
+from hf_feature_smoothing.attacks import _apgd_checkpoints, feature_attack, run_attack
+from hf_feature_smoothing.attacks_mllm import target_text_attack
+from hf_feature_smoothing.cli import main
+from hf_feature_smoothing.testing_utils import tiny_inputs, tiny_model, tiny_smoothed_model
+
+
+def test_apgd_checkpoints_follow_croce_hein():
+    assert sorted(_apgd_checkpoints(100)) == [0, 22, 41, 57, 70, 80, 87, 93, 99]
+
+
+@pytest.mark.parametrize("algorithm, norm", [("apgd", "l2"), ("apgd", "linf"), ("pgd", "l2"), ("pgd", "linf")])
+def test_attacks_stay_feasible_and_solve_a_linear_problem(algorithm, norm):
+    """min ⟨w, δ⟩ over the ε-ball (inside [0, 1]): the optimum is −ε·w/‖w‖ (ℓ2) or −ε·sign(w) (ℓ∞)."""
+    generator = torch.Generator().manual_seed(0)
+    image = torch.full((3, 8, 8), 0.5)
+    w = torch.randn(image.shape, generator=generator)
+    epsilon = 0.3 if norm == "l2" else 0.05
+    delta = run_attack(lambda d: ((w * d).sum().item(), w), image, epsilon, norm=norm, steps=30, algorithm=algorithm,
+                       step_size=None, generator=generator)
+    optimum = -epsilon * (w.norm() if norm == "l2" else w.abs().sum())
+    assert (delta.norm() if norm == "l2" else delta.abs().max()) <= epsilon + 1e-5
+    assert ((image + delta) >= 0).all() and ((image + delta) <= 1).all()
+    assert (w * delta).sum() <= 0.95 * optimum
+
+
+def test_apgd_at_least_matches_pgd_on_a_tiny_tower():
+    model = tiny_model("llava")
+    tower = SmoothedVisionTower(model, FeatureSmoothingConfig(sigma=0.25, seed=0))
+    inputs = tower.check_inputs(tiny_inputs(model)["pixel_values"])
+    reference = tower.clean_unit_features(inputs)[-1]
+    kwargs = dict(norm="l2", steps=15, eot_samples=0, eval_samples=0, generator=torch.Generator().manual_seed(0))
+    apgd = feature_attack(tower, inputs, reference, 0.5, algorithm="apgd", **kwargs)
+    pgd = feature_attack(tower, inputs, reference, 0.5, algorithm="pgd", **kwargs)
+    assert apgd.cosine <= pgd.cosine + 0.02 and apgd.cosine < 0.999
+
+
+@pytest.mark.parametrize("smoothed", [False, True])
+def test_targeted_text_attack_lowers_the_target_loss(smoothed):
+    model = tiny_smoothed_model("llava", num_samples=2, seed=0) if smoothed else tiny_model("llava")
+    inputs = tiny_inputs(model)
+    target = torch.tensor([11, 12])
+    clean = target_text_attack(model, inputs, target, 0.0, steps=1, eval_runs=2)
+    attacked = target_text_attack(model, inputs, target, 16 / 255, steps=8, eot_samples=1, eval_runs=2,
+                                  generator=torch.Generator().manual_seed(0))
+    assert attacked.norm <= 16 / 255 + 1e-6 and 0.0 <= attacked.success_rate <= 1.0
+    assert attacked.loss < clean.loss
+
+
+def test_targeted_text_attack_on_qwen_grows_the_token_type_ids():
+    model = tiny_smoothed_model("qwen2_vl", num_samples=2, seed=0)
+    result = target_text_attack(model, tiny_inputs(model), torch.tensor([11]), 8 / 255, steps=2, eot_samples=1,
+                                eval_runs=1, algorithm="pgd")
+    assert result.norm <= 8 / 255 + 1e-6
+
+
+def test_attack_cli_compares_variants_and_resumes(tmp_path, capsys):
+    from PIL import Image
+
+    folder = tmp_path / "images"
+    folder.mkdir()
+    generator = torch.Generator().manual_seed(0)
+    for i in range(2):
+        pixels = (torch.rand(40, 40, 3, generator=generator) * 255).to(torch.uint8).numpy()
+        Image.fromarray(pixels).save(folder / f"{i}.png")
+    output = tmp_path / "attack.jsonl"
+    args = ["attack", "--model", "tiny-llava", "--images", str(folder), "--epsilon", "0.1", "0.3", "--steps", "3",
+            "--eot", "2", "--eval-samples", "16", "--n", "64", "--alpha", "0.01", "--output", str(output)]
+    assert main(args) == 0
+    rows = [json.loads(line) for line in output.read_text().splitlines()]
+    assert sorted(r["key"] for r in rows) == ["0.png|plain", "0.png|smoothed", "1.png|plain", "1.png|smoothed"]
+    for record in rows:
+        for row in record["rows"]:
+            assert row["certificate_holds"] is not False
+            assert (row["fcsb"] is None) or row["smoothed"]
+    printed = capsys.readouterr().out
+    assert "smoothed" in printed and "FCSB" in printed
+    assert main(args) == 0  # resumed: nothing redone
+    assert len(output.read_text().splitlines()) == 4

@@ -1,0 +1,132 @@
+"""Model cards with certificates in `model-index`, offline `evaluate` metric, and the (isolated) push path."""
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+
+import pytest
+import torch
+from huggingface_hub import ModelCard
+from huggingface_hub.hf_api import RepoUrl
+
+import hf_feature_smoothing as hfs
+from hf_feature_smoothing.certification import certify
+from hf_feature_smoothing.sharing import build_model_card, certificate_eval_results
+from hf_feature_smoothing.summary import certified_accuracy, certified_cosine
+from hf_feature_smoothing.testing_utils import tiny_inputs, tiny_smoothed_model
+
+
+@pytest.fixture(scope="module")
+def certified():
+    model = tiny_smoothed_model("llava", num_samples=2, seed=0)
+    inputs = tiny_inputs(model, num_images=2)
+    return model, certify(model, inputs["pixel_values"], n=64, epsilon=[0.05, 0.1], alpha=0.01)
+
+
+def test_save_pretrained_writes_a_card_whose_model_index_parses_back(certified, tmp_path):
+    model, certificates = certified
+    model.save_pretrained(tmp_path, certificates=certificates, dataset_name="tiny random images")
+    assert {"README.md", "config.json", "model.safetensors"} <= set(os.listdir(tmp_path))
+    card = ModelCard.load(tmp_path / "README.md")
+    results = {r.metric_name: r for r in card.data.eval_results}
+    expected = certified_cosine([c.score_lower for c in certificates], [c.sigma for c in certificates], [0.05, 0.1])
+    fcsb = results["certified cosine (FCSB) @ ε=0.05 (σ=0.25)"]
+    assert fcsb.metric_value == pytest.approx(expected["certified_cosine@0.05"])
+    assert fcsb.metric_args == {"sigma": 0.25, "n": 64, "alpha": 0.01, "bound": "bernstein",
+                                "noise_space": "pixel [0,1], l2", "num_images": 2, "epsilon": 0.05,
+                                "reference": "clean"}
+    assert "from_pretrained(" in card.text and "hf-feature-smoothing" in card.data.tags
+
+
+def test_prediction_certificates_become_certified_accuracy():
+    rows = [{"prediction": 1, "label": 1, "radius": 0.3, "sigma": 0.25, "n": 100, "alpha": 0.001, "bound": "bernstein",
+             "noise_space": "pixel [0,1], l2"},
+            {"prediction": None, "label": 0, "radius": 0.0, "sigma": 0.25, "n": 100, "alpha": 0.001,
+             "bound": "bernstein", "noise_space": "pixel [0,1], l2"}]
+    results = {r.metric_args.get("radius"): r.metric_value for r in certificate_eval_results(rows, "toy")
+               if r.metric_type == "certified_accuracy"}
+    assert results == {0.0: 0.5, 0.05: 0.5, 0.1: 0.5, 0.25: 0.5, 0.5: 0.0}
+
+
+def test_mixed_settings_are_refused(certified):
+    _, certificates = certified
+    other = dict(certificates[0].to_dict(), sigma=0.5)
+    with pytest.raises(ValueError, match="differ in σ"):
+        build_model_card("org/x", certificates=[certificates[1], other])
+
+
+class RecordingApi:
+    """Stands in for `HfApi`: the upload path is isolated, nothing leaves the machine."""
+
+    def __init__(self, target):
+        self.target, self.calls = target, []
+
+    def create_repo(self, repo_id, **kwargs):
+        self.calls.append(("create_repo", repo_id))
+        return RepoUrl(f"https://hub.invalid/{repo_id}", endpoint="https://hub.invalid")
+
+    def upload_folder(self, *, folder_path, repo_id, **kwargs):
+        self.calls.append(("upload_folder", repo_id))
+        shutil.copytree(folder_path, self.target)
+        return "commit"
+
+
+def test_push_to_hub_uploads_weights_config_and_certified_card(certified, tmp_path):
+    model, certificates = certified
+    api = RecordingApi(tmp_path / "uploaded")
+    assert model.push_to_hub("org/certified-llava", certificates=certificates, api=api) == "commit"
+    assert api.calls == [("create_repo", "org/certified-llava"), ("upload_folder", "org/certified-llava")]
+    files = set(os.listdir(tmp_path / "uploaded"))
+    assert {"README.md", "config.json", "model.safetensors"} <= files and not any(f.endswith(".bin") for f in files)
+    card = ModelCard.load(tmp_path / "uploaded" / "README.md")
+    assert card.data.model_name == "certified-llava" and card.data.eval_results
+    assert 'from_pretrained("org/certified-llava")' in card.text
+    config = json.loads((tmp_path / "uploaded" / "config.json").read_text())
+    assert config["feature_smoothing"]["sigma"] == 0.25
+
+
+def test_booster_card_and_push(tmp_path):
+    from hf_feature_smoothing.sharing import push_certified_to_hub
+
+    peft_model = hfs.add_booster(tiny_smoothed_model("llava", num_samples=2))
+    api = RecordingApi(tmp_path / "uploaded")
+    push_certified_to_hub(peft_model, "org/gsb", api=api)
+    assert sorted(os.listdir(tmp_path / "uploaded")) == ["README.md", "adapter_config.json",
+                                                         "adapter_model.safetensors"]
+    card = ModelCard.load(tmp_path / "uploaded" / "README.md")
+    assert card.data.library_name == "peft" and "PeftModel.from_pretrained(base_model, \"org/gsb\")" in card.text
+
+
+def test_evaluate_metric_loads_offline_and_matches_summary(tmp_path):
+    code = (
+        "import hf_feature_smoothing.metrics as m, json\n"
+        "c = m.load('certified_robustness', 'cosine')\n"
+        "c.add_batch(score_lower=[0.9, 0.4, 0.7], sigma=[0.25, 0.25, 0.5])\n"
+        "a = m.load('certified_robustness', 'accuracy')\n"
+        "print(json.dumps([c.compute(epsilons=[0.0, 0.1]), a.compute(prediction=[1, -1], label=[1, 0], radius=[0.2, 0.0],"
+        " radii=[0.0, 0.3])]))\n"
+    )
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "HF_EVALUATE_OFFLINE": "1",
+           "HF_HOME": str(tmp_path / "home")}
+    result = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr[-3000:]
+    cosine, accuracy = json.loads(result.stdout.strip().splitlines()[-1])
+    assert cosine == certified_cosine([0.9, 0.4, 0.7], [0.25, 0.25, 0.5], [0.0, 0.1])
+    assert cosine["certified_cosine@0"] == pytest.approx((0.8 + 0.0 + 0.4) / 3)
+    assert accuracy == certified_accuracy([1, -1], [1, 0], [0.2, 0.0], [0.0, 0.3]) == {
+        "certified_accuracy@0": 0.5, "certified_accuracy@0.3": 0.0, "abstain_rate": 0.5}
+
+
+def test_no_pickle_loading_in_the_package():
+    import pathlib
+
+    root = pathlib.Path(hfs.__file__).parent
+    for path in root.rglob("*.py"):
+        text = path.read_text()
+        assert "import pickle" not in text and "pickle.load" not in text, path
+        for line in text.splitlines():
+            if "torch.load(" in line:
+                assert "weights_only=True" in line, (path, line)
+    assert torch.__version__  # torch ≥ 2.6 defaults torch.load to weights_only=True as well
