@@ -6,7 +6,7 @@ from collections.abc import Sequence
 import torch
 from torch import nn
 
-from .attacks import feature_attack
+from .attacks import _features, feature_attack
 from .certification import certify
 from .modeling_smoothed_tower import SmoothedVisionTower
 from .towers import ImageInputs
@@ -44,7 +44,8 @@ def attack_rows(
     certificate = certify(tower, inputs, epsilon=l2_budgets, n=n, alpha=alpha)[0] if smoothed else None
     samples = eval_samples if smoothed else 0
     with torch.no_grad():
-        clean = nn.functional.cosine_similarity(_encode(tower, inputs, samples), reference, dim=0).item()
+        image = tower.adapter.to_image(inputs)
+        clean = nn.functional.cosine_similarity(_features(tower, inputs, image, samples), reference, dim=0).item()
     rows = []
     for index, epsilon in enumerate(epsilons):
         attack = feature_attack(tower, inputs, reference, epsilon, norm=norm, algorithm=algorithm, steps=steps,
@@ -60,12 +61,6 @@ def attack_rows(
             "alpha": alpha if smoothed else None, "noise_space": "pixel [0,1]" if smoothed else None,
         })
     return rows
-
-
-def _encode(tower: SmoothedVisionTower, inputs: ImageInputs, samples: int) -> torch.Tensor:
-    if samples == 0:
-        return tower.clean_unit_features(inputs)[-1].float()
-    return torch.cat([s[-1].float() for s in tower.iter_unit_features(inputs, samples)]).mean(0)
 
 
 def summarize(rows: Sequence[dict]) -> list[dict]:
