@@ -26,5 +26,19 @@ def hub_cache(tmp_path):
     return cache
 
 
+@pytest.fixture
+def image_folder(tmp_path):
+    """Four random 40×50 RGB PNGs in a folder."""
+    from PIL import Image
+
+    folder = tmp_path / "images"
+    folder.mkdir()
+    generator = torch.Generator().manual_seed(0)
+    for i in range(4):
+        pixels = (torch.rand(40, 50, 3, generator=generator) * 255).to(torch.uint8).numpy()
+        Image.fromarray(pixels).save(folder / f"img{i}.png")
+    return folder
+
+
 def offline_env(cache: Path) -> dict:
     return {**os.environ, "HF_HUB_OFFLINE": "1", "HF_HUB_CACHE": str(cache), "HF_HOME": str(cache.parent / "home")}

@@ -61,21 +61,15 @@ def test_targeted_text_attack_on_qwen_grows_the_token_type_ids():
     assert result.norm <= 8 / 255 + 1e-6
 
 
-def test_attack_cli_compares_variants_and_resumes(tmp_path, capsys):
-    from PIL import Image
-
-    folder = tmp_path / "images"
-    folder.mkdir()
-    generator = torch.Generator().manual_seed(0)
-    for i in range(2):
-        pixels = (torch.rand(40, 40, 3, generator=generator) * 255).to(torch.uint8).numpy()
-        Image.fromarray(pixels).save(folder / f"{i}.png")
+def test_attack_cli_compares_variants_and_resumes(image_folder, tmp_path, capsys):
+    for extra in sorted(image_folder.iterdir())[2:]:
+        extra.unlink()
     output = tmp_path / "attack.jsonl"
-    args = ["attack", "--model", "tiny-llava", "--images", str(folder), "--epsilon", "0.1", "0.3", "--steps", "3",
+    args = ["attack", "--model", "tiny-llava", "--images", str(image_folder), "--epsilon", "0.1", "0.3", "--steps", "3",
             "--eot", "2", "--eval-samples", "16", "--n", "64", "--alpha", "0.01", "--output", str(output)]
     assert main(args) == 0
     rows = [json.loads(line) for line in output.read_text().splitlines()]
-    assert sorted(r["key"] for r in rows) == ["0.png|plain", "0.png|smoothed", "1.png|plain", "1.png|smoothed"]
+    assert sorted(r["key"] for r in rows) == ["img0.png|plain", "img0.png|smoothed", "img1.png|plain", "img1.png|smoothed"]
     for record in rows:
         for row in record["rows"]:
             assert row["certificate_holds"] is not False

@@ -4,24 +4,11 @@ import subprocess
 import sys
 import time
 
-import pytest
 import torch
-from PIL import Image
 from safetensors.torch import save_file
 
 from hf_feature_smoothing.cli import main
 from hf_feature_smoothing.records import JsonlRecords
-
-
-@pytest.fixture
-def image_folder(tmp_path):
-    folder = tmp_path / "images"
-    folder.mkdir()
-    generator = torch.Generator().manual_seed(0)
-    for i in range(4):
-        pixels = (torch.rand(40, 50, 3, generator=generator) * 255).to(torch.uint8).numpy()
-        Image.fromarray(pixels).save(folder / f"img{i}.png")
-    return folder
 
 
 def _rows(path):
