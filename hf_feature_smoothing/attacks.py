@@ -53,14 +53,18 @@ def _check_attack(epsilon: float, norm: str, steps: int, eot_samples: int, eval_
             raise ValueError(f"`{name}` must be an int ≥ 0 (0 = the base, unsmoothed encoder), got {value!r}.")
 
 
+def perturbation_norm(delta: torch.Tensor, norm: str) -> float:
+    """‖δ‖₂ or ‖δ‖∞ of a perturbation, as attacks report it."""
+    return delta.norm().item() if norm == "l2" else delta.abs().max().item()
+
+
 def _step_direction(grad: torch.Tensor, norm: str) -> torch.Tensor:
     return grad.sign() if norm == "linf" else grad / grad.norm().clamp_min(1e-12)
 
 
 def _random_start(image: torch.Tensor, epsilon: float, norm: str, generator) -> torch.Tensor:
     start = torch.randn(image.shape, generator=generator, device=image.device)
-    delta = _project(start * (epsilon if norm == "linf" else epsilon / math.sqrt(start.numel())), epsilon, norm)
-    return ((image + delta).clamp(0, 1) - image).detach()
+    return _feasible(image, start * (epsilon if norm == "linf" else epsilon / math.sqrt(start.numel())), epsilon, norm)
 
 
 def _feasible(image: torch.Tensor, delta: torch.Tensor, epsilon: float, norm: str) -> torch.Tensor:
@@ -175,8 +179,7 @@ def feature_attack(
                 _features(tower, inputs, image + delta, eval_samples), reference, dim=0
             ).item()
         if best is None or measured < best.cosine:
-            length = delta.norm().item() if norm == "l2" else delta.abs().max().item()
-            best = AttackResult(delta=delta, cosine=measured, norm=length)
+            best = AttackResult(delta=delta, cosine=measured, norm=perturbation_norm(delta, norm))
     return best
 
 

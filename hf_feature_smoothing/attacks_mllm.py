@@ -5,7 +5,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from .attacks import _check_attack, run_attack
+from .attacks import _check_attack, perturbation_norm, run_attack
 from .configuration_feature_smoothing import FeatureSmoothingConfig
 from .errors import check_images
 from .towers import ImageInputs, get_tower_adapter
@@ -107,6 +107,5 @@ def target_text_attack(
             logits = logits_at(delta)
             losses.append(nn.functional.cross_entropy(logits, target).item())
             hits += bool((logits.argmax(-1) == target).all())
-    length = delta.norm().item() if norm == "l2" else delta.abs().max().item()
     return TextAttackResult(delta=delta, loss=sum(losses) / len(losses), success_rate=hits / max(1, eval_runs),
-                            norm=length)
+                            norm=perturbation_norm(delta, norm))
