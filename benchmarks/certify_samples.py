@@ -15,8 +15,8 @@ import torch
 
 from hf_feature_smoothing import FeatureSmoothingConfig, SmoothedVisionTower
 from hf_feature_smoothing.assets import load_dinov2_small, skimage_photos
-from hf_feature_smoothing.bounds import fcsb, lower_confidence_bound
-from hf_feature_smoothing.certification import _primary_features
+from hf_feature_smoothing.certification.bounds import fcsb, lower_confidence_bound
+from hf_feature_smoothing.certification.certify import _primary_features
 
 
 def margin(method: str, n: int, var: float, alpha: float) -> float:

@@ -16,9 +16,9 @@ from pathlib import Path
 
 from hf_feature_smoothing import FeatureSmoothingConfig, SmoothedVisionTower, load_booster
 from hf_feature_smoothing.assets import load_dinov2_small, skimage_photos
+from hf_feature_smoothing.attacks.evaluation import attack_rows, summarize
 from hf_feature_smoothing.certification import certify
-from hf_feature_smoothing.evaluation import attack_rows, summarize
-from hf_feature_smoothing.sharing import push_certified_to_hub, save_certified
+from hf_feature_smoothing.hub.sharing import push_certified_to_hub, save_certified
 
 
 parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)

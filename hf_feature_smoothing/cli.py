@@ -9,8 +9,8 @@ from tqdm.auto import tqdm
 
 from .certification import as_smoothed_tower, certify, certify_prediction
 from .logging_utils import get_logger
-from .plotting import plot_certified_accuracy, plot_certified_cosine
-from .records import JsonlRecords
+from .runs.plotting import plot_certified_accuracy, plot_certified_cosine
+from .runs.records import JsonlRecords
 
 
 logger = get_logger(__name__)
@@ -100,7 +100,7 @@ def cmd_certify(args) -> int:
 
 
 def cmd_attack(args) -> int:
-    from .evaluation import attack_rows, summarize
+    from .attacks.evaluation import attack_rows, summarize
 
     model = load_model(args.model)
     variants = {"plain": (model, False), "smoothed": (model, True)}

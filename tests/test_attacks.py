@@ -6,8 +6,8 @@ import pytest
 import torch
 
 from hf_feature_smoothing import FeatureSmoothingConfig, SmoothedVisionTower
-from hf_feature_smoothing.attacks import _apgd_checkpoints, feature_attack, run_attack
-from hf_feature_smoothing.attacks_mllm import target_text_attack
+from hf_feature_smoothing.attacks.feature import _apgd_checkpoints, feature_attack, run_attack
+from hf_feature_smoothing.attacks.text import target_text_attack
 from hf_feature_smoothing.cli import main
 from hf_feature_smoothing.testing_utils import tiny_inputs, tiny_model, tiny_smoothed_model
 

@@ -6,8 +6,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from hf_feature_smoothing import bounds
-from hf_feature_smoothing.bounds import (
+from hf_feature_smoothing.certification import bounds
+from hf_feature_smoothing.certification.bounds import (
     certified_radius,
     empirical_bernstein_lower_bound,
     fcsb,

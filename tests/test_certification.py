@@ -5,8 +5,8 @@ import torch
 
 from hf_feature_smoothing import FeatureSmoothingConfig, SmoothedVisionTower
 from hf_feature_smoothing.attacks import feature_attack, pgd_feature_attack
-from hf_feature_smoothing.bounds import fcsb
 from hf_feature_smoothing.certification import as_smoothed_tower, certify, certify_prediction
+from hf_feature_smoothing.certification.bounds import fcsb
 from hf_feature_smoothing.testing_utils import tiny_inputs, tiny_model
 
 from .toy_encoders import ToyEncoder, toy_image

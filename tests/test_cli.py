@@ -8,7 +8,7 @@ import torch
 from safetensors.torch import save_file
 
 from hf_feature_smoothing.cli import main
-from hf_feature_smoothing.records import JsonlRecords
+from hf_feature_smoothing.runs.records import JsonlRecords
 
 
 def _rows(path):

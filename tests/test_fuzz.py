@@ -7,10 +7,10 @@ import torch
 
 import hf_feature_smoothing as hfs
 from hf_feature_smoothing.attacks import feature_attack
-from hf_feature_smoothing.attacks_mllm import target_text_attack
-from hf_feature_smoothing.bounds import fcsb, lower_confidence_bound
+from hf_feature_smoothing.attacks.text import target_text_attack
 from hf_feature_smoothing.certification import certify, certify_prediction
-from hf_feature_smoothing.summary import certified_accuracy, certified_cosine
+from hf_feature_smoothing.certification.bounds import fcsb, lower_confidence_bound
+from hf_feature_smoothing.certification.summary import certified_accuracy, certified_cosine
 from hf_feature_smoothing.testing_utils import tiny_inputs, tiny_model
 
 

@@ -13,8 +13,8 @@ from huggingface_hub.hf_api import RepoUrl
 
 import hf_feature_smoothing as hfs
 from hf_feature_smoothing.certification import certify
-from hf_feature_smoothing.sharing import build_model_card, certificate_eval_results
-from hf_feature_smoothing.summary import certified_accuracy, certified_cosine
+from hf_feature_smoothing.certification.summary import certified_accuracy, certified_cosine
+from hf_feature_smoothing.hub.sharing import build_model_card, certificate_eval_results
 from hf_feature_smoothing.testing_utils import tiny_inputs, tiny_smoothed_model
 
 
@@ -88,7 +88,7 @@ def test_push_to_hub_uploads_weights_config_and_certified_card(certified, tmp_pa
 
 
 def test_booster_card_and_push(tmp_path):
-    from hf_feature_smoothing.sharing import push_certified_to_hub
+    from hf_feature_smoothing.hub.sharing import push_certified_to_hub
 
     peft_model = hfs.add_booster(tiny_smoothed_model("llava", num_samples=2))
     api = RecordingApi(tmp_path / "uploaded")

@@ -3,7 +3,7 @@
 from huggingface_hub.dataclasses import strict
 from transformers import LlavaConfig, LlavaForConditionalGeneration
 
-from ..modeling_smoothed import FeatureSmoothingMixin, register_smoothed_model
+from .modeling_smoothed import FeatureSmoothingMixin, register_smoothed_model
 
 
 @strict

@@ -10,7 +10,7 @@ from transformers import (
     Qwen3VLForConditionalGeneration,
 )
 
-from ..modeling_smoothed import FeatureSmoothingMixin, register_smoothed_model
+from .modeling_smoothed import FeatureSmoothingMixin, register_smoothed_model
 
 
 @strict

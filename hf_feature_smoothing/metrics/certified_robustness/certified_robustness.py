@@ -3,7 +3,7 @@
 import datasets
 import evaluate
 
-from hf_feature_smoothing.summary import certified_accuracy, certified_cosine
+from hf_feature_smoothing.certification.summary import certified_accuracy, certified_cosine
 
 
 _DESCRIPTION = """

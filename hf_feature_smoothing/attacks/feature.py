@@ -6,9 +6,9 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from .errors import check_images, check_positive_int
-from .modeling_smoothed_tower import SmoothedVisionTower
-from .towers import ImageInputs
+from ..errors import check_images, check_positive_int
+from ..modeling_smoothed_tower import SmoothedVisionTower
+from ..towers import ImageInputs
 
 
 NORMS = ("l2", "linf")

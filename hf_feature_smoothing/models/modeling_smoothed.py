@@ -7,10 +7,10 @@ from transformers import AutoConfig, AutoModelForImageTextToText, PreTrainedConf
 from transformers.conversion_mapping import get_checkpoint_conversion_mapping, register_checkpoint_conversion_mapping
 from transformers.utils import cached_file
 
-from .booster import load_booster
-from .configuration_feature_smoothing import FeatureSmoothingConfig
-from .logging_utils import get_logger
-from .modeling_smoothed_tower import SmoothedVisionTower
+from ..booster import load_booster
+from ..configuration_feature_smoothing import FeatureSmoothingConfig
+from ..logging_utils import get_logger
+from ..modeling_smoothed_tower import SmoothedVisionTower
 
 
 logger = get_logger(__name__)
@@ -75,7 +75,7 @@ class FeatureSmoothingMixin:
                         dataset_type: str | None = None, repo_id: str | None = None, **kwargs):
         """`PreTrainedModel.save_pretrained`, plus a `README.md` model card (from the package template) with the
         smoothing parameters and, when `certificates` are given, their aggregates in `model-index` metadata."""
-        from .sharing import save_certified
+        from ..hub.sharing import save_certified
 
         if kwargs.pop("_card", True) is False:
             return super().save_pretrained(save_directory, *args, **kwargs)
@@ -85,7 +85,7 @@ class FeatureSmoothingMixin:
     def push_to_hub(self, repo_id: str, *, certificates=None, dataset_name: str = "custom images", **kwargs):
         """Upload weights, config and the certified model card in one commit (see `push_certified_to_hub`); unlike
         the stock `push_to_hub`, the card written by `save_pretrained` is kept."""
-        from .sharing import push_certified_to_hub
+        from ..hub.sharing import push_certified_to_hub
 
         return push_certified_to_hub(self, repo_id, certificates=certificates, dataset_name=dataset_name, **kwargs)
 

@@ -4,7 +4,7 @@ import os
 
 import numpy as np
 
-from .bounds import fcsb
+from ..certification.bounds import fcsb
 
 
 def plot_certified_cosine(rows: list[dict], path: str | os.PathLike, max_epsilon: float | None = None) -> None:

@@ -7,9 +7,9 @@ from pathlib import Path
 
 from huggingface_hub import EvalResult, HfApi, ModelCard, ModelCardData
 
-from .configuration_feature_smoothing import FeatureSmoothingConfig
-from .summary import certified_accuracy, certified_cosine
-from .version import __version__
+from ..certification.summary import certified_accuracy, certified_cosine
+from ..configuration_feature_smoothing import FeatureSmoothingConfig
+from ..version import __version__
 
 
 TEMPLATE = Path(__file__).parent / "model_card_templates" / "certified_model.md"

@@ -9,6 +9,10 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
+from ..configuration_feature_smoothing import FeatureSmoothingConfig
+from ..errors import check_alpha, check_finite_positive, check_positive_int
+from ..modeling_smoothed_tower import SmoothedVisionTower
+from ..towers import ImageInputs
 from .bounds import (
     CONFIDENCE_BOUNDS,
     certified_radius,
@@ -17,10 +21,6 @@ from .bounds import (
     prediction_radius,
     upper_confidence_bound,
 )
-from .configuration_feature_smoothing import FeatureSmoothingConfig
-from .errors import check_alpha, check_finite_positive, check_positive_int
-from .modeling_smoothed_tower import SmoothedVisionTower
-from .towers import ImageInputs
 
 
 NOISE_SPACE = "pixel [0,1], l2"

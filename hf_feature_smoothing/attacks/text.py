@@ -5,10 +5,10 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from .attacks import _check_attack, perturbation_norm, run_attack
-from .configuration_feature_smoothing import FeatureSmoothingConfig
-from .errors import check_images
-from .towers import ImageInputs, get_tower_adapter
+from ..configuration_feature_smoothing import FeatureSmoothingConfig
+from ..errors import check_images
+from ..towers import ImageInputs, get_tower_adapter
+from .feature import _check_attack, perturbation_norm, run_attack
 
 
 @dataclass

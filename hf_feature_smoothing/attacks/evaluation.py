@@ -6,10 +6,10 @@ from collections.abc import Sequence
 import torch
 from torch import nn
 
-from .attacks import _features, feature_attack
-from .certification import certify
-from .modeling_smoothed_tower import SmoothedVisionTower
-from .towers import ImageInputs
+from ..certification import certify
+from ..modeling_smoothed_tower import SmoothedVisionTower
+from ..towers import ImageInputs
+from .feature import _features, feature_attack
 
 
 def attack_rows(

@@ -1,0 +1,1 @@
+"""Dataset-scale runs: resumable JSONL records and plots of certificates."""
