@@ -11,6 +11,7 @@ from torch import nn
 from .booster.layer import booster_layers, booster_noise_level
 from .configuration_feature_smoothing import FeatureSmoothingConfig
 from .errors import check_images, check_positive_int
+from .noise import SeededNoise
 from .towers import ImageInputs, TowerAdapter, get_tower_adapter
 
 
@@ -70,13 +71,34 @@ class SmoothedVisionTower(nn.Module):
             self._generators[device] = torch.Generator(device=device).manual_seed(self.config.seed)
         return self._generators[device]
 
-    def add_noise(self, inputs: ImageInputs, copies: int, sigma: float | None = None) -> ImageInputs:
+    def manual_seed(self, seed: int | None) -> "SmoothedVisionTower":
+        """Reseed the noise of the forward pass (`None`: fresh noise from the global RNG from now on)."""
+        if seed is not None and (not isinstance(seed, int) or isinstance(seed, bool)):
+            raise TypeError(f"`seed` must be an int or None, got {seed!r}.")
+        self.config.seed = seed
+        self._generators.clear()
+        return self
+
+    def add_noise(
+        self,
+        inputs: ImageInputs,
+        copies: int,
+        sigma: float | None = None,
+        source: SeededNoise | None = None,
+        start: int = 0,
+    ) -> ImageInputs:
         """`copies` noisy copies of every image (copies-major), noise N(0, σ²) on the [0, 1] pixel image, drawn in
-        one batched call on the inputs' device."""
+        one batched call on the inputs' device: from the tower's forward-pass generator, or samples
+        `start .. start + copies − 1` of `source` (one image only) when given."""
         image = self.adapter.to_image(inputs)
-        noise = torch.randn(
-            (copies, *image.shape), generator=self._generator(image.device), device=image.device, dtype=image.dtype
-        )
+        if source is not None:
+            if inputs.num_images != 1:
+                raise ValueError(f"A `SeededNoise` source feeds one image, got {inputs.num_images}.")
+            noise = source.sample(start, copies, tuple(image.shape), image.device).to(image.dtype)
+        else:
+            noise = torch.randn(
+                (copies, *image.shape), generator=self._generator(image.device), device=image.device, dtype=image.dtype
+            )
         noisy = (image.unsqueeze(0) + (sigma if sigma is not None else self.sigma) * noise).flatten(0, 1)
         repeated = self.adapter.repeat(inputs, copies)
         return repeated.with_pixels(self.adapter.from_image(noisy, repeated))
@@ -108,18 +130,21 @@ class SmoothedVisionTower(nn.Module):
             yield
 
     def iter_unit_features(
-        self, inputs: ImageInputs, num_samples: int, noise: bool = True
+        self, inputs: ImageInputs, num_samples: int, noise: bool = True, source: SeededNoise | None = None
     ) -> Iterator[list[torch.Tensor]]:
         """Yield, chunk by chunk, the unit-normalised features of noisy copies of **one** image: a list (one per
-        site, primary last) of `(copies, F)` tensors. Used by certification and attacks."""
+        site, primary last) of `(copies, F)` tensors. Noise comes from `source` when given (reproducible), else from
+        the forward-pass generator. Used by certification and attacks."""
         if inputs.num_images != 1:
             raise ValueError(f"`iter_unit_features` takes one image, got {inputs.num_images}.")
         chunk = self.config.chunk_size
         for start in range(0, num_samples, chunk):
             copies = min(chunk, num_samples - start)
-            batch = self.add_noise(inputs, copies) if noise else self.adapter.repeat(inputs, copies)
-            if not noise:
-                batch = batch.with_pixels(inputs.pixel_values.repeat(copies, *([1] * (inputs.pixel_values.ndim - 1))))
+            if noise:
+                batch = self.add_noise(inputs, copies, source=source, start=start)
+            else:
+                clean = inputs.pixel_values.repeat(copies, *([1] * (inputs.pixel_values.ndim - 1)))
+                batch = self.adapter.repeat(inputs, copies).with_pixels(clean)
             with self._compute_context(inputs.pixel_values.device):
                 sites = self._site_rows(batch, copies)
                 yield [self._unit_rows(rows, inputs)[0].flatten(1) for rows in sites]

@@ -20,12 +20,15 @@ def test_certified_score_covers_the_closed_form_truth(kind, x1, bound):
     sigma, alpha, trials = 0.5, 0.05, 1000
     encoder = ToyEncoder(kind)
     tower = SmoothedVisionTower(encoder, FeatureSmoothingConfig(sigma=sigma, chunk_size=4096, seed=0))
-    truth = encoder.true_score(x1, sigma)
-    certificates = certify(tower, toy_image(x1).repeat(trials, 1, 1, 1), epsilon=0.1, n=300, alpha=alpha, bound=bound)
-    covered = sum(c.score_lower <= truth for c in certificates)
+    # distinct images (noise is a function of the image and the seed): x₁ moves by 1e-5 per trial
+    starts = [x1 + 1e-5 * i for i in range(trials)]
+    truths = torch.tensor([encoder.true_score(x, sigma) for x in starts])
+    certificates = certify(tower, torch.cat([toy_image(x) for x in starts]), epsilon=0.1, n=300, alpha=alpha,
+                           bound=bound)
+    covered = sum(c.score_lower <= t for c, t in zip(certificates, truths.tolist()))
     assert covered / trials >= 1 - alpha
-    estimates = torch.tensor([c.score for c in certificates])
-    assert estimates.mean().item() == pytest.approx(truth, abs=0.01)  # the estimator is unbiased
+    errors = torch.tensor([c.score for c in certificates]) - truths
+    assert errors.mean().item() == pytest.approx(0.0, abs=0.01)  # the estimator is unbiased
 
 
 def test_fcsb_is_tight_on_the_sign_encoder():
@@ -126,3 +129,21 @@ def test_certify_rejects_bad_images():
         certify(ToyEncoder("angle"), [])
     tower = as_smoothed_tower(ToyEncoder("angle"), 0.3)
     assert tower.sigma == 0.3
+
+
+def test_seeded_certificate_depends_only_on_seed_image_and_parameters():
+    model = tiny_model("llava")
+    inputs = tiny_inputs(model, num_images=3)["pixel_values"]
+    small = SmoothedVisionTower(model, FeatureSmoothingConfig(sigma=0.25, chunk_size=7))
+    large = SmoothedVisionTower(model, FeatureSmoothingConfig(sigma=0.25, chunk_size=64))
+    kwargs = dict(n=40, n0=9, reference="smoothed", seed=123)
+    batch = certify(small, inputs, **kwargs)
+    alone = certify(large, inputs[2:3], **kwargs)[0]  # other position, other chunking, after earlier calls
+    assert alone.score == batch[2].score and alone.score_lower == batch[2].score_lower
+    assert certify(small, inputs[2:3], **{**kwargs, "seed": 124})[0].score != alone.score
+    fresh = certify(small, inputs[:1], n=40)[0]
+    assert fresh.seed is not None and certify(small, inputs[:1], n=40, seed=fresh.seed)[0].score == fresh.score
+    assert certify(small, inputs[:1], n=40)[0].seed != fresh.seed  # unseeded calls never repeat their noise
+    record = alone.to_dict()
+    assert record["resolution"] == [56, 56] and record["dtype"] == "float32"
+    assert {"hf_feature_smoothing", "transformers", "torch"} <= set(record["versions"])
