@@ -9,6 +9,7 @@ from ..configuration_feature_smoothing import FeatureSmoothingConfig
 from ..errors import check_images
 from ..towers import ImageInputs, get_tower_adapter
 from .feature import _check_attack, perturbation_norm, run_attack
+from .optim import perturbation_norms, run_batched_attack
 
 
 @dataclass
@@ -109,3 +110,128 @@ def target_text_attack(
             hits += bool((logits.argmax(-1) == target).all())
     return TextAttackResult(delta=delta, loss=sum(losses) / len(losses), success_rate=hits / max(1, eval_runs),
                             norm=perturbation_norm(delta, norm))
+
+
+@dataclass
+class AnswerAttackResult:
+    """One image of a batched answer attack. `delta` perturbs its [0, 1] pixel image; over `eval_runs` fresh forward
+    passes at x + δ, `accuracy` is the fraction whose greedy answer is the reference and `success` the fraction
+    whose answer is the target (targeted) or is not the reference (untargeted); `loss` is the mean cross-entropy
+    of the attacked answer (the target, or the reference for an untargeted attack) over those passes."""
+
+    delta: torch.Tensor
+    norm: float
+    loss: float
+    accuracy: float
+    success: float
+
+
+def _answer_batch(inputs: dict, answers: list[list[int]], pad_id: int) -> tuple[dict, list[slice]]:
+    """Right-padded prompt + answer sequences, and for each row the logit positions predicting its answer."""
+    ids, mask = inputs["input_ids"], inputs.get("attention_mask", torch.ones_like(inputs["input_ids"]))
+    rows, positions = [], []
+    for row, answer in enumerate(answers):
+        prompt = ids[row][mask[row].bool()].tolist()
+        rows.append(prompt + list(answer))
+        positions.append(slice(len(prompt) - 1, len(prompt) - 1 + len(answer)))
+    length = max(len(r) for r in rows)
+    full_ids = torch.full((len(rows), length), pad_id, dtype=ids.dtype)
+    full_mask = torch.zeros((len(rows), length), dtype=mask.dtype)
+    for row, tokens in enumerate(rows):
+        full_ids[row, : len(tokens)] = torch.tensor(tokens)
+        full_mask[row, : len(tokens)] = 1
+    return {"input_ids": full_ids.to(ids.device), "attention_mask": full_mask.to(ids.device)}, positions
+
+
+def answer_attack(
+    model: nn.Module,
+    inputs: dict,
+    reference_ids: list[list[int]],
+    epsilon: float,
+    *,
+    target_ids: list[list[int]] | None = None,
+    norm: str = "linf",
+    algorithm: str = "apgd",
+    steps: int = 10,
+    step_size: float | None = None,
+    eot_samples: int = 1,
+    eval_runs: int = 4,
+    pad_token_id: int = 0,
+    generator: torch.Generator | None = None,
+) -> list[AnswerAttackResult]:
+    """
+    White-box attack on the answers an MLLM (stock or smoothed, LLaVA-style `(B, 3, H, W)` pixels) gives to a
+    batch of image questions, every image with its own ε-ball (‖δ‖ ≤ ε in [0, 1] pixel space, x + δ in [0, 1]):
+    **targeted** when `target_ids` is given (minimise the teacher-forced cross-entropy of the target answer) or
+    **untargeted** (maximise that of the reference answer). Each forward pass of a smoothed model draws fresh noise
+    for its n copies; gradients are averaged over `eot_samples` passes (EOT over n · `eot_samples` draws). The
+    outcome is measured on `eval_runs` fresh passes: an answer counts as given when every teacher-forced argmax
+    matches it, i.e. exactly when greedy decoding emits it.
+
+    Args:
+        model: a supported LLaVA-type MLLM (`smoothed_llava` or stock `llava`).
+        inputs (`dict`): processor outputs for B prompts with one image each (`input_ids`, `attention_mask`,
+            `pixel_values`); prompts end where the answer starts (right padding).
+        reference_ids (`list[list[int]]`): the correct answer's token ids per image (end-of-turn included).
+        target_ids (`list[list[int]]`, *optional*): the target answer per image (targeted attack).
+        epsilon, norm, algorithm, steps, step_size: as for [`feature_attack`].
+    """
+    _check_attack(epsilon, norm, steps, eot_samples, eval_runs, 1)
+    tower = getattr(model, "smoothed_vision_tower", None)
+    adapter = tower.adapter if tower is not None else get_tower_adapter(model, FeatureSmoothingConfig())
+    pixel_values = inputs["pixel_values"]
+    check_images("pixel_values", pixel_values, 4)
+    batch = pixel_values.shape[0]
+    for name, answers in (("reference_ids", reference_ids), ("target_ids", target_ids)):
+        if answers is not None and (len(answers) != batch or not all(len(a) for a in answers)):
+            raise ValueError(f"`{name}` must hold one non-empty answer per image ({batch}), got {answers!r}.")
+    image_inputs = ImageInputs(pixel_values)
+    images = adapter.to_image(image_inputs).detach()
+    attacked = target_ids if target_ids is not None else reference_ids
+    sign = 1.0 if target_ids is not None else -1.0
+    runs = {name: _answer_batch(inputs, answers, pad_token_id)
+            for name, answers in (("reference", reference_ids), ("target", target_ids)) if answers is not None}
+    attacked_batch, attacked_positions = runs["target" if target_ids is not None else "reference"]
+
+    def logits(delta: torch.Tensor, batch_inputs: dict) -> torch.Tensor:
+        pixels = adapter.from_image(images + delta, image_inputs)
+        return model(**batch_inputs, pixel_values=pixels).logits.float()
+
+    def row_losses(all_logits: torch.Tensor, positions: list[slice], answers: list[list[int]]) -> torch.Tensor:
+        return torch.stack([nn.functional.cross_entropy(all_logits[row, positions[row]],
+                                                        torch.tensor(answers[row], device=all_logits.device))
+                            for row in range(batch)])
+
+    def loss_and_grad(delta: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        delta = delta.detach().requires_grad_(True)
+        total, grad = torch.zeros(batch, device=delta.device), torch.zeros_like(delta)
+        with torch.enable_grad():
+            for _ in range(max(1, eot_samples)):
+                losses = sign * row_losses(logits(delta, attacked_batch), attacked_positions, attacked)
+                grad += torch.autograd.grad(losses.sum(), delta)[0] / max(1, eot_samples)
+                total += losses.detach() / max(1, eot_samples)
+        return total, grad
+
+    deltas = run_batched_attack(loss_and_grad, images, epsilon, norm=norm, steps=steps, algorithm=algorithm,
+                                step_size=step_size, generator=generator)
+    correct, hit_target, losses = torch.zeros(batch), torch.zeros(batch), torch.zeros(batch)
+    with torch.no_grad():
+        for _ in range(max(1, eval_runs)):
+            for name, (batch_inputs, positions) in runs.items():
+                answers = reference_ids if name == "reference" else target_ids
+                out = logits(deltas, batch_inputs)
+                for row in range(batch):
+                    predicted = out[row, positions[row]].argmax(-1).tolist()
+                    given = float(predicted == list(answers[row]))
+                    if name == "reference":
+                        correct[row] += given
+                    else:
+                        hit_target[row] += given
+                if (name == "target") == (target_ids is not None):
+                    losses += row_losses(out, positions, answers).cpu()
+    runs_done = max(1, eval_runs)
+    accuracy, hit_target, losses = correct / runs_done, hit_target / runs_done, losses / runs_done
+    success = hit_target if target_ids is not None else 1.0 - accuracy
+    norms = perturbation_norms(deltas, norm)
+    return [AnswerAttackResult(delta=deltas[row].cpu(), norm=norms[row].item(), loss=losses[row].item(),
+                               accuracy=accuracy[row].item(), success=success[row].item()) for row in range(batch)]
