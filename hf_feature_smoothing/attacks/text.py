@@ -157,6 +157,7 @@ def answer_attack(
     eot_samples: int = 1,
     eval_runs: int = 4,
     pad_token_id: int = 0,
+    gradient_dtype: str | None = None,
     generator: torch.Generator | None = None,
 ) -> list[AnswerAttackResult]:
     """
@@ -175,6 +176,8 @@ def answer_attack(
         reference_ids (`list[list[int]]`): the correct answer's token ids per image (end-of-turn included).
         target_ids (`list[list[int]]`, *optional*): the target answer per image (targeted attack).
         epsilon, norm, algorithm, steps, step_size: as for [`feature_attack`].
+        gradient_dtype (`str`, *optional*): `"bfloat16"` computes the attack's gradients under autocast (faster where
+            bf16 is native); the outcome is always measured in the model's own dtype.
     """
     _check_attack(epsilon, norm, steps, eot_samples, eval_runs, 1)
     tower = getattr(model, "smoothed_vision_tower", None)
@@ -205,7 +208,9 @@ def answer_attack(
     def loss_and_grad(delta: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         delta = delta.detach().requires_grad_(True)
         total, grad = torch.zeros(batch, device=delta.device), torch.zeros_like(delta)
-        with torch.enable_grad():
+        autocast = torch.autocast(delta.device.type, dtype=getattr(torch, gradient_dtype or "float32"),
+                                  enabled=gradient_dtype is not None)
+        with torch.enable_grad(), autocast:
             for _ in range(max(1, eot_samples)):
                 losses = sign * row_losses(logits(delta, attacked_batch), attacked_positions, attacked)
                 grad += torch.autograd.grad(losses.sum(), delta)[0] / max(1, eot_samples)

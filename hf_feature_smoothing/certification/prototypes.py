@@ -1,0 +1,69 @@
+"""Class prototypes for certified cosine-similarity predictors: the few-shot nearest-class-mean classifier
+y(x) = argmax_k cos(f(x), t_k) with t_k the normalised mean unit feature of class k's training images."""
+
+import json
+import os
+from collections.abc import Sequence
+
+import torch
+from safetensors.torch import save_file
+from torch import nn
+from tqdm.auto import tqdm
+
+from ..modeling_smoothed_tower import SmoothedVisionTower
+
+
+PROTOTYPES_KEY = "prototypes"
+
+
+@torch.inference_mode()
+def class_prototypes(tower: SmoothedVisionTower, images: Sequence, labels: Sequence[int], *,
+                     num_classes: int | None = None, image_size: int | None = None, batch_size: int = 32,
+                     progress: bool = False) -> torch.Tensor:
+    """
+    `(K, F)` unit prototypes: for each class the mean of the unit base features f(x) of its images (no noise),
+    normalised. Every class in `range(num_classes)` (default `max(labels) + 1`) needs at least one image.
+
+    Args:
+        tower (`SmoothedVisionTower`): the encoder whose (primary) feature the predictor uses.
+        images (`Sequence[PIL.Image.Image]`): training images.
+        labels (`Sequence[int]`): their class indices.
+        image_size (`int`, *optional*): resize/crop size; defaults to the model's resolution.
+    """
+    labels = [int(label) for label in labels]
+    if len(images) != len(labels) or not labels:
+        raise ValueError(f"Need one label per image and at least one image, got {len(images)} images and "
+                         f"{len(labels)} labels.")
+    num_classes = num_classes or max(labels) + 1
+    if min(labels) < 0 or max(labels) >= num_classes:
+        raise ValueError(f"`labels` must lie in [0, {num_classes}), got {min(labels)}..{max(labels)}.")
+    sums, counts = None, torch.zeros(num_classes)
+    for start in tqdm(range(0, len(images), batch_size), desc="prototypes", disable=not progress):
+        inputs = tower.adapter.preprocess(list(images[start : start + batch_size]), image_size)
+        device = next(tower.encoder.parameters()).device
+        inputs = inputs.with_pixels(inputs.pixel_values.to(device))
+        rows = tower.adapter.encode(inputs)[-1].float()
+        unit, _ = tower._unit_rows(rows[None], inputs)
+        features = unit[0].reshape(inputs.num_images, -1).cpu()
+        if sums is None:
+            sums = torch.zeros(num_classes, features.shape[1])
+        index = torch.tensor(labels[start : start + batch_size])
+        sums.index_add_(0, index, features)
+        counts += torch.bincount(index, minlength=num_classes).float()
+    empty = [k for k in range(num_classes) if counts[k] == 0]
+    if empty:
+        raise ValueError(f"Classes {empty} have no training image; every class needs at least one.")
+    return nn.functional.normalize(sums / counts[:, None], dim=1)
+
+
+def save_prototypes(prototypes: torch.Tensor, path: str | os.PathLike, *, class_names: Sequence[str] | None = None,
+                    **metadata) -> None:
+    """Write `prototypes` (`(K, F)`) to a safetensors file under the key `prototypes`, with the class names and
+    any other string-able `metadata` (model, image size, shots, ...) in the header; atomically."""
+    if class_names is not None and len(class_names) != prototypes.shape[0]:
+        raise ValueError(f"Got {len(class_names)} class names for {prototypes.shape[0]} prototypes.")
+    header = {"class_names": json.dumps(list(class_names) if class_names is not None else None),
+              **{k: json.dumps(v) for k, v in metadata.items()}}
+    tmp = f"{path}.tmp"
+    save_file({PROTOTYPES_KEY: prototypes.contiguous()}, tmp, metadata=header)
+    os.replace(tmp, path)

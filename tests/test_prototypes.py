@@ -1,0 +1,46 @@
+"""Class prototypes of a nearest-class-mean cosine predictor, saved for `hf-fs certify --prototypes`."""
+
+import json
+
+import pytest
+import torch
+from PIL import Image
+from safetensors import safe_open
+
+from hf_feature_smoothing import FeatureSmoothingConfig, SmoothedVisionTower
+from hf_feature_smoothing.certification import certify_prediction
+from hf_feature_smoothing.certification.prototypes import class_prototypes, save_prototypes
+from hf_feature_smoothing.testing_utils import tiny_model
+
+
+def _images(count: int, seed: int) -> list:
+    generator = torch.Generator().manual_seed(seed)
+    return [Image.fromarray((torch.rand(56, 56, 3, generator=generator) * 255).to(torch.uint8).numpy())
+            for _ in range(count)]
+
+
+def test_prototypes_are_normalised_class_means_of_unit_features(tmp_path):
+    tower = SmoothedVisionTower(tiny_model("llava"), FeatureSmoothingConfig())
+    images, labels = _images(6, 0), [0, 1, 2, 0, 1, 2]
+    prototypes = class_prototypes(tower, images, labels, batch_size=4)
+    assert prototypes.shape[0] == 3 and torch.allclose(prototypes.norm(dim=1), torch.ones(3))
+    unit = torch.stack([tower.clean_unit_features(tower.adapter.preprocess([image]))[-1] for image in images])
+    expected = torch.nn.functional.normalize(torch.stack([unit[[k, k + 3]].mean(0) for k in range(3)]), dim=1)
+    assert torch.allclose(prototypes, expected, atol=1e-5)
+    path = tmp_path / "protos.safetensors"
+    save_prototypes(prototypes, path, class_names=["a", "b", "c"], model="tiny-llava", shots=2)
+    with safe_open(str(path), "pt") as f:
+        assert torch.equal(f.get_tensor("prototypes"), prototypes)
+        assert json.loads(f.metadata()["class_names"]) == ["a", "b", "c"] and json.loads(f.metadata()["shots"]) == 2
+    certificates = certify_prediction(tower, images[:2], prototypes, labels[:2], n=32, n0=8, seed=0)
+    assert all(c.prediction is None or 0 <= c.prediction < 3 for c in certificates)
+
+
+def test_prototypes_refuse_bad_labels():
+    tower = SmoothedVisionTower(tiny_model("llava"), FeatureSmoothingConfig())
+    with pytest.raises(ValueError, match="no training image"):
+        class_prototypes(tower, _images(2, 1), [0, 2])
+    with pytest.raises(ValueError, match="labels"):
+        class_prototypes(tower, _images(2, 1), [0, -1])
+    with pytest.raises(ValueError, match="one label per image"):
+        class_prototypes(tower, _images(2, 1), [0])
