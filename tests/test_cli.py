@@ -1,27 +1,39 @@
+"""`hf-fs certify` end to end: run parameters in the header, resume and refusal, kill -9, option validation, help."""
+
+import argparse
 import json
 import signal
 import subprocess
 import sys
 import time
 
+import pytest
 import torch
 from safetensors.torch import save_file
 
-from hf_feature_smoothing.cli import main
-from hf_feature_smoothing.runs.records import JsonlRecords
+from hf_feature_smoothing.cli import build_parser, main
+from hf_feature_smoothing.runs.records import read_run, without_timing
 
 
-def _rows(path):
+TINY = ["--model", "tiny-llava", "--n", "32", "--n0", "8", "--seed", "0"]
+
+
+def _lines(path):
     return [json.loads(line) for line in path.read_text().splitlines()]
 
 
-def test_certify_folder_writes_rows_and_plot(image_folder, tmp_path, capsys):
+def test_certify_folder_writes_header_rows_and_plot(image_folder, tmp_path, capsys):
     out = tmp_path / "out" / "cert.jsonl"
-    assert main(["certify", "--model", "tiny-qwen2_vl", "--images", str(image_folder), "--n", "64",
-                 "--output", str(out)]) == 0
-    rows = _rows(out)
+    assert main(["certify", *TINY, "--images", str(image_folder), "--sigma", "0.12", "--output", str(out)]) == 0
+    header, *rows = _lines(out)
+    assert header["format"] == "hf-fs-run/1" and header["command"] == "certify"
+    params = header["params"]
+    assert params["sigma"] == 0.12 and params["n"] == 32 and params["seed"] == 0 and params["model"] == "tiny-llava"
+    assert params["source"] == {"kind": "folder", "path": str(image_folder.resolve())}
     assert [r["key"] for r in rows] == [f"img{i}.png" for i in range(4)]
-    assert all(r["sigma"] == 0.12 and r["n"] == 64 and r["noise_space"].startswith("pixel") for r in rows)
+    assert [r["index"] for r in rows] == [0, 1, 2, 3]  # the running index in the source (was 0 for every row)
+    assert all(r["run"] == header["run"] and r["status"] == "ok" and r["sigma"] == 0.12 and r["seed"] == 0
+               for r in rows)
     assert out.with_suffix(".png").read_bytes()[:4] == b"\x89PNG"
     assert "S_low" in capsys.readouterr().out
 
@@ -30,35 +42,189 @@ def test_prediction_mode_plots_certified_accuracy(image_folder, tmp_path):
     prototypes = tmp_path / "protos.safetensors"
     save_file({"prototypes": torch.randn(3, 16 * 64)}, prototypes)  # tiny LLaVA: 16 patch tokens × 64
     out = tmp_path / "pred.jsonl"
-    main(["certify", "--model", "tiny-llava", "--images", str(image_folder), "--prototypes", str(prototypes),
-          "--n", "64", "--n0", "16", "--output", str(out)])
-    rows = _rows(out)
+    assert main(["certify", *TINY, "--images", str(image_folder), "--prototypes", str(prototypes),
+                 "--output", str(out), "--plot", str(tmp_path / "pred.svg")]) == 0
+    header, *rows = _lines(out)
+    assert header["params"]["prototypes"]["shape"] == [3, 1024] and "epsilon" not in header["params"]
     assert len(rows) == 4 and all("radius" in r and "prediction" in r for r in rows)
-    assert out.with_suffix(".png").exists()
 
 
-def test_records_drop_a_cut_off_row_and_keep_the_rest(tmp_path):
-    path = tmp_path / "r.jsonl"
-    path.write_text('{"key": "a", "v": 1}\n{"key": "b", "v": 2}\n{"key": "c", "v"')
-    records = JsonlRecords(path)
-    assert records.done == {"a", "b"}
-    records.append({"key": "c", "v": 3})
-    assert [r["key"] for r in _rows(path)] == ["a", "b", "c"]
+@pytest.mark.parametrize("change, named", [
+    (["--sigma", "0.3"], "sigma: run has 0.25, this command has 0.3"),
+    (["--n", "64"], "n: run has 32, this command has 64"),
+    (["--epsilon", "0.1"], "epsilon: run has [0.0, 0.12, 0.25, 0.5], this command has [0.1]"),
+    (["--model", "tiny-qwen2_vl"], "model: run has \"tiny-llava\", this command has \"tiny-qwen2_vl\""),
+    (["--seed", "1"], "seed: run has 0, this command has 1"),
+])
+def test_resume_with_other_parameters_is_refused_naming_them(image_folder, tmp_path, capsys, change, named):
+    out = tmp_path / "run.jsonl"
+    assert main(["certify", *TINY, "--images", str(image_folder), "--output", str(out)]) == 0
+    before = out.read_bytes()
+    assert main(["certify", *TINY, *change, "--images", str(image_folder), "--output", str(out)]) == 1
+    assert named in capsys.readouterr().err
+    assert out.read_bytes() == before  # nothing mixed in
 
 
-def test_killed_run_resumes_without_redoing_or_losing_rows(image_folder, tmp_path):
-    out = tmp_path / "killed.jsonl"
-    cmd = [sys.executable, "-m", "hf_feature_smoothing.cli", "certify", "--model", "tiny-llava", "--images",
-           str(image_folder), "--n", "6000", "--chunk-size", "64", "--output", str(out)]
-    process = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+def test_overwrite_starts_a_new_run_and_keeps_the_old_file(image_folder, tmp_path):
+    out = tmp_path / "run.jsonl"
+    main(["certify", *TINY, "--images", str(image_folder), "--output", str(out)])
+    old = out.read_bytes()
+    assert main(["certify", *TINY, "--sigma", "0.3", "--images", str(image_folder), "--output", str(out),
+                 "--overwrite"]) == 0
+    assert (tmp_path / "run.jsonl.bak").read_bytes() == old
+    header, *rows = _lines(out)
+    assert header["params"]["sigma"] == 0.3 and all(r["sigma"] == 0.3 for r in rows) and len(rows) == 4
+
+
+def test_resume_without_seed_reuses_the_recorded_seed(image_folder, tmp_path):
+    first = sorted(image_folder.iterdir())
+    for extra in first[2:]:
+        extra.rename(tmp_path / extra.name)  # a first run on two images
+    out = tmp_path / "run.jsonl"
+    args = ["certify", "--model", "tiny-llava", "--n", "16", "--images", str(image_folder), "--output", str(out)]
+    assert main(args) == 0
+    seed = _lines(out)[0]["params"]["seed"]
+    assert isinstance(seed, int)
+    for extra in first[2:]:
+        (tmp_path / extra.name).rename(extra)  # two more images appear; the run continues with its seed
+    assert main(args) == 0
+    header, *rows = _lines(out)
+    assert header["params"]["seed"] == seed and len(rows) == 4 and {r["seed"] for r in rows} == {seed}
+
+
+def test_sigma_defaults_to_the_smoothed_model_own(image_folder, tmp_path):
+    from hf_feature_smoothing.testing_utils import tiny_smoothed_model
+
+    tiny_smoothed_model("llava", sigma=0.37).save_pretrained(tmp_path / "smoothed")
+    out = tmp_path / "run.jsonl"
+    assert main(["certify", "--model", str(tmp_path / "smoothed"), "--n", "8", "--n0", "4", "--seed", "0",
+                 "--images", str(image_folder), "--output", str(out)]) == 0
+    header, *rows = _lines(out)
+    assert header["params"]["sigma"] == 0.37 and all(r["sigma"] == 0.37 for r in rows)
+
+
+def test_booster_is_loaded_and_part_of_the_run_parameters(image_folder, tmp_path, capsys):
+    import hf_feature_smoothing as hfs
+    from hf_feature_smoothing.testing_utils import tiny_model
+
+    hfs.add_booster(tiny_model("llava"), hfs.FeatureBoosterConfig(sigmas=[0.25])).save_pretrained(tmp_path / "gsb")
+    out = tmp_path / "run.jsonl"
+    assert main(["certify", *TINY, "--images", str(image_folder), "--output", str(out)]) == 0
+    plain = _lines(out)[0]["params"]
+    assert main(["certify", *TINY, "--booster", str(tmp_path / "gsb"), "--images", str(image_folder),
+                 "--output", str(out)]) == 1
+    err = capsys.readouterr().err
+    assert "booster: run has null" in err and "model_weights" in err  # the adapter's weights are in the model's
+    assert main(["certify", *TINY, "--booster", str(tmp_path / "gsb"), "--images", str(image_folder),
+                 "--output", str(tmp_path / "boosted.jsonl")]) == 0
+    boosted = _lines(tmp_path / "boosted.jsonl")[0]["params"]
+    assert boosted["booster"] == str(tmp_path / "gsb") and boosted["model_weights"] != plain["model_weights"]
+
+
+@pytest.mark.parametrize("option, value, message", [
+    ("--chunk-size", "0", "argument --chunk-size: '0': must be a finite integer ≥ 1"),
+    ("--sigma", "nan", "argument --sigma: 'nan': must be a finite number > 0"),
+    ("--sigma", "-0.1", "argument --sigma: '-0.1': must be a finite number > 0"),
+    ("--epsilon", "inf", "argument --epsilon: 'inf': must be a finite number ≥ 0"),
+    ("--epsilon", "-1", "argument --epsilon: '-1': must be a finite number ≥ 0"),
+    ("--tau", "1", "argument --tau: '1': must be a finite number in [0, 1)"),
+    ("--tau", "nan", "argument --tau: 'nan': must be a finite number in [0, 1)"),
+    ("--alpha", "0", "argument --alpha: '0': must be a finite number in (0, 1)"),
+    ("--n", "2.5", "argument --n: '2.5' is not an integer"),
+    ("--n0", "0", "argument --n0: '0': must be a finite integer ≥ 1"),
+    ("--seed", "-3", "argument --seed: '-3': must be a finite integer in [0,"),
+    ("--image-size", "0", "argument --image-size: '0': must be a finite integer ≥ 1"),
+    ("--max-image-pixels", "-1", "argument --max-image-pixels: '-1': must be a finite integer ≥ 0"),
+    ("--device", "gpu7", "argument --device: 'gpu7' is not a torch device"),
+    ("--bound", "normal", "argument --bound: invalid choice: 'normal'"),
+    ("--dtype", "int8", "argument --dtype: invalid choice: 'int8'"),
+])
+def test_every_bad_option_value_is_an_error_naming_option_and_value(capsys, option, value, message):
+    with pytest.raises(SystemExit) as exit_info:
+        main(["certify", option, value])
+    assert exit_info.value.code == 2
+    assert message in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--output", "results.png"], "--output results.png: rows are written as JSON lines"),
+    (["--output", "r.jsonl", "--plot", "r.jsonl"], "--plot r.jsonl: must end in one of .png, .pdf, .svg"),
+    (["--output", "r.jsonl", "--plot", "r.txt"], "--plot r.txt: must end in one of"),
+    (["--device", "cuda:0"], "--device cuda:0: CUDA is not available"),
+])
+def test_output_plot_and_device_checks(tmp_path, monkeypatch, capsys, args, message):
+    monkeypatch.chdir(tmp_path)
+    if "cuda" in args[-1] and torch.cuda.is_available():
+        pytest.skip("this machine has CUDA")
+    assert main(["certify", *TINY, *args]) == 1
+    assert message in capsys.readouterr().err
+    assert not list(tmp_path.glob("*.png")) and not list(tmp_path.glob("*.jsonl"))
+
+
+def test_bad_prototypes_are_refused_before_any_sampling(image_folder, tmp_path, capsys):
+    cases = {"nan": torch.full((3, 1024), float("nan")), "zero-row": torch.cat([torch.zeros(1, 1024),
+                                                                                torch.randn(2, 1024)]),
+             "one-class": torch.randn(1, 1024)}
+    expected = {"nan": "contains NaN or inf", "zero-row": "rows [0] of `prototypes` are all zero",
+                "one-class": "(K ≥ 2, F) tensor"}
+    for name, tensor in cases.items():
+        path = tmp_path / f"{name}.safetensors"
+        save_file({"prototypes": tensor}, path)
+        assert main(["certify", *TINY, "--images", str(image_folder), "--prototypes", str(path),
+                     "--output", str(tmp_path / f"{name}.jsonl")]) == 1
+        assert f"--prototypes {path}" in (err := capsys.readouterr().err) and expected[name] in err
+        assert not (tmp_path / f"{name}.jsonl").exists()
+
+
+def _actions(parser):
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            for sub in action.choices.values():
+                yield from ((sub, a) for a in sub._actions)
+
+
+def test_every_option_has_help_and_shows_its_default():
+    parser = build_parser()
+    for sub, action in _actions(parser):
+        if isinstance(action, argparse._HelpAction):
+            continue
+        assert action.help, f"{sub.prog} {action.option_strings or action.dest} has no help"
+        if action.option_strings and action.default not in (None, False):
+            formatted = sub.formatter_class(sub.prog)._get_help_string(action)
+            assert "%(default)s" in formatted, f"{sub.prog} {action.option_strings} hides its default"
+    certify_help = parser._subparsers._group_actions[0].choices["certify"].format_help()
+    assert "(default: 32)" in certify_help and "else 0.25" in certify_help
+
+
+def test_strict_json_everywhere(image_folder, tmp_path):
+    out = tmp_path / "run.jsonl"
+    main(["certify", *TINY, "--images", str(image_folder), "--output", str(out)])
+    for line in out.read_text().splitlines():
+        json.loads(line, parse_constant=lambda c: pytest.fail(f"non-standard JSON constant {c}"))
+
+
+def _run_cli(args):
+    return subprocess.Popen([sys.executable, "-m", "hf_feature_smoothing.cli", *args], stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL)
+
+
+def test_kill_9_then_resume_gives_the_rows_of_an_uninterrupted_run(image_folder, tmp_path):
+    """kill -9 mid-run (after the first row, mid-image), resume: no row lost or duplicated, and every row equal to
+    an uninterrupted run's with the same seed (timing fields aside)."""
+    args = ["certify", "--model", "tiny-llava", "--images", str(image_folder), "--n", "600", "--chunk-size", "64",
+            "--seed", "7"]
+    killed = tmp_path / "killed.jsonl"
+    process = _run_cli([*args, "--output", str(killed)])
     deadline = time.time() + 120
-    while time.time() < deadline and (not out.exists() or not out.read_text().count("\n")):
-        time.sleep(0.05)
+    while time.time() < deadline and len(read_run(killed).rows) < 1:
+        time.sleep(0.02)
     process.send_signal(signal.SIGKILL)
     process.wait()
-    before = out.read_text().splitlines()
+    before = read_run(killed).rows
     assert 1 <= len(before) < 4, "kill the run after its first row"
-    subprocess.run(cmd, check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    after = out.read_text().splitlines()
-    assert after[: len(before)] == before  # finished rows untouched, not redone
-    assert sorted(json.loads(line)["key"] for line in after) == [f"img{i}.png" for i in range(4)]
+    assert main([*args, "--output", str(killed)]) == 0  # resume (in this process: saves a start-up)
+    assert main([*args, "--output", str(tmp_path / "straight.jsonl")]) == 0
+    resumed, straight = read_run(killed), read_run(tmp_path / "straight.jsonl")
+    assert resumed.rows[: len(before)] == before  # finished rows untouched, not redone
+    assert [without_timing(r) for r in resumed.rows] == [without_timing(r) for r in straight.rows]
+    assert resumed.header["params"] == straight.header["params"]

@@ -1,5 +1,6 @@
 """Side-by-side evaluation under attack: plain vs smoothed (vs smoothed + booster) towers, with certificates."""
 
+import hashlib
 import math
 from collections.abc import Sequence
 
@@ -8,8 +9,14 @@ from torch import nn
 
 from ..certification import certify
 from ..modeling_smoothed_tower import SmoothedVisionTower
+from ..noise import image_fingerprint
 from ..towers import ImageInputs
 from .feature import _features, feature_attack
+
+
+def _derived_seed(seed: int, fingerprint: bytes, stream: str) -> int:
+    digest = hashlib.sha256(f"{int(seed)}|attack|{stream}|".encode() + fingerprint).digest()
+    return int.from_bytes(digest[:8], "little") & (2**63 - 1)
 
 
 def attack_rows(
@@ -27,21 +34,48 @@ def attack_rows(
     alpha: float = 0.001,
     success_threshold: float = 0.5,
     generator: torch.Generator | None = None,
+    seed: int | None = None,
+    bound: str | None = None,
 ) -> list[dict]:
     """
     Attack one image at every ε and report, per ε: the clean feature cosine cos(g(x), f(x)), the attacked cosine
     cos(g(x + δ), f(x)) and whether the attack succeeded (attacked cosine < `success_threshold`), where g is the
     smoothed encoder f̂ (estimated with `eval_samples` draws; attacked with EOT over `eot_samples`) or, with
     `smoothed=False`, the plain encoder f. Smoothed rows also carry the certified FCSB from `n` separate samples
-    at level `alpha`, and `certificate_holds` (attacked cosine ≥ FCSB). ℓ∞ budgets are certified through the ℓ2
-    ball that contains them (radius ε√d).
+    at level `alpha` (confidence bound `bound`, default [`certify`]'s), and `certificate_holds` (attacked cosine ≥
+    FCSB). ℓ∞ budgets are certified through the ℓ2 ball that contains them (radius ε√d).
+
+    With a `seed`, every random draw for this image (random starts, EOT and evaluation noise, certification noise)
+    comes from streams seeded by (`seed`, the image): the rows depend only on the seed, the image and the
+    parameters, not on earlier calls or on which other images were attacked (the tower's forward-pass seed is
+    restored afterwards). Without one, `generator` (random starts) and the tower's own noise are used.
     """
     if inputs.num_images != 1:
         raise ValueError(f"`attack_rows` takes one image, got {inputs.num_images}.")
+    if seed is None:
+        return _attack_rows(tower, inputs, epsilons, smoothed, norm, algorithm, steps, eot_samples, eval_samples, n,
+                            alpha, success_threshold, generator, None, bound)
+    if isinstance(seed, bool) or not isinstance(seed, int) or seed < 0:
+        raise ValueError(f"`seed` must be an int ≥ 0 or None, got {seed!r}.")
+    fingerprint = image_fingerprint(tower.adapter.to_image(inputs))
+    generator = torch.Generator(device=inputs.pixel_values.device)
+    generator.manual_seed(_derived_seed(seed, fingerprint, "starts"))
+    previous = tower.config.seed
+    tower.manual_seed(_derived_seed(seed, fingerprint, "forward"))
+    try:
+        return _attack_rows(tower, inputs, epsilons, smoothed, norm, algorithm, steps, eot_samples, eval_samples, n,
+                            alpha, success_threshold, generator, seed, bound)
+    finally:
+        tower.manual_seed(previous)
+
+
+def _attack_rows(tower, inputs, epsilons, smoothed, norm, algorithm, steps, eot_samples, eval_samples, n, alpha,
+                 success_threshold, generator, seed, bound) -> list[dict]:
     reference = tower.clean_unit_features(inputs)[-1].float()
     dim = tower.adapter.to_image(inputs).numel()
     l2_budgets = [e if norm == "l2" else e * math.sqrt(dim) for e in epsilons]
-    certificate = certify(tower, inputs, epsilon=l2_budgets, n=n, alpha=alpha)[0] if smoothed else None
+    options = {"seed": seed} | ({"bound": bound} if bound is not None else {})
+    certificate = certify(tower, inputs, epsilon=l2_budgets, n=n, alpha=alpha, **options)[0] if smoothed else None
     samples = eval_samples if smoothed else 0
     with torch.no_grad():
         image = tower.adapter.to_image(inputs)
@@ -59,6 +93,7 @@ def attack_rows(
             "fcsb": bound, "certificate_holds": None if bound is None else attack.cosine >= bound,
             "sigma": tower.sigma if smoothed else None, "n": n if smoothed else None,
             "alpha": alpha if smoothed else None, "noise_space": "pixel [0,1]" if smoothed else None,
+            "bound": certificate.bound if smoothed else None, "seed": seed,
         })
     return rows
 

@@ -31,13 +31,19 @@ def _features(tower: SmoothedVisionTower, inputs: ImageInputs, image: torch.Tens
     return torch.cat([sites[-1] for sites in tower.iter_unit_features(x, samples)]).float().mean(0)
 
 
-def _check_attack(epsilon: float, norm: str, steps: int, eot_samples: int, eval_samples: int, restarts: int) -> None:
+def _check_attack(epsilon: float, norm: str, steps: int, eot_samples: int, eval_samples: int, restarts: int,
+                  step_size: float | None = None) -> None:
     if norm not in NORMS:
         raise ValueError(f"`norm` must be one of {NORMS}, got {norm!r}.")
     if isinstance(epsilon, bool) or not isinstance(epsilon, (int, float)) or not math.isfinite(epsilon) or epsilon < 0:
         raise ValueError(f"`epsilon` must be a finite budget ≥ 0 in [0, 1] pixel units, got {epsilon!r}.")
     check_positive_int("steps", steps)
     check_positive_int("restarts", restarts)
+    if step_size is not None and (isinstance(step_size, bool) or not isinstance(step_size, (int, float))
+                                  or not math.isfinite(step_size) or step_size <= 0):
+        # a negative or NaN step climbs the loss instead of descending, and the attack then reports "robust"
+        raise ValueError(f"`step_size` must be a finite number > 0 (pixel [0, 1] units) or None (2.5ε/steps), got "
+                         f"{step_size!r}.")
     for name, value in (("eot_samples", eot_samples), ("eval_samples", eval_samples)):
         if isinstance(value, bool) or not isinstance(value, int) or value < 0:
             raise ValueError(f"`{name}` must be an int ≥ 0 (0 = the base, unsmoothed encoder), got {value!r}.")
@@ -83,7 +89,7 @@ def feature_attack(
     attacks the base (unsmoothed) encoder. The best of `restarts` runs is re-measured with `eval_samples` fresh
     draws (0: the base encoder).
     """
-    _check_attack(epsilon, norm, steps, eot_samples, eval_samples, restarts)
+    _check_attack(epsilon, norm, steps, eot_samples, eval_samples, restarts, step_size)
     check_images("inputs.pixel_values", inputs.pixel_values, inputs.pixel_values.ndim)
     if not torch.is_tensor(reference) or reference.ndim != 1 or not torch.isfinite(reference).all():
         raise ValueError("`reference` must be a finite 1-D feature vector (e.g. `tower.clean_unit_features(x)[-1]`).")

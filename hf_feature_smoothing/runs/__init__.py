@@ -1,1 +1,25 @@
-"""Dataset-scale runs: resumable JSONL records and plots of certificates."""
+"""Dataset-scale runs you can trust: run files that carry their parameters (`records`), exclusive locks
+(`locking`), lazily read image sources (`images`), resumable sharded runs under 🤗 Accelerate (`runner`,
+`sharding`), and reports from finished runs (`report`, `plotting`)."""
+
+from .errors import RunError
+from .images import DatasetImages, FolderImages, ImageItem, ImageSource, SkimageImages, UnreadableImage
+from .records import RunContents, load_run, read_run
+from .runner import Run
+from .sharding import Shard
+
+
+__all__ = [
+    "DatasetImages",
+    "FolderImages",
+    "ImageItem",
+    "ImageSource",
+    "Run",
+    "RunContents",
+    "RunError",
+    "Shard",
+    "SkimageImages",
+    "UnreadableImage",
+    "load_run",
+    "read_run",
+]

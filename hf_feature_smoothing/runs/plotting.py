@@ -1,10 +1,26 @@
 """Plots of certificates: certified cosine (FCSB) vs ε, certified accuracy vs radius."""
 
 import os
+from pathlib import Path
 
 import numpy as np
 
 from ..certification.bounds import fcsb
+
+
+PLOT_SUFFIXES = (".png", ".pdf", ".svg")
+
+
+def _save(fig, path: str | os.PathLike) -> None:
+    """Save through a temporary file and `os.replace`: a kill never leaves half a plot."""
+    import matplotlib.pyplot as plt
+
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.tmp")
+    fig.tight_layout()
+    fig.savefig(tmp, dpi=120, format=path.suffix.lstrip(".").lower() or "png")
+    plt.close(fig)
+    os.replace(tmp, path)
 
 
 def plot_certified_cosine(rows: list[dict], path: str | os.PathLike, max_epsilon: float | None = None) -> None:
@@ -26,9 +42,7 @@ def plot_certified_cosine(rows: list[dict], path: str | os.PathLike, max_epsilon
     ax.set(xlabel="ε (ℓ2, pixel [0,1] units)", ylabel="certified cosine (FCSB)", ylim=(0, 1),
            title=f"σ={sigma}, n={rows[0]['n']}, α={rows[0]['alpha']}, {len(rows)} images")
     ax.legend()
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    _save(fig, path)
 
 
 def plot_certified_accuracy(rows: list[dict], path: str | os.PathLike) -> None:
@@ -43,7 +57,31 @@ def plot_certified_accuracy(rows: list[dict], path: str | os.PathLike) -> None:
     fig, ax = plt.subplots(figsize=(5, 3.5))
     ax.step(grid, [(radii >= g).mean() for g in grid], where="post")
     ax.set(xlabel="radius (ℓ2, pixel [0,1] units)", ylabel="certified accuracy", ylim=(0, 1),
-           title=f"σ={rows[0]['sigma']}, n={rows[0]['n']}, α={rows[0]['alpha']}")
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+           title=f"σ={rows[0]['sigma']}, n={rows[0]['n']}, α={rows[0]['alpha']}, {len(rows)} images")
+    _save(fig, path)
+
+
+def plot_attack(records: list[dict], path: str | os.PathLike) -> None:
+    """Mean attacked feature cosine vs ε per variant (solid), with the mean certified FCSB of smoothed variants
+    (dashed): a certificate holds when the solid line of a smoothed variant stays above its dashed one."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from ..attacks.evaluation import summarize
+
+    summary = summarize([{**row, "variant": r["variant"]} for r in records for row in r["rows"]])
+    fig, ax = plt.subplots(figsize=(5, 3.5))
+    for i, variant in enumerate(dict.fromkeys(s["variant"] for s in summary)):
+        points = sorted((s["epsilon"], s["attacked_cosine"], s["certified_cosine"]) for s in summary
+                        if s["variant"] == variant)
+        color = f"C{i}"
+        ax.plot([p[0] for p in points], [p[1] for p in points], "o-", color=color, label=f"{variant} attacked")
+        if points[0][2] is not None:
+            ax.plot([p[0] for p in points], [p[2] for p in points], "--", color=color, label=f"{variant} FCSB")
+    first = records[0]["rows"][0]
+    ax.set(xlabel=f"ε ({first['norm']}, pixel [0,1] units)", ylabel="feature cosine", ylim=(-0.05, 1.05),
+           title=f"{first['algorithm'].upper()}, {first['steps']} steps, {len(records)} (image, variant) pairs")
+    ax.legend(fontsize=7)
+    _save(fig, path)

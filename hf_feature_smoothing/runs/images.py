@@ -1,0 +1,271 @@
+"""Image sources for dataset-scale runs, read lazily: one image is decoded at a time and its file is closed
+before the next one is opened, so memory and open files stay constant in the number of images. An image that
+cannot be read becomes an [`UnreadableImage`] (recorded as a `skipped` row), never the end of the run."""
+
+import io
+import os
+import warnings
+from abc import ABC, abstractmethod
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+
+from ..logging_utils import get_logger
+from .errors import RunError
+
+
+logger = get_logger(__name__)
+IMAGE_SUFFIXES = (".apng", ".avif", ".bmp", ".dib", ".gif", ".ico", ".j2k", ".jfif", ".jp2", ".jpe", ".jpeg", ".jpg",
+                  ".pbm", ".pgm", ".png", ".pnm", ".ppm", ".tga", ".tif", ".tiff", ".webp")
+
+
+class UnreadableImage(Exception):
+    """An image file or dataset cell that cannot be turned into an RGB image; the message is the reason."""
+
+
+@dataclass
+class ImageItem:
+    """One image of a source: its position `index` in the source, its `key` (path relative to the folder, or
+    `split/row`), its label (datasets) and `load()`, which decodes it (raising [`UnreadableImage`])."""
+
+    index: int
+    key: str
+    label: int | None
+    load: Callable[[], object]
+
+
+@contextmanager
+def _pixel_limit(max_pixels: int | None):
+    """PIL's decompression-bomb limit set to `max_pixels` (None: no limit), its warning zone made an error."""
+    from PIL import Image
+
+    previous = Image.MAX_IMAGE_PIXELS
+    Image.MAX_IMAGE_PIXELS = max_pixels
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            yield
+    finally:
+        Image.MAX_IMAGE_PIXELS = previous
+
+
+def _integer_bits(image) -> int:
+    """Bit depth of a single-channel integer image (mode `I;16*` or `I`)."""
+    if image.mode.startswith("I;16"):
+        return 16
+    if image.format == "PNG":  # Pillow < 10.? opens 16-bit PNGs as mode I
+        return 16
+    tags = getattr(image, "tag_v2", None)
+    if tags is not None and tags.get(339, 1) in (1, (1,)):  # TIFF SampleFormat: unsigned integers
+        bits = tags.get(258)
+        bits = bits[0] if isinstance(bits, tuple) else bits
+        if bits in (8, 16, 32):
+            return int(bits)
+    raise UnreadableImage(f"{image.format or 'unknown'} image of mode {image.mode} (integers of unknown range): "
+                          f"convert it to 8- or 16-bit")
+
+
+def to_rgb(image):
+    """An RGB 8-bit PIL image from any PIL image, scaling high-bit-depth data to the full range (a 16-bit
+    value v becomes round(255 v / 65535), never clipped), EXIF orientation applied."""
+    import numpy as np
+    from PIL import Image, ImageOps
+
+    image = ImageOps.exif_transpose(image)
+    if image.mode.startswith("I"):
+        scale = 255.0 / (2 ** _integer_bits(image) - 1)
+        values = np.asarray(image, dtype=np.float64)
+        if values.min() < 0 or values.max() * scale > 255.0 + 1e-6:
+            raise UnreadableImage(f"mode {image.mode} values in [{values.min()}, {values.max()}] exceed the "
+                                  f"{_integer_bits(image)}-bit range")
+        gray = Image.fromarray(np.rint(values * scale).astype(np.uint8), mode="L")
+        return gray.convert("RGB")
+    if image.mode == "F":
+        values = np.asarray(image, dtype=np.float64)
+        if not np.isfinite(values).all() or values.min() < 0 or values.max() > 1:
+            raise UnreadableImage(f"float image (mode F) with values in [{np.nanmin(values)}, {np.nanmax(values)}]"
+                                  f", not intensities in [0, 1]: rescale it or save it as 8- or 16-bit")
+        return Image.fromarray(np.rint(values * 255).astype(np.uint8), mode="L").convert("RGB")
+    if image.mode == "P" and "transparency" in image.info:
+        image = image.convert("RGBA")
+    return image.convert("RGB")
+
+
+def decode(opener: Callable[[], object], max_pixels: int | None) -> object:
+    """Open (`opener()` gives a path or a binary file), decode the first frame and convert with [`to_rgb`]; the
+    file is closed before returning. Any failure becomes [`UnreadableImage`] with the reason."""
+    from PIL import Image
+
+    try:
+        with _pixel_limit(max_pixels), Image.open(opener()) as image:
+            image.load()
+            return to_rgb(image)
+    except UnreadableImage:
+        raise
+    except Image.DecompressionBombWarning as error:
+        raise UnreadableImage(f"DecompressionBombError: {error} (raise --max-image-pixels to allow it)") from None
+    except Image.DecompressionBombError as error:
+        raise UnreadableImage(f"DecompressionBombError: {error} (raise --max-image-pixels to allow it)") from None
+    except Exception as error:  # noqa: BLE001  (any decoder failure is a property of this file, recorded)
+        raise UnreadableImage(f"{type(error).__name__}: {error}") from None
+
+
+class ImageSource(ABC):
+    """A sequence of images addressed by position; nothing is decoded until an item's `load()`."""
+
+    #: what identifies the source in the run parameters
+    description: dict
+
+    @abstractmethod
+    def __len__(self) -> int: ...
+
+    @abstractmethod
+    def item(self, index: int) -> ImageItem: ...
+
+    def items(self, indices: range | None = None) -> Iterator[ImageItem]:
+        for index in indices if indices is not None else range(len(self)):
+            yield self.item(index)
+
+
+class FolderImages(ImageSource):
+    """Image files under `folder` (recursively, common suffixes, hidden files and folders left out), sorted by
+    their path relative to the folder, which is their key."""
+
+    def __init__(self, folder: str | os.PathLike, max_pixels: int | None = None):
+        self.folder = Path(folder)
+        if not self.folder.is_dir():
+            raise RunError(f"--images {folder}: not a folder (pass a folder of images, or `skimage`).")
+        self.max_pixels = max_pixels
+        files, ignored = [], 0
+        for root, dirs, names in os.walk(self.folder):
+            dirs[:] = [d for d in dirs if not d.startswith(".")]
+            for name in names:
+                if not name.startswith(".") and Path(name).suffix.lower() in IMAGE_SUFFIXES:
+                    files.append((Path(root) / name).relative_to(self.folder).as_posix())
+                else:
+                    ignored += 1
+        if not files:
+            raise RunError(f"--images {folder}: no image files found (looked for {', '.join(IMAGE_SUFFIXES)}; "
+                           f"{ignored} other files).")
+        if ignored:
+            logger.info(f"--images {folder}: {len(files)} images; {ignored} other or hidden files left out.")
+        self.files = sorted(files)
+        self.description = {"kind": "folder", "path": str(self.folder.resolve())}
+
+    def __len__(self) -> int:
+        return len(self.files)
+
+    def item(self, index: int) -> ImageItem:
+        path = self.folder / self.files[index]
+        return ImageItem(index, self.files[index], None, lambda: decode(lambda: path, self.max_pixels))
+
+
+class SkimageImages(ImageSource):
+    """The scikit-image photos shipped with the package's test extras (`--images skimage`)."""
+
+    NAMES = ("astronaut", "chelsea", "coffee", "rocket", "cat", "hubble_deep_field", "immunohistochemistry",
+             "retina", "colorwheel", "logo")
+
+    def __init__(self):
+        self.description = {"kind": "skimage", "names": list(self.NAMES)}
+
+    def __len__(self) -> int:
+        return len(self.NAMES)
+
+    def item(self, index: int) -> ImageItem:
+        def load():
+            from ..assets import skimage_photos
+
+            return to_rgb(skimage_photos((self.NAMES[index],))[self.NAMES[index]])
+
+        return ImageItem(index, self.NAMES[index], None, load)
+
+
+def _open_dataset(name: str, split: str):
+    """A `save_to_disk` folder, a local `load_dataset`-able folder, or a Hub dataset id (offline cache) → (the
+    split as a memory-mapped `datasets.Dataset`, its description)."""
+    import datasets
+
+    path = Path(name)
+    if path.exists():
+        if (path / "dataset_info.json").exists() or (path / "dataset_dict.json").exists():
+            data = datasets.load_from_disk(str(path))
+            kind = "save_to_disk"
+            if isinstance(data, datasets.DatasetDict):
+                if split not in data:
+                    raise RunError(f"--split {split}: {name} has splits {sorted(data)}.")
+                data = data[split]
+        else:
+            data, kind = None, "folder"
+        description = {"kind": kind, "path": str(path.resolve()), "split": split}
+    else:
+        from huggingface_hub import snapshot_download
+
+        try:
+            path = Path(snapshot_download(name, repo_type="dataset"))  # works offline from the Hub cache
+        except Exception as error:  # noqa: BLE001
+            raise RunError(f"--dataset {name}: not a local folder, and the Hub dataset could not be fetched "
+                           f"({type(error).__name__}: {error}).") from None
+        data, kind = None, "hub"
+        description = {"kind": kind, "name": name, "revision": path.name, "split": split}
+    if data is None:
+        try:
+            data = datasets.load_dataset(str(path), split=split)
+        except ValueError as error:
+            raise RunError(f"--dataset {name} --split {split}: {error}") from None
+    return data, description
+
+
+class DatasetImages(ImageSource):
+    """Rows of a 🤗 dataset split, read one at a time from its memory-mapped Arrow table; the image column is read
+    undecoded (bytes or path) and decoded here, so a broken cell becomes a skipped row. Keys are `split/row`.
+    `label_column` is optional when not `label_required` (used only if the dataset has it)."""
+
+    def __init__(self, name: str, split: str = "train", image_column: str = "image",
+                 label_column: str | None = "label", max_pixels: int | None = None, label_required: bool = True):
+        import datasets
+
+        data, description = _open_dataset(name, split)
+        if image_column not in data.column_names:
+            raise RunError(f"--image-column {image_column}: not a column of {name} (columns: {data.column_names}).")
+        if label_column is not None and label_column not in data.column_names and not label_required:
+            label_column = None
+        if label_column is not None and label_column not in data.column_names:
+            raise RunError(f"--label-column {label_column}: not a column of {name} (columns: {data.column_names}).")
+        if len(data) == 0:
+            raise RunError(f"--dataset {name} --split {split}: the split is empty.")
+        if isinstance(data.features[image_column], datasets.Image):
+            data = data.cast_column(image_column, datasets.Image(decode=False))
+        self.data, self.split, self.max_pixels = data, split, max_pixels
+        self._labels = data.select_columns([label_column]) if label_column else None  # labels without image bytes
+        self.image_column, self.label_column = image_column, label_column
+        feature = data.features.get(label_column) if label_column else None
+        self.num_classes = getattr(feature, "num_classes", None)
+        self.description = {**description, "image_column": image_column, "label_column": label_column}
+
+    def __len__(self) -> int:
+        return len(self.data)
+
+    def _opener(self, cell) -> Callable[[], object]:
+        if isinstance(cell, dict) and cell.get("bytes"):
+            return lambda: io.BytesIO(cell["bytes"])
+        if isinstance(cell, dict) and cell.get("path"):
+            return lambda: cell["path"]
+        if isinstance(cell, (bytes, bytearray)):
+            return lambda: io.BytesIO(cell)
+        if isinstance(cell, str):
+            return lambda: cell
+        raise UnreadableImage(f"column {self.image_column!r} holds {type(cell).__name__}, not an image")
+
+    def item(self, index: int) -> ImageItem:
+        def load():
+            from PIL import Image
+
+            cell = self.data[index][self.image_column]
+            if isinstance(cell, Image.Image):
+                return to_rgb(cell)
+            return decode(self._opener(cell), self.max_pixels)
+
+        label = self._labels[index][self.label_column] if self._labels is not None else None
+        return ImageItem(index, f"{self.split}/{index}", label, load)

@@ -1,0 +1,202 @@
+"""Reports from finished runs, without recomputing anything: summary tables, plots and `model-index` metrics."""
+
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from ..certification.summary import certified_accuracy, certified_cosine
+from ..logging_utils import get_logger
+from .errors import RunError
+from .records import describe_differences, dumps, read_run
+
+
+logger = get_logger(__name__)
+# parameters that say *which* images were certified, or how the noise was drawn, not what a row means: runs that
+# differ only in these can be pooled into one aggregate (a row is a valid certificate whatever they are)
+POOLABLE = ("source", "seed", "device")
+
+
+def run_kind(header: dict) -> str:
+    """`"feature"` (certified cosine), `"prediction"` (certified accuracy) or `"attack"`."""
+    if header["command"] == "attack":
+        return "attack"
+    return "prediction" if header["params"].get("prototypes") else "feature"
+
+
+@dataclass
+class RunGroup:
+    """Rows of one or more runs that share every parameter outside [`POOLABLE`]."""
+
+    command: str
+    params: dict
+    paths: list[Path] = field(default_factory=list)
+    rows: list[dict] = field(default_factory=list)
+    skipped: list[dict] = field(default_factory=list)
+
+    @property
+    def kind(self) -> str:
+        return run_kind({"command": self.command, "params": self.params})
+
+    @property
+    def label(self) -> str:
+        p = self.params
+        return f"{self.command} {p.get('model')} σ={p.get('sigma')} n={p.get('n')} α={p.get('alpha')}"
+
+
+def _aggregate_params(header: dict) -> dict:
+    return {k: v for k, v in header["params"].items() if k not in POOLABLE}
+
+
+def group_runs(paths: list[str | os.PathLike], group_by_params: bool = False) -> list[RunGroup]:
+    """
+    Read run files and pool their rows: runs with the same command and parameters (outside [`POOLABLE`]) form one
+    group; runs with other parameters raise a [`RunError`] naming the differences, unless `group_by_params`,
+    which makes one group per parameter set. An image (source and key) in several pooled runs counts once.
+    """
+    groups: list[RunGroup] = []
+    for path in map(Path, paths):
+        if not path.is_file():
+            raise RunError(f"{path}: no such run file.")
+        contents = read_run(path)
+        if contents.header is None:
+            raise RunError(f"{path}: empty, not a run file.")
+        if contents.bad:
+            bad = contents.bad[0]
+            raise RunError(f"{path} line {bad.number}: {bad.reason}; repair it first (`hf-fs {contents.header['command']} "
+                           f"... --output {path} --repair`).")
+        header = contents.header
+        params = _aggregate_params(header)
+        group = next((g for g in groups if g.command == header["command"] and g.params == params), None)
+        if group is None:
+            if groups and not group_by_params:
+                first = groups[0]
+                differences = describe_differences({"command": first.command, **first.params},
+                                                   {"command": header["command"], **params})
+                raise RunError(f"{path} was made with other parameters than {first.paths[0]}: "
+                               f"{'; '.join(differences).replace('this command', 'this run')}. Pass --group-by-params "
+                               f"for one aggregate per parameter set.")
+            group = RunGroup(header["command"], params)
+            groups.append(group)
+        group.paths.append(path)
+        seen = {(dumps(r.get("source")), r["key"]) for r in group.rows + group.skipped}
+        source = header["params"].get("source")
+        for row in contents.rows:
+            identity = (dumps(source), row["key"])
+            if identity in seen:
+                logger.warning(f"{path}: {row['key']!r} is already in an earlier run of this group; counted once.")
+                continue
+            seen.add(identity)
+            (group.rows if row["status"] == "ok" else group.skipped).append({**row, "source": source})
+    return groups
+
+
+def _mean(values) -> float:
+    values = list(values)
+    return sum(values) / len(values) if values else float("nan")
+
+
+def summary_lines(group: RunGroup, radii: tuple[float, ...] = (0.0, 0.05, 0.1, 0.25, 0.5)) -> list[str]:
+    """A markdown table of the group's aggregates (abstentions and negative bounds count as 0)."""
+    rows, p = group.rows, group.params
+    head = (f"**{group.label}** ({', '.join(map(str, group.paths))}): {len(rows)} images, {len(group.skipped)} "
+            f"skipped")
+    if not rows:
+        return [head, "", "no certified rows."]
+    if group.kind == "feature":
+        cosine = certified_cosine([r["score_lower"] for r in rows], [r["sigma"] for r in rows], p["epsilon"])
+        cells = [("mean S", _mean(r["score"] for r in rows)), ("mean S_low", _mean(r["score_lower"] for r in rows)),
+                 ("abstain rate", cosine["abstain_rate"])]
+        cells += [(f"certified cosine ε={e:g}", cosine[f"certified_cosine@{e:g}"]) for e in p["epsilon"]]
+        return [head, "", "| " + " | ".join(c[0] for c in cells) + " |", "|" + "---|" * len(cells),
+                "| " + " | ".join(f"{c[1]:.4f}" for c in cells) + " |"]
+    if group.kind == "prediction":
+        labelled = [r for r in rows if r.get("label") is not None]
+        if not labelled:
+            abstain = _mean(r["prediction"] is None for r in rows)
+            note = f"no labels (pass --label-column): certified accuracy needs them; abstain rate {abstain:.4f}."
+            return [head, "", note]
+        accuracy = certified_accuracy([r["prediction"] for r in labelled], [r["label"] for r in labelled],
+                                      [r["radius"] for r in labelled], radii)
+        cells = [(f"certified accuracy r={r:g}", accuracy[f"certified_accuracy@{r:g}"]) for r in radii]
+        cells.append(("abstain rate", accuracy["abstain_rate"]))
+        return [head + f", {len(labelled)} labelled", "", "| " + " | ".join(c[0] for c in cells) + " |",
+                "|" + "---|" * len(cells), "| " + " | ".join(f"{c[1]:.4f}" for c in cells) + " |"]
+    from ..attacks.evaluation import summarize
+
+    lines = [head, "", "| variant | ε | clean cos | attacked cos | success | FCSB | violations |",
+             "|---|---|---|---|---|---|---|"]
+    for s in summarize([{**row, "variant": r["variant"]} for r in rows for row in r["rows"]]):
+        fcsb = "-" if s["certified_cosine"] is None else f"{s['certified_cosine']:.4f}"
+        lines.append(f"| {s['variant']} | {s['epsilon']:g} | {s['clean_cosine']:.4f} | {s['attacked_cosine']:.4f} | "
+                     f"{s['success_rate']:.2f} | {fcsb} | {s['violations']} |")
+    return lines
+
+
+def plot_group(group: RunGroup, path: str | os.PathLike) -> bool:
+    """The group's plot (certified cosine vs ε, certified accuracy vs radius, or attacked cosine vs ε); False when
+    there is nothing to plot."""
+    from .plotting import plot_attack, plot_certified_accuracy, plot_certified_cosine
+
+    if not group.rows:
+        return False
+    if group.kind == "feature":
+        plot_certified_cosine(group.rows, path)
+    elif group.kind == "prediction":
+        if not any(r.get("label") is not None for r in group.rows):
+            return False
+        plot_certified_accuracy(group.rows, path)
+    else:
+        plot_attack(group.rows, path)
+    return True
+
+
+def eval_results(group: RunGroup, dataset_name: str | None = None, radii=(0.0, 0.05, 0.1, 0.25, 0.5)) -> list:
+    """`model-index` entries (`huggingface_hub.EvalResult`) of a certify group; attack groups have none."""
+    from ..hub.sharing import certificate_eval_results
+
+    if group.kind == "attack" or not group.rows:
+        return []
+    rows = group.rows
+    if group.kind == "prediction":
+        rows = [r for r in rows if r.get("label") is not None]
+        if not rows:
+            return []
+    return certificate_eval_results(rows, dataset_name or _dataset_name(group), radii=radii)
+
+
+def _dataset_name(group: RunGroup) -> str:
+    sources = {dumps(r["source"]): r["source"] for r in group.rows}
+    names = []
+    for source in sources.values():
+        source = source or {}
+        names.append(source.get("name") or Path(source.get("path", source.get("kind", "images"))).name)
+    return " + ".join(sorted(set(names)))
+
+
+def write_report(paths: list[str | os.PathLike], output_dir: str | os.PathLike, *, group_by_params: bool = False,
+                 dataset_name: str | None = None, model_name: str | None = None) -> str:
+    """Write `summary.md`, one plot per group (`group{i}.png`) and `model-index.yaml` (card metadata with every
+    certify group's metrics) into `output_dir`; returns the summary text."""
+    from huggingface_hub import ModelCardData
+
+    from .records import write_atomically
+
+    groups = group_runs(paths, group_by_params)
+    output_dir = Path(output_dir)
+    output_dir.mkdir(parents=True, exist_ok=True)
+    lines, results = [], []
+    for i, group in enumerate(groups):
+        lines += summary_lines(group)
+        plot = output_dir / f"group{i}.png"
+        if plot_group(group, plot):
+            lines.append(f"\nplot: {plot}")
+        results += eval_results(group, dataset_name)
+        lines.append("")
+    text = "\n".join(lines)
+    write_atomically(output_dir / "summary.md", text.encode("utf-8"))
+    if results:
+        name = model_name or str(groups[0].params.get("model", "model")).rstrip("/").split("/")[-1]
+        card = ModelCardData(model_name=name, eval_results=results).to_yaml()
+        write_atomically(output_dir / "model-index.yaml", card.encode("utf-8"))
+        text += f"\nmodel-index ({len(results)} metrics): {output_dir / 'model-index.yaml'}"
+    return text

@@ -1,0 +1,218 @@
+"""A resumable, locked run writing one row per image into `output` (directly, or through per-rank shards merged at
+the end when several processes share the work)."""
+
+import os
+from collections.abc import Callable
+from pathlib import Path
+
+from ..logging_utils import get_logger
+from .errors import RunError
+from .locking import RunLock, lock_path
+from .records import (
+    RowWriter,
+    RunContents,
+    describe_differences,
+    dumps,
+    encode_lines,
+    load_run,
+    loads,
+    make_header,
+    read_run,
+    without_timing,
+    write_atomically,
+)
+from .sharding import Shard, existing_shards, shard_path
+
+
+logger = get_logger(__name__)
+
+
+def _merge(parts: list[RunContents]) -> list[dict]:
+    """Rows of `parts` (output first, then shards), one per key, in source order (stable on `index`)."""
+    rows: dict[str, dict] = {}
+    for part in parts:
+        for row in part.rows:
+            kept = rows.setdefault(row["key"], row)
+            if kept is not row and without_timing(kept) != without_timing(row):
+                logger.warning(f"{part.path}: row {row['key']!r} differs from the one already merged; keeping the "
+                               f"first.")
+    return sorted(rows.values(), key=lambda row: row.get("index", 0))
+
+
+class Run:
+    """
+    The rows of one run in `output` (a `.jsonl` file whose first line holds the command and its parameters).
+
+    Protocol (every process calls the same methods in the same order):
+
+    1. `lock()`: rank 0 takes `<output>.lock` without waiting; a second writer fails at once, on every rank.
+    2. `open(params, info)`: rank 0 merges shards left by a stopped run, reads the output (a torn last line is
+       dropped; other bad lines raise unless `repair`) and compares its parameters with `params`: a difference
+       raises, naming each parameter and both values, unless `overwrite` (the old file is kept as `<output>.bak`).
+       Parameters given as `None` in `params` and listed in `resolve` take the run's value (a resumed run keeps its
+       seed) or, for a new run, `resolve[name]()`. Then every rank reads the done keys; with several processes each
+       rank writes its own locked shard `<stem>.rank{r}-of-{w}.jsonl`.
+    3. `append(row)` for each new row; `finish()` waits for every rank and rank 0 merges the shards into the output
+       in source order; `close()` releases the locks (also on errors).
+    """
+
+    def __init__(self, output: str | os.PathLike, command: str, shard: Shard | None = None, *,
+                 overwrite: bool = False, repair: bool = False):
+        self.output = Path(output)
+        self.command = command
+        self.shard = shard or Shard()
+        self.overwrite, self.repair = overwrite, repair
+        self.header: dict | None = None
+        self.done: set[str] = set()
+        self._locks: list[RunLock] = []
+        self._writer: RowWriter | None = None
+        self._path: Path | None = None
+
+    # ----- 1. lock ------------------------------------------------------------------------------------------------
+    def _on_main(self, work: Callable[[], object]):
+        """Run `work` on rank 0 and hand its result (or its error) to every rank."""
+        result, error = None, None
+        if self.shard.is_main:
+            try:
+                result = work()
+            except RunError as e:
+                error = str(e)
+        result, error = self.shard.broadcast((result, error))
+        if error is not None:
+            raise RunError(error)
+        return result
+
+    def lock(self) -> "Run":
+        def take():
+            self.output.parent.mkdir(parents=True, exist_ok=True)
+            self._locks.append(RunLock(self.output).acquire())
+
+        self._on_main(take)
+        return self
+
+    # ----- 2. open ------------------------------------------------------------------------------------------------
+    def _merge_leftovers(self) -> RunContents:
+        main = load_run(self.output, repair=self.repair)
+        shards = existing_shards(self.output)
+        if not shards:
+            return main
+        locks = []
+        try:
+            for path in shards:
+                try:
+                    locks.append(RunLock(path).acquire())
+                except RunError as error:
+                    raise RunError(f"A process of an earlier run still writes the shard {path}: {error}") from None
+            parts = [main]
+            for path in shards:
+                part = load_run(path, repair=self.repair)
+                header = main.header or part.header
+                if part.header is not None and header["run"] != part.header["run"]:
+                    raise RunError(
+                        f"The shard {path} belongs to another run than {self.output}: "
+                        f"{'; '.join(describe_differences(header['params'], part.header['params']))}. Move it away.")
+                main.header = header
+                parts.append(part)
+            rows = _merge(parts)
+            if main.header is not None:
+                write_atomically(self.output, encode_lines(main.header, rows))
+            for path in shards:
+                path.unlink()
+        finally:
+            for lock in locks:
+                lock.release()
+                lock.file.unlink(missing_ok=True)
+        logger.info(f"{self.output}: merged {len(shards)} shard(s) of a stopped run ({len(rows)} rows now).")
+        return read_run(self.output)
+
+    def _prepare(self, params: dict, info: dict, resolve: dict[str, Callable[[], object]]) -> None:
+        main = self._merge_leftovers()
+        if main.header is not None and self.overwrite:
+            backup = Path(f"{self.output}.bak")
+            os.replace(self.output, backup)
+            logger.warning(f"--overwrite: the previous run in {self.output} ({len(main.rows)} rows) is kept as "
+                           f"{backup}; starting a new run.")
+            main = RunContents(self.output)
+        if main.header is not None and main.header["command"] != self.command:
+            raise RunError(f"{self.output} holds a `{main.header['command']}` run, not `{self.command}`: choose "
+                           f"another --output, or --overwrite (the old file is kept as {self.output}.bak).")
+        old = main.header["params"] if main.header is not None else {}
+        for name, draw in resolve.items():
+            if params.get(name) is None:
+                params[name] = old[name] if name in old else draw()
+        params = loads(dumps(params))  # compare as JSON (tuples are lists, ...)
+        if main.header is not None:
+            differences = describe_differences(old, params)
+            if differences:
+                raise RunError(
+                    f"{self.output} holds a run with other parameters, so its rows cannot be continued by this "
+                    f"command: {'; '.join(differences)}. Use the run's parameters to resume it, --overwrite to start "
+                    f"a new run in this file (the old one is kept as {self.output}.bak), or another --output.")
+            return
+        write_atomically(self.output, encode_lines(make_header(self.command, params, info), []))
+
+    def open(self, params: dict, info: dict | None = None,
+             resolve: dict[str, Callable[[], object]] | None = None) -> "Run":
+        """Check or create the run header, then get ready to append. Returns `self`; `self.params` holds the run's
+        parameters (resolved ones included) on every rank."""
+        self._on_main(lambda: self._prepare(dict(params), info or {}, resolve or {}))
+        contents = read_run(self.output)
+        self.header = contents.header
+        self.done = contents.keys
+        if self.shard.world == 1:
+            self._path = self.output
+        else:
+            self._path = shard_path(self.output, self.shard.rank, self.shard.world)
+            self._locks.append(RunLock(self._path).acquire())
+            shard_header = {**self.header, "shard": [self.shard.rank, self.shard.world]}
+            write_atomically(self._path, encode_lines(shard_header, []))
+        self._writer = RowWriter(self._path, self.header)
+        logger.info(f"{self.output}: run {self.header['run']}, {len(self.done)} rows already done"
+                    + (f" (rank {self.shard.rank} of {self.shard.world} writes {self._path})"
+                       if self.shard.world > 1 else ""))
+        return self
+
+    @property
+    def params(self) -> dict:
+        return self.header["params"]
+
+    # ----- 3. rows, finish, close ---------------------------------------------------------------------------------
+    def append(self, row: dict) -> None:
+        """Write one row (it gets the run id); its key is then done."""
+        row = {**row, "run": self.header["run"]}
+        self._writer.append(row)
+        self.done.add(row["key"])
+
+    def finish(self) -> list[dict] | None:
+        """Wait for every rank; rank 0 merges the shards into the output. Returns the output's rows on rank 0,
+        `None` elsewhere."""
+        self._writer.close()
+        self._writer = None
+        self.shard.barrier()
+        if not self.shard.is_main:
+            return None
+        if self.shard.world > 1:
+            parts = [read_run(self.output)] + [read_run(shard_path(self.output, r, self.shard.world))
+                                               for r in range(self.shard.world)]
+            rows = _merge(parts)
+            write_atomically(self.output, encode_lines(self.header, rows))
+            for r in range(self.shard.world):
+                path = shard_path(self.output, r, self.shard.world)
+                path.unlink(missing_ok=True)
+                lock_path(path).unlink(missing_ok=True)
+            logger.info(f"{self.output}: merged {self.shard.world} shards, {len(rows)} rows.")
+        return read_run(self.output).rows
+
+    def close(self) -> None:
+        if self._writer is not None:
+            self._writer.close()
+            self._writer = None
+        for lock in reversed(self._locks):
+            lock.release()
+        self._locks.clear()
+
+    def __enter__(self) -> "Run":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
