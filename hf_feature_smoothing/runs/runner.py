@@ -107,7 +107,8 @@ class Run:
             for path in shards:
                 part = load_run(path, repair=self.repair)
                 header = main.header or part.header
-                if part.header is not None and header["run"] != part.header["run"]:
+                if part.header is not None and (header["run"], header["params"]) != (part.header["run"],
+                                                                          part.header["params"]):
                     raise RunError(
                         f"The shard {path} belongs to another run than {self.output}: "
                         f"{'; '.join(describe_differences(header['params'], part.header['params']))}. Move it away.")

@@ -19,7 +19,9 @@ def _use_cpu(device: str | None) -> bool:
 
 @dataclass
 class Shard:
-    """This process's place in the run: `rank` of `world` processes (0 of 1 without `accelerate launch`)."""
+    """This process's place in the run: `rank` of `world` processes (0 of 1 without `accelerate launch`). Without
+    an accelerate state (`Shard(rank, world)` built by hand), barriers and broadcasts do nothing: ranks can then be
+    played one after the other in one process (tests, or re-running one rank of a big job)."""
 
     rank: int = 0
     world: int = 1
@@ -44,12 +46,12 @@ class Shard:
         return range(self.rank, count, self.world)
 
     def barrier(self) -> None:
-        if self.world > 1:
+        if self.world > 1 and self._state is not None:
             self._state.wait_for_everyone()
 
     def broadcast(self, value):
         """Rank 0's `value` on every rank (any picklable object)."""
-        if self.world == 1:
+        if self.world == 1 or self._state is None:
             return value
         from accelerate.utils import broadcast_object_list
 
