@@ -1,7 +1,5 @@
 """APGD / PGD internals, the end-to-end targeted text attack, and the `hf-fs attack` CLI."""
 
-import json
-
 import pytest
 import torch
 
@@ -10,6 +8,7 @@ from hf_feature_smoothing.attacks.feature import feature_attack, run_attack
 from hf_feature_smoothing.attacks.optim import apgd_checkpoints
 from hf_feature_smoothing.attacks.text import target_text_attack
 from hf_feature_smoothing.cli import main
+from hf_feature_smoothing.runs import read_run
 from hf_feature_smoothing.testing_utils import tiny_inputs, tiny_model, tiny_smoothed_model
 
 
@@ -62,20 +61,55 @@ def test_targeted_text_attack_on_qwen_grows_the_token_type_ids():
     assert result.norm <= 8 / 255 + 1e-6
 
 
-def test_attack_cli_compares_variants_and_resumes(image_folder, tmp_path, capsys):
+def test_attack_cli_compares_variants_resumes_and_refuses_other_parameters(image_folder, tmp_path, capsys):
     for extra in sorted(image_folder.iterdir())[2:]:
         extra.unlink()
+    (image_folder / "broken.png").write_bytes(b"\x89PNG not really")
     output = tmp_path / "attack.jsonl"
     args = ["attack", "--model", "tiny-llava", "--images", str(image_folder), "--epsilon", "0.1", "0.3", "--steps", "3",
-            "--eot", "2", "--eval-samples", "16", "--n", "64", "--alpha", "0.01", "--output", str(output)]
+            "--eot", "2", "--eval-samples", "16", "--n", "64", "--alpha", "0.01", "--seed", "0", "--output", str(output)]
     assert main(args) == 0
-    rows = [json.loads(line) for line in output.read_text().splitlines()]
-    assert sorted(r["key"] for r in rows) == ["img0.png|plain", "img0.png|smoothed", "img1.png|plain", "img1.png|smoothed"]
-    for record in rows:
+    contents = read_run(output)
+    params = contents.header["params"]
+    assert contents.header["command"] == "attack" and params["steps"] == 3 and params["eot"] == 2
+    assert params["epsilon"] == [0.1, 0.3] and params["seed"] == 0 and params["sigma"] == 0.25
+    assert [r["key"] for r in contents.rows] == ["broken.png", "img0.png|plain", "img0.png|smoothed",
+                                                 "img1.png|plain", "img1.png|smoothed"]
+    assert contents.rows[0]["status"] == "skipped" and "UnidentifiedImageError" in contents.rows[0]["reason"]
+    for record in contents.rows[1:]:
         for row in record["rows"]:
             assert row["certificate_holds"] is not False
             assert (row["fcsb"] is None) or row["smoothed"]
     printed = capsys.readouterr().out
     assert "smoothed" in printed and "FCSB" in printed
     assert main(args) == 0  # resumed: nothing redone
-    assert len(output.read_text().splitlines()) == 4
+    assert read_run(output).rows == contents.rows
+    assert main([*args, "--steps", "5"]) == 1
+    assert "steps: run has 3, this command has 5" in capsys.readouterr().err
+
+
+def test_seeded_attack_rows_depend_only_on_the_seed_and_the_image():
+    """The rows of an image are the same whether it is attacked first or after another one (sharding and resume
+    change the order), and the tower's own forward seed is restored."""
+    from hf_feature_smoothing.attacks.evaluation import attack_rows
+    from hf_feature_smoothing.certification import as_smoothed_tower
+
+    tower = as_smoothed_tower(tiny_model("llava"), 0.25)
+    first, second = (tower.check_inputs(tiny_inputs(tower.encoder, seed=s)["pixel_values"]) for s in (0, 1))
+    kwargs = dict(norm="l2", steps=2, eot_samples=2, eval_samples=4, n=16, alpha=0.05, seed=11)
+    alone = attack_rows(tower, second, [0.2], **kwargs)
+    attack_rows(tower, first, [0.2], **kwargs)
+    after = attack_rows(tower, second, [0.2], **kwargs)
+    assert after == alone and tower.config.seed is None
+    assert attack_rows(tower, second, [0.2], **{**kwargs, "seed": 12}) != alone
+
+
+@pytest.mark.parametrize("step_size", [-0.1, 0.0, float("nan"), float("inf")])
+def test_feature_attack_refuses_a_step_size_that_is_not_positive(step_size):
+    model = tiny_model("llava")
+    tower = SmoothedVisionTower(model, FeatureSmoothingConfig(sigma=0.25, seed=0))
+    inputs = tower.check_inputs(tiny_inputs(model)["pixel_values"])
+    reference = tower.clean_unit_features(inputs)[-1]
+    with pytest.raises(ValueError, match="`step_size` must be a finite number > 0"):
+        feature_attack(tower, inputs, reference, 0.5, algorithm="pgd", step_size=step_size, eot_samples=0,
+                       eval_samples=0)

@@ -98,7 +98,7 @@ def _mean(values) -> float:
 def summary_lines(group: RunGroup, radii: tuple[float, ...] = (0.0, 0.05, 0.1, 0.25, 0.5)) -> list[str]:
     """A markdown table of the group's aggregates (abstentions and negative bounds count as 0)."""
     rows, p = group.rows, group.params
-    images = len({r.get("image", r["key"]) for r in rows})
+    images = len({(dumps(r.get("source")), r.get("image", r["key"])) for r in rows})
     head = (f"**{group.label}** ({', '.join(map(str, group.paths))}): {images} images, {len(group.skipped)} "
             f"skipped")
     if not rows:

@@ -1,0 +1,74 @@
+"""`hf-fs report`: tables, plots and `model-index` metrics from finished runs, nothing recomputed; runs with other
+parameters are refused unless grouped by them."""
+
+import shutil
+
+import pytest
+import yaml
+
+import hf_feature_smoothing.cli as cli
+from hf_feature_smoothing.certification.summary import certified_cosine
+from hf_feature_smoothing.runs import read_run
+
+
+def _certify(folder, out, *extra):
+    assert cli.main(["certify", "--model", "tiny-llava", "--n", "48", "--n0", "4", "--alpha", "0.2", "--images", str(folder),
+                     "--output", str(out), "--epsilon", "0", "0.05", *extra]) == 0
+
+
+@pytest.fixture
+def two_runs(image_folder, tmp_path):
+    """The same parameters on two folders (and two fresh seeds): poolable."""
+    other = tmp_path / "other"
+    shutil.copytree(image_folder, other)
+    _certify(image_folder, tmp_path / "a.jsonl")
+    _certify(other, tmp_path / "b.jsonl")
+    return tmp_path / "a.jsonl", tmp_path / "b.jsonl"
+
+
+def test_report_pools_runs_without_recomputing(two_runs, tmp_path, monkeypatch, capsys):
+    def refuse(*args, **kwargs):
+        raise AssertionError("report must not certify anything")
+
+    monkeypatch.setattr(cli, "certify", refuse)
+    monkeypatch.setattr(cli, "certify_prediction", refuse)
+    report = tmp_path / "report"
+    assert cli.main(["report", *map(str, two_runs), "--output-dir", str(report), "--dataset-name", "photos"]) == 0
+    rows = read_run(two_runs[0]).rows + read_run(two_runs[1]).rows
+    expected = certified_cosine([r["score_lower"] for r in rows], [r["sigma"] for r in rows], [0.0, 0.05])
+    card = yaml.safe_load((report / "model-index.yaml").read_text())
+    metrics = {m["type"] + str(m["args"].get("epsilon", "")): m for m in card["model-index"][0]["results"][0]["metrics"]}
+    assert metrics["certified_cosine0.05"]["value"] == pytest.approx(expected["certified_cosine@0.05"])
+    assert 0 < expected["certified_cosine@0.05"] < expected["certified_cosine@0"]
+    assert metrics["certified_cosine0.05"]["args"]["num_images"] == 8  # both folders, pooled
+    assert card["model-index"][0]["results"][0]["dataset"]["name"] == "photos"
+    assert (report / "group0.png").read_bytes()[:4] == b"\x89PNG"
+    summary = (report / "summary.md").read_text()
+    assert "8 images, 0 skipped" in summary and "certified cosine ε=0.05" in summary
+    assert summary in capsys.readouterr().out
+
+
+def test_report_refuses_mixed_parameters_unless_grouped(two_runs, image_folder, tmp_path, capsys):
+    _certify(image_folder, tmp_path / "c.jsonl", "--sigma", "0.5")
+    runs = [*map(str, two_runs), str(tmp_path / "c.jsonl")]
+    assert cli.main(["report", *runs, "--output-dir", str(tmp_path / "r1")]) == 1
+    assert "sigma: run has 0.25, this run has 0.5" in capsys.readouterr().err
+    assert cli.main(["report", *runs, "--output-dir", str(tmp_path / "r2"), "--group-by-params"]) == 0
+    summary = (tmp_path / "r2" / "summary.md").read_text()
+    assert "σ=0.25" in summary and "σ=0.5" in summary and "8 images" in summary and "4 images" in summary
+    card = yaml.safe_load((tmp_path / "r2" / "model-index.yaml").read_text())
+    sigmas = {m["args"]["sigma"] for result in card["model-index"][0]["results"] for m in result["metrics"]}
+    assert sigmas == {0.25, 0.5}
+
+
+def test_report_of_an_attack_run(image_folder, tmp_path, capsys):
+    out = tmp_path / "attack.jsonl"
+    assert cli.main(["attack", "--model", "tiny-llava", "--images", str(image_folder), "--epsilon", "0.2",
+                     "--steps", "1", "--eot", "1", "--eval-samples", "2", "--n", "8", "--alpha", "0.1", "--seed", "0",
+                     "--output", str(out)]) == 0
+    capsys.readouterr()
+    assert cli.main(["report", str(out)]) == 0
+    printed = capsys.readouterr().out
+    assert "| plain | 0.2 |" in printed and "| smoothed | 0.2 |" in printed
+    assert (tmp_path / "attack-report" / "group0.png").exists()
+    assert not (tmp_path / "attack-report" / "model-index.yaml").exists()  # attacks are not certificates
