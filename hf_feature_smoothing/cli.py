@@ -156,6 +156,9 @@ def _check_common(args) -> None:
     if plot.resolve() == output.resolve() or plot.is_dir():
         raise RunError(f"--plot {plot}: must be a file other than --output {args.output}.")
     args.plot = str(plot)
+    if args.images and args.label_column is not None:
+        raise RunError(f"--label-column {args.label_column}: labels come from a --dataset column; --images "
+                       f"{args.images} has none.")
     device = torch.device(args.device) if args.device else None
     if device is not None and device.type == "cuda":
         if not torch.cuda.is_available():

@@ -103,6 +103,18 @@ def test_sigma_defaults_to_the_smoothed_model_own(image_folder, tmp_path):
     assert header["params"]["sigma"] == 0.37 and all(r["sigma"] == 0.37 for r in rows)
 
 
+def test_image_size_is_used_and_recorded(image_folder, tmp_path, monkeypatch):
+    import hf_feature_smoothing.cli as cli
+
+    seen = []
+    real = cli.certify
+    monkeypatch.setattr(cli, "certify", lambda *a, **kw: seen.append(kw["image_size"]) or real(*a, **kw))
+    out = tmp_path / "run.jsonl"
+    assert main(["certify", *TINY, "--model", "tiny-qwen2_vl", "--image-size", "84", "--images", str(image_folder),
+                 "--output", str(out)]) == 0
+    assert _lines(out)[0]["params"]["image_size"] == 84 and seen == [84] * 4
+
+
 def test_booster_is_loaded_and_part_of_the_run_parameters(image_folder, tmp_path, capsys):
     import hf_feature_smoothing as hfs
     from hf_feature_smoothing.testing_utils import tiny_model
@@ -151,6 +163,7 @@ def test_every_bad_option_value_is_an_error_naming_option_and_value(capsys, opti
     (["--output", "r.jsonl", "--plot", "r.jsonl"], "--plot r.jsonl: must end in one of .png, .pdf, .svg"),
     (["--output", "r.jsonl", "--plot", "r.txt"], "--plot r.txt: must end in one of"),
     (["--device", "cuda:0"], "--device cuda:0: CUDA is not available"),
+    (["--label-column", "y"], "--label-column y: labels come from a --dataset column"),
 ])
 def test_output_plot_and_device_checks(tmp_path, monkeypatch, capsys, args, message):
     monkeypatch.chdir(tmp_path)
@@ -159,6 +172,21 @@ def test_output_plot_and_device_checks(tmp_path, monkeypatch, capsys, args, mess
     assert main(["certify", *TINY, *args]) == 1
     assert message in capsys.readouterr().err
     assert not list(tmp_path.glob("*.png")) and not list(tmp_path.glob("*.jsonl"))
+
+
+def test_dtype_is_recorded_and_checked(image_folder, tmp_path, capsys):
+    if not torch.ops.mkldnn._is_mkldnn_bf16_supported():
+        assert main(["certify", *TINY, "--dtype", "bfloat16", "--output", str(tmp_path / "b.jsonl")]) == 1
+        assert "--dtype bfloat16: not supported on this CPU" in capsys.readouterr().err
+    else:
+        out = tmp_path / "bf16.jsonl"
+        assert main(["certify", *TINY, "--dtype", "bfloat16", "--images", str(image_folder), "--output",
+                     str(out)]) == 0
+        header, *rows = _lines(out)
+        assert header["params"]["dtype"] == "bfloat16" and all(r["dtype"] == "bfloat16" for r in rows)
+    if not torch.cuda.is_available():
+        assert main(["certify", *TINY, "--dtype", "float16", "--output", str(tmp_path / "h.jsonl")]) == 1
+        assert "--dtype float16: only on CUDA devices" in capsys.readouterr().err
 
 
 def test_bad_prototypes_are_refused_before_any_sampling(image_folder, tmp_path, capsys):

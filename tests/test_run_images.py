@@ -166,7 +166,7 @@ def test_2000_files_under_a_64_descriptor_limit(tmp_path):
     assert len(rows) == 150 and all(r["status"] == "ok" for r in rows)
 
 
-def test_dataset_save_to_disk_folder_with_labels_for_predictions(tmp_path):
+def test_dataset_save_to_disk_folder_with_labels_for_predictions(tmp_path, capsys):
     import datasets
     import torch
     from safetensors.torch import save_file
@@ -187,6 +187,16 @@ def test_dataset_save_to_disk_folder_with_labels_for_predictions(tmp_path):
     save_file({"prototypes": torch.randn(2, 1024)}, tmp_path / "two.safetensors")
     assert main(["certify", "--model", "tiny-llava", "--dataset", str(tmp_path / "ds"), "--prototypes",
                  str(tmp_path / "two.safetensors"), "--output", str(tmp_path / "two.jsonl")]) == 1
+    assert "2 classes, but --label-column label has 3" in capsys.readouterr().err
+    # plain integer labels (no ClassLabel): an out-of-range one stops the run before that image is certified
+    datasets.Dataset.from_dict({"image": images, "label": [1, 7, 0]}).cast_column(
+        "image", datasets.Image()).save_to_disk(tmp_path / "ints")
+    out = tmp_path / "ints.jsonl"
+    assert main(["certify", "--model", "tiny-llava", "--n", "8", "--seed", "0", "--dataset", str(tmp_path / "ints"),
+                 "--label-column", "label", "--prototypes", str(tmp_path / "protos.safetensors"), "--output",
+                 str(out)]) == 1
+    assert "--label-column label: row train/1 has label 7, but --prototypes has 3 classes" in capsys.readouterr().err
+    assert [r["key"] for r in read_run(out).rows] == ["train/0"]
 
 
 def test_dataset_from_a_local_folder_and_from_the_offline_hub_cache(tmp_path, monkeypatch):
