@@ -81,6 +81,10 @@ def test_a_file_without_a_run_header_is_refused(image_folder, tmp_path, capsys):
     assert main(["certify", "--model", "tiny-llava", "--n", "8", "--images", str(image_folder), "--output",
                  str(out)]) == 1
     assert f"{out} line 1: not an hf-fs run header" in capsys.readouterr().err
+    assert main(["certify", "--model", "tiny-llava", "--n", "8", "--images", str(image_folder), "--output",
+                 str(out), "--overwrite"]) == 0  # as the message says: a new run, the old file kept aside
+    assert (tmp_path / "old.jsonl.bak").read_text() == '{"key": "img0.png", "score": 0.9}\n'
+    assert len(read_run(out).rows) == 4
 
 
 def test_rows_are_strict_json_or_refused(tmp_path):

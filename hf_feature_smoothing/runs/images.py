@@ -103,9 +103,7 @@ def decode(opener: Callable[[], object], max_pixels: int | None) -> object:
             return to_rgb(image)
     except UnreadableImage:
         raise
-    except Image.DecompressionBombWarning as error:
-        raise UnreadableImage(f"DecompressionBombError: {error} (raise --max-image-pixels to allow it)") from None
-    except Image.DecompressionBombError as error:
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as error:
         raise UnreadableImage(f"DecompressionBombError: {error} (raise --max-image-pixels to allow it)") from None
     except Exception as error:  # noqa: BLE001  (any decoder failure is a property of this file, recorded)
         raise UnreadableImage(f"{type(error).__name__}: {error}") from None

@@ -48,7 +48,8 @@ class Run:
     1. `lock()`: rank 0 takes `<output>.lock` without waiting; a second writer fails at once, on every rank.
     2. `open(params, info)`: rank 0 merges shards left by a stopped run, reads the output (a torn last line is
        dropped; other bad lines raise unless `repair`) and compares its parameters with `params`: a difference
-       raises, naming each parameter and both values, unless `overwrite` (the old file is kept as `<output>.bak`).
+       raises, naming each parameter and both values, unless `overwrite` (the old file, and shards of a stopped
+       run, are kept with a `.bak` suffix).
        Parameters given as `None` in `params` and listed in `resolve` take the run's value (a resumed run keeps its
        seed) or, for a new run, `resolve[name]()`. Then every rank reads the done keys; with several processes each
        rank writes its own locked shard `<stem>.rank{r}-of-{w}.jsonl`.
@@ -126,14 +127,17 @@ class Run:
         logger.info(f"{self.output}: merged {len(shards)} shard(s) of a stopped run ({len(rows)} rows now).")
         return read_run(self.output)
 
+    def _set_aside(self) -> None:
+        """`--overwrite`: keep the output (whatever it holds) and shards of a stopped run with a `.bak` suffix."""
+        for path in [self.output, *existing_shards(self.output)]:
+            if path.exists():
+                os.replace(path, f"{path}.bak")
+                logger.warning(f"--overwrite: {path} is kept as {path}.bak; starting a new run.")
+
     def _prepare(self, params: dict, info: dict, resolve: dict[str, Callable[[], object]]) -> None:
+        if self.overwrite:
+            self._set_aside()
         main = self._merge_leftovers()
-        if main.header is not None and self.overwrite:
-            backup = Path(f"{self.output}.bak")
-            os.replace(self.output, backup)
-            logger.warning(f"--overwrite: the previous run in {self.output} ({len(main.rows)} rows) is kept as "
-                           f"{backup}; starting a new run.")
-            main = RunContents(self.output)
         if main.header is not None and main.header["command"] != self.command:
             raise RunError(f"{self.output} holds a `{main.header['command']}` run, not `{self.command}`: choose "
                            f"another --output, or --overwrite (the old file is kept as {self.output}.bak).")
@@ -193,8 +197,9 @@ class Run:
         if not self.shard.is_main:
             return None
         if self.shard.world > 1:
-            parts = [read_run(self.output)] + [read_run(shard_path(self.output, r, self.shard.world))
-                                               for r in range(self.shard.world)]
+            parts = [load_run(self.output, repair=self.repair)] + [
+                load_run(shard_path(self.output, r, self.shard.world), repair=self.repair)
+                for r in range(self.shard.world)]
             rows = _merge(parts)
             write_atomically(self.output, encode_lines(self.header, rows))
             for r in range(self.shard.world):
