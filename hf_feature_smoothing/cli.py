@@ -165,10 +165,10 @@ def _check_common(args) -> None:
             raise RunError(f"--device {args.device}: CUDA is not available on this machine; use --device cpu.")
         if device.index is not None and device.index >= torch.cuda.device_count():
             raise RunError(f"--device {args.device}: this machine has {torch.cuda.device_count()} CUDA device(s).")
-    if args.dtype == "float16" and (device is None or device.type != "cuda") and not torch.cuda.is_available():
+    on_cuda = device.type == "cuda" if device is not None else torch.cuda.is_available()
+    if args.dtype == "float16" and not on_cuda:
         raise RunError("--dtype float16: only on CUDA devices; use --dtype float32 (or bfloat16 where supported).")
     if args.dtype == "bfloat16":
-        on_cuda = device.type == "cuda" if device is not None else torch.cuda.is_available()
         supported = torch.cuda.is_bf16_supported() if on_cuda else torch.ops.mkldnn._is_mkldnn_bf16_supported()
         if not supported:
             raise RunError(f"--dtype bfloat16: not supported on this {'GPU' if on_cuda else 'CPU'}; use --dtype "
