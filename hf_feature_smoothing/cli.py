@@ -169,8 +169,9 @@ def _check_common(args) -> None:
     if args.dtype == "float16" and not on_cuda:
         raise RunError("--dtype float16: only on CUDA devices; use --dtype float32 (or bfloat16 where supported).")
     if args.dtype == "bfloat16":
-        supported = torch.cuda.is_bf16_supported() if on_cuda else torch.ops.mkldnn._is_mkldnn_bf16_supported()
-        if not supported:
+        from .hardware import bf16_supported
+
+        if not bf16_supported("cuda" if on_cuda else "cpu"):
             raise RunError(f"--dtype bfloat16: not supported on this {'GPU' if on_cuda else 'CPU'}; use --dtype "
                            f"float32.")
 

@@ -175,7 +175,9 @@ def test_output_plot_and_device_checks(tmp_path, monkeypatch, capsys, args, mess
 
 
 def test_dtype_is_recorded_and_checked(image_folder, tmp_path, capsys):
-    if not torch.ops.mkldnn._is_mkldnn_bf16_supported():
+    from hf_feature_smoothing.hardware import bf16_supported
+
+    if not bf16_supported("cpu"):
         assert main(["certify", *TINY, "--dtype", "bfloat16", "--output", str(tmp_path / "b.jsonl")]) == 1
         assert "--dtype bfloat16: not supported on this CPU" in capsys.readouterr().err
     else:
