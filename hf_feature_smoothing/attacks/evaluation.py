@@ -49,6 +49,12 @@ def attack_rows(
     comes from streams seeded by (`seed`, the image): the rows depend only on the seed, the image and the
     parameters, not on earlier calls or on which other images were attacked (the tower's forward-pass seed is
     restored afterwards). Without one, `generator` (random starts) and the tower's own noise are used.
+
+    Args:
+        seed (`int`, *optional*):
+            Seeds every draw for this image from (`seed`, image); `None`: `generator` and the tower's noise.
+        bound (`str`, *optional*):
+            Confidence bound of the certificate; defaults to [`certify`]'s.
     """
     if inputs.num_images != 1:
         raise ValueError(f"`attack_rows` takes one image, got {inputs.num_images}.")

@@ -128,7 +128,14 @@ class ImageSource(ABC):
 
 class FolderImages(ImageSource):
     """Image files under `folder` (recursively, common suffixes, hidden files and folders left out), sorted by
-    their path relative to the folder, which is their key."""
+    their path relative to the folder, which is their key. Only the file names are listed up front.
+
+    Args:
+        folder (`str` or `os.PathLike`):
+            The folder; one without image files is an error ([`RunError`]).
+        max_pixels (`int`, *optional*):
+            Images with more pixels are unreadable (decompression bombs); `None`: no limit.
+    """
 
     def __init__(self, folder: str | os.PathLike, max_pixels: int | None = None):
         self.folder = Path(folder)
@@ -218,7 +225,21 @@ def _open_dataset(name: str, split: str):
 class DatasetImages(ImageSource):
     """Rows of a 🤗 dataset split, read one at a time from its memory-mapped Arrow table; the image column is read
     undecoded (bytes or path) and decoded here, so a broken cell becomes a skipped row. Keys are `split/row`.
-    `label_column` is optional when not `label_required` (used only if the dataset has it)."""
+
+    Args:
+        name (`str`):
+            A `save_to_disk` folder, a folder `datasets.load_dataset` reads, or a Hub dataset id (offline cache).
+        split (`str`, *optional*, defaults to `"train"`):
+            The split to read (ignored by a `save_to_disk` folder holding a single `Dataset`).
+        image_column (`str`, *optional*, defaults to `"image"`):
+            Column of images (an `Image` feature, bytes, or paths).
+        label_column (`str`, *optional*, defaults to `"label"`):
+            Column of integer labels, or `None`.
+        max_pixels (`int`, *optional*):
+            As for [`FolderImages`].
+        label_required (`bool`, *optional*, defaults to `True`):
+            When `False`, a missing `label_column` means no labels instead of an error.
+    """
 
     def __init__(self, name: str, split: str = "train", image_column: str = "image",
                  label_column: str | None = "label", max_pixels: int | None = None, label_required: bool = True):

@@ -177,7 +177,21 @@ def _dataset_name(group: RunGroup) -> str:
 def write_report(paths: list[str | os.PathLike], output_dir: str | os.PathLike, *, group_by_params: bool = False,
                  dataset_name: str | None = None, model_name: str | None = None) -> str:
     """Write `summary.md`, one plot per group (`group{i}.png`) and `model-index.yaml` (card metadata with every
-    certify group's metrics) into `output_dir`; returns the summary text."""
+    certify group's metrics) into `output_dir`; returns the summary text. Only the rows are read: nothing is
+    certified or attacked again.
+
+    Args:
+        paths (`list[str]`):
+            Run files written by `hf-fs certify` / `hf-fs attack`.
+        output_dir (`str` or `os.PathLike`):
+            Where the report goes.
+        group_by_params (`bool`, *optional*, defaults to `False`):
+            One aggregate per parameter set, instead of refusing runs with different parameters ([`group_runs`]).
+        dataset_name (`str`, *optional*):
+            Dataset name in `model-index`; defaults to the runs' image source.
+        model_name (`str`, *optional*):
+            Model name in `model-index`; defaults to the runs' `--model`.
+    """
     from huggingface_hub import ModelCardData
 
     from .records import write_atomically

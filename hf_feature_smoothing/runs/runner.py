@@ -55,6 +55,18 @@ class Run:
        rank writes its own locked shard `<stem>.rank{r}-of-{w}.jsonl`.
     3. `append(row)` for each new row; `finish()` waits for every rank and rank 0 merges the shards into the output
        in source order; `close()` releases the locks (also on errors).
+
+    Args:
+        output (`str` or `os.PathLike`):
+            The run file (`.jsonl`).
+        command (`str`):
+            What writes the rows (`"certify"`, `"attack"`); a file of another command is never continued.
+        shard ([`Shard`], *optional*, defaults to a single process):
+            This process's rank and the number of processes ([`Shard.from_accelerate`]).
+        overwrite (`bool`, *optional*, defaults to `False`):
+            Start a new run even if `output` holds one (kept as `<output>.bak`).
+        repair (`bool`, *optional*, defaults to `False`):
+            Move lines that are not valid rows to `<output>.corrupt` instead of refusing to continue.
     """
 
     def __init__(self, output: str | os.PathLike, command: str, shard: Shard | None = None, *,
