@@ -25,7 +25,7 @@ from hf_feature_smoothing.assets.labelled_images import digit_examples
 from hf_feature_smoothing.assets.llava_dinov2_smollm2 import llava_checkpoint, prompt_text
 from hf_feature_smoothing.attacks.text import answer_attack
 from hf_feature_smoothing.hardware import bf16_supported
-from hf_feature_smoothing.runs.records import JsonlRecords
+from hf_feature_smoothing.runs.runner import Run
 
 
 BUDGETS = [("linf", 4 / 255), ("linf", 8 / 255), ("linf", 16 / 255), ("l2", 2.0)]
@@ -104,11 +104,16 @@ def main() -> None:
     params = {"images": args.images, "sigma": args.sigma, "num_samples": args.num_samples, "steps": args.steps,
               "eot": args.eot, "eval_runs": args.eval_runs, "booster": args.booster, "seed": args.seed,
               "gradient_dtype": gradient_dtype, "algorithm": "apgd"}
-    records = JsonlRecords(args.output)
-    for row in records.rows:
-        if row["params"] != params:
-            raise SystemExit(f"{args.output} holds rows made with {row['params']}, not {params}: use another "
-                             "--output or delete it.")
+    with Run(args.output, "llava-headline").lock() as run:  # locked, resumable, refuses other parameters
+        run.open(params)
+        rows = attack_cells(args, params, gradient_dtype, run)
+    table = summarize(rows)
+    Path(args.table).write_text(markdown(table, params))
+    Path(args.output).with_suffix(".summary.json").write_text(json.dumps({"params": params, "table": table}, indent=1))
+    print(markdown(table, params))
+
+
+def attack_cells(args, params: dict, gradient_dtype: str | None, run: Run) -> list[dict]:
     processor, variants = load_variants(args)
     examples = digit_examples("test", limit=args.images)
     inputs = processor(images=[e.image for e in examples], text=[prompt_text(e.question) for e in examples],
@@ -125,7 +130,7 @@ def main() -> None:
     cells += [(variant, mode, norm, eps) for variant in variants for mode in MODES for norm, eps in BUDGETS]
     for variant, mode, norm, epsilon in cells:
         key = f"{variant}|{mode}|{norm}|{epsilon:.6g}"
-        if key in records.done:
+        if key in run.done:
             continue
         start = time.time()
         smoothed = variant != "plain"
@@ -137,15 +142,12 @@ def main() -> None:
         )
         images = [{"key": e.key, "label": e.label, "accuracy": r.accuracy, "success": r.success, "loss": r.loss,
                    "norm": r.norm} for e, r in zip(examples, results)]
-        records.append({"key": key, "variant": variant, "mode": mode, "norm": norm, "epsilon": epsilon,
-                        "params": params, "seconds": round(time.time() - start, 1), "images": images})
+        run.append({"key": key, "status": "ok", "variant": variant, "mode": mode, "norm": norm, "epsilon": epsilon,
+                    "seconds": round(time.time() - start, 1), "images": images})
         print(f"{key}: accuracy {sum(i['accuracy'] for i in images) / len(images):.3f}, "
               f"success {sum(i['success'] for i in images) / len(images):.3f} ({time.time() - start:.0f} s)",
               flush=True)
-    table = summarize(records.rows)
-    Path(args.table).write_text(markdown(table, params))
-    Path(args.output).with_suffix(".summary.json").write_text(json.dumps({"params": params, "table": table}, indent=1))
-    print(markdown(table, params))
+    return run.finish()
 
 
 if __name__ == "__main__":

@@ -67,7 +67,7 @@ def target_text_attack(
         target_ids (`torch.Tensor`): 1-D token ids of the target text.
         epsilon, norm, algorithm, steps, step_size: as for [`feature_attack`].
     """
-    _check_attack(epsilon, norm, steps, eot_samples, eval_runs, 1)
+    _check_attack(epsilon, norm, steps, eot_samples, eval_runs, 1, step_size)
     if "input_ids" not in inputs or "pixel_values" not in inputs or inputs["input_ids"].shape[0] != 1:
         raise ValueError("`inputs` must hold `input_ids` (one prompt) and `pixel_values`, as the processor returns.")
     target_ids = torch.as_tensor(target_ids).flatten()
@@ -179,7 +179,7 @@ def answer_attack(
         gradient_dtype (`str`, *optional*): `"bfloat16"` computes the attack's gradients under autocast (faster where
             bf16 is native); the outcome is always measured in the model's own dtype.
     """
-    _check_attack(epsilon, norm, steps, eot_samples, eval_runs, 1)
+    _check_attack(epsilon, norm, steps, eot_samples, eval_runs, 1, step_size)
     tower = getattr(model, "smoothed_vision_tower", None)
     adapter = tower.adapter if tower is not None else get_tower_adapter(model, FeatureSmoothingConfig())
     pixel_values = inputs["pixel_values"]
