@@ -25,6 +25,17 @@ ADAPTER_WEIGHTS = "adapter_model.safetensors"
 # fields of the smoothing config that describe *which* booster is attached, not the smoothing it was trained under
 _BOOSTER_FIELDS = ("booster", "booster_config", "library_version")
 _SOURCE: contextvars.ContextVar[str | None] = contextvars.ContextVar("booster_source", default=None)
+_TOWER_SMOOTHS: contextvars.ContextVar[bool] = contextvars.ContextVar("tower_smooths", default=False)
+
+
+@contextlib.contextmanager
+def smoothing_applied_by_tower() -> Iterator[None]:
+    """Inside the block, boosters are loaded for a `SmoothedVisionTower` that conditions them: nothing to restore."""
+    token = _TOWER_SMOOTHS.set(True)
+    try:
+        yield
+    finally:
+        _TOWER_SMOOTHS.reset(token)
 
 
 @contextlib.contextmanager
@@ -72,8 +83,11 @@ def check_booster_state_dict(model: nn.Module, adapter_name: str, state_dict: di
 
 
 def booster_config_dict(config) -> dict:
-    """A booster's PEFT config as a JSON-compatible dict (the content of `adapter_config.json`)."""
-    return json.loads(json.dumps(config.to_dict(), default=lambda v: sorted(v) if isinstance(v, set) else str(v)))
+    """A booster's PEFT config as a JSON-compatible dict (the content of `adapter_config.json`), without the
+    location it was loaded into (`base_model_name_or_path`), which says nothing about the booster."""
+    data = json.loads(json.dumps(config.to_dict(), default=lambda v: sorted(v) if isinstance(v, set) else str(v)))
+    data.pop("base_model_name_or_path", None)
+    return data
 
 
 def smoothing_record(smoothing: FeatureSmoothingConfig) -> dict:
@@ -100,7 +114,7 @@ def restore_smoothing(model: nn.Module, config) -> None:
     from ..models import SMOOTHED_MODEL_CLASSES
     from ..towers import base_model_type
 
-    if not config.inference_mode or hasattr(model, "smoothed_vision_tower"):
+    if not config.inference_mode or hasattr(model, "smoothed_vision_tower") or _TOWER_SMOOTHS.get():
         return
     family = base_model_type(model)
     if family not in SMOOTHED_MODEL_CLASSES:
@@ -182,4 +196,4 @@ def load_booster(model: nn.Module, booster: str | os.PathLike, adapter_name: str
 
 
 __all__ = ["booster_source", "check_booster_state_dict", "check_finite", "load_booster", "record_smoothing",
-           "remove_boosters", "restore_smoothing"]
+           "remove_boosters", "restore_smoothing", "smoothing_applied_by_tower"]

@@ -1,5 +1,6 @@
 """Sharing certified checkpoints: model cards whose `model-index` carries the certificates, atomic saving, push."""
 
+import json
 import os
 import tempfile
 from collections.abc import Sequence
@@ -99,6 +100,11 @@ def build_model_card(
         description = ("A Gaussian Smoothness Booster (GSB) adapter: a noise-conditioned residual feature mapper that "
                        "raises the Gaussian robustness score of a frozen vision tower. Only the booster weights are "
                        "in `adapter_model.safetensors`.")
+    elif model_class == "SmoothedVisionTower":
+        snippet = (f"from hf_feature_smoothing import SmoothedVisionTower\n"
+                   f"tower = SmoothedVisionTower.from_pretrained(\"{repo_id}\")")
+        title, library = f"Certified smoothed vision encoder: {repo_id}", "transformers"
+        description = "A vision encoder whose features are certified by Feature-space Smoothing (FS)."
     else:
         snippet = (f"import hf_feature_smoothing  # registers the smoothed model types\n"
                    f"from transformers import {model_class}\nmodel = {model_class}.from_pretrained(\"{repo_id}\")")
@@ -106,8 +112,13 @@ def build_model_card(
         description = "A vision-language model whose image features are certified by Feature-space Smoothing (FS)."
     config = FeatureSmoothingConfig.from_dict(smoothing or {}) if smoothing is not None else None
     if config is not None:
-        table = "| σ | n₀ (forward samples) | smoothed features | booster |\n|---|---|---|---|\n"
-        table += f"| {config.sigma} | {config.num_samples} | {config.smoothed_features} | {config.booster or '—'} |"
+        booster_cell = config.booster or "—"
+        if config.booster_config is not None:
+            booster_cell = f"{config.booster or 'adapter'} (`{config.booster_config['adapter_name']}`, in the weights)"
+        table = "| σ | n₀ (forward samples) | seed | smoothed features | booster |\n|---|---|---|---|---|\n"
+        table += (f"| {config.sigma} | {config.num_samples} | {config.seed} | {config.smoothed_features} | "
+                  f"{booster_cell} |\n\nThe complete smoothing configuration (`feature_smoothing`), as saved:\n\n"
+                  f"```json\n{json.dumps(config.to_dict(), indent=1, sort_keys=True)}\n```")
     else:
         table = "σ is chosen when the booster is used (`FeatureSmoothingConfig(sigma=...)`); see the certificates."
     rows = _as_dicts(certificates)
@@ -135,17 +146,19 @@ def write_card_atomically(card: ModelCard, directory: str | os.PathLike) -> Path
     return directory / "README.md"
 
 
-def _smoothing_and_kind(model) -> tuple[FeatureSmoothingConfig | None, bool, str | None]:
+def _smoothing_and_kind(model) -> tuple[FeatureSmoothingConfig | None, bool, str | None, str]:
+    """(live smoothing config, is a booster, base model name, class to load it with) of what is saved."""
     from peft import PeftModel
 
+    if isinstance(model, SmoothedVisionTower):
+        base = model.encoder
+        name = getattr(getattr(base, "config", None), "_name_or_path", None) or None
+        return model.config, False, name, "SmoothedVisionTower"
     booster = isinstance(model, PeftModel)
     base = model.get_base_model() if booster else model
-    smoothing = getattr(getattr(base, "smoothed_vision_tower", None), "config", None) if booster else getattr(
-        model, "smoothing_config", None)
-    if smoothing is None and isinstance(model, SmoothedVisionTower):
-        smoothing, base = model.config, model.encoder
+    smoothing = getattr(getattr(base, "smoothed_vision_tower", None), "config", None)
     name = getattr(getattr(base, "config", None), "_name_or_path", None) or None
-    return smoothing, booster, name
+    return smoothing, booster, name, "AutoModelForImageTextToText"
 
 
 def _save_raw(model, folder: Path, **save_kwargs) -> None:
@@ -188,12 +201,12 @@ def save_certified(model, save_directory: str | os.PathLike, *, certificates: Se
                                               "revision", "create_pr") if k in save_kwargs}
     if save_kwargs.pop("is_main_process", True) is False:
         return Path(save_directory)
-    smoothing, booster, base_model = _smoothing_and_kind(model)
+    smoothing, booster, base_model, model_class = _smoothing_and_kind(model)
     with atomic_directory(save_directory) as folder:
         _save_raw(model, folder, **save_kwargs)
         card = build_model_card(repo_id or Path(save_directory).name, base_model=base_model, smoothing=smoothing,
                                 certificates=certificates, dataset_name=dataset_name, dataset_type=dataset_type,
-                                booster=booster, tags=tags)
+                                booster=booster, tags=tags, model_class=model_class)
         card.save(folder / "README.md")
     if push_to_hub:
         upload_certified_folder(save_directory, repo_id or Path(save_directory).name, api=api, **upload)

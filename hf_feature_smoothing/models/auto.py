@@ -2,6 +2,7 @@
 
 * `AutoModelForImageTextToText.from_pretrained(repo, smoothing=...)` loads the smoothed model type of the checkpoint's
   family (a stock or smoothed checkpoint alike) with those smoothing overrides, instead of a `TypeError`;
+* a local folder whose save was killed mid-swap is rolled back to the previous checkpoint before loading;
 * a config whose `model_type` is stock but which carries a `feature_smoothing` block (e.g. `model_type` edited back,
   or a stock config that was given the block) loads an **unsmoothed** stock model: that is now said, with the fix.
 """
@@ -13,6 +14,7 @@ from collections.abc import Iterator
 
 from transformers import AutoConfig, AutoModelForImageTextToText, PreTrainedConfig
 
+from ..hub.atomic import recover_if_local
 from ..logging_utils import get_logger
 from ..towers import TOWER_ADAPTERS
 
@@ -68,6 +70,7 @@ def _patch_auto_model() -> None:
 
     @functools.wraps(original)
     def from_pretrained(cls, pretrained_model_name_or_path, *model_args, **kwargs):
+        recover_if_local(pretrained_model_name_or_path)  # a save killed between its two renames is rolled back
         smoothing = kwargs.pop("smoothing", None)
         if smoothing is None:
             return original(cls, pretrained_model_name_or_path, *model_args, **kwargs)

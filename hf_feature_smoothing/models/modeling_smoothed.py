@@ -37,9 +37,9 @@ def fill_processor_settings(smoothing: FeatureSmoothingConfig, path, family: str
         logger.info(f"Smoothing `{path}` with the processor statistics of {settings['source']}: "
                     f"image_mean={smoothing.image_mean}, image_std={smoothing.image_std}.")
     if smoothing.image_mean is None or smoothing.image_std is None:
-        adapter = TOWER_ADAPTERS[family]
-        mean = smoothing.image_mean or list(adapter.default_image_mean)
-        std = smoothing.image_std or list(adapter.default_image_std)
+        default_mean, default_std = TOWER_ADAPTERS[family].family_default_stats(family)
+        mean = smoothing.image_mean or list(default_mean)
+        std = smoothing.image_std or list(default_std)
         smoothing.update({"image_mean": mean, "image_std": std})
         logger.warning(
             f"`{path}` has no `image_mean` / `image_std` in processor_config.json or preprocessor_config.json: "
@@ -59,6 +59,29 @@ def make_smoothed(model: PreTrainedModel, smoothing: FeatureSmoothingConfig) -> 
     model.__class__ = cls
     model._init_feature_smoothing()
     return model
+
+
+def check_loaded_weights(model: PreTrainedModel, info: dict, path) -> None:
+    """After `from_pretrained`: booster keys must match the booster the config describes exactly (transformers would
+    re-initialise missing ones), every tensor must be finite; weights are re-owned at aligned addresses."""
+    booster_keys = {
+        kind: sorted(str(k[0] if isinstance(k, tuple) else k) for k in info.get(kind, ())
+                     if PARAMETER_PREFIX in str(k) or ".base_layer." in str(k))
+        for kind in ("missing_keys", "unexpected_keys", "mismatched_keys")
+    }
+    if any(booster_keys.values()):
+        raise ValueError(
+            f"The weights of `{path}` do not match the booster its config.json describes "
+            f"(`feature_smoothing.booster_config`): missing keys {booster_keys['missing_keys']}, unexpected "
+            f"(renamed or extra) keys {booster_keys['unexpected_keys']}, mismatched "
+            f"{booster_keys['mismatched_keys']}. Re-save the model with `save_pretrained`."
+        )
+    check_finite(model.state_dict(), f"`{path}`")
+    for param in model.parameters():
+        # weights loaded as views into the file buffer sit at unaligned offsets, where BLAS kernels round
+        # differently: own, aligned copies make outputs bit-identical to the model that was saved
+        if param.device.type == "cpu" and param.data_ptr() % 64:
+            param.data = param.data.clone()
 
 
 class FeatureSmoothingMixin:
@@ -126,7 +149,7 @@ class FeatureSmoothingMixin:
         kwargs["config"], replace_booster = cls._smoothed_config(path, kwargs.get("config"), overrides, hub)
         want_info = kwargs.pop("output_loading_info", False)
         model, info = super().from_pretrained(path, *model_args, output_loading_info=True, **kwargs)
-        model._check_loaded(info, path)
+        check_loaded_weights(model, info, path)
         config = model.smoothing_config
         if replace_booster and config.booster_config is not None:
             remove_boosters(model)
@@ -164,26 +187,6 @@ class FeatureSmoothingMixin:
         data = {k: v for k, v in config.to_dict().items()
                 if k not in ("model_type", "transformers_version", "feature_smoothing")}
         return cls.config_class(**data, feature_smoothing=smoothing), replace_booster
-
-    def _check_loaded(self, info: dict, path) -> None:
-        booster_keys = {
-            kind: sorted(str(k[0] if isinstance(k, tuple) else k) for k in info.get(kind, ())
-                         if PARAMETER_PREFIX in str(k) or ".base_layer." in str(k))
-            for kind in ("missing_keys", "unexpected_keys", "mismatched_keys")
-        }
-        if any(booster_keys.values()):
-            raise ValueError(
-                f"The weights of `{path}` do not match the booster its config.json describes "
-                f"(`feature_smoothing.booster_config`): missing keys {booster_keys['missing_keys']}, unexpected "
-                f"(renamed or extra) keys {booster_keys['unexpected_keys']}, mismatched "
-                f"{booster_keys['mismatched_keys']}. Re-save the model with `save_pretrained`."
-            )
-        check_finite(self.state_dict(), f"`{path}`")
-        for param in self.parameters():
-            # weights loaded as views into the file buffer sit at unaligned offsets, where BLAS kernels round
-            # differently: own, aligned copies make outputs bit-identical to the model that was saved
-            if param.device.type == "cpu" and param.data_ptr() % 64:
-                param.data = param.data.clone()
 
     # ----- saving -------------------------------------------------------------------------------------------------
     def save_pretrained(self, save_directory, *, certificates=None, dataset_name: str = "custom images",
@@ -254,4 +257,4 @@ def register_smoothed_model(config_cls: type[PreTrainedConfig], model_cls: type[
             pass
 
 
-__all__ = ["FeatureSmoothingMixin", "fill_processor_settings", "make_smoothed", "register_smoothed_model"]
+__all__ = ["FeatureSmoothingMixin", "check_loaded_weights", "fill_processor_settings", "make_smoothed", "register_smoothed_model"]

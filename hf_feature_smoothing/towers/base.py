@@ -126,6 +126,11 @@ class TowerAdapter(ABC):
                 "reads `processor_config.json` / `preprocessor_config.json`) or set `image_mean` / `image_std`."
             )
 
+    @classmethod
+    def family_default_stats(cls, model_type: str) -> tuple[tuple[float, ...], tuple[float, ...]]:
+        """The normalisation statistics assumed for `model_type` when the checkpoint's processor gives none."""
+        return cls.default_image_mean, cls.default_image_std
+
     @property
     def family(self) -> str:
         return getattr(self.model.config, "model_type", "?").removeprefix("smoothed_")

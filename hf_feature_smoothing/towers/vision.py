@@ -30,6 +30,10 @@ class VisionEncoderAdapter(LlavaTowerAdapter):
         "siglip_vision_model": (IMAGENET_STANDARD_MEAN, IMAGENET_STANDARD_STD),
     }
 
+    @classmethod
+    def family_default_stats(cls, model_type: str) -> tuple[tuple[float, ...], tuple[float, ...]]:
+        return cls._DEFAULT_STATS[model_type]
+
     @property
     def default_image_mean(self) -> tuple[float, float, float]:
         return self._DEFAULT_STATS[self.model.config.model_type][0]
