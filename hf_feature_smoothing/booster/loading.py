@@ -169,13 +169,33 @@ def load_booster(model: nn.Module, booster: str | os.PathLike, adapter_name: str
         raise TypeError(f"`model` must be a transformers model with `load_adapter`, got {type(model).__name__}.")
     hub = {k: v for k, v in hub_kwargs.items() if v is not None}
     local_files_only = bool(hub.pop("local_files_only", False))
+    source = os.path.join(str(booster), hub.get("subfolder") or "", ADAPTER_WEIGHTS)
     # transformers' `load_adapter` leaves the adapter's key renamings as the model's `_weight_conversions`, which
     # `save_pretrained` would then apply to the full weights: keep the model's own
     conversions = model.__dict__.get("_weight_conversions")
-    with booster_source(os.path.join(str(booster), ADAPTER_WEIGHTS)):
-        model.load_adapter(str(booster), adapter_name=adapter_name, local_files_only=local_files_only,
-                           adapter_kwargs=hub or None)
+    with booster_source(source):
+        info = model.load_adapter(str(booster), adapter_name=adapter_name, local_files_only=local_files_only,
+                                  adapter_kwargs=hub or None)
     model._weight_conversions = conversions
+    marker = f".{PARAMETER_PREFIX}mapper.{adapter_name}."
+    loaded = {name: param for name, param in model.named_parameters() if marker in name}
+    missing = sorted(k for k in getattr(info, "missing_keys", ()) if marker in k)
+    unexpected = sorted(getattr(info, "unexpected_keys", ()))
+    mismatched = sorted(str(k) for k in getattr(info, "mismatched_keys", ()))
+    try:
+        if loaded and len(missing) == len(loaded) and not unexpected:
+            raise ValueError(f"Booster weights {source} are empty: no tensor for adapter `{adapter_name}` "
+                             f"(expected {len(loaded)}: {sorted(loaded)[:4]} ...).")
+        if missing or unexpected or mismatched:
+            raise ValueError(
+                f"Booster weights {source} do not match the booster they are loaded into (adapter `{adapter_name}`): "
+                f"missing keys {missing}, unexpected (renamed or extra) keys {unexpected}, mismatched {mismatched}. "
+                "Loading them would leave layers randomly initialised; use the file `save_pretrained` wrote."
+            )
+        check_finite(loaded, source)
+    except ValueError:
+        remove_boosters(model)  # never leave a half-loaded booster behind
+        raise
     model.set_adapter(adapter_name)
     for layer in booster_layers(model):
         for param in layer.fs_booster_mapper[adapter_name].parameters():
