@@ -4,7 +4,6 @@
 import json
 import logging
 
-import pytest
 import torch
 from PIL import Image
 
