@@ -38,7 +38,8 @@ def loading_smoothed_checkpoint() -> Iterator[None]:
 
 def _warn_if_stock_with_smoothing(cls, config_dict: dict) -> None:
     model_type = config_dict.get("model_type") or getattr(cls, "model_type", "")
-    if _OWN_LOAD.get() or not config_dict.get("feature_smoothing") or str(model_type).startswith("smoothed_"):
+    honoured = str(getattr(cls, "model_type", "")).startswith("smoothed_") or str(model_type).startswith("smoothed_")
+    if _OWN_LOAD.get() or not config_dict.get("feature_smoothing") or honoured:
         return
     fix = (f"set `\"model_type\": \"smoothed_{model_type}\"` in config.json, or load it with "
            f"`hf_feature_smoothing.SMOOTHED_MODEL_CLASSES[\"{model_type}\"].from_pretrained(...)`"
