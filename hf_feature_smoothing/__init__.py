@@ -1,7 +1,9 @@
 """Certified Feature-space Smoothing (FS) and the Gaussian Smoothness Booster (GSB) for 🤗 Transformers vision and
 multimodal models. Importing the package registers the `smoothed_*` model types with the Auto classes."""
 
-from .booster import FeatureBoosterConfig, FeatureBoosterModel, add_booster, booster_noise_level, load_booster
+from .booster import FeatureBoosterConfig, FeatureBoosterModel, GSBTrainer, add_booster, booster_noise_level
+from .booster.loading import load_booster
+from .certification import certify, certify_prediction
 from .configuration_feature_smoothing import FeatureSmoothingConfig
 from .modeling_smoothed_tower import SmoothedVisionTower
 from .models import (
@@ -25,6 +27,7 @@ __all__ = [
     "FeatureBoosterConfig",
     "FeatureBoosterModel",
     "FeatureSmoothingConfig",
+    "GSBTrainer",
     "ImageInputs",
     "SmoothedLlavaConfig",
     "SmoothedLlavaForConditionalGeneration",
@@ -39,6 +42,8 @@ __all__ = [
     "__version__",
     "add_booster",
     "booster_noise_level",
+    "certify",
+    "certify_prediction",
     "get_tower_adapter",
     "load_booster",
     "register_tower_adapter",

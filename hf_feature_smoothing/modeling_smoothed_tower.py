@@ -201,6 +201,37 @@ class SmoothedVisionTower(nn.Module):
             raise ValueError("`image_grid_thw` is required for Qwen-VL towers (the processor returns it).")
         return ImageInputs(pixel_values, image_grid_thw)
 
+    # ----- Hub checkpoints (implemented in `models/tower_pretrained.py`) -----------------------------------------
+    @classmethod
+    def from_pretrained(cls, pretrained_model_name_or_path, smoothing=None, **kwargs) -> "SmoothedVisionTower":
+        """
+        Load a smoothed tower from a folder or Hub repo: a stand-alone encoder (DINOv2, ViT, CLIP / SigLIP vision
+        model), a supported MLLM (stock: its smoothed model type is loaded; smoothed: as saved), or a folder written
+        by [`~SmoothedVisionTower.save_pretrained`].
+
+        Args:
+            pretrained_model_name_or_path (`str` or `os.PathLike`): folder or Hub repo id.
+            smoothing (`dict` or `FeatureSmoothingConfig`, *optional*): overrides of the saved smoothing (only the
+                fields it sets); processor statistics and resize settings come from the checkpoint's processor config.
+            kwargs: as for `from_pretrained` in transformers (`revision`, `subfolder`, `cache_dir`, `dtype`, ...).
+        """
+        from .models.tower_pretrained import tower_from_pretrained
+
+        return tower_from_pretrained(cls, pretrained_model_name_or_path, smoothing=smoothing, **kwargs)
+
+    def save_pretrained(self, save_directory, **kwargs):
+        """Save atomically with a model card (see `hub.save_certified`, which takes `certificates=` and
+        `push_to_hub=`): a smoothed MLLM's tower as the smoothed model, any other encoder as its stock files plus
+        `feature_smoothing.json` (and its booster in `booster/`). Reload with `SmoothedVisionTower.from_pretrained`."""
+        from .hub.sharing import save_certified
+
+        return save_certified(self, save_directory, **kwargs)
+
+    def _save_pretrained_raw(self, save_directory, **kwargs) -> None:
+        from .models.tower_pretrained import save_tower
+
+        save_tower(self, save_directory, **kwargs)
+
     # ----- hooks into an MLLM --------------------------------------------------------------------------------------
     def install(self) -> "SmoothedVisionTower":
         """Hook smoothing into the model so the language model receives smoothed features. Idempotent."""

@@ -61,14 +61,20 @@ class RecordingApi:
     """Stands in for `HfApi`: the upload path is isolated, nothing leaves the machine."""
 
     def __init__(self, target):
-        self.target, self.calls = target, []
+        self.target, self.calls, self.kwargs = target, [], {}
 
     def create_repo(self, repo_id, **kwargs):
         self.calls.append(("create_repo", repo_id))
+        self.kwargs["create_repo"] = kwargs
         return RepoUrl(f"https://hub.invalid/{repo_id}", endpoint="https://hub.invalid")
+
+    def create_branch(self, repo_id, **kwargs):
+        self.calls.append(("create_branch", repo_id))
+        self.kwargs["create_branch"] = kwargs
 
     def upload_folder(self, *, folder_path, repo_id, **kwargs):
         self.calls.append(("upload_folder", repo_id))
+        self.kwargs["upload_folder"] = kwargs
         shutil.copytree(folder_path, self.target)
         return "commit"
 
@@ -130,3 +136,33 @@ def test_no_pickle_loading_in_the_package():
             if "torch.load(" in line:
                 assert "weights_only=True" in line, (path, line)
     assert torch.__version__  # torch ≥ 2.6 defaults torch.load to weights_only=True as well
+
+
+def test_push_to_hub_takes_the_stock_arguments(certified, tmp_path):
+    model, certificates = certified
+    api = RecordingApi(tmp_path / "uploaded")
+    model.push_to_hub("org/x", certificates=certificates, commit_message="msg", commit_description="desc", private=True,
+                      tags=["my-tag"], max_shard_size="300KB", safe_serialization=True, revision="dev", create_pr=True,
+                      api=api)
+    assert api.calls == [("create_repo", "org/x"), ("create_branch", "org/x"), ("upload_folder", "org/x")]
+    assert api.kwargs["create_repo"]["private"] is True and api.kwargs["create_branch"]["branch"] == "dev"
+    assert {k: api.kwargs["upload_folder"][k] for k in ("commit_message", "commit_description", "revision",
+                                                         "create_pr")} == {
+        "commit_message": "msg", "commit_description": "desc", "revision": "dev", "create_pr": True}
+    files = set(os.listdir(tmp_path / "uploaded"))
+    assert "model.safetensors.index.json" in files and len([f for f in files if f.startswith("model-")]) > 1
+    card = ModelCard.load(tmp_path / "uploaded" / "README.md")
+    assert "my-tag" in card.data.tags and card.data.eval_results
+    with pytest.raises(ValueError, match="safe_serialization"):
+        model.push_to_hub("org/x", safe_serialization=False, api=RecordingApi(tmp_path / "never"))
+
+
+def test_save_pretrained_push_to_hub_uploads_the_folder_with_its_card(certified, tmp_path):
+    model, certificates = certified
+    api = RecordingApi(tmp_path / "uploaded")
+    model.save_pretrained(tmp_path / "local", certificates=certificates, push_to_hub=True, repo_id="org/y",
+                          commit_message="first", api=api)
+    assert api.calls == [("create_repo", "org/y"), ("upload_folder", "org/y")]
+    assert api.kwargs["upload_folder"]["commit_message"] == "first"
+    local, uploaded = (tmp_path / "local" / "README.md").read_text(), (tmp_path / "uploaded" / "README.md").read_text()
+    assert local == uploaded and 'from_pretrained("org/y")' in uploaded and "certified cosine" in uploaded

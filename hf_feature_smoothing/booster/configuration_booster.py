@@ -1,10 +1,12 @@
 """`FeatureBoosterConfig`: the PEFT config of a Gaussian Smoothness Booster (GSB) adapter."""
 
+import os
 from dataclasses import dataclass, field
 
 from peft import PeftConfig
 from peft.utils import PeftType
 
+from ..configuration_feature_smoothing import FeatureSmoothingConfig
 from ..errors import check_finite_positive
 from .registration import PEFT_TYPE_NAME, extend_peft_type
 
@@ -35,6 +37,10 @@ class FeatureBoosterConfig(PeftConfig):
             Hidden width of the mapper's MLP.
         sigmas (`list[float]`, *optional*, defaults to `[0.25]`):
             Noise levels σ (pixel [0, 1] units) the booster is trained for; smoothing at another σ logs a warning.
+        smoothing (`dict`, *optional*):
+            The `FeatureSmoothingConfig` fields of the model the booster was attached to (recorded when it is attached
+            to a smoothed model and when it is saved). Loading the booster into an *unsmoothed* MLLM
+            (`PeftModel.from_pretrained`, `AutoPeftModel.from_pretrained`) restores this smoothing.
     """
 
     target_modules: list[str] | str | None = None
@@ -45,6 +51,7 @@ class FeatureBoosterConfig(PeftConfig):
     hidden_dim: int = 256
     sigmas: list[float] = field(default_factory=lambda: [0.25])
     modules_to_save: list[str] | None = None
+    smoothing: dict | None = None
 
     def __post_init__(self):
         super().__post_init__()
@@ -60,3 +67,23 @@ class FeatureBoosterConfig(PeftConfig):
             raise ValueError(f"`sigmas` must be a non-empty list of noise levels, got {self.sigmas!r}.")
         self.sigmas = [check_finite_positive("sigmas", s, "σ is in [0, 1] pixel units, e.g. `sigmas=[0.25]`.")
                        for s in self.sigmas]
+        if self.smoothing is not None:
+            self.smoothing = FeatureSmoothingConfig.from_dict(self.smoothing).to_dict()  # validated
+
+    @classmethod
+    def from_pretrained(cls, pretrained_model_name_or_path, subfolder: str | None = None, **kwargs):
+        config = super().from_pretrained(pretrained_model_name_or_path, subfolder=subfolder, **kwargs)
+        # named in loading errors (not a field: never saved)
+        config._source = os.path.join(str(pretrained_model_name_or_path), subfolder or "", "adapter_model.safetensors")
+        return config
+
+    def save_pretrained(self, save_directory, **kwargs):
+        """`adapter_config.json`, whose `auto_mapping` names a transformers Auto class: `AutoPeftModel` can then
+        rebuild the base model without an `import_allowlist` (PEFT would otherwise record the smoothed model class
+        from `hf_feature_smoothing`, outside its allowlist); the booster restores its smoothing on load."""
+        from ..models import SMOOTHED_MODEL_CLASSES
+
+        if kwargs.get("auto_mapping_dict") is not None and self.tower_family is not None:
+            auto = "AutoModelForImageTextToText" if self.tower_family in SMOOTHED_MODEL_CLASSES else "AutoModel"
+            kwargs["auto_mapping_dict"] = {"base_model_class": auto, "parent_library": "transformers"}
+        return super().save_pretrained(save_directory, **kwargs)

@@ -1,6 +1,4 @@
-"""`FeatureBoosterModel`: the PEFT tuner that places Gaussian Smoothness Boosters, and loading helpers."""
-
-import os
+"""`FeatureBoosterModel`: the PEFT tuner that places Gaussian Smoothness Boosters (loading: `loading.py`)."""
 
 from peft import PeftModel, get_peft_model
 from peft.tuners.tuners_utils import BaseTuner
@@ -11,7 +9,8 @@ from ..configuration_feature_smoothing import FeatureSmoothingConfig
 from ..logging_utils import get_logger
 from ..towers import base_model_type, get_tower_adapter
 from .configuration_booster import FeatureBoosterConfig
-from .layer import FeatureBoosterLayer, booster_layers
+from .layer import FeatureBoosterLayer
+from .loading import check_booster_state_dict, load_booster, record_smoothing, restore_smoothing
 from .registration import PARAMETER_PREFIX, PEFT_METHOD_NAME
 
 
@@ -25,6 +24,16 @@ class FeatureBoosterModel(BaseTuner):
     prefix = PARAMETER_PREFIX
     tuner_layer_cls = FeatureBoosterLayer
     target_module_mapping: dict = {}
+
+    def __init__(self, model, peft_config, adapter_name, *args, **kwargs):
+        super().__init__(model, peft_config, adapter_name, *args, **kwargs)
+        restore_smoothing(self.model, self.peft_config[adapter_name])  # a loaded booster acts only under smoothing
+
+    @classmethod
+    def _remap_adapter_state_dict_for_load(cls, model, config, adapter_name, state_dict):
+        state_dict = super()._remap_adapter_state_dict_for_load(model, config, adapter_name, state_dict)
+        check_booster_state_dict(model, adapter_name, state_dict, getattr(config, "_source", None))  # strict
+        return state_dict
 
     def _prepare_adapter_config(self, peft_config: FeatureBoosterConfig, model_config: dict) -> FeatureBoosterConfig:
         adapter = get_tower_adapter(self.model, FeatureSmoothingConfig())
@@ -41,6 +50,8 @@ class FeatureBoosterModel(BaseTuner):
                 f"{expected}; the adapter was trained on a different model size. Load a booster trained for this model."
             )
         peft_config.tower_family, peft_config.feature_dim = family, expected
+        if peft_config.smoothing is None:
+            record_smoothing(peft_config, self.model)
         if peft_config.target_modules is None:
             peft_config.target_modules = [adapter.booster_target()]
         if peft_config.position is None:
@@ -80,38 +91,4 @@ def add_booster(model: nn.Module, config: FeatureBoosterConfig | None = None, ad
     return get_peft_model(model, config or FeatureBoosterConfig(), adapter_name=adapter_name)
 
 
-def load_booster(model: nn.Module, booster: str | os.PathLike, adapter_name: str = "gsb", **hub_kwargs) -> nn.Module:
-    """
-    Load a booster adapter (local folder or Hub repo id) into `model` in place, through transformers'
-    `model.load_adapter`, and make it the active adapter.
-
-    Args:
-        model (`PreTrainedModel`):
-            A supported tower or MLLM (smoothed or stock).
-        booster (`str` or `os.PathLike`):
-            Folder or repo id with `adapter_config.json` and `adapter_model.safetensors`.
-        adapter_name (`str`, *optional*, defaults to `"gsb"`):
-            Name of the adapter inside the model.
-        hub_kwargs:
-            `revision`, `token`, `cache_dir`, `local_files_only`, ... passed on to the Hub download.
-    """
-    if not hasattr(model, "load_adapter"):
-        raise TypeError(f"`model` must be a transformers model with `load_adapter`, got {type(model).__name__}.")
-    hub = {k: v for k, v in hub_kwargs.items() if v is not None}
-    local_files_only = bool(hub.pop("local_files_only", False))
-    model.load_adapter(str(booster), adapter_name=adapter_name, local_files_only=local_files_only,
-                       adapter_kwargs=hub or None)
-    model.set_adapter(adapter_name)
-    for layer in booster_layers(model):
-        for param in layer.fs_booster_mapper[adapter_name].parameters():
-            # loaded tensors may be views into the file buffer at unaligned offsets, where BLAS kernels round
-            # differently: own, aligned copies make outputs bit-identical to the saved model's
-            param.data = param.data.clone()
-    config = model.peft_config[adapter_name]
-    smoothing = getattr(model, "smoothed_vision_tower", None)
-    if smoothing is not None and smoothing.sigma not in config.sigmas:
-        logger.warning(
-            f"The booster was trained for σ in {config.sigmas} but the model smooths with σ={smoothing.sigma}; "
-            "its features may be less robust than measured."
-        )
-    return model
+__all__ = ["FeatureBoosterModel", "add_booster", "load_booster"]

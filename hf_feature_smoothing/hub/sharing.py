@@ -1,5 +1,6 @@
 """Sharing certified checkpoints: model cards whose `model-index` carries the certificates, atomic saving, push."""
 
+import json
 import os
 import tempfile
 from collections.abc import Sequence
@@ -9,7 +10,9 @@ from huggingface_hub import EvalResult, HfApi, ModelCard, ModelCardData
 
 from ..certification.summary import certified_accuracy, certified_cosine
 from ..configuration_feature_smoothing import FeatureSmoothingConfig
+from ..modeling_smoothed_tower import SmoothedVisionTower
 from ..version import __version__
+from .atomic import atomic_directory
 
 
 TEMPLATE = Path(__file__).parent / "model_card_templates" / "certified_model.md"
@@ -85,6 +88,7 @@ def build_model_card(
     dataset_type: str | None = None,
     booster: bool = False,
     model_class: str = "AutoModelForImageTextToText",
+    tags: Sequence[str] | None = None,
 ) -> ModelCard:
     """A model card for a smoothed model (`booster=False`) or a booster adapter (`booster=True`) from the package
     template, with the certificates in `model-index`."""
@@ -96,6 +100,11 @@ def build_model_card(
         description = ("A Gaussian Smoothness Booster (GSB) adapter: a noise-conditioned residual feature mapper that "
                        "raises the Gaussian robustness score of a frozen vision tower. Only the booster weights are "
                        "in `adapter_model.safetensors`.")
+    elif model_class == "SmoothedVisionTower":
+        snippet = (f"from hf_feature_smoothing import SmoothedVisionTower\n"
+                   f"tower = SmoothedVisionTower.from_pretrained(\"{repo_id}\")")
+        title, library = f"Certified smoothed vision encoder: {repo_id}", "transformers"
+        description = "A vision encoder whose features are certified by Feature-space Smoothing (FS)."
     else:
         snippet = (f"import hf_feature_smoothing  # registers the smoothed model types\n"
                    f"from transformers import {model_class}\nmodel = {model_class}.from_pretrained(\"{repo_id}\")")
@@ -103,13 +112,19 @@ def build_model_card(
         description = "A vision-language model whose image features are certified by Feature-space Smoothing (FS)."
     config = FeatureSmoothingConfig.from_dict(smoothing or {}) if smoothing is not None else None
     if config is not None:
-        table = "| σ | n₀ (forward samples) | smoothed features | booster |\n|---|---|---|---|\n"
-        table += f"| {config.sigma} | {config.num_samples} | {config.smoothed_features} | {config.booster or '—'} |"
+        booster_cell = config.booster or "—"
+        if config.booster_config is not None:
+            booster_cell = f"{config.booster or 'adapter'} (`{config.booster_config['adapter_name']}`, in the weights)"
+        table = "| σ | n₀ (forward samples) | seed | smoothed features | booster |\n|---|---|---|---|---|\n"
+        table += (f"| {config.sigma} | {config.num_samples} | {config.seed} | {config.smoothed_features} | "
+                  f"{booster_cell} |\n\nThe complete smoothing configuration (`feature_smoothing`), as saved:\n\n"
+                  f"```json\n{json.dumps(config.to_dict(), indent=1, sort_keys=True)}\n```")
     else:
         table = "σ is chosen when the booster is used (`FeatureSmoothingConfig(sigma=...)`); see the certificates."
     rows = _as_dicts(certificates)
     card_data = ModelCardData(
-        library_name=library, base_model=base_model, tags=list(TAGS) + (["gsb", "peft"] if booster else []),
+        library_name=library, base_model=base_model,
+        tags=list(dict.fromkeys([*TAGS, *(["gsb", "peft"] if booster else []), *(tags or [])])),
         model_name=repo_id.split("/")[-1], eval_results=results or None,
     )
     return ModelCard.from_template(
@@ -131,45 +146,116 @@ def write_card_atomically(card: ModelCard, directory: str | os.PathLike) -> Path
     return directory / "README.md"
 
 
-def _smoothing_and_kind(model) -> tuple[FeatureSmoothingConfig | None, bool, str | None]:
+def _smoothing_and_kind(model) -> tuple[FeatureSmoothingConfig | None, bool, str | None, str]:
+    """(live smoothing config, is a booster, base model name, class to load it with) of what is saved."""
     from peft import PeftModel
 
+    if isinstance(model, SmoothedVisionTower):
+        base = model.encoder
+        name = getattr(getattr(base, "config", None), "_name_or_path", None) or None
+        return model.config, False, name, "SmoothedVisionTower"
     booster = isinstance(model, PeftModel)
     base = model.get_base_model() if booster else model
-    smoothing = getattr(base, "smoothing_config", None)
+    smoothing = getattr(getattr(base, "smoothed_vision_tower", None), "config", None)
     name = getattr(getattr(base, "config", None), "_name_or_path", None) or None
-    return smoothing, booster, name
+    return smoothing, booster, name, "AutoModelForImageTextToText"
+
+
+def _save_raw(model, folder: Path, **save_kwargs) -> None:
+    """The model's own files (no card) into `folder`: a smoothed model's config and full weights, a booster
+    `PeftModel`'s adapter (with the smoothing it runs under recorded in `adapter_config.json`), a tower's files."""
+    from peft import PeftModel
+
+    from ..booster.loading import record_smoothing
+
+    if isinstance(model, PeftModel):
+        for config in model.peft_config.values():
+            if hasattr(config, "smoothing"):
+                record_smoothing(config, model)
+        model.save_pretrained(folder, safe_serialization=True, **save_kwargs)
+    elif hasattr(model, "_save_pretrained_raw"):
+        model._save_pretrained_raw(folder, **save_kwargs)
+    else:
+        model.save_pretrained(folder, **save_kwargs)
 
 
 def save_certified(model, save_directory: str | os.PathLike, *, certificates: Sequence | None = None,
                    repo_id: str | None = None, dataset_name: str = "custom images", dataset_type: str | None = None,
-                   **save_kwargs) -> Path:
-    """`save_pretrained` (safetensors) of a smoothed model or a booster `PeftModel`, plus a model card carrying
-    `certificates` in its `model-index`. Returns the folder."""
-    smoothing, booster, base_model = _smoothing_and_kind(model)
-    model.save_pretrained(save_directory, **save_kwargs)
-    card = build_model_card(repo_id or Path(save_directory).name, base_model=base_model, smoothing=smoothing,
-                            certificates=certificates, dataset_name=dataset_name, dataset_type=dataset_type,
-                            booster=booster)
-    write_card_atomically(card, save_directory)
+                   tags: Sequence[str] | None = None, safe_serialization: bool = True, push_to_hub: bool = False,
+                   api: HfApi | None = None, **save_kwargs) -> Path:
+    """
+    Save a smoothed model, a booster `PeftModel` or a `SmoothedVisionTower` with a model card carrying
+    `certificates` in its `model-index`, **atomically**: everything is written into a temporary sibling folder that
+    then replaces `save_directory` in one step (a crash leaves the previous checkpoint or the new one, never a mix;
+    files of the previous folder the save does not own, e.g. a processor, are kept). The card is generated from the
+    live smoothing config after the weights are written. Returns the folder.
+
+    With `push_to_hub=True` the finished folder is uploaded (see [`upload_certified_folder`]); `repo_id` (default:
+    the folder name), `commit_message`, `commit_description`, `private`, `token`, `revision` and `create_pr` go to
+    the upload, `api` replaces `HfApi(token=token)`.
+    """
+    if not safe_serialization:
+        raise ValueError("`safe_serialization=False` is not supported: hf_feature_smoothing writes safetensors only "
+                         "(pickled `.bin` weights can run code when loaded).")
+    upload = {k: save_kwargs.pop(k) for k in ("commit_message", "commit_description", "private", "token",
+                                              "revision", "create_pr") if k in save_kwargs}
+    if save_kwargs.pop("is_main_process", True) is False:
+        return Path(save_directory)
+    smoothing, booster, base_model, model_class = _smoothing_and_kind(model)
+    with atomic_directory(save_directory) as folder:
+        _save_raw(model, folder, **save_kwargs)
+        card = build_model_card(repo_id or Path(save_directory).name, base_model=base_model, smoothing=smoothing,
+                                certificates=certificates, dataset_name=dataset_name, dataset_type=dataset_type,
+                                booster=booster, tags=tags, model_class=model_class)
+        card.save(folder / "README.md")
+    if push_to_hub:
+        upload_certified_folder(save_directory, repo_id or Path(save_directory).name, api=api, **upload)
     return Path(save_directory)
 
 
-def push_certified_to_hub(model, repo_id: str, *, certificates: Sequence | None = None, dataset_name: str = "custom images",
-                          dataset_type: str | None = None, private: bool | None = None, token: str | None = None,
-                          revision: str | None = None, commit_message: str | None = None, create_pr: bool = False,
-                          api: HfApi | None = None):
-    """Save a smoothed model or booster with its certified card to a temporary folder and upload it in one commit.
-    `api` (default `HfApi(token=token)`) is the only thing that talks to the network: pass your own (a custom
-    `endpoint`, or a test double) to redirect it."""
+def upload_certified_folder(folder: str | os.PathLike, repo_id: str, *, commit_message: str | None = None,
+                            commit_description: str | None = None, private: bool | None = None,
+                            token: str | None = None, revision: str | None = None, create_pr: bool = False,
+                            api: HfApi | None = None, create_repo: bool = True):
+    """Create `repo_id` if needed (and the `revision` branch) and upload `folder` in one commit."""
+    api = api or HfApi(token=token)
+    if create_repo:
+        repo_id = api.create_repo(repo_id, private=private, exist_ok=True).repo_id
+    if revision is not None and not revision.startswith("refs/pr"):
+        api.create_branch(repo_id, branch=revision, exist_ok=True)
+    return api.upload_folder(folder_path=str(folder), repo_id=repo_id, revision=revision, create_pr=create_pr,
+                             commit_message=commit_message or "Upload certified checkpoint (hf_feature_smoothing)",
+                             commit_description=commit_description)
+
+
+def push_certified_to_hub(model, repo_id: str, *, certificates: Sequence | None = None,
+                          dataset_name: str = "custom images", dataset_type: str | None = None,
+                          commit_message: str | None = None, commit_description: str | None = None,
+                          private: bool | None = None, token: str | None = None, revision: str | None = None,
+                          create_pr: bool = False, max_shard_size: int | str = "50GB", tags: Sequence[str] | None = None,
+                          safe_serialization: bool = True, api: HfApi | None = None, **deprecated):
+    """
+    Save a smoothed model, booster or tower with its certified card to a temporary folder and upload it in one
+    commit; the stock `push_to_hub` arguments keep their meaning (`max_shard_size` and `safe_serialization` for the
+    save; `tags` are added to the card). `api` (default `HfApi(token=token)`) is the only thing that talks to the
+    network: pass your own (a custom `endpoint`, or a test double) to redirect it.
+    """
+    from peft import PeftModel
+
+    deprecated.pop("use_temp_dir", None)
+    if deprecated:
+        raise TypeError(f"push_to_hub() got unexpected keyword arguments {sorted(deprecated)}.")
     api = api or HfApi(token=token)
     repo_id = api.create_repo(repo_id, private=private, exist_ok=True).repo_id
-    with tempfile.TemporaryDirectory() as folder:
+    with tempfile.TemporaryDirectory() as parent:
+        folder = Path(parent) / "checkpoint"
+        kwargs = {} if isinstance(model, PeftModel) else {"max_shard_size": max_shard_size}
         save_certified(model, folder, certificates=certificates, repo_id=repo_id, dataset_name=dataset_name,
-                       dataset_type=dataset_type)
-        return api.upload_folder(folder_path=folder, repo_id=repo_id, revision=revision, create_pr=create_pr,
-                                 commit_message=commit_message or "Upload certified checkpoint (hf_feature_smoothing)")
+                       dataset_type=dataset_type, tags=tags, safe_serialization=safe_serialization, **kwargs)
+        return upload_certified_folder(folder, repo_id, commit_message=commit_message,
+                                       commit_description=commit_description, revision=revision,
+                                       create_pr=create_pr, api=api, create_repo=False)
 
 
 __all__ = ["build_model_card", "certificate_eval_results", "push_certified_to_hub", "save_certified",
-           "write_card_atomically"]
+           "upload_certified_folder", "write_card_atomically"]

@@ -1,4 +1,6 @@
+from . import auto  # noqa: F401  (Auto `smoothing=` and the stock-model_type warning)
 from .llava import SmoothedLlavaConfig, SmoothedLlavaForConditionalGeneration
+from .modeling_smoothed import make_smoothed
 from .qwen_vl import (
     SmoothedQwen2_5_VLConfig,
     SmoothedQwen2_5_VLForConditionalGeneration,
@@ -26,4 +28,5 @@ __all__ = [
     "SmoothedQwen2_5_VLForConditionalGeneration",
     "SmoothedQwen3VLConfig",
     "SmoothedQwen3VLForConditionalGeneration",
+    "make_smoothed",
 ]

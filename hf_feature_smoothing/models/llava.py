@@ -3,13 +3,15 @@
 from huggingface_hub.dataclasses import strict
 from transformers import LlavaConfig, LlavaForConditionalGeneration
 
+from ..configuration_feature_smoothing import FeatureSmoothingConfig
+from .configuration_smoothed import SmoothedConfigMixin
 from .modeling_smoothed import FeatureSmoothingMixin, register_smoothed_model
 
 
 @strict
-class SmoothedLlavaConfig(LlavaConfig):
+class SmoothedLlavaConfig(SmoothedConfigMixin, LlavaConfig):
     model_type = "smoothed_llava"
-    feature_smoothing: dict | None = None
+    feature_smoothing: FeatureSmoothingConfig | dict | None = None
 
 
 class SmoothedLlavaForConditionalGeneration(FeatureSmoothingMixin, LlavaForConditionalGeneration):

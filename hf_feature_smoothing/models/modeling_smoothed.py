@@ -1,107 +1,244 @@
 """Shared machinery of the smoothed MLLM model types (`smoothed_llava`, `smoothed_qwen2_vl`, ...)."""
 
-import json
+import copy
+import dataclasses
 import os
 
 from transformers import AutoConfig, AutoModelForImageTextToText, PreTrainedConfig, PreTrainedModel
 from transformers.conversion_mapping import get_checkpoint_conversion_mapping, register_checkpoint_conversion_mapping
-from transformers.utils import cached_file
 
-from ..booster import load_booster
+from ..booster.layer import booster_layers
+from ..booster.loading import booster_config_dict, check_finite, load_booster, remove_boosters
+from ..booster.registration import PARAMETER_PREFIX
 from ..configuration_feature_smoothing import FeatureSmoothingConfig
+from ..hub.atomic import recover_if_local
 from ..logging_utils import get_logger
 from ..modeling_smoothed_tower import SmoothedVisionTower
+from ..towers import TOWER_ADAPTERS
+from ..towers.processor import HUB_KWARGS, read_processor_settings
+from .auto import loading_smoothed_checkpoint
 
 
 logger = get_logger(__name__)
 
+BOOSTER_HUB_KWARGS = ("cache_dir", "token", "local_files_only", "force_download", "proxies")
 
-def _processor_stats(path: str | os.PathLike, **hub_kwargs) -> dict:
-    """`image_mean` / `image_std` from the checkpoint's `preprocessor_config.json`, when it has one."""
-    try:
-        file = cached_file(str(path), "preprocessor_config.json", _raise_exceptions_for_missing_entries=False,
-                           **hub_kwargs)
-    except OSError:
-        file = None
-    if file is None:
-        return {}
-    with open(file) as f:
-        data = json.load(f)
-    return {k: data[k] for k in ("image_mean", "image_std") if k in data}
+
+def fill_processor_settings(smoothing: FeatureSmoothingConfig, path, family: str, **hub_kwargs) -> None:
+    """Fill the statistics / resize settings `smoothing` lacks from the checkpoint's processor config (see
+    [`read_processor_settings`]), else the `family` default statistics (with a warning); log which were used."""
+    missing = [k for k in ("image_mean", "image_std", "image_processor") if getattr(smoothing, k) is None]
+    if not missing:
+        return
+    settings = read_processor_settings(path, **hub_kwargs)
+    found = {k: settings[k] for k in missing if k in settings}
+    smoothing.update(found)
+    if {"image_mean", "image_std"} & set(found):
+        logger.info(f"Smoothing `{path}` with the processor statistics of {settings['source']}: "
+                    f"image_mean={smoothing.image_mean}, image_std={smoothing.image_std}.")
+    if smoothing.image_mean is None or smoothing.image_std is None:
+        default_mean, default_std = TOWER_ADAPTERS[family].family_default_stats(family)
+        mean = smoothing.image_mean or list(default_mean)
+        std = smoothing.image_std or list(default_std)
+        smoothing.update({"image_mean": mean, "image_std": std})
+        logger.warning(
+            f"`{path}` has no `image_mean` / `image_std` in processor_config.json or preprocessor_config.json: "
+            f"smoothing with the `{family}` family default mean={mean}, std={std}. If the model's processor "
+            "normalises differently, pass them: `smoothing={'image_mean': [...], 'image_std': [...]}`."
+        )
+
+
+def make_smoothed(model: PreTrainedModel, smoothing: FeatureSmoothingConfig) -> PreTrainedModel:
+    """Turn a stock supported MLLM into its smoothed model type, in place (same weights, same modules)."""
+    from . import SMOOTHED_MODEL_CLASSES
+
+    family = model.config.model_type
+    cls = SMOOTHED_MODEL_CLASSES[family]
+    model.config.__class__ = cls.config_class
+    model.config.feature_smoothing = smoothing
+    model.__class__ = cls
+    model._init_feature_smoothing()
+    return model
+
+
+def check_loaded_weights(model: PreTrainedModel, info: dict, path) -> None:
+    """After `from_pretrained`: booster keys must match the booster the config describes exactly (transformers would
+    re-initialise missing ones), every tensor must be finite; weights are re-owned at aligned addresses."""
+    booster_keys = {
+        kind: sorted(str(k[0] if isinstance(k, tuple) else k) for k in info.get(kind, ())
+                     if PARAMETER_PREFIX in str(k) or ".base_layer." in str(k))
+        for kind in ("missing_keys", "unexpected_keys", "mismatched_keys")
+    }
+    if any(booster_keys.values()):
+        raise ValueError(
+            f"The weights of `{path}` do not match the booster its config.json describes "
+            f"(`feature_smoothing.booster_config`): missing keys {booster_keys['missing_keys']}, unexpected "
+            f"(renamed or extra) keys {booster_keys['unexpected_keys']}, mismatched "
+            f"{booster_keys['mismatched_keys']}. Re-save the model with `save_pretrained`."
+        )
+    check_finite(model.state_dict(), f"`{path}`")
+    for param in model.parameters():
+        # weights loaded as views into the file buffer sit at unaligned offsets, where BLAS kernels round
+        # differently: own, aligned copies make outputs bit-identical to the model that was saved
+        if param.device.type == "cpu" and param.data_ptr() % 64:
+            param.data = param.data.clone()
 
 
 class FeatureSmoothingMixin:
     """
     Mixed into a stock `*ForConditionalGeneration` class: after `__init__` the model's vision features are smoothed
-    (see [`SmoothedVisionTower`]). The smoothing parameters live in `config.feature_smoothing`, so
-    `save_pretrained` / `from_pretrained` round-trip them through `config.json`.
+    (see [`SmoothedVisionTower`]). The smoothing parameters are one [`FeatureSmoothingConfig`] object:
+    `model.config.feature_smoothing`, `model.smoothing_config` and `model.smoothed_vision_tower.config` are the same
+    object, so editing any of them edits all, and `save_pretrained` writes it to `config.json` and the model card.
 
-    `SmoothedXxx.from_pretrained(stock_checkpoint, smoothing=FeatureSmoothingConfig(...))` wraps a stock checkpoint;
-    the processor's mean/std are read from its `preprocessor_config.json` unless the config sets them. A
-    `booster` named in the config is loaded as a PEFT adapter.
+    `SmoothedXxx.from_pretrained(checkpoint, smoothing=...)` wraps a stock checkpoint or reloads a smoothed one;
+    `smoothing` overrides only the fields it sets (a dict: its keys; a `FeatureSmoothingConfig`: the fields that
+    differ from the defaults). The processor's mean/std and resize settings are read from the checkpoint's
+    `processor_config.json` / `preprocessor_config.json` unless the config has them. A model with a booster saves
+    its full weights, booster included, and reloads with it, offline.
     """
 
     def _init_feature_smoothing(self) -> None:
-        smoothing = FeatureSmoothingConfig.from_dict(self.config.feature_smoothing or {})
-        self.config.feature_smoothing = smoothing.to_dict()
+        if not isinstance(self.config.feature_smoothing, FeatureSmoothingConfig):
+            self.config.feature_smoothing = FeatureSmoothingConfig()
+        smoothing = self.config.feature_smoothing
         # not a registered submodule: the state dict and `modules()` stay exactly the stock model's
         object.__setattr__(self, "smoothed_vision_tower", SmoothedVisionTower(self, smoothing).install())
+        if smoothing.booster_config is not None:
+            self._attach_saved_booster(smoothing.booster_config)
+
+    def _attach_saved_booster(self, saved: dict) -> None:
+        """Re-create the booster layers whose weights `save_pretrained` wrote into the model's own weights."""
+        from ..booster import FeatureBoosterConfig
+
+        names = {f.name for f in dataclasses.fields(FeatureBoosterConfig)}
+        config = FeatureBoosterConfig(**{k: v for k, v in saved["config"].items() if k in names})
+        config.inference_mode = True
+        self.add_adapter(config, adapter_name=saved["adapter_name"])
 
     @property
     def smoothing_config(self) -> FeatureSmoothingConfig:
-        return self.smoothed_vision_tower.config
+        """The live smoothing parameters (the object in `config.feature_smoothing`); assigning updates it in place."""
+        return self.config.feature_smoothing
 
+    @smoothing_config.setter
+    def smoothing_config(self, value: FeatureSmoothingConfig | dict) -> None:
+        self.config.feature_smoothing = value
+
+    # ----- loading ------------------------------------------------------------------------------------------------
     @classmethod
     def from_pretrained(cls, pretrained_model_name_or_path, *model_args, smoothing=None, **kwargs):
-        if smoothing is not None:
-            hub = {k: kwargs[k] for k in ("revision", "cache_dir", "token", "local_files_only") if k in kwargs}
-            smoothing = FeatureSmoothingConfig.from_dict(smoothing)
-            if smoothing.image_mean is None or smoothing.image_std is None:
-                stats = _processor_stats(pretrained_model_name_or_path, **hub)
-                given = {k: v for k, v in smoothing.to_dict().items() if v is not None}
-                smoothing = FeatureSmoothingConfig.from_dict({**stats, **given})
-            if "config" not in kwargs:
-                kwargs["config"] = cls._smoothed_config(pretrained_model_name_or_path, smoothing, hub)
-            else:
-                kwargs["feature_smoothing"] = smoothing.to_dict()
-        loaded = super().from_pretrained(pretrained_model_name_or_path, *model_args, **kwargs)
-        model = loaded[0] if isinstance(loaded, tuple) else loaded
-        if model.smoothing_config.booster:
-            hub = {k: kwargs[k] for k in ("revision", "cache_dir", "token", "local_files_only") if k in kwargs}
-            load_booster(model, model.smoothing_config.booster, **hub)
-        return loaded
+        """
+        `PreTrainedModel.from_pretrained` for a stock or smoothed checkpoint, with:
 
-    def save_pretrained(self, save_directory, *args, certificates=None, dataset_name: str = "custom images",
-                        dataset_type: str | None = None, repo_id: str | None = None, **kwargs):
-        """`PreTrainedModel.save_pretrained`, plus a `README.md` model card (from the package template) with the
-        smoothing parameters and, when `certificates` are given, their aggregates in `model-index` metadata."""
-        from ..hub.sharing import save_certified
+        Args:
+            smoothing (`dict` or `FeatureSmoothingConfig`, *optional*):
+                Overrides of the checkpoint's smoothing (or of the defaults, for a stock checkpoint): only the fields
+                it sets change. `{"booster": "org/gsb"}` loads that booster (replacing a saved one).
+            kwargs:
+                As for transformers: `config=`, `subfolder=`, `revision=`, `cache_dir=`, `output_loading_info=`, ...
+                (the booster is loaded with `cache_dir` / `token` / `local_files_only`, not the model's revision).
 
-        if kwargs.pop("_card", True) is False:
-            return super().save_pretrained(save_directory, *args, **kwargs)
-        return save_certified(self, save_directory, certificates=certificates, repo_id=repo_id,
-                              dataset_name=dataset_name, dataset_type=dataset_type, _card=False, **kwargs)
-
-    def push_to_hub(self, repo_id: str, *, certificates=None, dataset_name: str = "custom images", **kwargs):
-        """Upload weights, config and the certified model card in one commit (see `push_certified_to_hub`); unlike
-        the stock `push_to_hub`, the card written by `save_pretrained` is kept."""
-        from ..hub.sharing import push_certified_to_hub
-
-        return push_certified_to_hub(self, repo_id, certificates=certificates, dataset_name=dataset_name, **kwargs)
+        Weights are checked after loading: booster keys must match the booster in the config exactly, and every
+        tensor must be finite (errors name the file and the tensor).
+        """
+        path = pretrained_model_name_or_path
+        recover_if_local(path)
+        hub = {k: kwargs[k] for k in HUB_KWARGS if kwargs.get(k) is not None}
+        overrides = FeatureSmoothingConfig.overrides(smoothing)
+        kwargs["config"], replace_booster = cls._smoothed_config(path, kwargs.get("config"), overrides, hub)
+        want_info = kwargs.pop("output_loading_info", False)
+        model, info = super().from_pretrained(path, *model_args, output_loading_info=True, **kwargs)
+        check_loaded_weights(model, info, path)
+        config = model.smoothing_config
+        if replace_booster and config.booster_config is not None:
+            remove_boosters(model)
+            config.booster_config = None
+        if config.booster and config.booster_config is None:
+            load_booster(model, config.booster, **{k: kwargs[k] for k in BOOSTER_HUB_KWARGS if kwargs.get(k) is not None})
+        return (model, info) if want_info else model
 
     @classmethod
-    def _smoothed_config(cls, path, smoothing: FeatureSmoothingConfig, hub: dict) -> PreTrainedConfig:
-        """The checkpoint's (stock or smoothed) config as this class's config, with `smoothing` set."""
-        stock = AutoConfig.from_pretrained(path, **hub)
+    def _smoothed_config(cls, path, config, overrides: dict, hub: dict) -> tuple[PreTrainedConfig, bool]:
+        """The checkpoint's (stock or smoothed) config, or the `config` given, as this class's config with the
+        saved smoothing updated by `overrides` and completed from the processor config; and whether the overrides
+        replace a booster saved in the weights."""
         expected = cls.config_class.model_type
-        if stock.model_type not in (expected, expected.removeprefix("smoothed_")):
+        family = expected.removeprefix("smoothed_")
+        if config is None or isinstance(config, (str, os.PathLike)):
+            with loading_smoothed_checkpoint():  # no "stock model_type" warning: this class honours the block
+                config = AutoConfig.from_pretrained(path if config is None else config, **hub)
+        else:
+            config = copy.deepcopy(config)  # never edit the caller's object
+        if config.model_type not in (expected, family):
             raise ValueError(
-                f"`{path}` is a `{stock.model_type}` checkpoint but {cls.__name__} wraps "
-                f"`{expected.removeprefix('smoothed_')}`; use the class from `hf_feature_smoothing.SMOOTHED_MODEL_CLASSES` "
-                f"for `{stock.model_type}`."
+                f"`{path}` is a `{config.model_type}` checkpoint but {cls.__name__} wraps `{family}`; use the class "
+                f"from `hf_feature_smoothing.SMOOTHED_MODEL_CLASSES` for `{config.model_type}`."
             )
-        data = {k: v for k, v in stock.to_dict().items() if k not in ("model_type", "transformers_version")}
-        return cls.config_class(**{**data, "feature_smoothing": smoothing.to_dict()})
+        saved = getattr(config, "feature_smoothing", None)
+        saved = FeatureSmoothingConfig.from_dict(saved).to_dict() if saved is not None else {}
+        replace_booster = saved.get("booster_config") is not None and "booster" in overrides and (
+            overrides["booster"] != saved.get("booster"))
+        smoothing = FeatureSmoothingConfig.from_dict({**saved, **overrides})
+        fill_processor_settings(smoothing, path, family, **hub)
+        if isinstance(config, cls.config_class):
+            config.feature_smoothing = smoothing
+            return config, replace_booster
+        data = {k: v for k, v in config.to_dict().items()
+                if k not in ("model_type", "transformers_version", "feature_smoothing")}
+        return cls.config_class(**data, feature_smoothing=smoothing), replace_booster
+
+    # ----- saving -------------------------------------------------------------------------------------------------
+    def save_pretrained(self, save_directory, *, certificates=None, dataset_name: str = "custom images",
+                        dataset_type: str | None = None, repo_id: str | None = None, push_to_hub: bool = False,
+                        **kwargs):
+        """
+        `PreTrainedModel.save_pretrained`, atomically (a temporary sibling folder swapped in whole: a crash leaves the
+        previous checkpoint or the new one), plus a `README.md` model card generated from the live smoothing config
+        with, when `certificates` are given, their aggregates in `model-index` metadata. A booster in the model is
+        saved *in* the weights (`config.json` records it under `feature_smoothing.booster_config`), so the folder
+        reloads smoothed and boosted with `AutoModelForImageTextToText.from_pretrained`, offline.
+
+        `push_to_hub=True` uploads the folder (card included) after it is written; `repo_id`, `commit_message`,
+        `commit_description`, `private`, `token`, `revision`, `create_pr`, `tags` and `api` go to the upload.
+        """
+        from ..hub.sharing import save_certified
+
+        return save_certified(self, save_directory, certificates=certificates, repo_id=repo_id,
+                              dataset_name=dataset_name, dataset_type=dataset_type, push_to_hub=push_to_hub, **kwargs)
+
+    def _save_pretrained_raw(self, save_directory, **kwargs) -> None:
+        """Config and full weights (booster included) into `save_directory`, no card."""
+        layers = booster_layers(self)
+        names = sorted({name for layer in layers for name in layer.fs_booster_mapper})
+        smoothing = self.smoothing_config
+        if len(names) > 1:
+            raise ValueError(f"The model holds several boosters {names}; keep one (`model.delete_adapter(name)`) "
+                             "before `save_pretrained`.")
+        if names:
+            name = names[0]
+            if any(layer.disable_adapters or name not in layer.active_adapters for layer in layers):
+                raise ValueError(f"Booster `{name}` is disabled: the saved model would differ from the one you run. "
+                                 "Enable it (`model.enable_adapters()`) or remove it before `save_pretrained`.")
+            smoothing.booster_config = {"adapter_name": name, "config": booster_config_dict(self.peft_config[name])}
+        else:
+            smoothing.booster_config = None
+        peft_loaded = getattr(self, "_hf_peft_config_loaded", False)
+        self._hf_peft_config_loaded = False  # full weights, not transformers' adapter-only save
+        try:
+            super().save_pretrained(save_directory, **kwargs)
+        finally:
+            self._hf_peft_config_loaded = peft_loaded
+
+    def push_to_hub(self, repo_id: str, *, certificates=None, dataset_name: str = "custom images",
+                    dataset_type: str | None = None, **kwargs):
+        """Upload weights, config and the certified model card in one commit (see `push_certified_to_hub`). Takes
+        the stock arguments (`commit_message`, `commit_description`, `private`, `token`, `revision`, `create_pr`,
+        `max_shard_size`, `tags`, `safe_serialization`) and `api` (an `HfApi`, e.g. with another endpoint)."""
+        from ..hub.sharing import push_certified_to_hub
+
+        return push_certified_to_hub(self, repo_id, certificates=certificates, dataset_name=dataset_name,
+                                     dataset_type=dataset_type, **kwargs)
 
 
 def register_smoothed_model(config_cls: type[PreTrainedConfig], model_cls: type[PreTrainedModel]) -> None:
@@ -118,3 +255,6 @@ def register_smoothed_model(config_cls: type[PreTrainedConfig], model_cls: type[
             register_checkpoint_conversion_mapping(model_cls.__name__, mapping)
         except ValueError:  # already registered (module re-imported)
             pass
+
+
+__all__ = ["FeatureSmoothingMixin", "check_loaded_weights", "fill_processor_settings", "make_smoothed", "register_smoothed_model"]

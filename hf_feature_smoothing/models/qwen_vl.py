@@ -10,13 +10,15 @@ from transformers import (
     Qwen3VLForConditionalGeneration,
 )
 
+from ..configuration_feature_smoothing import FeatureSmoothingConfig
+from .configuration_smoothed import SmoothedConfigMixin
 from .modeling_smoothed import FeatureSmoothingMixin, register_smoothed_model
 
 
 @strict
-class SmoothedQwen2VLConfig(Qwen2VLConfig):
+class SmoothedQwen2VLConfig(SmoothedConfigMixin, Qwen2VLConfig):
     model_type = "smoothed_qwen2_vl"
-    feature_smoothing: dict | None = None
+    feature_smoothing: FeatureSmoothingConfig | dict | None = None
 
 
 class SmoothedQwen2VLForConditionalGeneration(FeatureSmoothingMixin, Qwen2VLForConditionalGeneration):
@@ -28,9 +30,9 @@ class SmoothedQwen2VLForConditionalGeneration(FeatureSmoothingMixin, Qwen2VLForC
 
 
 @strict
-class SmoothedQwen2_5_VLConfig(Qwen2_5_VLConfig):
+class SmoothedQwen2_5_VLConfig(SmoothedConfigMixin, Qwen2_5_VLConfig):
     model_type = "smoothed_qwen2_5_vl"
-    feature_smoothing: dict | None = None
+    feature_smoothing: FeatureSmoothingConfig | dict | None = None
 
 
 class SmoothedQwen2_5_VLForConditionalGeneration(FeatureSmoothingMixin, Qwen2_5_VLForConditionalGeneration):
@@ -42,9 +44,9 @@ class SmoothedQwen2_5_VLForConditionalGeneration(FeatureSmoothingMixin, Qwen2_5_
 
 
 @strict
-class SmoothedQwen3VLConfig(Qwen3VLConfig):
+class SmoothedQwen3VLConfig(SmoothedConfigMixin, Qwen3VLConfig):
     model_type = "smoothed_qwen3_vl"
-    feature_smoothing: dict | None = None
+    feature_smoothing: FeatureSmoothingConfig | dict | None = None
 
 
 class SmoothedQwen3VLForConditionalGeneration(FeatureSmoothingMixin, Qwen3VLForConditionalGeneration):

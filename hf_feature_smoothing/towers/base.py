@@ -8,6 +8,11 @@ import torch
 from torch import nn
 
 from ..configuration_feature_smoothing import FeatureSmoothingConfig
+from ..logging_utils import get_logger
+from .processor import processor_pixels
+
+
+logger = get_logger(__name__)
 
 
 OPENAI_CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
@@ -68,6 +73,34 @@ class _StopCapture(Exception):
     """Raised by the last capture hook: everything after the smoothed features is not needed."""
 
 
+class _SiteHook:
+    """Forward (pre-)hook calling `fn(features)` on a site's input (`"vision"`) or output (`"projected"`), whichever
+    `config.smoothed_features` says *now*. An object, not a closure: `copy.deepcopy(model)` gives the copy hooks
+    bound to its own smoothing (a closure would keep calling the original's)."""
+
+    def __init__(self, fn: Callable[[torch.Tensor], torch.Tensor | None], config: FeatureSmoothingConfig, where: str):
+        self.fn, self.config, self.where = fn, config, where
+
+    def __call__(self, module: nn.Module, args: tuple, output=None):
+        if self.config.smoothed_features != self.where:
+            return None
+        if self.where == "projected":
+            return self.fn(output)
+        new = self.fn(args[0])
+        return None if new is None else (new, *args[1:])
+
+
+class _Handles:
+    """Removes several hook handles at once."""
+
+    def __init__(self, *handles: torch.utils.hooks.RemovableHandle):
+        self.handles = handles
+
+    def remove(self) -> None:
+        for handle in self.handles:
+            handle.remove()
+
+
 class TowerAdapter(ABC):
     """
     Everything that differs between vision-tower families, behind one interface.
@@ -84,9 +117,32 @@ class TowerAdapter(ABC):
     def __init__(self, model: nn.Module, config: FeatureSmoothingConfig):
         self.model = model
         self.config = config
-        self.image_mean = tuple(config.image_mean or self.default_image_mean)
-        self.image_std = tuple(config.image_std or self.default_image_std)
         self._captured: list[torch.Tensor] = []
+        if config.image_mean is None or config.image_std is None:
+            logger.warning_once(
+                f"No `image_mean` / `image_std` in the smoothing config: using the `{self.family}` family default "
+                f"mean {self.default_image_mean} / std {self.default_image_std}. If the checkpoint's processor "
+                "normalises differently, the noise is not in [0, 1] pixel space: load with `from_pretrained` (it "
+                "reads `processor_config.json` / `preprocessor_config.json`) or set `image_mean` / `image_std`."
+            )
+
+    @classmethod
+    def family_default_stats(cls, model_type: str) -> tuple[tuple[float, ...], tuple[float, ...]]:
+        """The normalisation statistics assumed for `model_type` when the checkpoint's processor gives none."""
+        return cls.default_image_mean, cls.default_image_std
+
+    @property
+    def family(self) -> str:
+        return getattr(self.model.config, "model_type", "?").removeprefix("smoothed_")
+
+    # read from the (live) config on every use: editing `config.image_mean` takes effect at once
+    @property
+    def image_mean(self) -> tuple[float, ...]:
+        return tuple(self.config.image_mean or self.default_image_mean)
+
+    @property
+    def image_std(self) -> tuple[float, ...]:
+        return tuple(self.config.image_std or self.default_image_std)
 
     @property
     def capturing(self) -> bool:
@@ -152,9 +208,19 @@ class TowerAdapter(ABC):
         return int(getattr(config, "image_size", 224))
 
     def preprocess(self, images: list, image_size: int | None = None) -> ImageInputs:
-        """PIL images → processed inputs: resize the short side to `image_size`, centre-crop, normalise."""
-        size = image_size or self.default_image_size()
-        image = torch.stack([_pil_to_tensor(_center_crop(img, size, size)) for img in images])
+        """PIL images → processed inputs at the model's own processor resolution and crop (`config.image_processor`,
+        read from the checkpoint), or, with `image_size` (or without processor settings), resized so the short side
+        is `image_size` (default: the model config's) and centre-cropped to a square; then normalised."""
+        geometry = self.config.image_processor
+        if image_size is None and geometry:
+            pixels = [processor_pixels(img, geometry) for img in images]
+            if len({p.shape for p in pixels}) > 1:
+                raise ValueError(f"The processor settings {geometry} give images of different sizes "
+                                 f"{sorted({tuple(p.shape) for p in pixels})}; pass `image_size=` to crop them alike.")
+            image = torch.stack(pixels)
+        else:
+            size = image_size or self.default_image_size()
+            image = torch.stack([_pil_to_tensor(_center_crop(img, size, size)) for img in images])
         like = ImageInputs(image)
         return like.with_pixels(self.from_image(image, like))
 
@@ -198,16 +264,11 @@ class TowerAdapter(ABC):
 
     def register_site_hook(
         self, module: nn.Module, fn: Callable[[torch.Tensor], torch.Tensor | None]
-    ) -> torch.utils.hooks.RemovableHandle:
-        """Hook `fn(features) -> replacement | None` on the site's input (`"vision"`) or output (`"projected"`)."""
-        if self.config.smoothed_features == "projected":
-            return module.register_forward_hook(lambda m, args, out: fn(out))
-
-        def pre_hook(m, args):
-            new = fn(args[0])
-            return None if new is None else (new, *args[1:])
-
-        return module.register_forward_pre_hook(pre_hook)
+    ) -> _Handles:
+        """Hook `fn(features) -> replacement | None` on the site's input (`"vision"`) or output (`"projected"`),
+        following `config.smoothed_features` at call time (so editing it takes effect without re-installing)."""
+        return _Handles(module.register_forward_pre_hook(_SiteHook(fn, self.config, "vision")),
+                        module.register_forward_hook(_SiteHook(fn, self.config, "projected")))
 
     # ----- pixel-space helpers shared by the families -----------------------------------------------------------
     def _stats(self, like: torch.Tensor, shape: tuple[int, ...]) -> tuple[torch.Tensor, torch.Tensor]:

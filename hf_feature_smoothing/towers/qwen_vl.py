@@ -17,6 +17,7 @@ from .base import (
     _pil_to_tensor,
     unwrap_tuner_layer,
 )
+from .processor import qwen_pixels
 
 
 @register_tower_adapter
@@ -80,19 +81,25 @@ class QwenVLTowerAdapter(TowerAdapter):
         return 224
 
     def preprocess(self, images: list, image_size: int | None = None) -> ImageInputs:
-        """PIL images → patch-flattened inputs in the processor's row order (merge windows of m×m patches), the side
-        rounded to a multiple of patch × merge size."""
+        """PIL images → patch-flattened inputs in the processor's row order (merge windows of m×m patches): at the
+        grid the model's processor gives (`smart_resize` with its min/max pixels, from `config.image_processor`),
+        or, with `image_size` (or without processor settings), centre-cropped to a square whose side is
+        `image_size` rounded to a multiple of patch × merge size."""
         channels, temporal, patch = self._patch
         merge = self.inner.config.vision_config.spatial_merge_size
         unit = patch * merge
-        side = max(unit, round((image_size or self.default_image_size()) / unit) * unit)
-        g = side // patch
+        geometry = self.config.image_processor
         patches, grids = [], []
         for img in images:
-            x = _pil_to_tensor(_center_crop(img, side, side))
-            x = x.view(channels, g // merge, merge, patch, g // merge, merge, patch).permute(1, 4, 2, 5, 0, 3, 6)
+            if image_size is None and geometry:
+                x = qwen_pixels(img, geometry, patch, merge)
+            else:
+                side = max(unit, round((image_size or self.default_image_size()) / unit) * unit)
+                x = _pil_to_tensor(_center_crop(img, side, side))
+            gh, gw = x.shape[1] // patch, x.shape[2] // patch
+            x = x.view(channels, gh // merge, merge, patch, gw // merge, merge, patch).permute(1, 4, 2, 5, 0, 3, 6)
             patches.append(x.reshape(-1, channels, patch, patch))
-            grids.append([1, g, g])
+            grids.append([1, gh, gw])
         image = torch.cat(patches)
         like = ImageInputs(torch.zeros(0, channels * temporal * patch * patch), torch.tensor(grids))
         return like.with_pixels(self.from_image(image, like))

@@ -6,7 +6,15 @@ import torch
 from torch import nn
 
 from . import register_tower_adapter
-from .base import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD, ImageInputs
+from .base import (
+    IMAGENET_DEFAULT_MEAN,
+    IMAGENET_DEFAULT_STD,
+    IMAGENET_STANDARD_MEAN,
+    IMAGENET_STANDARD_STD,
+    OPENAI_CLIP_MEAN,
+    OPENAI_CLIP_STD,
+    ImageInputs,
+)
 from .llava import LlavaTowerAdapter
 
 
@@ -14,10 +22,25 @@ from .llava import LlavaTowerAdapter
 class VisionEncoderAdapter(LlavaTowerAdapter):
     model_types = ("dinov2", "vit", "clip_vision_model", "siglip_vision_model")
 
-    def __init__(self, model: nn.Module, config):
-        super().__init__(model, config)
-        if model.config.model_type in ("dinov2", "vit") and config.image_mean is None:
-            self.image_mean, self.image_std = IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
+    # the defaults of each model type's transformers image processor (BitImageProcessor for DINOv2, ViT, CLIP, SigLIP)
+    _DEFAULT_STATS = {
+        "dinov2": (IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD),
+        "vit": (IMAGENET_STANDARD_MEAN, IMAGENET_STANDARD_STD),
+        "clip_vision_model": (OPENAI_CLIP_MEAN, OPENAI_CLIP_STD),
+        "siglip_vision_model": (IMAGENET_STANDARD_MEAN, IMAGENET_STANDARD_STD),
+    }
+
+    @classmethod
+    def family_default_stats(cls, model_type: str) -> tuple[tuple[float, ...], tuple[float, ...]]:
+        return cls._DEFAULT_STATS[model_type]
+
+    @property
+    def default_image_mean(self) -> tuple[float, float, float]:
+        return self._DEFAULT_STATS[self.model.config.model_type][0]
+
+    @property
+    def default_image_std(self) -> tuple[float, float, float]:
+        return self._DEFAULT_STATS[self.model.config.model_type][1]
 
     @property
     def inner(self) -> nn.Module:

@@ -1,0 +1,219 @@
+"""Loading boosters strictly: a booster file whose keys do not match the booster (missing, renamed or extra layers,
+or an empty state dict) or whose values are not finite fails with an error naming the file and the keys, on every
+path (`load_booster`, `PeftModel.from_pretrained`, `AutoPeftModel`, a smoothed model's `smoothing={"booster": ...}`
+and its saved weights). A booster only acts under smoothing, so attaching one to an unsmoothed MLLM restores the
+smoothing recorded in its `adapter_config.json`."""
+
+import contextlib
+import contextvars
+import json
+import os
+from collections.abc import Iterator
+
+import torch
+from torch import nn
+
+from ..configuration_feature_smoothing import FeatureSmoothingConfig
+from ..logging_utils import get_logger
+from .layer import FeatureBoosterLayer, booster_layers
+from .registration import PARAMETER_PREFIX
+
+
+logger = get_logger(__name__)
+
+ADAPTER_WEIGHTS = "adapter_model.safetensors"
+# fields of the smoothing config that describe *which* booster is attached, not the smoothing it was trained under
+_BOOSTER_FIELDS = ("booster", "booster_config", "library_version")
+_SOURCE: contextvars.ContextVar[str | None] = contextvars.ContextVar("booster_source", default=None)
+_TOWER_SMOOTHS: contextvars.ContextVar[bool] = contextvars.ContextVar("tower_smooths", default=False)
+
+
+@contextlib.contextmanager
+def smoothing_applied_by_tower() -> Iterator[None]:
+    """Inside the block, boosters are loaded for a `SmoothedVisionTower` that conditions them: nothing to restore."""
+    token = _TOWER_SMOOTHS.set(True)
+    try:
+        yield
+    finally:
+        _TOWER_SMOOTHS.reset(token)
+
+
+@contextlib.contextmanager
+def booster_source(source: str | os.PathLike | None) -> Iterator[None]:
+    """Name the file being loaded in the errors of [`check_booster_state_dict`] inside the block."""
+    token = _SOURCE.set(None if source is None else str(source))
+    try:
+        yield
+    finally:
+        _SOURCE.reset(token)
+
+
+def check_finite(tensors: dict[str, torch.Tensor], source: str) -> None:
+    """Raise naming the first tensor with NaN or inf values."""
+    for name, tensor in tensors.items():
+        if tensor.is_floating_point() and tensor.device.type != "meta" and not torch.isfinite(tensor).all():
+            raise ValueError(
+                f"Tensor `{name}` loaded from {source} has NaN or inf values: the checkpoint is corrupt (or was saved "
+                "after training diverged). Re-save it from a healthy model."
+            )
+
+
+def check_booster_state_dict(model: nn.Module, adapter_name: str, state_dict: dict[str, torch.Tensor],
+                             source: str | None = None) -> None:
+    """
+    Raise unless `state_dict` (keys already mapped to the model's) holds exactly the weights of booster
+    `adapter_name` in `model`, all finite. Without this, PEFT loads with `strict=False`: missing layers keep their
+    random initialisation and renamed or extra ones are dropped, with no error.
+    """
+    source = source or _SOURCE.get() or f"the `{ADAPTER_WEIGHTS}` of adapter `{adapter_name}`"
+    marker = f".{PARAMETER_PREFIX}mapper.{adapter_name}."
+    expected = {k for k in model.state_dict() if marker in k}
+    if not state_dict:
+        raise ValueError(f"Booster weights {source} are empty: no tensor to load into adapter `{adapter_name}` "
+                         f"(expected {len(expected)}: {sorted(expected)[:4]} ...).")
+    missing = sorted(expected - set(state_dict))
+    unexpected = sorted(set(state_dict) - expected)
+    if missing or unexpected:
+        raise ValueError(
+            f"Booster weights {source} do not match the booster they are loaded into (adapter `{adapter_name}`): "
+            f"missing keys {missing}, unexpected (renamed or extra) keys {unexpected}. Loading them would leave "
+            "layers randomly initialised; use the file `save_pretrained` wrote for this booster."
+        )
+    check_finite(state_dict, source)
+
+
+def booster_config_dict(config) -> dict:
+    """A booster's PEFT config as a JSON-compatible dict (the content of `adapter_config.json`), without the
+    location it was loaded into (`base_model_name_or_path`), which says nothing about the booster."""
+    data = json.loads(json.dumps(config.to_dict(), default=lambda v: sorted(v) if isinstance(v, set) else str(v)))
+    data.pop("base_model_name_or_path", None)
+    return data
+
+
+def smoothing_record(smoothing: FeatureSmoothingConfig) -> dict:
+    """The smoothing parameters a booster records (which booster is attached is left out)."""
+    return {k: v for k, v in smoothing.to_dict().items() if k not in _BOOSTER_FIELDS}
+
+
+def record_smoothing(config, model: nn.Module) -> None:
+    """Record the smoothing of `model` (if it is smoothed) in the booster `config` (`adapter_config.json`)."""
+    if callable(getattr(model, "get_base_model", None)):
+        model = model.get_base_model()
+    smoothing = getattr(getattr(model, "smoothed_vision_tower", None), "config", None)
+    if smoothing is not None:
+        config.smoothing = smoothing_record(smoothing)
+
+
+def restore_smoothing(model: nn.Module, config) -> None:
+    """
+    A booster is the identity unless smoothing conditions it on σ. When a booster is *loaded* (not trained) into an
+    unsmoothed supported MLLM (`PeftModel.from_pretrained(stock_model, booster)`, `AutoPeftModel`), turn the model
+    into its smoothed model type with the smoothing recorded in the booster's config, and say so. On a stand-alone
+    encoder (no language model to hook) the booster acts through `SmoothedVisionTower` / `certify`: warn.
+    """
+    from ..models import SMOOTHED_MODEL_CLASSES
+    from ..towers import base_model_type
+
+    if not config.inference_mode or hasattr(model, "smoothed_vision_tower") or _TOWER_SMOOTHS.get():
+        return
+    family = base_model_type(model)
+    if family not in SMOOTHED_MODEL_CLASSES:
+        logger.warning(
+            f"Booster loaded into an unsmoothed `{family}` encoder: it is the identity in this model's own forward "
+            "(it acts only under Feature-space Smoothing). Use the model through `SmoothedVisionTower(model, "
+            "FeatureSmoothingConfig(...))`, `certify(model, ...)` or `hf-fs`, which condition it on σ."
+        )
+        return
+    from ..models.modeling_smoothed import make_smoothed
+
+    recorded = config.smoothing is not None
+    smoothing = FeatureSmoothingConfig.from_dict(config.smoothing or {"sigma": config.sigmas[0]})
+    make_smoothed(model, smoothing)
+    logger.warning(
+        f"The booster acts only under Feature-space Smoothing, so this `{family}` model is now "
+        f"{type(model).__name__} with the smoothing "
+        + ("recorded in the booster's adapter_config.json" if recorded else
+           f"σ={smoothing.sigma} (the booster records no smoothing; σ is its first training noise level)")
+        + f" (σ={smoothing.sigma}, n={smoothing.num_samples}). Change it through `model.smoothing_config`."
+    )
+
+
+def remove_boosters(model: nn.Module) -> None:
+    """Unwrap every booster layer of `model` (the model is its un-boosted self again)."""
+    for name, module in list(model.named_modules()):
+        if isinstance(module, FeatureBoosterLayer):
+            parent, _, child = name.rpartition(".")
+            setattr(model.get_submodule(parent) if parent else model, child, module.base_layer)
+    if hasattr(model, "peft_config"):
+        del model.peft_config
+    model._hf_peft_config_loaded = False
+
+
+def load_booster(model: nn.Module, booster: str | os.PathLike, adapter_name: str = "gsb", **hub_kwargs) -> nn.Module:
+    """
+    Load a booster adapter (local folder or Hub repo id) into `model` in place, through transformers'
+    `model.load_adapter`, and make it the active adapter. The weights must match the booster exactly (see
+    [`check_booster_state_dict`]).
+
+    Args:
+        model (`PreTrainedModel`):
+            A supported tower or MLLM (smoothed or stock; a stock MLLM becomes smoothed, see [`restore_smoothing`]).
+        booster (`str` or `os.PathLike`):
+            Folder or repo id with `adapter_config.json` and `adapter_model.safetensors`.
+        adapter_name (`str`, *optional*, defaults to `"gsb"`):
+            Name of the adapter inside the model.
+        hub_kwargs:
+            `revision`, `token`, `cache_dir`, `local_files_only`, ... passed on to the Hub download.
+    """
+    if not hasattr(model, "load_adapter"):
+        raise TypeError(f"`model` must be a transformers model with `load_adapter`, got {type(model).__name__}.")
+    hub = {k: v for k, v in hub_kwargs.items() if v is not None}
+    local_files_only = bool(hub.pop("local_files_only", False))
+    source = os.path.join(str(booster), hub.get("subfolder") or "", ADAPTER_WEIGHTS)
+    # transformers' `load_adapter` leaves the adapter's key renamings as the model's `_weight_conversions`, which
+    # `save_pretrained` would then apply to the full weights: keep the model's own
+    conversions = model.__dict__.get("_weight_conversions")
+    with booster_source(source):
+        info = model.load_adapter(str(booster), adapter_name=adapter_name, local_files_only=local_files_only,
+                                  adapter_kwargs=hub or None)
+    model._weight_conversions = conversions
+    marker = f".{PARAMETER_PREFIX}mapper.{adapter_name}."
+    loaded = {name: param for name, param in model.named_parameters() if marker in name}
+    missing = sorted(k for k in getattr(info, "missing_keys", ()) if marker in k)
+    unexpected = sorted(getattr(info, "unexpected_keys", ()))
+    mismatched = sorted(str(k) for k in getattr(info, "mismatched_keys", ()))
+    try:
+        if loaded and len(missing) == len(loaded) and not unexpected:
+            raise ValueError(f"Booster weights {source} are empty: no tensor for adapter `{adapter_name}` "
+                             f"(expected {len(loaded)}: {sorted(loaded)[:4]} ...).")
+        if missing or unexpected or mismatched:
+            raise ValueError(
+                f"Booster weights {source} do not match the booster they are loaded into (adapter `{adapter_name}`): "
+                f"missing keys {missing}, unexpected (renamed or extra) keys {unexpected}, mismatched {mismatched}. "
+                "Loading them would leave layers randomly initialised; use the file `save_pretrained` wrote."
+            )
+        check_finite(loaded, source)
+    except ValueError:
+        remove_boosters(model)  # never leave a half-loaded booster behind
+        raise
+    model.set_adapter(adapter_name)
+    for layer in booster_layers(model):
+        for param in layer.fs_booster_mapper[adapter_name].parameters():
+            # loaded tensors may be views into the file buffer at unaligned offsets, where BLAS kernels round
+            # differently: own, aligned copies make outputs bit-identical to the saved model's
+            param.data = param.data.clone()
+    config = model.peft_config[adapter_name]
+    smoothing = getattr(model, "smoothed_vision_tower", None)
+    if smoothing is not None:
+        if smoothing.config is getattr(getattr(model, "config", None), "feature_smoothing", None):
+            smoothing.config.booster = str(booster)  # the model's one smoothing config names its booster
+        if smoothing.sigma not in config.sigmas:
+            logger.warning(
+                f"The booster was trained for σ in {config.sigmas} but the model smooths with σ={smoothing.sigma}; "
+                "its features may be less robust than measured."
+            )
+    return model
+
+
+__all__ = ["booster_source", "check_booster_state_dict", "check_finite", "load_booster", "record_smoothing",
+           "remove_boosters", "restore_smoothing", "smoothing_applied_by_tower"]

@@ -1,0 +1,125 @@
+"""`SmoothedVisionTower.from_pretrained` / `save_pretrained`: a smoothed tower as a Hub checkpoint.
+
+Folder layout: a smoothed MLLM is saved as the smoothed model itself (its `config.json` carries the smoothing). A
+stand-alone encoder (DINOv2, ViT, CLIP / SigLIP vision) or a stock MLLM keeps its stock `config.json` and weights;
+the smoothing goes to `feature_smoothing.json` (a `feature_smoothing` block in a stock config would be ignored by
+transformers), a booster to the `booster/` subfolder as a PEFT adapter. Every file is written atomically, with a card.
+"""
+
+import json
+import os
+from pathlib import Path
+
+from safetensors.torch import save_file
+from transformers import AutoConfig, AutoModel, AutoModelForImageTextToText
+
+from ..booster.layer import booster_layers
+from ..booster.loading import booster_config_dict, load_booster, smoothing_applied_by_tower, smoothing_record
+from ..booster.registration import PARAMETER_PREFIX
+from ..configuration_feature_smoothing import FeatureSmoothingConfig
+from ..hub.atomic import recover_if_local
+from ..logging_utils import get_logger
+from ..towers import TOWER_ADAPTERS
+from ..towers.processor import HUB_KWARGS
+from .auto import loading_smoothed_checkpoint
+from .modeling_smoothed import check_loaded_weights, fill_processor_settings
+
+
+logger = get_logger(__name__)
+
+SMOOTHING_FILE = "feature_smoothing.json"
+BOOSTER_FOLDER = "booster"
+
+
+def _read_smoothing_file(path, **hub) -> dict:
+    from transformers.utils import cached_file
+
+    try:
+        file = cached_file(str(path), SMOOTHING_FILE, _raise_exceptions_for_missing_entries=False,
+                           _raise_exceptions_for_connection_errors=False, **hub)
+    except OSError:
+        file = None
+    if file is None:
+        return {}
+    with open(file) as f:
+        return json.load(f)
+
+
+def tower_from_pretrained(cls, path, smoothing=None, **kwargs):
+    """See [`SmoothedVisionTower.from_pretrained`]."""
+    from . import SMOOTHED_MODEL_CLASSES
+
+    recover_if_local(path)
+    hub = {k: kwargs[k] for k in HUB_KWARGS if kwargs.get(k) is not None}
+    overrides = FeatureSmoothingConfig.overrides(smoothing)
+    with loading_smoothed_checkpoint():
+        config = AutoConfig.from_pretrained(path, **hub)
+    if config.model_type.startswith("smoothed_"):  # a smoothed MLLM: its own tower, smoothing in config.json
+        return AutoModelForImageTextToText.from_pretrained(path, smoothing=overrides or None, **kwargs).smoothed_vision_tower
+    family = config.model_type
+    if family not in TOWER_ADAPTERS:
+        raise ValueError(f"`{path}` is a `{family}` checkpoint; SmoothedVisionTower supports {sorted(TOWER_ADAPTERS)}.")
+    saved = _read_smoothing_file(path, **hub)
+    embedded = saved.get("booster_config")
+    if "booster" in overrides and overrides["booster"] != saved.get("booster"):
+        embedded = None  # another booster replaces the saved one
+    fields = {**saved, "booster_config": None, **overrides, **({"booster": None} if embedded else {})}
+    booster_hub = {k: v for k, v in hub.items() if k in ("cache_dir", "token", "local_files_only", "proxies")}
+    kwargs.pop("output_loading_info", None)
+    if family in SMOOTHED_MODEL_CLASSES:  # a stock MLLM saved with a tower: load it as its smoothed type
+        tower = SMOOTHED_MODEL_CLASSES[family].from_pretrained(path, smoothing=fields, **kwargs).smoothed_vision_tower
+    else:
+        smoothing_config = FeatureSmoothingConfig.from_dict(fields)
+        fill_processor_settings(smoothing_config, path, family, **hub)
+        model, info = AutoModel.from_pretrained(path, output_loading_info=True, **kwargs)
+        check_loaded_weights(model, info, path)
+        with smoothing_applied_by_tower():
+            if smoothing_config.booster:
+                load_booster(model, smoothing_config.booster, **booster_hub)
+        tower = cls(model.eval(), smoothing_config)
+    if embedded:
+        subfolder = os.path.join(hub.get("subfolder") or "", BOOSTER_FOLDER)
+        with smoothing_applied_by_tower():
+            load_booster(tower.encoder, path, adapter_name=embedded["adapter_name"], subfolder=subfolder,
+                         revision=hub.get("revision"), **booster_hub)
+        tower.config.booster = saved.get("booster")
+    return tower
+
+
+def _save_booster(encoder, folder: Path, smoothing: FeatureSmoothingConfig) -> dict | None:
+    """The encoder's booster as a PEFT adapter in `folder/booster` (the format `load_booster` reads)."""
+    from peft import get_peft_model_state_dict
+
+    names = sorted({name for layer in booster_layers(encoder) for name in layer.fs_booster_mapper})
+    if not names:
+        return None
+    if len(names) > 1:
+        raise ValueError(f"The encoder holds several boosters {names}; keep one before `save_pretrained`.")
+    name = names[0]
+    config = encoder.peft_config[name]
+    config.smoothing = smoothing_record(smoothing)
+    state = get_peft_model_state_dict(encoder, adapter_name=name)
+    target = folder / BOOSTER_FOLDER
+    target.mkdir()
+    config.save_pretrained(str(target))
+    save_file({f"base_model.model.{k}": v.contiguous() for k, v in state.items()},
+              str(target / "adapter_model.safetensors"), metadata={"format": "pt"})
+    return {"adapter_name": name, "config": booster_config_dict(config)}
+
+
+def save_tower(tower, folder: str | os.PathLike, **save_kwargs) -> None:
+    """The tower's files into `folder` (no card; see [`SmoothedVisionTower.save_pretrained`])."""
+    encoder, smoothing = tower.encoder, tower.config
+    if getattr(getattr(encoder, "config", None), "feature_smoothing", None) is smoothing:
+        encoder._save_pretrained_raw(folder, **save_kwargs)  # the tower of a smoothed MLLM: the smoothed model
+        return
+    folder = Path(folder)
+    smoothing.booster_config = _save_booster(encoder, folder, smoothing)
+    state = {k.replace(".base_layer.", "."): v for k, v in encoder.state_dict().items() if PARAMETER_PREFIX not in k}
+    peft_loaded = getattr(encoder, "_hf_peft_config_loaded", False)
+    encoder._hf_peft_config_loaded = False  # the stock weights, not transformers' adapter-only save
+    try:
+        encoder.save_pretrained(str(folder), state_dict=state, **save_kwargs)
+    finally:
+        encoder._hf_peft_config_loaded = peft_loaded
+    (folder / SMOOTHING_FILE).write_text(json.dumps(smoothing.to_dict(), indent=2, sort_keys=True) + "\n")

@@ -1,0 +1,98 @@
+"""The checkpoint's own image processor: its normalisation statistics and the pixel grid it produces.
+
+Noise and certificates live in [0, 1] pixel space *after* the processor's resize / crop, so both the statistics
+(`image_mean` / `image_std`) and the geometry (resize, crop; Qwen-VL: the `smart_resize` grid) are read from the
+checkpoint: `processor_config.json` (transformers ≥ 5 nests them under `"image_processor"`) or
+`preprocessor_config.json` (older checkpoints, top level)."""
+
+import json
+import os
+
+import torch
+
+from ..configuration_feature_smoothing import IMAGE_PROCESSOR_KEYS
+from ..logging_utils import get_logger
+
+
+logger = get_logger(__name__)
+
+PROCESSOR_FILES = ("processor_config.json", "preprocessor_config.json")
+HUB_KWARGS = ("revision", "subfolder", "cache_dir", "token", "local_files_only", "force_download", "proxies")
+
+
+def _image_processor_dict(data: dict, filename: str) -> dict | None:
+    if filename == "processor_config.json":
+        data = data.get("image_processor")
+    return data if isinstance(data, dict) and ("image_mean" in data or "size" in data) else None
+
+
+def read_processor_settings(path: str | os.PathLike, **hub_kwargs) -> dict:
+    """
+    `image_mean`, `image_std` and the resize / crop settings (`image_processor`) of the checkpoint at `path` (folder
+    or Hub repo id), from `processor_config.json` (checked first: what transformers 5 writes) or
+    `preprocessor_config.json`. Returns `{}` when neither has them; `"source"` names the file used.
+
+    Args:
+        path (`str` or `os.PathLike`): folder or Hub repo id.
+        hub_kwargs: `revision`, `subfolder`, `cache_dir`, `token`, `local_files_only`, ... as for `from_pretrained`.
+    """
+    from transformers.utils import cached_file
+
+    hub = {k: v for k, v in hub_kwargs.items() if k in HUB_KWARGS and v is not None}
+    for filename in PROCESSOR_FILES:
+        try:
+            file = cached_file(str(path), filename, _raise_exceptions_for_missing_entries=False,
+                               _raise_exceptions_for_connection_errors=False, **hub)
+        except OSError:
+            file = None
+        if file is None:
+            continue
+        with open(file) as f:
+            processor = _image_processor_dict(json.load(f), filename)
+        if processor is None:
+            continue
+        settings = {k: processor[k] for k in ("image_mean", "image_std") if k in processor}
+        geometry = {k: processor[k] for k in IMAGE_PROCESSOR_KEYS if k in processor}
+        if geometry:
+            settings["image_processor"] = geometry
+        settings["source"] = os.path.join(str(path), hub.get("subfolder") or "", filename)
+        return settings
+    return {}
+
+
+def _size_dict(size, square: bool) -> dict:
+    if isinstance(size, (int, float)):
+        return {"height": int(size), "width": int(size)} if square else {"shortest_edge": int(size)}
+    return dict(size)
+
+
+def processor_pixels(image, geometry: dict) -> torch.Tensor:
+    """A PIL image → `(3, H, W)` float tensor in [0, 1] on the grid the processor described by `geometry` produces
+    (resize, then centre crop), computed with transformers' own PIL backend so it matches the processor exactly."""
+    from transformers.image_processing_backends import PilBackend
+
+    crop = geometry.get("do_center_crop", "crop_size" in geometry)
+    size = _size_dict(geometry.get("size", 224), square=not crop)
+    kwargs = dict(do_resize=geometry.get("do_resize", True), size=size, resample=geometry.get("resample", 3),
+                  do_center_crop=bool(crop), do_rescale=True, rescale_factor=1 / 255, do_normalize=False,
+                  do_convert_rgb=True, default_to_square=False)
+    if crop:
+        kwargs["crop_size"] = _size_dict(geometry.get("crop_size", size), square=True)
+    return PilBackend(**kwargs)(image.convert("RGB"), return_tensors="pt")["pixel_values"][0].float()
+
+
+def qwen_pixels(image, geometry: dict, patch: int, merge: int) -> torch.Tensor:
+    """A PIL image → `(3, H, W)` in [0, 1] at the Qwen-VL processor's `smart_resize` grid (H, W multiples of the
+    model's patch × merge size, H·W within the processor's min/max pixels)."""
+    from transformers.image_processing_backends import PilBackend
+    from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import smart_resize
+
+    size = geometry.get("size") or {}
+    min_pixels = geometry.get("min_pixels") or size.get("shortest_edge") or 56 * 56
+    max_pixels = geometry.get("max_pixels") or size.get("longest_edge") or 28 * 28 * 1280
+    height, width = smart_resize(image.height, image.width, factor=patch * merge, min_pixels=min_pixels,
+                                 max_pixels=max_pixels)
+    backend = PilBackend(do_resize=True, size={"height": height, "width": width}, resample=geometry.get("resample", 3),
+                         do_center_crop=False, do_rescale=True, rescale_factor=1 / 255, do_normalize=False,
+                         do_convert_rgb=True)
+    return backend(image.convert("RGB"), return_tensors="pt")["pixel_values"][0].float()

@@ -1,0 +1,91 @@
+"""The checkpoint's own processor: statistics from `processor_config.json` (transformers 5) or
+`preprocessor_config.json`, never silently the family default; PIL images on the processor's own pixel grid."""
+
+import json
+import logging
+
+import torch
+from PIL import Image
+
+import hf_feature_smoothing as hfs
+from hf_feature_smoothing.testing_utils import tiny_model
+from hf_feature_smoothing.towers.processor import read_processor_settings
+
+
+def _photo(width: int = 93, height: int = 70) -> Image.Image:
+    generator = torch.Generator().manual_seed(0)
+    pixels = (torch.rand(height // 7, width // 7, 3, generator=generator) * 255).to(torch.uint8)
+    return Image.fromarray(pixels.numpy()).resize((width, height), Image.Resampling.BILINEAR)  # smooth-ish
+
+
+def _llava_processor(**image_kwargs):
+    from tokenizers import Tokenizer, models
+    from transformers import LlavaProcessor, PreTrainedTokenizerFast
+    from transformers.models.clip.image_processing_pil_clip import CLIPImageProcessorPil
+
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=Tokenizer(models.WordLevel({"<unk>": 0, "<image>": 1},
+                                                                                    unk_token="<unk>")))
+    tokenizer.add_special_tokens({"additional_special_tokens": ["<image>"]})
+    return LlavaProcessor(image_processor=CLIPImageProcessorPil(**image_kwargs), tokenizer=tokenizer, patch_size=14)
+
+
+GEOMETRY = dict(image_mean=[0.1, 0.2, 0.3], image_std=[0.3, 0.25, 0.2], size={"shortest_edge": 64},
+                crop_size={"height": 56, "width": 56})
+
+
+def test_transformers5_processor_config_is_read_and_logged(tmp_path, caplog):
+    tiny_model("llava").save_pretrained(tmp_path / "stock")
+    processor = _llava_processor(**GEOMETRY)
+    processor.save_pretrained(tmp_path / "stock")
+    assert not (tmp_path / "stock" / "preprocessor_config.json").exists()  # transformers 5 nests it
+    with caplog.at_level(logging.INFO, logger="hf_feature_smoothing"):
+        model = hfs.SmoothedLlavaForConditionalGeneration.from_pretrained(tmp_path / "stock", smoothing={"sigma": 0.2})
+    assert model.smoothing_config.image_mean == [0.1, 0.2, 0.3] and model.smoothing_config.image_std == [0.3, 0.25, 0.2]
+    assert "processor_config.json" in caplog.text and "image_mean=[0.1, 0.2, 0.3]" in caplog.text
+    # PIL images are processed on the processor's own grid: resize the short side to 64, centre-crop 56
+    image = _photo()
+    ours = model.smoothed_vision_tower.adapter.preprocess([image])
+    reference = processor.image_processor(image, return_tensors="pt")["pixel_values"]
+    assert ours.pixel_values.shape == reference.shape == (1, 3, 56, 56)
+    torch.testing.assert_close(ours.pixel_values, reference, atol=1e-5, rtol=0)
+    explicit = model.smoothed_vision_tower.adapter.preprocess([image], image_size=28)  # an explicit size wins
+    assert explicit.pixel_values.shape == (1, 3, 28, 28)
+
+
+def test_legacy_preprocessor_config_and_priority(tmp_path):
+    folder = tmp_path / "ckpt"
+    folder.mkdir()
+    (folder / "preprocessor_config.json").write_text(json.dumps({"image_mean": [0.5] * 3, "image_std": [0.5] * 3}))
+    legacy = read_processor_settings(folder)
+    assert legacy["image_mean"] == [0.5] * 3 and legacy["source"].endswith("preprocessor_config.json")
+    (folder / "processor_config.json").write_text(json.dumps({"image_processor": {"image_mean": [0.1] * 3,
+                                                                                  "image_std": [0.2] * 3}}))
+    assert read_processor_settings(folder)["image_mean"] == [0.1] * 3  # what transformers 5 writes comes first
+    (folder / "processor_config.json").write_text(json.dumps({"processor_class": "x"}))  # no image processor in it
+    assert read_processor_settings(folder)["image_mean"] == [0.5] * 3
+
+
+def test_missing_statistics_warn_and_are_recorded(tmp_path, caplog):
+    tiny_model("qwen2_vl").save_pretrained(tmp_path / "stock")
+    with caplog.at_level(logging.WARNING):
+        model = hfs.SmoothedQwen2VLForConditionalGeneration.from_pretrained(tmp_path / "stock", smoothing={})
+    assert "no `image_mean` / `image_std`" in caplog.text and "`qwen2_vl` family default" in caplog.text
+    assert model.smoothing_config.image_mean == [0.48145466, 0.4578275, 0.40821073]  # explicit in the config
+
+
+def test_qwen_images_use_the_processor_grid(tmp_path):
+    from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
+
+    tiny_model("qwen2_vl").save_pretrained(tmp_path / "stock")
+    processor = Qwen2VLImageProcessorPil(size={"shortest_edge": 56 * 56, "longest_edge": 112 * 112},
+                                         image_mean=[0.2, 0.3, 0.4], image_std=[0.5, 0.4, 0.3])
+    processor.save_pretrained(tmp_path / "stock")
+    model = hfs.SmoothedQwen2VLForConditionalGeneration.from_pretrained(tmp_path / "stock", smoothing={})
+    image = _photo(width=200, height=120)
+    ours = model.smoothed_vision_tower.adapter.preprocess([image])
+    reference = processor(image, return_tensors="pt")
+    assert reference["image_grid_thw"].tolist()[0][1] != reference["image_grid_thw"].tolist()[0][2]  # not square
+    torch.testing.assert_close(ours.image_grid_thw, reference["image_grid_thw"])
+    torch.testing.assert_close(ours.pixel_values, reference["pixel_values"], atol=1e-5, rtol=0)
+    certificate = hfs.certify(model, [image], epsilon=[0.1], n=8, n0=4, alpha=0.1, seed=0)[0]
+    assert certificate.sigma == model.smoothing_config.sigma
