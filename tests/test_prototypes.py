@@ -44,3 +44,22 @@ def test_prototypes_refuse_bad_labels():
         class_prototypes(tower, _images(2, 1), [0, -1])
     with pytest.raises(ValueError, match="one label per image"):
         class_prototypes(tower, _images(2, 1), [0])
+
+
+def test_prototypes_cli_on_a_built_in_labelled_set_then_certify_predictions(tmp_path):
+    from hf_feature_smoothing.cli import main
+
+    protos = tmp_path / "digits.safetensors"
+    assert main(["prototypes", "--model", "tiny-llava", "--images", "digits:train", "--shots", "2",
+                 "--output", str(protos)]) == 0
+    with safe_open(str(protos), "pt") as f:
+        assert f.get_tensor("prototypes").shape[0] == 10
+        assert json.loads(f.metadata()["source"])["name"] == "digits" and len(json.loads(f.metadata()["keys"])) == 20
+    assert main(["prototypes", "--model", "tiny-llava", "--images", "digits:train", "--output",
+                 str(tmp_path / "p.pt")]) == 1  # not a safetensors file
+    out = tmp_path / "pred.jsonl"
+    assert main(["certify", "--model", "tiny-llava", "--images", "digits:test", "--limit", "5", "--prototypes",
+                 str(protos), "--n", "16", "--n0", "4", "--seed", "0", "--output", str(out)]) == 0
+    rows = [json.loads(line) for line in out.read_text().splitlines()[1:]]
+    assert [r["key"] for r in rows] == [f"digits/{i}" for i in range(1000, 1005)]
+    assert all(r["label"] in range(10) for r in rows)

@@ -12,7 +12,8 @@ from .real_data import _package_dir
 DIGIT_QUESTION = "Which digit is this?"
 TEXTILE_QUESTION = "Is this textile nominal or defective, and how?"
 TEXTILE_CLASSES = ("nominal", "local", "global")
-TEXTILE_ANSWERS = ("Nominal.", "Defective: local.", "Defective: global.")
+# answers are sentences: the frozen LM's own prior then fixes the format, and the image decides the class word
+TEXTILE_ANSWERS = ("The textile is nominal.", "The textile has a local defect.", "The textile has a global defect.")
 DIGITS_TRAIN = 1000  # the first 1000 digits train; the other 797 are held out
 TEXTILES_TRAIN, TEXTILES_TEST = 200, 100  # per class: the first 200 files train, the next 100 are held out
 SPLITS = ("train", "test")
@@ -30,6 +31,10 @@ class VQAExample:
     task: str
 
 
+def digit_answer(digit: int) -> str:
+    return f"The digit is {digit}."
+
+
 def render_digit(pixels: np.ndarray, size: int = 112):
     """An 8×8 scikit-learn digit (ink 0–16) as a dark-on-white RGB PIL image upscaled (bicubic) to `size`."""
     from PIL import Image
@@ -44,7 +49,7 @@ def _check_split(split: str) -> None:
 
 
 def digit_examples(split: str = "test", size: int = 112, limit: int | None = None) -> list[VQAExample]:
-    """Handwritten digits as VQA examples ("Which digit is this?" → "7")."""
+    """Handwritten digits as VQA examples ("Which digit is this?" → "The digit is 7.")."""
     from sklearn.datasets import load_digits
 
     _check_split(split)
@@ -52,7 +57,7 @@ def digit_examples(split: str = "test", size: int = 112, limit: int | None = Non
     indices = range(DIGITS_TRAIN) if split == "train" else range(DIGITS_TRAIN, len(digits.target))
     indices = list(indices)[:limit]
     return [VQAExample(key=f"digits/{i}", image=render_digit(digits.images[i], size), question=DIGIT_QUESTION,
-                       answer=str(int(digits.target[i])), label=int(digits.target[i]), task="digits")
+                       answer=digit_answer(int(digits.target[i])), label=int(digits.target[i]), task="digits")
             for i in indices]
 
 

@@ -3,7 +3,16 @@
 `sharding`), and reports from finished runs (`report`, `plotting`)."""
 
 from .errors import RunError
-from .images import DatasetImages, FolderImages, ImageItem, ImageSource, SkimageImages, UnreadableImage
+from .images import (
+    DatasetImages,
+    FirstImages,
+    FolderImages,
+    ImageItem,
+    ImageSource,
+    LabelledImages,
+    SkimageImages,
+    UnreadableImage,
+)
 from .records import RunContents, load_run, read_run
 from .runner import Run
 from .sharding import Shard
@@ -11,9 +20,11 @@ from .sharding import Shard
 
 __all__ = [
     "DatasetImages",
+    "FirstImages",
     "FolderImages",
     "ImageItem",
     "ImageSource",
+    "LabelledImages",
     "Run",
     "RunContents",
     "RunError",

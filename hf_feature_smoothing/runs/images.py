@@ -187,6 +187,48 @@ class SkimageImages(ImageSource):
         return ImageItem(index, self.NAMES[index], None, load)
 
 
+class FirstImages(ImageSource):
+    """The first `limit` images of another source (`--limit`: smoke runs and subsets)."""
+
+    def __init__(self, source: ImageSource, limit: int):
+        self.source, self.limit = source, limit
+        self.description = {**source.description, "limit": limit}
+        for name in ("num_classes", "label_column"):
+            if hasattr(source, name):
+                setattr(self, name, getattr(source, name))
+
+    def __len__(self) -> int:
+        return min(self.limit, len(self.source))
+
+    def item(self, index: int) -> ImageItem:
+        return self.source.item(index)
+
+
+class LabelledImages(ImageSource):
+    """The labelled images shipped with the package's extras, with their class labels: `--images digits:test`
+    (scikit-learn digits, 10 classes), `--images textiles:train` (conformal-clip-data textiles, 3 classes)."""
+
+    NAMES = ("digits", "textiles")
+
+    def __init__(self, spec: str):
+        from ..assets.labelled_images import SPLITS, digit_examples, textile_examples
+
+        name, _, split = spec.partition(":")
+        if name not in self.NAMES or split not in SPLITS:
+            raise RunError(f"--images {spec}: built-in labelled sets are {[f'{n}:{s}' for n in self.NAMES for s in SPLITS]}.")
+        self.examples = digit_examples(split) if name == "digits" else textile_examples(split)
+        self.num_classes = 10 if name == "digits" else 3
+        self.label_column = "label"
+        self.description = {"kind": "labelled", "name": name, "split": split, "count": len(self.examples)}
+
+    def __len__(self) -> int:
+        return len(self.examples)
+
+    def item(self, index: int) -> ImageItem:
+        example = self.examples[index]
+        return ImageItem(index, example.key, example.label, lambda: to_rgb(example.image))
+
+
 def _open_dataset(name: str, split: str):
     """A `save_to_disk` folder, a local `load_dataset`-able folder, or a Hub dataset id (offline cache) → (the
     split as a memory-mapped `datasets.Dataset`, its description)."""
