@@ -46,6 +46,12 @@ class FeatureSmoothingConfig:
             Per-channel std of the processor's normalisation. `None` uses the tower family's default.
         booster (`str`, *optional*):
             Path or Hub repo id of a Gaussian Smoothness Booster adapter to load with the model.
+        feature_center (`list[float]`, *optional*):
+            Mean feature μ of the primary feature site, one value per feature channel (subtracted from every token),
+            estimated on reference images with `hf_feature_smoothing.certification.estimate_feature_mean`. The
+            certified base feature becomes normalise(f − μ), so a certified cosine is no longer inflated by the
+            direction every image shares; the language model still receives features in the raw space
+            (μ + the smoothed centred direction × the mean centred norm). `None` (default): no centring.
     """
 
     sigma: float = 0.25
@@ -57,6 +63,7 @@ class FeatureSmoothingConfig:
     image_mean: list[float] | None = None
     image_std: list[float] | None = None
     booster: str | None = None
+    feature_center: list[float] | None = None
     library_version: str = field(default=__version__, repr=False)
 
     def __post_init__(self):
@@ -81,6 +88,15 @@ class FeatureSmoothingConfig:
             setattr(self, name, value)
         if self.image_std is not None and min(self.image_std) <= 0:
             raise ValueError(f"`image_std` must be positive, got {self.image_std!r}.")
+        if self.feature_center is not None:
+            center = [float(v) for v in self.feature_center]
+            if not center or not all(math.isfinite(v) for v in center):
+                raise ValueError(
+                    f"`feature_center` must be a non-empty list of finite per-channel means, got {len(center)} values "
+                    f"(non-finite: {sum(not math.isfinite(v) for v in center)}); re-estimate it with "
+                    "`estimate_feature_mean(model, images)`."
+                )
+            self.feature_center = center
 
     def to_dict(self) -> dict[str, Any]:
         """Serialise to a JSON-compatible dict (stored under `feature_smoothing` in the model's `config.json`)."""
