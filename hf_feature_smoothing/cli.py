@@ -7,7 +7,8 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
-from .certification import as_smoothed_tower, certify, certify_prediction
+from .certification import REFERENCES, as_smoothed_tower, certify, certify_prediction
+from .certification.bounds import CONFIDENCE_BOUNDS
 from .logging_utils import get_logger
 from .runs.plotting import plot_certified_accuracy, plot_certified_cosine
 from .runs.records import JsonlRecords
@@ -68,7 +69,7 @@ def cmd_certify(args) -> int:
     model = load_model(args.model)
     if args.device:
         model.to(args.device)
-    tower = as_smoothed_tower(model, args.sigma)
+    tower = as_smoothed_tower(model, args.sigma, None if args.dtype == "float32" else args.dtype)
     tower.config.chunk_size = args.chunk_size
     prototypes = None
     if args.prototypes:
@@ -81,10 +82,11 @@ def cmd_certify(args) -> int:
     for key, image, label in tqdm(todo, desc="certify"):
         if prototypes is None:
             (cert,) = certify(tower, [image], epsilon=args.epsilon, n0=args.n0, n=args.n, alpha=args.alpha,
-                              tau=args.tau, bound=args.bound, reference=args.reference)
+                              tau=args.tau, bound=args.bound, reference=args.reference, seed=args.seed,
+                              target_cosine=args.target_cosine, target_radius=args.target_radius)
         else:
             (cert,) = certify_prediction(tower, [image], prototypes, None if label is None else [label], n0=args.n0,
-                                         n=args.n, alpha=args.alpha, bound=args.bound)
+                                         n=args.n, alpha=args.alpha, bound=args.bound, seed=args.seed)
         records.append({"key": key, "model": args.model, **cert.to_dict()})
     rows = records.rows
     plot = Path(args.output).with_suffix(".png")
@@ -169,10 +171,17 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--epsilon", type=float, nargs="+", default=[0.0, 0.05, 0.1, 0.25])
     c.add_argument("--tau", type=float, nargs="+", default=[0.5, 0.8])
     c.add_argument("--n0", type=int, default=64)
-    c.add_argument("--n", type=int, default=1000)
+    c.add_argument("--n", type=int, default=1000, help="estimation samples (the most, with a target)")
     c.add_argument("--alpha", type=float, default=0.001)
-    c.add_argument("--bound", default="bernstein", choices=["bernstein", "hoeffding"])
-    c.add_argument("--reference", default="clean", choices=["clean", "smoothed"])
+    c.add_argument("--bound", default="betting", choices=list(CONFIDENCE_BOUNDS))
+    c.add_argument("--reference", default="smoothed", choices=list(REFERENCES))
+    c.add_argument("--target-cosine", type=float, default=None,
+                   help="sequential: stop once FCSB(ε) ≥ this at every --epsilon (betting bound)")
+    c.add_argument("--target-radius", type=float, default=None,
+                   help="sequential: stop once R_τ ≥ this at every --tau (betting bound)")
+    c.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"],
+                   help="tower passes under autocast; the certificate covers the encoder computed in that dtype")
+    c.add_argument("--seed", type=int, default=None, help="noise seed (default: a fresh one per image, recorded)")
     c.add_argument("--chunk-size", type=int, default=32)
     c.add_argument("--device", default=None)
     c.add_argument("--output", default="outputs/certify.jsonl")

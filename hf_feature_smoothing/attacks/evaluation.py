@@ -41,7 +41,8 @@ def attack_rows(
     reference = tower.clean_unit_features(inputs)[-1].float()
     dim = tower.adapter.to_image(inputs).numel()
     l2_budgets = [e if norm == "l2" else e * math.sqrt(dim) for e in epsilons]
-    certificate = certify(tower, inputs, epsilon=l2_budgets, n=n, alpha=alpha)[0] if smoothed else None
+    # the attacks measure cosines to the clean feature f(x): certify that reference
+    certificate = certify(tower, inputs, epsilon=l2_budgets, n=n, alpha=alpha, reference="clean")[0] if smoothed else None
     samples = eval_samples if smoothed else 0
     with torch.no_grad():
         image = tower.adapter.to_image(inputs)

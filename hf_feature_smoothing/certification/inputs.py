@@ -33,15 +33,15 @@ def _from_tensor(tower: SmoothedVisionTower, images: torch.Tensor, input_space: 
                  image_grid_thw: torch.Tensor | None, name: str) -> ImageInputs:
     adapter = tower.adapter
     patch_flattened = hasattr(adapter, "_patch")
+    if input_space == "pixel" and patch_flattened:
+        raise ValueError(f"`input_space='pixel'` needs `(B, 3, H, W)` images, but Qwen-VL towers take "
+                         f"patch-flattened `{name}`; pass PIL images or the processor's `pixel_values` with "
+                         "`input_space='processed'`.")
     check_images(name, images, 2 if patch_flattened else 4)
     if patch_flattened and image_grid_thw is None:
         raise ValueError(f"`image_grid_thw` is required with tensor `{name}` for Qwen-VL towers (the processor "
                          "returns it); or pass PIL images.")
     if input_space == "pixel":
-        if patch_flattened:
-            raise ValueError(f"`input_space='pixel'` needs `(B, 3, H, W)` images, but Qwen-VL towers take "
-                             f"patch-flattened `{name}`; pass PIL images or the processor's `pixel_values` with "
-                             "`input_space='processed'`.")
         low, high = _range(images)
         if not _in_unit_range(low, high):
             raise ValueError(f"`{name}` with `input_space='pixel'` must hold [0, 1] intensities, got values in "
