@@ -6,9 +6,9 @@ When E[X] ≤ m and λᵢ(m) ∈ [0, 1/m) depends on X₁..Xᵢ₋₁ only (pred
 supermartingale, so by Ville's inequality P(sup_t K_t(m) ≥ 1/α) ≤ α. The average of capitals over several
 truncations λᵢ(m) = min(λ̃ᵢ, c/m), c ∈ `TRUNCATIONS`, is itself such a process (much tighter than any single c when
 the scores concentrate near 1). Every factor decreases in m, so the rejected set {m : sup_t K_t(m) ≥ 1/α} is an
-interval [0, L): the lower bound is L, found by a grid search with refinement, vectorised over sequences (only points verified as rejected are ever
-reported). Because sup_t is taken over every prefix, the bound after t scores holds **simultaneously for every t**
-(a confidence sequence): stopping at a data-dependent time is valid.
+interval [0, L): the lower bound is L, found by a grid search with refinement, vectorised over sequences (only
+points verified as rejected are ever reported). Because sup_t is taken over every prefix, the bound after t scores
+holds **simultaneously for every t** (a confidence sequence): stopping at a data-dependent time is valid.
 """
 
 import contextlib

@@ -249,13 +249,13 @@ class _FeatureJob:
 
 
 class _PredictionJob:
-    """n0 selection samples choose y and the runner-ups; n estimation samples keep the scores of those classes, the
-    largest score of the other classes, and streaming moments (Σp, Σp²) of all K."""
+    """n0 selection samples choose y and the runner-ups; n estimation samples keep the scores of those classes and the
+    largest score of the other classes (and, for the flat split, streaming moments Σp, Σp² of all K)."""
 
     def __init__(self, inputs: ImageInputs, noise: _ImageNoise, prototypes: torch.Tensor, n0: int, n: int,
-                 runner_ups: int):
+                 runner_ups: int, moments: bool):
         self.inputs, self.noise, self.prototypes, self.n0, self.n = inputs, noise, prototypes, n0, n
-        self.runner_ups = runner_ups
+        self.runner_ups, self.track_moments = runner_ups, moments
         self.selection, self.moments = _QuantumSum(), _QuantumSum()
         self.classes: list[int] | None = None  # [y, runner-ups...]
         self.kept: list[torch.Tensor] = []
@@ -282,7 +282,8 @@ class _PredictionJob:
         scores = ((1.0 + features @ protos.T) / 2.0).clamp(0.0, 1.0).double()
         rest_max = scores[:, self.rest].amax(1, keepdim=True) if self.rest.any() else scores[:, :0]
         self.kept.append(torch.cat([scores[:, self.classes], rest_max], dim=1).cpu())
-        self.moments.add(torch.cat([scores, scores.pow(2)], dim=1))
+        if self.track_moments:  # per-class bounds of the flat split
+            self.moments.add(torch.cat([scores, scores.pow(2)], dim=1))
         self.drawn += scores.shape[0]
         self.done = self.drawn == self.n
 
@@ -519,8 +520,8 @@ def certify_prediction(
                          f"{sorted({b.numel() for b in blanks})}.")
     runner_ups = min(RUNNER_UPS, num_classes - 1)
     alpha_y, alpha_runner_up, alpha_rest = prediction_alphas(num_classes, runner_ups, alpha, alpha_split)
-    jobs = [_PredictionJob(inputs, _ImageNoise(tower, inputs, seed), prototypes, n0, n, runner_ups)
-            for inputs in inputs_list]
+    jobs = [_PredictionJob(inputs, _ImageNoise(tower, inputs, seed), prototypes, n0, n, runner_ups,
+                           moments=alpha_split == "flat") for inputs in inputs_list]
     with tqdm(total=len(jobs), desc="certify", disable=not progress) as bar:
         _run_jobs(tower, jobs, bar)
     horizon = n if bound == "betting" else None
