@@ -349,7 +349,7 @@ def main():
     print(f"\nMeaning (smoothed reference from n0 = {N0}, n = {args.sigma_samples}, betting; μ from "
           f"{len(references)} images: scikit-image {REFERENCES} and 6 textiles; unrelated = {UNRELATED}):")
     print("| σ | features | mean S | mean S_low | mean FCSB ε=0.05 / 0.25 | blank cosine | closest unrelated | "
-          "per image S |\n|---|---|---|---|---|---|---|---|")
+          "per image S | mean S, clean reference f(x) |\n|---|---|---|---|---|---|---|---|---|")
     meaning = {}
     for s_ in (0.12, 0.25, 0.5):
         for label, c in (("raw", None), ("centred", center)):
@@ -359,7 +359,9 @@ def main():
                 v = nn.functional.normalize(unit(selection[:N0], c).sum(0), dim=0)
                 sc = ((1 + unit(estimation[: args.sigma_samples], c) @ v) / 2).clamp(0, 1)
                 low = betting_lower_bound(sc, alpha).item()
+                clean_s = ((1 + unit(estimation[: args.sigma_samples], c) @ unit(clean[name], c)) / 2).mean().item()
                 rows.append({"S": sc.mean().item(), "S_low": low, "fcsb": [cert(low, e, s_) for e in (0.05, 0.25)],
+                             "S_clean": clean_s,
                              "blank": (unit(blank, c) @ v).item(),
                              "unrelated": (unit(unrelated, c) @ v).max().item()})
             meaning[s_, label] = rows
@@ -367,7 +369,8 @@ def main():
             f05 = sum(r["fcsb"][0] or 0 for r in rows) / len(rows)
             f25 = sum(r["fcsb"][1] or 0 for r in rows) / len(rows)
             print(f"| {s_} | {label} | {mean('S'):.4f} | {mean('S_low'):.4f} | {f05:.3f} / {f25:.3f} | "
-                  f"{mean('blank'):.3f} | {mean('unrelated'):.3f} | " + ", ".join(f"{r['S']:.3f}" for r in rows) + " |")
+                  f"{mean('blank'):.3f} | {mean('unrelated'):.3f} | " + ", ".join(f"{r['S']:.3f}" for r in rows)
+                  + f" | {mean('S_clean'):.4f} |")
     results["meaning"] = {f"{k[0]}/{k[1]}": v for k, v in meaning.items()}
     if args.json:
         with open(args.json, "w") as f:
