@@ -151,7 +151,7 @@ class BettingTest:
             return self._update(scores)
 
     def _update(self, scores: torch.Tensor) -> tuple[int | None, int | None]:
-        x = scores.detach().to(torch.float64).flatten().clamp(0.0, 1.0)
+        x = scores.detach().to("cpu", torch.float64).flatten().clamp(0.0, 1.0)  # the state lives on the CPU
         if x.numel() == 0:
             return None, None
         t = self.count + torch.arange(1, x.numel() + 1, dtype=torch.float64)
