@@ -12,7 +12,7 @@ from hf_feature_smoothing.certification import certify
 
 tower = SmoothedVisionTower(load_dinov2_small(), FeatureSmoothingConfig(sigma=0.12, chunk_size=32))
 photo = skimage_photos(("coffee",))["coffee"]
-(certificate,) = certify(tower, [photo], epsilon=[0.05, 0.12], n=128, alpha=0.01)
+(certificate,) = certify(tower, [photo], epsilon=[0.05, 0.12], n=128, alpha=0.01, reference="clean")  # attacked below
 print(certificate)
 
 inputs = tower.adapter.preprocess([photo])

@@ -278,7 +278,8 @@ def cmd_certify(args) -> int:
                   "dtype": args.dtype, "image_size": args.image_size, "device": shard.device.type,
                   "max_image_pixels": args.max_image_pixels}
         if prototypes is None:
-            params.update(prototypes=None, epsilon=args.epsilon, tau=args.tau, reference=args.reference)
+            params.update(prototypes=None, epsilon=args.epsilon, tau=args.tau, reference=args.reference,
+                          target_cosine=args.target_cosine, target_radius=args.target_radius)
         else:
             params.update(prototypes={"sha256": file_sha256(args.prototypes), "shape": list(prototypes.shape)})
         run.open(params, _run_info(shard), resolve={"seed": fresh_seed})
@@ -298,7 +299,7 @@ def cmd_certify(args) -> int:
                     continue
                 if prototypes is None:
                     (cert,) = certify(tower, [image], epsilon=args.epsilon, tau=args.tau, reference=args.reference,
-                                      **common)
+                                      target_cosine=args.target_cosine, target_radius=args.target_radius, **common)
                 else:
                     label = _check_label(item, prototypes, getattr(source, "label_column", None))
                     (cert,) = certify_prediction(tower, [image], prototypes, None if label is None else [label],
@@ -487,6 +488,11 @@ def build_parser() -> argparse.ArgumentParser:
                    help="one-sided confidence bound")
     c.add_argument("--reference", default=CERTIFY_DEFAULTS["reference"], choices=list(REFERENCES),
                    help="reference direction v of the score: f(x) (`clean`) or the smoothed feature (`smoothed`)")
+    c.add_argument("--target-cosine", type=_number(float, -1, 1, high_open=True), default=None,
+                   help="sequential certification: stop sampling once FCSB(ε) ≥ this at every --epsilon (betting "
+                        "bound; --n is then the most samples)")
+    c.add_argument("--target-radius", type=_number(float, 0, low_open=True), default=None,
+                   help="sequential certification: stop sampling once R_τ ≥ this at every --tau (betting bound)")
     _add_run(c, "outputs/certify.jsonl")
     c.set_defaults(func=cmd_certify)
 

@@ -63,7 +63,7 @@ def add_build_commands(sub, number, help_formatter, add_model, add_images) -> No
                                    "projector trained on the digits and textiles training splits; writes "
                                    "OUTPUT_DIR/projector.safetensors with the held-out answer accuracy.")
     b.add_argument("--output-dir", default="outputs/llava-projector", help="checkpoints and the final projector")
-    b.add_argument("--max-steps", type=number(int, 1), default=400, help="optimizer steps")
+    b.add_argument("--max-steps", type=number(int, 1), default=600, help="optimizer steps")
     b.add_argument("--batch-size", type=number(int, 1), default=16, help="image-question pairs per step")
     b.add_argument("--learning-rate", type=number(float, 0, low_open=True), default=1e-3, help="AdamW peak rate")
     b.add_argument("--seed", type=number(int, 0), default=0, help="projector initialisation and data order")

@@ -63,6 +63,17 @@ def _check_field(name: str, value: Any) -> Any:
         if not isinstance(value, dict) or set(value) != {"adapter_name", "config"} or not isinstance(value["config"], dict):
             raise ValueError(f"`booster_config` must be {{'adapter_name': str, 'config': dict}}, got {value!r}.")
         return {"adapter_name": str(value["adapter_name"]), "config": dict(value["config"])}
+    if name == "feature_center" and value is not None:
+        if isinstance(value, (str, bytes)) or not hasattr(value, "__len__"):
+            raise ValueError(f"`feature_center` must be a list of finite per-channel means, got {value!r}.")
+        center = [float(v) for v in value]
+        if not center or not all(math.isfinite(v) for v in center):
+            raise ValueError(
+                f"`feature_center` must be a non-empty list of finite per-channel means, got {len(center)} values "
+                f"(non-finite: {sum(not math.isfinite(v) for v in center)}); re-estimate it with "
+                "`estimate_feature_mean(model, images)`."
+            )
+        return center
     return value
 
 
@@ -107,6 +118,12 @@ class FeatureSmoothingConfig:
         booster_config (`dict`, *optional*):
             Set by `save_pretrained` when the saved weights contain a booster: `{"adapter_name", "config"}` with the
             adapter's `adapter_config.json` content, so the model reloads with the booster and without the network.
+        feature_center (`list[float]`, *optional*):
+            Mean feature μ of the primary feature site, one value per feature channel (subtracted from every token),
+            estimated on reference images with `hf_feature_smoothing.certification.estimate_feature_mean`. The
+            certified base feature becomes normalise(f − μ), so a certified cosine is no longer inflated by the
+            direction every image shares; the language model still receives features in the raw space
+            (μ + the smoothed centred direction × the mean centred norm). `None` (default): no centring.
     """
 
     sigma: float = 0.25
@@ -120,6 +137,7 @@ class FeatureSmoothingConfig:
     image_processor: dict | None = None
     booster: str | None = None
     booster_config: dict | None = None
+    feature_center: list[float] | None = None
     library_version: str = field(default=__version__, repr=False)
 
     def __setattr__(self, name: str, value: Any) -> None:

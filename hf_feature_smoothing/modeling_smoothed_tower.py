@@ -1,7 +1,7 @@
 """`SmoothedVisionTower`: the Monte Carlo smoothed encoder f̂(x) = E[f(x + δ)], δ ~ N(0, σ²I) in pixel space."""
 
 import contextlib
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from functools import partial
 
@@ -16,6 +16,17 @@ from .towers import ImageInputs, TowerAdapter, get_tower_adapter
 
 
 _EPS = 1e-12
+
+
+@dataclass
+class NoisyCopies:
+    """`count` copies of **one** image for [`SmoothedVisionTower.unit_features_batch`]: noisy with samples
+    `start .. start + count − 1` of `source`, or clean when `source` is None."""
+
+    inputs: ImageInputs
+    count: int
+    source: SeededNoise | None = None
+    start: int = 0
 
 
 @dataclass
@@ -37,10 +48,16 @@ class SmoothedVisionTower(nn.Module):
     one vector. The smoothed feature is the Monte Carlo mean f̂(x) ≈ (1/n) Σᵢ f(x + δᵢ) with δᵢ ~ N(0, σ²I) drawn in
     [0, 1] pixel space and mapped through the processor's mean/std, `chunk_size` images per tower call.
 
+    With `config.feature_center` = μ (per feature channel, see [`~certification.estimate_feature_mean`]), the primary
+    site's base feature is normalise(f − μ) instead (μ subtracted from every token row): certificates then speak
+    about the centred direction, which is not dominated by the direction all images share.
+
     Called directly, it returns f̂ per image. [`~SmoothedVisionTower.install`] hooks it into an MLLM so that the
     language model receives smoothed features: the model's own tower call sees noisy copy #1, the feature-site hook
     runs the other n − 1 copies and substitutes the direction of f̂ scaled to the mean raw feature norm (cosine
-    certificates are scale-invariant, and the projector keeps the feature scale it was trained on).
+    certificates are scale-invariant, and the projector keeps the feature scale it was trained on). With a feature
+    centre μ the primary site receives μ + direction(f̂) · mean‖f(x + δ) − μ‖: the centred average mapped back to the
+    raw feature space, so the language model reads features of the usual location and scale.
 
     Args:
         model (`nn.Module`):
@@ -115,9 +132,43 @@ class SmoothedVisionTower(nn.Module):
         norms = squares.index_add(1, seg, rows.pow(2).sum(-1)).sqrt()
         return rows / norms[:, seg, None].clamp_min(_EPS), norms
 
+    def _center(self, rows: torch.Tensor, sign: float = -1.0) -> torch.Tensor:
+        """Primary-site rows `(..., W)` with the feature centre μ subtracted (`sign=-1`) or added back (`+1`) on every
+        token: rows whose width W is a multiple of len(μ) hold W / len(μ) tokens. No centre: unchanged."""
+        if self.config.feature_center is None:
+            return rows
+        center = torch.tensor(self.config.feature_center, dtype=rows.dtype, device=rows.device)
+        width = rows.shape[-1]
+        if width % center.numel():
+            raise ValueError(
+                f"`feature_center` has {center.numel()} channels but the primary feature site gives rows of width "
+                f"{width}; estimate it for this model with `estimate_feature_mean(model, images)`."
+            )
+        tokens = rows.reshape(*rows.shape[:-1], width // center.numel(), center.numel())
+        return (tokens + sign * center).reshape(rows.shape)
+
     def _site_rows(self, inputs: ImageInputs, copies: int) -> list[torch.Tensor]:
-        """Encode `copies`-fold inputs; every site as float `(copies, R, F)`."""
-        return [rows.float().view(copies, -1, rows.shape[-1]) for rows in self.adapter.encode(inputs)]
+        """Encode `copies`-fold inputs; every site as float `(copies, R, F)`, the primary one centred."""
+        sites = [rows.float().view(copies, -1, rows.shape[-1]) for rows in self.adapter.encode(inputs)]
+        return [*sites[:-1], self._center(sites[-1])]
+
+    def feature_channels(self, inputs: ImageInputs) -> int:
+        """Channel width of the primary site's raw features (the last dimension before the adapter flattens an
+        image's tokens into rows), measured with one clean pass of `inputs`."""
+        widths: list[int] = []
+        as_rows = self.adapter.as_rows
+
+        def spy(features: torch.Tensor) -> torch.Tensor:
+            widths.append(features.shape[-1])
+            return as_rows(features)
+
+        self.adapter.as_rows = spy  # instance attribute: shadows the method for this pass only
+        try:
+            with self._compute_context(inputs.pixel_values.device):
+                rows = self.adapter.encode(inputs)[-1]
+        finally:
+            del self.adapter.as_rows
+        return widths[-1] if widths else rows.shape[-1]
 
     @contextlib.contextmanager
     def _compute_context(self, device: torch.device):
@@ -152,6 +203,39 @@ class SmoothedVisionTower(nn.Module):
     def clean_unit_features(self, inputs: ImageInputs) -> list[torch.Tensor]:
         """Unit-normalised base features f(x) of one clean image, one `(F,)` tensor per site (primary last)."""
         return [site[0] for site in next(self.iter_unit_features(inputs, 1, noise=False))]
+
+    def unit_features_batch(self, requests: Sequence[NoisyCopies]) -> list[list[torch.Tensor]]:
+        """
+        Unit base features of copies of several images in **one** tower call (Σ count ≤ `chunk_size` is the caller's
+        choice): per request, a list (one per site, primary last) of `(count, F)` tensors. Each image's noise comes
+        from its own `source`, so its features do not depend on what else is in the batch (up to the kernels'
+        batch invariance). All images must share the pixel layout (`pixel_values.shape[1:]`).
+        """
+        parts, grids = [], []
+        for request in requests:
+            image = self.adapter.to_image(request.inputs)
+            if request.source is None:
+                copies = image.unsqueeze(0).expand(request.count, *image.shape)
+            else:
+                noise = request.source.sample(request.start, request.count, tuple(image.shape), image.device)
+                copies = image.unsqueeze(0) + self.sigma * noise.to(image.dtype)
+            repeated = self.adapter.repeat(request.inputs, request.count)
+            parts.append(self.adapter.from_image(copies.flatten(0, 1), repeated))
+            grids.append(repeated.image_grid_thw)
+        batch = ImageInputs(torch.cat(parts), None if grids[0] is None else torch.cat(grids))
+        with self._compute_context(batch.pixel_values.device):
+            sites = [rows.float() for rows in self.adapter.encode(batch)]
+            sites[-1] = self._center(sites[-1])
+            outputs: list[list[torch.Tensor]] = [[] for _ in requests]
+            for rows in sites:
+                unit = self._unit_rows(rows[None], batch)[0][0]  # every copy is one image of `batch`
+                per_copy = self.adapter.rows_per_image(batch, rows.shape[0])
+                copy = offset = 0
+                for index, request in enumerate(requests):
+                    size = sum(per_copy[copy : copy + request.count])
+                    outputs[index].append(unit[offset : offset + size].reshape(request.count, -1))
+                    copy, offset = copy + request.count, offset + size
+        return outputs
 
     # ----- smoothing -----------------------------------------------------------------------------------------------
     def monte_carlo(self, inputs: ImageInputs, num_samples: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
@@ -266,7 +350,10 @@ class SmoothedVisionTower(nn.Module):
         n = self.config.num_samples
         if call.sums is None:
             call.sums = self.monte_carlo(call.inputs, n - 1)
+        primary = index == len(self.adapter.site_modules()) - 1
         rows = self.adapter.as_rows(features).float()
+        if primary:
+            rows = self._center(rows)
         unit, norms = self._unit_rows(rows[None], call.inputs)
         unit_sum, norm_sum = unit[0], norms[0]
         if call.sums:
@@ -274,6 +361,8 @@ class SmoothedVisionTower(nn.Module):
         seg = self._segments(call.inputs, rows.shape[0], rows.device)
         direction_norms = torch.zeros_like(norm_sum).index_add(0, seg, unit_sum.pow(2).sum(-1)).sqrt()
         smoothed = unit_sum * (norm_sum / n / direction_norms.clamp_min(_EPS))[seg, None]
+        if primary:
+            smoothed = self._center(smoothed, sign=1.0)  # back to the raw feature space the projector expects
         call.sites_done += 1
         if call.sites_done == len(self.adapter.site_modules()):
             for layer, level in call.booster_levels or []:

@@ -47,6 +47,7 @@ def test_prototypes_refuse_bad_labels():
 
 
 def test_prototypes_cli_on_a_built_in_labelled_set_then_certify_predictions(tmp_path):
+    from hf_feature_smoothing.assets.labelled_images import DIGITS_TRAIN
     from hf_feature_smoothing.cli import main
 
     protos = tmp_path / "digits.safetensors"
@@ -61,5 +62,5 @@ def test_prototypes_cli_on_a_built_in_labelled_set_then_certify_predictions(tmp_
     assert main(["certify", "--model", "tiny-llava", "--images", "digits:test", "--limit", "5", "--prototypes",
                  str(protos), "--n", "16", "--n0", "4", "--seed", "0", "--output", str(out)]) == 0
     rows = [json.loads(line) for line in out.read_text().splitlines()[1:]]
-    assert [r["key"] for r in rows] == [f"digits/{i}" for i in range(1000, 1005)]
+    assert [r["key"] for r in rows] == [f"digits/{i}" for i in range(DIGITS_TRAIN, DIGITS_TRAIN + 5)]
     assert all(r["label"] in range(10) for r in rows)

@@ -22,7 +22,8 @@ from hf_feature_smoothing.testing_utils import tiny_inputs, tiny_smoothed_model
 def certified():
     model = tiny_smoothed_model("llava", num_samples=2, seed=0)
     inputs = tiny_inputs(model, num_images=2)
-    return model, certify(model, inputs["pixel_values"], n=64, epsilon=[0.05, 0.1], alpha=0.01)
+    return model, certify(model, inputs["pixel_values"], n=64, epsilon=[0.05, 0.1], alpha=0.01, bound="bernstein",
+                              reference="clean")
 
 
 def test_save_pretrained_writes_a_card_whose_model_index_parses_back(certified, tmp_path):

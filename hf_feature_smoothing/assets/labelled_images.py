@@ -14,7 +14,7 @@ TEXTILE_QUESTION = "Is this textile nominal or defective, and how?"
 TEXTILE_CLASSES = ("nominal", "local", "global")
 # answers are sentences: the frozen LM's own prior then fixes the format, and the image decides the class word
 TEXTILE_ANSWERS = ("The textile is nominal.", "The textile has a local defect.", "The textile has a global defect.")
-DIGITS_TRAIN = 1000  # the first 1000 digits train; the other 797 are held out
+DIGITS_TRAIN = 1400  # the first 1400 digits train; the other 397 are held out
 TEXTILES_TRAIN, TEXTILES_TEST = 200, 100  # per class: the first 200 files train, the next 100 are held out
 SPLITS = ("train", "test")
 

@@ -142,11 +142,11 @@ def training_examples(split: str) -> list[VQAExample]:
     return digit_examples(split) + textile_examples(split)
 
 
-def train_projector(output_dir: str | os.PathLike, *, max_steps: int = 400, batch_size: int = 16,
+def train_projector(output_dir: str | os.PathLike, *, max_steps: int = 600, batch_size: int = 16,
                     learning_rate: float = 1e-3, seed: int = 0, resume: bool = True, evaluate: bool = True,
                     bf16: bool | None = None) -> Path:
     """
-    Train the projector of `llava-dinov2-smollm2` on the training splits of the digits and textiles (1000 + 600
+    Train the projector of `llava-dinov2-smollm2` on the training splits of the digits and textiles (1400 + 600
     images) and write `output_dir/projector.safetensors`, whose metadata records the training parameters and the
     held-out answer accuracy. Resumes from the last checkpoint in `output_dir` unless `resume=False`. `bf16`
     (default: where the hardware has native bf16) trains under bf16 autocast; the projector is stored in float32.

@@ -80,7 +80,8 @@ def _attack_rows(tower, inputs, epsilons, smoothed, norm, algorithm, steps, eot_
     reference = tower.clean_unit_features(inputs)[-1].float()
     dim = tower.adapter.to_image(inputs).numel()
     l2_budgets = [e if norm == "l2" else e * math.sqrt(dim) for e in epsilons]
-    options = {"seed": seed} | ({"bound": bound} if bound is not None else {})
+    # the attacks measure cosines to the clean feature f(x): certify that reference
+    options = {"seed": seed, "reference": "clean"} | ({"bound": bound} if bound is not None else {})
     certificate = certify(tower, inputs, epsilon=l2_budgets, n=n, alpha=alpha, **options)[0] if smoothed else None
     samples = eval_samples if smoothed else 0
     with torch.no_grad():

@@ -6,7 +6,9 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from ..errors import check_images, check_positive_int
+from ..certification.certify import as_smoothed_tower
+from ..certification.inputs import to_image_inputs
+from ..errors import check_positive_int
 from ..modeling_smoothed_tower import SmoothedVisionTower
 from ..towers import ImageInputs
 from .optim import NORMS, perturbation_norms, run_batched_attack
@@ -67,10 +69,35 @@ def run_attack(loss_and_grad, image: torch.Tensor, epsilon: float, *, norm: str,
                               step_size=step_size, generator=generator)[0]
 
 
+def _single_image(images) -> bool:
+    """Whether `images` names one image (an `ImageInputs` of one image or one PIL image) rather than a batch."""
+    if isinstance(images, ImageInputs):
+        return images.num_images == 1
+    return type(images).__module__.startswith("PIL.") and hasattr(images, "convert")
+
+
+def _references(reference, features: list[torch.Tensor]) -> list[torch.Tensor]:
+    """One unit reference per image: the clean features (None), one `(F,)` vector for every image, or `(B, F)`."""
+    if reference is None:
+        return features
+    if not torch.is_tensor(reference) or reference.ndim not in (1, 2) or not torch.isfinite(reference).all():
+        raise ValueError("`reference` must be None (the clean feature f(x)), a finite `(F,)` feature vector or a "
+                         f"`(B, F)` batch of them, got {reference if not torch.is_tensor(reference) else reference.shape}.")
+    rows = [reference] * len(features) if reference.ndim == 1 else list(reference)
+    if len(rows) != len(features):
+        raise ValueError(f"`reference` has {len(rows)} rows for {len(features)} images.")
+    for row, feature in zip(rows, features):
+        if row.numel() != feature.numel():
+            raise ValueError(f"`reference` has {row.numel()} values, the features have {feature.numel()}.")
+        if not row.detach().float().norm() > 0:
+            raise ValueError("`reference` has a zero row: it has no direction.")
+    return [nn.functional.normalize(row.detach().float().to(f.device), dim=0) for row, f in zip(rows, features)]
+
+
 def feature_attack(
-    tower: SmoothedVisionTower,
-    inputs: ImageInputs,
-    reference: torch.Tensor,
+    model_or_tower: nn.Module,
+    images,
+    reference: torch.Tensor | None,
     epsilon: float,
     *,
     norm: str = "l2",
@@ -81,20 +108,43 @@ def feature_attack(
     eval_samples: int = 256,
     restarts: int = 1,
     generator: torch.Generator | None = None,
-) -> AttackResult:
+    input_space: str | None = None,
+    image_grid_thw: torch.Tensor | None = None,
+    image_size: int | None = None,
+) -> "AttackResult | list[AttackResult]":
     """
     Minimise cos(f̂(x + δ), reference) over ‖δ‖ ≤ ε (`norm` "l2" or "linf", pixel [0, 1] units, x + δ kept in
     [0, 1]) with `algorithm` "apgd" (Auto-PGD, default) or "pgd" (fixed step 2.5ε/steps), from a random start.
     Gradients of the smoothed feature are averaged over `eot_samples` noise draws per step (EOT); `eot_samples=0`
     attacks the base (unsmoothed) encoder. The best of `restarts` runs is re-measured with `eval_samples` fresh
     draws (0: the base encoder).
+
+    Args:
+        model_or_tower (`nn.Module`): a `SmoothedVisionTower`, a smoothed MLLM or a supported stock model.
+        images: the same inputs as [`~certification.certify`]: PIL image(s), an `ImageInputs`, or a tensor of
+            processed `pixel_values` / [0, 1] pixels (say which with `input_space`; `image_grid_thw` for Qwen-VL).
+            One image (an `ImageInputs` of one image, or one PIL image) gives one `AttackResult`; a batch gives a
+            list, one per image.
+        reference (`torch.Tensor`, *optional*): the feature to move away from: None = the clean unit feature f(x)
+            of each image; a `(F,)` vector (every image) or `(B, F)` (one per image).
     """
     _check_attack(epsilon, norm, steps, eot_samples, eval_samples, restarts, step_size)
-    check_images("inputs.pixel_values", inputs.pixel_values, inputs.pixel_values.ndim)
-    if not torch.is_tensor(reference) or reference.ndim != 1 or not torch.isfinite(reference).all():
-        raise ValueError("`reference` must be a finite 1-D feature vector (e.g. `tower.clean_unit_features(x)[-1]`).")
+    tower = as_smoothed_tower(model_or_tower)
+    inputs_list = to_image_inputs(tower, images, input_space=input_space, image_grid_thw=image_grid_thw,
+                                  image_size=image_size)
+    clean = [tower.clean_unit_features(inputs)[-1].float() for inputs in inputs_list]
+    references = _references(reference, clean)
+    results = [_attack_one(tower, inputs, ref, epsilon, norm=norm, algorithm=algorithm, steps=steps,
+                           step_size=step_size, eot_samples=eot_samples, eval_samples=eval_samples,
+                           restarts=restarts, generator=generator)
+               for inputs, ref in zip(inputs_list, references)]
+    return results[0] if _single_image(images) else results
+
+
+def _attack_one(tower: SmoothedVisionTower, inputs: ImageInputs, reference: torch.Tensor, epsilon: float, *,
+                norm: str, algorithm: str, steps: int, step_size: float | None, eot_samples: int, eval_samples: int,
+                restarts: int, generator: torch.Generator | None) -> AttackResult:
     image = tower.adapter.to_image(inputs).detach()
-    reference = nn.functional.normalize(reference.detach().float(), dim=0)
 
     def loss_and_grad(delta: torch.Tensor) -> tuple[float, torch.Tensor]:
         delta = delta.detach().requires_grad_(True)
@@ -116,13 +166,13 @@ def feature_attack(
     return best
 
 
-def pgd_feature_attack(tower: SmoothedVisionTower, inputs: ImageInputs, reference: torch.Tensor, epsilon: float,
-                       **kwargs) -> AttackResult:
+def pgd_feature_attack(model_or_tower: nn.Module, images, reference: torch.Tensor | None, epsilon: float,
+                       **kwargs) -> "AttackResult | list[AttackResult]":
     """[`feature_attack`] with `algorithm="pgd"`."""
-    return feature_attack(tower, inputs, reference, epsilon, algorithm="pgd", **kwargs)
+    return feature_attack(model_or_tower, images, reference, epsilon, algorithm="pgd", **kwargs)
 
 
-def apgd_feature_attack(tower: SmoothedVisionTower, inputs: ImageInputs, reference: torch.Tensor, epsilon: float,
-                        **kwargs) -> AttackResult:
+def apgd_feature_attack(model_or_tower: nn.Module, images, reference: torch.Tensor | None, epsilon: float,
+                        **kwargs) -> "AttackResult | list[AttackResult]":
     """[`feature_attack`] with `algorithm="apgd"`."""
-    return feature_attack(tower, inputs, reference, epsilon, algorithm="apgd", **kwargs)
+    return feature_attack(model_or_tower, images, reference, epsilon, algorithm="apgd", **kwargs)

@@ -1,18 +1,15 @@
-"""Certification of smoothed encoders: the statistics (`bounds`, pure torch, never transformers), the sampling
-drivers (`certify`, `certify_prediction`) and dataset aggregates (`summary`)."""
+"""Certification of smoothed encoders: the statistics (`bounds`, `betting`: pure torch, never transformers), the
+sampling drivers (`certify`, `certify_prediction`), certificate records, input handling, feature centring
+(`estimate_feature_mean`) and dataset aggregates (`summary`)."""
 
-from .certify import (
-    NOISE_SPACE,
-    REFERENCES,
-    FeatureCertificate,
-    PredictionCertificate,
-    as_smoothed_tower,
-    certify,
-    certify_prediction,
-)
+from .centering import estimate_feature_mean
+from .certificates import NOISE_SPACE, FeatureCertificate, PredictionCertificate
+from .certify import REFERENCES, as_smoothed_tower, certify, certify_prediction
+from .inputs import INPUT_SPACES, to_image_inputs
 
 
 __all__ = [
+    "INPUT_SPACES",
     "NOISE_SPACE",
     "REFERENCES",
     "FeatureCertificate",
@@ -20,4 +17,6 @@ __all__ = [
     "as_smoothed_tower",
     "certify",
     "certify_prediction",
+    "estimate_feature_mean",
+    "to_image_inputs",
 ]

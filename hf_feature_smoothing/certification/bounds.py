@@ -11,9 +11,11 @@ from statistics import NormalDist
 
 import torch
 
+from .betting import betting_lower_bound
+
 
 _STANDARD_NORMAL = NormalDist()
-CONFIDENCE_BOUNDS = ("bernstein", "hoeffding")
+CONFIDENCE_BOUNDS = ("betting", "bernstein", "hoeffding")
 
 
 def normal_cdf(x: float) -> float:
@@ -51,41 +53,83 @@ def certified_radius(score: float, sigma: float, tau: float = 0.0) -> float:
     return max(0.0, sigma * (normal_ppf(score) - normal_ppf((1.0 + tau) / 2.0)))
 
 
+def score_for_certificate(cosine: float, epsilon: float, sigma: float) -> float:
+    """The smallest S with FCSB(ε) ≥ `cosine` (equivalently R_τ ≥ ε for τ = `cosine`): S = Φ(Φ⁻¹((1 + τ)/2) + ε/σ).
+    FCSB and R_τ increase with S, so a lower bound S_low ≥ this value certifies the target."""
+    if not 0.0 <= cosine < 1.0 or not epsilon >= 0 or not sigma > 0:
+        raise ValueError(f"Need 0 ≤ `cosine` < 1, `epsilon` ≥ 0 and `sigma` > 0, got cosine={cosine!r}, "
+                         f"epsilon={epsilon!r}, sigma={sigma!r}.")
+    return normal_cdf(normal_ppf((1.0 + cosine) / 2.0) + epsilon / sigma)
+
+
+def hoeffding_margin(n: int, alpha: float) -> float:
+    """√(ln(1/α) / 2n): the one-sided Hoeffding margin for n scores in [0, 1]."""
+    return math.sqrt(math.log(1.0 / alpha) / (2.0 * n))
+
+
+def bernstein_margin(variance: float, n: int, alpha: float) -> float:
+    """Maurer & Pontil (2009, Thm 4) margin √(2 V ln(2/α) / n) + 7 ln(2/α) / (3(n − 1)), V the unbiased sample
+    variance (inf for n < 2)."""
+    if n < 2:
+        return math.inf
+    log_term = math.log(2.0 / alpha)
+    return math.sqrt(2.0 * max(variance, 0.0) * log_term / n) + 7.0 * log_term / (3.0 * (n - 1))
+
+
 def hoeffding_lower_bound(scores: torch.Tensor, alpha: float) -> float:
-    """One-sided Hoeffding bound for i.i.d. scores in [0, 1]: P(E[s] ≥ mean − √(ln(1/α) / 2n)) ≥ 1 − α."""
-    n = scores.numel()
-    return scores.double().mean().item() - math.sqrt(math.log(1.0 / alpha) / (2.0 * n))
+    """One-sided Hoeffding bound for i.i.d. scores in [0, 1]: P(E[s] ≥ mean − √(ln(1/α) / 2n)) ≥ 1 − α.
+    Distribution-free; valid at the fixed n only."""
+    return scores.double().mean().item() - hoeffding_margin(scores.numel(), alpha)
 
 
 def empirical_bernstein_lower_bound(scores: torch.Tensor, alpha: float) -> float:
     """Maurer & Pontil (2009, Thm 4) for i.i.d. scores in [0, 1]: with probability ≥ 1 − α,
-    E[s] ≥ mean − √(2 V ln(2/α) / n) − 7 ln(2/α) / (3(n − 1)), V the unbiased sample variance. Much tighter than
-    Hoeffding when the scores concentrate (a robust encoder), slightly looser for tiny n."""
+    E[s] ≥ mean − √(2 V ln(2/α) / n) − 7 ln(2/α) / (3(n − 1)), V the unbiased sample variance; valid at the fixed n
+    only. Tighter than Hoeffding only when V is small (a robust encoder) *and* n is large enough for the 7/(3(n − 1))
+    term to fade; for high-variance scores, V ≥ ln(1/α) / (4 ln(2/α)) (≈ 0.23 at α = 10⁻³, e.g. Bernoulli(1/2)),
+    Hoeffding is tighter at every n. The betting bound is tighter than both on concentrated scores."""
     n = scores.numel()
     if n < 2:
         return -math.inf
     s = scores.double()
-    log_term = math.log(2.0 / alpha)
-    return s.mean().item() - math.sqrt(2.0 * s.var(unbiased=True).item() * log_term / n) - 7.0 * log_term / (
-        3.0 * (n - 1)
-    )
+    return s.mean().item() - bernstein_margin(s.var(unbiased=True).item(), n, alpha)
 
 
-def lower_confidence_bound(scores: torch.Tensor, alpha: float, method: str = "bernstein") -> float:
-    """(1 − α) one-sided lower confidence bound on the mean of i.i.d. [0, 1] scores, clipped to [0, 1]."""
+def lower_confidence_bound(scores: torch.Tensor, alpha: float, method: str = "betting",
+                           horizon: int | None = None) -> float:
+    """
+    (1 − α) one-sided lower confidence bound on the mean of i.i.d. [0, 1] scores, clipped to [0, 1].
+
+    `method`: `"betting"` (default; Waudby-Smith & Ramdas, within ≈ 1.15× of the S·ln(1/α)/n floor on concentrated
+    scores, and a confidence sequence: valid at every prefix, so sequential stopping is allowed; `horizon` tunes its
+    bets, see [`betting_lower_bound`]), `"bernstein"` (Maurer–Pontil) or `"hoeffding"` (both fixed-n only).
+    """
     if method not in CONFIDENCE_BOUNDS:
         raise ValueError(f"`method` must be one of {CONFIDENCE_BOUNDS}, got {method!r}.")
     if scores.numel() == 0:
         raise ValueError("`scores` is empty: a confidence bound needs at least one sample.")
     if isinstance(alpha, bool) or not isinstance(alpha, (int, float)) or not 0 < alpha < 1:
         raise ValueError(f"`alpha` must be in (0, 1), got {alpha!r}; e.g. `alpha=0.001` for 99.9% confidence.")
+    if method == "betting":
+        return betting_lower_bound(scores.flatten(), alpha, horizon).item()
     bound = hoeffding_lower_bound if method == "hoeffding" else empirical_bernstein_lower_bound
-    return min(1.0, max(0.0, bound(scores, alpha)))
+    return min(1.0, max(0.0, bound(scores.flatten(), alpha)))
 
 
-def upper_confidence_bound(scores: torch.Tensor, alpha: float, method: str = "bernstein") -> float:
-    """(1 − α) one-sided upper confidence bound on the mean of i.i.d. [0, 1] scores."""
-    return 1.0 - lower_confidence_bound(1.0 - scores, alpha, method)
+def upper_confidence_bound(scores: torch.Tensor, alpha: float, method: str = "betting",
+                           horizon: int | None = None) -> float:
+    """(1 − α) one-sided upper confidence bound on the mean of i.i.d. [0, 1] scores: 1 − LCB(1 − scores)."""
+    return 1.0 - lower_confidence_bound(1.0 - scores, alpha, method, horizon)
+
+
+def moment_upper_bound(mean: float, variance: float, n: int, alpha: float, method: str) -> float:
+    """(1 − α) upper bound from streaming moments only (mean and unbiased variance of n scores in [0, 1]):
+    Hoeffding for `method="hoeffding"`, else the smaller of Maurer–Pontil and Hoeffding, each at α/2."""
+    if method == "hoeffding":
+        margin = hoeffding_margin(n, alpha)
+    else:
+        margin = min(bernstein_margin(variance, n, alpha / 2), hoeffding_margin(n, alpha / 2))
+    return min(1.0, max(0.0, mean + margin))
 
 
 def prediction_radius(p_lower: float, p_upper_others: list[float], sigma: float) -> float:
@@ -96,3 +140,24 @@ def prediction_radius(p_lower: float, p_upper_others: list[float], sigma: float)
     """
     top_other = max((normal_ppf(p) for p in p_upper_others), default=-math.inf)
     return max(0.0, 0.5 * sigma * (normal_ppf(p_lower) - top_other))
+
+
+def prediction_alphas(num_classes: int, runner_ups: int, alpha: float, split: str = "runner_up"
+                      ) -> tuple[float, float, float]:
+    """
+    Union-bound split of α over the bounds of a prediction certificate, fixed before the estimation samples: returns
+    (α of the predicted class's lower bound, α of each runner-up's upper bound, α of the rest). The runner-ups are the
+    `runner_ups` classes ranked highest on the selection samples.
+
+    - `"runner_up"`: the other K − 1 − `runner_ups` classes share **one** upper bound, on E[max_{k ∈ rest} s_k] ≥
+      max_{k ∈ rest} p_k (a max of scores is itself a [0, 1] score), so there are `runner_ups` + 2 bounds, each at
+      α / (`runner_ups` + 2), whatever K.
+    - `"flat"`: one bound per class at α/K (Bonferroni); the rest value is then each remaining class's α.
+    """
+    if split == "flat":
+        return alpha / num_classes, alpha / num_classes, alpha / num_classes
+    if split != "runner_up":
+        raise ValueError(f"`alpha_split` must be 'runner_up' or 'flat', got {split!r}.")
+    groups = runner_ups + 1 + (num_classes - 1 - runner_ups > 0)
+    share = alpha / groups
+    return share, share, share if num_classes - 1 - runner_ups > 0 else 0.0

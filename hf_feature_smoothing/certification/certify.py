@@ -1,103 +1,48 @@
-"""Monte Carlo certification of smoothed encoders: feature certificates (FCSB, radii) and prediction certificates
-for cosine-similarity predictors. The math lives in `bounds.py`; this module only draws the samples."""
+"""Monte Carlo certification of smoothed encoders: feature certificates (FCSB, radii), sequential or at a fixed n,
+and prediction certificates for cosine-similarity predictors. The math lives in `bounds.py` / `betting.py`; this
+module draws the samples, several images per tower call, and reduces them chunk by chunk (memory independent of n)."""
 
 import dataclasses
+import math
+import numbers
 from collections.abc import Sequence
-from dataclasses import dataclass, field
 
 import torch
-import transformers
 from torch import nn
 from tqdm.auto import tqdm
 
 from ..configuration_feature_smoothing import FeatureSmoothingConfig
 from ..errors import check_alpha, check_finite_positive, check_positive_int
-from ..modeling_smoothed_tower import SmoothedVisionTower
-from ..noise import SeededNoise, fresh_seed, image_fingerprint
+from ..logging_utils import get_logger
+from ..modeling_smoothed_tower import NoisyCopies, SmoothedVisionTower
+from ..noise import BLOCK, SeededNoise, fresh_seed, image_fingerprint
 from ..towers import ImageInputs
-from ..version import __version__
+from .betting import BettingTest
 from .bounds import (
     CONFIDENCE_BOUNDS,
     certified_radius,
     fcsb,
     lower_confidence_bound,
+    moment_upper_bound,
+    prediction_alphas,
     prediction_radius,
+    score_for_certificate,
     upper_confidence_bound,
 )
+from .certificates import NOISE_SPACE, FeatureCertificate, PredictionCertificate
+from .inputs import to_image_inputs, tower_device
 
 
-NOISE_SPACE = "pixel [0,1], l2"
-REFERENCES = ("clean", "smoothed")
+logger = get_logger(__name__)
+REFERENCES = ("smoothed", "clean")
+ALPHA_SPLITS = ("runner_up", "flat")
+RUNNER_UPS = 4  # classes ranked right after the prediction on the selection samples: they get most of α
+
+__all__ = ["NOISE_SPACE", "REFERENCES", "FeatureCertificate", "PredictionCertificate", "as_smoothed_tower", "certify",
+           "certify_prediction"]
 
 
-def _versions() -> dict[str, str]:
-    return {"hf_feature_smoothing": __version__, "transformers": transformers.__version__,
-            "torch": torch.__version__}
-
-
-@dataclass
-class FeatureCertificate:
-    """
-    Certificate of one image. With probability ≥ 1 − `alpha` over the certification noise, for every x' with
-    ‖x' − x‖₂ ≤ ε (pixel [0, 1] units): cos(f̂(x'), v) ≥ `fcsb[i]` for `epsilon[i]`, and cos(f̂(x'), v) ≥ τ within
-    `radius[j]` of x for `tau[j]`. v is f(x) (`reference="clean"`, the paper's) or the direction of f̂(x) estimated
-    from `n0` separate samples (`"smoothed"`). `None` / 0 = no certificate; `abstain` when `score_lower` ≤ 1/2.
-    """
-
-    index: int
-    score: float
-    score_lower: float
-    abstain: bool
-    epsilon: list[float]
-    fcsb: list[float | None]
-    tau: list[float]
-    radius: list[float]
-    sigma: float
-    n0: int
-    n: int
-    alpha: float
-    bound: str
-    reference: str
-    seed: int | None = None
-    dtype: str = "float32"
-    resolution: list[int] = field(default_factory=list)
-    noise_space: str = NOISE_SPACE
-    versions: dict[str, str] = field(default_factory=_versions)
-
-    def to_dict(self) -> dict:
-        return dataclasses.asdict(self)
-
-
-@dataclass
-class PredictionCertificate:
-    """
-    Certificate of a cosine-similarity prediction y = argmax_k cos(f̂(x), t_k). With probability ≥ 1 − `alpha`,
-    argmax_k cos(f̂(x'), t_k) = `prediction` for every ‖x' − x‖₂ < `radius`; `prediction` is None (abstain) when
-    the radius is 0.
-    """
-
-    index: int
-    prediction: int | None
-    radius: float
-    p_lower: float
-    p_upper_runner_up: float
-    label: int | None
-    correct: bool | None
-    sigma: float
-    n0: int
-    n: int
-    alpha: float
-    bound: str
-    seed: int | None = None
-    dtype: str = "float32"
-    resolution: list[int] = field(default_factory=list)
-    noise_space: str = NOISE_SPACE
-    versions: dict[str, str] = field(default_factory=_versions)
-
-    def to_dict(self) -> dict:
-        return dataclasses.asdict(self)
-
-
+# ----- towers, dtypes --------------------------------------------------------------------------------------------
 def as_smoothed_tower(
     model_or_tower: nn.Module, sigma: float | None = None, autocast_dtype: str | None = None
 ) -> SmoothedVisionTower:
@@ -109,7 +54,8 @@ def as_smoothed_tower(
     elif isinstance(getattr(model_or_tower, "smoothed_vision_tower", None), SmoothedVisionTower):
         tower = model_or_tower.smoothed_vision_tower
     else:
-        tower = SmoothedVisionTower(model_or_tower, FeatureSmoothingConfig(sigma=sigma or 0.25))
+        tower = SmoothedVisionTower(model_or_tower, FeatureSmoothingConfig(
+            sigma=0.25 if sigma is None else check_finite_positive("sigma", sigma)))
     changes = {}
     if sigma is not None and sigma != tower.sigma:
         changes["sigma"] = check_finite_positive("sigma", sigma)
@@ -120,19 +66,114 @@ def as_smoothed_tower(
     return tower
 
 
-def _images(tower: SmoothedVisionTower, images, image_grid_thw, image_size: int | None = None) -> list[ImageInputs]:
-    if isinstance(images, torch.Tensor):
-        return tower.adapter.split(tower.check_inputs(images, image_grid_thw))
-    if isinstance(images, ImageInputs):
-        return tower.adapter.split(tower.check_inputs(images.pixel_values, images.image_grid_thw))
-    from PIL import Image
+def _compute_dtype(tower: SmoothedVisionTower) -> str:
+    """The dtype the tower passes run in (recorded in certificates); warns when the CPU emulates it."""
+    param = next(tower.encoder.parameters(), None)
+    dtype = tower.config.autocast_dtype or (str(param.dtype).removeprefix("torch.") if param is not None else "float32")
+    device = tower_device(tower)
+    if device.type == "cpu" and dtype in ("bfloat16", "float16"):
+        probe = getattr(torch.ops.mkldnn, f"_is_mkldnn_{'bf16' if dtype == 'bfloat16' else 'fp16'}_supported", None)
+        if probe is None or not probe():
+            logger.warning(
+                f"`autocast_dtype={dtype!r}` on a CPU without native {dtype} support (capability "
+                f"{torch.backends.cpu.get_cpu_capability()}): the passes are emulated and usually slower than float32. "
+                "Use float32 (`autocast_dtype=None`) on this machine, or a GPU / a CPU with AVX512-BF16 or AMX."
+            )
+    return dtype
 
-    if not isinstance(images, (list, tuple)) or not all(isinstance(i, Image.Image) for i in images):
-        raise TypeError(f"`images` must be processed `pixel_values` (a torch.Tensor), an `ImageInputs` or a list of "
-                        f"PIL images, got {type(images).__name__}; convert arrays with `torch.from_numpy` or PIL.")
-    if not images:
-        raise ValueError("`images` is empty; pass at least one image.")
-    return tower.adapter.split(tower.adapter.preprocess(list(images), image_size))
+
+# ----- argument checks (all before any sample is drawn) -------------------------------------------------------------
+def _check_sampling(n0: int, n: int, alpha: float, bound: str, seed: int | None) -> int:
+    """Validate the sampling arguments; returns the seed to use (a fresh one, recorded, when `seed` is None)."""
+    check_positive_int("n0", n0)
+    check_positive_int("n", n)
+    check_alpha(alpha)
+    if bound not in CONFIDENCE_BOUNDS:
+        raise ValueError(f"`bound` must be one of {CONFIDENCE_BOUNDS}, got {bound!r}.")
+    if seed is None:
+        return fresh_seed()
+    if isinstance(seed, bool) or not isinstance(seed, numbers.Integral) or seed < 0:
+        raise ValueError(f"`seed` must be an int ≥ 0 or None (a fresh seed, recorded), got {seed!r}.")
+    return int(seed)
+
+
+def _values(name: str, value, low: float, high: float | None, hint: str) -> list[float]:
+    """A scalar or sequence of finite reals in [low, high) (high None: unbounded) as a list of floats."""
+    items = [value] if isinstance(value, numbers.Real) or isinstance(value, torch.Tensor) and value.ndim == 0 \
+        else value
+    try:
+        items = [float(v) for v in items]
+    except (TypeError, ValueError):
+        raise TypeError(f"`{name}` must be a number or a list of numbers, got {value!r}.") from None
+    for v in items:
+        if not math.isfinite(v) or v < low or (high is not None and v >= high):
+            raise ValueError(f"`{name}` must hold finite values {hint}, got {v!r} in {items}.")
+    return items
+
+
+def _check_target(name: str, value, low_open: float, high: float | None) -> float | None:
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, numbers.Real) or not math.isfinite(value) \
+            or value <= low_open or (high is not None and value >= high):
+        bounds = f"in ({low_open:g}, {high:g})" if high is not None else f"> {low_open:g}"
+        raise ValueError(f"`{name}` must be a finite number {bounds}, got {value!r}.")
+    return float(value)
+
+
+def _check_prototypes(prototypes) -> torch.Tensor:
+    if not isinstance(prototypes, torch.Tensor):
+        raise TypeError(f"`prototypes` must be a `(K, F)` torch.Tensor, got {type(prototypes).__name__}.")
+    if prototypes.ndim != 2 or prototypes.shape[0] < 2 or prototypes.shape[1] < 1:
+        raise ValueError(f"`prototypes` must be (K ≥ 2, F), got shape {tuple(prototypes.shape)}.")
+    protos = prototypes.detach().double()
+    bad = (~torch.isfinite(protos)).any(1).nonzero().flatten().tolist()
+    if bad:
+        raise ValueError(f"`prototypes` rows {bad[:10]} contain NaN or inf; every prototype must be finite.")
+    zero = (protos.norm(dim=1) <= 1e-12).nonzero().flatten().tolist()
+    if zero:
+        raise ValueError(f"`prototypes` rows {zero[:10]} are all zero: a zero prototype has no direction; drop them.")
+    return nn.functional.normalize(protos, dim=-1).float()
+
+
+def _check_labels(labels, num_images: int, num_classes: int) -> list[int] | None:
+    if labels is None:
+        return None
+    labels = list(labels.tolist() if isinstance(labels, torch.Tensor) else labels)
+    if len(labels) != num_images:
+        raise ValueError(f"`labels` has {len(labels)} entries for {num_images} images.")
+    for label in labels:
+        if isinstance(label, bool) or not isinstance(label, numbers.Integral) or not 0 <= label < num_classes:
+            raise ValueError(f"`labels` must be class indices in [0, {num_classes}) (one per prototype row), got "
+                             f"{label!r}.")
+    return [int(label) for label in labels]
+
+
+# ----- streaming reductions -------------------------------------------------------------------------------------
+class _QuantumSum:
+    """Σ of rows fed in arbitrary chunks, reduced in fixed blocks of `BLOCK` consecutive rows (float64 running total),
+    so the result is bit-identical whatever the chunking; holds at most `BLOCK − 1` pending rows."""
+
+    def __init__(self):
+        self.total: torch.Tensor | None = None
+        self.pending: torch.Tensor | None = None
+
+    def add(self, rows: torch.Tensor) -> None:
+        rows = rows if self.pending is None else torch.cat([self.pending, rows])
+        full = rows.shape[0] - rows.shape[0] % BLOCK
+        for start in range(0, full, BLOCK):
+            self._accumulate(rows[start : start + BLOCK])
+        self.pending = rows[full:].clone() if full < rows.shape[0] else None
+
+    def _accumulate(self, block: torch.Tensor) -> None:
+        part = block.sum(0).double()
+        self.total = part if self.total is None else self.total + part
+
+    def result(self) -> torch.Tensor:
+        if self.pending is not None:
+            self._accumulate(self.pending)
+            self.pending = None
+        return self.total
 
 
 class _ImageNoise:
@@ -146,38 +187,148 @@ class _ImageNoise:
         self.estimation = SeededNoise(seed, fingerprint, "estimation")
 
 
-def _primary_features(
-    tower: SmoothedVisionTower, inputs: ImageInputs, num: int, source: SeededNoise | None = None
-) -> torch.Tensor:
-    """Unit features of `num` noisy copies of one image, `(num, F)` float32 on the model's device."""
-    return torch.cat([sites[-1].float() for sites in tower.iter_unit_features(inputs, num, source=source)])
+# ----- jobs: one image's sampling plan, fed by the batch runner ---------------------------------------------------
+class _CleanJob:
+    """The clean unit feature f(x) of one image (one pass)."""
+
+    def __init__(self, inputs: ImageInputs):
+        self.inputs, self.feature, self.done = inputs, None, False
+
+    def request(self, budget: int) -> NoisyCopies:
+        return NoisyCopies(self.inputs, 1)
+
+    def consume(self, sites: list[torch.Tensor]) -> None:
+        self.feature, self.done = sites[-1][0].double(), True
 
 
-def _reference(tower: SmoothedVisionTower, inputs: ImageInputs, reference: str, n0: int, source: SeededNoise):
-    if reference == "clean":
-        return tower.clean_unit_features(inputs)[-1].float()
-    return nn.functional.normalize(_primary_features(tower, inputs, n0, source).mean(0), dim=0)
+class _FeatureJob:
+    """Reference direction v (clean pass, or n0 selection samples), then up to n estimation scores
+    s = (1 + ⟨f(x + δ), v⟩)/2, stopping early once `target_score` is certified or out of reach."""
+
+    def __init__(self, inputs: ImageInputs, noise: _ImageNoise, reference: str, n0: int, n: int,
+                 test: BettingTest | None):
+        self.inputs, self.noise, self.reference, self.n0, self.n, self.test = inputs, noise, reference, n0, n, test
+        self.v: torch.Tensor | None = None
+        self.selection = _QuantumSum()
+        self.drawn = 0
+        self.scores: list[torch.Tensor] = []
+        self.stop, self.done = "n", False
+
+    def request(self, budget: int) -> NoisyCopies:
+        if self.v is None and self.reference == "clean":
+            return NoisyCopies(self.inputs, 1)
+        if self.v is None:
+            return NoisyCopies(self.inputs, min(budget, self.n0 - self.drawn), self.noise.selection, self.drawn)
+        return NoisyCopies(self.inputs, min(budget, self.n - self.drawn), self.noise.estimation, self.drawn)
+
+    def consume(self, sites: list[torch.Tensor]) -> None:
+        features = sites[-1]
+        if self.v is None:
+            if self.reference == "clean":
+                self.v = features[0].double()
+            else:
+                self.selection.add(features)
+                self.drawn += features.shape[0]
+                if self.drawn == self.n0:
+                    self.v = nn.functional.normalize(self.selection.result(), dim=0)
+                    self.drawn = 0
+            return
+        scores = ((1.0 + features.double() @ self.v) / 2.0).clamp(0.0, 1.0)
+        if self.test is not None:
+            reached, hopeless = self.test.update(scores)
+            stop = min(t for t in (reached, hopeless) if t is not None) if reached or hopeless else None
+            if stop is not None:
+                scores = scores[: stop - self.drawn]
+                self.stop = "target" if stop == reached else "unreachable"
+        self.scores.append(scores.cpu())
+        self.drawn += scores.shape[0]
+        self.done = self.stop != "n" or self.drawn == self.n
+
+    def all_scores(self) -> torch.Tensor:
+        return torch.cat(self.scores)
 
 
-def _check(n0: int, n: int, alpha: float, bound: str, seed: int | None) -> int:
-    """Validate the sampling arguments; returns the seed to use (a fresh one, recorded, when `seed` is None)."""
-    check_positive_int("n0", n0)
-    check_positive_int("n", n)
-    check_alpha(alpha)
-    if bound not in CONFIDENCE_BOUNDS:
-        raise ValueError(f"`bound` must be one of {CONFIDENCE_BOUNDS}, got {bound!r}.")
-    if seed is None:
-        return fresh_seed()
-    if isinstance(seed, bool) or not isinstance(seed, int) or seed < 0:
-        raise ValueError(f"`seed` must be an int ≥ 0 or None (a fresh seed, recorded), got {seed!r}.")
-    return seed
+class _PredictionJob:
+    """n0 selection samples choose y and the runner-ups; n estimation samples keep the scores of those classes and the
+    largest score of the other classes (and, for the flat split, streaming moments Σp, Σp² of all K)."""
+
+    def __init__(self, inputs: ImageInputs, noise: _ImageNoise, prototypes: torch.Tensor, n0: int, n: int,
+                 runner_ups: int, moments: bool):
+        self.inputs, self.noise, self.prototypes, self.n0, self.n = inputs, noise, prototypes, n0, n
+        self.runner_ups, self.track_moments = runner_ups, moments
+        self.selection, self.moments = _QuantumSum(), _QuantumSum()
+        self.classes: list[int] | None = None  # [y, runner-ups...]
+        self.kept: list[torch.Tensor] = []
+        self.drawn, self.done = 0, False
+
+    def request(self, budget: int) -> NoisyCopies:
+        if self.classes is None:
+            return NoisyCopies(self.inputs, min(budget, self.n0 - self.drawn), self.noise.selection, self.drawn)
+        return NoisyCopies(self.inputs, min(budget, self.n - self.drawn), self.noise.estimation, self.drawn)
+
+    def consume(self, sites: list[torch.Tensor]) -> None:
+        features = sites[-1]
+        protos = self.prototypes.to(features.device)
+        if self.classes is None:
+            self.selection.add(features)
+            self.drawn += features.shape[0]
+            if self.drawn == self.n0:
+                means = self.selection.result().float().to(features.device) @ protos.T / self.n0
+                ranked = means.argsort(descending=True).tolist()
+                self.classes, self.drawn = ranked[: self.runner_ups + 1], 0
+                self.rest = torch.ones(len(ranked), dtype=torch.bool, device=features.device)
+                self.rest[self.classes] = False
+            return
+        scores = ((1.0 + features @ protos.T) / 2.0).clamp(0.0, 1.0).double()
+        rest_max = scores[:, self.rest].amax(1, keepdim=True) if self.rest.any() else scores[:, :0]
+        self.kept.append(torch.cat([scores[:, self.classes], rest_max], dim=1).cpu())
+        if self.track_moments:  # per-class bounds of the flat split
+            self.moments.add(torch.cat([scores, scores.pow(2)], dim=1))
+        self.drawn += scores.shape[0]
+        self.done = self.drawn == self.n
 
 
-def _compute_dtype(tower: SmoothedVisionTower) -> str:
-    if tower.config.autocast_dtype is not None:
-        return tower.config.autocast_dtype
-    param = next(tower.encoder.parameters(), None)
-    return str(param.dtype).removeprefix("torch.") if param is not None else "float32"
+def _run_jobs(tower: SmoothedVisionTower, jobs: Sequence, bar: tqdm | None = None) -> None:
+    """Feed the jobs' requests to the tower until every job is done: each call takes up to `chunk_size` copies,
+    filled image by image (images of the same pixel layout), so short requests of several images share a call."""
+    chunk = tower.config.chunk_size
+    pending = [job for job in jobs if not job.done]
+    while pending:
+        layout = pending[0].inputs.pixel_values.shape[1:]
+        group, requests, left = [], [], chunk
+        for job in pending:
+            if left == 0:
+                break
+            if job.inputs.pixel_values.shape[1:] == layout:
+                request = job.request(left)
+                group.append(job)
+                requests.append(request)
+                left -= request.count
+        for job, sites in zip(group, tower.unit_features_batch(requests)):
+            job.consume(sites)
+            if job.done and bar is not None and isinstance(job, (_FeatureJob, _PredictionJob)):
+                bar.update(1)
+        pending = [job for job in pending if not job.done]
+
+
+def _blank_inputs(tower: SmoothedVisionTower, inputs: ImageInputs) -> ImageInputs:
+    grey = torch.full_like(tower.adapter.to_image(inputs), 0.5)
+    return inputs.with_pixels(tower.adapter.from_image(grey, inputs))
+
+
+def _blank_features(tower: SmoothedVisionTower, inputs_list: list[ImageInputs]) -> list[torch.Tensor]:
+    """f(grey) for every image (one clean pass per distinct image layout)."""
+    keys = [(tuple(i.pixel_values.shape), None if i.image_grid_thw is None else tuple(i.image_grid_thw.flatten().tolist()))
+            for i in inputs_list]
+    jobs = {}
+    for key, inputs in zip(keys, inputs_list):
+        jobs.setdefault(key, _CleanJob(_blank_inputs(tower, inputs)))
+    _run_jobs(tower, list(jobs.values()))
+    return [jobs[key].feature for key in keys]
+
+
+def _cosine(a: torch.Tensor, b: torch.Tensor) -> float:
+    return nn.functional.cosine_similarity(a.double().cpu(), b.double().cpu(), dim=0).item()
 
 
 @torch.no_grad()
@@ -191,9 +342,13 @@ def certify(
     n: int = 1000,
     alpha: float = 0.001,
     tau: float | Sequence[float] = (0.5, 0.8),
-    bound: str = "bernstein",
-    reference: str = "clean",
+    bound: str = "betting",
+    reference: str = "smoothed",
+    target_cosine: float | None = None,
+    target_radius: float | None = None,
+    input_space: str | None = None,
     image_grid_thw: torch.Tensor | None = None,
+    unrelated_images=None,
     seed: int | None = None,
     autocast_dtype: str | None = None,
     image_size: int | None = None,
@@ -202,53 +357,113 @@ def certify(
     """
     Certify the smoothed encoder's features on each image (CERTIFY of the FS paper with a sound lower bound).
 
-    S = E[(1 + ⟨f(x + δ), v⟩) / 2] is estimated from `n` fresh noisy samples; its one-sided (1 − α) lower bound
+    S = E[(1 + ⟨f(x + δ), v⟩) / 2] is estimated from up to `n` fresh noisy samples; its one-sided (1 − α) lower bound
     S_low gives FCSB(ε) = 2Φ(Φ⁻¹(S_low) − ε/σ) − 1 and R_τ = σ[Φ⁻¹(S_low) − Φ⁻¹((1+τ)/2)], both increasing in S, so
-    they hold with probability ≥ 1 − α. FCSB < 0 bounds only the inner product and is reported as `None`.
+    they hold with probability ≥ 1 − α. FCSB < 0 bounds only the inner product and is reported as `None`. Several
+    images share each tower call (`chunk_size` noisy copies in all); scores are reduced chunk by chunk, so memory
+    does not grow with `n` (only the n scalar scores are kept).
 
     Args:
         model_or_tower (`nn.Module`): a `SmoothedVisionTower`, a smoothed MLLM or a supported stock model.
-        images: processed `pixel_values` (plus `image_grid_thw` for Qwen-VL), an `ImageInputs`, or PIL images.
-        epsilon (`float` or list): ℓ2 budgets in [0, 1] pixel units.
+        images: PIL image(s), an `ImageInputs`, or a tensor: processed `pixel_values` (plus `image_grid_thw` for
+            Qwen-VL) or `(B, 3, H, W)` [0, 1] pixels; say which with `input_space`.
+        epsilon (`float` or list): ℓ2 budgets in [0, 1] pixel units (finite, ≥ 0).
         sigma (`float`, *optional*): noise level; defaults to the tower's σ.
-        n0 (`int`): samples that choose the reference direction (`reference="smoothed"` only; never reused).
-        n (`int`): samples that estimate S.
-        alpha (`float`): failure probability of the lower bound.
-        tau (`float` or list): cosine thresholds for the certified radii.
-        bound (`str`): `"bernstein"` (default: empirical Bernstein, far tighter when S is near 1, as for robust
-            or boosted encoders) or `"hoeffding"` (distribution-free, conservative; better only for n ≲ 100).
-        reference (`str`): `"clean"` (v = f(x), the paper's score) or `"smoothed"` (v = direction of f̂(x) from `n0`
-            samples: S_v ≥ S in expectation, so a tighter certificate about the feature the model actually uses).
+        n0 (`int`, *optional*, defaults to 64): samples that choose the reference direction (`reference="smoothed"`
+            only; never reused for the bound).
+        n (`int`, *optional*, defaults to 1000): estimation samples; with a target, the most that may be drawn.
+        alpha (`float`, *optional*, defaults to 0.001): failure probability of the certificate.
+        tau (`float` or list): cosine thresholds in [0, 1) for the certified radii.
+        bound (`str`, *optional*, defaults to `"betting"`): `"betting"` (Waudby-Smith & Ramdas; within ≈ 1.15× of
+            the S·ln(1/α)/n limit of any valid bound on concentrated scores, and anytime-valid),
+            `"bernstein"` (Maurer–Pontil empirical Bernstein) or `"hoeffding"` (distribution-free; tighter than
+            Bernstein for high-variance scores at every n). The last two hold at a fixed n only.
+        reference (`str`, *optional*, defaults to `"smoothed"`): `"smoothed"`: v = direction of an `n0`-sample
+            estimate of f̂(x), so the certificate bounds cos(f̂(x'), v), smoothed attacked vs smoothed clean feature,
+            which is what a smoothed model consumes (usually tighter: S_v → (1 + ‖f̂(x)‖)/2 ≥ S as n0 grows, but at
+            small n0 the noisy v can make S_v lower than the clean-reference S). `"clean"`: v = f(x), the paper's
+            score.
+        target_cosine (`float`, *optional*): sequential certification: stop as soon as FCSB(ε) ≥ `target_cosine`
+            is certified for every ε in `epsilon` (or as soon as that can no longer happen within `n` samples, even
+            if every remaining score were 1). Needs `bound="betting"`: its confidence sequence is valid at every
+            sample, so stopping early costs nothing in validity. The certificate reports `n_used` and `stop`.
+        target_radius (`float`, *optional*): sequential certification until R_τ ≥ `target_radius` for every τ in
+            `tau` (same rules; combined with `target_cosine`, both must be reached).
+        input_space (`str`, *optional*): for tensor `images`, `"processed"` or `"pixel"`; required when the values
+            allow both readings (see [`to_image_inputs`]).
+        unrelated_images (*optional*): images (same kinds as `images`, same size) unrelated to the certified ones;
+            each certificate records the largest cosine their clean features reach with v (`unrelated_cosine`), next
+            to the cosine of a uniform grey image (`blank_cosine`, always recorded).
         seed (`int`, *optional*): with a seed, an image's noise (and certificate) depends only on (seed, image,
-            parameters): not on its position among `images`, on earlier calls or on the chunk size. `None` draws a
-            fresh seed from the OS, recorded in the certificate.
+            parameters): not on its position among `images`, on the other images sharing its tower calls, on earlier
+            calls or on the chunk size. `None` draws a fresh seed from the OS, recorded in the certificate.
         autocast_dtype (`str`, *optional*): `"bfloat16"` / `"float16"` runs the tower passes under autocast; the
-            certificate then covers the encoder *as computed in that dtype* (recorded as `dtype`).
+            certificate then covers the encoder *as computed in that dtype* (its f, recorded as `dtype`), not the
+            float32 encoder. On CPUs without native support it is emulated (a warning says so).
         image_size (`int`, *optional*): resize/crop size for PIL images; defaults to the model's resolution.
+        progress (`bool`, *optional*): show a progress bar over images.
     """
-    seed = _check(n0, n, alpha, bound, seed)
+    seed = _check_sampling(n0, n, alpha, bound, seed)
     if reference not in REFERENCES:
         raise ValueError(f"`reference` must be one of {REFERENCES}, got {reference!r}.")
-    epsilons = [float(e) for e in ([epsilon] if isinstance(epsilon, (int, float)) else epsilon)]
-    taus = [float(t) for t in ([tau] if isinstance(tau, (int, float)) else tau)]
-    if any(e < 0 for e in epsilons):
-        raise ValueError(f"`epsilon` must be ≥ 0, got {epsilons}.")
+    epsilons = _values("epsilon", epsilon, 0.0, None, "≥ 0 (ℓ2 budgets in [0, 1] pixel units)")
+    taus = _values("tau", tau, 0.0, 1.0, "in [0, 1) (cosine thresholds)")
+    target_cosine = _check_target("target_cosine", target_cosine, 0.0, 1.0)
+    target_radius = _check_target("target_radius", target_radius, 0.0, None)
     tower = as_smoothed_tower(model_or_tower, sigma, autocast_dtype)
+    target_score = None
+    if target_cosine is not None or target_radius is not None:
+        if bound != "betting":
+            raise ValueError(f"`target_cosine` / `target_radius` (sequential certification) need `bound='betting'`, "
+                             f"the only anytime-valid bound; got bound={bound!r}, valid at a fixed n only.")
+        if target_cosine is not None and not epsilons:
+            raise ValueError("`target_cosine` needs at least one `epsilon`.")
+        if target_radius is not None and not taus:
+            raise ValueError("`target_radius` needs at least one `tau`.")
+        needed = [score_for_certificate(target_cosine, max(epsilons), tower.sigma)] if target_cosine is not None else []
+        if target_radius is not None:
+            needed.append(score_for_certificate(max(taus), target_radius, tower.sigma))
+        target_score = max(needed)
+        if target_score >= 1.0:
+            raise ValueError(f"The target needs S = 1 at σ={tower.sigma} (target_cosine={target_cosine}, "
+                             f"target_radius={target_radius}): unreachable; lower it or raise `sigma`.")
     dtype = _compute_dtype(tower)
-    results = []
-    inputs_list = _images(tower, images, image_grid_thw, image_size)
-    for index, inputs in enumerate(tqdm(inputs_list, desc="certify", disable=not progress)):
+    inputs_list = to_image_inputs(tower, images, input_space=input_space, image_grid_thw=image_grid_thw, image_size=image_size)
+    unrelated = None
+    if unrelated_images is not None:
+        unrelated_jobs = [_CleanJob(i) for i in to_image_inputs(tower, unrelated_images, input_space=input_space,
+                                                                image_size=image_size, name="unrelated_images")]
+        _run_jobs(tower, unrelated_jobs)
+        unrelated = [job.feature for job in unrelated_jobs]
+    blanks = _blank_features(tower, inputs_list)
+    if unrelated is not None and any(u.numel() != blanks[0].numel() for u in unrelated):
+        raise ValueError("`unrelated_images` give features of another size than `images`; pass images of the same "
+                         "size (e.g. PIL images, resized to the same `image_size`).")
+    jobs = []
+    for inputs in inputs_list:
         noise = _ImageNoise(tower, inputs, seed)
-        v = _reference(tower, inputs, reference, n0, noise.selection)
-        scores = (1.0 + _primary_features(tower, inputs, n, noise.estimation) @ v).clamp(0.0, 2.0) / 2.0
-        s_low = lower_confidence_bound(scores, alpha, bound)
+        test = None if target_score is None else BettingTest(target_score, alpha, n)
+        jobs.append(_FeatureJob(inputs, noise, reference, n0, n, test))
+    with tqdm(total=len(jobs), desc="certify", disable=not progress) as bar:
+        _run_jobs(tower, jobs, bar)
+    all_scores = [job.all_scores() for job in jobs]
+    # one image at a time: a bound computed inside a batch could differ in the last bits (SIMD / threading)
+    lows = [lower_confidence_bound(s, alpha, bound, n if bound == 'betting' else None) for s in all_scores]
+    results = []
+    for index, (job, blank, scores, s_low) in enumerate(zip(jobs, blanks, all_scores, lows)):
+        if job.stop == "target":
+            s_low = max(s_low, target_score)  # the test rejected E[s] ≤ target_score: the sequence is above it
         abstain = s_low <= 0.5
         bounds = [None if abstain or (b := fcsb(s_low, e, tower.sigma)) < 0 else b for e in epsilons]
         radii = [0.0 if abstain else certified_radius(s_low, tower.sigma, t) for t in taus]
         results.append(FeatureCertificate(
-            index=index, score=scores.double().mean().item(), score_lower=s_low, abstain=abstain, epsilon=epsilons,
+            index=index, score=scores.mean().item(), score_lower=s_low, abstain=abstain, epsilon=epsilons,
             fcsb=bounds, tau=taus, radius=radii, sigma=tower.sigma, n0=n0 if reference == "smoothed" else 0, n=n,
-            alpha=alpha, bound=bound, reference=reference, seed=seed, dtype=dtype, resolution=noise.resolution,
+            alpha=alpha, bound=bound, reference=reference, n_used=scores.numel(), stop=job.stop,
+            target_cosine=target_cosine, target_radius=target_radius, blank_cosine=_cosine(blank, job.v),
+            unrelated_cosine=None if unrelated is None else max(_cosine(u, job.v) for u in unrelated),
+            centered=tower.config.feature_center is not None, seed=seed, dtype=dtype,
+            resolution=job.noise.resolution,
         ))
     return results
 
@@ -264,7 +479,9 @@ def certify_prediction(
     n0: int = 64,
     n: int = 1000,
     alpha: float = 0.001,
-    bound: str = "bernstein",
+    bound: str = "betting",
+    alpha_split: str = "runner_up",
+    input_space: str | None = None,
     image_grid_thw: torch.Tensor | None = None,
     seed: int | None = None,
     autocast_dtype: str | None = None,
@@ -279,38 +496,57 @@ def certify_prediction(
 
         R = (σ/2) [Φ⁻¹(p̲_y) − max_{k≠y} Φ⁻¹(p̄_k)],
 
-    and p_y > p_k ⟺ cos(f̂, t_y) > cos(f̂, t_k) because the prototypes share the norm. y is chosen on `n0` samples;
-    p̲_y and every p̄_k come from `n` other samples, each at level α/K (Bonferroni), so R holds with probability
-    ≥ 1 − α. Abstains (prediction None) when R = 0. `seed`, `autocast_dtype` and `image_size` as for
-    [`certify`].
+    and p_y > p_k ⟺ cos(f̂, t_y) > cos(f̂, t_k) because the prototypes share the norm. y and its `RUNNER_UPS`
+    closest competitors are chosen on `n0` samples; p̲_y and the p̄_k come from `n` other samples, α shared by a
+    union bound fixed before those samples. `alpha_split="runner_up"` (default): y, each runner-up and the group of
+    all other classes get α/(`RUNNER_UPS` + 2) each; the group is bounded through E[max_{k ∈ rest} s_k] ≥ p_k (one
+    [0, 1] score per sample), so the radius barely shrinks with K. `"flat"`: α/K per class (the other classes then
+    use a bound from streaming moments: Hoeffding, or the smaller of Maurer–Pontil and Hoeffding). Memory does not
+    grow with n · K. R holds with probability ≥ 1 − α; abstains (prediction None) when R = 0. Arguments as for
+    [`certify`]; `prototypes` `(K, F)` must be finite with no zero row, `labels` class indices in [0, K).
     """
-    seed = _check(n0, n, alpha, bound, seed)
-    prototypes = nn.functional.normalize(prototypes.float(), dim=-1)
-    if prototypes.ndim != 2 or prototypes.shape[0] < 2:
-        raise ValueError(f"`prototypes` must be (K ≥ 2, F), got shape {tuple(prototypes.shape)}.")
+    seed = _check_sampling(n0, n, alpha, bound, seed)
+    if alpha_split not in ALPHA_SPLITS:
+        raise ValueError(f"`alpha_split` must be one of {ALPHA_SPLITS}, got {alpha_split!r}.")
+    prototypes = _check_prototypes(prototypes)
+    num_classes = prototypes.shape[0]
     tower = as_smoothed_tower(model_or_tower, sigma, autocast_dtype)
     dtype = _compute_dtype(tower)
-    inputs_list = _images(tower, images, image_grid_thw, image_size)
-    if labels is not None and len(labels) != len(inputs_list):
-        raise ValueError(f"`labels` has {len(labels)} entries for {len(inputs_list)} images.")
-    k = prototypes.shape[0]
+    inputs_list = to_image_inputs(tower, images, input_space=input_space, image_grid_thw=image_grid_thw, image_size=image_size)
+    labels = _check_labels(labels, len(inputs_list), num_classes)
+    blanks = _blank_features(tower, inputs_list)  # one clean pass: checks the feature width before any noise
+    if any(b.numel() != prototypes.shape[1] for b in blanks):
+        raise ValueError(f"`prototypes` have dim {prototypes.shape[1]}, the features have "
+                         f"{sorted({b.numel() for b in blanks})}.")
+    runner_ups = min(RUNNER_UPS, num_classes - 1)
+    alpha_y, alpha_runner_up, alpha_rest = prediction_alphas(num_classes, runner_ups, alpha, alpha_split)
+    jobs = [_PredictionJob(inputs, _ImageNoise(tower, inputs, seed), prototypes, n0, n, runner_ups,
+                           moments=alpha_split == "flat") for inputs in inputs_list]
+    with tqdm(total=len(jobs), desc="certify", disable=not progress) as bar:
+        _run_jobs(tower, jobs, bar)
+    horizon = n if bound == "betting" else None
     results = []
-    for index, inputs in enumerate(tqdm(inputs_list, desc="certify", disable=not progress)):
-        noise = _ImageNoise(tower, inputs, seed)
-        selection = _primary_features(tower, inputs, n0, noise.selection)
-        if selection.shape[1] != prototypes.shape[1]:
-            raise ValueError(f"`prototypes` have dim {prototypes.shape[1]}, features have {selection.shape[1]}.")
-        protos = prototypes.to(selection.device)
-        y = int((selection @ protos.T).mean(0).argmax())
-        scores = (1.0 + _primary_features(tower, inputs, n, noise.estimation) @ protos.T).clamp(0.0, 2.0) / 2.0
-        p_lower = lower_confidence_bound(scores[:, y], alpha / k, bound)
-        p_upper = [upper_confidence_bound(scores[:, j], alpha / k, bound) for j in range(k) if j != y]
+    for index, job in enumerate(jobs):
+        kept = torch.cat(job.kept)
+        y, others = job.classes[0], job.classes[1:]
+        p_lower = lower_confidence_bound(kept[:, 0], alpha_y, bound, horizon)
+        p_upper = [upper_confidence_bound(kept[:, j + 1], alpha_runner_up, bound, horizon) for j in range(len(others))]
+        if alpha_split == "runner_up" and kept.shape[1] > len(job.classes):
+            p_upper.append(upper_confidence_bound(kept[:, -1], alpha_rest, bound, horizon))  # E[max of the rest]
+        elif alpha_split == "flat":
+            moments = job.moments.result()
+            means, squares = moments[:num_classes] / n, moments[num_classes:] / n
+            variances = ((squares - means.pow(2)) * n / max(n - 1, 1)).clamp_min(0.0)
+            rest = sorted(set(range(num_classes)) - set(job.classes))
+            p_upper += [moment_upper_bound(means[k].item(), variances[k].item(), n, alpha_rest, bound) for k in rest]
         radius = prediction_radius(p_lower, p_upper, tower.sigma)
         prediction = y if radius > 0 else None
-        label = None if labels is None else int(labels[index])
+        label = None if labels is None else labels[index]
         results.append(PredictionCertificate(
             index=index, prediction=prediction, radius=radius, p_lower=p_lower, p_upper_runner_up=max(p_upper),
             label=label, correct=None if label is None else prediction == label, sigma=tower.sigma, n0=n0, n=n,
-            alpha=alpha, bound=bound, seed=seed, dtype=dtype, resolution=noise.resolution,
+            alpha=alpha, bound=bound, alpha_split=alpha_split, runner_ups=others,
+            centered=tower.config.feature_center is not None, seed=seed, dtype=dtype,
+            resolution=job.noise.resolution,
         ))
     return results

@@ -1,5 +1,8 @@
 """`evaluate` metric: certified cosine (FCSB) and certified accuracy of Feature-space Smoothing certificates."""
 
+import math
+import warnings
+
 import datasets
 import evaluate
 
@@ -19,16 +22,17 @@ Aggregates Feature-space Smoothing certificates (see `hf_feature_smoothing.certi
 """
 
 _KWARGS_DESCRIPTION = """
-Args:
+Args (the names of `certify` / `certify_prediction` and of their certificates' fields):
     score_lower (`list[float]`), sigma (`list[float]`): for `"cosine"`.
     prediction (`list[int]`), label (`list[int]`), radius (`list[float]`): for `"accuracy"`.
-    epsilons (`list[float]`, *optional*, defaults to `[0.0, 0.05, 0.1, 0.25, 0.5]`): ℓ2 budgets (cosine).
-    radii (`list[float]`, *optional*, defaults to `[0.0, 0.05, 0.1, 0.25, 0.5]`): ℓ2 radii (accuracy).
+    epsilon (`list[float]`, *optional*, defaults to `[0.0, 0.05, 0.1, 0.25, 0.5]`): ℓ2 budgets in [0, 1] pixel
+        units: FCSB(ε) for `"cosine"`, "correct with certified radius > ε" for `"accuracy"`. (`epsilons` / `radii`
+        are deprecated aliases.)
 Returns:
     `dict[str, float]`, e.g. `{"certified_cosine@0.1": 0.62, "abstain_rate": 0.1}`.
 Examples:
     >>> metric = hf_feature_smoothing.metrics.load("certified_robustness", "cosine")
-    >>> metric.compute(score_lower=[0.9], sigma=[0.25], epsilons=[0.0])
+    >>> metric.compute(score_lower=[0.9], sigma=[0.25], epsilon=[0.0])
     {'certified_cosine@0': 0.8, 'abstain_rate': 0.0}
 """
 
@@ -51,8 +55,19 @@ class CertifiedRobustness(evaluate.Metric):
         return evaluate.MetricInfo(description=_DESCRIPTION, citation=_CITATION, inputs_description=_KWARGS_DESCRIPTION,
                                    features=features)
 
-    def _compute(self, score_lower=None, sigma=None, prediction=None, label=None, radius=None, epsilons=None,
-                 radii=None):
+    def _compute(self, score_lower=None, sigma=None, prediction=None, label=None, radius=None, epsilon=None,
+                 epsilons=None, radii=None):
+        for old, value in (("epsilons", epsilons), ("radii", radii)):
+            if value is not None:
+                if epsilon is not None:
+                    raise ValueError(f"Pass the budgets once, as `epsilon` (`{old}` is its deprecated alias).")
+                warnings.warn(f"`{old}` is deprecated; use `epsilon` (the name `certify` uses).", FutureWarning,
+                              stacklevel=2)
+                epsilon = value
+        budgets = DEFAULT_BUDGETS if epsilon is None else [epsilon] if isinstance(epsilon, (int, float)) else epsilon
+        for value in budgets:
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value < 0:
+                raise ValueError(f"`epsilon` must hold finite ℓ2 budgets ≥ 0, got {value!r} in {list(budgets)}.")
         if self.config_name == "accuracy":
-            return certified_accuracy(prediction, label, radius, DEFAULT_BUDGETS if radii is None else radii)
-        return certified_cosine(score_lower, sigma, DEFAULT_BUDGETS if epsilons is None else epsilons)
+            return certified_accuracy(prediction, label, radius, budgets)
+        return certified_cosine(score_lower, sigma, budgets)

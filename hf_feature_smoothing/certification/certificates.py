@@ -1,0 +1,116 @@
+"""Certificate records: what was certified, with every parameter it was made with, as strict JSON."""
+
+import dataclasses
+import math
+from dataclasses import dataclass, field
+
+import torch
+import transformers
+
+from ..version import __version__
+
+
+NOISE_SPACE = "pixel [0,1], l2"
+STOP_REASONS = ("n", "target", "unreachable")
+
+
+def versions() -> dict[str, str]:
+    return {"hf_feature_smoothing": __version__, "transformers": transformers.__version__, "torch": torch.__version__}
+
+
+def strict_json(value):
+    """`value` with every non-finite float (NaN, ±inf) replaced by None, recursively: `json.dumps` then writes strict
+    JSON (no bare `NaN` / `Infinity` tokens)."""
+    if isinstance(value, float):
+        return value if math.isfinite(value) else None
+    if isinstance(value, dict):
+        return {key: strict_json(item) for key, item in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [strict_json(item) for item in value]
+    return value
+
+
+@dataclass
+class FeatureCertificate:
+    """
+    Certificate of one image. With probability ≥ 1 − `alpha` over the certification noise, for every x' with
+    ‖x' − x‖₂ ≤ ε (pixel [0, 1] units): cos(f̂(x'), v) ≥ `fcsb[i]` for `epsilon[i]`, and cos(f̂(x'), v) ≥ τ within
+    `radius[j]` of x for `tau[j]`. v is the direction of f̂(x) estimated from `n0` separate samples
+    (`reference="smoothed"`, default) or f(x) (`"clean"`, the paper's); f is the unit feature, centred first when
+    `centered`. `None` / 0 = no certificate; `abstain` when `score_lower` ≤ 1/2.
+
+    `n` is the most estimation samples allowed and `n_used` those the bound used: fewer when sequential
+    certification stopped at `target_cosine` / `target_radius` (`stop="target"`) or when the target could no longer
+    be reached within `n` (`stop="unreachable"`); `stop="n"` otherwise.
+
+    Reference levels: `blank_cosine` is cos(f(grey), v) for a uniform grey image of the same size, and
+    `unrelated_cosine` the largest cos(f(u), v) over the `unrelated_images` passed to `certify` (None without them):
+    a certified cosine at or below these says no more than "as similar as a blank / unrelated image".
+
+    `to_dict()` is strict JSON: non-finite floats become None.
+    """
+
+    index: int
+    score: float
+    score_lower: float
+    abstain: bool
+    epsilon: list[float]
+    fcsb: list[float | None]
+    tau: list[float]
+    radius: list[float]
+    sigma: float
+    n0: int
+    n: int
+    alpha: float
+    bound: str
+    reference: str
+    n_used: int = 0
+    stop: str = "n"
+    target_cosine: float | None = None
+    target_radius: float | None = None
+    blank_cosine: float | None = None
+    unrelated_cosine: float | None = None
+    centered: bool = False
+    seed: int | None = None
+    dtype: str = "float32"
+    resolution: list[int] = field(default_factory=list)
+    noise_space: str = NOISE_SPACE
+    versions: dict[str, str] = field(default_factory=versions)
+
+    def to_dict(self) -> dict:
+        return strict_json(dataclasses.asdict(self))
+
+
+@dataclass
+class PredictionCertificate:
+    """
+    Certificate of a cosine-similarity prediction y = argmax_k cos(f̂(x), t_k). With probability ≥ 1 − `alpha`,
+    argmax_k cos(f̂(x'), t_k) = `prediction` for every ‖x' − x‖₂ < `radius`; `prediction` is None (abstain) when
+    the radius is 0. `runner_ups` are the classes the `n0` selection samples ranked right after the prediction;
+    `alpha_split` says how α was shared among the K bounds (see [`~bounds.prediction_alphas`]). `to_dict()` is
+    strict JSON.
+    """
+
+    index: int
+    prediction: int | None
+    radius: float
+    p_lower: float
+    p_upper_runner_up: float
+    label: int | None
+    correct: bool | None
+    sigma: float
+    n0: int
+    n: int
+    alpha: float
+    bound: str
+    alpha_split: str = "runner_up"
+    runner_ups: list[int] = field(default_factory=list)
+    centered: bool = False
+    seed: int | None = None
+    dtype: str = "float32"
+    resolution: list[int] = field(default_factory=list)
+    noise_space: str = NOISE_SPACE
+    versions: dict[str, str] = field(default_factory=versions)
+
+    def to_dict(self) -> dict:
+        return strict_json(dataclasses.asdict(self))
