@@ -6,7 +6,7 @@ import torch
 from torch import nn
 
 from . import register_tower_adapter
-from .base import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD, ImageInputs
+from .base import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD, BoosterGeometry, ImageInputs, pixel_conv
 from .llava import LlavaTowerAdapter
 
 
@@ -39,6 +39,14 @@ class VisionEncoderAdapter(LlavaTowerAdapter):
 
     def booster_feature_dim(self) -> int:
         return int(self.model.config.hidden_size)
+
+    def booster_geometry(self) -> BoosterGeometry:
+        name, conv = pixel_conv(self.model)
+        config = self.model.config
+        # CLIP pools before its final norm: a token-mixing mapper boosts the last encoder layer's tokens instead
+        last_layer = f"vision_model.encoder.layers.{config.num_hidden_layers - 1}"
+        return BoosterGeometry(pixel_entry=name, grid_source=name, patch_size=int(conv.stride[0]),
+                               token_target=last_layer if config.model_type == "clip_vision_model" else None)
 
     def run(self, inputs: ImageInputs) -> None:
         raise NotImplementedError("Stand-alone encoders are read through `encode`.")
