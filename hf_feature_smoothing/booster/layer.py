@@ -136,7 +136,6 @@ class PixelPurifierLayer(BoosterTunerLayer):
         if self.geometry is not None and self.geometry.patch_flattened:
             self.probe = self.probe or GridProbe(self.geometry)
         self.set_adapter(adapter_name, inference_mode=config.inference_mode)
-        self.capture: list[tuple[torch.Tensor, torch.Tensor]] | None = None
 
     def _stats(self, like: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         if self.pixel_stats is None:
@@ -148,20 +147,20 @@ class PixelPurifierLayer(BoosterTunerLayer):
         mean, std = (torch.tensor(v, device=like.device, dtype=torch.float32).view(-1, 1, 1) for v in self.pixel_stats)
         return mean, std
 
-    def purify(self, pixels: torch.Tensor) -> torch.Tensor:
-        """Processed pixel values (the wrapped module's input) → purified pixel values, same layout and dtype."""
+    def purify(self, pixels: torch.Tensor, image_grid_thw: torch.Tensor | None = None) -> torch.Tensor:
+        """Processed pixel values (the wrapped module's input) → purified pixel values, same layout and dtype.
+        Qwen-VL rows take their grid from `image_grid_thw`, else from the running tower call."""
         names = self._active(self.fs_booster_purifier)
         if not names or self.noise_level <= 0:
             return pixels
-        if self.probe is not None:  # Qwen-VL patch rows
-            frames = patches_to_frames(pixels, self.probe.grid, self.geometry)
-            purified = frames_to_patches([self._purify_images(f, names) for f in frames], self.probe.grid,
-                                         self.geometry)
-        else:
-            purified = self._purify_images(pixels, names)
-        if self.capture is not None:
-            self.capture.append((pixels, purified))
-        return purified
+        if self.probe is None:
+            return self._purify_images(pixels, names)
+        grid = image_grid_thw.long().cpu() if image_grid_thw is not None else self.probe.grid  # Qwen-VL patch rows
+        if int(grid.prod(-1).sum()) != pixels.shape[0]:
+            raise RuntimeError(f"The purifier got {pixels.shape[0]} pixel rows but the grid describes "
+                               f"{int(grid.prod(-1).sum())} patches.")
+        frames = patches_to_frames(pixels, grid, self.geometry)
+        return frames_to_patches([self._purify_images(f, names) for f in frames], grid, self.geometry)
 
     def _purify_images(self, images: torch.Tensor, names: Sequence[str]) -> torch.Tensor:
         mean, std = self._stats(images)

@@ -45,7 +45,7 @@ class GSBLoss(nn.Module):
     (every booster is the identity at σ = 0) and f_σ the boosted one (purifier on the noisy pixels, mapper on the
     features), all per image and unit-normalised:
 
-        L = E[1 − cos(f_σ(x + δ), f(x))]                       (consistency: raises S; the paper's l_rb)
+        L = λ_cons · E[1 − cos(f_σ(x + δ), f(x))]              (consistency: raises S; the paper's l_rb)
           + λ_clean · E[1 − cos(f_σ(x), f(x))]                 (utility: clean features stay what the LM expects)
           + λ_stats · l_stats                                  (utility: per-channel batch mean/std of f_σ match f's)
           + λ_pixel · E‖P_σ(x + δ) − x‖² / d                   (purifier only: denoise in [0, 1] pixel space)
@@ -55,7 +55,8 @@ class GSBLoss(nn.Module):
     computed per process, like BatchNorm without sync). The LM term runs the frozen projector and language model on
     the batch's `input_ids` with clean stock pixels (the teacher, no gradient) and with the first noisy copy through
     the boosters, and takes the KL of the next-token distributions at the answer positions (`labels` ≠ −100),
-    teacher-forced; gradients reach only the booster.
+    teacher-forced; gradients reach only the booster. The pixel term calls the purifier on the noisy pixels directly
+    (one extra purifier pass, no tower pass).
 
     σ and the noise are functions of (`seed`, the training step, the image), never of the process or the batch
     composition: a distributed run draws exactly what one process with the same global batch draws.
@@ -64,19 +65,23 @@ class GSBLoss(nn.Module):
         model (`nn.Module`): the model with the booster (a `PeftModel` or a transformers model with the adapter).
         sigmas (`Sequence[float]`): noise levels to draw from, one per step.
         noise_samples (`int`): noisy copies k per image.
-        lambda_clean, lambda_stats, lambda_pixel, lambda_lm (`float`): weights of the terms above.
+        lambda_clean, lambda_stats, lambda_pixel, lambda_lm, lambda_consistency (`float`): weights of the terms above;
+            with all feature weights (consistency, clean, stats) 0 the tower does not run (purifier pretraining).
         smoothing (`FeatureSmoothingConfig`): processor mean/std of the pixel space the noise lives in.
         seed (`int`, *optional*, defaults to 0): seed of σ and the noise.
     """
 
+    accepts_loss_kwargs = False  # the loss is a per-image mean: Trainer scales it for gradient accumulation itself
+
     def __init__(self, model: nn.Module, sigmas: Sequence[float], noise_samples: int, lambda_clean: float,
                  lambda_stats: float, smoothing: FeatureSmoothingConfig, lambda_pixel: float = 1.0,
-                 lambda_lm: float = 0.0, seed: int = 0):
+                 lambda_lm: float = 0.0, lambda_consistency: float = 1.0, seed: int = 0):
         super().__init__()
         self.model = model
         object.__setattr__(self, "tower", SmoothedVisionTower(model, smoothing))  # helper only, not a submodule
         self.sigmas = [check_finite_positive("sigmas", float(s)) for s in sigmas]
         self.noise_samples = check_positive_int("noise_samples", noise_samples)
+        self.lambda_consistency = _nonnegative("lambda_consistency", lambda_consistency)
         self.lambda_clean = _nonnegative("lambda_clean", lambda_clean)
         self.lambda_stats = _nonnegative("lambda_stats", lambda_stats)
         self.lambda_pixel = _nonnegative("lambda_pixel", lambda_pixel)
@@ -114,16 +119,16 @@ class GSBLoss(nn.Module):
         seg = self.tower._segments(inputs, rows.shape[1], rows.device)
         return torch.zeros(rows.shape[0], inputs.num_images, device=rows.device).index_add(1, seg, dots)
 
-    def _pixel_term(self, purifiers: list[PixelPurifierLayer], copies: int) -> torch.Tensor:
-        """Mean squared [0, 1] error of the purified noisy copies against the clean copy (first in the batch)."""
+    def _pixel_term(self, purifiers: list[PixelPurifierLayer], clean: ImageInputs, noisy: ImageInputs,
+                    sigma: float) -> torch.Tensor:
+        """Mean squared [0, 1] error of the purified noisy copies against the clean images."""
+        copies = noisy.pixel_values.shape[0] // clean.pixel_values.shape[0]
         errors = []
-        for layer in purifiers:
-            for pixels, purified in layer.capture or []:
-                per_copy = pixels.shape[0] // (copies + 1)
-                clean = layer.to_unit(pixels[:per_copy])
-                noisy = layer.to_unit(purified[per_copy:]).view(copies, *clean.shape)
-                errors.append((noisy - clean).pow(2).mean())
-            layer.capture = None
+        with booster_noise_level(self.model, sigma, *self.pixel_stats):
+            for layer in purifiers:
+                purified = layer.to_unit(layer.purify(noisy.pixel_values, noisy.image_grid_thw))
+                target = layer.to_unit(clean.pixel_values).repeat(copies, *[1] * (clean.pixel_values.ndim - 1))
+                errors.append((purified - target).pow(2).mean())
         return torch.stack(errors).mean()
 
     def _lm_term(self, clean: ImageInputs, noisy: ImageInputs, sigma: float, labels: torch.Tensor,
@@ -153,27 +158,26 @@ class GSBLoss(nn.Module):
                 **text_inputs) -> torch.Tensor:
         adapter, inputs, k = self.tower.adapter, ImageInputs(pixel_values, image_grid_thw), self.noise_samples
         sigma = self.sigma_at(self.step)
-        with torch.no_grad(), booster_noise_level(self.model, 0.0):
-            target = adapter.encode(inputs)[-1].float()
         noisy = self.noisy_copies(inputs, k, sigma, self.step)
-        batch = adapter.repeat(inputs, k + 1).with_pixels(torch.cat([pixel_values, noisy.pixel_values]))
+        loss, terms = pixel_values.new_zeros((), dtype=torch.float32), {"sigma": sigma}
+        if self.lambda_consistency + self.lambda_clean + self.lambda_stats > 0:
+            with torch.no_grad(), booster_noise_level(self.model, 0.0):
+                target = adapter.encode(inputs)[-1].float()
+            batch = adapter.repeat(inputs, k + 1).with_pixels(torch.cat([pixel_values, noisy.pixel_values]))
+            with booster_noise_level(self.model, sigma, *self.pixel_stats):
+                rows = adapter.encode(batch)[-1].float().view(k + 1, *target.shape)
+            cosines = self._cosines(rows, target, inputs)
+            consistency, clean = (1 - cosines[1:]).mean(), (1 - cosines[0]).mean()
+            boosted = rows.flatten(0, 1)
+            scale = target.var(0, unbiased=False).mean().clamp_min(1e-12)
+            stats = ((boosted.mean(0) - target.mean(0)).pow(2).mean()
+                     + (boosted.std(0, unbiased=False) - target.std(0, unbiased=False)).pow(2).mean()) / scale
+            loss = self.lambda_consistency * consistency + self.lambda_clean * clean + self.lambda_stats * stats
+            terms.update(consistency=consistency.item(), clean=clean.item(), stats=stats.item(),
+                         score=1 - consistency.item() / 2)
         purifiers = [m for m in booster_layers(self.model) if isinstance(m, PixelPurifierLayer)]
-        pixel_term = self.lambda_pixel > 0 and bool(purifiers)
-        for layer in purifiers:
-            layer.capture = [] if pixel_term else None
-        with booster_noise_level(self.model, sigma, *self.pixel_stats):
-            rows = adapter.encode(batch)[-1].float().view(k + 1, *target.shape)
-        cosines = self._cosines(rows, target, inputs)
-        consistency, clean = (1 - cosines[1:]).mean(), (1 - cosines[0]).mean()
-        boosted = rows.flatten(0, 1)
-        scale = target.var(0, unbiased=False).mean().clamp_min(1e-12)
-        stats = ((boosted.mean(0) - target.mean(0)).pow(2).mean()
-                 + (boosted.std(0, unbiased=False) - target.std(0, unbiased=False)).pow(2).mean()) / scale
-        loss = consistency + self.lambda_clean * clean + self.lambda_stats * stats
-        terms = {"sigma": sigma, "consistency": consistency.item(), "clean": clean.item(), "stats": stats.item(),
-                 "score": 1 - consistency.item() / 2}
-        if pixel_term:
-            pixel = self._pixel_term(purifiers, k)
+        if self.lambda_pixel > 0 and purifiers:
+            pixel = self._pixel_term(purifiers, inputs, noisy, sigma)
             loss = loss + self.lambda_pixel * pixel
             terms["pixel"] = pixel.item()
         if self.lambda_lm > 0:
@@ -186,5 +190,8 @@ class GSBLoss(nn.Module):
             lm = self._lm_term(inputs, first, sigma, labels, {"input_ids": input_ids, **text_inputs})
             loss = loss + self.lambda_lm * lm
             terms["lm_kl"] = lm.item()
+        if torch.is_grad_enabled() and not loss.requires_grad:
+            raise ValueError("No term of the loss reaches this booster's weights (`lambda_pixel` needs a purifier, the "
+                             "feature terms the tower); raise `lambda_consistency` / `lambda_clean` / `lambda_lm`.")
         self.last_terms = terms
         return loss

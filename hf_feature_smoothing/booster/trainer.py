@@ -19,6 +19,7 @@ from .registration import PARAMETER_PREFIX
 logger = get_logger(__name__)
 
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
+PARTS = ("mapper", "purifier")
 
 
 def _processor_stats(processor) -> dict:
@@ -49,9 +50,11 @@ class GSBTrainer(Trainer):
         noise_samples (`int`, *optional*, defaults to 2):
             Noisy copies per image and step.
         lambda_clean (`float`, *optional*, defaults to 1.0), lambda_stats (`float`, *optional*, defaults to 0.1),
-        lambda_pixel (`float`, *optional*, defaults to 1.0), lambda_lm (`float`, *optional*, defaults to 0.0):
+        lambda_pixel (`float`, *optional*, defaults to 1.0), lambda_lm (`float`, *optional*, defaults to 0.0),
+        lambda_consistency (`float`, *optional*, defaults to 1.0):
             Weights of the terms of [`GSBLoss`] (`lambda_pixel` acts only with a purifier; `lambda_lm` > 0 puts the
-            frozen projector and language model in the loop and needs text rows).
+            frozen projector and language model in the loop and needs text rows; `lambda_consistency=lambda_clean=
+            lambda_stats=0` pretrains a purifier on the pixel term alone, without running the tower).
         image_size (`int`, *optional*):
             Resize/crop size of the collator; defaults to the tower's (unused for prompt / answer rows: the processor
             sizes those).
@@ -65,6 +68,9 @@ class GSBTrainer(Trainer):
         defaults to `True`):
             Seeded random square crops and horizontal flips ([`RandomCropFlip`]); `crop_scale=None, flip=False`
             disables augmentation.
+        trainable (`Sequence[str]`, *optional*, defaults to `("mapper", "purifier")`):
+            The booster parts that train; the others stay frozen (e.g. `("mapper",)` on top of a pretrained purifier:
+            then no gradient flows through the tower, as in the paper's two-stage recipe).
         kwargs:
             Passed on to `Trainer` (`callbacks`, `optimizers`, `data_collator`, ...).
 
@@ -80,15 +86,21 @@ class GSBTrainer(Trainer):
     def __init__(self, model: nn.Module, args: TrainingArguments | None = None, train_dataset=None,
                  eval_dataset=None, sigmas: Sequence[float] | None = None, noise_samples: int = 2,
                  lambda_clean: float = 1.0, lambda_stats: float = 0.1, lambda_pixel: float = 1.0,
-                 lambda_lm: float = 0.0, image_size: int | None = None, image_column: str = "image",
+                 lambda_lm: float = 0.0, lambda_consistency: float = 1.0, image_size: int | None = None,
+                 image_column: str = "image",
                  smoothing: FeatureSmoothingConfig | dict | None = None, processing_class=None,
-                 crop_scale: tuple[float, float] | None = (0.5, 1.0), flip: bool = True, **kwargs):
+                 crop_scale: tuple[float, float] | None = (0.5, 1.0), flip: bool = True,
+                 trainable: Sequence[str] = PARTS, **kwargs):
         layers = booster_layers(model)
         if not layers:
             raise ValueError("`model` has no booster: attach one with `add_booster(model)` (or `model.add_adapter("
                              "FeatureBoosterConfig())`) before training.")
+        unknown = sorted(set(trainable) - set(PARTS))
+        if unknown or not trainable:
+            raise ValueError(f"`trainable` must name booster parts among {PARTS}, got {trainable!r}.")
+        self.trained_prefixes = tuple(f".{PARAMETER_PREFIX}{part}." for part in trainable)
         for name, param in model.named_parameters():
-            param.requires_grad_(PARAMETER_PREFIX in name)
+            param.requires_grad_(any(prefix in name for prefix in self.trained_prefixes))
         if sigmas is None:
             configs = getattr(model, "peft_config", {})
             sigmas = next(iter(configs.values())).sigmas if configs else [0.25]
@@ -99,7 +111,7 @@ class GSBTrainer(Trainer):
         smoothing = FeatureSmoothingConfig.from_dict(smoothing)
         self.booster_model = model
         loss = GSBLoss(model, sigmas, noise_samples, lambda_clean, lambda_stats, smoothing, lambda_pixel=lambda_pixel,
-                       lambda_lm=lambda_lm, seed=args.seed)
+                       lambda_lm=lambda_lm, lambda_consistency=lambda_consistency, seed=args.seed)
         augment = RandomCropFlip(args.seed, crop_scale, flip) if crop_scale is not None or flip else None
         if augment is not None and args.dataloader_persistent_workers and args.dataloader_num_workers > 0:
             raise ValueError("`dataloader_persistent_workers=True` keeps the collator of the first epoch in its workers, "
@@ -127,9 +139,10 @@ class GSBTrainer(Trainer):
     def training_step(self, model, inputs, num_items_in_batch=None):
         self.accelerator.unwrap_model(model).step = self.state.global_step  # seeds σ and the noise of this step
         loss = super().training_step(model, inputs, num_items_in_batch)
-        leaked = [n for n, p in self.booster_model.named_parameters() if p.grad is not None and PARAMETER_PREFIX not in n]
+        leaked = [n for n, p in self.booster_model.named_parameters()
+                  if p.grad is not None and not any(prefix in n for prefix in self.trained_prefixes)]
         if leaked:
-            raise RuntimeError(f"Only booster parameters may be trained, but these got gradients: {leaked[:5]}.")
+            raise RuntimeError(f"Only the booster's trainable parts may be trained, but these got gradients: {leaked[:5]}.")
         return loss
 
     def prediction_step(self, model, inputs, prediction_loss_only, ignore_keys=None):
