@@ -198,17 +198,18 @@ def test_trainer_refuses_model_without_booster_and_leaked_gradients(tmp_path):
 
 
 def test_trainer_resumes_from_adapter_checkpoint(tmp_path):
-    peft_model = hfs.add_booster(tiny_smoothed_model("llava", num_samples=2, seed=0))
+    config = {"purifier": {"width": 8, "depth": 3}, "mapper_mixing": "conv"}  # every part of the strongest variant
+    peft_model = hfs.add_booster(tiny_smoothed_model("llava", num_samples=2, seed=0), hfs.FeatureBoosterConfig(**config))
     args = _args(tmp_path, 4, save_strategy="steps", save_steps=2)
     GSBTrainer(peft_model, args, train_dataset=_dataset(), image_size=56).train()
     checkpoint = tmp_path / "run" / "checkpoint-2"
     assert (checkpoint / "adapter_model.safetensors").exists()
-    resumed = hfs.add_booster(tiny_smoothed_model("llava", num_samples=2, seed=0))
+    resumed = hfs.add_booster(tiny_smoothed_model("llava", num_samples=2, seed=0), hfs.FeatureBoosterConfig(**config))
     trainer = GSBTrainer(resumed, _args(tmp_path, 4), train_dataset=_dataset(), image_size=56)
     trainer.train(resume_from_checkpoint=str(checkpoint))
     assert trainer.state.global_step == 4
     final = load_file(tmp_path / "run" / "checkpoint-4" / "adapter_model.safetensors")
     weights = {k: v for k, v in resumed.state_dict().items() if "fs_booster_" in k}
     assert len(weights) == len(final)
-    for key, value in weights.items():  # same data order, noise and optimizer state: the same booster
+    for key, value in weights.items():  # same data, crops, σ, noise and optimizer state: the same booster
         torch.testing.assert_close(value, final[key.replace(".default.", ".")])

@@ -17,9 +17,15 @@ from transformers import TrainingArguments
 
 import hf_feature_smoothing as hfs
 from hf_feature_smoothing import FeatureBoosterConfig, FeatureSmoothingConfig
-from hf_feature_smoothing.booster import GSBLoss, GSBTrainer, booster_layers
+from hf_feature_smoothing.booster import GSBLoss, GSBTrainer
 from hf_feature_smoothing.booster.data import GSBCollator, RandomCropFlip, load_image
-from hf_feature_smoothing.testing_utils import IMAGE_TOKEN_ID, VISION_END_ID, VISION_START_ID, tiny_model, tiny_smoothed_model
+from hf_feature_smoothing.testing_utils import (
+    IMAGE_TOKEN_ID,
+    VISION_END_ID,
+    VISION_START_ID,
+    tiny_model,
+    tiny_smoothed_model,
+)
 
 from .gsb_train_script import dataset, train
 

@@ -35,7 +35,7 @@ class FeatureBoosterConfig(PeftConfig):
         target_modules (`list[str]` or `str`, *optional*):
             The modules the booster wraps. `None` picks the tower family's feature site for the mapper
             (LLaVA: `multi_modal_projector`; Qwen-VL: `visual.merger`; DINOv2 / ViT: `layernorm`; CLIP / SigLIP:
-            `vision_model.post_layernorm`, with `mapper_mixing` on CLIP the last encoder layer) plus, with a purifier,
+            `post_layernorm`, with `mapper_mixing` on CLIP the last encoder layer) plus, with a purifier,
             `purifier_module`.
         position (`str`, *optional*):
             `"before"` maps the site module's input, `"after"` its output; `None` takes the family's default.
