@@ -14,15 +14,32 @@ from hf_feature_smoothing import FeatureBoosterConfig, FeatureSmoothingConfig, S
 from hf_feature_smoothing.booster import PixelPurifierLayer, booster_layers, booster_noise_level
 from hf_feature_smoothing.booster.layout import batched_layout, flat_layout
 from hf_feature_smoothing.booster.purifier import frames_to_patches, patches_to_frames
-from hf_feature_smoothing.testing_utils import TINY_FAMILIES, tiny_inputs, tiny_smoothed_model
+from hf_feature_smoothing.testing_utils import IMAGE_TOKEN_ID, TINY_FAMILIES, tiny_inputs, tiny_smoothed_model
 from hf_feature_smoothing.towers import ImageInputs
 
 
 ENCODERS = ("dinov2", "vit", "clip_vision_model", "siglip_vision_model")
+DINOV2_LLAVA = "llava-dinov2-full"  # the real-weight LLaVA's layout: DINOv2 tower, CLS kept at the site
 VARIANTS = {  # each round-trips through one of the two loaders
     "purifier+attention": ({"purifier": True, "mapper_mixing": "attention"}, "peft"),
     "conv": ({"mapper_mixing": "conv", "purifier": {"width": 8, "depth": 3, "scale": 1}}, "load_booster"),
 }
+
+
+def tiny_dinov2_llava() -> tf.PreTrainedModel:
+    """A smoothed LLaVA with a DINOv2 tower that keeps its CLS token (`vision_feature_select_strategy="full"`)."""
+    from hf_feature_smoothing.testing_utils import _text_config
+
+    torch.manual_seed(0)
+    vision = tf.Dinov2Config(hidden_size=64, num_hidden_layers=2, num_attention_heads=4, intermediate_size=128,
+                             patch_size=14, image_size=56)
+    stock = tf.LlavaForConditionalGeneration(tf.LlavaConfig(
+        vision_config=vision, text_config=tf.LlamaConfig(**_text_config("llava")), image_token_id=IMAGE_TOKEN_ID,
+        vision_feature_layer=-2, vision_feature_select_strategy="full")).eval()
+    cls = hfs.SMOOTHED_MODEL_CLASSES["llava"]
+    model = cls(cls.config_class(**stock.config.to_dict(), feature_smoothing={"num_samples": 2, "seed": 0})).eval()
+    model.load_state_dict(stock.state_dict())
+    return model
 
 
 def tiny_encoder(model_type: str, seed: int = 0) -> tf.PreTrainedModel:
@@ -43,6 +60,13 @@ class Case:
             self.model = tiny_smoothed_model(kind, num_samples=2, seed=0)
             self.tower = self.model.smoothed_vision_tower
             self.inputs = tiny_inputs(self.model, num_images=num_images)
+        elif kind == DINOV2_LLAVA:
+            self.model = tiny_dinov2_llava()
+            self.tower = self.model.smoothed_vision_tower
+            ids = torch.tensor([[1, *[IMAGE_TOKEN_ID] * 17, 5, 6]] * num_images)  # CLS + 4×4 patches
+            image = torch.rand(num_images, 3, 56, 56, generator=torch.Generator().manual_seed(0))
+            self.inputs = {"input_ids": ids, "attention_mask": torch.ones_like(ids),
+                           "pixel_values": self.tower.adapter.from_image(image, ImageInputs(image))}
         else:
             self.model = tiny_encoder(kind)
             self.tower = SmoothedVisionTower(self.model, FeatureSmoothingConfig(num_samples=2, seed=0))
@@ -53,7 +77,7 @@ class Case:
     def output(self) -> torch.Tensor:
         self.tower._generators.clear()
         with torch.no_grad():
-            if self.kind in TINY_FAMILIES:
+            if "input_ids" in self.inputs:
                 return self.model(**self.inputs).logits
             return torch.cat(self.tower(**self.inputs))
 
@@ -73,7 +97,7 @@ def _randomise(model, scale: float = 0.05) -> None:
 
 
 @pytest.mark.parametrize("variant", sorted(VARIANTS))
-@pytest.mark.parametrize("kind", TINY_FAMILIES + ENCODERS)
+@pytest.mark.parametrize("kind", (*TINY_FAMILIES, DINOV2_LLAVA, *ENCODERS))
 def test_variant_is_identity_at_init_and_zero_noise_sigma_conditioned_and_round_trips(kind, variant, tmp_path):
     config, loader = VARIANTS[variant]
     case = Case(kind)
@@ -151,7 +175,7 @@ def test_purifier_without_pixel_stats_fails_clearly():
 
 
 @pytest.mark.parametrize("mixing", ["attention", "conv"])
-@pytest.mark.parametrize("kind", ["llava", "qwen2_5_vl", "dinov2"])
+@pytest.mark.parametrize("kind", ["llava", DINOV2_LLAVA, "qwen2_5_vl", "dinov2"])
 def test_tokens_of_two_images_never_mix(kind, mixing):
     case = Case(kind, num_images=2)
     hfs.add_booster(case.model, FeatureBoosterConfig(mapper_mixing=mixing))
