@@ -35,13 +35,15 @@ def certify_runs(args) -> list[dict]:
             protos = out / f"{name}-{variant}.safetensors"
             if not protos.exists():  # prototypes of the encoder being certified (boosted features for the booster)
                 command = ["prototypes", "--model", "dinov2-s14", "--images", train, "--shots", str(args.shots),
-                           "--output", str(protos)] + (["--booster", booster] if booster else [])
+                           "--image-size", str(args.image_size), "--output", str(protos)]
+                command += ["--booster", booster] if booster else []
                 assert hf_fs(command) == 0
             for sigma in SIGMAS:
                 rows = out / f"{name}-{variant}-sigma{sigma}.jsonl"
                 command = ["certify", "--model", "dinov2-s14", "--images", test, "--limit", str(args.limit[name]),
                            "--prototypes", str(protos), "--sigma", str(sigma), "--n", str(args.n), "--n0",
-                           str(args.n0), "--alpha", str(args.alpha), "--seed", "0", "--output", str(rows)]
+                           str(args.n0), "--alpha", str(args.alpha), "--seed", "0", "--image-size", str(args.image_size),
+                           "--dtype", args.dtype, "--output", str(rows)]
                 assert hf_fs(command + (["--booster", booster] if booster else [])) == 0
                 runs.append({"set": name, "booster": variant, "sigma": sigma, "rows": read_run(rows).rows})
     return runs
@@ -54,6 +56,9 @@ def main() -> None:
     parser.add_argument("--digits", type=int, default=60, help="held-out digits certified")
     parser.add_argument("--textiles", type=int, default=30, help="held-out textiles certified (first N of the split)")
     parser.add_argument("--n", type=int, default=300, help="estimation samples per image")
+    parser.add_argument("--image-size", type=int, default=112, help="DINOv2 input size (the boosters' training size)")
+    parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"],
+                        help="compute dtype of the tower passes (bfloat16 where the CPU/GPU supports it)")
     parser.add_argument("--n0", type=int, default=32, help="selection samples per image")
     parser.add_argument("--alpha", type=float, default=0.001, help="failure probability")
     parser.add_argument("--output-dir", default="outputs/prediction-certificates", help="prototypes and run files")
@@ -64,7 +69,8 @@ def main() -> None:
     runs = certify_runs(args)
     metric = metrics.load("certified_robustness", "accuracy")
     header = "| set | booster | σ | images | " + " | ".join(f"r = {r:g}" for r in RADII) + " | abstain |"
-    lines = [(f"DINOv2-S/14 @112 px, nearest-class-mean cosine predictor ({args.shots} shots per class), n = {args.n}, "
+    lines = [(f"DINOv2-S/14 @{args.image_size} px ({args.dtype}), nearest-class-mean cosine predictor ({args.shots} "
+              f"shots per class), n = {args.n}, "
              f"n0 = {args.n0}, α = {args.alpha}, certified accuracy at ℓ2 radius r (pixel [0, 1] units)."), "",
              header, "|" + "---|" * (5 + len(RADII))]
     results = []

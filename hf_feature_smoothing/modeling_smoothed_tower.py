@@ -8,7 +8,7 @@ from functools import partial
 import torch
 from torch import nn
 
-from .booster.layer import booster_layers, booster_noise_level
+from .booster.layer import booster_noise_level, restore_booster_condition, set_booster_condition
 from .configuration_feature_smoothing import FeatureSmoothingConfig
 from .errors import check_images, check_positive_int
 from .noise import SeededNoise
@@ -36,7 +36,7 @@ class _SmoothedCall:
     inputs: ImageInputs
     sums: list[tuple[torch.Tensor, torch.Tensor]] | None = None
     sites_done: int = 0
-    booster_levels: list[tuple[nn.Module, float]] | None = None
+    booster_levels: list | None = None
 
 
 class SmoothedVisionTower(nn.Module):
@@ -79,6 +79,11 @@ class SmoothedVisionTower(nn.Module):
     @property
     def sigma(self) -> float:
         return self.config.sigma
+
+    @property
+    def _pixel_stats(self) -> tuple[tuple[float, ...], tuple[float, ...]]:
+        """The processor's mean / std: a booster's pixel purifier maps pixels to [0, 1] with them."""
+        return self.adapter.image_mean, self.adapter.image_std
 
     # ----- noise -------------------------------------------------------------------------------------------------
     def _generator(self, device: torch.device) -> torch.Generator | None:
@@ -173,7 +178,7 @@ class SmoothedVisionTower(nn.Module):
     @contextlib.contextmanager
     def _compute_context(self, device: torch.device):
         with contextlib.ExitStack() as stack:
-            stack.enter_context(booster_noise_level(self.encoder, self.sigma))  # boosters are conditioned on σ
+            stack.enter_context(booster_noise_level(self.encoder, self.sigma, *self._pixel_stats))  # condition on σ
             if not torch.is_grad_enabled():
                 stack.enter_context(torch.inference_mode())
             if self.config.autocast_dtype is not None:
@@ -337,9 +342,9 @@ class SmoothedVisionTower(nn.Module):
         if self.adapter.capturing or not self.enabled:
             return None
         inputs = self.adapter.inputs_from_call(args, kwargs)
-        self._call = _SmoothedCall(inputs, booster_levels=[(m, m.noise_level) for m in booster_layers(self.encoder)])
-        for layer, _ in self._call.booster_levels:  # copy #1 runs in the model's own call: condition boosters on σ
-            layer.noise_level = self.sigma
+        # copy #1 runs in the model's own call: condition boosters on σ
+        self._call = _SmoothedCall(inputs, booster_levels=set_booster_condition(self.encoder, self.sigma,
+                                                                                *self._pixel_stats))
         noisy = self.add_noise(inputs, 1)
         return self.adapter.replace_call_pixels(args, kwargs, noisy.pixel_values)
 
@@ -365,7 +370,6 @@ class SmoothedVisionTower(nn.Module):
             smoothed = self._center(smoothed, sign=1.0)  # back to the raw feature space the projector expects
         call.sites_done += 1
         if call.sites_done == len(self.adapter.site_modules()):
-            for layer, level in call.booster_levels or []:
-                layer.noise_level = level
+            restore_booster_condition(call.booster_levels or [])
             self._call = None
         return smoothed.to(features.dtype).view_as(features)

@@ -37,9 +37,9 @@ def _randomise(model) -> None:
             param.data = torch.randn(param.shape, generator=generator) * 0.05
 
 
-def _trained_booster(tmp_path, family="llava"):
+def _trained_booster(tmp_path, family="llava", **config):
     model = tiny_smoothed_model(family, num_samples=3, seed=0)
-    peft_model = hfs.add_booster(model, hfs.FeatureBoosterConfig(sigmas=[0.25]))
+    peft_model = hfs.add_booster(model, hfs.FeatureBoosterConfig(sigmas=[0.25], **config))
     _randomise(peft_model)
     peft_model.save_pretrained(tmp_path / "adapter")
     return model, peft_model
@@ -92,7 +92,7 @@ def test_adapter_save_load_is_bit_exact(family, tmp_path):
     files = sorted(p.name for p in (tmp_path / "adapter").iterdir())
     assert files == ["README.md", "adapter_config.json", "adapter_model.safetensors"]
     saved = load_file(tmp_path / "adapter" / "adapter_model.safetensors")
-    assert saved and all(".fs_booster_mapper." in k for k in saved)  # only booster weights
+    assert saved and all(".fs_booster_" in k for k in saved)  # only booster weights
     assert isinstance(PeftConfig.from_pretrained(tmp_path / "adapter"), hfs.FeatureBoosterConfig)
 
     for load in ("peft", "transformers"):
@@ -140,7 +140,7 @@ CHILD = textwrap.dedent(
 
 
 def test_booster_loads_from_offline_hub_cache(tmp_path, hub_cache):
-    model, _ = _trained_booster(tmp_path)
+    model, _ = _trained_booster(tmp_path, purifier=True, mapper_mixing="attention")  # the strongest variant
     model.smoothed_vision_tower._generators.clear()
     with torch.no_grad():
         torch.save(model(**tiny_inputs(model)).logits, tmp_path / "expected.pt")
@@ -193,22 +193,23 @@ def test_trainer_refuses_model_without_booster_and_leaked_gradients(tmp_path):
     peft_model = hfs.add_booster(model)
     trainer = GSBTrainer(peft_model, _args(tmp_path, 1), train_dataset=_dataset(), image_size=56)
     next(model.model.vision_tower.parameters()).requires_grad_(True)  # a tower weight upstream of the booster leaks in
-    with pytest.raises(RuntimeError, match="Only booster parameters"):
+    with pytest.raises(RuntimeError, match="Only the booster's trainable parts"):
         trainer.train()
 
 
 def test_trainer_resumes_from_adapter_checkpoint(tmp_path):
-    peft_model = hfs.add_booster(tiny_smoothed_model("llava", num_samples=2, seed=0))
+    config = {"purifier": {"width": 8, "depth": 3}, "mapper_mixing": "conv"}  # every part of the strongest variant
+    peft_model = hfs.add_booster(tiny_smoothed_model("llava", num_samples=2, seed=0), hfs.FeatureBoosterConfig(**config))
     args = _args(tmp_path, 4, save_strategy="steps", save_steps=2)
     GSBTrainer(peft_model, args, train_dataset=_dataset(), image_size=56).train()
     checkpoint = tmp_path / "run" / "checkpoint-2"
     assert (checkpoint / "adapter_model.safetensors").exists()
-    resumed = hfs.add_booster(tiny_smoothed_model("llava", num_samples=2, seed=0))
+    resumed = hfs.add_booster(tiny_smoothed_model("llava", num_samples=2, seed=0), hfs.FeatureBoosterConfig(**config))
     trainer = GSBTrainer(resumed, _args(tmp_path, 4), train_dataset=_dataset(), image_size=56)
     trainer.train(resume_from_checkpoint=str(checkpoint))
     assert trainer.state.global_step == 4
     final = load_file(tmp_path / "run" / "checkpoint-4" / "adapter_model.safetensors")
     weights = {k: v for k, v in resumed.state_dict().items() if "fs_booster_" in k}
     assert len(weights) == len(final)
-    for key, value in weights.items():  # same data order, noise and optimizer state: the same booster
+    for key, value in weights.items():  # same data, crops, σ, noise and optimizer state: the same booster
         torch.testing.assert_close(value, final[key.replace(".default.", ".")])

@@ -30,7 +30,7 @@ def test_shipped_projector_answers_held_out_digits(llava_folder):
 
     model = LlavaForConditionalGeneration.from_pretrained(llava_folder).eval()
     processor = AutoProcessor.from_pretrained(llava_folder)
-    examples = digit_examples("test")[::8]  # 100 held-out digits
+    examples = digit_examples("test")[::4]  # 100 of the 397 held-out digits
     result = answer_accuracy(model, processor, examples, batch_size=25, progress=False)
     assert result["accuracy"] >= 0.9, result
     assert projector_metadata()["held_out"]["digits_accuracy"] >= 0.9
@@ -38,7 +38,7 @@ def test_shipped_projector_answers_held_out_digits(llava_folder):
         [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": examples[0].question}]}],
         add_generation_prompt=True)], return_tensors="pt")
     with torch.no_grad():
-        generated = model.generate(**inputs, max_new_tokens=4, do_sample=False)
+        generated = model.generate(**inputs, max_new_tokens=10, do_sample=False)
     answer = processor.tokenizer.decode(generated[0, inputs["input_ids"].shape[1]:], skip_special_tokens=True)
     assert answer.strip() == examples[0].answer
 

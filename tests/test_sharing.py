@@ -167,3 +167,26 @@ def test_save_pretrained_push_to_hub_uploads_the_folder_with_its_card(certified,
     assert api.kwargs["upload_folder"]["commit_message"] == "first"
     local, uploaded = (tmp_path / "local" / "README.md").read_text(), (tmp_path / "uploaded" / "README.md").read_text()
     assert local == uploaded and 'from_pretrained("org/y")' in uploaded and "certified cosine" in uploaded
+
+
+def test_attack_table_goes_into_model_index_and_the_card(certified, tmp_path):
+    from hf_feature_smoothing.hub.sharing import attack_eval_results, write_card_atomically
+
+    table = [
+        {"variant": "plain", "mode": "clean", "norm": "linf", "epsilon": 0.0, "images": 30, "accuracy": 0.9,
+         "accuracy_ci": (0.8, 1.0), "success": 0.0, "success_ci": (0.0, 0.0)},
+        {"variant": "smoothed", "mode": "targeted", "norm": "linf", "epsilon": 8 / 255, "images": 30,
+         "accuracy": 0.7, "accuracy_ci": (0.5, 0.85), "success": 0.1, "success_ci": (0.0, 0.2)},
+    ]
+    params = {"sigma": 0.12, "num_samples": 8, "steps": 10}
+    extra = attack_eval_results(table, params, "digits")
+    assert [r.metric_type for r in extra] == ["accuracy", "accuracy", "attack_success_rate"]
+    assert extra[-1].metric_args["sigma"] == 0.12 and extra[-1].metric_args["ci95"] == [0.0, 0.2]
+    model, certificates = certified
+    card = build_model_card("org/m", smoothing=model.smoothing_config, certificates=certificates, dataset_name="d",
+                            extra_results=extra, extra_markdown="## Under attack\n\n| a | b |")
+    write_card_atomically(card, tmp_path)
+    loaded = ModelCard.load(tmp_path / "README.md")
+    types = [r.metric_type for r in loaded.data.eval_results]
+    assert "certified_cosine" in types and types.count("attack_success_rate") == 1
+    assert loaded.text.rstrip().endswith("| a | b |")

@@ -2,12 +2,23 @@
 robustness score of a frozen vision tower. Importing this package registers the method with PEFT."""
 
 from .configuration_booster import FeatureBoosterConfig
-from .layer import FeatureBoosterLayer, GSBMapper, booster_layers, booster_noise_level
+from .layer import (
+    BoosterTunerLayer,
+    FeatureBoosterLayer,
+    PixelPurifierLayer,
+    booster_layers,
+    booster_noise_level,
+    restore_booster_condition,
+    set_booster_condition,
+)
+from .mapper import GSBMapper
 from .model import FeatureBoosterModel, add_booster, load_booster
+from .purifier import PixelPurifier
 from .trainer import GSBImageCollator, GSBLoss, GSBTrainer
 
 
 __all__ = [
+    "BoosterTunerLayer",
     "FeatureBoosterConfig",
     "FeatureBoosterLayer",
     "FeatureBoosterModel",
@@ -15,8 +26,12 @@ __all__ = [
     "GSBLoss",
     "GSBMapper",
     "GSBTrainer",
+    "PixelPurifier",
+    "PixelPurifierLayer",
     "add_booster",
     "booster_layers",
     "booster_noise_level",
     "load_booster",
+    "restore_booster_condition",
+    "set_booster_condition",
 ]

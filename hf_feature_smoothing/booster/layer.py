@@ -1,97 +1,67 @@
-"""The booster layer: a noise-conditioned residual feature mapper wrapped around one module of a frozen tower."""
+"""The booster's PEFT tuner layers: the feature mapper around a feature site and the pixel purifier around the module
+that first consumes the pixels, both conditioned on the smoothing noise level."""
 
 import contextlib
-import math
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 
 import torch
 from peft.tuners.tuners_utils import BaseTunerLayer
 from torch import nn
 
+from ..towers import BoosterGeometry
 from .configuration_booster import FeatureBoosterConfig
+from .layout import GridProbe
+from .mapper import GSBMapper
+from .purifier import PixelPurifier, frames_to_patches, patches_to_frames
 from .registration import PARAMETER_PREFIX
 
 
-NUM_FREQUENCIES = 8
+PixelStats = tuple[tuple[float, ...], tuple[float, ...]]
 
 
-class GSBMapper(nn.Module):
+class BoosterTunerLayer(nn.Module, BaseTunerLayer):
     """
-    Noise-aware residual mapper (paper notes §5.5, token-wise variant): for features z (`(..., D)`) and noise level
-    σ > 0, z ↦ z + rms(z) · fc2(GELU(FiLM_σ(fc1(LN(z))))), where FiLM_σ scales and shifts with (1 + γ(σ), β(σ))
-    computed from sinusoidal features of log σ. `fc2` and the FiLM head start at zero, so an untrained mapper is the
-    identity; at σ = 0 it is the identity by construction (the paper's l_id term holds exactly).
-    """
-
-    def __init__(self, feature_dim: int, hidden_dim: int):
-        super().__init__()
-        self.norm = nn.LayerNorm(feature_dim, elementwise_affine=False)
-        self.fc1 = nn.Linear(feature_dim, hidden_dim)
-        self.fc2 = nn.Linear(hidden_dim, feature_dim)
-        self.film = nn.Sequential(nn.Linear(2 * NUM_FREQUENCIES, hidden_dim), nn.SiLU(), nn.Linear(hidden_dim, 2 * hidden_dim))
-        for layer in (self.fc2, self.film[-1]):
-            nn.init.zeros_(layer.weight)
-            nn.init.zeros_(layer.bias)
-
-    def noise_embedding(self, sigma: float, like: torch.Tensor) -> torch.Tensor:
-        freqs = torch.arange(NUM_FREQUENCIES, device=like.device, dtype=torch.float32)
-        angle = math.log(sigma) * torch.exp(freqs * math.log(2.0) / 2)  # log σ at 8 scales
-        return torch.cat([angle.sin(), angle.cos()]).to(like.dtype)
-
-    def forward(self, features: torch.Tensor, sigma: float) -> torch.Tensor:
-        if sigma <= 0:
-            return features
-        weight = self.fc1.weight
-        z = features.to(weight.dtype)
-        gamma, beta = self.film(self.noise_embedding(sigma, z)).chunk(2, dim=-1)
-        hidden = nn.functional.gelu(self.fc1(self.norm(z)) * (1 + gamma) + beta)
-        scale = z.pow(2).mean(-1, keepdim=True).sqrt()
-        return (z + scale * self.fc2(hidden)).to(features.dtype)
-
-
-class FeatureBoosterLayer(nn.Module, BaseTunerLayer):
-    """
-    PEFT tuner layer: runs `base_layer` on boosted inputs (`position="before"`) or boosts its output (`"after"`).
-
-    The noise level the mapper is conditioned on is `noise_level` (set by [`booster_noise_level`]; smoothing sets it
-    to its σ around every tower pass). Without smoothing it is 0, so the booster is the identity.
+    Common part of the booster's tuner layers. `noise_level` is the σ the booster is conditioned on (set by
+    [`booster_noise_level`]; smoothing sets it to its σ around every tower pass); at 0 every booster is the identity.
+    `pixel_stats` are the processor's (mean, std) that smoothing uses to map pixels to [0, 1].
     """
 
-    adapter_layer_names = (f"{PARAMETER_PREFIX}mapper",)
-    other_param_names = ("position",)
-
-    def __init__(self, base_layer: nn.Module, adapter_name: str, config: FeatureBoosterConfig):
+    def __init__(self, base_layer: nn.Module, adapter_name: str, config: FeatureBoosterConfig,
+                 geometry: BoosterGeometry | None = None):
         super().__init__()
         self.base_layer = base_layer
-        self.fs_booster_mapper = nn.ModuleDict()
-        self.position: dict[str, str] = {}
         self.noise_level = 0.0
+        self.pixel_stats: PixelStats | None = None
+        self.geometry = geometry
+        self.probe: GridProbe | None = None
         self._active_adapter = adapter_name
         self.merged_adapters = []
         self.update_layer(adapter_name, config)
 
-    def update_layer(self, adapter_name: str, config: FeatureBoosterConfig) -> None:
-        mapper = GSBMapper(config.feature_dim, config.hidden_dim)
+    def __getattr__(self, name: str):
+        try:
+            return super().__getattr__(name)
+        except AttributeError:  # the tower reads attributes of the wrapped module (e.g. `patch_embedding.weight`)
+            if name == "base_layer" or "base_layer" not in self.__dict__.get("_modules", {}):
+                raise
+            return getattr(self.base_layer, name)
+
+    def _place(self, module: nn.Module) -> nn.Module:
         weight = next((p for p in self.base_layer.parameters()), None)
         if weight is not None:
-            mapper.to(device=weight.device, dtype=weight.dtype if weight.is_floating_point() else None)
-        self.fs_booster_mapper[adapter_name] = mapper
-        self.position[adapter_name] = config.position
-        self.set_adapter(adapter_name, inference_mode=config.inference_mode)
+            module.to(device=weight.device, dtype=weight.dtype if weight.is_floating_point() else None)
+        return module
 
-    def boost(self, features: torch.Tensor) -> torch.Tensor:
-        for name in self.active_adapters:
-            if name in self.fs_booster_mapper:
-                features = self.fs_booster_mapper[name](features, self.noise_level)
-        return features
+    def _active(self, container: nn.ModuleDict) -> list[str]:
+        if self.disable_adapters:
+            return []
+        return [n for n in self.active_adapters if n in container]
 
-    def forward(self, x: torch.Tensor, *args, **kwargs):
-        active = [n for n in self.active_adapters if n in self.fs_booster_mapper]
-        if self.disable_adapters or not active:
-            return self.base_layer(x, *args, **kwargs)
-        if self.position[active[0]] == "before":
-            return self.base_layer(self.boost(x), *args, **kwargs)
-        return self.boost(self.base_layer(x, *args, **kwargs))
+    def adapter_parameters(self, adapter_name: str) -> Iterator[nn.Parameter]:
+        for name in self.adapter_layer_names:
+            container = getattr(self, name)
+            if adapter_name in container:
+                yield from container[adapter_name].parameters()
 
     def merge(self, *args, **kwargs) -> None:
         raise NotImplementedError("A booster is a non-linear map: it cannot be merged into the base weights.")
@@ -103,19 +73,149 @@ class FeatureBoosterLayer(nn.Module, BaseTunerLayer):
         return "fs_booster." + super().__repr__()
 
 
-def booster_layers(model: nn.Module) -> list[FeatureBoosterLayer]:
-    return [m for m in model.modules() if isinstance(m, FeatureBoosterLayer)]
+class FeatureBoosterLayer(BoosterTunerLayer):
+    """PEFT tuner layer: runs `base_layer` on boosted inputs (`position="before"`) or boosts its output (`"after"`)
+    with a [`GSBMapper`]. A token-mixing mapper reads each image's patch grid from a probe on the tower."""
+
+    adapter_layer_names = (f"{PARAMETER_PREFIX}mapper",)
+    other_param_names = ("position",)
+
+    def update_layer(self, adapter_name: str, config: FeatureBoosterConfig) -> None:
+        if not hasattr(self, "fs_booster_mapper"):
+            self.fs_booster_mapper = nn.ModuleDict()
+            self.position: dict[str, str] = {}
+        mapper = GSBMapper(config.feature_dim, config.hidden_dim, config.mapper_mixing, config.mixing_heads,
+                           config.mixing_kernel_size)
+        self.fs_booster_mapper[adapter_name] = self._place(mapper)
+        self.position[adapter_name] = config.position
+        if config.mapper_mixing is not None:
+            if self.geometry is None:
+                raise ValueError("A token-mixing mapper needs the tower's geometry.")
+            self.probe = self.probe or GridProbe(self.geometry)
+            self.probe.need_order |= config.mapper_mixing == "conv"
+        self.set_adapter(adapter_name, inference_mode=config.inference_mode)
+
+    def boost(self, features: torch.Tensor) -> torch.Tensor:
+        layout = None
+        for name in self._active(self.fs_booster_mapper):
+            mapper = self.fs_booster_mapper[name]
+            if mapper.mixing is not None and self.noise_level > 0 and layout is None:
+                layout = self.probe.layout(features)
+            features = mapper(features, self.noise_level, layout)
+        return features
+
+    def forward(self, x: torch.Tensor, *args, **kwargs):
+        active = self._active(self.fs_booster_mapper)
+        if not active:
+            return self.base_layer(x, *args, **kwargs)
+        if self.position[active[0]] == "before":
+            return self.base_layer(self.boost(x), *args, **kwargs)
+        out = self.base_layer(x, *args, **kwargs)
+        if isinstance(out, tuple):  # layers that return (hidden_states, ...)
+            return (self.boost(out[0]), *out[1:])
+        return self.boost(out)
+
+
+class PixelPurifierLayer(BoosterTunerLayer):
+    """
+    PEFT tuner layer around the module that first consumes the processed pixel values (a patch-embedding
+    convolution, or Qwen-VL's `visual.patch_embed`): maps its input to the [0, 1] image with the smoothing's mean/std,
+    adds the [`PixelPurifier`] residual there and maps back, so the tower sees the purified noisy image. Qwen-VL's
+    patch-flattened rows are reassembled into frames with the grid read from a probe on `visual`.
+    """
+
+    adapter_layer_names = (f"{PARAMETER_PREFIX}purifier",)
+    other_param_names = ()
+
+    def update_layer(self, adapter_name: str, config: FeatureBoosterConfig) -> None:
+        if not hasattr(self, "fs_booster_purifier"):
+            self.fs_booster_purifier = nn.ModuleDict()
+        options = config.purifier
+        channels = self.geometry.channels if self.geometry is not None else 3
+        self.fs_booster_purifier[adapter_name] = self._place(PixelPurifier(channels, **options))
+        if self.geometry is not None and self.geometry.patch_flattened:
+            self.probe = self.probe or GridProbe(self.geometry)
+        self.set_adapter(adapter_name, inference_mode=config.inference_mode)
+
+    def _stats(self, like: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        if self.pixel_stats is None:
+            raise RuntimeError(
+                "The pixel purifier needs the processor's image_mean / image_std to map pixels to [0, 1]; condition "
+                "boosters with `booster_noise_level(model, sigma, image_mean=..., image_std=...)` (smoothing and "
+                "GSBTrainer do this)."
+            )
+        mean, std = (torch.tensor(v, device=like.device, dtype=torch.float32).view(-1, 1, 1) for v in self.pixel_stats)
+        return mean, std
+
+    def purify(self, pixels: torch.Tensor, image_grid_thw: torch.Tensor | None = None) -> torch.Tensor:
+        """Processed pixel values (the wrapped module's input) → purified pixel values, same layout and dtype.
+        Qwen-VL rows take their grid from `image_grid_thw`, else from the running tower call."""
+        names = self._active(self.fs_booster_purifier)
+        if not names or self.noise_level <= 0:
+            return pixels
+        if self.probe is None:
+            return self._purify_images(pixels, names)
+        grid = image_grid_thw.long().cpu() if image_grid_thw is not None else self.probe.grid  # Qwen-VL patch rows
+        if int(grid.prod(-1).sum()) != pixels.shape[0]:
+            raise RuntimeError(f"The purifier got {pixels.shape[0]} pixel rows but the grid describes "
+                               f"{int(grid.prod(-1).sum())} patches.")
+        frames = patches_to_frames(pixels, grid, self.geometry)
+        return frames_to_patches([self._purify_images(f, names) for f in frames], grid, self.geometry)
+
+    def _purify_images(self, images: torch.Tensor, names: Sequence[str]) -> torch.Tensor:
+        mean, std = self._stats(images)
+        for name in names:
+            purifier = self.fs_booster_purifier[name]
+            weight = purifier.stem.weight
+            unit = images.to(torch.float32) * std + mean
+            residual = purifier(unit.to(weight.dtype), self.noise_level).to(torch.float32)
+            images = images + (residual / std).to(images.dtype)  # exactly `images` while the residual is 0
+        return images
+
+    def to_unit(self, pixels: torch.Tensor) -> torch.Tensor:
+        """Pixel values in this layer's input layout → [0, 1] intensities, same layout (float32)."""
+        mean, std = self._stats(pixels)
+        if self.probe is None:
+            return pixels.float() * std + mean
+        g = self.geometry
+        rows = pixels.float().view(-1, g.channels, g.temporal_patch_size * g.patch_size * g.patch_size)
+        return (rows * std.view(-1, 1) + mean.view(-1, 1)).view_as(pixels)
+
+    def forward(self, x: torch.Tensor, *args, **kwargs):
+        return self.base_layer(self.purify(x), *args, **kwargs)
+
+
+def booster_layers(model: nn.Module) -> list[BoosterTunerLayer]:
+    """Every booster tuner layer (mapper and purifier) in `model`."""
+    return [m for m in model.modules() if isinstance(m, BoosterTunerLayer)]
+
+
+BoosterState = list[tuple[BoosterTunerLayer, float, PixelStats | None]]
+
+
+def set_booster_condition(model: nn.Module, sigma: float, image_mean: Sequence[float] | None = None,
+                          image_std: Sequence[float] | None = None) -> BoosterState:
+    """Condition every booster in `model` on noise level `sigma` and the processor's pixel `image_mean` / `image_std`
+    (needed by a purifier when `sigma` > 0); returns the previous state for [`restore_booster_condition`]."""
+    stats = None if image_mean is None or image_std is None else (tuple(image_mean), tuple(image_std))
+    state = [(layer, layer.noise_level, layer.pixel_stats) for layer in booster_layers(model)]
+    for layer, _, _ in state:
+        layer.noise_level, layer.pixel_stats = float(sigma), stats
+    return state
+
+
+def restore_booster_condition(state: BoosterState) -> None:
+    for layer, level, stats in state:
+        layer.noise_level, layer.pixel_stats = level, stats
 
 
 @contextlib.contextmanager
-def booster_noise_level(model: nn.Module, sigma: float) -> Iterator[None]:
-    """Condition every booster in `model` on noise level `sigma` (pixel [0, 1] units) inside the block."""
-    layers = booster_layers(model)
-    previous = [layer.noise_level for layer in layers]
-    for layer in layers:
-        layer.noise_level = float(sigma)
+def booster_noise_level(model: nn.Module, sigma: float, image_mean: Sequence[float] | None = None,
+                        image_std: Sequence[float] | None = None) -> Iterator[None]:
+    """Condition every booster in `model` on noise level `sigma` (pixel [0, 1] units) inside the block; a purifier
+    also needs the processor's `image_mean` / `image_std` to map pixels to [0, 1]."""
+    state = set_booster_condition(model, sigma, image_mean, image_std)
     try:
         yield
     finally:
-        for layer, level in zip(layers, previous):
-            layer.noise_level = level
+        restore_booster_condition(state)

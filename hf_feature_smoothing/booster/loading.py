@@ -15,7 +15,7 @@ from torch import nn
 
 from ..configuration_feature_smoothing import FeatureSmoothingConfig
 from ..logging_utils import get_logger
-from .layer import FeatureBoosterLayer, booster_layers
+from .layer import BoosterTunerLayer, booster_layers
 from .registration import PARAMETER_PREFIX
 
 
@@ -58,6 +58,11 @@ def check_finite(tensors: dict[str, torch.Tensor], source: str) -> None:
             )
 
 
+def _is_booster_key(key: str, adapter_name: str) -> bool:
+    """Whether `key` names a weight of booster `adapter_name` (its mapper or its purifier)."""
+    return any(f".{PARAMETER_PREFIX}{part}.{adapter_name}." in key for part in ("mapper", "purifier"))
+
+
 def check_booster_state_dict(model: nn.Module, adapter_name: str, state_dict: dict[str, torch.Tensor],
                              source: str | None = None) -> None:
     """
@@ -66,8 +71,7 @@ def check_booster_state_dict(model: nn.Module, adapter_name: str, state_dict: di
     random initialisation and renamed or extra ones are dropped, with no error.
     """
     source = source or _SOURCE.get() or f"the `{ADAPTER_WEIGHTS}` of adapter `{adapter_name}`"
-    marker = f".{PARAMETER_PREFIX}mapper.{adapter_name}."
-    expected = {k for k in model.state_dict() if marker in k}
+    expected = {k for k in model.state_dict() if _is_booster_key(k, adapter_name)}
     if not state_dict:
         raise ValueError(f"Booster weights {source} are empty: no tensor to load into adapter `{adapter_name}` "
                          f"(expected {len(expected)}: {sorted(expected)[:4]} ...).")
@@ -141,7 +145,7 @@ def restore_smoothing(model: nn.Module, config) -> None:
 def remove_boosters(model: nn.Module) -> None:
     """Unwrap every booster layer of `model` (the model is its un-boosted self again)."""
     for name, module in list(model.named_modules()):
-        if isinstance(module, FeatureBoosterLayer):
+        if isinstance(module, BoosterTunerLayer):
             parent, _, child = name.rpartition(".")
             setattr(model.get_submodule(parent) if parent else model, child, module.base_layer)
     if hasattr(model, "peft_config"):
@@ -177,9 +181,8 @@ def load_booster(model: nn.Module, booster: str | os.PathLike, adapter_name: str
         info = model.load_adapter(str(booster), adapter_name=adapter_name, local_files_only=local_files_only,
                                   adapter_kwargs=hub or None)
     model._weight_conversions = conversions
-    marker = f".{PARAMETER_PREFIX}mapper.{adapter_name}."
-    loaded = {name: param for name, param in model.named_parameters() if marker in name}
-    missing = sorted(k for k in getattr(info, "missing_keys", ()) if marker in k)
+    loaded = {name: param for name, param in model.named_parameters() if _is_booster_key(name, adapter_name)}
+    missing = sorted(k for k in getattr(info, "missing_keys", ()) if _is_booster_key(k, adapter_name))
     unexpected = sorted(getattr(info, "unexpected_keys", ()))
     mismatched = sorted(str(k) for k in getattr(info, "mismatched_keys", ()))
     try:
@@ -198,7 +201,7 @@ def load_booster(model: nn.Module, booster: str | os.PathLike, adapter_name: str
         raise
     model.set_adapter(adapter_name)
     for layer in booster_layers(model):
-        for param in layer.fs_booster_mapper[adapter_name].parameters():
+        for param in layer.adapter_parameters(adapter_name):
             # loaded tensors may be views into the file buffer at unaligned offsets, where BLAS kernels round
             # differently: own, aligned copies make outputs bit-identical to the saved model's
             param.data = param.data.clone()

@@ -7,9 +7,9 @@ from torch import nn
 
 from ..configuration_feature_smoothing import FeatureSmoothingConfig
 from ..logging_utils import get_logger
-from ..towers import base_model_type, get_tower_adapter
+from ..towers import BoosterGeometry, base_model_type, get_tower_adapter
 from .configuration_booster import FeatureBoosterConfig
-from .layer import FeatureBoosterLayer
+from .layer import BoosterTunerLayer, FeatureBoosterLayer, PixelPurifierLayer, booster_layers
 from .loading import check_booster_state_dict, load_booster, record_smoothing, restore_smoothing
 from .registration import PARAMETER_PREFIX, PEFT_METHOD_NAME
 
@@ -17,12 +17,26 @@ from .registration import PARAMETER_PREFIX, PEFT_METHOD_NAME
 logger = get_logger(__name__)
 
 
+def _matches(key: str, target: str | None) -> bool:
+    return target is not None and (key == target or key.endswith("." + target))
+
+
+def _find_module(model: nn.Module, target: str) -> nn.Module:
+    """The outermost module whose name is `target` or ends with `.target`."""
+    module = next((m for name, m in model.named_modules() if _matches(name, target)), None)
+    if module is None:
+        raise ValueError(f"No module `{target}` in {type(model).__name__}.")
+    return module
+
+
 class FeatureBoosterModel(BaseTuner):
-    """Injects [`FeatureBoosterLayer`]s. Before any weight is loaded, the adapter's `tower_family` and
-    `feature_dim` are checked against the model, so a booster built for another tower fails with a clear error."""
+    """Injects the booster's tuner layers: a [`FeatureBoosterLayer`] (mapper) on the feature site and a
+    [`PixelPurifierLayer`] on the module that first consumes the pixels. Before any weight is loaded, the adapter's
+    `tower_family`, `feature_dim` and `purifier_module` are checked against the model, so a booster built for another
+    tower fails with a clear error."""
 
     prefix = PARAMETER_PREFIX
-    tuner_layer_cls = FeatureBoosterLayer
+    tuner_layer_cls = BoosterTunerLayer
     target_module_mapping: dict = {}
 
     def __init__(self, model, peft_config, adapter_name, *args, **kwargs):
@@ -34,6 +48,9 @@ class FeatureBoosterModel(BaseTuner):
         state_dict = super()._remap_adapter_state_dict_for_load(model, config, adapter_name, state_dict)
         check_booster_state_dict(model, adapter_name, state_dict, getattr(config, "_source", None))  # strict
         return state_dict
+
+    def _geometry(self) -> BoosterGeometry:
+        return get_tower_adapter(self.model, FeatureSmoothingConfig()).booster_geometry()
 
     def _prepare_adapter_config(self, peft_config: FeatureBoosterConfig, model_config: dict) -> FeatureBoosterConfig:
         adapter = get_tower_adapter(self.model, FeatureSmoothingConfig())
@@ -52,30 +69,76 @@ class FeatureBoosterModel(BaseTuner):
         peft_config.tower_family, peft_config.feature_dim = family, expected
         if peft_config.smoothing is None:
             record_smoothing(peft_config, self.model)
+        geometry = adapter.booster_geometry() if peft_config.purifier or peft_config.mapper_mixing else None
+        if peft_config.purifier:
+            if peft_config.purifier_module not in (None, geometry.pixel_entry):
+                raise ValueError(
+                    f"This booster's purifier wraps `{peft_config.purifier_module}` but this `{family}` model's pixels "
+                    f"enter at `{geometry.pixel_entry}` (adapter_config.json `purifier_module`); load a booster trained "
+                    "for this tower."
+                )
+            peft_config.purifier_module = geometry.pixel_entry
         if peft_config.target_modules is None:
-            peft_config.target_modules = [adapter.booster_target()]
+            site = adapter.booster_target()
+            if peft_config.mapper_mixing and geometry.token_target is not None:
+                site = geometry.token_target  # the default site is pooled: mix the tokens before pooling
+            targets = [site] if peft_config.mapper else []
+            peft_config.target_modules = targets + ([peft_config.purifier_module] if peft_config.purifier else [])
+        elif peft_config.purifier:
+            targets = [peft_config.target_modules] if isinstance(peft_config.target_modules, str) else list(
+                peft_config.target_modules)
+            if peft_config.purifier_module not in targets:
+                peft_config.target_modules = targets + [peft_config.purifier_module]
         if peft_config.position is None:
             peft_config.position = adapter.booster_position
         return peft_config
 
     def _create_and_replace(self, peft_config, adapter_name, target, target_name, parent, current_key, **kwargs):
-        if isinstance(target, FeatureBoosterLayer):
+        purifier = bool(peft_config.purifier) and _matches(current_key, peft_config.purifier_module)
+        if not purifier and not peft_config.mapper:
+            raise ValueError(f"`target_modules` matched `{current_key}`, but this booster has no mapper (`mapper=False`); "
+                             "leave `target_modules=None`.")
+        layer_cls = PixelPurifierLayer if purifier else FeatureBoosterLayer
+        needs_geometry = purifier or peft_config.mapper_mixing is not None
+        if isinstance(target, layer_cls):
+            if needs_geometry and target.geometry is None:
+                target.geometry = self._geometry()
             target.update_layer(adapter_name, peft_config)
-            return
-        new = FeatureBoosterLayer(target, adapter_name, peft_config)
-        if adapter_name not in self.active_adapters:
-            new.requires_grad_(False)
-        self._replace_module(parent, target_name, new, target)
+        elif isinstance(target, BoosterTunerLayer):
+            raise ValueError(f"`{current_key}` already holds a booster {type(target).__name__}; the mapper and the "
+                             "purifier need different modules.")
+        else:
+            layer = layer_cls(target, adapter_name, peft_config, geometry=self._geometry() if needs_geometry else None)
+            if adapter_name not in self.active_adapters:
+                layer.requires_grad_(False)
+            self._replace_module(parent, target_name, layer, target)
+            target = layer
+        if target.probe is not None:
+            target.probe.attach(_find_module(self.model, target.geometry.grid_source))
+
+    def inject_adapter(self, model: nn.Module, adapter_name: str, **kwargs) -> None:
+        super().inject_adapter(model, adapter_name, **kwargs)
+        config = self.peft_config[adapter_name]
+        placed = {type(layer) for layer in booster_layers(model)
+                  if any(adapter_name in getattr(layer, n) for n in layer.adapter_layer_names)}
+        for wanted, cls, where in ((config.purifier, PixelPurifierLayer, config.purifier_module),
+                                   (config.mapper, FeatureBoosterLayer, config.target_modules)):
+            if wanted and cls not in placed:
+                raise ValueError(f"The booster's {cls.__name__} was not placed: no module matched `{where}`.")
 
     @classmethod
     def _remove_adapter_name_from_key(cls, key: str, adapter_name: str) -> str:
-        return key.replace(f".{PARAMETER_PREFIX}mapper.{adapter_name}.", f".{PARAMETER_PREFIX}mapper.")
+        for part in ("mapper", "purifier"):
+            key = key.replace(f".{PARAMETER_PREFIX}{part}.{adapter_name}.", f".{PARAMETER_PREFIX}{part}.")
+        return key
 
     def _unload_and_optionally_merge(self, merge=True, progressbar=False, safe_merge=False, adapter_names=None):
         if merge:
             raise NotImplementedError("A booster cannot be merged into the base weights; use `unload()`.")
         for name, module in list(self.model.named_modules()):
-            if isinstance(module, FeatureBoosterLayer):
+            if isinstance(module, BoosterTunerLayer):
+                if module.probe is not None:
+                    module.probe.detach()
                 parent, _, child = name.rpartition(".")
                 setattr(self.model.get_submodule(parent) if parent else self.model, child, module.base_layer)
         return self.model

@@ -68,6 +68,30 @@ def certificate_eval_results(certificates, dataset_name: str, dataset_type: str 
     return results
 
 
+def attack_eval_results(table: Sequence[dict], params: dict, dataset_name: str,
+                        task_type: str = "visual-question-answering") -> list[EvalResult]:
+    """`model-index` entries for an end-to-end attack table (one row per variant × attack × budget, as written by
+    `benchmarks/llava_headline.py`: `variant`, `mode`, `norm`, `epsilon`, `images`, `accuracy`, `success` and their
+    95% bootstrap intervals). Each entry's `metric_args` states the variant, the attack, its budget and norm, and the
+    attack and smoothing parameters in `params` (σ, n, steps, EOT draws, ...)."""
+    results = []
+    for row in table:
+        budget = "clean" if row["mode"] == "clean" else (
+            f"linf {round(row['epsilon'] * 255)}/255" if row["norm"] == "linf" else f"l2 {row['epsilon']:g}")
+        args = {**params, "variant": row["variant"], "attack": row["mode"], "norm": row["norm"],
+                "epsilon": row["epsilon"], "num_images": row["images"]}
+        common = dict(task_type=task_type, dataset_type=dataset_name, dataset_name=dataset_name)
+        name = f"{row['variant']}, {row['mode']}" + ("" if row["mode"] == "clean" else f", {budget}")
+        results.append(EvalResult(**common, metric_type="accuracy", metric_value=row["accuracy"],
+                                  metric_name=f"answer accuracy ({name})",
+                                  metric_args={**args, "ci95": list(row["accuracy_ci"])}))
+        if row["mode"] != "clean":
+            results.append(EvalResult(**common, metric_type="attack_success_rate", metric_value=row["success"],
+                                      metric_name=f"attack success rate ({name})",
+                                      metric_args={**args, "ci95": list(row["success_ci"])}))
+    return results
+
+
 def _results_table(results: list[EvalResult]) -> str:
     if not results:
         return "No certificates were attached when this card was written (`certificates=` in `save_pretrained`)."
@@ -89,9 +113,12 @@ def build_model_card(
     booster: bool = False,
     model_class: str = "AutoModelForImageTextToText",
     tags: Sequence[str] | None = None,
+    extra_results: Sequence[EvalResult] = (),
+    extra_markdown: str = "",
 ) -> ModelCard:
     """A model card for a smoothed model (`booster=False`) or a booster adapter (`booster=True`) from the package
-    template, with the certificates in `model-index`."""
+    template, with the certificates in `model-index`; `extra_results` (e.g. [`attack_eval_results`]) are added to
+    `model-index` and `extra_markdown` (e.g. the attack table) is appended to the card."""
     results = certificate_eval_results(certificates, dataset_name, dataset_type)
     if booster:
         snippet = (f"import hf_feature_smoothing  # registers the booster method with PEFT\n"
@@ -125,14 +152,17 @@ def build_model_card(
     card_data = ModelCardData(
         library_name=library, base_model=base_model,
         tags=list(dict.fromkeys([*TAGS, *(["gsb", "peft"] if booster else []), *(tags or [])])),
-        model_name=repo_id.split("/")[-1], eval_results=results or None,
+        model_name=repo_id.split("/")[-1], eval_results=(results + list(extra_results)) or None,
     )
-    return ModelCard.from_template(
+    card = ModelCard.from_template(
         card_data, template_path=str(TEMPLATE), title=title, description=description, load_snippet=snippet,
         noise_space=rows[0]["noise_space"] if rows else "pixel [0,1], l2", smoothing_table=table,
         bound=rows[0]["bound"] if rows else "empirical Bernstein", results_table=_results_table(results),
         dataset_name=dataset_name, library_version=__version__,
     )
+    if extra_markdown:
+        card.text = card.text.rstrip("\n") + "\n\n" + extra_markdown.strip("\n") + "\n"
+    return card
 
 
 def write_card_atomically(card: ModelCard, directory: str | os.PathLike) -> Path:

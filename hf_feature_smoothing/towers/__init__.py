@@ -3,7 +3,7 @@
 from torch import nn
 
 from ..configuration_feature_smoothing import FeatureSmoothingConfig
-from .base import ImageInputs, TowerAdapter
+from .base import BoosterGeometry, ImageInputs, TowerAdapter
 
 
 TOWER_ADAPTERS: dict[str, type[TowerAdapter]] = {}
@@ -49,4 +49,4 @@ def get_tower_adapter(model: nn.Module, config: FeatureSmoothingConfig) -> Tower
 from . import llava, qwen_vl, vision  # noqa: E402, F401
 
 
-__all__ = ["TOWER_ADAPTERS", "ImageInputs", "TowerAdapter", "base_model_type", "get_tower_adapter", "register_tower_adapter"]
+__all__ = ["TOWER_ADAPTERS", "BoosterGeometry", "ImageInputs", "TowerAdapter", "base_model_type", "get_tower_adapter", "register_tower_adapter"]

@@ -23,6 +23,48 @@ IMAGENET_STANDARD_MEAN = (0.5, 0.5, 0.5)
 IMAGENET_STANDARD_STD = (0.5, 0.5, 0.5)
 
 
+@dataclass(frozen=True)
+class BoosterGeometry:
+    """
+    Where a tower family's pixels enter the tower and how its feature site lays out an image's tokens: what a pixel
+    purifier wraps and how a token-mixing mapper finds each image's patch grid.
+
+    Args:
+        pixel_entry (`str`): dotted path (a suffix of the model's module names) of the module that first consumes the
+            processed pixel values; a purifier wraps it, so it runs inside the tower call, on the noisy image.
+        grid_source (`str`): dotted path of the module whose call carries the images' patch grid: `pixel_entry` for
+            `(B, C, H, W)` pixels, Qwen-VL's `visual` (its `grid_thw` argument).
+        patch_size (`int`): pixels per patch side.
+        patch_flattened (`bool`): Qwen-VL pixel rows `(Σ t·h·w, C·T·p·p)` in m×m merge-window order.
+        merge_size (`int`), temporal_patch_size (`int`), channels (`int`): Qwen-VL patch layout.
+        token_target (`str`, *optional*): feature site of a token-mixing mapper when the default site holds one pooled
+            vector per image (CLIP vision model: the last encoder layer's output).
+        site_order (`Callable`, *optional*): `(grid_source module, grid_thw) → merge-unit permutation` of the rows at
+            the feature site, when the tower reorders them (Qwen2.5-VL runs its blocks in window order).
+    """
+
+    pixel_entry: str
+    grid_source: str
+    patch_size: int
+    patch_flattened: bool = False
+    merge_size: int = 1
+    temporal_patch_size: int = 1
+    channels: int = 3
+    token_target: str | None = None
+    site_order: Callable[[nn.Module, torch.Tensor], torch.Tensor] | None = None
+
+
+def pixel_conv(tower: nn.Module) -> tuple[str, nn.Conv2d]:
+    """Name (relative to `tower`) and module of an image tower's patch-embedding convolution: its first `nn.Conv2d`,
+    the module that first consumes the pixel values (a tuner layer wrapping it counts as it)."""
+    for name, module in tower.named_modules():
+        base = unwrap_tuner_layer(module)
+        if isinstance(base, nn.Conv2d):
+            return name, base
+    raise ValueError(f"{type(tower).__name__} has no patch-embedding `nn.Conv2d`; a pixel purifier cannot find where "
+                     "its pixels enter.")
+
+
 @dataclass
 class ImageInputs:
     """Processed image inputs of one tower call: `pixel_values` as the processor returns them (normalised) and,
@@ -169,6 +211,10 @@ class TowerAdapter(ABC):
     def booster_feature_dim(self) -> int:
         """Width of the features the booster maps (last dimension at the booster position)."""
         raise NotImplementedError(f"{type(self).__name__} does not give the booster width (`booster_feature_dim`).")
+
+    def booster_geometry(self) -> BoosterGeometry:
+        """Pixel entry and token layout for a pixel purifier or a token-mixing mapper (see [`BoosterGeometry`])."""
+        raise NotImplementedError(f"{type(self).__name__} has no pixel purifier / token mixing (`booster_geometry`).")
 
     # ----- inputs -----------------------------------------------------------------------------------------------
     @abstractmethod

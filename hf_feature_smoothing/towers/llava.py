@@ -5,7 +5,7 @@ import torch
 from torch import nn
 
 from . import register_tower_adapter
-from .base import ImageInputs, TowerAdapter, unwrap_tuner_layer
+from .base import BoosterGeometry, ImageInputs, TowerAdapter, pixel_conv, unwrap_tuner_layer
 
 
 @register_tower_adapter
@@ -27,6 +27,11 @@ class LlavaTowerAdapter(TowerAdapter):
 
     def booster_feature_dim(self) -> int:
         return unwrap_tuner_layer(self.inner.multi_modal_projector).linear_1.in_features
+
+    def booster_geometry(self) -> BoosterGeometry:
+        name, conv = pixel_conv(self.inner.vision_tower)  # CLIP, SigLIP or DINOv2 towers alike
+        entry = f"vision_tower.{name}"
+        return BoosterGeometry(pixel_entry=entry, grid_source=entry, patch_size=int(conv.stride[0]))
 
     def inputs_from_call(self, args: tuple, kwargs: dict) -> ImageInputs:
         return ImageInputs(args[0] if args else kwargs["pixel_values"])

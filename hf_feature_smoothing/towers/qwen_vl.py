@@ -11,6 +11,7 @@ from . import register_tower_adapter
 from .base import (
     IMAGENET_STANDARD_MEAN,
     IMAGENET_STANDARD_STD,
+    BoosterGeometry,
     ImageInputs,
     TowerAdapter,
     _center_crop,
@@ -18,6 +19,14 @@ from .base import (
     unwrap_tuner_layer,
 )
 from .processor import qwen_pixels
+
+
+def _window_order(visual: nn.Module, grid_thw: torch.Tensor) -> torch.Tensor:
+    """Qwen2.5-VL's merge-unit permutation (its blocks, and so the merger input, run in window order)."""
+    from transformers.vision_utils import get_vision_window_index
+
+    index, _ = get_vision_window_index(grid_thw, visual.spatial_merge_size, visual.window_size, visual.patch_size)
+    return index
 
 
 @register_tower_adapter
@@ -41,6 +50,14 @@ class QwenVLTowerAdapter(TowerAdapter):
         # the merger starts with a norm over the per-patch width (LayerNorm or RMSNorm)
         merger = unwrap_tuner_layer(self.inner.visual.merger)
         return next(m.weight.shape[0] for m in merger.modules() if getattr(m, "weight", None) is not None)
+
+    def booster_geometry(self) -> BoosterGeometry:
+        channels, temporal, patch = self._patch
+        windowed = self.model.config.model_type.removeprefix("smoothed_") == "qwen2_5_vl"
+        return BoosterGeometry(pixel_entry="visual.patch_embed", grid_source="visual", patch_size=patch,
+                               patch_flattened=True, merge_size=self.inner.config.vision_config.spatial_merge_size,
+                               temporal_patch_size=temporal, channels=channels,
+                               site_order=_window_order if windowed else None)
 
     @property
     def _patch(self) -> tuple[int, int, int]:

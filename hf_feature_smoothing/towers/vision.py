@@ -13,7 +13,9 @@ from .base import (
     IMAGENET_STANDARD_STD,
     OPENAI_CLIP_MEAN,
     OPENAI_CLIP_STD,
+    BoosterGeometry,
     ImageInputs,
+    pixel_conv,
 )
 from .llava import LlavaTowerAdapter
 
@@ -57,11 +59,23 @@ class VisionEncoderAdapter(LlavaTowerAdapter):
 
     booster_position = "after"  # on the final norm: the pooled feature is read from the boosted tokens
 
+    def _module_name(self, suffix: str) -> str:
+        """Name of the model's module `suffix` (CLIP / SigLIP: under `vision_model.` before transformers 5)."""
+        return next(n for n, _ in self.model.named_modules() if n == suffix or n.endswith("." + suffix))
+
     def booster_target(self) -> str:
-        return "layernorm" if self.model.config.model_type in ("dinov2", "vit") else "vision_model.post_layernorm"
+        return "layernorm" if self.model.config.model_type in ("dinov2", "vit") else self._module_name("post_layernorm")
 
     def booster_feature_dim(self) -> int:
         return int(self.model.config.hidden_size)
+
+    def booster_geometry(self) -> BoosterGeometry:
+        name, conv = pixel_conv(self.model)
+        config, token_target = self.model.config, None
+        if config.model_type == "clip_vision_model":  # pools before its final norm: mix the last layer's tokens
+            token_target = f"{self._module_name('encoder.layers')}.{config.num_hidden_layers - 1}"
+        return BoosterGeometry(pixel_entry=name, grid_source=name, patch_size=int(conv.stride[0]),
+                               token_target=token_target)
 
     def run(self, inputs: ImageInputs) -> None:
         raise NotImplementedError("Stand-alone encoders are read through `encode`.")

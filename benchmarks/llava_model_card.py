@@ -1,0 +1,54 @@
+"""Write the model card of the smoothed real-weight LLaVA (`model_cards/llava-dinov2-smollm2-fs/README.md`) from
+finished runs, with the library's card builder: the feature certificates of an `hf-fs certify` run and the attack
+table of `benchmarks/llava_headline.py` both go into `model-index`. Nothing is recomputed.
+
+    hf-fs certify --model llava-dinov2-smollm2 --images digits:test --limit 30 --sigma 0.12 --n 256 --seed 0 \\
+        --output benchmarks/llava_certify.jsonl
+    python benchmarks/llava_headline.py ...            # writes benchmarks/llava_headline.summary.json
+    python benchmarks/llava_model_card.py
+"""
+
+import argparse
+import json
+from pathlib import Path
+
+from hf_feature_smoothing import FeatureSmoothingConfig
+from hf_feature_smoothing.assets.llava_dinov2_smollm2 import REPO_ID
+from hf_feature_smoothing.hub.sharing import attack_eval_results, build_model_card, write_card_atomically
+from hf_feature_smoothing.runs.records import read_run
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    parser.add_argument("--certify-run", default="benchmarks/llava_certify.jsonl", help="`hf-fs certify` run file")
+    parser.add_argument("--attacks", default="benchmarks/llava_headline.summary.json",
+                        help="summary written by benchmarks/llava_headline.py")
+    parser.add_argument("--attack-table", default="benchmarks/llava_headline.md", help="its markdown table")
+    parser.add_argument("--output-dir", default="model_cards/llava-dinov2-smollm2-fs", help="where README.md goes")
+    args = parser.parse_args()
+
+    run = read_run(args.certify_run)
+    rows = [r for r in run.rows if r.get("status") == "ok"]
+    if not rows or run.bad:
+        raise SystemExit(f"{args.certify_run}: {len(rows)} certificates, {len(run.bad)} bad lines; finish or repair it.")
+    params = run.header["params"]
+    attacks = json.loads(Path(args.attacks).read_text())
+    if attacks["params"]["sigma"] != params["sigma"]:
+        raise SystemExit(f"The attack table used σ={attacks['params']['sigma']} but the certificates σ={params['sigma']}:"
+                         " the card must describe one smoothing.")
+    smoothing = FeatureSmoothingConfig(sigma=params["sigma"], num_samples=attacks["params"]["num_samples"],
+                                       autocast_dtype=None if params["dtype"] == "float32" else params["dtype"])
+    table = Path(args.attack_table).read_text()
+    card = build_model_card(
+        f"{REPO_ID}-fs", base_model=REPO_ID, smoothing=smoothing, certificates=rows,
+        dataset_name=f"scikit-learn digits, held-out ({len(rows)} images)", dataset_type="sklearn-digits",
+        tags=["llava", "dinov2", "smollm2"],
+        extra_results=attack_eval_results(attacks["table"], attacks["params"], "sklearn-digits"),
+        extra_markdown=f"## End-to-end attacks on the generated answer\n\n{table}",
+    )
+    path = write_card_atomically(card, args.output_dir)
+    print(f"card: {path}")
+
+
+if __name__ == "__main__":
+    main()
