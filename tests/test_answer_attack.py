@@ -57,3 +57,20 @@ def test_answer_attack_refuses_a_mismatched_answer_list():
         answer_attack(model, _batch(model), [[11]], 0.1)
     with pytest.raises(ValueError, match="`target_ids`"):
         answer_attack(model, _batch(model), [[11], [12]], 0.1, target_ids=[[1], []])
+
+
+def test_stock_model_attack_budget_uses_its_checkpoints_processor_statistics(tmp_path):
+    import json
+
+    from hf_feature_smoothing.attacks.text import pixel_adapter
+
+    model = tiny_model("llava")
+    model.save_pretrained(tmp_path)
+    (tmp_path / "preprocessor_config.json").write_text(json.dumps({"image_mean": [0.485, 0.456, 0.406],
+                                                                   "image_std": [0.229, 0.224, 0.225]}))
+    stock = type(model).from_pretrained(tmp_path)
+    adapter = pixel_adapter(stock)
+    assert list(adapter.image_std) == pytest.approx([0.229, 0.224, 0.225])
+    assert list(pixel_adapter(stock, [0.5] * 3, [0.5] * 3).image_mean) == [0.5] * 3
+    with pytest.raises(ValueError, match="smoothing_config"):
+        pixel_adapter(tiny_smoothed_model("llava"), [0.5] * 3, [0.5] * 3)

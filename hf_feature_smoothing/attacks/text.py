@@ -7,9 +7,28 @@ from torch import nn
 
 from ..configuration_feature_smoothing import FeatureSmoothingConfig
 from ..errors import check_images
-from ..towers import ImageInputs, get_tower_adapter
+from ..towers import ImageInputs, TowerAdapter, base_model_type, get_tower_adapter
 from .feature import _check_attack, perturbation_norm, run_attack
 from .optim import perturbation_norms, run_batched_attack
+
+
+def pixel_adapter(model: nn.Module, image_mean=None, image_std=None) -> TowerAdapter:
+    """The map between the model's pixel values and the [0, 1] image the attack budget is measured in: a smoothed
+    model's own (its `smoothing_config` statistics); for a stock model `image_mean` / `image_std` when given, else
+    the statistics of its checkpoint's processor config (`model.name_or_path`), else the family default with a
+    warning. The budget of a plain and a smoothed model is then the same set of images."""
+    tower = getattr(model, "smoothed_vision_tower", None)
+    if tower is not None:
+        if image_mean is not None or image_std is not None:
+            raise ValueError("`image_mean` / `image_std` are for stock models; a smoothed model maps pixels with its "
+                             "`smoothing_config.image_mean` / `image_std`.")
+        return tower.adapter
+    config = FeatureSmoothingConfig(image_mean=image_mean, image_std=image_std)
+    if image_mean is None or image_std is None:
+        from ..models.modeling_smoothed import fill_processor_settings
+
+        fill_processor_settings(config, getattr(model, "name_or_path", "") or "", base_model_type(model))
+    return get_tower_adapter(model, config)
 
 
 @dataclass
@@ -51,6 +70,8 @@ def target_text_attack(
     eot_samples: int = 2,
     eval_runs: int = 8,
     generator: torch.Generator | None = None,
+    image_mean: list[float] | None = None,
+    image_std: list[float] | None = None,
 ) -> TextAttackResult:
     """
     Targeted attack on the text an MLLM (stock or smoothed) generates: minimise the teacher-forced cross-entropy of
@@ -66,6 +87,8 @@ def target_text_attack(
             `pixel_values`, and `image_grid_thw` / `mm_token_type_ids` for Qwen-VL).
         target_ids (`torch.Tensor`): 1-D token ids of the target text.
         epsilon, norm, algorithm, steps, step_size: as for [`feature_attack`].
+        image_mean, image_std (`list[float]`, *optional*): a stock model's processor statistics (default: read from
+            its checkpoint, see [`pixel_adapter`]).
     """
     _check_attack(epsilon, norm, steps, eot_samples, eval_runs, 1, step_size)
     if "input_ids" not in inputs or "pixel_values" not in inputs or inputs["input_ids"].shape[0] != 1:
@@ -73,8 +96,7 @@ def target_text_attack(
     target_ids = torch.as_tensor(target_ids).flatten()
     if target_ids.numel() == 0:
         raise ValueError("`target_ids` is empty; pass the token ids of the target text.")
-    tower = getattr(model, "smoothed_vision_tower", None)
-    adapter = tower.adapter if tower is not None else get_tower_adapter(model, FeatureSmoothingConfig())
+    adapter = pixel_adapter(model, image_mean, image_std)
     image_inputs = ImageInputs(inputs["pixel_values"], inputs.get("image_grid_thw"))
     check_images("pixel_values", image_inputs.pixel_values, image_inputs.pixel_values.ndim)
     if image_inputs.num_images != 1:
@@ -159,6 +181,8 @@ def answer_attack(
     pad_token_id: int = 0,
     gradient_dtype: str | None = None,
     generator: torch.Generator | None = None,
+    image_mean: list[float] | None = None,
+    image_std: list[float] | None = None,
 ) -> list[AnswerAttackResult]:
     """
     White-box attack on the answers an MLLM (stock or smoothed, LLaVA-style `(B, 3, H, W)` pixels) gives to a
@@ -178,10 +202,11 @@ def answer_attack(
         epsilon, norm, algorithm, steps, step_size: as for [`feature_attack`].
         gradient_dtype (`str`, *optional*): `"bfloat16"` computes the attack's gradients under autocast (faster where
             bf16 is native); the outcome is always measured in the model's own dtype.
+        image_mean, image_std (`list[float]`, *optional*): a stock model's processor statistics (default: read from
+            its checkpoint, see [`pixel_adapter`]).
     """
     _check_attack(epsilon, norm, steps, eot_samples, eval_runs, 1, step_size)
-    tower = getattr(model, "smoothed_vision_tower", None)
-    adapter = tower.adapter if tower is not None else get_tower_adapter(model, FeatureSmoothingConfig())
+    adapter = pixel_adapter(model, image_mean, image_std)
     pixel_values = inputs["pixel_values"]
     check_images("pixel_values", pixel_values, 4)
     batch = pixel_values.shape[0]
