@@ -89,3 +89,6 @@ def test_qwen_images_use_the_processor_grid(tmp_path):
     torch.testing.assert_close(ours.pixel_values, reference["pixel_values"], atol=1e-5, rtol=0)
     certificate = hfs.certify(model, [image], epsilon=[0.1], n=8, n0=4, alpha=0.1, seed=0)[0]
     assert certificate.sigma == model.smoothing_config.sigma
+    _, grid_h, grid_w = reference["image_grid_thw"].tolist()[0]
+    patch = model.config.vision_config.patch_size
+    assert certificate.resolution == [grid_h * patch, grid_w * patch]  # pixels of the processed image, not one patch

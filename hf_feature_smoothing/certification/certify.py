@@ -176,13 +176,22 @@ class _QuantumSum:
         return self.total
 
 
+def _resolution(image: torch.Tensor, inputs: ImageInputs) -> list[int]:
+    """[height, width] in pixels of the grid the noise lives on: the image's, or for patch-flattened towers (Qwen-VL:
+    rows of `patch × patch` pixels) the patch grid `image_grid_thw` times the patch size."""
+    if inputs.image_grid_thw is not None:
+        _, height, width = (int(v) for v in inputs.image_grid_thw.reshape(-1, 3)[0])
+        return [height * image.shape[-2], width * image.shape[-1]]
+    return list(image.shape[-2:])
+
+
 class _ImageNoise:
     """The two independent noise streams of one image (selection: n0 samples; estimation: n samples)."""
 
     def __init__(self, tower: SmoothedVisionTower, inputs: ImageInputs, seed: int):
         image = tower.adapter.to_image(inputs)
         fingerprint = image_fingerprint(image)
-        self.resolution = list(image.shape[-2:]) if image.ndim == 4 else list(image.shape)
+        self.resolution = _resolution(image, inputs)
         self.selection = SeededNoise(seed, fingerprint, "selection")
         self.estimation = SeededNoise(seed, fingerprint, "estimation")
 
