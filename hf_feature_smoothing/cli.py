@@ -455,8 +455,12 @@ def _add_run(parser: argparse.ArgumentParser, output: str) -> None:
     run.add_argument("--chunk-size", type=_number(int, 1), default=32,
                      help="noisy copies per tower call (memory vs speed; with a seed, certificates do not depend "
                           "on it)")
-    run.add_argument("--verbosity", default="info", choices=["debug", "info", "warning", "error"],
-                     help="log level of hf_feature_smoothing messages")
+    _add_verbosity(run)
+
+
+def _add_verbosity(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--verbosity", default="info", choices=["debug", "info", "warning", "error"],
+                        help="log level of hf_feature_smoothing messages")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -533,10 +537,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="one aggregate per parameter set instead of refusing runs with different parameters")
     r.add_argument("--dataset-name", default=None, help="dataset name in model-index; default: from the runs' source")
     r.add_argument("--model-name", default=None, help="model name in model-index; default: from the runs' --model")
-    r.add_argument("--verbosity", default="info", choices=["debug", "info", "warning", "error"],
-                   help="log level of hf_feature_smoothing messages")
+    _add_verbosity(r)
     r.set_defaults(func=cmd_report)
-    add_build_commands(sub, _number, _HelpFormatter, _add_model, _add_images)
+    add_build_commands(sub, _number, _HelpFormatter, _add_model, _add_images, _add_verbosity)
     return parser
 
 

@@ -55,7 +55,7 @@ def cmd_prototypes(args) -> int:
     return 0
 
 
-def add_build_commands(sub, number, help_formatter, add_model, add_images) -> None:
+def add_build_commands(sub, number, help_formatter, add_model, add_images, add_verbosity) -> None:
     """Register `build-llava` and `prototypes` on the `hf-fs` sub-parsers (`number` makes validated types)."""
     b = sub.add_parser("build-llava", formatter_class=help_formatter,
                        help="train the projector of llava-dinov2-smollm2 (resumable); the package ships one",
@@ -84,7 +84,6 @@ def add_build_commands(sub, number, help_formatter, add_model, add_images) -> No
     p.add_argument("--output", default="outputs/prototypes.safetensors", help="safetensors file to write")
     p.set_defaults(func=cmd_prototypes)
     for parser in (b, p):
-        parser.add_argument("--verbosity", default="info", choices=["debug", "info", "warning", "error"],
-                            help="log level of hf_feature_smoothing messages")
+        add_verbosity(parser)
 
 

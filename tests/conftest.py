@@ -42,3 +42,18 @@ def image_folder(tmp_path):
 
 def offline_env(cache: Path) -> dict:
     return {**os.environ, "HF_HUB_OFFLINE": "1", "HF_HUB_CACHE": str(cache), "HF_HOME": str(cache.parent / "home")}
+
+
+def assert_pgd_never_beats_the_certificate(tower, inputs, reference, epsilons, certificate) -> None:
+    """EOT-PGD at every ε with a non-vacuous FCSB stays at or above it; at least one ε is checked."""
+    from hf_feature_smoothing.attacks import pgd_feature_attack
+
+    checked = 0
+    for epsilon, bound in zip(epsilons, certificate.fcsb):
+        if bound is None:
+            continue
+        attack = pgd_feature_attack(tower, inputs, reference, epsilon, steps=4, eot_samples=4, eval_samples=48,
+                                    generator=torch.Generator().manual_seed(0))
+        assert attack.cosine >= bound, (epsilon, attack.cosine, bound)
+        checked += 1
+    assert checked >= 1, certificate
