@@ -238,3 +238,27 @@ def test_two_processes_train_the_booster_of_one_process_with_the_same_global_bat
     # global per-image mean up to float summation order (~1e-7 relative), so the two runs agree to far below a step,
     # while different σ / noise / crops (another seed) differ by a sizeable fraction of one
     assert moved > 1e-3 and gap < 1e-5 and control > 1e-4, (moved, gap, control)
+
+
+def test_training_noise_lives_in_the_smoothed_model_pixel_space(tmp_path):
+    from transformers import CLIPImageProcessor
+
+    mean, std = [0.5, 0.4, 0.3], [0.2, 0.25, 0.3]
+    model = tiny_smoothed_model("llava", image_mean=mean, image_std=std)
+    booster = hfs.add_booster(model, FeatureBoosterConfig(sigmas=[0.25], hidden_dim=16))
+    trainer = GSBTrainer(booster, _args(tmp_path, 1), train_dataset=dataset(4), image_size=56)
+    loss = trainer.model  # the GSBLoss module
+    assert loss.pixel_stats == (tuple(mean), tuple(std))  # the model's own, not the family default
+    processor = CLIPImageProcessor(image_mean=[0.48, 0.46, 0.41], image_std=std)
+    with pytest.raises(ValueError, match=r"image_mean \[0\.48.*vs the model's \[0\.5"):
+        GSBTrainer(booster, _args(tmp_path, 1), train_dataset=dataset(4), image_size=56, processing_class=processor)
+
+
+def test_attaching_a_booster_to_a_stock_model_does_not_warn_about_pixel_statistics(caplog):
+    import logging
+
+    logging.Logger.warning_once.cache_clear()  # transformers' `warning_once` would hide a repeat of the warning
+    with caplog.at_level(logging.WARNING):
+        hfs.add_booster(tiny_model("llava"), FeatureBoosterConfig(sigmas=[0.25], hidden_dim=16, purifier=True,
+                                                                  mapper_mixing="conv"))
+    assert "image_mean" not in caplog.text

@@ -93,6 +93,23 @@ def test_booster_attached_through_peft_is_saved_with_the_base_model(tmp_path):
     assert torch.equal(_logits(again, inputs), expected)
 
 
+@pytest.mark.parametrize("config", [dict(purifier=True, mapper=False), dict(purifier=True, mapper_mixing="attention")],
+                         ids=["purifier", "purifier+attention"])
+def test_smoothed_model_with_a_purifier_booster_saves_and_reloads_bit_exact(config, tmp_path):
+    model = tiny_smoothed_model("llava", num_samples=3, seed=0)
+    _randomise_booster(hfs.add_booster(model, hfs.FeatureBoosterConfig(sigmas=[0.25], hidden_dim=16, **config)))
+    inputs = tiny_inputs(model)
+    expected = _logits(model, inputs)
+    model.save_pretrained(tmp_path / "saved")
+    weights = load_file(tmp_path / "saved" / "model.safetensors")
+    assert any(".fs_booster_purifier." in k for k in weights)
+    again = AutoModelForImageTextToText.from_pretrained(tmp_path / "saved")
+    assert again.smoothing_config.booster_config["config"]["purifier"]
+    a, b = model.state_dict(), again.state_dict()
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    assert torch.equal(_logits(again, inputs), expected)
+
+
 def test_disabled_booster_is_not_saved_as_if_active(tmp_path):
     model = tiny_smoothed_model("llava", num_samples=2)
     peft_model = hfs.add_booster(model)

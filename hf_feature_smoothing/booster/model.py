@@ -7,7 +7,7 @@ from torch import nn
 
 from ..configuration_feature_smoothing import FeatureSmoothingConfig
 from ..logging_utils import get_logger
-from ..towers import BoosterGeometry, base_model_type, get_tower_adapter
+from ..towers import TOWER_ADAPTERS, BoosterGeometry, base_model_type, get_tower_adapter
 from .configuration_booster import FeatureBoosterConfig
 from .layer import BoosterTunerLayer, FeatureBoosterLayer, PixelPurifierLayer, booster_layers
 from .loading import check_booster_state_dict, load_booster, record_smoothing, restore_smoothing
@@ -49,11 +49,21 @@ class FeatureBoosterModel(BaseTuner):
         check_booster_state_dict(model, adapter_name, state_dict, getattr(config, "_source", None))  # strict
         return state_dict
 
+    def _tower(self):
+        """The tower adapter, for the structure only (sites, widths, geometry): the model's own smoothing config where
+        it has one, else the family's default statistics given explicitly (they play no part here, so no warning)."""
+        own = getattr(getattr(self.model, "smoothed_vision_tower", None), "config", None)
+        if own is None:
+            family = TOWER_ADAPTERS.get(base_model_type(self.model))
+            mean, std = family.family_default_stats(base_model_type(self.model)) if family else (None, None)
+            own = FeatureSmoothingConfig(image_mean=mean, image_std=std)
+        return get_tower_adapter(self.model, own)
+
     def _geometry(self) -> BoosterGeometry:
-        return get_tower_adapter(self.model, FeatureSmoothingConfig()).booster_geometry()
+        return self._tower().booster_geometry()
 
     def _prepare_adapter_config(self, peft_config: FeatureBoosterConfig, model_config: dict) -> FeatureBoosterConfig:
-        adapter = get_tower_adapter(self.model, FeatureSmoothingConfig())
+        adapter = self._tower()
         family = base_model_type(self.model)
         if peft_config.tower_family not in (None, family):
             raise ValueError(

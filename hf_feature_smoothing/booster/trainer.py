@@ -22,10 +22,32 @@ ADAPTER_WEIGHTS = "adapter_model.safetensors"
 PARTS = ("mapper", "purifier")
 
 
+STATS = ("image_mean", "image_std")
+
+
 def _processor_stats(processor) -> dict:
     image_processor = getattr(processor, "image_processor", processor)
-    return {k: list(getattr(image_processor, k)) for k in ("image_mean", "image_std")
+    return {k: [float(v) for v in getattr(image_processor, k)] for k in STATS
             if getattr(image_processor, k, None) is not None}
+
+
+def pixel_stats(model: nn.Module, processing_class=None) -> dict:
+    """The mean/std of the pixel space the training noise lives in: the processor's, else the smoothed model's own
+    (what it was loaded with), else none (the tower family's default, with a warning). A processor that normalises
+    differently from the smoothed model's own config is refused: the booster would be trained in another space."""
+    base = model.get_base_model() if callable(getattr(model, "get_base_model", None)) else model
+    own = getattr(getattr(base, "smoothed_vision_tower", None), "config", None)
+    own = {k: [float(v) for v in getattr(own, k)] for k in STATS if own is not None and getattr(own, k) is not None}
+    processor = _processor_stats(processing_class) if processing_class is not None else {}
+    differing = [k for k in STATS if k in own and k in processor
+                 and any(abs(a - b) > 1e-6 for a, b in zip(own[k], processor[k]))]
+    if differing:
+        raise ValueError(
+            "`processing_class` normalises images differently from the smoothed model: "
+            + ", ".join(f"{k} {processor[k]} vs the model's {own[k]}" for k in differing)
+            + ". Pass the model's own processor, or `smoothing={'image_mean': ..., 'image_std': ...}` explicitly."
+        )
+    return processor or own
 
 
 class GSBTrainer(Trainer):
@@ -61,7 +83,9 @@ class GSBTrainer(Trainer):
         image_column (`str`, *optional*, defaults to `"image"`):
             Dataset column holding the images.
         smoothing (`FeatureSmoothingConfig` or `dict`, *optional*):
-            Processor mean/std of the pixel space; defaults to `processing_class`'s, else the tower family's.
+            Processor mean/std of the pixel space; defaults to `processing_class`'s, else the smoothed model's own
+            (`model.smoothing_config`), else the tower family's (with a warning); a processor that disagrees with the
+            smoothed model's own statistics is refused.
         processing_class (`ProcessorMixin`, *optional*):
             The MLLM's processor, for `prompt` / `answer` rows (and the default mean/std).
         crop_scale (`tuple[float, float]`, *optional*, defaults to `(0.5, 1.0)`), flip (`bool`, *optional*,
@@ -107,7 +131,7 @@ class GSBTrainer(Trainer):
         if args is None:
             args = TrainingArguments(output_dir="tmp_trainer")
         if smoothing is None:
-            smoothing = _processor_stats(processing_class) if processing_class is not None else {}
+            smoothing = pixel_stats(model, processing_class)
         smoothing = FeatureSmoothingConfig.from_dict(smoothing)
         self.booster_model = model
         loss = GSBLoss(model, sigmas, noise_samples, lambda_clean, lambda_stats, smoothing, lambda_pixel=lambda_pixel,

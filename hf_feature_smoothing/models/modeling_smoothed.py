@@ -210,7 +210,7 @@ class FeatureSmoothingMixin:
     def _save_pretrained_raw(self, save_directory, **kwargs) -> None:
         """Config and full weights (booster included) into `save_directory`, no card."""
         layers = booster_layers(self)
-        names = sorted({name for layer in layers for name in layer.fs_booster_mapper})
+        names = sorted({name for layer in layers for part in layer.adapter_layer_names for name in getattr(layer, part)})
         smoothing = self.smoothing_config
         if len(names) > 1:
             raise ValueError(f"The model holds several boosters {names}; keep one (`model.delete_adapter(name)`) "
