@@ -278,3 +278,20 @@ def test_statistics_core_does_not_import_transformers():
         "assert 'transformers' not in sys.modules, 'bounds.py imported transformers'\n"
     )
     subprocess.run([sys.executable, "-c", code], check=True)
+
+
+def test_bootstrap_interval_of_an_accuracy_covers_the_truth_and_is_reproducible():
+    import random
+
+    from hf_feature_smoothing.certification.summary import bootstrap_ci
+
+    rng, p, covered, trials = random.Random(0), 0.8, 0, 300
+    for _ in range(trials):
+        hits = [float(rng.random() < p) for _ in range(60)]
+        low, high = bootstrap_ci(hits, resamples=1000, seed=1)
+        covered += low <= p <= high
+    assert 0.88 <= covered / trials <= 0.99  # a 95% interval (percentile bootstrap: approximate at n = 60)
+    hits = [1.0] * 20 + [0.0] * 10
+    assert bootstrap_ci(hits) == bootstrap_ci(hits) and bootstrap_ci([1.0] * 5) == (1.0, 1.0)
+    with pytest.raises(ValueError, match="at least one"):
+        bootstrap_ci([])

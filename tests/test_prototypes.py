@@ -64,3 +64,31 @@ def test_prototypes_cli_on_a_built_in_labelled_set_then_certify_predictions(tmp_
     rows = [json.loads(line) for line in out.read_text().splitlines()[1:]]
     assert [r["key"] for r in rows] == [f"digits/{i}" for i in range(DIGITS_TRAIN, DIGITS_TRAIN + 5)]
     assert all(r["label"] in range(10) for r in rows)
+
+
+def test_smoothed_prototypes_are_the_directions_of_the_smoothed_features():
+    tower = SmoothedVisionTower(tiny_model("llava"), FeatureSmoothingConfig(sigma=0.5, seed=3))
+    images, labels = _images(4, 2), [0, 1, 0, 1]
+    smoothed = class_prototypes(tower, images, labels, num_samples=8)
+    tower.manual_seed(3)
+    inputs = tower.adapter.preprocess(images)
+    unit_sum, _ = tower.monte_carlo(inputs, 8)[-1]
+    per_image = torch.nn.functional.normalize(unit_sum.reshape(4, -1), dim=1)
+    expected = torch.nn.functional.normalize(torch.stack([per_image[[k, k + 2]].mean(0) for k in range(2)]), dim=1)
+    assert torch.allclose(smoothed, expected, atol=1e-5)
+    assert not torch.allclose(smoothed, class_prototypes(tower, images, labels), atol=1e-3)  # noise matters
+    with pytest.raises(ValueError, match="num_samples"):
+        class_prototypes(tower, images, labels, num_samples=-1)
+
+
+def test_prototypes_cli_smoothed_options_are_recorded_and_checked(tmp_path):
+    from hf_feature_smoothing.cli import main
+
+    protos = tmp_path / "smoothed.safetensors"
+    command = ["prototypes", "--model", "tiny-llava", "--images", "digits:train", "--shots", "1"]
+    assert main([*command, "--sigma", "0.25", "--num-samples", "2", "--output", str(protos)]) == 0
+    with safe_open(str(protos), "pt") as f:
+        meta = {k: json.loads(v) for k, v in f.metadata().items()}
+    assert (meta["sigma"], meta["num_samples"], meta["seed"]) == (0.25, 2, 0)
+    assert main([*command, "--num-samples", "2", "--output", str(tmp_path / "x.safetensors")]) == 1  # no --sigma
+    assert not (tmp_path / "x.safetensors").exists()

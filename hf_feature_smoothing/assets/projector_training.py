@@ -115,13 +115,15 @@ class ProjectorTrainer(Trainer):
 
 
 @torch.inference_mode()
-def answer_accuracy(model, processor, examples: list[VQAExample], batch_size: int = 16, progress: bool = True) -> dict:
+def answer_accuracy(model, processor, examples: list[VQAExample], batch_size: int = 16, progress: bool = True,
+                    per_example: bool = False) -> dict:
     """Held-out answer accuracy through the full model forward (pixels in, so smoothing and boosters apply): an
     example is correct when every answer token, end-of-turn included, is the argmax given the prompt and the
     answer's earlier tokens — exactly when greedy decoding emits the reference answer. Returns `accuracy`,
-    `correct`, `total` and per-task accuracies."""
+    `correct`, `total` and per-task accuracies; with `per_example`, also `hits` (one bool per example, in order)."""
     tokenizer = processor.tokenizer
     hits: dict[str, list[bool]] = {}
+    ordered: list[bool] = []
     for start in tqdm(range(0, len(examples), batch_size), desc="answer accuracy", disable=not progress):
         batch = examples[start : start + batch_size]
         texts = [prompt_text(e.question) + answer_text(e) for e in batch]
@@ -132,9 +134,11 @@ def answer_accuracy(model, processor, examples: list[VQAExample], batch_size: in
             length = int(inputs["attention_mask"][row].sum())
             predicted = logits[row, length - len(answer) - 1 : length - 1].argmax(-1).tolist()
             hits.setdefault(example.task, []).append(predicted == answer)
-    flat = [h for task in hits.values() for h in task]
-    result = {"accuracy": sum(flat) / len(flat), "correct": sum(flat), "total": len(flat)}
+            ordered.append(predicted == answer)
+    result = {"accuracy": sum(ordered) / len(ordered), "correct": sum(ordered), "total": len(ordered)}
     result.update({f"{task}_accuracy": sum(h) / len(h) for task, h in hits.items()})
+    if per_example:
+        result["hits"] = ordered
     return result
 
 

@@ -19,18 +19,25 @@ PROTOTYPES_KEY = "prototypes"
 @torch.inference_mode()
 def class_prototypes(tower: SmoothedVisionTower, images: Sequence, labels: Sequence[int], *,
                      num_classes: int | None = None, image_size: int | None = None, batch_size: int = 32,
-                     progress: bool = False) -> torch.Tensor:
+                     num_samples: int = 0, progress: bool = False) -> torch.Tensor:
     """
-    `(K, F)` unit prototypes: for each class the mean of the unit base features f(x) of its images (no noise),
-    normalised. Every class in `range(num_classes)` (default `max(labels) + 1`) needs at least one image.
+    `(K, F)` unit prototypes: for each class the mean of the unit features of its images, normalised. Every class in
+    `range(num_classes)` (default `max(labels) + 1`) needs at least one image. Any fixed prototypes give sound
+    prediction certificates; smoothed ones (`num_samples` > 0) match what the smoothed predictor sees at the tower's
+    σ (noisy features drift towards a common direction as σ grows, away from clean class means).
 
     Args:
         tower (`SmoothedVisionTower`): the encoder whose (primary) feature the predictor uses.
         images (`Sequence[PIL.Image.Image]`): training images.
         labels (`Sequence[int]`): their class indices.
         image_size (`int`, *optional*): resize/crop size; defaults to the model's resolution.
+        num_samples (`int`, *optional*, defaults to 0): 0: the base features f(x) of the clean images (no noise, a
+            booster inactive); k > 0: the directions of the smoothed features f̂(x) at the tower's σ, estimated from
+            k noisy copies (a booster conditioned on σ; noise from the tower's seed).
     """
     labels = [int(label) for label in labels]
+    if isinstance(num_samples, bool) or not isinstance(num_samples, int) or num_samples < 0:
+        raise ValueError(f"`num_samples` must be an int ≥ 0 (0: clean prototypes), got {num_samples!r}.")
     if len(images) != len(labels) or not labels:
         raise ValueError(f"Need one label per image and at least one image, got {len(images)} images and "
                          f"{len(labels)} labels.")
@@ -42,9 +49,15 @@ def class_prototypes(tower: SmoothedVisionTower, images: Sequence, labels: Seque
         inputs = tower.adapter.preprocess(list(images[start : start + batch_size]), image_size)
         device = next(tower.encoder.parameters()).device
         inputs = inputs.with_pixels(inputs.pixel_values.to(device))
-        rows = tower.adapter.encode(inputs)[-1].float()
-        unit, _ = tower._unit_rows(rows[None], inputs)
-        features = unit[0].reshape(inputs.num_images, -1).cpu()
+        if num_samples:
+            unit_sum, _ = tower.monte_carlo(inputs, num_samples)[-1]
+            rows_per_image = tower.adapter.rows_per_image(inputs, unit_sum.shape[0])
+            features = torch.stack([nn.functional.normalize(part.flatten(), dim=0)
+                                    for part in unit_sum.split(rows_per_image)]).cpu()
+        else:
+            rows = tower.adapter.encode(inputs)[-1].float()
+            unit, _ = tower._unit_rows(rows[None], inputs)
+            features = unit[0].reshape(inputs.num_images, -1).cpu()
         if sums is None:
             sums = torch.zeros(num_classes, features.shape[1])
         index = torch.tensor(labels[start : start + batch_size])

@@ -1,5 +1,6 @@
 """Aggregate certificates over a dataset: certified cosine at ε and certified accuracy at radius r (pure Python)."""
 
+import random
 from collections.abc import Sequence
 
 from .bounds import fcsb
@@ -40,3 +41,13 @@ def certified_accuracy(prediction: Sequence[int | None], label: Sequence[int], r
         result[f"certified_accuracy@{r:g}"] = sum(hits) / len(hits)
     result["abstain_rate"] = sum(p < 0 for p in predicted) / len(predicted)
     return result
+
+
+def bootstrap_ci(values: Sequence[float], resamples: int = 10000, seed: int = 0) -> tuple[float, float]:
+    """95% percentile bootstrap interval of the mean of per-image `values` (images resampled with replacement;
+    seeded, so a table is reproducible)."""
+    if not values:
+        raise ValueError("Need at least one value for a bootstrap interval.")
+    rng = random.Random(seed)
+    means = sorted(sum(rng.choices(values, k=len(values))) / len(values) for _ in range(resamples))
+    return means[int(0.025 * resamples)], means[int(0.975 * resamples) - 1]
