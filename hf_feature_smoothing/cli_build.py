@@ -1,6 +1,6 @@
 """`hf-fs` commands that build things the other commands use: `build-llava` (the real-weight
-`llava-dinov2-smollm2`: train its projector, resumably) and `prototypes` (class prototypes of a few-shot cosine
-predictor, for `hf-fs certify --prototypes`)."""
+`llava-dinov2-smollm2`: train its projector, resumably), `build-llava-booster` (its Gaussian Smoothness Booster,
+resumably) and `prototypes` (class prototypes of a few-shot cosine predictor, for `hf-fs certify --prototypes`)."""
 
 import json
 from pathlib import Path
@@ -23,9 +23,22 @@ def cmd_build_llava(args) -> int:
     return 0
 
 
+def cmd_build_llava_booster(args) -> int:
+    from .assets.llava_booster_training import LlavaBoosterRecipe, train_llava_booster
+
+    recipe = LlavaBoosterRecipe(steps=args.max_steps, purifier_steps=args.purifier_steps, lambda_lm=args.lambda_lm,
+                                seed=args.seed)
+    folder = train_llava_booster(args.output_dir, args.variant, recipe)
+    print(f"booster: {folder}  (use it with `--booster {folder}`)")
+    return 0
+
+
 def cmd_prototypes(args) -> int:
+    import dataclasses
+
     import torch
 
+    from . import SmoothedVisionTower
     from .certification.certify import as_smoothed_tower
     from .certification.prototypes import class_prototypes, save_prototypes
     from .cli import load_model, open_source
@@ -43,13 +56,20 @@ def cmd_prototypes(args) -> int:
             by_class[item.label].append(item)
     chosen = [item for label in sorted(by_class) for item in by_class[label]]
     num_classes = getattr(source, "num_classes", None) or max(by_class) + 1
+    if args.sigma is None and args.num_samples:
+        raise RunError(f"--num-samples {args.num_samples}: smoothed prototypes need the noise level; add --sigma.")
+    num_samples = (args.num_samples or 16) if args.sigma is not None else 0
     model = load_model(args.model, args.booster).to(args.device or "cpu")
-    tower = as_smoothed_tower(model)
+    tower = as_smoothed_tower(model, sigma=args.sigma)
+    if num_samples:
+        tower = SmoothedVisionTower(tower.encoder, dataclasses.replace(tower.config, seed=args.seed))
     with torch.no_grad():
         prototypes = class_prototypes(tower, [item.load() for item in chosen], [item.label for item in chosen],
-                                      num_classes=num_classes, image_size=args.image_size, progress=True)
+                                      num_classes=num_classes, image_size=args.image_size, num_samples=num_samples,
+                                      progress=True)
     save_prototypes(prototypes, args.output, model=args.model, booster=args.booster, source=source.description,
-                    shots=args.shots, image_size=args.image_size, keys=[item.key for item in chosen])
+                    shots=args.shots, image_size=args.image_size, keys=[item.key for item in chosen],
+                    sigma=args.sigma, num_samples=num_samples, seed=args.seed if num_samples else None)
     print(f"prototypes: {args.output} ({prototypes.shape[0]} classes × {prototypes.shape[1]} features, "
           f"{len(chosen)} images)")
     return 0
@@ -73,6 +93,23 @@ def add_build_commands(sub, number, help_formatter, add_model, add_images, add_v
                         "`hf-feature-smoothing/llava-dinov2-smollm2`")
     b.set_defaults(func=cmd_build_llava)
 
+    g = sub.add_parser("build-llava-booster", formatter_class=help_formatter,
+                       help="train a Gaussian Smoothness Booster for llava-dinov2-smollm2 (resumable); the package "
+                            "ships one (`--booster llava-dinov2-smollm2-gsb`)",
+                       description="Stage 1: a σ-conditioned pixel purifier on the pixel term; stage 2: purifier + "
+                                   "attention mapper on the feature terms, with the frozen language model's KL term "
+                                   "(`--variant lm`) or without it (`features`). Tower, projector and LM stay frozen; "
+                                   "data: the projector's training splits (digits, textiles).")
+    g.add_argument("--output-dir", default="outputs/llava-gsb", help="stages, checkpoints and the adapters")
+    g.add_argument("--variant", choices=("lm", "features", "mapper"), default="lm",
+                   help="`lm`: the language model in the loop; `features`: feature terms only; `mapper`: the earlier "
+                        "token-wise mapper alone (no purifier), feature terms only")
+    g.add_argument("--max-steps", type=number(int, 1), default=300, help="stage-2 optimizer steps")
+    g.add_argument("--purifier-steps", type=number(int, 1), default=400, help="stage-1 optimizer steps")
+    g.add_argument("--lambda-lm", type=number(float, 0), default=1.0, help="weight of the LM's KL term (`lm` only)")
+    g.add_argument("--seed", type=number(int, 0), default=0, help="noise, σ draws, crops and data order")
+    g.set_defaults(func=cmd_build_llava_booster)
+
     p = sub.add_parser("prototypes", formatter_class=help_formatter,
                        help="class prototypes (normalised mean features) of a labelled image set",
                        description="A few-shot cosine predictor: the first --shots images of each class, their mean "
@@ -80,10 +117,17 @@ def add_build_commands(sub, number, help_formatter, add_model, add_images, add_v
     add_model(p, "booster adapter folder or Hub repo id, loaded before computing features")
     add_images(p)
     p.add_argument("--shots", type=number(int, 1), default=50, help="images per class")
+    p.add_argument("--sigma", type=number(float, 0, low_open=True), default=None,
+                   help="smoothed prototypes: mean directions of the smoothed features at this σ (pixel [0, 1] "
+                        "units; a booster conditioned on it), to certify with the same --sigma; default: clean "
+                        "features")
+    p.add_argument("--num-samples", type=number(int, 1), default=None,
+                   help="noisy copies per image for smoothed prototypes (needs --sigma); default: 16")
+    p.add_argument("--seed", type=number(int, 0, 2**63 - 1), default=0, help="seed of the noise (smoothed prototypes)")
     p.add_argument("--device", default=None, help="torch device")
     p.add_argument("--output", default="outputs/prototypes.safetensors", help="safetensors file to write")
     p.set_defaults(func=cmd_prototypes)
-    for parser in (b, p):
+    for parser in (b, g, p):
         add_verbosity(parser)
 
 
