@@ -118,8 +118,8 @@ def table(rows: dict, args, params: dict) -> tuple[str, list[dict]]:
                             "digits_ci": [low, high], "textiles_accuracy": mean(textiles),
                             "textiles_ci": [t_low, t_high], **{k: r[k] for k in ("score", "score_lower", "abstain",
                                                                                 "fcsb", "clean_cosine", "seconds")}})
-    lines += ["", "Training cost (2 CPU threads; one stage line per stage, the purifier stage is shared by "
-              "`features` and `lm`):"]
+    lines += ["", ("Training cost (2 CPU threads; one stage line per stage, the purifier stage is shared by "
+                   "`features` and `lm`):")]
     for variant, cost in training_costs(args.boosters).items():
         stages = ", ".join(f"{c['stage']} {c['steps']} steps in {c['seconds']:.0f} s (load {c['load_average']})"
                            for c in cost)

@@ -92,3 +92,13 @@ def test_prototypes_cli_smoothed_options_are_recorded_and_checked(tmp_path):
     assert (meta["sigma"], meta["num_samples"], meta["seed"]) == (0.25, 2, 0)
     assert main([*command, "--num-samples", "2", "--output", str(tmp_path / "x.safetensors")]) == 1  # no --sigma
     assert not (tmp_path / "x.safetensors").exists()
+
+
+def test_limit_on_a_class_sorted_built_in_set_takes_every_class():
+    from hf_feature_smoothing.runs.images import FirstImages, LabelledImages
+
+    source = LabelledImages("textiles:test")
+    first = [source.item(i).label for i in range(6)]
+    assert first == [0, 1, 2, 0, 1, 2] and source.description["order"] == "classes interleaved"
+    assert len({source.item(i).key for i in range(len(source))}) == len(source) == 300
+    assert [FirstImages(source, 3).item(i).label for i in range(3)] == [0, 1, 2]

@@ -9,6 +9,7 @@ from abc import ABC, abstractmethod
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
+from itertools import zip_longest
 from pathlib import Path
 
 from ..logging_utils import get_logger
@@ -216,10 +217,16 @@ class LabelledImages(ImageSource):
         name, _, split = spec.partition(":")
         if name not in self.NAMES or split not in SPLITS:
             raise RunError(f"--images {spec}: built-in labelled sets are {[f'{n}:{s}' for n in self.NAMES for s in SPLITS]}.")
-        self.examples = digit_examples(split) if name == "digits" else textile_examples(split)
         self.num_classes = 10 if name == "digits" else 3
         self.label_column = "label"
-        self.description = {"kind": "labelled", "name": name, "split": split, "count": len(self.examples)}
+        self.description = {"kind": "labelled", "name": name, "split": split}
+        if name == "digits":  # scikit-learn's order already mixes the classes
+            self.examples = digit_examples(split)
+        else:  # stored class by class: interleave them so that `--limit N` takes a class-balanced subset
+            by_class = [[e for e in textile_examples(split) if e.label == k] for k in range(self.num_classes)]
+            self.examples = [e for group in zip_longest(*by_class) for e in group if e is not None]
+            self.description["order"] = "classes interleaved"
+        self.description["count"] = len(self.examples)
 
     def __len__(self) -> int:
         return len(self.examples)
