@@ -2,10 +2,14 @@
 finished runs, with the library's card builder: the feature certificates of an `hf-fs certify` run and the attack
 table of `benchmarks/llava_headline.py` both go into `model-index`. Nothing is recomputed.
 
-    hf-fs certify --model llava-dinov2-smollm2 --images digits:test --limit 30 --sigma 0.12 --n 256 --seed 0 \\
+    hf-fs certify --model llava-dinov2-smollm2 --images digits:test --limit 30 --sigma 0.12 --n 256 --seed 0 \
         --output benchmarks/llava_certify.jsonl
     python benchmarks/llava_headline.py ...            # writes benchmarks/llava_headline.summary.json
     python benchmarks/llava_model_card.py
+
+With a booster (`hf-fs certify ... --booster llava-dinov2-smollm2-gsb`), the card describes the smoothed + boosted
+model: its `model-index` holds the certificates of that run and the attack rows of the `smoothed+gsb` variant at the
+same σ with the same booster (plus the plain model's, the baseline); every row's arguments are its own run's.
 """
 
 import argparse
@@ -32,19 +36,30 @@ def main() -> None:
     if not rows or run.bad:
         raise SystemExit(f"{args.certify_run}: {len(rows)} certificates, {len(run.bad)} bad lines; finish or repair it.")
     params = run.header["params"]
-    attacks = json.loads(Path(args.attacks).read_text())
-    if attacks["params"]["sigma"] != params["sigma"]:
-        raise SystemExit(f"The attack table used σ={attacks['params']['sigma']} but the certificates σ={params['sigma']}:"
-                         " the card must describe one smoothing.")
-    smoothing = FeatureSmoothingConfig(sigma=params["sigma"], num_samples=attacks["params"]["num_samples"],
+    booster = params.get("booster")
+    summary = json.loads(Path(args.attacks).read_text())
+    run_params = {r["run"]: r["params"] for r in summary["runs"]}
+    variant = "smoothed+gsb" if booster else "smoothed"
+    attacks = [r for r in summary["table"] if r["variant"] == "plain" or (
+        r["variant"] == variant and r["sigma"] == params["sigma"] and r["booster"] == booster)]
+    smoothed = [r for r in attacks if r["variant"] == variant]
+    if not smoothed:
+        raise SystemExit(f"No `{variant}` attack rows at σ={params['sigma']} (booster {booster}) in {args.attacks}: the "
+                         "card must describe the smoothing its certificates were made with.")
+    num_samples = {r["num_samples"] for r in smoothed}
+    if len(num_samples) != 1:
+        raise SystemExit(f"The `{variant}` attack rows mix n = {sorted(num_samples)}; the card describes one smoothing.")
+    smoothing = FeatureSmoothingConfig(sigma=params["sigma"], num_samples=num_samples.pop(), booster=booster,
                                        autocast_dtype=None if params["dtype"] == "float32" else params["dtype"])
+    extra = [result for run_id in dict.fromkeys(r["run"] for r in attacks)
+             for result in attack_eval_results([r for r in attacks if r["run"] == run_id], run_params[run_id],
+                                               "sklearn-digits")]
     table = Path(args.attack_table).read_text()
     card = build_model_card(
-        f"{REPO_ID}-fs", base_model=REPO_ID, smoothing=smoothing, certificates=rows,
+        f"{REPO_ID}-fs" + ("-gsb" if booster else ""), base_model=REPO_ID, smoothing=smoothing, certificates=rows,
         dataset_name=f"scikit-learn digits, held-out ({len(rows)} images)", dataset_type="sklearn-digits",
-        tags=["llava", "dinov2", "smollm2"],
-        extra_results=attack_eval_results(attacks["table"], attacks["params"], "sklearn-digits"),
-        extra_markdown=f"## End-to-end attacks on the generated answer\n\n{table}",
+        tags=["llava", "dinov2", "smollm2"] + (["gaussian-smoothness-booster"] if booster else []),
+        extra_results=extra, extra_markdown=f"## End-to-end attacks on the generated answer\n\n{table}",
     )
     path = write_card_atomically(card, args.output_dir)
     print(f"card: {path}")

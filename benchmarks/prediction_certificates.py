@@ -2,13 +2,17 @@
 feature of `--shots` training images per class) on the digits and the textiles, certified accuracy vs radius at
 σ ∈ {0.12, 0.25, 0.5}, with and without a Gaussian Smoothness Booster — all through the public tools:
 
-    hf-fs prototypes --model dinov2-s14 --images digits:train --shots 50 --output .../digits.safetensors
-    hf-fs certify --model dinov2-s14 [--booster DIR] --images digits:test --limit 60 --prototypes ... --sigma σ ...
+    hf-fs prototypes --model llava-dinov2-smollm2 --images digits:train --shots 20 --sigma σ --output .../digits.safetensors
+    hf-fs certify --model llava-dinov2-smollm2 [--booster B] --images digits:test --limit 40 --prototypes ... --sigma σ
 
-and the bundled `evaluate` metric for the aggregates. Every run is resumable (re-running the script continues);
-the table goes to `benchmarks/prediction_certificates.md` and the curves to `benchmarks/prediction_certificates.png`.
+and the bundled `evaluate` metric for the aggregates. The encoder is the DINOv2-S/14 tower of the real-weight LLaVA
+(the features its projector reads: all 65 tokens as one vector) and the booster the one shipped for that LLaVA
+(`llava-dinov2-smollm2-gsb`); `--model dinov2-s14 --booster DIR` certifies the stand-alone encoder instead. The
+prototypes of each (set, booster, σ) are the smoothed features at that σ (`hf-fs prototypes --sigma`): what the
+smoothed predictor sees. Every run is resumable (re-running the script continues); the table goes to
+`benchmarks/prediction_certificates.md` and the curves to `benchmarks/prediction_certificates.png`.
 
-    python benchmarks/prediction_certificates.py [--booster outputs/gsb-dinov2-s14]
+    python benchmarks/prediction_certificates.py
 """
 
 import argparse
@@ -29,33 +33,37 @@ def certify_runs(args) -> list[dict]:
     out = Path(args.output_dir)
     out.mkdir(parents=True, exist_ok=True)
     runs = []
+    common = ["--model", args.model, "--image-size", str(args.image_size)]
     for name, (train, test) in SETS.items():
         variants = {"none": None, **({"gsb": args.booster} if args.booster else {})}
         for variant, booster in variants.items():
-            protos = out / f"{name}-{variant}.safetensors"
-            if not protos.exists():  # prototypes of the encoder being certified (boosted features for the booster)
-                command = ["prototypes", "--model", "dinov2-s14", "--images", train, "--shots", str(args.shots),
-                           "--image-size", str(args.image_size), "--output", str(protos)]
-                command += ["--booster", booster] if booster else []
-                assert hf_fs(command) == 0
+            with_booster = ["--booster", booster] if booster else []
             for sigma in SIGMAS:
+                protos = out / f"{name}-{variant}-sigma{sigma}.safetensors"
+                if not protos.exists():  # the smoothed (+ boosted) features at this σ: what the predictor sees
+                    assert hf_fs(["prototypes", *common, *with_booster, "--images", train, "--shots",
+                                  str(args.shots), "--sigma", str(sigma), "--num-samples", str(args.prototype_samples),
+                                  "--output", str(protos)]) == 0
                 rows = out / f"{name}-{variant}-sigma{sigma}.jsonl"
-                command = ["certify", "--model", "dinov2-s14", "--images", test, "--limit", str(args.limit[name]),
+                command = ["certify", *common, *with_booster, "--images", test, "--limit", str(args.limit[name]),
                            "--prototypes", str(protos), "--sigma", str(sigma), "--n", str(args.n), "--n0",
-                           str(args.n0), "--alpha", str(args.alpha), "--seed", "0", "--image-size", str(args.image_size),
-                           "--dtype", args.dtype, "--output", str(rows)]
-                assert hf_fs(command + (["--booster", booster] if booster else [])) == 0
+                           str(args.n0), "--alpha", str(args.alpha), "--seed", "0", "--dtype", args.dtype,
+                           "--output", str(rows)]
+                assert hf_fs(command) == 0
                 runs.append({"set": name, "booster": variant, "sigma": sigma, "rows": read_run(rows).rows})
     return runs
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    parser.add_argument("--booster", default=None, help="GSB adapter for DINOv2-S/14 (adds the `gsb` rows)")
-    parser.add_argument("--shots", type=int, default=50, help="training images per class for the prototypes")
-    parser.add_argument("--digits", type=int, default=60, help="held-out digits certified")
+    parser.add_argument("--model", default="llava-dinov2-smollm2", help="`hf-fs --model` of the encoder")
+    parser.add_argument("--booster", default="llava-dinov2-smollm2-gsb",
+                        help="GSB adapter for --model (adds the `gsb` rows); '' for none")
+    parser.add_argument("--shots", type=int, default=20, help="training images per class for the prototypes")
+    parser.add_argument("--prototype-samples", type=int, default=4, help="noisy copies per prototype image")
+    parser.add_argument("--digits", type=int, default=40, help="held-out digits certified")
     parser.add_argument("--textiles", type=int, default=30, help="held-out textiles certified (first N of the split)")
-    parser.add_argument("--n", type=int, default=300, help="estimation samples per image")
+    parser.add_argument("--n", type=int, default=128, help="estimation samples per image")
     parser.add_argument("--image-size", type=int, default=112, help="DINOv2 input size (the boosters' training size)")
     parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"],
                         help="compute dtype of the tower passes (bfloat16 where the CPU/GPU supports it)")
@@ -69,9 +77,11 @@ def main() -> None:
     runs = certify_runs(args)
     metric = metrics.load("certified_robustness", "accuracy")
     header = "| set | booster | σ | images | " + " | ".join(f"r = {r:g}" for r in RADII) + " | abstain |"
-    lines = [(f"DINOv2-S/14 @{args.image_size} px ({args.dtype}), nearest-class-mean cosine predictor ({args.shots} "
-              f"shots per class), n = {args.n}, "
-             f"n0 = {args.n0}, α = {args.alpha}, certified accuracy at ℓ2 radius r (pixel [0, 1] units)."), "",
+    lines = [(f"`{args.model}` (DINOv2-S/14) @{args.image_size} px ({args.dtype}), nearest-class-mean cosine "
+              f"predictor ({args.shots} shots per class, prototypes = smoothed features at the certified σ from "
+              f"{args.prototype_samples} noisy copies), n = {args.n}, n0 = {args.n0}, α = {args.alpha}, betting bound; "
+              "certified accuracy at ℓ2 radius r (pixel [0, 1] units); booster `gsb` = "
+              f"`{args.booster or '-'}`."), "",
              header, "|" + "---|" * (5 + len(RADII))]
     results = []
     for run in runs:
