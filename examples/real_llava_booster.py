@@ -1,16 +1,21 @@
 """The real-weight LLaVA (DINOv2-S/14 + SmolLM2-135M) smoothed at a noise level where it no longer answers on its own,
 and again with the Gaussian Smoothness Booster shipped for it: generated answers and certificates, offline.
 
-    python examples/real_llava_booster.py            # ≈ 1–2 min on 2 CPU cores
+    python examples/real_llava_booster.py            # ≈ 2 min on 2 CPU cores
 """
 
-import torch
-from transformers import AutoModelForImageTextToText, AutoProcessor
+import os
 
-import hf_feature_smoothing as hfs
-from hf_feature_smoothing.assets.labelled_images import digit_examples
-from hf_feature_smoothing.assets.llava_booster_training import LLAVA_BOOSTER
-from hf_feature_smoothing.assets.llava_dinov2_smollm2 import REPO_ID, install_in_hub_cache, llava_checkpoint
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")  # everything is local: never wait on the network
+
+import torch  # noqa: E402
+from transformers import AutoModelForImageTextToText, AutoProcessor  # noqa: E402
+
+import hf_feature_smoothing as hfs  # noqa: E402
+from hf_feature_smoothing.assets.labelled_images import digit_examples  # noqa: E402
+from hf_feature_smoothing.assets.llava_booster_training import LLAVA_BOOSTER  # noqa: E402
+from hf_feature_smoothing.assets.llava_dinov2_smollm2 import REPO_ID, install_in_hub_cache, llava_checkpoint  # noqa: E402
 
 
 install_in_hub_cache(llava_checkpoint())  # assembled offline once, then a checkpoint like any other
