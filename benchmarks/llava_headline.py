@@ -29,6 +29,7 @@ from hf_feature_smoothing.assets.labelled_images import digit_answer, digit_exam
 from hf_feature_smoothing.assets.llava_dinov2_smollm2 import llava_checkpoint, prompt_text
 from hf_feature_smoothing.attacks.text import answer_attack
 from hf_feature_smoothing.certification.summary import bootstrap_ci
+from hf_feature_smoothing.cli import resolve_booster
 from hf_feature_smoothing.hardware import bf16_supported
 from hf_feature_smoothing.runs.runner import Run
 
@@ -38,14 +39,6 @@ MODES = ("untargeted", "targeted")
 
 
 VARIANTS = ("plain", "smoothed", "smoothed+gsb")
-
-
-def resolve_booster(booster: str | None) -> str | None:
-    """`llava-dinov2-smollm2-gsb` (the shipped booster) → its folder; anything else as given."""
-    from hf_feature_smoothing.assets.llava_booster_training import LLAVA_BOOSTER
-    from hf_feature_smoothing.cli import SHIPPED_BOOSTER
-
-    return str(LLAVA_BOOSTER) if booster == SHIPPED_BOOSTER else booster
 
 
 def load_variants(args) -> dict:

