@@ -1,6 +1,7 @@
 """`hf-fs report`: tables, plots and `model-index` metrics from finished runs, nothing recomputed; runs with other
 parameters are refused unless grouped by them."""
 
+import json
 import shutil
 
 import pytest
@@ -72,3 +73,40 @@ def test_report_of_an_attack_run(image_folder, tmp_path, capsys):
     assert "| plain | 0.2 |" in printed and "| smoothed | 0.2 |" in printed
     assert (tmp_path / "attack-report" / "group0.png").exists()
     assert not (tmp_path / "attack-report" / "model-index.yaml").exists()  # attacks are not certificates
+
+
+def _as_if_made_by(path, version: str, n: int) -> None:
+    """Rewrite a run's rows as a run of `version` with n estimation samples would have written them."""
+    lines = path.read_text().splitlines()
+    rows = [json.loads(line) for line in lines[1:]]
+    for row in rows:
+        row["versions"]["hf_feature_smoothing"], row["n"], row["n_used"] = version, n, n
+    path.write_text("\n".join([lines[0], *map(json.dumps, rows)]) + "\n")
+
+
+@pytest.mark.parametrize("version, n, warned", [("0.1.0", 8192, True), ("0.1.0", 4096, False),
+                                                ("0.2.0", 40_000, False)])
+def test_report_warns_on_rows_of_a_version_with_a_known_defect(image_folder, tmp_path, capsys, caplog, version, n,
+                                                                warned):
+    """Betting bounds of 0.1.0 from more than 4096 samples are invalid: the report says so, in its output and the
+    summary file, counting the rows; rows of other versions, or from at most 4096 samples, pass silently."""
+    run = tmp_path / "a.jsonl"
+    _certify(image_folder, run)
+    _as_if_made_by(run, version, n)
+    assert cli.main(["report", str(run), "--output-dir", str(tmp_path / "r")]) == 0
+    printed, summary = capsys.readouterr().out, (tmp_path / "r" / "summary.md").read_text()
+    for text in (printed, summary, caplog.text):
+        assert ("WARNING (betting-carry): 4 of 4 rows are affected" in text) is warned
+        assert ("recompute them with >= 0.2.0" in text) is warned
+
+
+def test_advisories_read_the_certificate_record():
+    from hf_feature_smoothing.certification.advisories import BETTING_CARRY, advisories_for
+
+    record = {"versions": {"hf_feature_smoothing": "0.1.0"}, "bound": "betting", "n": 10_000, "n_used": 10_000}
+    assert advisories_for(record) == [BETTING_CARRY]
+    assert advisories_for({**record, "n_used": 300}) == []  # a sequential run that stopped early
+    assert advisories_for({**record, "bound": "bernstein"}) == []
+    assert advisories_for({**record, "versions": {"hf_feature_smoothing": "0.2.0"}}) == []
+    prediction = {"versions": {"hf_feature_smoothing": "0.1.0"}, "bound": "betting", "n": 5000}  # no n_used
+    assert advisories_for(prediction) == [BETTING_CARRY]

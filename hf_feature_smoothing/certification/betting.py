@@ -27,7 +27,7 @@ _TIME_BLOCK = 4096  # scores per block along time (fixed, so results never depen
 
 @contextlib.contextmanager
 def _one_thread():
-    """Run the (small) bound computations on one intra-op thread: on a busy machine, waking OpenMP workers for each
+    """Run the bound computations on one intra-op thread: on a busy machine, waking OpenMP workers for each
     transcendental op costs far more than the op (measured: 16 ms vs 12 µs per op on 2 shared cores)."""
     threads = torch.get_num_threads()
     if threads == 1:
@@ -57,9 +57,14 @@ def plug_in_bets(scores: torch.Tensor, alpha: float, horizon: int) -> torch.Tens
 def _max_log_capital(scores: torch.Tensor, bets_all: torch.Tensor, means: torch.Tensor,
                      truncations: Sequence[float], threshold: float) -> torch.Tensor:
     """log sup_t of the truncation-mixture capital for every candidate mean: scores/bets `(B, n)`, means `(B, G)`
-    → `(B, G)`, exact up to `threshold` (a component's log capital is capped at threshold + ln|C| + 1 before
-    averaging: above that the mixture exceeds the threshold either way). Time is walked in fixed blocks and
-    sequences in groups, so memory is bounded and each sequence's result does not depend on the others."""
+    → `(B, G)`, exact below `threshold` (above it, any value ≥ `threshold` may be returned: a component's log capital
+    is capped at threshold + ln|C| + 1 before averaging, where the mixture exceeds the threshold either way).
+
+    Time is walked in blocks of `_TIME_BLOCK` scores, carrying each component's (uncapped) log capital from one block
+    to the next, and sequences in groups, so memory is bounded and each sequence's result does not depend on the
+    others or on the block size (up to float rounding). In a block where no bet reaches a truncation
+    (λ̃ᵢ ≤ min(c)/m, the rule once n is large), every component grows by the same Σ log(1 + λ̃ᵢ(Xᵢ − m)): the
+    mixture is then exp(that sum) times the mean of the carried capitals, computed without the component axis."""
     batch, n = scores.shape
     grid = means.shape[-1]
     rows = max(1, _MAX_ELEMENTS // (_TIME_BLOCK * grid * len(truncations)))
@@ -68,15 +73,56 @@ def _max_log_capital(scores: torch.Tensor, bets_all: torch.Tensor, means: torch.
                                            truncations, threshold) for i in range(0, batch, rows)])
     cap = threshold + math.log(len(truncations)) + 1.0
     caps = torch.tensor(list(truncations), dtype=scores.dtype, device=scores.device) / means[..., None]  # (B, G, C)
+    lowest_cap = caps.amin(-1)  # (B, G)
     carry = torch.zeros(batch, grid, len(truncations), dtype=scores.dtype, device=scores.device)
-    best = torch.zeros(batch, grid, dtype=scores.dtype, device=scores.device)
+    best = torch.full((batch, grid), -math.inf, dtype=scores.dtype, device=scores.device)  # log Σ_c capital
     for start in range(0, n, _TIME_BLOCK):
-        excess = (scores[:, start : start + _TIME_BLOCK, None] - means[:, None, :])[..., None]  # (B, T, G, 1)
-        bets = torch.minimum(bets_all[:, start : start + _TIME_BLOCK, None, None], caps[:, None])  # (B, T, G, C)
-        log_capital = torch.log1p(bets * excess).cumsum(1).add_(carry[:, None])
-        carry = log_capital[:, -1]
-        best = torch.maximum(best, log_capital.clamp_max_(cap).exp_().sum(-1).amax(1))
-    return torch.log(best / len(truncations))
+        excess = scores[:, start : start + _TIME_BLOCK, None] - means[:, None, :]  # (B, T, G)
+        bets = bets_all[:, start : start + _TIME_BLOCK, None]  # (B, T, 1)
+        if bool((bets <= lowest_cap[:, None]).all()):  # no truncation binds: one increment for every component
+            growth = torch.log1p(bets * excess).cumsum(1)  # (B, T, G)
+            block_best = growth.amax(1) + torch.logsumexp(carry, -1)
+            carry = carry + growth[:, -1, :, None]
+        else:
+            log_capital = torch.log1p(torch.minimum(bets[..., None], caps[:, None]) * excess[..., None]).cumsum(1)
+            log_capital = log_capital + carry[:, None]  # (B, T, G, C), a new tensor: the carry below is its own
+            carry = log_capital[:, -1].clone()
+            block_best = log_capital.clamp_max_(cap).exp_().sum(-1).amax(1).log_()  # in place: carry is a copy
+        best = torch.maximum(best, block_best)
+    return best - math.log(len(truncations))
+
+
+def betting_rejects(
+    scores: torch.Tensor,
+    mean: float,
+    alpha: float,
+    horizon: int | None = None,
+    truncations: Sequence[float] = TRUNCATIONS,
+) -> torch.Tensor:
+    """
+    The batch form of [`BettingTest`]: True where the truncation-mixture capital at `mean` reaches 1/α at some prefix,
+    i.e. where H₀: E[X] ≤ `mean` is rejected. When E[X] ≤ `mean` this happens with probability ≤ α (Ville), whatever
+    n; [`betting_lower_bound`] only reports means rejected by this same test, so its miss rate is at most this one's.
+
+    Args:
+        scores (`torch.Tensor`): `(..., n)` scores in [0, 1].
+        mean (`float`): the candidate mean, in (0, 1).
+        alpha (`float`): level of the test.
+        horizon (`int`, *optional*): the sample size the bets are tuned for (defaults to n).
+        truncations (`Sequence[float]`): the mixture's bet caps c/m, each c in (0, 1).
+    Returns:
+        `torch.Tensor`: booleans of shape `(...)`.
+    """
+    if not 0.0 < mean < 1.0:
+        raise ValueError(f"`mean` must be in (0, 1), got {mean!r}.")
+    with _one_thread():
+        x = scores.detach().to(torch.float64).clamp(0.0, 1.0)
+        lead, n = x.shape[:-1], x.shape[-1]
+        x = x.reshape(-1, n)
+        bets = plug_in_bets(x, alpha, horizon or n)
+        threshold = math.log(1.0 / alpha)
+        means = torch.full((x.shape[0], 1), float(mean), dtype=torch.float64, device=x.device)
+        return (_max_log_capital(x, bets, means, tuple(truncations), threshold)[:, 0] >= threshold).reshape(lead)
 
 
 def betting_lower_bound(

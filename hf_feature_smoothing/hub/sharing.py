@@ -8,13 +8,16 @@ from pathlib import Path
 
 from huggingface_hub import EvalResult, HfApi, ModelCard, ModelCardData
 
+from ..certification.advisories import advisories_for
 from ..certification.summary import certified_accuracy, certified_cosine
 from ..configuration_feature_smoothing import FeatureSmoothingConfig
+from ..logging_utils import get_logger
 from ..modeling_smoothed_tower import SmoothedVisionTower
 from ..version import __version__
 from .atomic import atomic_directory
 
 
+logger = get_logger(__name__)
 TEMPLATE = Path(__file__).parent / "model_card_templates" / "certified_model.md"
 TAGS = ["hf-feature-smoothing", "certified-robustness", "feature-space-smoothing"]
 
@@ -26,6 +29,10 @@ def _as_dicts(certificates) -> list[dict]:
         raise ValueError("Mix of feature and prediction certificates: share one kind per call.")
     if len({(r["sigma"], r["n"], r["alpha"], r["bound"]) for r in rows}) > 1:
         raise ValueError("Certificates differ in σ, n, α or bound: aggregate one setting at a time.")
+    affected = {a.name: a for r in rows for a in advisories_for(r)}
+    for advisory in affected.values():
+        count = sum(advisory.affects(r) for r in rows)
+        logger.warning(f"{count} of {len(rows)} certificates are affected by `{advisory.name}`: {advisory.summary}")
     return rows
 
 

@@ -4,6 +4,7 @@ import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from ..certification.advisories import advisories_for
 from ..certification.summary import certified_accuracy, certified_cosine
 from ..logging_utils import get_logger
 from .errors import RunError
@@ -32,6 +33,7 @@ class RunGroup:
     paths: list[Path] = field(default_factory=list)
     rows: list[dict] = field(default_factory=list)
     skipped: list[dict] = field(default_factory=list)
+    advisories: dict = field(default_factory=dict)  # advisory name → [the advisory, rows it affects]
 
     @property
     def kind(self) -> str:
@@ -87,7 +89,23 @@ def group_runs(paths: list[str | os.PathLike], group_by_params: bool = False) ->
                 continue
             seen.add(identity)
             (group.rows if row["status"] == "ok" else group.skipped).append({**row, "source": source})
+            if row["status"] == "ok":
+                _note_advisories(group, header, row)
     return groups
+
+
+def _note_advisories(group: RunGroup, header: dict, row: dict) -> None:
+    """Count the row under each known defect that affects it; a row without its own record (attack rows) is judged
+    by the run's parameters and versions."""
+    record = {**header["params"], "versions": header.get("info", {}).get("versions"), **row}
+    for advisory in advisories_for(record):
+        group.advisories.setdefault(advisory.name, [advisory, 0])[1] += 1
+
+
+def advisory_lines(group: RunGroup) -> list[str]:
+    """One warning line per known defect that affects rows of the group (empty when none does)."""
+    return [f"WARNING ({name}): {count} of {len(group.rows)} rows are affected: {advisory.summary}"
+            for name, (advisory, count) in group.advisories.items()]
 
 
 def _mean(values) -> float:
@@ -101,6 +119,7 @@ def summary_lines(group: RunGroup, radii: tuple[float, ...] = (0.0, 0.05, 0.1, 0
     images = len({(dumps(r.get("source")), r.get("image", r["key"])) for r in rows})
     head = (f"**{group.label}** ({', '.join(map(str, group.paths))}): {images} images, {len(group.skipped)} "
             f"skipped")
+    head = "\n\n".join([head, *advisory_lines(group)])
     if not rows:
         return [head, "", "no certified rows."]
     if group.kind == "feature":
@@ -201,6 +220,8 @@ def write_report(paths: list[str | os.PathLike], output_dir: str | os.PathLike, 
     output_dir.mkdir(parents=True, exist_ok=True)
     lines, results = [], []
     for i, group in enumerate(groups):
+        for line in advisory_lines(group):
+            logger.warning(f"{', '.join(map(str, group.paths))}: {line}")
         lines += summary_lines(group)
         plot = output_dir / f"group{i}.png"
         if plot_group(group, plot):
