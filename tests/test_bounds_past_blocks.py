@@ -12,7 +12,13 @@ import torch
 from hf_feature_smoothing import FeatureSmoothingConfig, SmoothedVisionTower
 from hf_feature_smoothing.certification import betting, certify, certify_prediction
 from hf_feature_smoothing.certification.betting import BettingTest, betting_lower_bound, betting_rejects
-from hf_feature_smoothing.certification.bounds import fcsb, lower_confidence_bound, normal_ppf, upper_confidence_bound
+from hf_feature_smoothing.certification.bounds import (
+    fcsb,
+    lower_confidence_bound,
+    moment_upper_bound,
+    normal_ppf,
+    upper_confidence_bound,
+)
 
 from .toy_encoders import ToyEncoder, toy_images
 
@@ -187,3 +193,18 @@ def test_certify_prediction_covers_the_closed_form_truth_across_many_blocks(monk
 def test_certify_prediction_with_the_released_carry_fails_the_same_check(broken_carry, monkeypatch):
     monkeypatch.setattr(betting, "_TIME_BLOCK", 16)
     assert not _within_level(_prediction_misses(0.2), 1000, 0.2)
+
+
+@pytest.mark.parametrize("method", ["hoeffding", "bernstein"])
+def test_fixed_n_bounds_and_streaming_moments_cover_at_large_n(method):
+    """The fixed-n bounds (lower and upper) and the upper bound from streaming moments (`certify_prediction`'s flat
+    split) at n = 40 000, 2000 trials, α = 0.2."""
+    alpha, n = 0.2, 40_000
+    scores, truth = _scores("bernoulli", 2000, n, seed=5)
+    lows = torch.tensor([lower_confidence_bound(s, alpha, method) for s in scores])
+    highs = torch.tensor([upper_confidence_bound(s, alpha, method) for s in scores])
+    means, variances = scores.mean(1), scores.var(1)
+    from_moments = torch.tensor([moment_upper_bound(m.item(), v.item(), n, alpha, method)
+                                 for m, v in zip(means, variances)])
+    for misses in ((lows > truth).sum(), (highs < truth).sum(), (from_moments < truth).sum()):
+        assert _within_level(int(misses), 2000, alpha), misses
