@@ -28,7 +28,6 @@ ROOT = Path(hf_feature_smoothing.__file__).resolve().parent
 ALLOWED_CYCLES = {
     frozenset({"booster", "certification", "hub", "modeling_smoothed_tower", "models"}),
     frozenset({"assets", "runs"}),
-    frozenset({"cli", "cli_build"}),
 }
 
 # Where the pure statistics live (torch and the standard library only).
