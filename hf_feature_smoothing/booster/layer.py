@@ -190,6 +190,13 @@ def booster_layers(model: nn.Module) -> list[BoosterTunerLayer]:
     return [m for m in model.modules() if isinstance(m, BoosterTunerLayer)]
 
 
+def booster_names(model: nn.Module) -> list[str]:
+    """The names of the boosters held by `model`, read from every part of every booster layer (mapper and purifier:
+    each layer's `adapter_layer_names`, PEFT's one list of a method's parts), sorted."""
+    return sorted({name for layer in booster_layers(model) for part in layer.adapter_layer_names
+                   for name in getattr(layer, part)})
+
+
 BoosterState = list[tuple[BoosterTunerLayer, float, PixelStats | None]]
 
 
