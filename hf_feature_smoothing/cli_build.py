@@ -5,6 +5,8 @@ resumably) and `prototypes` (class prototypes of a few-shot cosine predictor, fo
 import json
 from pathlib import Path
 
+from .commands.loading import load_model, open_source
+from .commands.options import HelpFormatter, add_images, add_model, add_verbosity, number
 from .runs import RunError
 
 
@@ -41,7 +43,6 @@ def cmd_prototypes(args) -> int:
     from . import SmoothedVisionTower
     from .certification.certify import as_smoothed_tower
     from .certification.prototypes import class_prototypes, save_prototypes
-    from .cli import load_model, open_source
 
     if Path(args.output).suffix != ".safetensors":
         raise RunError(f"--output {args.output}: prototypes are written as a .safetensors file.")
@@ -75,9 +76,9 @@ def cmd_prototypes(args) -> int:
     return 0
 
 
-def add_build_commands(sub, number, help_formatter, add_model, add_images, add_verbosity) -> None:
-    """Register `build-llava` and `prototypes` on the `hf-fs` sub-parsers (`number` makes validated types)."""
-    b = sub.add_parser("build-llava", formatter_class=help_formatter,
+def add_build_commands(sub) -> None:
+    """Register `build-llava`, `build-llava-booster` and `prototypes` on the `hf-fs` sub-parsers."""
+    b = sub.add_parser("build-llava", formatter_class=HelpFormatter,
                        help="train the projector of llava-dinov2-smollm2 (resumable); the package ships one",
                        description="LLaVA stage-1 alignment: DINOv2-S/14 tower and SmolLM2-135M frozen, the "
                                    "projector trained on the digits and textiles training splits; writes "
@@ -93,7 +94,7 @@ def add_build_commands(sub, number, help_formatter, add_model, add_images, add_v
                         "`hf-feature-smoothing/llava-dinov2-smollm2`")
     b.set_defaults(func=cmd_build_llava)
 
-    g = sub.add_parser("build-llava-booster", formatter_class=help_formatter,
+    g = sub.add_parser("build-llava-booster", formatter_class=HelpFormatter,
                        help="train a Gaussian Smoothness Booster for llava-dinov2-smollm2 (resumable); the package "
                             "ships one (`--booster llava-dinov2-smollm2-gsb`)",
                        description="Stage 1: a σ-conditioned pixel purifier on the pixel term; stage 2: purifier + "
@@ -110,7 +111,7 @@ def add_build_commands(sub, number, help_formatter, add_model, add_images, add_v
     g.add_argument("--seed", type=number(int, 0), default=0, help="noise, σ draws, crops and data order")
     g.set_defaults(func=cmd_build_llava_booster)
 
-    p = sub.add_parser("prototypes", formatter_class=help_formatter,
+    p = sub.add_parser("prototypes", formatter_class=HelpFormatter,
                        help="class prototypes (normalised mean features) of a labelled image set",
                        description="A few-shot cosine predictor: the first --shots images of each class, their mean "
                                    "unit feature per class; for `hf-fs certify --prototypes`.")

@@ -13,6 +13,7 @@ import hf_feature_smoothing as hfs
 from hf_feature_smoothing import FeatureBoosterConfig, FeatureSmoothingConfig, SmoothedVisionTower
 from hf_feature_smoothing.booster import PixelPurifierLayer, booster_layers, booster_noise_level
 from hf_feature_smoothing.booster.layout import batched_layout, flat_layout
+from hf_feature_smoothing.booster.loading import remove_boosters
 from hf_feature_smoothing.booster.purifier import frames_to_patches, patches_to_frames
 from hf_feature_smoothing.testing_utils import IMAGE_TOKEN_ID, TINY_FAMILIES, tiny_inputs, tiny_smoothed_model
 from hf_feature_smoothing.towers import ImageInputs
@@ -282,6 +283,46 @@ def test_invalid_configs_and_mismatched_purifier_fail_clearly(tmp_path):
     (tmp_path / "a" / "adapter_config.json").write_text(json.dumps(config))
     with pytest.raises(ValueError, match="purifier wraps `vision_tower.other_conv`"):
         PeftModel.from_pretrained(tiny_smoothed_model("llava"), tmp_path / "a")
+
+
+def _hook_counts(model) -> dict[str, tuple[int, int]]:
+    return {name: (len(m._forward_pre_hooks), len(m._forward_hooks)) for name, m in model.named_modules()}
+
+
+@pytest.mark.parametrize("kind, purifier", [("qwen2_vl", True), ("qwen2_5_vl", True), ("dinov2", False)])
+def test_remove_boosters_leaves_no_hook_behind(kind, purifier, tmp_path):
+    """`remove_boosters` (used when a load fails and when `smoothing={"booster": ...}` replaces a saved booster)
+    unwraps like `unload()`: the token-grid probes' hooks go too, and the model is its stock self again. (On a
+    stand-alone encoder the probe sits on the patch embedding, inside the purifier layer when there is one.)"""
+    source = Case(kind)
+    booster = hfs.add_booster(source.model, FeatureBoosterConfig(purifier=purifier, mapper_mixing="conv"))
+    _randomise(booster)
+    booster.save_pretrained(tmp_path / "adapter")
+    case = Case(kind)
+    stock, hooks = case.output(), _hook_counts(case.model)
+    hfs.load_booster(case.model, tmp_path / "adapter")
+    assert any(layer.probe is not None and layer.probe.handles for layer in booster_layers(case.model))
+    remove_boosters(case.model)
+    assert not booster_layers(case.model) and not hasattr(case.model, "peft_config")
+    assert _hook_counts(case.model) == hooks
+    assert torch.equal(case.output(), stock)
+
+
+def test_a_replaced_saved_booster_leaves_no_hook_behind(tmp_path):
+    """A smoothed checkpoint with a token-mixing booster in its weights, loaded with another booster: the saved
+    booster's probe hooks are gone, exactly as if the checkpoint had held no booster."""
+    case = Case("qwen2_5_vl")
+    case.model.save_pretrained(tmp_path / "plain")
+    _randomise(hfs.add_booster(case.model, FeatureBoosterConfig(purifier=True, mapper_mixing="conv")))
+    case.model.save_pretrained(tmp_path / "boosted")
+    other = hfs.add_booster(Case("qwen2_5_vl").model, FeatureBoosterConfig())  # no probe
+    _randomise(other)
+    other.save_pretrained(tmp_path / "other")
+    smoothing = {"booster": str(tmp_path / "other")}
+    replaced = tf.AutoModelForImageTextToText.from_pretrained(tmp_path / "boosted", smoothing=smoothing)
+    expected = tf.AutoModelForImageTextToText.from_pretrained(tmp_path / "plain", smoothing=smoothing)
+    assert [type(layer).__name__ for layer in booster_layers(replaced)] == ["FeatureBoosterLayer"]
+    assert _hook_counts(replaced) == _hook_counts(expected)
 
 
 def test_unload_restores_the_stock_model_and_removes_probes():

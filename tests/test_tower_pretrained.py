@@ -74,6 +74,36 @@ def test_standalone_encoder_with_booster_round_trip(tmp_path):
     assert torch.equal(_features(again, pixels), expected)
 
 
+@pytest.mark.parametrize("config", [
+    dict(purifier={"width": 8, "depth": 2}),
+    dict(mapper=False, purifier={"width": 8, "depth": 2}),  # a purifier alone is a booster too
+    dict(mapper_mixing="attention", mixing_heads=2, purifier={"width": 8, "depth": 2, "scale": 1}),
+], ids=["purifier+mapper", "purifier-only", "purifier+attention"])
+def test_standalone_encoder_with_purifier_booster_round_trip(config, tmp_path):
+    """Every part of the booster is saved (not only the mapper) and reloads bit-exact."""
+    folder = _encoder_dir(tmp_path, "dinov2")
+    tower = hfs.SmoothedVisionTower.from_pretrained(folder, smoothing={"sigma": 0.25})
+    peft_model = hfs.add_booster(tower.encoder, hfs.FeatureBoosterConfig(hidden_dim=16, **config))
+    generator = torch.Generator().manual_seed(0)
+    parts = set()
+    for name, param in peft_model.named_parameters():
+        if "fs_booster_" in name:
+            param.data = torch.randn(param.shape, generator=generator) * 0.05
+            parts.add(name.split("fs_booster_")[1].partition(".")[0])
+    assert "purifier" in parts
+    boosted = hfs.SmoothedVisionTower(peft_model, tower.config)
+    pixels = torch.randn(1, 3, 28, 28)
+    expected = _features(boosted, pixels)
+    boosted.save_pretrained(tmp_path / "saved")
+    saved = json.loads((tmp_path / "saved" / "booster" / "adapter_config.json").read_text())
+    assert saved["purifier"] and saved["mapper"] == config.get("mapper", True)
+    again = hfs.SmoothedVisionTower.from_pretrained(tmp_path / "saved")
+    reloaded = {name.split("fs_booster_")[1].partition(".")[0] for name, _ in again.encoder.named_parameters()
+                if "fs_booster_" in name}
+    assert reloaded == parts
+    assert torch.equal(_features(again, pixels), expected)
+
+
 def test_mllm_repo_gives_its_smoothed_tower(tmp_path):
     tiny_model("llava").save_pretrained(tmp_path / "stock")
     tower = hfs.SmoothedVisionTower.from_pretrained(tmp_path / "stock", smoothing={"sigma": 0.3, "seed": 1})

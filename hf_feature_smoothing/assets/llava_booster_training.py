@@ -23,7 +23,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from ..logging_utils import get_logger
-from ..runs.locking import RunLock
+from ..utils.locking import RunLock
 from ..version import __version__
 
 

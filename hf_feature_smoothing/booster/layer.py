@@ -190,6 +190,25 @@ def booster_layers(model: nn.Module) -> list[BoosterTunerLayer]:
     return [m for m in model.modules() if isinstance(m, BoosterTunerLayer)]
 
 
+def unwrap_boosters(model: nn.Module) -> nn.Module:
+    """Put back the module each booster layer of `model` wraps and detach the layers' token-grid probes (their hooks
+    sit on a tower module that stays): the one unwrap behind `remove_boosters` and `FeatureBoosterModel.unload()`."""
+    for name, module in list(model.named_modules()):
+        if isinstance(module, BoosterTunerLayer):
+            if module.probe is not None:
+                module.probe.detach()
+            parent, _, child = name.rpartition(".")
+            setattr(model.get_submodule(parent) if parent else model, child, module.base_layer)
+    return model
+
+
+def booster_names(model: nn.Module) -> list[str]:
+    """The names of the boosters held by `model`, read from every part of every booster layer (mapper and purifier:
+    each layer's `adapter_layer_names`, PEFT's one list of a method's parts), sorted."""
+    return sorted({name for layer in booster_layers(model) for part in layer.adapter_layer_names
+                   for name in getattr(layer, part)})
+
+
 BoosterState = list[tuple[BoosterTunerLayer, float, PixelStats | None]]
 
 

@@ -15,7 +15,7 @@ from torch import nn
 
 from ..configuration_feature_smoothing import FeatureSmoothingConfig
 from ..logging_utils import get_logger
-from .layer import BoosterTunerLayer, booster_layers
+from .layer import booster_layers, unwrap_boosters
 from .registration import PARAMETER_PREFIX
 
 
@@ -143,11 +143,8 @@ def restore_smoothing(model: nn.Module, config) -> None:
 
 
 def remove_boosters(model: nn.Module) -> None:
-    """Unwrap every booster layer of `model` (the model is its un-boosted self again)."""
-    for name, module in list(model.named_modules()):
-        if isinstance(module, BoosterTunerLayer):
-            parent, _, child = name.rpartition(".")
-            setattr(model.get_submodule(parent) if parent else model, child, module.base_layer)
+    """Unwrap every booster layer of `model`, probes included (the model is its un-boosted self again)."""
+    unwrap_boosters(model)
     if hasattr(model, "peft_config"):
         del model.peft_config
     model._hf_peft_config_loaded = False

@@ -9,7 +9,7 @@ from ..configuration_feature_smoothing import FeatureSmoothingConfig
 from ..logging_utils import get_logger
 from ..towers import TOWER_ADAPTERS, BoosterGeometry, base_model_type, get_tower_adapter
 from .configuration_booster import FeatureBoosterConfig
-from .layer import BoosterTunerLayer, FeatureBoosterLayer, PixelPurifierLayer, booster_layers
+from .layer import BoosterTunerLayer, FeatureBoosterLayer, PixelPurifierLayer, booster_layers, unwrap_boosters
 from .loading import check_booster_state_dict, load_booster, record_smoothing, restore_smoothing
 from .registration import PARAMETER_PREFIX, PEFT_METHOD_NAME
 
@@ -145,13 +145,7 @@ class FeatureBoosterModel(BaseTuner):
     def _unload_and_optionally_merge(self, merge=True, progressbar=False, safe_merge=False, adapter_names=None):
         if merge:
             raise NotImplementedError("A booster cannot be merged into the base weights; use `unload()`.")
-        for name, module in list(self.model.named_modules()):
-            if isinstance(module, BoosterTunerLayer):
-                if module.probe is not None:
-                    module.probe.detach()
-                parent, _, child = name.rpartition(".")
-                setattr(self.model.get_submodule(parent) if parent else self.model, child, module.base_layer)
-        return self.model
+        return unwrap_boosters(self.model)
 
 
 register_peft_method(

@@ -7,7 +7,7 @@ import os
 from transformers import AutoConfig, AutoModelForImageTextToText, PreTrainedConfig, PreTrainedModel
 from transformers.conversion_mapping import get_checkpoint_conversion_mapping, register_checkpoint_conversion_mapping
 
-from ..booster.layer import booster_layers
+from ..booster.layer import booster_layers, booster_names
 from ..booster.loading import booster_config_dict, check_finite, load_booster, remove_boosters
 from ..booster.registration import PARAMETER_PREFIX
 from ..configuration_feature_smoothing import FeatureSmoothingConfig
@@ -210,7 +210,7 @@ class FeatureSmoothingMixin:
     def _save_pretrained_raw(self, save_directory, **kwargs) -> None:
         """Config and full weights (booster included) into `save_directory`, no card."""
         layers = booster_layers(self)
-        names = sorted({name for layer in layers for part in layer.adapter_layer_names for name in getattr(layer, part)})
+        names = booster_names(self)
         smoothing = self.smoothing_config
         if len(names) > 1:
             raise ValueError(f"The model holds several boosters {names}; keep one (`model.delete_adapter(name)`) "

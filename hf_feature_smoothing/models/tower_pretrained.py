@@ -13,7 +13,7 @@ from pathlib import Path
 from safetensors.torch import save_file
 from transformers import AutoConfig, AutoModel, AutoModelForImageTextToText
 
-from ..booster.layer import booster_layers
+from ..booster.layer import booster_names
 from ..booster.loading import booster_config_dict, load_booster, smoothing_applied_by_tower, smoothing_record
 from ..booster.registration import PARAMETER_PREFIX
 from ..configuration_feature_smoothing import FeatureSmoothingConfig
@@ -90,7 +90,7 @@ def _save_booster(encoder, folder: Path, smoothing: FeatureSmoothingConfig) -> d
     """The encoder's booster as a PEFT adapter in `folder/booster` (the format `load_booster` reads)."""
     from peft import get_peft_model_state_dict
 
-    names = sorted({name for layer in booster_layers(encoder) for name in layer.fs_booster_mapper})
+    names = booster_names(encoder)  # mapper and purifier: a purifier-only booster is a booster too
     if not names:
         return None
     if len(names) > 1:

@@ -1,6 +1,6 @@
-"""The one error type of dataset-scale runs: a message naming the file, option or value, and the fix."""
+"""`RunError` lives in `utils.errors` (below the runs, so locks and recipes can raise it); re-exported here."""
+
+from ..utils.errors import RunError
 
 
-class RunError(Exception):
-    """A run cannot start or continue (locked output, changed parameters, corrupt rows, unreadable source...).
-    The CLI prints the message and exits with status 1."""
+__all__ = ["RunError"]

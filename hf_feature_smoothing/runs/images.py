@@ -13,7 +13,7 @@ from itertools import zip_longest
 from pathlib import Path
 
 from ..logging_utils import get_logger
-from .errors import RunError
+from ..utils.errors import RunError
 
 
 logger = get_logger(__name__)

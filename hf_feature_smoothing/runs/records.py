@@ -10,7 +10,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from ..logging_utils import get_logger
-from .errors import RunError
+from ..utils.errors import RunError
 
 
 logger = get_logger(__name__)

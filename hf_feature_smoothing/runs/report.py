@@ -7,7 +7,7 @@ from pathlib import Path
 from ..certification.advisories import advisories_for
 from ..certification.summary import certified_accuracy, certified_cosine
 from ..logging_utils import get_logger
-from .errors import RunError
+from ..utils.errors import RunError
 from .records import describe_differences, dumps, read_run
 
 

@@ -6,8 +6,8 @@ from collections.abc import Callable
 from pathlib import Path
 
 from ..logging_utils import get_logger
-from .errors import RunError
-from .locking import RunLock, lock_path
+from ..utils.errors import RunError
+from ..utils.locking import RunLock, lock_path
 from .records import (
     RowWriter,
     RunContents,
