@@ -34,6 +34,7 @@ STATISTICS_MODULES = (
     f"{PACKAGE}.certification.bounds",
     f"{PACKAGE}.certification.betting",
     f"{PACKAGE}.certification.summary",
+    f"{PACKAGE}.certification.advisories",
 )
 FORBIDDEN_IN_STATISTICS = ("transformers", "peft")
 
