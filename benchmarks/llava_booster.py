@@ -28,8 +28,8 @@ from hf_feature_smoothing.assets.llava_booster_training import RECORD_FILE, VARI
 from hf_feature_smoothing.assets.llava_dinov2_smollm2 import llava_checkpoint
 from hf_feature_smoothing.assets.projector_training import answer_accuracy
 from hf_feature_smoothing.booster import booster_noise_level
-from hf_feature_smoothing.certification.summary import bootstrap_ci
 from hf_feature_smoothing.runs.runner import Run
+from hf_feature_smoothing.statistics.aggregates import bootstrap_ci
 
 
 def digest(path: Path) -> str:

@@ -14,7 +14,6 @@ import torch
 from tqdm.auto import tqdm
 
 from .certification import REFERENCES, as_smoothed_tower, certify, certify_prediction
-from .certification.bounds import CONFIDENCE_BOUNDS
 from .cli_build import add_build_commands
 from .commands.loading import SHIPPED_BOOSTER, load_model, open_source, resolve_booster  # noqa: F401 (re-exported)
 from .commands.options import HelpFormatter, add_images, add_model, add_verbosity, number, torch_device
@@ -25,6 +24,7 @@ from .runs import Run, RunError, Shard, UnreadableImage
 from .runs.fingerprints import file_sha256, weights_fingerprint
 from .runs.plotting import PLOT_SUFFIXES
 from .runs.report import RunGroup, plot_group, summary_lines, write_report
+from .statistics.bounds import CONFIDENCE_BOUNDS
 
 
 logger = get_logger("hf_feature_smoothing.cli")  # also when run as `python -m`

@@ -6,9 +6,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from hf_feature_smoothing.certification import betting, bounds
-from hf_feature_smoothing.certification.betting import BettingTest, betting_lower_bound
-from hf_feature_smoothing.certification.bounds import (
+from hf_feature_smoothing.statistics import betting, bounds
+from hf_feature_smoothing.statistics.betting import BettingTest, betting_lower_bound
+from hf_feature_smoothing.statistics.bounds import (
     certified_radius,
     empirical_bernstein_lower_bound,
     fcsb,
@@ -283,7 +283,7 @@ def test_statistics_core_does_not_import_transformers():
 def test_bootstrap_interval_of_an_accuracy_covers_the_truth_and_is_reproducible():
     import random
 
-    from hf_feature_smoothing.certification.summary import bootstrap_ci
+    from hf_feature_smoothing.statistics.aggregates import bootstrap_ci
 
     rng, p, covered, trials = random.Random(0), 0.8, 0, 300
     for _ in range(trials):

@@ -10,9 +10,10 @@ import pytest
 import torch
 
 from hf_feature_smoothing import FeatureSmoothingConfig, SmoothedVisionTower
-from hf_feature_smoothing.certification import betting, certify, certify_prediction
-from hf_feature_smoothing.certification.betting import BettingTest, betting_lower_bound, betting_rejects
-from hf_feature_smoothing.certification.bounds import (
+from hf_feature_smoothing.certification import certify, certify_prediction
+from hf_feature_smoothing.statistics import betting
+from hf_feature_smoothing.statistics.betting import BettingTest, betting_lower_bound, betting_rejects
+from hf_feature_smoothing.statistics.bounds import (
     fcsb,
     lower_confidence_bound,
     moment_upper_bound,

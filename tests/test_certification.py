@@ -8,10 +8,10 @@ from torch.profiler import ProfilerActivity, profile
 from hf_feature_smoothing import FeatureSmoothingConfig, SmoothedVisionTower
 from hf_feature_smoothing.attacks import feature_attack, pgd_feature_attack
 from hf_feature_smoothing.certification import as_smoothed_tower, certify, certify_prediction
-from hf_feature_smoothing.certification.bounds import fcsb, normal_ppf
 from hf_feature_smoothing.certification.certificates import FeatureCertificate
 from hf_feature_smoothing.modeling_smoothed_tower import NoisyCopies
 from hf_feature_smoothing.noise import SeededNoise, image_fingerprint
+from hf_feature_smoothing.statistics.bounds import fcsb, normal_ppf
 from hf_feature_smoothing.testing_utils import tiny_inputs, tiny_model
 
 from .toy_encoders import ToyEncoder, toy_image, toy_images

@@ -9,8 +9,8 @@ import hf_feature_smoothing as hfs
 from hf_feature_smoothing.attacks import feature_attack
 from hf_feature_smoothing.attacks.text import target_text_attack
 from hf_feature_smoothing.certification import certify, certify_prediction
-from hf_feature_smoothing.certification.bounds import fcsb, lower_confidence_bound
-from hf_feature_smoothing.certification.summary import certified_accuracy, certified_cosine
+from hf_feature_smoothing.statistics.aggregates import certified_accuracy, certified_cosine
+from hf_feature_smoothing.statistics.bounds import fcsb, lower_confidence_bound
 from hf_feature_smoothing.testing_utils import tiny_inputs, tiny_model
 
 

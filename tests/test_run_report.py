@@ -8,8 +8,8 @@ import pytest
 import yaml
 
 import hf_feature_smoothing.cli as cli
-from hf_feature_smoothing.certification.summary import certified_cosine
 from hf_feature_smoothing.runs import read_run
+from hf_feature_smoothing.statistics.aggregates import certified_cosine
 
 
 def _certify(folder, out, *extra):
@@ -101,7 +101,7 @@ def test_report_warns_on_rows_of_a_version_with_a_known_defect(image_folder, tmp
 
 
 def test_advisories_read_the_certificate_record():
-    from hf_feature_smoothing.certification.advisories import BETTING_CARRY, advisories_for
+    from hf_feature_smoothing.statistics.advisories import BETTING_CARRY, advisories_for
 
     record = {"versions": {"hf_feature_smoothing": "0.1.0"}, "bound": "betting", "n": 10_000, "n_used": 10_000}
     assert advisories_for(record) == [BETTING_CARRY]

@@ -5,7 +5,7 @@ import pytest
 
 from hf_feature_smoothing import FeatureSmoothingConfig, SmoothedVisionTower
 from hf_feature_smoothing.certification import certify
-from hf_feature_smoothing.certification.bounds import certified_radius, fcsb
+from hf_feature_smoothing.statistics.bounds import certified_radius, fcsb
 
 from .toy_encoders import ToyEncoder, toy_image, toy_images
 

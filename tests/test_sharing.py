@@ -13,8 +13,8 @@ from huggingface_hub.hf_api import RepoUrl
 
 import hf_feature_smoothing as hfs
 from hf_feature_smoothing.certification import certify
-from hf_feature_smoothing.certification.summary import certified_accuracy, certified_cosine
 from hf_feature_smoothing.hub.sharing import build_model_card, certificate_eval_results
+from hf_feature_smoothing.statistics.aggregates import certified_accuracy, certified_cosine
 from hf_feature_smoothing.testing_utils import tiny_inputs, tiny_smoothed_model
 
 

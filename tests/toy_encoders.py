@@ -6,7 +6,7 @@ from types import SimpleNamespace
 import torch
 from torch import nn
 
-from hf_feature_smoothing.certification.bounds import normal_cdf
+from hf_feature_smoothing.statistics.bounds import normal_cdf
 from hf_feature_smoothing.towers import register_tower_adapter
 from hf_feature_smoothing.towers.vision import VisionEncoderAdapter
 

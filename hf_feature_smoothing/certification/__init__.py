@@ -1,6 +1,6 @@
 """Certification of smoothed encoders: the statistics (`bounds`, `betting`: pure torch, never transformers), the
 sampling drivers (`certify`, `certify_prediction`), certificate records, input handling, feature centring
-(`estimate_feature_mean`) and dataset aggregates (`summary`)."""
+(`estimate_feature_mean`); the statistics they rest on live in `hf_feature_smoothing.statistics`."""
 
 from .centering import estimate_feature_mean
 from .certificates import NOISE_SPACE, FeatureCertificate, PredictionCertificate

@@ -16,9 +16,8 @@ from ..errors import check_alpha, check_finite_positive, check_positive_int
 from ..logging_utils import get_logger
 from ..modeling_smoothed_tower import NoisyCopies, SmoothedVisionTower
 from ..noise import BLOCK, SeededNoise, fresh_seed, image_fingerprint
-from ..towers import ImageInputs
-from .betting import BettingTest
-from .bounds import (
+from ..statistics.betting import BettingTest
+from ..statistics.bounds import (
     CONFIDENCE_BOUNDS,
     certified_radius,
     fcsb,
@@ -29,6 +28,7 @@ from .bounds import (
     score_for_certificate,
     upper_confidence_bound,
 )
+from ..towers import ImageInputs
 from .certificates import NOISE_SPACE, FeatureCertificate, PredictionCertificate
 from .inputs import to_image_inputs, tower_device
 

@@ -1,53 +1,11 @@
-"""Aggregate certificates over a dataset: certified cosine at ε and certified accuracy at radius r (pure Python)."""
+"""Deprecated path: moved to `hf_feature_smoothing.statistics.aggregates` in 0.2.0; this module re-exports it and warns
+once (it will be removed in a later release)."""
 
-import random
-from collections.abc import Sequence
+import warnings
 
-from .bounds import fcsb
-
-
-def certified_cosine(score_lower: Sequence[float], sigma: Sequence[float], epsilons: Sequence[float]) -> dict:
-    """Mean over images of FCSB(ε) from each image's S_low and σ; an abstention (S_low ≤ 1/2) or a negative bound
-    counts as 0 (no guarantee). Also `abstain_rate`."""
-    if not score_lower or len(score_lower) != len(sigma):
-        raise ValueError(f"Need one `sigma` per `score_lower` and at least one image, got {len(score_lower)} and "
-                         f"{len(sigma)}.")
-    for s, sg in zip(score_lower, sigma):
-        if not 0.0 <= s <= 1.0 or not sg > 0:
-            raise ValueError(f"Need score_lower in [0, 1] and sigma > 0, got score_lower={s}, sigma={sg}.")
-    result = {}
-    for eps in epsilons:
-        if not eps >= 0:
-            raise ValueError(f"`epsilons` must be ≥ 0, got {eps}.")
-        values = [max(fcsb(s, eps, sg), 0.0) if s > 0.5 else 0.0 for s, sg in zip(score_lower, sigma)]
-        result[f"certified_cosine@{eps:g}"] = sum(values) / len(values)
-    result["abstain_rate"] = sum(s <= 0.5 for s in score_lower) / len(score_lower)
-    return result
+from ..statistics import aggregates as _moved
 
 
-def certified_accuracy(prediction: Sequence[int | None], label: Sequence[int], radius: Sequence[float],
-                       radii: Sequence[float]) -> dict:
-    """Fraction of images predicted correctly with certified radius > r (r = 0: correct and not abstained;
-    `prediction` None or < 0 means abstain). Also `abstain_rate`."""
-    if not prediction or not len(prediction) == len(label) == len(radius):
-        raise ValueError(f"Need equally many predictions, labels and radii (≥ 1), got {len(prediction)}, {len(label)}, "
-                         f"{len(radius)}.")
-    predicted = [-1 if p is None else p for p in prediction]
-    result = {}
-    for r in radii:
-        if not r >= 0:
-            raise ValueError(f"`radii` must be ≥ 0, got {r}.")
-        hits = [p == y and p >= 0 and rad > r for p, y, rad in zip(predicted, label, radius)]
-        result[f"certified_accuracy@{r:g}"] = sum(hits) / len(hits)
-    result["abstain_rate"] = sum(p < 0 for p in predicted) / len(predicted)
-    return result
-
-
-def bootstrap_ci(values: Sequence[float], resamples: int = 10000, seed: int = 0) -> tuple[float, float]:
-    """95% percentile bootstrap interval of the mean of per-image `values` (images resampled with replacement;
-    seeded, so a table is reproducible)."""
-    if not values:
-        raise ValueError("Need at least one value for a bootstrap interval.")
-    rng = random.Random(seed)
-    means = sorted(sum(rng.choices(values, k=len(values))) / len(values) for _ in range(resamples))
-    return means[int(0.025 * resamples)], means[int(0.975 * resamples) - 1]
+globals().update({name: value for name, value in vars(_moved).items() if not name.startswith("__")})
+warnings.warn("`hf_feature_smoothing.certification.summary` moved to `hf_feature_smoothing.statistics.aggregates`; import it "
+              "from there.", FutureWarning, stacklevel=2)

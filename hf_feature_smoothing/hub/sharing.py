@@ -8,11 +8,11 @@ from pathlib import Path
 
 from huggingface_hub import EvalResult, HfApi, ModelCard, ModelCardData
 
-from ..certification.advisories import advisories_for
-from ..certification.summary import certified_accuracy, certified_cosine
 from ..configuration_feature_smoothing import FeatureSmoothingConfig
 from ..logging_utils import get_logger
 from ..modeling_smoothed_tower import SmoothedVisionTower
+from ..statistics.advisories import advisories_for
+from ..statistics.aggregates import certified_accuracy, certified_cosine
 from ..version import __version__
 from .atomic import atomic_directory
 

@@ -5,7 +5,7 @@ from pathlib import Path
 
 import numpy as np
 
-from ..certification.bounds import fcsb
+from ..statistics.bounds import fcsb
 
 
 PLOT_SUFFIXES = (".png", ".pdf", ".svg")

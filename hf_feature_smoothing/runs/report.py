@@ -4,9 +4,9 @@ import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from ..certification.advisories import advisories_for
-from ..certification.summary import certified_accuracy, certified_cosine
 from ..logging_utils import get_logger
+from ..statistics.advisories import advisories_for
+from ..statistics.aggregates import certified_accuracy, certified_cosine
 from ..utils.errors import RunError
 from .records import describe_differences, dumps, read_run
 

@@ -6,7 +6,7 @@ import warnings
 import datasets
 import evaluate
 
-from hf_feature_smoothing.certification.summary import certified_accuracy, certified_cosine
+from hf_feature_smoothing.statistics.aggregates import certified_accuracy, certified_cosine
 
 
 _DESCRIPTION = """

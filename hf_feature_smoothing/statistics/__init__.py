@@ -1,0 +1,40 @@
+"""L1 statistics: the certification math in the paper's names (Φ, FCSB, radii, Hoeffding / Bernstein / betting
+confidence bounds, dataset aggregates, advisories on stored certificates). Torch and the standard library only:
+nothing here imports transformers or peft (checked by `tests/test_layers.py`)."""
+
+from .advisories import ADVISORIES, Advisory, advisories_for
+from .aggregates import bootstrap_ci, certified_accuracy, certified_cosine
+from .betting import BettingTest, betting_lower_bound, betting_rejects
+from .bounds import (
+    CONFIDENCE_BOUNDS,
+    certified_radius,
+    fcsb,
+    lower_confidence_bound,
+    normal_cdf,
+    normal_ppf,
+    prediction_radius,
+    score_for_certificate,
+    upper_confidence_bound,
+)
+
+
+__all__ = [
+    "ADVISORIES",
+    "CONFIDENCE_BOUNDS",
+    "Advisory",
+    "BettingTest",
+    "advisories_for",
+    "betting_lower_bound",
+    "betting_rejects",
+    "bootstrap_ci",
+    "certified_accuracy",
+    "certified_cosine",
+    "certified_radius",
+    "fcsb",
+    "lower_confidence_bound",
+    "normal_cdf",
+    "normal_ppf",
+    "prediction_radius",
+    "score_for_certificate",
+    "upper_confidence_bound",
+]
