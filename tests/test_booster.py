@@ -213,3 +213,23 @@ def test_trainer_resumes_from_adapter_checkpoint(tmp_path):
     assert len(weights) == len(final)
     for key, value in weights.items():  # same data, crops, σ, noise and optimizer state: the same booster
         torch.testing.assert_close(value, final[key.replace(".default.", ".")])
+
+
+def test_trainer_on_a_booster_placed_in_place_saves_and_resumes_its_adapter(tmp_path):
+    """`inject_booster` (PEFT's `inject_adapter_in_model`, no `PeftModel`): checkpoints are the adapter files, written
+    without transformers' adapter integration (which needs an unreleased peft on transformers >= 5.24)."""
+    from hf_feature_smoothing.booster import inject_booster
+
+    model = inject_booster(tiny_smoothed_model("llava", num_samples=2, seed=0), hfs.FeatureBoosterConfig(), "gsb")
+    GSBTrainer(model, _args(tmp_path, 2, save_strategy="steps", save_steps=1), train_dataset=_dataset(),
+               image_size=56).train()
+    checkpoint = tmp_path / "run" / "checkpoint-1"
+    saved = load_file(checkpoint / "adapter_model.safetensors")
+    assert saved and all(k.startswith("base_model.model.") and ".fs_booster_mapper." in k for k in saved)
+    assert PeftConfig.from_pretrained(checkpoint).sigmas == hfs.FeatureBoosterConfig().sigmas
+    fresh = tiny_smoothed_model("llava", num_samples=2, seed=0)
+    hfs.load_booster(fresh, checkpoint)  # the checkpoint is a booster `load_booster` reads
+    resumed = inject_booster(tiny_smoothed_model("llava", num_samples=2, seed=0), hfs.FeatureBoosterConfig(), "gsb")
+    trainer = GSBTrainer(resumed, _args(tmp_path, 2), train_dataset=_dataset(), image_size=56)
+    trainer.train(resume_from_checkpoint=str(checkpoint))
+    assert trainer.state.global_step == 2

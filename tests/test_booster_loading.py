@@ -138,3 +138,55 @@ def test_a_booster_trained_without_smoothing_is_restored_at_its_first_sigma(tmp_
         loaded = PeftModel.from_pretrained(tiny_model("llava"), tmp_path / "adapter")
     assert loaded.get_base_model().smoothing_config.sigma == 0.5 and "records no smoothing" in caplog.text
     assert len(booster_layers(loaded)) == 1
+
+
+_ADAPTER_METHODS = ("load_adapter", "add_adapter", "set_adapter", "enable_adapters", "disable_adapters",
+                    "active_adapters", "get_adapter_state_dict", "delete_adapter")
+
+
+@pytest.fixture
+def no_transformers_adapter_integration(monkeypatch):
+    """transformers >= 5.24's adapter methods require a PEFT (0.22) that is not released: boosters must never go
+    through them, on any supported transformers."""
+    from transformers.integrations.peft import PeftAdapterMixin
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("transformers' adapter integration was used")
+
+    for name in _ADAPTER_METHODS:
+        monkeypatch.setattr(PeftAdapterMixin, name, refuse)
+
+
+def test_boosters_load_save_and_reload_through_peft_only(booster_dir, tmp_path, no_transformers_adapter_integration):
+    model = tiny_smoothed_model("llava", num_samples=3, seed=0, sigma=0.12)
+    hfs.load_booster(model, booster_dir)
+    assert model.smoothing_config.booster == str(booster_dir)
+    assert all(not p.requires_grad for layer in booster_layers(model) for p in layer.adapter_parameters("gsb"))
+    inputs = tiny_inputs(model)
+    expected = _logits(model, inputs)
+    model.save_pretrained(tmp_path / "full")
+    reloaded = hfs.SmoothedLlavaForConditionalGeneration.from_pretrained(tmp_path / "full")
+    assert torch.equal(_logits(reloaded, inputs), expected)  # full weights, booster included, bit-exact
+    stock = tiny_model("llava")
+    hfs.load_booster(stock, booster_dir)  # a stock model becomes its smoothed type, with the recorded smoothing
+    assert torch.equal(_logits(stock, inputs), expected)
+    with pytest.raises(ValueError, match="already holds an adapter named `gsb`"):
+        hfs.load_booster(stock, booster_dir)
+
+
+def test_a_standalone_encoder_booster_saves_as_its_adapter(tmp_path, no_transformers_adapter_integration):
+    from transformers import Dinov2Config, Dinov2Model
+
+    from hf_feature_smoothing.hub import save_certified
+
+    config = Dinov2Config(hidden_size=32, num_hidden_layers=1, num_attention_heads=2, intermediate_size=64,
+                          image_size=28, patch_size=14)
+    peft_model = hfs.add_booster(Dinov2Model(config).eval())
+    _randomise_booster(peft_model)
+    peft_model.save_pretrained(tmp_path / "adapter")
+    encoder = hfs.load_booster(Dinov2Model(config).eval(), tmp_path / "adapter")
+    save_certified(encoder, tmp_path / "saved")  # the adapter, as transformers' adapter-only save writes it
+    assert load_file(tmp_path / "saved" / FILE).keys() == load_file(tmp_path / "adapter" / FILE).keys()
+    again = hfs.load_booster(Dinov2Model(config).eval(), tmp_path / "saved")
+    ours, theirs = ({k: v for k, v in m.named_parameters() if "fs_booster_" in k} for m in (encoder, again))
+    assert ours and ours.keys() == theirs.keys() and all(torch.equal(ours[k], theirs[k]) for k in ours)

@@ -11,6 +11,7 @@ from .layer import (
     restore_booster_condition,
     set_booster_condition,
 )
+from .loading import inject_booster, remove_boosters
 from .mapper import GSBMapper
 from .model import FeatureBoosterModel, add_booster, load_booster
 from .purifier import PixelPurifier
@@ -31,7 +32,9 @@ __all__ = [
     "add_booster",
     "booster_layers",
     "booster_noise_level",
+    "inject_booster",
     "load_booster",
+    "remove_boosters",
     "restore_booster_condition",
     "set_booster_condition",
 ]

@@ -9,6 +9,7 @@ import contextvars
 import json
 import os
 from collections.abc import Iterator
+from pathlib import Path
 
 import torch
 from torch import nn
@@ -150,11 +151,56 @@ def remove_boosters(model: nn.Module) -> None:
     model._hf_peft_config_loaded = False
 
 
+def activate_booster(model: nn.Module, adapter_name: str, inference_mode: bool = True) -> None:
+    """Make booster `adapter_name` the active adapter of every booster layer of `model` (frozen in inference mode)."""
+    layers = booster_layers(model)
+    if not any(adapter_name in getattr(layer, part) for layer in layers for part in layer.adapter_layer_names):
+        raise ValueError(f"`model` holds no booster `{adapter_name}`.")
+    for layer in layers:
+        layer.set_adapter(adapter_name, inference_mode=inference_mode)
+
+
+def inject_booster(model: nn.Module, config, adapter_name: str = "default") -> nn.Module:
+    """
+    Place the layers of booster `config` into `model` in place under `adapter_name` and make it the active adapter,
+    through PEFT's own `inject_adapter_in_model` (transformers' `model.add_adapter` / `load_adapter` require a PEFT
+    version that transformers >= 5.24 checks for and that is not released). The model records the booster the way
+    transformers' adapter integration does (`model.peft_config`), so `save_pretrained` of a stand-alone model writes
+    the adapter only, as it would after `model.add_adapter`. Weights are freshly initialised (identity boosters).
+    """
+    from peft import PeftConfig, inject_adapter_in_model
+
+    if not isinstance(config, PeftConfig):
+        raise TypeError(f"`config` must be a booster `PeftConfig`, got {type(config).__name__}.")
+    existing = dict(getattr(model, "peft_config", None) or {})
+    if adapter_name in existing:
+        raise ValueError(f"`model` already holds an adapter named `{adapter_name}`; use another `adapter_name`.")
+    config.base_model_name_or_path = model.__dict__.get("name_or_path", None)  # as transformers' `add_adapter`
+    inject_adapter_in_model(config, model, adapter_name)
+    model.peft_config = {**existing, **model.peft_config}  # PEFT's tuner keeps only the adapter it injected
+    model._hf_peft_config_loaded = True
+    activate_booster(model, adapter_name, inference_mode=bool(getattr(config, "inference_mode", False)))
+    return model
+
+
+def _resolve_booster_files(booster: str, hub: dict) -> tuple[str, str]:
+    """Local paths of the booster's `adapter_config.json` and weights (a folder, or a Hub repo downloaded or read
+    from the cache), both from the same revision of a repo."""
+    from peft.utils import CONFIG_NAME
+    from transformers.utils import cached_file
+    from transformers.utils.hub import extract_commit_hash
+
+    config_file = cached_file(booster, CONFIG_NAME, **hub)
+    commit = extract_commit_hash(config_file, None)
+    weights_file = cached_file(booster, ADAPTER_WEIGHTS, **{**hub, **({"revision": commit} if commit else {})})
+    return config_file, weights_file
+
+
 def load_booster(model: nn.Module, booster: str | os.PathLike, adapter_name: str = "gsb", **hub_kwargs) -> nn.Module:
     """
-    Load a booster adapter (local folder or Hub repo id) into `model` in place, through transformers'
-    `model.load_adapter`, and make it the active adapter. The weights must match the booster exactly (see
-    [`check_booster_state_dict`]).
+    Load a booster adapter (local folder or Hub repo id) into `model` in place, through PEFT's own API
+    (`inject_adapter_in_model` + `set_peft_model_state_dict`, the same code as `PeftModel.from_pretrained`), and
+    make it the active adapter. The weights must match the booster exactly (see [`check_booster_state_dict`]).
 
     Args:
         model (`PreTrainedModel`):
@@ -164,45 +210,51 @@ def load_booster(model: nn.Module, booster: str | os.PathLike, adapter_name: str
         adapter_name (`str`, *optional*, defaults to `"gsb"`):
             Name of the adapter inside the model.
         hub_kwargs:
-            `revision`, `token`, `cache_dir`, `local_files_only`, ... passed on to the Hub download.
+            `revision`, `subfolder`, `token`, `cache_dir`, `local_files_only`, `force_download`, `proxies`, passed
+            on to the Hub download.
     """
-    if not hasattr(model, "load_adapter"):
-        raise TypeError(f"`model` must be a transformers model with `load_adapter`, got {type(model).__name__}.")
+    from peft import PeftConfig, set_peft_model_state_dict
+    from safetensors.torch import load_file
+
+    if not isinstance(model, nn.Module) or not hasattr(model, "config"):
+        raise TypeError(f"`model` must be a transformers model, got {type(model).__name__}.")
     hub = {k: v for k, v in hub_kwargs.items() if v is not None}
-    local_files_only = bool(hub.pop("local_files_only", False))
+    unknown = sorted(set(hub) - {"revision", "subfolder", "token", "cache_dir", "local_files_only", "force_download",
+                                 "proxies"})
+    if unknown:
+        raise TypeError(f"load_booster() got unexpected keyword arguments {unknown}.")
     source = os.path.join(str(booster), hub.get("subfolder") or "", ADAPTER_WEIGHTS)
-    # transformers' `load_adapter` leaves the adapter's key renamings as the model's `_weight_conversions`, which
-    # `save_pretrained` would then apply to the full weights: keep the model's own
-    conversions = model.__dict__.get("_weight_conversions")
-    with booster_source(source):
-        info = model.load_adapter(str(booster), adapter_name=adapter_name, local_files_only=local_files_only,
-                                  adapter_kwargs=hub or None)
-    model._weight_conversions = conversions
-    loaded = {name: param for name, param in model.named_parameters() if _is_booster_key(name, adapter_name)}
-    missing = sorted(k for k in getattr(info, "missing_keys", ()) if _is_booster_key(k, adapter_name))
-    unexpected = sorted(getattr(info, "unexpected_keys", ()))
-    mismatched = sorted(str(k) for k in getattr(info, "mismatched_keys", ()))
+    config_file, weights_file = _resolve_booster_files(str(booster), hub)
+    config = PeftConfig.from_pretrained(os.path.dirname(config_file))
+    config.inference_mode = True  # loaded to be used, as `PeftModel.from_pretrained` without `is_trainable`
+    inject_booster(model, config, adapter_name)
     try:
-        if loaded and len(missing) == len(loaded) and not unexpected:
-            raise ValueError(f"Booster weights {source} are empty: no tensor for adapter `{adapter_name}` "
-                             f"(expected {len(loaded)}: {sorted(loaded)[:4]} ...).")
-        if missing or unexpected or mismatched:
+        with booster_source(source):
+            state_dict = load_file(weights_file)
+            # strict: the tuner's key remapping runs `check_booster_state_dict` (missing / renamed / extra / empty)
+            result = set_peft_model_state_dict(model, state_dict, adapter_name=adapter_name)
+        loaded = {name: param for name, param in model.named_parameters() if _is_booster_key(name, adapter_name)}
+        missing = sorted(k for k in result.missing_keys if _is_booster_key(k, adapter_name))
+        unexpected = sorted(result.unexpected_keys)
+        if missing or unexpected:  # only reached with a PEFT whose tuners have no remapping hook
             raise ValueError(
                 f"Booster weights {source} do not match the booster they are loaded into (adapter `{adapter_name}`): "
-                f"missing keys {missing}, unexpected (renamed or extra) keys {unexpected}, mismatched {mismatched}. "
-                "Loading them would leave layers randomly initialised; use the file `save_pretrained` wrote."
+                f"missing keys {missing}, unexpected (renamed or extra) keys {unexpected}. Loading them would leave "
+                "layers randomly initialised; use the file `save_pretrained` wrote for this booster."
             )
         check_finite(loaded, source)
+    except RuntimeError as error:  # `load_state_dict`: a tensor of another shape
+        remove_boosters(model)
+        raise ValueError(f"Booster weights {source} do not match the booster they are loaded into (adapter "
+                         f"`{adapter_name}`): {error}") from error
     except ValueError:
         remove_boosters(model)  # never leave a half-loaded booster behind
         raise
-    model.set_adapter(adapter_name)
+    model.eval()  # as transformers' `load_adapter` and `PeftModel.from_pretrained` leave a loaded adapter
     for layer in booster_layers(model):
         for param in layer.adapter_parameters(adapter_name):
-            # loaded tensors may be views into the file buffer at unaligned offsets, where BLAS kernels round
-            # differently: own, aligned copies make outputs bit-identical to the saved model's
+            # own, aligned copies (never views into a file buffer): outputs stay bit-identical to the saved model's
             param.data = param.data.clone()
-    config = model.peft_config[adapter_name]
     smoothing = getattr(model, "smoothed_vision_tower", None)
     if smoothing is not None:
         if smoothing.config is getattr(getattr(model, "config", None), "feature_smoothing", None):
@@ -215,5 +267,21 @@ def load_booster(model: nn.Module, booster: str | os.PathLike, adapter_name: str
     return model
 
 
-__all__ = ["booster_source", "check_booster_state_dict", "check_finite", "load_booster", "record_smoothing",
-           "remove_boosters", "restore_smoothing", "smoothing_applied_by_tower"]
+def save_booster_adapter(model: nn.Module, folder: str | os.PathLike, adapter_name: str) -> None:
+    """Booster `adapter_name` of `model` (its layers injected in place, no `PeftModel`) as a PEFT adapter folder:
+    `adapter_config.json` and `adapter_model.safetensors`, the files `PeftModel.save_pretrained` writes and
+    [`load_booster`] / `PeftModel.from_pretrained` read."""
+    from peft import get_peft_model_state_dict
+    from safetensors.torch import save_file
+
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    state = get_peft_model_state_dict(model, adapter_name=adapter_name)
+    model.peft_config[adapter_name].save_pretrained(str(folder))
+    save_file({f"base_model.model.{k}": v.contiguous() for k, v in state.items()}, str(folder / ADAPTER_WEIGHTS),
+              metadata={"format": "pt"})
+
+
+__all__ = ["activate_booster", "booster_source", "check_booster_state_dict", "check_finite", "inject_booster",
+           "load_booster", "record_smoothing", "remove_boosters", "restore_smoothing", "save_booster_adapter",
+           "smoothing_applied_by_tower"]

@@ -12,6 +12,7 @@ from ..configuration_feature_smoothing import FeatureSmoothingConfig
 from ..logging_utils import get_logger
 from .data import EpochCallback, GSBCollator, RandomCropFlip
 from .layer import booster_layers
+from .loading import save_booster_adapter
 from .loss import GSBLoss
 from .registration import PARAMETER_PREFIX
 
@@ -61,7 +62,8 @@ class GSBTrainer(Trainer):
 
     Args:
         model (`PeftModel` or `PreTrainedModel`):
-            A supported tower or MLLM with a booster attached ([`add_booster`] or `model.add_adapter`).
+            A supported tower or MLLM with a booster attached ([`add_booster`], or in place with
+            `hf_feature_smoothing.booster.inject_booster`).
         args (`TrainingArguments`, *optional*):
             As for `Trainer`; `remove_unused_columns` is ignored (the collator reads the image column). `args.seed`
             seeds σ, the noise and the augmentation.
@@ -117,7 +119,7 @@ class GSBTrainer(Trainer):
                  trainable: Sequence[str] = PARTS, **kwargs):
         layers = booster_layers(model)
         if not layers:
-            raise ValueError("`model` has no booster: attach one with `add_booster(model)` (or `model.add_adapter("
+            raise ValueError("`model` has no booster: attach one with `add_booster(model)` (or `inject_booster(model, "
                              "FeatureBoosterConfig())`) before training.")
         unknown = sorted(set(trainable) - set(PARTS))
         if unknown or not trainable:
@@ -181,9 +183,20 @@ class GSBTrainer(Trainer):
             logs = {**logs, **{f"gsb_{k}": round(v, 5) for k, v in terms.items()}}
         super().log(logs, start_time)
 
+    def _active_booster(self) -> str:
+        """The name of the booster being trained (the active adapter of its layers)."""
+        return booster_layers(self.booster_model)[0].active_adapters[0]
+
     def _save(self, output_dir: str | None = None, state_dict: dict | None = None) -> None:
-        if self.args.should_save:
-            self.booster_model.save_pretrained(output_dir or self.args.output_dir, safe_serialization=True)
+        if not self.args.should_save:
+            return
+        from peft import PeftModel
+
+        output_dir = output_dir or self.args.output_dir
+        if isinstance(self.booster_model, PeftModel):
+            self.booster_model.save_pretrained(output_dir, safe_serialization=True)
+        else:  # layers injected in place: PEFT's files, without transformers' adapter integration
+            save_booster_adapter(self.booster_model, output_dir, self._active_booster())
 
     def _load_from_checkpoint(self, resume_from_checkpoint: str, model: nn.Module | None = None) -> None:
         from peft import set_peft_model_state_dict
@@ -191,10 +204,7 @@ class GSBTrainer(Trainer):
         path = os.path.join(resume_from_checkpoint, ADAPTER_WEIGHTS)
         if not os.path.isfile(path):
             raise ValueError(f"`resume_from_checkpoint`={resume_from_checkpoint!r} has no {ADAPTER_WEIGHTS}.")
-        active = self.booster_model.active_adapter
-        name = active() if callable(active) else active
-        name = name[0] if isinstance(name, list) else name
-        result = set_peft_model_state_dict(self.booster_model, load_file(path), adapter_name=name)
+        result = set_peft_model_state_dict(self.booster_model, load_file(path), adapter_name=self._active_booster())
         missing = [k for k in result.missing_keys if PARAMETER_PREFIX in k]
         if missing:
             raise ValueError(f"Checkpoint {resume_from_checkpoint!r} lacks booster weights {missing[:5]}.")

@@ -203,7 +203,8 @@ def _save_raw(model, folder: Path, **save_kwargs) -> None:
     `PeftModel`'s adapter (with the smoothing it runs under recorded in `adapter_config.json`), a tower's files."""
     from peft import PeftModel
 
-    from ..booster.loading import record_smoothing
+    from ..booster.layer import booster_layers
+    from ..booster.loading import record_smoothing, save_booster_adapter
 
     if isinstance(model, PeftModel):
         for config in model.peft_config.values():
@@ -212,6 +213,14 @@ def _save_raw(model, folder: Path, **save_kwargs) -> None:
         model.save_pretrained(folder, safe_serialization=True, **save_kwargs)
     elif hasattr(model, "_save_pretrained_raw"):
         model._save_pretrained_raw(folder, **save_kwargs)
+    elif getattr(model, "_hf_peft_config_loaded", False) and booster_layers(model):
+        # a stand-alone model with a booster placed in place (`load_booster`): its adapter, the files transformers'
+        # adapter-only `save_pretrained` writes (which from transformers 5.24 on requires an unreleased peft)
+        active = booster_layers(model)[0].active_adapters
+        if len(active) != 1:
+            raise ValueError(f"The model has {len(active)} active boosters {active}; save one at a time.")
+        record_smoothing(model.peft_config[active[0]], model)
+        save_booster_adapter(model, folder, active[0])
     else:
         model.save_pretrained(folder, **save_kwargs)
 

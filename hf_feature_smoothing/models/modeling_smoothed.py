@@ -8,7 +8,7 @@ from transformers import AutoConfig, AutoModelForImageTextToText, PreTrainedConf
 from transformers.conversion_mapping import get_checkpoint_conversion_mapping, register_checkpoint_conversion_mapping
 
 from ..booster.layer import booster_layers, booster_names
-from ..booster.loading import booster_config_dict, check_finite, load_booster, remove_boosters
+from ..booster.loading import booster_config_dict, check_finite, inject_booster, load_booster, remove_boosters
 from ..booster.registration import PARAMETER_PREFIX
 from ..configuration_feature_smoothing import FeatureSmoothingConfig
 from ..hub.atomic import recover_if_local
@@ -114,7 +114,7 @@ class FeatureSmoothingMixin:
         names = {f.name for f in dataclasses.fields(FeatureBoosterConfig)}
         config = FeatureBoosterConfig(**{k: v for k, v in saved["config"].items() if k in names})
         config.inference_mode = True
-        self.add_adapter(config, adapter_name=saved["adapter_name"])
+        inject_booster(self, config, saved["adapter_name"])  # not `self.add_adapter`: peft>=0.22 on transformers>=5.24
 
     @property
     def smoothing_config(self) -> FeatureSmoothingConfig:
@@ -213,13 +213,14 @@ class FeatureSmoothingMixin:
         names = booster_names(self)
         smoothing = self.smoothing_config
         if len(names) > 1:
-            raise ValueError(f"The model holds several boosters {names}; keep one (`model.delete_adapter(name)`) "
-                             "before `save_pretrained`.")
+            raise ValueError(f"The model holds several boosters {names}; keep one before `save_pretrained` "
+                             "(`remove_boosters(model)`, then `load_booster` the one to keep).")
         if names:
             name = names[0]
             if any(layer.disable_adapters or name not in layer.active_adapters for layer in layers):
                 raise ValueError(f"Booster `{name}` is disabled: the saved model would differ from the one you run. "
-                                 "Enable it (`model.enable_adapters()`) or remove it before `save_pretrained`.")
+                                 "Enable it (`layer.enable_adapters(True)` for each of `booster_layers(model)`) or remove "
+                                 "it (`remove_boosters(model)`) before `save_pretrained`.")
             smoothing.booster_config = {"adapter_name": name, "config": booster_config_dict(self.peft_config[name])}
         else:
             smoothing.booster_config = None

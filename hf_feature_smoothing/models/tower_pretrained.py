@@ -10,11 +10,16 @@ import json
 import os
 from pathlib import Path
 
-from safetensors.torch import save_file
 from transformers import AutoConfig, AutoModel, AutoModelForImageTextToText
 
 from ..booster.layer import booster_names
-from ..booster.loading import booster_config_dict, load_booster, smoothing_applied_by_tower, smoothing_record
+from ..booster.loading import (
+    booster_config_dict,
+    load_booster,
+    save_booster_adapter,
+    smoothing_applied_by_tower,
+    smoothing_record,
+)
 from ..booster.registration import PARAMETER_PREFIX
 from ..configuration_feature_smoothing import FeatureSmoothingConfig
 from ..hub.atomic import recover_if_local
@@ -88,8 +93,6 @@ def tower_from_pretrained(cls, path, smoothing=None, **kwargs):
 
 def _save_booster(encoder, folder: Path, smoothing: FeatureSmoothingConfig) -> dict | None:
     """The encoder's booster as a PEFT adapter in `folder/booster` (the format `load_booster` reads)."""
-    from peft import get_peft_model_state_dict
-
     names = booster_names(encoder)  # mapper and purifier: a purifier-only booster is a booster too
     if not names:
         return None
@@ -98,12 +101,9 @@ def _save_booster(encoder, folder: Path, smoothing: FeatureSmoothingConfig) -> d
     name = names[0]
     config = encoder.peft_config[name]
     config.smoothing = smoothing_record(smoothing)
-    state = get_peft_model_state_dict(encoder, adapter_name=name)
     target = folder / BOOSTER_FOLDER
     target.mkdir()
-    config.save_pretrained(str(target))
-    save_file({f"base_model.model.{k}": v.contiguous() for k, v in state.items()},
-              str(target / "adapter_model.safetensors"), metadata={"format": "pt"})
+    save_booster_adapter(encoder, target, name)
     return {"adapter_name": name, "config": booster_config_dict(config)}
 
 
