@@ -8,7 +8,7 @@ from functools import partial
 import torch
 from torch import nn
 
-from .booster.layer import booster_noise_level, restore_booster_condition, set_booster_condition
+from .conditioning import noise_condition, restore_noise_condition, set_noise_condition
 from .configuration_feature_smoothing import FeatureSmoothingConfig
 from .errors import check_images, check_positive_int
 from .noise import SeededNoise
@@ -178,7 +178,7 @@ class SmoothedVisionTower(nn.Module):
     @contextlib.contextmanager
     def _compute_context(self, device: torch.device):
         with contextlib.ExitStack() as stack:
-            stack.enter_context(booster_noise_level(self.encoder, self.sigma, *self._pixel_stats))  # condition on σ
+            stack.enter_context(noise_condition(self.encoder, self.sigma, *self._pixel_stats))  # condition on σ
             if not torch.is_grad_enabled():
                 stack.enter_context(torch.inference_mode())
             if self.config.autocast_dtype is not None:
@@ -343,7 +343,7 @@ class SmoothedVisionTower(nn.Module):
             return None
         inputs = self.adapter.inputs_from_call(args, kwargs)
         # copy #1 runs in the model's own call: condition boosters on σ
-        self._call = _SmoothedCall(inputs, booster_levels=set_booster_condition(self.encoder, self.sigma,
+        self._call = _SmoothedCall(inputs, booster_levels=set_noise_condition(self.encoder, self.sigma,
                                                                                 *self._pixel_stats))
         noisy = self.add_noise(inputs, 1)
         return self.adapter.replace_call_pixels(args, kwargs, noisy.pixel_values)
@@ -370,6 +370,6 @@ class SmoothedVisionTower(nn.Module):
             smoothed = self._center(smoothed, sign=1.0)  # back to the raw feature space the projector expects
         call.sites_done += 1
         if call.sites_done == len(self.adapter.site_modules()):
-            restore_booster_condition(call.booster_levels or [])
+            restore_noise_condition(call.booster_levels or [])
             self._call = None
         return smoothed.to(features.dtype).view_as(features)

@@ -8,6 +8,14 @@ import torch
 from peft.tuners.tuners_utils import BaseTunerLayer
 from torch import nn
 
+from ..conditioning import (
+    ConditionState,
+    NoiseConditioned,
+    PixelStats,
+    noise_condition,
+    restore_noise_condition,
+    set_noise_condition,
+)
 from ..towers import BoosterGeometry
 from .configuration_booster import FeatureBoosterConfig
 from .layout import GridProbe
@@ -16,13 +24,11 @@ from .purifier import PixelPurifier, frames_to_patches, patches_to_frames
 from .registration import PARAMETER_PREFIX
 
 
-PixelStats = tuple[tuple[float, ...], tuple[float, ...]]
-
-
-class BoosterTunerLayer(nn.Module, BaseTunerLayer):
+class BoosterTunerLayer(nn.Module, BaseTunerLayer, NoiseConditioned):
     """
-    Common part of the booster's tuner layers. `noise_level` is the σ the booster is conditioned on (set by
-    [`booster_noise_level`]; smoothing sets it to its σ around every tower pass); at 0 every booster is the identity.
+    Common part of the booster's tuner layers, [`~hf_feature_smoothing.conditioning.NoiseConditioned`]:
+    `noise_level` is the σ the booster is conditioned on (smoothing sets it around every tower pass, see
+    [`booster_noise_level`]); at 0 every booster is the identity.
     `pixel_stats` are the processor's (mean, std) that smoothing uses to map pixels to [0, 1].
     """
 
@@ -209,32 +215,16 @@ def booster_names(model: nn.Module) -> list[str]:
                    for name in getattr(layer, part)})
 
 
-BoosterState = list[tuple[BoosterTunerLayer, float, PixelStats | None]]
+# the booster is conditioned through the core protocol (`hf_feature_smoothing.conditioning`); the booster-named
+# entry points stay for code written against earlier versions
+BoosterState = ConditionState
+set_booster_condition = set_noise_condition
+restore_booster_condition = restore_noise_condition
 
 
-def set_booster_condition(model: nn.Module, sigma: float, image_mean: Sequence[float] | None = None,
-                          image_std: Sequence[float] | None = None) -> BoosterState:
-    """Condition every booster in `model` on noise level `sigma` and the processor's pixel `image_mean` / `image_std`
-    (needed by a purifier when `sigma` > 0); returns the previous state for [`restore_booster_condition`]."""
-    stats = None if image_mean is None or image_std is None else (tuple(image_mean), tuple(image_std))
-    state = [(layer, layer.noise_level, layer.pixel_stats) for layer in booster_layers(model)]
-    for layer, _, _ in state:
-        layer.noise_level, layer.pixel_stats = float(sigma), stats
-    return state
-
-
-def restore_booster_condition(state: BoosterState) -> None:
-    for layer, level, stats in state:
-        layer.noise_level, layer.pixel_stats = level, stats
-
-
-@contextlib.contextmanager
 def booster_noise_level(model: nn.Module, sigma: float, image_mean: Sequence[float] | None = None,
-                        image_std: Sequence[float] | None = None) -> Iterator[None]:
+                        image_std: Sequence[float] | None = None) -> contextlib.AbstractContextManager[None]:
     """Condition every booster in `model` on noise level `sigma` (pixel [0, 1] units) inside the block; a purifier
-    also needs the processor's `image_mean` / `image_std` to map pixels to [0, 1]."""
-    state = set_booster_condition(model, sigma, image_mean, image_std)
-    try:
-        yield
-    finally:
-        restore_booster_condition(state)
+    also needs the processor's `image_mean` / `image_std` to map pixels to [0, 1]. The booster-named form of
+    [`~hf_feature_smoothing.conditioning.noise_condition`]."""
+    return noise_condition(model, sigma, image_mean, image_std)
