@@ -1,10 +1,12 @@
 """Certified Feature-space Smoothing (FS) and the Gaussian Smoothness Booster (GSB) for 🤗 Transformers vision and
-multimodal models. Importing the package registers the `smoothed_*` model types with the Auto classes."""
+multimodal models. Importing the package registers the `smoothed_*` model types with the Auto classes, the booster
+method with PEFT and with the smoothed models, and the Hub I/O of smoothed towers and models."""
 
 from .booster import FeatureBoosterConfig, FeatureBoosterModel, GSBTrainer, add_booster, booster_noise_level
 from .booster.loading import load_booster
 from .certification import certify, certify_prediction
 from .configuration_feature_smoothing import FeatureSmoothingConfig
+from .hub import push_certified_to_hub, save_certified
 from .modeling_smoothed_tower import SmoothedVisionTower
 from .models import (
     SMOOTHED_MODEL_CLASSES,
@@ -46,5 +48,7 @@ __all__ = [
     "certify_prediction",
     "get_tower_adapter",
     "load_booster",
+    "push_certified_to_hub",
     "register_tower_adapter",
+    "save_certified",
 ]

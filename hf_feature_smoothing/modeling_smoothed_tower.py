@@ -1,7 +1,7 @@
 """`SmoothedVisionTower`: the Monte Carlo smoothed encoder f̂(x) = E[f(x + δ)], δ ~ N(0, σ²I) in pixel space."""
 
 import contextlib
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from functools import partial
 
@@ -37,6 +37,25 @@ class _SmoothedCall:
     sums: list[tuple[torch.Tensor, torch.Tensor]] | None = None
     sites_done: int = 0
     booster_levels: list | None = None
+
+
+# Hub I/O is implemented above the core and registered here (dependency inversion, as a PEFT method fills PEFT's
+# registries): `load_tower` / `save_tower_files` by `models.tower_pretrained`, `save_with_card` / `push_with_card`
+# by `hub.sharing`. Importing `hf_feature_smoothing` registers all four.
+_HUB_IO: dict[str, Callable] = {}
+
+
+def register_hub_io(**functions: Callable) -> None:
+    """Register Hub I/O functions by name (see `_HUB_IO`)."""
+    _HUB_IO.update(functions)
+
+
+def hub_io(name: str) -> Callable:
+    """The registered Hub I/O function `name`."""
+    if name not in _HUB_IO:
+        raise RuntimeError(f"No `{name}` is registered: `import hf_feature_smoothing` (which registers the Hub I/O of "
+                           "smoothed towers and models) before loading or saving them.")
+    return _HUB_IO[name]
 
 
 class SmoothedVisionTower(nn.Module):
@@ -290,7 +309,7 @@ class SmoothedVisionTower(nn.Module):
             raise ValueError("`image_grid_thw` is required for Qwen-VL towers (the processor returns it).")
         return ImageInputs(pixel_values, image_grid_thw)
 
-    # ----- Hub checkpoints (implemented in `models/tower_pretrained.py`) -----------------------------------------
+    # ----- Hub checkpoints (implemented above the core, see `register_hub_io`) ------------------------------------
     @classmethod
     def from_pretrained(cls, pretrained_model_name_or_path, smoothing=None, **kwargs) -> "SmoothedVisionTower":
         """
@@ -304,22 +323,16 @@ class SmoothedVisionTower(nn.Module):
                 fields it sets); processor statistics and resize settings come from the checkpoint's processor config.
             kwargs: as for `from_pretrained` in transformers (`revision`, `subfolder`, `cache_dir`, `dtype`, ...).
         """
-        from .models.tower_pretrained import tower_from_pretrained
-
-        return tower_from_pretrained(cls, pretrained_model_name_or_path, smoothing=smoothing, **kwargs)
+        return hub_io("load_tower")(cls, pretrained_model_name_or_path, smoothing=smoothing, **kwargs)
 
     def save_pretrained(self, save_directory, **kwargs):
         """Save atomically with a model card (see `hub.save_certified`, which takes `certificates=` and
         `push_to_hub=`): a smoothed MLLM's tower as the smoothed model, any other encoder as its stock files plus
         `feature_smoothing.json` (and its booster in `booster/`). Reload with `SmoothedVisionTower.from_pretrained`."""
-        from .hub.sharing import save_certified
-
-        return save_certified(self, save_directory, **kwargs)
+        return hub_io("save_with_card")(self, save_directory, **kwargs)
 
     def _save_pretrained_raw(self, save_directory, **kwargs) -> None:
-        from .models.tower_pretrained import save_tower
-
-        save_tower(self, save_directory, **kwargs)
+        hub_io("save_tower_files")(self, save_directory, **kwargs)
 
     # ----- hooks into an MLLM --------------------------------------------------------------------------------------
     def install(self) -> "SmoothedVisionTower":

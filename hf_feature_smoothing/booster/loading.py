@@ -6,6 +6,7 @@ smoothing recorded in its `adapter_config.json`."""
 
 import contextlib
 import contextvars
+import dataclasses
 import json
 import os
 from collections.abc import Iterator
@@ -16,7 +17,10 @@ from torch import nn
 
 from ..configuration_feature_smoothing import FeatureSmoothingConfig
 from ..logging_utils import get_logger
-from .layer import booster_layers, unwrap_boosters
+from ..models.booster_support import BoosterSupport
+from ..utils.tensors import check_finite
+from .configuration_booster import FeatureBoosterConfig
+from .layer import booster_layers, booster_names, unwrap_boosters
 from .registration import PARAMETER_PREFIX
 
 
@@ -47,16 +51,6 @@ def booster_source(source: str | os.PathLike | None) -> Iterator[None]:
         yield
     finally:
         _SOURCE.reset(token)
-
-
-def check_finite(tensors: dict[str, torch.Tensor], source: str) -> None:
-    """Raise naming the first tensor with NaN or inf values."""
-    for name, tensor in tensors.items():
-        if tensor.is_floating_point() and tensor.device.type != "meta" and not torch.isfinite(tensor).all():
-            raise ValueError(
-                f"Tensor `{name}` loaded from {source} has NaN or inf values: the checkpoint is corrupt (or was saved "
-                "after training diverged). Re-save it from a healthy model."
-            )
 
 
 def _is_booster_key(key: str, adapter_name: str) -> bool:
@@ -282,6 +276,20 @@ def save_booster_adapter(model: nn.Module, folder: str | os.PathLike, adapter_na
               metadata={"format": "pt"})
 
 
-__all__ = ["activate_booster", "booster_source", "check_booster_state_dict", "check_finite", "inject_booster",
+def _config_from_dict(data: dict) -> FeatureBoosterConfig:
+    """A booster config from the dict a checkpoint recorded (`booster_config_dict`); unknown keys are dropped."""
+    names = {f.name for f in dataclasses.fields(FeatureBoosterConfig)}
+    return FeatureBoosterConfig(**{k: v for k, v in data.items() if k in names})
+
+
+# what the smoothed models need from the booster (registered with `models.booster_support` by `booster/__init__`)
+BOOSTER_SUPPORT = BoosterSupport(
+    load=load_booster, inject=inject_booster, remove=remove_boosters, layers=booster_layers, names=booster_names,
+    config_dict=booster_config_dict, config_from_dict=_config_from_dict, save_adapter=save_booster_adapter,
+    smoothing_record=smoothing_record, applied_by_tower=smoothing_applied_by_tower, parameter_prefix=PARAMETER_PREFIX,
+)
+
+
+__all__ = ["BOOSTER_SUPPORT", "activate_booster", "booster_source", "check_booster_state_dict", "check_finite", "inject_booster",
            "load_booster", "record_smoothing", "remove_boosters", "restore_smoothing", "save_booster_adapter",
            "smoothing_applied_by_tower"]

@@ -10,7 +10,7 @@ from huggingface_hub import EvalResult, HfApi, ModelCard, ModelCardData
 
 from ..configuration_feature_smoothing import FeatureSmoothingConfig
 from ..logging_utils import get_logger
-from ..modeling_smoothed_tower import SmoothedVisionTower
+from ..modeling_smoothed_tower import SmoothedVisionTower, register_hub_io
 from ..statistics.advisories import advisories_for
 from ..statistics.aggregates import certified_accuracy, certified_cosine
 from ..version import __version__
@@ -305,3 +305,6 @@ def push_certified_to_hub(model, repo_id: str, *, certificates: Sequence | None 
 
 __all__ = ["build_model_card", "certificate_eval_results", "push_certified_to_hub", "save_certified",
            "upload_certified_folder", "write_card_atomically"]
+
+
+register_hub_io(save_with_card=save_certified, push_with_card=push_certified_to_hub)

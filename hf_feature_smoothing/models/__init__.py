@@ -1,4 +1,7 @@
-from . import auto  # noqa: F401  (Auto `smoothing=` and the stock-model_type warning)
+from . import (
+    auto,  # noqa: F401  (Auto `smoothing=` and the stock-model_type warning)
+    tower_pretrained,  # noqa: F401  (registers SmoothedVisionTower.from_pretrained / save files)
+)
 from .llava import SmoothedLlavaConfig, SmoothedLlavaForConditionalGeneration
 from .modeling_smoothed import make_smoothed
 from .qwen_vl import (

@@ -1,22 +1,20 @@
 """Shared machinery of the smoothed MLLM model types (`smoothed_llava`, `smoothed_qwen2_vl`, ...)."""
 
 import copy
-import dataclasses
 import os
 
 from transformers import AutoConfig, AutoModelForImageTextToText, PreTrainedConfig, PreTrainedModel
 from transformers.conversion_mapping import get_checkpoint_conversion_mapping, register_checkpoint_conversion_mapping
 
-from ..booster.layer import booster_layers, booster_names
-from ..booster.loading import booster_config_dict, check_finite, inject_booster, load_booster, remove_boosters
-from ..booster.registration import PARAMETER_PREFIX
 from ..configuration_feature_smoothing import FeatureSmoothingConfig
 from ..hub.atomic import recover_if_local
 from ..logging_utils import get_logger
-from ..modeling_smoothed_tower import SmoothedVisionTower
+from ..modeling_smoothed_tower import SmoothedVisionTower, hub_io
 from ..towers import TOWER_ADAPTERS
 from ..towers.processor import HUB_KWARGS, read_processor_settings
+from ..utils.tensors import check_finite
 from .auto import loading_smoothed_checkpoint
+from .booster_support import booster_support
 
 
 logger = get_logger(__name__)
@@ -66,7 +64,7 @@ def check_loaded_weights(model: PreTrainedModel, info: dict, path) -> None:
     re-initialise missing ones), every tensor must be finite; weights are re-owned at aligned addresses."""
     booster_keys = {
         kind: sorted(str(k[0] if isinstance(k, tuple) else k) for k in info.get(kind, ())
-                     if PARAMETER_PREFIX in str(k) or ".base_layer." in str(k))
+                     if booster_support().parameter_prefix in str(k) or ".base_layer." in str(k))
         for kind in ("missing_keys", "unexpected_keys", "mismatched_keys")
     }
     if any(booster_keys.values()):
@@ -109,12 +107,10 @@ class FeatureSmoothingMixin:
 
     def _attach_saved_booster(self, saved: dict) -> None:
         """Re-create the booster layers whose weights `save_pretrained` wrote into the model's own weights."""
-        from ..booster import FeatureBoosterConfig
-
-        names = {f.name for f in dataclasses.fields(FeatureBoosterConfig)}
-        config = FeatureBoosterConfig(**{k: v for k, v in saved["config"].items() if k in names})
+        support = booster_support()
+        config = support.config_from_dict(saved["config"])
         config.inference_mode = True
-        inject_booster(self, config, saved["adapter_name"])  # not `self.add_adapter`: peft>=0.22 on transformers>=5.24
+        support.inject(self, config, saved["adapter_name"])  # not `self.add_adapter`: peft>=0.22 on transformers>=5.24
 
     @property
     def smoothing_config(self) -> FeatureSmoothingConfig:
@@ -152,10 +148,10 @@ class FeatureSmoothingMixin:
         check_loaded_weights(model, info, path)
         config = model.smoothing_config
         if replace_booster and config.booster_config is not None:
-            remove_boosters(model)
+            booster_support().remove(model)
             config.booster_config = None
         if config.booster and config.booster_config is None:
-            load_booster(model, config.booster, **{k: kwargs[k] for k in BOOSTER_HUB_KWARGS if kwargs.get(k) is not None})
+            booster_support().load(model, config.booster, **{k: kwargs[k] for k in BOOSTER_HUB_KWARGS if kwargs.get(k) is not None})
         return (model, info) if want_info else model
 
     @classmethod
@@ -202,15 +198,13 @@ class FeatureSmoothingMixin:
         `push_to_hub=True` uploads the folder (card included) after it is written; `repo_id`, `commit_message`,
         `commit_description`, `private`, `token`, `revision`, `create_pr`, `tags` and `api` go to the upload.
         """
-        from ..hub.sharing import save_certified
-
-        return save_certified(self, save_directory, certificates=certificates, repo_id=repo_id,
+        return hub_io("save_with_card")(self, save_directory, certificates=certificates, repo_id=repo_id,
                               dataset_name=dataset_name, dataset_type=dataset_type, push_to_hub=push_to_hub, **kwargs)
 
     def _save_pretrained_raw(self, save_directory, **kwargs) -> None:
         """Config and full weights (booster included) into `save_directory`, no card."""
-        layers = booster_layers(self)
-        names = booster_names(self)
+        support = booster_support()
+        layers, names = support.layers(self), support.names(self)
         smoothing = self.smoothing_config
         if len(names) > 1:
             raise ValueError(f"The model holds several boosters {names}; keep one before `save_pretrained` "
@@ -221,7 +215,7 @@ class FeatureSmoothingMixin:
                 raise ValueError(f"Booster `{name}` is disabled: the saved model would differ from the one you run. "
                                  "Enable it (`layer.enable_adapters(True)` for each of `booster_layers(model)`) or remove "
                                  "it (`remove_boosters(model)`) before `save_pretrained`.")
-            smoothing.booster_config = {"adapter_name": name, "config": booster_config_dict(self.peft_config[name])}
+            smoothing.booster_config = {"adapter_name": name, "config": support.config_dict(self.peft_config[name])}
         else:
             smoothing.booster_config = None
         peft_loaded = getattr(self, "_hf_peft_config_loaded", False)
@@ -236,9 +230,7 @@ class FeatureSmoothingMixin:
         """Upload weights, config and the certified model card in one commit (see `push_certified_to_hub`). Takes
         the stock arguments (`commit_message`, `commit_description`, `private`, `token`, `revision`, `create_pr`,
         `max_shard_size`, `tags`, `safe_serialization`) and `api` (an `HfApi`, e.g. with another endpoint)."""
-        from ..hub.sharing import push_certified_to_hub
-
-        return push_certified_to_hub(self, repo_id, certificates=certificates, dataset_name=dataset_name,
+        return hub_io("push_with_card")(self, repo_id, certificates=certificates, dataset_name=dataset_name,
                                      dataset_type=dataset_type, **kwargs)
 
 

@@ -12,21 +12,14 @@ from pathlib import Path
 
 from transformers import AutoConfig, AutoModel, AutoModelForImageTextToText
 
-from ..booster.layer import booster_names
-from ..booster.loading import (
-    booster_config_dict,
-    load_booster,
-    save_booster_adapter,
-    smoothing_applied_by_tower,
-    smoothing_record,
-)
-from ..booster.registration import PARAMETER_PREFIX
 from ..configuration_feature_smoothing import FeatureSmoothingConfig
 from ..hub.atomic import recover_if_local
 from ..logging_utils import get_logger
+from ..modeling_smoothed_tower import register_hub_io
 from ..towers import TOWER_ADAPTERS
 from ..towers.processor import HUB_KWARGS
 from .auto import loading_smoothed_checkpoint
+from .booster_support import booster_support
 from .modeling_smoothed import check_loaded_weights, fill_processor_settings
 
 
@@ -78,14 +71,14 @@ def tower_from_pretrained(cls, path, smoothing=None, **kwargs):
         fill_processor_settings(smoothing_config, path, family, **hub)
         model, info = AutoModel.from_pretrained(path, output_loading_info=True, **kwargs)
         check_loaded_weights(model, info, path)
-        with smoothing_applied_by_tower():
+        with booster_support().applied_by_tower():
             if smoothing_config.booster:
-                load_booster(model, smoothing_config.booster, **booster_hub)
+                booster_support().load(model, smoothing_config.booster, **booster_hub)
         tower = cls(model.eval(), smoothing_config)
     if embedded:
         subfolder = os.path.join(hub.get("subfolder") or "", BOOSTER_FOLDER)
-        with smoothing_applied_by_tower():
-            load_booster(tower.encoder, path, adapter_name=embedded["adapter_name"], subfolder=subfolder,
+        with booster_support().applied_by_tower():
+            booster_support().load(tower.encoder, path, adapter_name=embedded["adapter_name"], subfolder=subfolder,
                          revision=hub.get("revision"), **booster_hub)
         tower.config.booster = saved.get("booster")
     return tower
@@ -93,18 +86,19 @@ def tower_from_pretrained(cls, path, smoothing=None, **kwargs):
 
 def _save_booster(encoder, folder: Path, smoothing: FeatureSmoothingConfig) -> dict | None:
     """The encoder's booster as a PEFT adapter in `folder/booster` (the format `load_booster` reads)."""
-    names = booster_names(encoder)  # mapper and purifier: a purifier-only booster is a booster too
+    support = booster_support()
+    names = support.names(encoder)  # mapper and purifier: a purifier-only booster is a booster too
     if not names:
         return None
     if len(names) > 1:
         raise ValueError(f"The encoder holds several boosters {names}; keep one before `save_pretrained`.")
     name = names[0]
     config = encoder.peft_config[name]
-    config.smoothing = smoothing_record(smoothing)
+    config.smoothing = support.smoothing_record(smoothing)
     target = folder / BOOSTER_FOLDER
     target.mkdir()
-    save_booster_adapter(encoder, target, name)
-    return {"adapter_name": name, "config": booster_config_dict(config)}
+    support.save_adapter(encoder, target, name)
+    return {"adapter_name": name, "config": support.config_dict(config)}
 
 
 def save_tower(tower, folder: str | os.PathLike, **save_kwargs) -> None:
@@ -115,7 +109,7 @@ def save_tower(tower, folder: str | os.PathLike, **save_kwargs) -> None:
         return
     folder = Path(folder)
     smoothing.booster_config = _save_booster(encoder, folder, smoothing)
-    state = {k.replace(".base_layer.", "."): v for k, v in encoder.state_dict().items() if PARAMETER_PREFIX not in k}
+    state = {k.replace(".base_layer.", "."): v for k, v in encoder.state_dict().items() if booster_support().parameter_prefix not in k}
     peft_loaded = getattr(encoder, "_hf_peft_config_loaded", False)
     encoder._hf_peft_config_loaded = False  # the stock weights, not transformers' adapter-only save
     try:
@@ -123,3 +117,6 @@ def save_tower(tower, folder: str | os.PathLike, **save_kwargs) -> None:
     finally:
         encoder._hf_peft_config_loaded = peft_loaded
     (folder / SMOOTHING_FILE).write_text(json.dumps(smoothing.to_dict(), indent=2, sort_keys=True) + "\n")
+
+
+register_hub_io(load_tower=tower_from_pretrained, save_tower_files=save_tower)
