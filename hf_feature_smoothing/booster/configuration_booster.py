@@ -9,6 +9,7 @@ from peft.utils import PeftType
 
 from ..configuration_feature_smoothing import FeatureSmoothingConfig
 from ..errors import check_finite_positive
+from ..models.registry import SMOOTHED_MODEL_CLASSES
 from .registration import PEFT_TYPE_NAME, extend_peft_type
 
 
@@ -127,8 +128,6 @@ class FeatureBoosterConfig(PeftConfig):
         """`adapter_config.json`, whose `auto_mapping` names a transformers Auto class: `AutoPeftModel` can then
         rebuild the base model without an `import_allowlist` (PEFT would otherwise record the smoothed model class
         from `hf_feature_smoothing`, outside its allowlist); the booster restores its smoothing on load."""
-        from ..models import SMOOTHED_MODEL_CLASSES
-
         if kwargs.get("auto_mapping_dict") is not None and self.tower_family is not None:
             auto = "AutoModelForImageTextToText" if self.tower_family in SMOOTHED_MODEL_CLASSES else "AutoModel"
             kwargs["auto_mapping_dict"] = {"base_model_class": auto, "parent_library": "transformers"}

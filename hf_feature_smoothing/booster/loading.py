@@ -18,6 +18,9 @@ from torch import nn
 from ..configuration_feature_smoothing import FeatureSmoothingConfig
 from ..logging_utils import get_logger
 from ..models.booster_support import BoosterSupport
+from ..models.modeling_smoothed import make_smoothed
+from ..models.registry import SMOOTHED_MODEL_CLASSES
+from ..towers import base_model_type
 from ..utils.tensors import check_finite
 from .configuration_booster import FeatureBoosterConfig
 from .layer import booster_layers, booster_names, unwrap_boosters
@@ -110,9 +113,6 @@ def restore_smoothing(model: nn.Module, config) -> None:
     into its smoothed model type with the smoothing recorded in the booster's config, and say so. On a stand-alone
     encoder (no language model to hook) the booster acts through `SmoothedVisionTower` / `certify`: warn.
     """
-    from ..models import SMOOTHED_MODEL_CLASSES
-    from ..towers import base_model_type
-
     if not config.inference_mode or hasattr(model, "smoothed_vision_tower") or _TOWER_SMOOTHS.get():
         return
     family = base_model_type(model)
@@ -123,8 +123,6 @@ def restore_smoothing(model: nn.Module, config) -> None:
             "FeatureSmoothingConfig(...))`, `certify(model, ...)` or `hf-fs`, which condition it on σ."
         )
         return
-    from ..models.modeling_smoothed import make_smoothed
-
     recorded = config.smoothing is not None
     smoothing = FeatureSmoothingConfig.from_dict(config.smoothing or {"sigma": config.sigmas[0]})
     make_smoothed(model, smoothing)

@@ -12,14 +12,8 @@ from .qwen_vl import (
     SmoothedQwen3VLConfig,
     SmoothedQwen3VLForConditionalGeneration,
 )
+from .registry import SMOOTHED_MODEL_CLASSES, register_smoothed_model
 
-
-SMOOTHED_MODEL_CLASSES = {
-    "llava": SmoothedLlavaForConditionalGeneration,
-    "qwen2_vl": SmoothedQwen2VLForConditionalGeneration,
-    "qwen2_5_vl": SmoothedQwen2_5_VLForConditionalGeneration,
-    "qwen3_vl": SmoothedQwen3VLForConditionalGeneration,
-}
 
 __all__ = [
     "SMOOTHED_MODEL_CLASSES",
@@ -32,4 +26,5 @@ __all__ = [
     "SmoothedQwen3VLConfig",
     "SmoothedQwen3VLForConditionalGeneration",
     "make_smoothed",
+    "register_smoothed_model",
 ]

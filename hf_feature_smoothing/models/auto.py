@@ -17,6 +17,7 @@ from transformers import AutoConfig, AutoModelForImageTextToText, PreTrainedConf
 from ..hub.atomic import recover_if_local
 from ..logging_utils import get_logger
 from ..towers import TOWER_ADAPTERS
+from .registry import SMOOTHED_MODEL_CLASSES
 
 
 logger = get_logger(__name__)
@@ -75,8 +76,6 @@ def _patch_auto_model() -> None:
         smoothing = kwargs.pop("smoothing", None)
         if smoothing is None:
             return original(cls, pretrained_model_name_or_path, *model_args, **kwargs)
-        from . import SMOOTHED_MODEL_CLASSES
-
         config = kwargs.pop("config", None)
         if config is None or isinstance(config, str):
             with loading_smoothed_checkpoint():

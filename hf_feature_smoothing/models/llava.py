@@ -5,7 +5,8 @@ from transformers import LlavaConfig, LlavaForConditionalGeneration
 
 from ..configuration_feature_smoothing import FeatureSmoothingConfig
 from .configuration_smoothed import SmoothedConfigMixin
-from .modeling_smoothed import FeatureSmoothingMixin, register_smoothed_model
+from .modeling_smoothed import FeatureSmoothingMixin
+from .registry import register_smoothed_model
 
 
 @strict

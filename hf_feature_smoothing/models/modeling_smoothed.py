@@ -3,8 +3,7 @@
 import copy
 import os
 
-from transformers import AutoConfig, AutoModelForImageTextToText, PreTrainedConfig, PreTrainedModel
-from transformers.conversion_mapping import get_checkpoint_conversion_mapping, register_checkpoint_conversion_mapping
+from transformers import AutoConfig, PreTrainedConfig, PreTrainedModel
 
 from ..configuration_feature_smoothing import FeatureSmoothingConfig
 from ..hub.atomic import recover_if_local
@@ -15,6 +14,7 @@ from ..towers.processor import HUB_KWARGS, read_processor_settings
 from ..utils.tensors import check_finite
 from .auto import loading_smoothed_checkpoint
 from .booster_support import booster_support
+from .registry import SMOOTHED_MODEL_CLASSES, register_smoothed_model
 
 
 logger = get_logger(__name__)
@@ -48,8 +48,6 @@ def fill_processor_settings(smoothing: FeatureSmoothingConfig, path, family: str
 
 def make_smoothed(model: PreTrainedModel, smoothing: FeatureSmoothingConfig) -> PreTrainedModel:
     """Turn a stock supported MLLM into its smoothed model type, in place (same weights, same modules)."""
-    from . import SMOOTHED_MODEL_CLASSES
-
     family = model.config.model_type
     cls = SMOOTHED_MODEL_CLASSES[family]
     model.config.__class__ = cls.config_class
@@ -232,22 +230,6 @@ class FeatureSmoothingMixin:
         `max_shard_size`, `tags`, `safe_serialization`) and `api` (an `HfApi`, e.g. with another endpoint)."""
         return hub_io("push_with_card")(self, repo_id, certificates=certificates, dataset_name=dataset_name,
                                      dataset_type=dataset_type, **kwargs)
-
-
-def register_smoothed_model(config_cls: type[PreTrainedConfig], model_cls: type[PreTrainedModel]) -> None:
-    """Register a smoothed model type with the Auto classes and reuse the stock checkpoint key mapping (without it,
-    `lm_head` would be silently re-initialised when loading a stock checkpoint)."""
-    AutoConfig.register(config_cls.model_type, config_cls, exist_ok=True)
-    AutoModelForImageTextToText.register(config_cls, model_cls, exist_ok=True)
-    stock_cls = next(c for c in model_cls.__mro__[1:] if c.__module__.startswith("transformers."))
-    mapping = get_checkpoint_conversion_mapping(stock_cls.__name__) or get_checkpoint_conversion_mapping(
-        config_cls.model_type.removeprefix("smoothed_")
-    )
-    if mapping is not None:
-        try:
-            register_checkpoint_conversion_mapping(model_cls.__name__, mapping)
-        except ValueError:  # already registered (module re-imported)
-            pass
 
 
 __all__ = ["FeatureSmoothingMixin", "check_loaded_weights", "fill_processor_settings", "make_smoothed", "register_smoothed_model"]

@@ -21,6 +21,7 @@ from ..towers.processor import HUB_KWARGS
 from .auto import loading_smoothed_checkpoint
 from .booster_support import booster_support
 from .modeling_smoothed import check_loaded_weights, fill_processor_settings
+from .registry import SMOOTHED_MODEL_CLASSES
 
 
 logger = get_logger(__name__)
@@ -45,8 +46,6 @@ def _read_smoothing_file(path, **hub) -> dict:
 
 def tower_from_pretrained(cls, path, smoothing=None, **kwargs):
     """See [`SmoothedVisionTower.from_pretrained`]."""
-    from . import SMOOTHED_MODEL_CLASSES
-
     recover_if_local(path)
     hub = {k: kwargs[k] for k in HUB_KWARGS if kwargs.get(k) is not None}
     overrides = FeatureSmoothingConfig.overrides(smoothing)
