@@ -11,8 +11,8 @@ from huggingface_hub import EvalResult, HfApi, ModelCard, ModelCardData
 from ..certification.summary import certified_accuracy, certified_cosine
 from ..configuration_feature_smoothing import FeatureSmoothingConfig
 from ..modeling_smoothed_tower import SmoothedVisionTower
+from ..utils.atomic import atomic_directory, write_atomically
 from ..version import __version__
-from .atomic import atomic_directory
 
 
 TEMPLATE = Path(__file__).parent / "model_card_templates" / "certified_model.md"
@@ -166,14 +166,11 @@ def build_model_card(
 
 
 def write_card_atomically(card: ModelCard, directory: str | os.PathLike) -> Path:
-    """Write `README.md` through a temporary file and `os.replace`, so a crash never leaves half a card."""
+    """Write `README.md` into `directory` atomically ([`~utils.atomic.write_atomically`]): a crash never leaves half
+    a card."""
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
-    with tempfile.NamedTemporaryFile("w", dir=directory, suffix=".tmp", delete=False, encoding="utf-8") as f:
-        f.write(str(card))
-        tmp = f.name
-    os.replace(tmp, directory / "README.md")
-    return directory / "README.md"
+    return write_atomically(directory / "README.md", str(card))
 
 
 def _smoothing_and_kind(model) -> tuple[FeatureSmoothingConfig | None, bool, str | None, str]:

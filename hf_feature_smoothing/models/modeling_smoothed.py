@@ -11,11 +11,11 @@ from ..booster.layer import booster_layers, booster_names
 from ..booster.loading import booster_config_dict, check_finite, load_booster, remove_boosters
 from ..booster.registration import PARAMETER_PREFIX
 from ..configuration_feature_smoothing import FeatureSmoothingConfig
-from ..hub.atomic import recover_if_local
 from ..logging_utils import get_logger
 from ..modeling_smoothed_tower import SmoothedVisionTower
 from ..towers import TOWER_ADAPTERS
 from ..towers.processor import HUB_KWARGS, read_processor_settings
+from ..utils.atomic import recover_if_local
 from .auto import loading_smoothed_checkpoint
 
 

@@ -17,10 +17,10 @@ from ..booster.layer import booster_names
 from ..booster.loading import booster_config_dict, load_booster, smoothing_applied_by_tower, smoothing_record
 from ..booster.registration import PARAMETER_PREFIX
 from ..configuration_feature_smoothing import FeatureSmoothingConfig
-from ..hub.atomic import recover_if_local
 from ..logging_utils import get_logger
 from ..towers import TOWER_ADAPTERS
 from ..towers.processor import HUB_KWARGS
+from ..utils.atomic import recover_if_local
 from .auto import loading_smoothed_checkpoint
 from .modeling_smoothed import check_loaded_weights, fill_processor_settings
 
