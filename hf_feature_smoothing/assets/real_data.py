@@ -10,6 +10,7 @@ from pathlib import Path
 import torch
 
 from ..logging_utils import get_logger
+from ..utils.images import decode
 from .cache import cached_folder
 
 
@@ -94,11 +95,9 @@ def skimage_photos(names: tuple[str, ...] | None = None) -> dict:
 
 def textile_images(per_class: int = 10) -> list[tuple[object, str]]:
     """(PIL image, label) pairs from `conformal-clip-data`: 250×250 textiles in classes nominal / local / global."""
-    from PIL import Image
-
     root = next(_package_dir("conformal_clip_data").rglob("simulated"))
     pairs = []
     for label_dir in sorted(p for p in root.iterdir() if p.is_dir()):
         for file in sorted(label_dir.iterdir())[:per_class]:
-            pairs.append((Image.open(file).convert("RGB"), label_dir.name))
+            pairs.append((decode(lambda f=file: f), label_dir.name))
     return pairs

@@ -9,6 +9,7 @@ from torch import nn
 
 from ..configuration_feature_smoothing import FeatureSmoothingConfig
 from ..logging_utils import get_logger
+from ..utils.images import to_rgb
 from .processor import processor_pixels
 
 
@@ -85,7 +86,7 @@ def _center_crop(image, height: int, width: int):
     """Resize (bicubic) so the image covers `height × width`, then centre-crop; returns an RGB PIL image."""
     from PIL import Image
 
-    image = image.convert("RGB")
+    image = to_rgb(image, exif_orientation=False)
     scale = max(height / image.height, width / image.width)
     resized = image.resize((max(width, round(image.width * scale)), max(height, round(image.height * scale))),
                            Image.Resampling.BICUBIC)

@@ -12,6 +12,7 @@ import torch
 
 from ..configuration_feature_smoothing import IMAGE_PROCESSOR_KEYS
 from ..logging_utils import get_logger
+from ..utils.images import to_rgb
 
 
 logger = get_logger(__name__)
@@ -78,7 +79,7 @@ def processor_pixels(image, geometry: dict) -> torch.Tensor:
                   do_convert_rgb=True, default_to_square=False)
     if crop:
         kwargs["crop_size"] = _size_dict(geometry.get("crop_size", size), square=True)
-    return PilBackend(**kwargs)(image.convert("RGB"), return_tensors="pt")["pixel_values"][0].float()
+    return PilBackend(**kwargs)(to_rgb(image, exif_orientation=False), return_tensors="pt")["pixel_values"][0].float()
 
 
 def qwen_pixels(image, geometry: dict, patch: int, merge: int) -> torch.Tensor:
@@ -95,4 +96,4 @@ def qwen_pixels(image, geometry: dict, patch: int, merge: int) -> torch.Tensor:
     backend = PilBackend(do_resize=True, size={"height": height, "width": width}, resample=geometry.get("resample", 3),
                          do_center_crop=False, do_rescale=True, rescale_factor=1 / 255, do_normalize=False,
                          do_convert_rgb=True)
-    return backend(image.convert("RGB"), return_tensors="pt")["pixel_values"][0].float()
+    return backend(to_rgb(image, exif_orientation=False), return_tensors="pt")["pixel_values"][0].float()
