@@ -1,5 +1,6 @@
 """The contract a vision-tower family fulfils so that smoothing, certification and attacks can drive it."""
 
+import os
 from abc import ABC, abstractmethod
 from collections.abc import Callable
 from dataclasses import dataclass, replace
@@ -10,7 +11,7 @@ from torch import nn
 from ..configuration_feature_smoothing import FeatureSmoothingConfig
 from ..logging_utils import get_logger
 from ..utils.images import to_rgb
-from .processor import processor_pixels
+from .processor import PixelStats, processor_pixels, resolve_pixel_stats
 
 
 logger = get_logger(__name__)
@@ -154,38 +155,55 @@ class TowerAdapter(ABC):
     """
 
     model_types: tuple[str, ...] = ()
-    default_image_mean: tuple[float, float, float] = OPENAI_CLIP_MEAN
-    default_image_std: tuple[float, float, float] = OPENAI_CLIP_STD
+    #: (mean, std) of the family's transformers image processor, assumed when neither the smoothing config nor the
+    #: checkpoint gives statistics; a dict `{model_type: (mean, std)}` where they differ within the family
+    default_stats: tuple | dict = (OPENAI_CLIP_MEAN, OPENAI_CLIP_STD)
 
     def __init__(self, model: nn.Module, config: FeatureSmoothingConfig):
         self.model = model
         self.config = config
         self._captured: list[torch.Tensor] = []
+        self._fallback: PixelStats | None = None
         if config.image_mean is None or config.image_std is None:
-            logger.warning_once(
-                f"No `image_mean` / `image_std` in the smoothing config: using the `{self.family}` family default "
-                f"mean {self.default_image_mean} / std {self.default_image_std}. If the checkpoint's processor "
-                "normalises differently, the noise is not in [0, 1] pixel space: load with `from_pretrained` (it "
-                "reads `processor_config.json` / `preprocessor_config.json`) or set `image_mean` / `image_std`."
-            )
+            # the statistics of the folder the model was loaded from, else the family default (with a warning)
+            path = getattr(getattr(model, "config", None), "_name_or_path", None)
+            self._fallback = resolve_pixel_stats(self.family, config.image_mean, config.image_std,
+                                                 path=path if path and os.path.isdir(path) else None, once=True)
 
     @classmethod
     def family_default_stats(cls, model_type: str) -> tuple[tuple[float, ...], tuple[float, ...]]:
-        """The normalisation statistics assumed for `model_type` when the checkpoint's processor gives none."""
-        return cls.default_image_mean, cls.default_image_std
+        """The normalisation statistics assumed for `model_type` when the checkpoint's processor gives none: the
+        nearest `default_stats` in the class hierarchy (or the older spelling, `default_image_mean` /
+        `default_image_std` class attributes, still honoured)."""
+        for klass in cls.__mro__:
+            if "default_stats" in vars(klass):
+                stats = klass.default_stats
+                return stats[model_type] if isinstance(stats, dict) else stats
+            if not isinstance(vars(klass).get("default_image_mean", property()), property):
+                return klass.default_image_mean, klass.default_image_std
+        raise TypeError(f"{cls.__name__} has no `default_stats`.")
 
     @property
     def family(self) -> str:
         return getattr(self.model.config, "model_type", "?").removeprefix("smoothed_")
 
-    # read from the (live) config on every use: editing `config.image_mean` takes effect at once
+    @property
+    def default_image_mean(self) -> tuple[float, ...]:
+        return self.family_default_stats(self.family)[0]
+
+    @property
+    def default_image_std(self) -> tuple[float, ...]:
+        return self.family_default_stats(self.family)[1]
+
+    # read from the (live) config on every use: editing `config.image_mean` takes effect at once; without it, the
+    # statistics resolved when the adapter was built
     @property
     def image_mean(self) -> tuple[float, ...]:
-        return tuple(self.config.image_mean or self.default_image_mean)
+        return tuple(self.config.image_mean or (self._fallback.mean if self._fallback else self.default_image_mean))
 
     @property
     def image_std(self) -> tuple[float, ...]:
-        return tuple(self.config.image_std or self.default_image_std)
+        return tuple(self.config.image_std or (self._fallback.std if self._fallback else self.default_image_std))
 
     @property
     def capturing(self) -> bool:
