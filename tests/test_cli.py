@@ -269,8 +269,8 @@ def test_builtin_dinov2_carries_its_processor_statistics(tmp_path, monkeypatch, 
     from transformers import Dinov2Config, Dinov2Model
 
     from hf_feature_smoothing.assets import real_data
+    from hf_feature_smoothing.certification import as_smoothed_tower
     from hf_feature_smoothing.commands.loading import load_model
-    from hf_feature_smoothing.modeling_smoothed_tower import SmoothedVisionTower
 
     tiny = Dinov2Config(hidden_size=16, num_hidden_layers=1, num_attention_heads=2, intermediate_size=32,
                         patch_size=14, image_size=28)
@@ -283,6 +283,6 @@ def test_builtin_dinov2_carries_its_processor_statistics(tmp_path, monkeypatch, 
     warnings = "\n".join(r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING)
     assert "image_mean" not in warnings and "family default" not in warnings, warnings
     (tmp_path / "cache" / "dinov2-s14" / "preprocessor_config.json").unlink()  # an entry from an older version
-    tower = SmoothedVisionTower(load_model("dinov2-s14"))
+    tower = as_smoothed_tower(load_model("dinov2-s14"))
     assert tower.adapter.image_mean == (0.485, 0.456, 0.406) and tower.adapter.image_std == (0.229, 0.224, 0.225)
     assert not [r for r in caplog.records if r.levelno >= logging.WARNING and "image_mean" in r.getMessage()]

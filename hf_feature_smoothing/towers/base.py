@@ -1,6 +1,5 @@
 """The contract a vision-tower family fulfils so that smoothing, certification and attacks can drive it."""
 
-import os
 from abc import ABC, abstractmethod
 from collections.abc import Callable
 from dataclasses import dataclass, replace
@@ -164,11 +163,8 @@ class TowerAdapter(ABC):
         self.config = config
         self._captured: list[torch.Tensor] = []
         self._fallback: PixelStats | None = None
-        if config.image_mean is None or config.image_std is None:
-            # the statistics of the folder the model was loaded from, else the family default (with a warning)
-            path = getattr(getattr(model, "config", None), "_name_or_path", None)
-            self._fallback = resolve_pixel_stats(self.family, config.image_mean, config.image_std,
-                                                 path=path if path and os.path.isdir(path) else None, once=True)
+        if config.image_mean is None or config.image_std is None:  # the family default, with a warning
+            self._fallback = resolve_pixel_stats(self.family, config.image_mean, config.image_std, once=True)
 
     @classmethod
     def family_default_stats(cls, model_type: str) -> tuple[tuple[float, ...], tuple[float, ...]]:
@@ -195,8 +191,7 @@ class TowerAdapter(ABC):
     def default_image_std(self) -> tuple[float, ...]:
         return self.family_default_stats(self.family)[1]
 
-    # read from the (live) config on every use: editing `config.image_mean` takes effect at once; without it, the
-    # statistics resolved when the adapter was built
+    # read from the (live) config on every use: editing `config.image_mean` takes effect at once
     @property
     def image_mean(self) -> tuple[float, ...]:
         return tuple(self.config.image_mean or (self._fallback.mean if self._fallback else self.default_image_mean))
