@@ -13,7 +13,6 @@ Row formats (one dict per dataset row):
   `input_ids` (e.g. Qwen3-VL's `mm_token_type_ids`) are padded along with it.
 """
 
-import hashlib
 import math
 import random
 from collections.abc import Sequence
@@ -21,6 +20,7 @@ from collections.abc import Sequence
 import torch
 from transformers import TrainerCallback
 
+from ..noise import derive_digest
 from ..towers import TowerAdapter
 from ..utils.images import load_image
 
@@ -47,8 +47,7 @@ class RandomCropFlip:
         self.seed, self.crop_scale, self.flip = int(seed), crop_scale, bool(flip)
 
     def __call__(self, image, epoch: int):
-        digest = hashlib.sha256(f"{self.seed}|{epoch}|{image.size}|".encode() + image.tobytes()).digest()
-        rng = random.Random(digest)
+        rng = random.Random(derive_digest(self.seed, epoch, image.size, fingerprint=image.tobytes()))
         if self.crop_scale is not None:
             short = min(image.size)
             side = max(1, round(short * rng.uniform(*self.crop_scale)))

@@ -259,6 +259,27 @@ class TowerAdapter(ABC):
     def rows_per_image(self, inputs: ImageInputs, num_rows: int) -> list[int]:
         """How the `num_rows` rows of one site's features (one copy) divide among the images."""
 
+    def noisy_copies(self, inputs: ImageInputs, copies: int, sigma: float,
+                     noise: Callable[[torch.Tensor], torch.Tensor] | None) -> ImageInputs:
+        """
+        `copies` copies of every image of `inputs` (copies-major) with σ·noise added in [0, 1] pixel space: the one
+        path from processed pixels to noisy processed pixels (`to_image`, add, `from_image`).
+
+        Args:
+            inputs (`ImageInputs`): the clean images.
+            copies (`int`): copies per image.
+            sigma (`float`): the noise level σ.
+            noise (`Callable`, *optional*): `noise(image)` gives standard normal noise `(copies, *image.shape)` for
+                the [0, 1] image tensor of `inputs`; `None` gives clean copies.
+        """
+        image = self.to_image(inputs)
+        if noise is None:
+            pixels = image.unsqueeze(0).expand(copies, *image.shape)
+        else:
+            pixels = image.unsqueeze(0) + sigma * noise(image).to(image.dtype)
+        repeated = self.repeat(inputs, copies)
+        return repeated.with_pixels(self.from_image(pixels.flatten(0, 1), repeated))
+
     def as_rows(self, features: torch.Tensor) -> torch.Tensor:
         """Site features → `(rows, feature_dim)`; the rows of an image together form its feature vector."""
         return features.flatten(1) if features.ndim > 2 else features
