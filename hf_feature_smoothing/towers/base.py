@@ -164,7 +164,8 @@ class TowerAdapter(ABC):
         self._captured: list[torch.Tensor] = []
         self._fallback: PixelStats | None = None
         if config.image_mean is None or config.image_std is None:  # the family default, with a warning
-            self._fallback = resolve_pixel_stats(self.family, config.image_mean, config.image_std, once=True)
+            self._fallback = resolve_pixel_stats(self.family, config.image_mean, config.image_std, once=True,
+                                                 default=self.family_default_stats(self.family))
 
     @classmethod
     def family_default_stats(cls, model_type: str) -> tuple[tuple[float, ...], tuple[float, ...]]:

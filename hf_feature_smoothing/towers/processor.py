@@ -81,7 +81,8 @@ def processor_stats(processor) -> dict:
 
 
 def resolve_pixel_stats(family: str, image_mean=None, image_std=None, *, processor=None, settings: dict | None = None,
-                        path: str | os.PathLike | None = None, once: bool = False, **hub_kwargs) -> PixelStats:
+                        path: str | os.PathLike | None = None, default: tuple | None = None, once: bool = False,
+                        **hub_kwargs) -> PixelStats:
     """
     The normalisation statistics (`image_mean`, `image_std`) smoothing uses for a `family` tower: the package's one
     resolution path. Each of the two is taken from the first source that has it:
@@ -90,8 +91,8 @@ def resolve_pixel_stats(family: str, image_mean=None, image_std=None, *, process
     2. `processor`, a processor or image processor object;
     3. the checkpoint's processor files: `settings` as returned by [`read_processor_settings`], else read from
        `path` (a folder or Hub repo id, with `hub_kwargs`); logged at INFO;
-    4. the family default ([`TowerAdapter.family_default_stats`]), with a warning naming `path` (`once`: at most
-       once per message).
+    4. the family default (`default`, else the registered [`TowerAdapter.family_default_stats`]), with a warning
+       naming `path` (`once`: at most once per message).
     """
     from . import TOWER_ADAPTERS
 
@@ -112,7 +113,7 @@ def resolve_pixel_stats(family: str, image_mean=None, image_std=None, *, process
             logger.info(f"Smoothing `{path}` with the processor statistics of {files['source']}: "
                         f"image_mean={found['image_mean']}, image_std={found['image_std']}.")
     if any(v is None for v in found.values()):
-        default = dict(zip(found, TOWER_ADAPTERS[family].family_default_stats(family)))
+        default = dict(zip(found, default or TOWER_ADAPTERS[family].family_default_stats(family)))
         found = {k: v if v is not None else list(default[k]) for k, v in found.items()}
         source = FAMILY_DEFAULT
         where = (f"`{path}` has no `image_mean` / `image_std` in processor_config.json or preprocessor_config.json"
