@@ -35,6 +35,7 @@ from hf_feature_smoothing import FeatureBoosterConfig, FeatureSmoothingConfig, S
 from hf_feature_smoothing.assets import load_dinov2_small, skimage_photos, textile_images
 from hf_feature_smoothing.booster import GSBTrainer, booster_noise_level
 from hf_feature_smoothing.certification import certify
+from hf_feature_smoothing.utils.atomic import write_atomically
 
 
 HELD_OUT_PHOTOS = ("astronaut", "chelsea", "coffee", "rocket", "cat", "hubble_deep_field")
@@ -74,9 +75,7 @@ def parse_args() -> argparse.Namespace:
 
 def write_json(path: Path, data) -> None:
     """Atomic: a kill leaves the previous file."""
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    tmp.write_text(json.dumps(data, indent=2))
-    os.replace(tmp, path)
+    write_atomically(path, json.dumps(data, indent=2))
 
 
 def images(args) -> dict[str, list]:
@@ -271,9 +270,7 @@ def main() -> None:
     report = table(results, costs, args, data, stock_accuracy, stock_accuracy_shots)
     print(report)
     args.results.parent.mkdir(parents=True, exist_ok=True)
-    tmp = args.results.with_suffix(".md.tmp")
-    tmp.write_text(report + "\n")
-    os.replace(tmp, args.results.with_suffix(".md"))
+    write_atomically(args.results.with_suffix(".md"), report + "\n")
     write_json(args.results.with_suffix(".json"), {
         "results": results, "stock_accuracy": stock_accuracy, "stock_accuracy_few_shot": stock_accuracy_shots,
         "training_cost": costs,

@@ -56,6 +56,11 @@ def hub_io(name: str) -> Callable:
         raise RuntimeError(f"No `{name}` is registered: `import hf_feature_smoothing` (which registers the Hub I/O of "
                            "smoothed towers and models) before loading or saving them.")
     return _HUB_IO[name]
+def _request_noise(request: "NoisyCopies"):
+    """The noise of a [`NoisyCopies`] request for `TowerAdapter.noisy_copies` (`None`: clean copies)."""
+    if request.source is None:
+        return None
+    return lambda image: request.source.sample(request.start, request.count, tuple(image.shape), image.device)
 
 
 class SmoothedVisionTower(nn.Module):
@@ -131,18 +136,16 @@ class SmoothedVisionTower(nn.Module):
         """`copies` noisy copies of every image (copies-major), noise N(0, σ²) on the [0, 1] pixel image, drawn in
         one batched call on the inputs' device: from the tower's forward-pass generator, or samples
         `start .. start + copies − 1` of `source` (one image only) when given."""
-        image = self.adapter.to_image(inputs)
-        if source is not None:
-            if inputs.num_images != 1:
-                raise ValueError(f"A `SeededNoise` source feeds one image, got {inputs.num_images}.")
-            noise = source.sample(start, copies, tuple(image.shape), image.device).to(image.dtype)
-        else:
-            noise = torch.randn(
-                (copies, *image.shape), generator=self._generator(image.device), device=image.device, dtype=image.dtype
-            )
-        noisy = (image.unsqueeze(0) + (sigma if sigma is not None else self.sigma) * noise).flatten(0, 1)
-        repeated = self.adapter.repeat(inputs, copies)
-        return repeated.with_pixels(self.adapter.from_image(noisy, repeated))
+        if source is not None and inputs.num_images != 1:
+            raise ValueError(f"A `SeededNoise` source feeds one image, got {inputs.num_images}.")
+
+        def noise(image: torch.Tensor) -> torch.Tensor:
+            if source is not None:
+                return source.sample(start, copies, tuple(image.shape), image.device)
+            return torch.randn((copies, *image.shape), generator=self._generator(image.device), device=image.device,
+                               dtype=image.dtype)
+
+        return self.adapter.noisy_copies(inputs, copies, self.sigma if sigma is None else sigma, noise)
 
     # ----- base features ------------------------------------------------------------------------------------------
     def _segments(self, inputs: ImageInputs, num_rows: int, device: torch.device) -> torch.Tensor:
@@ -237,15 +240,9 @@ class SmoothedVisionTower(nn.Module):
         """
         parts, grids = [], []
         for request in requests:
-            image = self.adapter.to_image(request.inputs)
-            if request.source is None:
-                copies = image.unsqueeze(0).expand(request.count, *image.shape)
-            else:
-                noise = request.source.sample(request.start, request.count, tuple(image.shape), image.device)
-                copies = image.unsqueeze(0) + self.sigma * noise.to(image.dtype)
-            repeated = self.adapter.repeat(request.inputs, request.count)
-            parts.append(self.adapter.from_image(copies.flatten(0, 1), repeated))
-            grids.append(repeated.image_grid_thw)
+            copies = self.adapter.noisy_copies(request.inputs, request.count, self.sigma, _request_noise(request))
+            parts.append(copies.pixel_values)
+            grids.append(copies.image_grid_thw)
         batch = ImageInputs(torch.cat(parts), None if grids[0] is None else torch.cat(grids))
         with self._compute_context(batch.pixel_values.device):
             sites = [rows.float() for rows in self.adapter.encode(batch)]

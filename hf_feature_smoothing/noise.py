@@ -15,6 +15,21 @@ def fresh_seed() -> int:
     return secrets.randbits(63)
 
 
+def derive_digest(seed: int, *parts, fingerprint: bytes = b"") -> bytes:
+    """
+    The package's one seed scheme: SHA-256 of `"<seed>|<part>|...|<part>|"` followed by `fingerprint` (usually an
+    [`image_fingerprint`]). Every seeded draw of an image (certification noise blocks, attack starts, training noise
+    and augmentation) derives its generator from (seed, stream, ..., image) through this digest, so it never depends
+    on batch position, chunking or earlier draws.
+    """
+    return hashlib.sha256("".join(f"{p}|" for p in (int(seed), *parts)).encode() + fingerprint).digest()
+
+
+def derive_seed(seed: int, *parts, fingerprint: bytes = b"") -> int:
+    """A 63-bit generator seed from [`derive_digest`] (its first 8 bytes, little-endian, top bit cleared)."""
+    return int.from_bytes(derive_digest(seed, *parts, fingerprint=fingerprint)[:8], "little") & (2**63 - 1)
+
+
 def image_fingerprint(image: torch.Tensor) -> bytes:
     """SHA-256 of a [0, 1] image tensor (shape and float32 values): the identity of an image for seeding."""
     data = image.detach().to("cpu", torch.float32).contiguous()
@@ -40,8 +55,7 @@ class SeededNoise:
         self._cached: tuple[int, torch.Tensor] | None = None
 
     def _block_seed(self, block: int) -> int:
-        digest = hashlib.sha256(f"{self.seed}|{self.stream}|{block}|".encode() + self.fingerprint).digest()
-        return int.from_bytes(digest[:8], "little") & (2**63 - 1)
+        return derive_seed(self.seed, self.stream, block, fingerprint=self.fingerprint)
 
     def _block(self, block: int, shape: tuple[int, ...], device: torch.device) -> torch.Tensor:
         if self._cached is not None and self._cached[0] == block and self._cached[1].device == device:

@@ -13,7 +13,7 @@ import torch
 from huggingface_hub import ModelCard
 from safetensors.torch import load_file
 
-import hf_feature_smoothing.hub.atomic as atomic
+import hf_feature_smoothing.utils.atomic as atomic
 from hf_feature_smoothing.testing_utils import tiny_smoothed_model
 
 
@@ -155,3 +155,20 @@ def test_a_failing_save_leaves_the_checkpoint_untouched(checkpoint, monkeypatch)
     with pytest.raises(OSError, match="disk full"):
         model.save_pretrained(folder)
     assert _version(folder) == 1 and _leftovers(folder) == []
+
+
+def test_one_atomic_file_write_and_lock_convention(tmp_path):
+    from hf_feature_smoothing.utils.atomic import folder_lock, write_atomically
+    from hf_feature_smoothing.utils.locking import lock_path
+
+    target = tmp_path / "out.jsonl"
+    write_atomically(target, b"old\n")
+    with pytest.raises(RuntimeError), atomic.atomic_path(target) as tmp:
+        tmp.write_bytes(b"half")
+        raise RuntimeError("killed")
+    assert target.read_bytes() == b"old\n"
+    assert write_atomically(target, "new ü\n") == target and target.read_text(encoding="utf-8") == "new ü\n"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out.jsonl"]  # no temporary file left
+    assert lock_path(target) == tmp_path / "out.jsonl.lock"  # run files: the user-visible lock
+    assert lock_path(tmp_path / "ckpt", hidden=True) == tmp_path / ".ckpt.lock"  # folders: hidden beside them
+    assert folder_lock(tmp_path / "ckpt").lock_file == str(tmp_path / ".ckpt.lock")

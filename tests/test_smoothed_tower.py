@@ -173,3 +173,24 @@ def test_qwen_preprocessing_matches_the_transformers_processor():
     reference = Qwen2VLImageProcessorPil(min_pixels=224 * 224, max_pixels=224 * 224)(image, return_tensors="pt")
     torch.testing.assert_close(ours.image_grid_thw, reference["image_grid_thw"])
     torch.testing.assert_close(ours.pixel_values, reference["pixel_values"], atol=1e-5, rtol=0)
+
+
+def test_one_seed_scheme_reproduces_every_stream():
+    """`noise.derive_digest` / `derive_seed` is the one (seed, stream, ..., image) scheme: certification noise blocks,
+    attack starts, training noise and augmentation keep the exact seeds of the hand-rolled versions they replace."""
+    import hashlib
+    import random
+
+    from hf_feature_smoothing.noise import SeededNoise, derive_digest, derive_seed
+
+    def old(message: str) -> bytes:
+        return hashlib.sha256(message.encode() + b"abc").digest()
+
+    assert SeededNoise(7, b"abc", "selection")._block_seed(3) == 3545645875357644758 == (
+        int.from_bytes(old("7|selection|3|")[:8], "little") & (2**63 - 1))
+    assert derive_seed(7, "attack", "starts", fingerprint=b"abc") == 4958787460838128648 == (
+        int.from_bytes(old("7|attack|starts|")[:8], "little") & (2**63 - 1))
+    training = int.from_bytes(derive_digest(7, "gsb-train", 5, fingerprint=b"abc")[:8], "little") >> 1
+    assert training == 7397147742274438874 == int.from_bytes(old("7|gsb-train|5|")[:8], "little") >> 1
+    assert random.Random(derive_digest(7, 2, (20, 30), fingerprint=b"abc")).random() == (
+        random.Random(old("7|2|(20, 30)|")).random())

@@ -2,11 +2,10 @@
 
 import os
 import shutil
-import tempfile
 from collections.abc import Callable
 from pathlib import Path
 
-from filelock import FileLock
+from ..utils.atomic import folder_lock, recover, replace_directory, temporary_sibling
 
 
 def cache_root() -> Path:
@@ -17,7 +16,8 @@ def cache_root() -> Path:
 def cached_folder(name: str, build: Callable[[Path], None], marker: str, cache_dir: str | os.PathLike | None = None) -> Path:
     """
     The folder `name` of the cache, built by `build(tmp_folder)` if it is missing. `build` writes into a temporary
-    sibling folder that is renamed into place only when complete, under a file lock, so a killed build never leaves
+    sibling folder that is swapped into place only when complete ([`~utils.atomic.replace_directory`]), under
+    [`~utils.atomic.folder_lock`], so a killed build never leaves
     a half-written entry and two processes never build the same entry at once. `marker` is a file the finished
     folder must contain.
     """
@@ -26,18 +26,17 @@ def cached_folder(name: str, build: Callable[[Path], None], marker: str, cache_d
     if (target / marker).exists():
         return target
     root.mkdir(parents=True, exist_ok=True)
-    with FileLock(str(root / f".{name}.lock")):
+    with folder_lock(target):
         if (target / marker).exists():
             return target
-        tmp = Path(tempfile.mkdtemp(prefix=f".{name}.", dir=root))
+        recover(target)  # deletes the temporary folders of killed builds
+        tmp = temporary_sibling(target)
+        tmp.mkdir()
         try:
             build(tmp)
             if not (tmp / marker).exists():
                 raise RuntimeError(f"Building the cached asset {name!r} did not write {marker!r}.")
-            if target.exists():  # an incomplete entry from an older layout: replace it
-                shutil.rmtree(target)
-            os.replace(tmp, target)
+            replace_directory(tmp, target)  # an incomplete entry from an older layout is replaced whole
         finally:
-            if tmp.exists():
-                shutil.rmtree(tmp, ignore_errors=True)
+            shutil.rmtree(tmp, ignore_errors=True)
     return target

@@ -6,6 +6,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from ..utils.images import decode
 from .real_data import _package_dir
 
 
@@ -63,8 +64,6 @@ def digit_examples(split: str = "test", size: int = 112, limit: int | None = Non
 
 def textile_examples(split: str = "test", limit_per_class: int | None = None) -> list[VQAExample]:
     """Textile images (250×250) as VQA examples ("Is this textile nominal or defective, and how?")."""
-    from PIL import Image
-
     _check_split(split)
     root = next(_package_dir("conformal_clip_data").rglob("simulated"))
     start, stop = (0, TEXTILES_TRAIN) if split == "train" else (TEXTILES_TRAIN, TEXTILES_TRAIN + TEXTILES_TEST)
@@ -73,8 +72,7 @@ def textile_examples(split: str = "test", limit_per_class: int | None = None) ->
     examples = []
     for label, name in enumerate(TEXTILE_CLASSES):
         for file in sorted((root / name).iterdir())[start:stop]:
-            with Image.open(file) as image:
-                examples.append(VQAExample(key=f"textiles/{name}/{file.name}", image=image.convert("RGB"),
-                                           question=TEXTILE_QUESTION, answer=TEXTILE_ANSWERS[label], label=label,
-                                           task="textiles"))
+            examples.append(VQAExample(key=f"textiles/{name}/{file.name}", image=decode(lambda f=file: f),
+                                       question=TEXTILE_QUESTION, answer=TEXTILE_ANSWERS[label], label=label,
+                                       task="textiles"))
     return examples

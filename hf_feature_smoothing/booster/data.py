@@ -13,43 +13,20 @@ Row formats (one dict per dataset row):
   `input_ids` (e.g. Qwen3-VL's `mm_token_type_ids`) are padded along with it.
 """
 
-import hashlib
-import io
 import math
-import os
 import random
 from collections.abc import Sequence
 
-import numpy as np
 import torch
 from transformers import TrainerCallback
 
+from ..noise import derive_digest
 from ..towers import TowerAdapter
+from ..utils.images import load_image
 
 
 IMAGE_KEYS = ("pixel_values", "image_grid_thw", "image_sizes")
 IGNORE_INDEX = -100
-
-
-def load_image(value, column: str = "image"):
-    """A dataset image value → RGB PIL image."""
-    from PIL import Image
-
-    if isinstance(value, Image.Image):
-        return value.convert("RGB")
-    if isinstance(value, dict) and (value.get("bytes") is not None or value.get("path") is not None):
-        return Image.open(io.BytesIO(value["bytes"]) if value.get("bytes") is not None else value["path"]).convert("RGB")
-    if isinstance(value, (str, os.PathLike)):
-        return Image.open(value).convert("RGB")
-    if isinstance(value, (np.ndarray, torch.Tensor)):
-        array = value.numpy() if isinstance(value, torch.Tensor) else value
-        if array.dtype != np.uint8:
-            if array.min() < 0 or array.max() > 1:
-                raise ValueError(f"Float images in column `{column}` must lie in [0, 1], got [{array.min()}, {array.max()}].")
-            array = (array * 255).round().astype(np.uint8)
-        return Image.fromarray(array).convert("RGB")
-    raise TypeError(f"Column `{column}` holds {type(value).__name__}; expected a PIL image, an HWC uint8 array, a path or "
-                    "a `datasets.Image` dict.")
 
 
 class RandomCropFlip:
@@ -70,8 +47,7 @@ class RandomCropFlip:
         self.seed, self.crop_scale, self.flip = int(seed), crop_scale, bool(flip)
 
     def __call__(self, image, epoch: int):
-        digest = hashlib.sha256(f"{self.seed}|{epoch}|{image.size}|".encode() + image.tobytes()).digest()
-        rng = random.Random(digest)
+        rng = random.Random(derive_digest(self.seed, epoch, image.size, fingerprint=image.tobytes()))
         if self.crop_scale is not None:
             short = min(image.size)
             side = max(1, round(short * rng.uniform(*self.crop_scale)))

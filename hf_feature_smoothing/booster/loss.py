@@ -1,7 +1,6 @@
 """`GSBLoss`: the booster's training objective, with the frozen language model optionally in the loop."""
 
 import contextlib
-import hashlib
 import random
 from collections.abc import Iterator, Sequence
 
@@ -11,7 +10,7 @@ from torch import nn
 from ..configuration_feature_smoothing import FeatureSmoothingConfig
 from ..errors import check_finite_positive, check_positive_int
 from ..modeling_smoothed_tower import SmoothedVisionTower
-from ..noise import image_fingerprint
+from ..noise import derive_digest, image_fingerprint
 from ..towers import ImageInputs
 from .layer import PixelPurifierLayer, booster_layers, booster_noise_level
 
@@ -100,16 +99,18 @@ class GSBLoss(nn.Module):
         """`copies` noisy copies of every image (copies-major); image i's noise is a function of (seed, step,
         image i) only."""
         adapter = self.tower.adapter
-        noise = []
-        for one in adapter.split(inputs):
-            image = adapter.to_image(one)
-            digest = hashlib.sha256(f"{self.seed}|gsb-train|{step}|".encode() + image_fingerprint(image)).digest()
-            generator = torch.Generator(device=image.device).manual_seed(int.from_bytes(digest[:8], "little") >> 1)
-            noise.append(torch.randn((copies, *image.shape), generator=generator, device=image.device))
-        image = adapter.to_image(inputs)
-        noisy = (image.unsqueeze(0) + sigma * torch.cat(noise, dim=1).to(image.dtype)).flatten(0, 1)
-        repeated = adapter.repeat(inputs, copies)
-        return repeated.with_pixels(adapter.from_image(noisy, repeated))
+
+        def noise(image: torch.Tensor) -> torch.Tensor:
+            parts = []
+            for one in adapter.split(inputs):
+                pixels = adapter.to_image(one)
+                # the top 63 bits of the digest (not `derive_seed`'s low 63): the training noise of existing seeds
+                digest = derive_digest(self.seed, "gsb-train", step, fingerprint=image_fingerprint(pixels))
+                generator = torch.Generator(device=pixels.device).manual_seed(int.from_bytes(digest[:8], "little") >> 1)
+                parts.append(torch.randn((copies, *pixels.shape), generator=generator, device=pixels.device))
+            return torch.cat(parts, dim=1)
+
+        return adapter.noisy_copies(inputs, copies, sigma, noise)
 
     def _cosines(self, rows: torch.Tensor, target: torch.Tensor, inputs: ImageInputs) -> torch.Tensor:
         """Per-image cosine of `(copies, R, F)` rows with `(R, F)` target rows → `(copies, B)`."""

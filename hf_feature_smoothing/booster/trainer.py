@@ -10,6 +10,7 @@ from transformers import Trainer, TrainingArguments
 
 from ..configuration_feature_smoothing import FeatureSmoothingConfig
 from ..logging_utils import get_logger
+from ..towers.processor import processor_stats
 from .data import EpochCallback, GSBCollator, RandomCropFlip
 from .layer import booster_layers
 from .loading import save_booster_adapter
@@ -26,20 +27,15 @@ PARTS = ("mapper", "purifier")
 STATS = ("image_mean", "image_std")
 
 
-def _processor_stats(processor) -> dict:
-    image_processor = getattr(processor, "image_processor", processor)
-    return {k: [float(v) for v in getattr(image_processor, k)] for k in STATS
-            if getattr(image_processor, k, None) is not None}
-
-
 def pixel_stats(model: nn.Module, processing_class=None) -> dict:
     """The mean/std of the pixel space the training noise lives in: the processor's, else the smoothed model's own
-    (what it was loaded with), else none (the tower family's default, with a warning). A processor that normalises
-    differently from the smoothed model's own config is refused: the booster would be trained in another space."""
+    (what it was loaded with), else none (the tower resolves them: [`~towers.processor.resolve_pixel_stats`]). A
+    processor that normalises differently from the smoothed model's own config is refused: the booster would be
+    trained in another space."""
     base = model.get_base_model() if callable(getattr(model, "get_base_model", None)) else model
     own = getattr(getattr(base, "smoothed_vision_tower", None), "config", None)
     own = {k: [float(v) for v in getattr(own, k)] for k in STATS if own is not None and getattr(own, k) is not None}
-    processor = _processor_stats(processing_class) if processing_class is not None else {}
+    processor = processor_stats(processing_class) if processing_class is not None else {}
     differing = [k for k in STATS if k in own and k in processor
                  and any(abs(a - b) > 1e-6 for a, b in zip(own[k], processor[k]))]
     if differing:

@@ -28,7 +28,8 @@ from ..statistics.bounds import (
     score_for_certificate,
     upper_confidence_bound,
 )
-from ..towers import ImageInputs
+from ..towers import TOWER_ADAPTERS, ImageInputs
+from ..towers.processor import resolve_pixel_stats
 from .certificates import NOISE_SPACE, FeatureCertificate, PredictionCertificate
 from .inputs import to_image_inputs, tower_device
 
@@ -43,6 +44,16 @@ __all__ = ["NOISE_SPACE", "REFERENCES", "FeatureCertificate", "PredictionCertifi
 
 
 # ----- towers, dtypes --------------------------------------------------------------------------------------------
+def _checkpoint_stats(model: nn.Module, config: FeatureSmoothingConfig) -> None:
+    """A stock model loaded from a folder (or the Hub cache: no download) is smoothed with the statistics of its
+    checkpoint's processor files, as attacks measure it ([`~attacks.text.pixel_adapter`]); else the family default."""
+    path = getattr(getattr(model, "config", None), "_name_or_path", None)
+    family = getattr(getattr(model, "config", None), "model_type", None)
+    if path and family in TOWER_ADAPTERS:
+        stats = resolve_pixel_stats(family, path=path, once=True, local_files_only=True)
+        config.update({"image_mean": stats.mean, "image_std": stats.std})
+
+
 def as_smoothed_tower(
     model_or_tower: nn.Module, sigma: float | None = None, autocast_dtype: str | None = None
 ) -> SmoothedVisionTower:
@@ -54,8 +65,9 @@ def as_smoothed_tower(
     elif isinstance(getattr(model_or_tower, "smoothed_vision_tower", None), SmoothedVisionTower):
         tower = model_or_tower.smoothed_vision_tower
     else:
-        tower = SmoothedVisionTower(model_or_tower, FeatureSmoothingConfig(
-            sigma=0.25 if sigma is None else check_finite_positive("sigma", sigma)))
+        config = FeatureSmoothingConfig(sigma=0.25 if sigma is None else check_finite_positive("sigma", sigma))
+        _checkpoint_stats(model_or_tower, config)
+        tower = SmoothedVisionTower(model_or_tower, config)
     changes = {}
     if sigma is not None and sigma != tower.sigma:
         changes["sigma"] = check_finite_positive("sigma", sigma)

@@ -11,6 +11,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from ..modeling_smoothed_tower import SmoothedVisionTower
+from ..utils.atomic import atomic_path
 
 
 PROTOTYPES_KEY = "prototypes"
@@ -77,6 +78,5 @@ def save_prototypes(prototypes: torch.Tensor, path: str | os.PathLike, *, class_
         raise ValueError(f"Got {len(class_names)} class names for {prototypes.shape[0]} prototypes.")
     header = {"class_names": json.dumps(list(class_names) if class_names is not None else None),
               **{k: json.dumps(v) for k, v in metadata.items()}}
-    tmp = f"{path}.tmp"
-    save_file({PROTOTYPES_KEY: prototypes.contiguous()}, tmp, metadata=header)
-    os.replace(tmp, path)
+    with atomic_path(path) as tmp:
+        save_file({PROTOTYPES_KEY: prototypes.contiguous()}, str(tmp), metadata=header)

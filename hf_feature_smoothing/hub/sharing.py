@@ -8,13 +8,15 @@ from pathlib import Path
 
 from huggingface_hub import EvalResult, HfApi, ModelCard, ModelCardData
 
+from ..booster.layer import booster_layers
+from ..booster.loading import record_smoothing, save_booster_adapter
 from ..configuration_feature_smoothing import FeatureSmoothingConfig
 from ..logging_utils import get_logger
 from ..modeling_smoothed_tower import SmoothedVisionTower, register_hub_io
 from ..statistics.advisories import advisories_for
 from ..statistics.aggregates import certified_accuracy, certified_cosine
+from ..utils.atomic import atomic_directory, write_atomically
 from ..version import __version__
-from .atomic import atomic_directory
 
 
 logger = get_logger(__name__)
@@ -173,14 +175,11 @@ def build_model_card(
 
 
 def write_card_atomically(card: ModelCard, directory: str | os.PathLike) -> Path:
-    """Write `README.md` through a temporary file and `os.replace`, so a crash never leaves half a card."""
+    """Write `README.md` into `directory` atomically ([`~utils.atomic.write_atomically`]): a crash never leaves half
+    a card."""
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
-    with tempfile.NamedTemporaryFile("w", dir=directory, suffix=".tmp", delete=False, encoding="utf-8") as f:
-        f.write(str(card))
-        tmp = f.name
-    os.replace(tmp, directory / "README.md")
-    return directory / "README.md"
+    return write_atomically(directory / "README.md", str(card))
 
 
 def _smoothing_and_kind(model) -> tuple[FeatureSmoothingConfig | None, bool, str | None, str]:
@@ -202,9 +201,6 @@ def _save_raw(model, folder: Path, **save_kwargs) -> None:
     """The model's own files (no card) into `folder`: a smoothed model's config and full weights, a booster
     `PeftModel`'s adapter (with the smoothing it runs under recorded in `adapter_config.json`), a tower's files."""
     from peft import PeftModel
-
-    from ..booster.layer import booster_layers
-    from ..booster.loading import record_smoothing, save_booster_adapter
 
     if isinstance(model, PeftModel):
         for config in model.peft_config.values():

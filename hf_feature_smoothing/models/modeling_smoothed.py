@@ -6,11 +6,10 @@ import os
 from transformers import AutoConfig, PreTrainedConfig, PreTrainedModel
 
 from ..configuration_feature_smoothing import FeatureSmoothingConfig
-from ..hub.atomic import recover_if_local
 from ..logging_utils import get_logger
 from ..modeling_smoothed_tower import SmoothedVisionTower, hub_io
-from ..towers import TOWER_ADAPTERS
-from ..towers.processor import HUB_KWARGS, read_processor_settings
+from ..towers.processor import HUB_KWARGS, read_processor_settings, resolve_pixel_stats
+from ..utils.atomic import recover_if_local
 from ..utils.tensors import check_finite
 from .auto import loading_smoothed_checkpoint
 from .booster_support import booster_support
@@ -24,26 +23,17 @@ BOOSTER_HUB_KWARGS = ("cache_dir", "token", "local_files_only", "force_download"
 
 def fill_processor_settings(smoothing: FeatureSmoothingConfig, path, family: str, **hub_kwargs) -> None:
     """Fill the statistics / resize settings `smoothing` lacks from the checkpoint's processor config (see
-    [`read_processor_settings`]), else the `family` default statistics (with a warning); log which were used."""
+    [`read_processor_settings`]), else the `family` default statistics (with a warning), through
+    [`~towers.processor.resolve_pixel_stats`]."""
     missing = [k for k in ("image_mean", "image_std", "image_processor") if getattr(smoothing, k) is None]
     if not missing:
         return
     settings = read_processor_settings(path, **hub_kwargs)
-    found = {k: settings[k] for k in missing if k in settings}
-    smoothing.update(found)
-    if {"image_mean", "image_std"} & set(found):
-        logger.info(f"Smoothing `{path}` with the processor statistics of {settings['source']}: "
-                    f"image_mean={smoothing.image_mean}, image_std={smoothing.image_std}.")
+    if smoothing.image_processor is None and "image_processor" in settings:
+        smoothing.update({"image_processor": settings["image_processor"]})
     if smoothing.image_mean is None or smoothing.image_std is None:
-        default_mean, default_std = TOWER_ADAPTERS[family].family_default_stats(family)
-        mean = smoothing.image_mean or list(default_mean)
-        std = smoothing.image_std or list(default_std)
-        smoothing.update({"image_mean": mean, "image_std": std})
-        logger.warning(
-            f"`{path}` has no `image_mean` / `image_std` in processor_config.json or preprocessor_config.json: "
-            f"smoothing with the `{family}` family default mean={mean}, std={std}. If the model's processor "
-            "normalises differently, pass them: `smoothing={'image_mean': [...], 'image_std': [...]}`."
-        )
+        stats = resolve_pixel_stats(family, smoothing.image_mean, smoothing.image_std, settings=settings, path=path)
+        smoothing.update({"image_mean": stats.mean, "image_std": stats.std})
 
 
 def make_smoothed(model: PreTrainedModel, smoothing: FeatureSmoothingConfig) -> PreTrainedModel:

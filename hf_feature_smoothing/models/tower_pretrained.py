@@ -13,11 +13,11 @@ from pathlib import Path
 from transformers import AutoConfig, AutoModel, AutoModelForImageTextToText
 
 from ..configuration_feature_smoothing import FeatureSmoothingConfig
-from ..hub.atomic import recover_if_local
 from ..logging_utils import get_logger
 from ..modeling_smoothed_tower import register_hub_io
 from ..towers import TOWER_ADAPTERS
 from ..towers.processor import HUB_KWARGS
+from ..utils.atomic import recover_if_local
 from .auto import loading_smoothed_checkpoint
 from .booster_support import booster_support
 from .modeling_smoothed import check_loaded_weights, fill_processor_settings

@@ -2,27 +2,21 @@
 before the next one is opened, so memory and open files stay constant in the number of images. An image that
 cannot be read becomes an [`UnreadableImage`] (recorded as a `skipped` row), never the end of the run."""
 
-import io
 import os
-import warnings
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Iterator
-from contextlib import contextmanager
 from dataclasses import dataclass
 from itertools import zip_longest
 from pathlib import Path
 
 from ..logging_utils import get_logger
 from ..utils.errors import RunError
+from ..utils.images import UnreadableImage, decode, encoded_image, to_rgb
 
 
 logger = get_logger(__name__)
 IMAGE_SUFFIXES = (".apng", ".avif", ".bmp", ".dib", ".gif", ".ico", ".j2k", ".jfif", ".jp2", ".jpe", ".jpeg", ".jpg",
                   ".pbm", ".pgm", ".png", ".pnm", ".ppm", ".tga", ".tif", ".tiff", ".webp")
-
-
-class UnreadableImage(Exception):
-    """An image file or dataset cell that cannot be turned into an RGB image; the message is the reason."""
 
 
 @dataclass
@@ -34,80 +28,6 @@ class ImageItem:
     key: str
     label: int | None
     load: Callable[[], object]
-
-
-@contextmanager
-def _pixel_limit(max_pixels: int | None):
-    """PIL's decompression-bomb limit set to `max_pixels` (None: no limit), its warning zone made an error."""
-    from PIL import Image
-
-    previous = Image.MAX_IMAGE_PIXELS
-    Image.MAX_IMAGE_PIXELS = max_pixels
-    try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("error", Image.DecompressionBombWarning)
-            yield
-    finally:
-        Image.MAX_IMAGE_PIXELS = previous
-
-
-def _integer_bits(image) -> int:
-    """Bit depth of a single-channel integer image (mode `I;16*` or `I`)."""
-    if image.mode.startswith("I;16"):
-        return 16
-    if image.format == "PNG":  # Pillow < 10.? opens 16-bit PNGs as mode I
-        return 16
-    tags = getattr(image, "tag_v2", None)
-    if tags is not None and tags.get(339, 1) in (1, (1,)):  # TIFF SampleFormat: unsigned integers
-        bits = tags.get(258)
-        bits = bits[0] if isinstance(bits, tuple) else bits
-        if bits in (8, 16, 32):
-            return int(bits)
-    raise UnreadableImage(f"{image.format or 'unknown'} image of mode {image.mode} (integers of unknown range): "
-                          f"convert it to 8- or 16-bit")
-
-
-def to_rgb(image):
-    """An RGB 8-bit PIL image from any PIL image, scaling high-bit-depth data to the full range (a 16-bit
-    value v becomes round(255 v / 65535), never clipped), EXIF orientation applied."""
-    import numpy as np
-    from PIL import Image, ImageOps
-
-    image = ImageOps.exif_transpose(image)
-    if image.mode.startswith("I"):
-        scale = 255.0 / (2 ** _integer_bits(image) - 1)
-        values = np.asarray(image, dtype=np.float64)
-        if values.min() < 0 or values.max() * scale > 255.0 + 1e-6:
-            raise UnreadableImage(f"mode {image.mode} values in [{values.min()}, {values.max()}] exceed the "
-                                  f"{_integer_bits(image)}-bit range")
-        gray = Image.fromarray(np.rint(values * scale).astype(np.uint8), mode="L")
-        return gray.convert("RGB")
-    if image.mode == "F":
-        values = np.asarray(image, dtype=np.float64)
-        if not np.isfinite(values).all() or values.min() < 0 or values.max() > 1:
-            raise UnreadableImage(f"float image (mode F) with values in [{np.nanmin(values)}, {np.nanmax(values)}]"
-                                  f", not intensities in [0, 1]: rescale it or save it as 8- or 16-bit")
-        return Image.fromarray(np.rint(values * 255).astype(np.uint8), mode="L").convert("RGB")
-    if image.mode == "P" and "transparency" in image.info:
-        image = image.convert("RGBA")
-    return image.convert("RGB")
-
-
-def decode(opener: Callable[[], object], max_pixels: int | None) -> object:
-    """Open (`opener()` gives a path or a binary file), decode the first frame and convert with [`to_rgb`]; the
-    file is closed before returning. Any failure becomes [`UnreadableImage`] with the reason."""
-    from PIL import Image
-
-    try:
-        with _pixel_limit(max_pixels), Image.open(opener()) as image:
-            image.load()
-            return to_rgb(image)
-    except UnreadableImage:
-        raise
-    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as error:
-        raise UnreadableImage(f"DecompressionBombError: {error} (raise --max-image-pixels to allow it)") from None
-    except Exception as error:  # noqa: BLE001  (any decoder failure is a property of this file, recorded)
-        raise UnreadableImage(f"{type(error).__name__}: {error}") from None
 
 
 class ImageSource(ABC):
@@ -316,15 +236,10 @@ class DatasetImages(ImageSource):
         return len(self.data)
 
     def _opener(self, cell) -> Callable[[], object]:
-        if isinstance(cell, dict) and cell.get("bytes"):
-            return lambda: io.BytesIO(cell["bytes"])
-        if isinstance(cell, dict) and cell.get("path"):
-            return lambda: cell["path"]
-        if isinstance(cell, (bytes, bytearray)):
-            return lambda: io.BytesIO(cell)
-        if isinstance(cell, str):
-            return lambda: cell
-        raise UnreadableImage(f"column {self.image_column!r} holds {type(cell).__name__}, not an image")
+        opener = encoded_image(cell)
+        if opener is None:
+            raise UnreadableImage(f"column {self.image_column!r} holds {type(cell).__name__}, not an image")
+        return opener
 
     def item(self, index: int) -> ImageItem:
         def load():

@@ -6,21 +6,23 @@ from pathlib import Path
 import numpy as np
 
 from ..statistics.bounds import fcsb
+from ..utils.atomic import atomic_path
 
 
 PLOT_SUFFIXES = (".png", ".pdf", ".svg")
 
 
 def _save(fig, path: str | os.PathLike) -> None:
-    """Save through a temporary file and `os.replace`: a kill never leaves half a plot."""
+    """Save atomically ([`~utils.atomic.atomic_path`]): a kill never leaves half a plot."""
     import matplotlib.pyplot as plt
 
     path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp")
     fig.tight_layout()
-    fig.savefig(tmp, dpi=120, format=path.suffix.lstrip(".").lower() or "png")
-    plt.close(fig)
-    os.replace(tmp, path)
+    try:
+        with atomic_path(path) as tmp:
+            fig.savefig(tmp, dpi=120, format=path.suffix.lstrip(".").lower() or "png")
+    finally:
+        plt.close(fig)
 
 
 def plot_certified_cosine(rows: list[dict], path: str | os.PathLike, max_epsilon: float | None = None) -> None:

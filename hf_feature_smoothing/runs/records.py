@@ -1,6 +1,6 @@
 """Run files: strict JSONL whose first line is the run header (command and every parameter that affects rows),
-then one row per image. Rows are appended, flushed and fsynced one at a time; whole-file rewrites go through a
-temporary file and `os.replace`, so a kill -9 at any point leaves the previous good state (at worst a torn last
+then one row per image. Rows are appended, flushed and fsynced one at a time; whole-file rewrites go through
+[`~utils.atomic.write_atomically`], so a kill -9 at any point leaves the previous good state (at worst a torn last
 line, dropped on the next open)."""
 
 import hashlib
@@ -10,6 +10,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from ..logging_utils import get_logger
+from ..utils.atomic import write_atomically
 from ..utils.errors import RunError
 
 
@@ -143,31 +144,6 @@ def read_run(path: str | os.PathLike) -> RunContents:
 def corrupt_path(path: str | os.PathLike) -> Path:
     """`<path>.corrupt`: where `--repair` moves the lines of `path` that are not valid rows."""
     return Path(f"{path}.corrupt")
-
-
-def _fsync_dir(directory: Path) -> None:
-    try:
-        fd = os.open(directory, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
-
-
-def write_atomically(path: str | os.PathLike, data: bytes) -> None:
-    """Replace `path` by `data` through `<path>.tmp` and `os.replace`: readers see the old or the new file."""
-    path = Path(path)
-    tmp = Path(f"{path}.tmp")
-    with open(tmp, "wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-    _fsync_dir(path.parent)
 
 
 def encode_lines(header: dict, rows: list[dict]) -> bytes:

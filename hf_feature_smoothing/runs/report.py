@@ -213,7 +213,7 @@ def write_report(paths: list[str | os.PathLike], output_dir: str | os.PathLike, 
     """
     from huggingface_hub import ModelCardData
 
-    from .records import write_atomically
+    from ..utils.atomic import write_atomically
 
     groups = group_runs(paths, group_by_params)
     output_dir = Path(output_dir)

@@ -6,6 +6,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 from ..logging_utils import get_logger
+from ..utils.atomic import write_atomically
 from ..utils.errors import RunError
 from ..utils.locking import RunLock, lock_path
 from .records import (
@@ -19,7 +20,6 @@ from .records import (
     make_header,
     read_run,
     without_timing,
-    write_atomically,
 )
 from .sharding import Shard, existing_shards, shard_path
 

@@ -9,7 +9,8 @@ from torch import nn
 
 from ..configuration_feature_smoothing import FeatureSmoothingConfig
 from ..logging_utils import get_logger
-from .processor import processor_pixels
+from ..utils.images import to_rgb
+from .processor import PixelStats, processor_pixels, resolve_pixel_stats
 
 
 logger = get_logger(__name__)
@@ -85,7 +86,7 @@ def _center_crop(image, height: int, width: int):
     """Resize (bicubic) so the image covers `height × width`, then centre-crop; returns an RGB PIL image."""
     from PIL import Image
 
-    image = image.convert("RGB")
+    image = to_rgb(image, exif_orientation=False)
     scale = max(height / image.height, width / image.width)
     resized = image.resize((max(width, round(image.width * scale)), max(height, round(image.height * scale))),
                            Image.Resampling.BICUBIC)
@@ -153,38 +154,52 @@ class TowerAdapter(ABC):
     """
 
     model_types: tuple[str, ...] = ()
-    default_image_mean: tuple[float, float, float] = OPENAI_CLIP_MEAN
-    default_image_std: tuple[float, float, float] = OPENAI_CLIP_STD
+    #: (mean, std) of the family's transformers image processor, assumed when neither the smoothing config nor the
+    #: checkpoint gives statistics; a dict `{model_type: (mean, std)}` where they differ within the family
+    default_stats: tuple | dict = (OPENAI_CLIP_MEAN, OPENAI_CLIP_STD)
 
     def __init__(self, model: nn.Module, config: FeatureSmoothingConfig):
         self.model = model
         self.config = config
         self._captured: list[torch.Tensor] = []
-        if config.image_mean is None or config.image_std is None:
-            logger.warning_once(
-                f"No `image_mean` / `image_std` in the smoothing config: using the `{self.family}` family default "
-                f"mean {self.default_image_mean} / std {self.default_image_std}. If the checkpoint's processor "
-                "normalises differently, the noise is not in [0, 1] pixel space: load with `from_pretrained` (it "
-                "reads `processor_config.json` / `preprocessor_config.json`) or set `image_mean` / `image_std`."
-            )
+        self._fallback: PixelStats | None = None
+        if config.image_mean is None or config.image_std is None:  # the family default, with a warning
+            self._fallback = resolve_pixel_stats(self.family, config.image_mean, config.image_std, once=True,
+                                                 default=self.family_default_stats(self.family))
 
     @classmethod
     def family_default_stats(cls, model_type: str) -> tuple[tuple[float, ...], tuple[float, ...]]:
-        """The normalisation statistics assumed for `model_type` when the checkpoint's processor gives none."""
-        return cls.default_image_mean, cls.default_image_std
+        """The normalisation statistics assumed for `model_type` when the checkpoint's processor gives none: the
+        nearest `default_stats` in the class hierarchy (or the older spelling, `default_image_mean` /
+        `default_image_std` class attributes, still honoured)."""
+        for klass in cls.__mro__:
+            if "default_stats" in vars(klass):
+                stats = klass.default_stats
+                return stats[model_type] if isinstance(stats, dict) else stats
+            if not isinstance(vars(klass).get("default_image_mean", property()), property):
+                return klass.default_image_mean, klass.default_image_std
+        raise TypeError(f"{cls.__name__} has no `default_stats`.")
 
     @property
     def family(self) -> str:
         return getattr(self.model.config, "model_type", "?").removeprefix("smoothed_")
 
+    @property
+    def default_image_mean(self) -> tuple[float, ...]:
+        return self.family_default_stats(self.family)[0]
+
+    @property
+    def default_image_std(self) -> tuple[float, ...]:
+        return self.family_default_stats(self.family)[1]
+
     # read from the (live) config on every use: editing `config.image_mean` takes effect at once
     @property
     def image_mean(self) -> tuple[float, ...]:
-        return tuple(self.config.image_mean or self.default_image_mean)
+        return tuple(self.config.image_mean or (self._fallback.mean if self._fallback else self.default_image_mean))
 
     @property
     def image_std(self) -> tuple[float, ...]:
-        return tuple(self.config.image_std or self.default_image_std)
+        return tuple(self.config.image_std or (self._fallback.std if self._fallback else self.default_image_std))
 
     @property
     def capturing(self) -> bool:
@@ -244,6 +259,27 @@ class TowerAdapter(ABC):
     @abstractmethod
     def rows_per_image(self, inputs: ImageInputs, num_rows: int) -> list[int]:
         """How the `num_rows` rows of one site's features (one copy) divide among the images."""
+
+    def noisy_copies(self, inputs: ImageInputs, copies: int, sigma: float,
+                     noise: Callable[[torch.Tensor], torch.Tensor] | None) -> ImageInputs:
+        """
+        `copies` copies of every image of `inputs` (copies-major) with σ·noise added in [0, 1] pixel space: the one
+        path from processed pixels to noisy processed pixels (`to_image`, add, `from_image`).
+
+        Args:
+            inputs (`ImageInputs`): the clean images.
+            copies (`int`): copies per image.
+            sigma (`float`): the noise level σ.
+            noise (`Callable`, *optional*): `noise(image)` gives standard normal noise `(copies, *image.shape)` for
+                the [0, 1] image tensor of `inputs`; `None` gives clean copies.
+        """
+        image = self.to_image(inputs)
+        if noise is None:
+            pixels = image.unsqueeze(0).expand(copies, *image.shape)
+        else:
+            pixels = image.unsqueeze(0) + sigma * noise(image).to(image.dtype)
+        repeated = self.repeat(inputs, copies)
+        return repeated.with_pixels(self.from_image(pixels.flatten(0, 1), repeated))
 
     def as_rows(self, features: torch.Tensor) -> torch.Tensor:
         """Site features → `(rows, feature_dim)`; the rows of an image together form its feature vector."""

@@ -7,11 +7,13 @@ checkpoint: `processor_config.json` (transformers ≥ 5 nests them under `"image
 
 import json
 import os
+from typing import NamedTuple
 
 import torch
 
 from ..configuration_feature_smoothing import IMAGE_PROCESSOR_KEYS
 from ..logging_utils import get_logger
+from ..utils.images import to_rgb
 
 
 logger = get_logger(__name__)
@@ -60,6 +62,71 @@ def read_processor_settings(path: str | os.PathLike, **hub_kwargs) -> dict:
     return {}
 
 
+class PixelStats(NamedTuple):
+    """The normalisation statistics smoothing uses (as found: lists or tuples) and where they come from."""
+
+    mean: list[float]
+    std: list[float]
+    source: str  # "config", "processing_class", the processor file read, or FAMILY_DEFAULT
+
+
+FAMILY_DEFAULT = "family default"
+
+
+def processor_stats(processor) -> dict:
+    """`image_mean` / `image_std` of a processor or image processor object (those it has)."""
+    image_processor = getattr(processor, "image_processor", processor)
+    return {k: [float(v) for v in getattr(image_processor, k)] for k in ("image_mean", "image_std")
+            if getattr(image_processor, k, None) is not None}
+
+
+def resolve_pixel_stats(family: str, image_mean=None, image_std=None, *, processor=None, settings: dict | None = None,
+                        path: str | os.PathLike | None = None, default: tuple | None = None, once: bool = False,
+                        **hub_kwargs) -> PixelStats:
+    """
+    The normalisation statistics (`image_mean`, `image_std`) smoothing uses for a `family` tower: the package's one
+    resolution path. Each of the two is taken from the first source that has it:
+
+    1. `image_mean` / `image_std` as given (the smoothing config);
+    2. `processor`, a processor or image processor object;
+    3. the checkpoint's processor files: `settings` as returned by [`read_processor_settings`], else read from
+       `path` (a folder or Hub repo id, with `hub_kwargs`); logged at INFO;
+    4. the family default (`default`, else the registered [`TowerAdapter.family_default_stats`]), with a warning
+       naming `path` (`once`: at most once per message).
+    """
+    from . import TOWER_ADAPTERS
+
+    found, source = {"image_mean": image_mean, "image_std": image_std}, "config"
+
+    def take(values: dict, name: str) -> bool:
+        nonlocal source
+        taken = {k: values[k] for k in found if found[k] is None and values.get(k) is not None}
+        found.update(taken)
+        source = name if taken else source
+        return bool(taken)
+
+    if processor is not None:
+        take(processor_stats(processor), "processing_class")
+    if any(v is None for v in found.values()) and (settings is not None or path):
+        files = settings if settings is not None else read_processor_settings(path, **hub_kwargs)
+        if take(files, files.get("source")):
+            logger.info(f"Smoothing `{path}` with the processor statistics of {files['source']}: "
+                        f"image_mean={found['image_mean']}, image_std={found['image_std']}.")
+    if any(v is None for v in found.values()):
+        default = dict(zip(found, default or TOWER_ADAPTERS[family].family_default_stats(family)))
+        found = {k: v if v is not None else list(default[k]) for k, v in found.items()}
+        source = FAMILY_DEFAULT
+        where = (f"`{path}` has no `image_mean` / `image_std` in processor_config.json or preprocessor_config.json"
+                 if path else "No `image_mean` / `image_std` in the smoothing config, a processor or a checkpoint")
+        (logger.warning_once if once else logger.warning)(
+            f"{where}: smoothing with the `{family}` family default mean={found['image_mean']}, "
+            f"std={found['image_std']}. If the model's processor normalises differently, the noise is not in [0, 1] "
+            "pixel space: load with `from_pretrained` (it reads processor_config.json / preprocessor_config.json) "
+            "or pass them: `smoothing={'image_mean': [...], 'image_std': [...]}`."
+        )
+    return PixelStats(found["image_mean"], found["image_std"], source)
+
+
 def _size_dict(size, square: bool) -> dict:
     if isinstance(size, (int, float)):
         return {"height": int(size), "width": int(size)} if square else {"shortest_edge": int(size)}
@@ -78,7 +145,7 @@ def processor_pixels(image, geometry: dict) -> torch.Tensor:
                   do_convert_rgb=True, default_to_square=False)
     if crop:
         kwargs["crop_size"] = _size_dict(geometry.get("crop_size", size), square=True)
-    return PilBackend(**kwargs)(image.convert("RGB"), return_tensors="pt")["pixel_values"][0].float()
+    return PilBackend(**kwargs)(to_rgb(image, exif_orientation=False), return_tensors="pt")["pixel_values"][0].float()
 
 
 def qwen_pixels(image, geometry: dict, patch: int, merge: int) -> torch.Tensor:
@@ -95,4 +162,4 @@ def qwen_pixels(image, geometry: dict, patch: int, merge: int) -> torch.Tensor:
     backend = PilBackend(do_resize=True, size={"height": height, "width": width}, resample=geometry.get("resample", 3),
                          do_center_crop=False, do_rescale=True, rescale_factor=1 / 255, do_normalize=False,
                          do_convert_rgb=True)
-    return backend(image.convert("RGB"), return_tensors="pt")["pixel_values"][0].float()
+    return backend(to_rgb(image, exif_orientation=False), return_tensors="pt")["pixel_values"][0].float()

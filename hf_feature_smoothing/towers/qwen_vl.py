@@ -137,8 +137,7 @@ class QwenVLTowerAdapter(TowerAdapter):
 @register_tower_adapter
 class Qwen3VLTowerAdapter(QwenVLTowerAdapter):
     model_types = ("qwen3_vl",)
-    default_image_mean = IMAGENET_STANDARD_MEAN
-    default_image_std = IMAGENET_STANDARD_STD
+    default_stats = (IMAGENET_STANDARD_MEAN, IMAGENET_STANDARD_STD)
 
     def site_modules(self) -> list[nn.Module]:
         visual = self.inner.visual

@@ -25,24 +25,12 @@ class VisionEncoderAdapter(LlavaTowerAdapter):
     model_types = ("dinov2", "vit", "clip_vision_model", "siglip_vision_model")
 
     # the defaults of each model type's transformers image processor (BitImageProcessor for DINOv2, ViT, CLIP, SigLIP)
-    _DEFAULT_STATS = {
+    default_stats = {
         "dinov2": (IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD),
         "vit": (IMAGENET_STANDARD_MEAN, IMAGENET_STANDARD_STD),
         "clip_vision_model": (OPENAI_CLIP_MEAN, OPENAI_CLIP_STD),
         "siglip_vision_model": (IMAGENET_STANDARD_MEAN, IMAGENET_STANDARD_STD),
     }
-
-    @classmethod
-    def family_default_stats(cls, model_type: str) -> tuple[tuple[float, ...], tuple[float, ...]]:
-        return cls._DEFAULT_STATS[model_type]
-
-    @property
-    def default_image_mean(self) -> tuple[float, float, float]:
-        return self._DEFAULT_STATS[self.model.config.model_type][0]
-
-    @property
-    def default_image_std(self) -> tuple[float, float, float]:
-        return self._DEFAULT_STATS[self.model.config.model_type][1]
 
     @property
     def inner(self) -> nn.Module:

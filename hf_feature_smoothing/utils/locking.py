@@ -11,9 +11,17 @@ from filelock import FileLock, Timeout
 from .errors import RunError
 
 
-def lock_path(path: str | os.PathLike) -> Path:
-    """`<path>.lock`: the lock file guarding the run file `path`."""
-    return Path(f"{path}.lock")
+def lock_path(path: str | os.PathLike, *, hidden: bool = False) -> Path:
+    """
+    The lock file guarding `path`, the package's one lock-path convention:
+
+    - `<path>.lock` (default): a run file or output folder a user names (`out.jsonl.lock`); [`RunLock`] records its
+      holder in it, so it is left visible.
+    - `.<name>.lock` beside `path` (`hidden=True`): a folder written atomically or a cache entry
+      ([`~utils.atomic.folder_lock`]), hidden like the `.<name>.tmp-*` / `.<name>.old-*` siblings of the swap.
+    """
+    path = Path(path)
+    return path.parent / f".{path.name}.lock" if hidden else Path(f"{path}.lock")
 
 
 class RunLock:
