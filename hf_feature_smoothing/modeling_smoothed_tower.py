@@ -318,6 +318,7 @@ class SmoothedVisionTower(nn.Module):
             pretrained_model_name_or_path (`str` or `os.PathLike`): folder or Hub repo id.
             smoothing (`dict` or `FeatureSmoothingConfig`, *optional*): overrides of the saved smoothing (only the
                 fields it sets); processor statistics and resize settings come from the checkpoint's processor config.
+                `smoothing_config=` is the same argument under transformers' `*_config=` naming.
             kwargs: as for `from_pretrained` in transformers (`revision`, `subfolder`, `cache_dir`, `dtype`, ...).
         """
         return hub_io("load_tower")(cls, pretrained_model_name_or_path, smoothing=smoothing, **kwargs)

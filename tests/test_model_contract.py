@@ -256,3 +256,18 @@ def test_top_level_exports():
     from hf_feature_smoothing.certification import certify as certify_fn
 
     assert GSBTrainer is trainer and certify is certify_fn and callable(certify_prediction)
+
+
+def test_smoothing_config_is_accepted_wherever_smoothing_is(tmp_path, stock_dir):
+    """transformers names such arguments `*_config=` (`quantization_config=`): `smoothing_config=` and its alias
+    `smoothing=` give the same model on every `from_pretrained`; both at once is refused."""
+    overrides = {"sigma": 0.3, "seed": 2, "num_samples": 3}
+    for load in (AutoModelForImageTextToText.from_pretrained, hfs.SmoothedLlavaForConditionalGeneration.from_pretrained):
+        a = load(stock_dir, smoothing_config=overrides)
+        b = load(stock_dir, smoothing=overrides)
+        assert a.smoothing_config == b.smoothing_config and a.smoothing_config.sigma == 0.3
+        with pytest.raises(ValueError, match="not both"):
+            load(stock_dir, smoothing=overrides, smoothing_config=overrides)
+    a.save_pretrained(tmp_path / "saved")
+    tower = hfs.SmoothedVisionTower.from_pretrained(tmp_path / "saved", smoothing_config={"sigma": 0.5})
+    assert tower.config.sigma == 0.5 and tower.config.seed == 2

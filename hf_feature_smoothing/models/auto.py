@@ -27,6 +27,17 @@ CONFIG_KWARGS = ("revision", "subfolder", "cache_dir", "token", "local_files_onl
                  "trust_remote_code")
 
 
+def smoothing_argument(smoothing, kwargs: dict):
+    """The smoothing overrides of a `from_pretrained` call: `smoothing_config=` (transformers' `*_config=` naming, as
+    `quantization_config=`) or its alias `smoothing=`, popped from `kwargs`; both at once is an error."""
+    if "smoothing_config" not in kwargs:
+        return smoothing
+    alias = kwargs.pop("smoothing_config")
+    if smoothing is not None and alias is not None:
+        raise ValueError("Pass the smoothing overrides once: `smoothing_config=` or its alias `smoothing=`, not both.")
+    return alias if alias is not None else smoothing
+
+
 @contextlib.contextmanager
 def loading_smoothed_checkpoint() -> Iterator[None]:
     """Inside the block, configs are read by a smoothed class that honours `feature_smoothing`: no warning."""
@@ -73,7 +84,7 @@ def _patch_auto_model() -> None:
     @functools.wraps(original)
     def from_pretrained(cls, pretrained_model_name_or_path, *model_args, **kwargs):
         recover_if_local(pretrained_model_name_or_path)  # a save killed between its two renames is rolled back
-        smoothing = kwargs.pop("smoothing", None)
+        smoothing = smoothing_argument(kwargs.pop("smoothing", None), kwargs)
         if smoothing is None:
             return original(cls, pretrained_model_name_or_path, *model_args, **kwargs)
         config = kwargs.pop("config", None)

@@ -11,7 +11,7 @@ from ..modeling_smoothed_tower import SmoothedVisionTower, hub_io
 from ..towers.processor import HUB_KWARGS, read_processor_settings, resolve_pixel_stats
 from ..utils.atomic import recover_if_local
 from ..utils.tensors import check_finite
-from .auto import loading_smoothed_checkpoint
+from .auto import loading_smoothed_checkpoint, smoothing_argument
 from .booster_support import booster_support
 from .registry import SMOOTHED_MODEL_CLASSES, register_smoothed_model
 
@@ -116,9 +116,10 @@ class FeatureSmoothingMixin:
         `PreTrainedModel.from_pretrained` for a stock or smoothed checkpoint, with:
 
         Args:
-            smoothing (`dict` or `FeatureSmoothingConfig`, *optional*):
+            smoothing_config (`dict` or `FeatureSmoothingConfig`, *optional*):
                 Overrides of the checkpoint's smoothing (or of the defaults, for a stock checkpoint): only the fields
-                it sets change. `{"booster": "org/gsb"}` loads that booster (replacing a saved one).
+                it sets change. `{"booster": "org/gsb"}` loads that booster (replacing a saved one). `smoothing=` is
+                an alias.
             kwargs:
                 As for transformers: `config=`, `subfolder=`, `revision=`, `cache_dir=`, `output_loading_info=`, ...
                 (the booster is loaded with `cache_dir` / `token` / `local_files_only`, not the model's revision).
@@ -128,6 +129,7 @@ class FeatureSmoothingMixin:
         """
         path = pretrained_model_name_or_path
         recover_if_local(path)
+        smoothing = smoothing_argument(smoothing, kwargs)
         hub = {k: kwargs[k] for k in HUB_KWARGS if kwargs.get(k) is not None}
         overrides = FeatureSmoothingConfig.overrides(smoothing)
         kwargs["config"], replace_booster = cls._smoothed_config(path, kwargs.get("config"), overrides, hub)

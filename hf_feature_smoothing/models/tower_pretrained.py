@@ -18,7 +18,7 @@ from ..modeling_smoothed_tower import register_hub_io
 from ..towers import TOWER_ADAPTERS
 from ..towers.processor import HUB_KWARGS
 from ..utils.atomic import recover_if_local
-from .auto import loading_smoothed_checkpoint
+from .auto import loading_smoothed_checkpoint, smoothing_argument
 from .booster_support import booster_support
 from .modeling_smoothed import check_loaded_weights, fill_processor_settings
 from .registry import SMOOTHED_MODEL_CLASSES
@@ -47,6 +47,7 @@ def _read_smoothing_file(path, **hub) -> dict:
 def tower_from_pretrained(cls, path, smoothing=None, **kwargs):
     """See [`SmoothedVisionTower.from_pretrained`]."""
     recover_if_local(path)
+    smoothing = smoothing_argument(smoothing, kwargs)
     hub = {k: kwargs[k] for k in HUB_KWARGS if kwargs.get(k) is not None}
     overrides = FeatureSmoothingConfig.overrides(smoothing)
     with loading_smoothed_checkpoint():
