@@ -31,7 +31,7 @@ import torch
 from peft import PeftModel
 from transformers import TrainingArguments
 
-from hf_feature_smoothing import FeatureBoosterConfig, FeatureSmoothingConfig, SmoothedVisionTower, add_booster
+from hf_feature_smoothing import FeatureSmoothingConfig, GSBConfig, SmoothedVisionTower, add_booster
 from hf_feature_smoothing.assets import load_dinov2_small, skimage_photos, textile_images
 from hf_feature_smoothing.booster import GSBTrainer, booster_noise_level
 from hf_feature_smoothing.certification import certify
@@ -131,10 +131,10 @@ def train_stage(name: str, output: Path, booster, args, steps: int, lr: float, t
 def train_boosters(args, train_set) -> dict[str, dict]:
     out = args.output_dir
     sigmas = args.sigmas
-    mapper = add_booster(load_dinov2_small(), FeatureBoosterConfig(sigmas=sigmas, hidden_dim=512))
+    mapper = add_booster(load_dinov2_small(), GSBConfig(sigmas=sigmas, hidden_dim=512))
     costs = {"mapper": [train_stage("mapper", out / "mapper", mapper, args, args.mapper_steps, args.lr, train_set,
                                     crop_scale=None, flip=False)]}
-    config = FeatureBoosterConfig(sigmas=sigmas, hidden_dim=512, mapper_mixing="attention", mixing_heads=6, purifier=True)
+    config = GSBConfig(sigmas=sigmas, hidden_dim=512, mapper_mixing="attention", mixing_heads=6, purifier=True)
     stage1 = add_booster(load_dinov2_small(), config)
     costs["gsb"] = [train_stage("purifier", out / "purifier", stage1, args, args.purifier_steps, 2 * args.lr,
                                 train_set, lambda_consistency=0.0, lambda_clean=0.0, lambda_stats=0.0,

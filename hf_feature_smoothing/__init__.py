@@ -2,7 +2,7 @@
 multimodal models. Importing the package registers the `smoothed_*` model types with the Auto classes, the booster
 method with PEFT and with the smoothed models, and the Hub I/O of smoothed towers and models."""
 
-from .booster import FeatureBoosterConfig, FeatureBoosterModel, GSBTrainer, add_booster, booster_noise_level
+from .booster import GSBConfig, GSBModel, GSBTrainer, add_booster, booster_noise_level
 from .booster.loading import load_booster
 from .certification import certify, certify_prediction
 from .configuration_feature_smoothing import FeatureSmoothingConfig
@@ -20,15 +20,16 @@ from .models import (
     SmoothedQwen3VLForConditionalGeneration,
 )
 from .towers import TOWER_ADAPTERS, ImageInputs, TowerAdapter, get_tower_adapter, register_tower_adapter
+from .utils.deprecation import deprecated_aliases
 from .version import __version__
 
 
 __all__ = [
     "SMOOTHED_MODEL_CLASSES",
     "TOWER_ADAPTERS",
-    "FeatureBoosterConfig",
-    "FeatureBoosterModel",
     "FeatureSmoothingConfig",
+    "GSBConfig",
+    "GSBModel",
     "GSBTrainer",
     "ImageInputs",
     "SmoothedLlavaConfig",
@@ -52,3 +53,6 @@ __all__ = [
     "register_tower_adapter",
     "save_certified",
 ]
+
+# names of 0.1.0 (the `FeatureBooster*` stem), kept as aliases that warn once
+__getattr__ = deprecated_aliases(globals(), {'FeatureBoosterConfig': 'GSBConfig', 'FeatureBoosterModel': 'GSBModel'})

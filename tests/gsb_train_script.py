@@ -22,7 +22,7 @@ def dataset(num: int = 16) -> datasets.Dataset:
 
 def train(output_dir: str, per_device_batch: int, seed: int = 0, steps: int = 3) -> None:
     model = tiny_smoothed_model("llava", num_samples=2)
-    config = hfs.FeatureBoosterConfig(sigmas=[0.25, 0.5], hidden_dim=32, mapper_mixing="attention",
+    config = hfs.GSBConfig(sigmas=[0.25, 0.5], hidden_dim=32, mapper_mixing="attention",
                                       purifier={"width": 8, "depth": 3})
     booster = hfs.add_booster(model, config)
     args = TrainingArguments(output_dir, max_steps=steps, per_device_train_batch_size=per_device_batch,

@@ -39,7 +39,7 @@ def _randomise(model) -> None:
 
 def _trained_booster(tmp_path, family="llava", **config):
     model = tiny_smoothed_model(family, num_samples=3, seed=0)
-    peft_model = hfs.add_booster(model, hfs.FeatureBoosterConfig(sigmas=[0.25], **config))
+    peft_model = hfs.add_booster(model, hfs.GSBConfig(sigmas=[0.25], **config))
     _randomise(peft_model)
     peft_model.save_pretrained(tmp_path / "adapter")
     return model, peft_model
@@ -93,7 +93,7 @@ def test_adapter_save_load_is_bit_exact(family, tmp_path):
     assert files == ["README.md", "adapter_config.json", "adapter_model.safetensors"]
     saved = load_file(tmp_path / "adapter" / "adapter_model.safetensors")
     assert saved and all(".fs_booster_" in k for k in saved)  # only booster weights
-    assert isinstance(PeftConfig.from_pretrained(tmp_path / "adapter"), hfs.FeatureBoosterConfig)
+    assert isinstance(PeftConfig.from_pretrained(tmp_path / "adapter"), hfs.GSBConfig)
 
     for load in ("peft", "transformers"):
         fresh = tiny_smoothed_model(family, num_samples=3, seed=0)
@@ -173,7 +173,7 @@ def _args(tmp_path, steps, **kw) -> TrainingArguments:
 def test_trainer_trains_only_the_booster_and_raises_the_score(family, tmp_path):
     model = tiny_smoothed_model(family, num_samples=3, seed=0)
     frozen = {k: v.clone() for k, v in model.state_dict().items()}
-    peft_model = hfs.add_booster(model, hfs.FeatureBoosterConfig(sigmas=[0.25]))
+    peft_model = hfs.add_booster(model, hfs.GSBConfig(sigmas=[0.25]))
     trainer = GSBTrainer(peft_model, _args(tmp_path, 30, logging_steps=1), train_dataset=_dataset(), image_size=56,
                          noise_samples=4, lambda_stats=0.0)
     trainer.train()
@@ -199,12 +199,12 @@ def test_trainer_refuses_model_without_booster_and_leaked_gradients(tmp_path):
 
 def test_trainer_resumes_from_adapter_checkpoint(tmp_path):
     config = {"purifier": {"width": 8, "depth": 3}, "mapper_mixing": "conv"}  # every part of the strongest variant
-    peft_model = hfs.add_booster(tiny_smoothed_model("llava", num_samples=2, seed=0), hfs.FeatureBoosterConfig(**config))
+    peft_model = hfs.add_booster(tiny_smoothed_model("llava", num_samples=2, seed=0), hfs.GSBConfig(**config))
     args = _args(tmp_path, 4, save_strategy="steps", save_steps=2)
     GSBTrainer(peft_model, args, train_dataset=_dataset(), image_size=56).train()
     checkpoint = tmp_path / "run" / "checkpoint-2"
     assert (checkpoint / "adapter_model.safetensors").exists()
-    resumed = hfs.add_booster(tiny_smoothed_model("llava", num_samples=2, seed=0), hfs.FeatureBoosterConfig(**config))
+    resumed = hfs.add_booster(tiny_smoothed_model("llava", num_samples=2, seed=0), hfs.GSBConfig(**config))
     trainer = GSBTrainer(resumed, _args(tmp_path, 4), train_dataset=_dataset(), image_size=56)
     trainer.train(resume_from_checkpoint=str(checkpoint))
     assert trainer.state.global_step == 4
@@ -220,16 +220,16 @@ def test_trainer_on_a_booster_placed_in_place_saves_and_resumes_its_adapter(tmp_
     without transformers' adapter integration (which needs an unreleased peft on transformers >= 5.24)."""
     from hf_feature_smoothing.booster import inject_booster
 
-    model = inject_booster(tiny_smoothed_model("llava", num_samples=2, seed=0), hfs.FeatureBoosterConfig(), "gsb")
+    model = inject_booster(tiny_smoothed_model("llava", num_samples=2, seed=0), hfs.GSBConfig(), "gsb")
     GSBTrainer(model, _args(tmp_path, 2, save_strategy="steps", save_steps=1), train_dataset=_dataset(),
                image_size=56).train()
     checkpoint = tmp_path / "run" / "checkpoint-1"
     saved = load_file(checkpoint / "adapter_model.safetensors")
     assert saved and all(k.startswith("base_model.model.") and ".fs_booster_mapper." in k for k in saved)
-    assert PeftConfig.from_pretrained(checkpoint).sigmas == hfs.FeatureBoosterConfig().sigmas
+    assert PeftConfig.from_pretrained(checkpoint).sigmas == hfs.GSBConfig().sigmas
     fresh = tiny_smoothed_model("llava", num_samples=2, seed=0)
     hfs.load_booster(fresh, checkpoint)  # the checkpoint is a booster `load_booster` reads
-    resumed = inject_booster(tiny_smoothed_model("llava", num_samples=2, seed=0), hfs.FeatureBoosterConfig(), "gsb")
+    resumed = inject_booster(tiny_smoothed_model("llava", num_samples=2, seed=0), hfs.GSBConfig(), "gsb")
     trainer = GSBTrainer(resumed, _args(tmp_path, 2), train_dataset=_dataset(), image_size=56)
     trainer.train(resume_from_checkpoint=str(checkpoint))
     assert trainer.state.global_step == 2

@@ -33,7 +33,7 @@ def _logits(model, inputs) -> torch.Tensor:
 @pytest.fixture
 def booster_dir(tmp_path):
     model = tiny_smoothed_model("llava", num_samples=3, seed=0, sigma=0.12)
-    peft_model = hfs.add_booster(model, hfs.FeatureBoosterConfig(sigmas=[0.12, 0.25]))
+    peft_model = hfs.add_booster(model, hfs.GSBConfig(sigmas=[0.12, 0.25]))
     _randomise_booster(peft_model)
     peft_model.save_pretrained(tmp_path / "adapter")
     return tmp_path / "adapter"
@@ -132,7 +132,7 @@ def test_booster_on_a_standalone_encoder_warns(tmp_path, caplog):
 
 
 def test_a_booster_trained_without_smoothing_is_restored_at_its_first_sigma(tmp_path, caplog):
-    peft_model = hfs.add_booster(tiny_model("llava"), hfs.FeatureBoosterConfig(sigmas=[0.5, 0.25]))
+    peft_model = hfs.add_booster(tiny_model("llava"), hfs.GSBConfig(sigmas=[0.5, 0.25]))
     peft_model.save_pretrained(tmp_path / "adapter")
     with caplog.at_level(logging.WARNING):
         loaded = PeftModel.from_pretrained(tiny_model("llava"), tmp_path / "adapter")
@@ -161,7 +161,7 @@ def test_boosters_load_save_and_reload_through_peft_only(booster_dir, tmp_path, 
     model = tiny_smoothed_model("llava", num_samples=3, seed=0, sigma=0.12)
     hfs.load_booster(model, booster_dir)
     assert model.smoothing_config.booster == str(booster_dir)
-    assert all(not p.requires_grad for layer in booster_layers(model) for p in layer.adapter_parameters("gsb"))
+    assert all(not p.requires_grad for layer in booster_layers(model) for p in layer.adapter_parameters("default"))
     inputs = tiny_inputs(model)
     expected = _logits(model, inputs)
     model.save_pretrained(tmp_path / "full")

@@ -28,7 +28,7 @@ def test_attacks_never_beat_the_certificate_of_a_purifier_and_mixing_booster(tmp
     from hf_feature_smoothing.assets import load_dinov2_small, skimage_photos
 
     photos = skimage_photos(("coffee", "chelsea", "rocket", "astronaut", "retina", "logo"))
-    booster = hfs.add_booster(load_dinov2_small(), hfs.FeatureBoosterConfig(
+    booster = hfs.add_booster(load_dinov2_small(), hfs.GSBConfig(
         sigmas=[0.25], hidden_dim=64, mapper_mixing="attention", mixing_heads=6, purifier={"width": 16, "depth": 3}))
     args = TrainingArguments(str(tmp_path / "run"), max_steps=3, per_device_train_batch_size=3, learning_rate=3e-3,
                              use_cpu=True, report_to=[], seed=0, save_strategy="no", disable_tqdm=True)

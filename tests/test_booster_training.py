@@ -16,7 +16,7 @@ from safetensors.torch import load_file
 from transformers import TrainingArguments
 
 import hf_feature_smoothing as hfs
-from hf_feature_smoothing import FeatureBoosterConfig, FeatureSmoothingConfig
+from hf_feature_smoothing import FeatureSmoothingConfig, GSBConfig
 from hf_feature_smoothing.booster import GSBLoss, GSBTrainer
 from hf_feature_smoothing.booster.data import GSBCollator, RandomCropFlip, load_image
 from hf_feature_smoothing.testing_utils import (
@@ -60,7 +60,7 @@ def _history(trainer, key: str) -> list[float]:
 @pytest.mark.parametrize("family", ["llava", "qwen2_vl"])
 def test_lm_term_gradients_flow_through_the_frozen_lm_into_the_booster_only(family):
     model = tiny_smoothed_model(family)
-    booster = hfs.add_booster(model, FeatureBoosterConfig(purifier=True, mapper_mixing="attention"))
+    booster = hfs.add_booster(model, GSBConfig(purifier=True, mapper_mixing="attention"))
     for param in model.parameters():  # even with every weight trainable, the LM term must not need their gradients
         param.requires_grad_(True)
     loss = GSBLoss(booster, [0.25], 1, 0.0, 0.0, FeatureSmoothingConfig(), lambda_pixel=0.0, lambda_lm=1.0,
@@ -82,7 +82,7 @@ def test_lm_term_gradients_flow_through_the_frozen_lm_into_the_booster_only(fami
 def test_lm_term_decreases_and_nothing_but_the_booster_changes(tmp_path):
     model = tiny_smoothed_model("llava")
     frozen = {k: v.clone() for k, v in model.state_dict().items()}
-    booster = hfs.add_booster(model, FeatureBoosterConfig(sigmas=[0.5], mapper_mixing="attention"))
+    booster = hfs.add_booster(model, GSBConfig(sigmas=[0.5], mapper_mixing="attention"))
     trainer = GSBTrainer(booster, _args(tmp_path, 16), train_dataset=_rows("llava", 8), image_size=56,
                          noise_samples=1, lambda_consistency=0.0, lambda_clean=0.0, lambda_stats=0.0, lambda_lm=1.0,
                          crop_scale=None, flip=False)
@@ -114,7 +114,7 @@ def test_prompt_answer_rows_with_a_processor_on_a_stock_llava(tmp_path):
     rows = datasets.Dataset.from_list([
         {"image": image, "prompt": "USER: <image> what is this ASSISTANT:", "answer": " a cat </s>"}
         for image in dataset(4)["image"]])
-    booster = hfs.add_booster(tiny_model("llava"), FeatureBoosterConfig(purifier=True))
+    booster = hfs.add_booster(tiny_model("llava"), GSBConfig(purifier=True))
     trainer = GSBTrainer(booster, _args(tmp_path, 2), train_dataset=rows, processing_class=processor, lambda_lm=1.0)
     batch = trainer.data_collator(list(rows))
     ids, labels = batch["input_ids"], batch["labels"]
@@ -199,7 +199,7 @@ def test_trainer_sets_the_epoch_of_its_collator(tmp_path):
 
 def test_purifier_pretraining_skips_the_tower_and_denoises(tmp_path):
     model = tiny_smoothed_model("llava")
-    booster = hfs.add_booster(model, FeatureBoosterConfig(sigmas=[0.25], purifier=True, mapper_mixing="conv"))
+    booster = hfs.add_booster(model, GSBConfig(sigmas=[0.25], purifier=True, mapper_mixing="conv"))
     tower_calls = []
     model.model.vision_tower.register_forward_pre_hook(lambda m, a: tower_calls.append(1))
     mapper = {k: v.clone() for k, v in model.state_dict().items() if "fs_booster_mapper" in k}
@@ -212,7 +212,7 @@ def test_purifier_pretraining_skips_the_tower_and_denoises(tmp_path):
 
 
 def test_trainable_parts_are_checked(tmp_path):
-    booster = hfs.add_booster(tiny_smoothed_model("llava"), FeatureBoosterConfig(purifier=True))
+    booster = hfs.add_booster(tiny_smoothed_model("llava"), GSBConfig(purifier=True))
     with pytest.raises(ValueError, match="`trainable` must name booster parts"):
         GSBTrainer(booster, _args(tmp_path, 1), train_dataset=dataset(4), trainable=("lora",))
     trainer = GSBTrainer(booster, _args(tmp_path, 1), train_dataset=dataset(4), image_size=56, trainable=("mapper",))
@@ -250,7 +250,7 @@ def test_two_processes_train_the_booster_of_one_process_with_the_same_global_bat
     train(str(tmp_path / "single"), per_device_batch=4)
     train(str(tmp_path / "other-seed"), per_device_batch=4, seed=1)
     ddp, single, other = (_adapter(tmp_path / d) for d in ("ddp", "single", "other-seed"))
-    initial = hfs.add_booster(tiny_smoothed_model("llava"), hfs.FeatureBoosterConfig(
+    initial = hfs.add_booster(tiny_smoothed_model("llava"), hfs.GSBConfig(
         hidden_dim=32, mapper_mixing="attention", purifier={"width": 8, "depth": 3}))
     start = {k.replace(".default.", ".").removeprefix("base_model.model."): v
              for k, v in initial.state_dict().items() if "fs_booster_" in k}
@@ -270,7 +270,7 @@ def test_training_noise_lives_in_the_smoothed_model_pixel_space(tmp_path):
 
     mean, std = [0.5, 0.4, 0.3], [0.2, 0.25, 0.3]
     model = tiny_smoothed_model("llava", image_mean=mean, image_std=std)
-    booster = hfs.add_booster(model, FeatureBoosterConfig(sigmas=[0.25], hidden_dim=16))
+    booster = hfs.add_booster(model, GSBConfig(sigmas=[0.25], hidden_dim=16))
     trainer = GSBTrainer(booster, _args(tmp_path, 1), train_dataset=dataset(4), image_size=56)
     loss = trainer.model  # the GSBLoss module
     assert loss.pixel_stats == (tuple(mean), tuple(std))  # the model's own, not the family default
@@ -284,6 +284,6 @@ def test_attaching_a_booster_to_a_stock_model_does_not_warn_about_pixel_statisti
 
     logging.Logger.warning_once.cache_clear()  # transformers' `warning_once` would hide a repeat of the warning
     with caplog.at_level(logging.WARNING):
-        hfs.add_booster(tiny_model("llava"), FeatureBoosterConfig(sigmas=[0.25], hidden_dim=16, purifier=True,
+        hfs.add_booster(tiny_model("llava"), GSBConfig(sigmas=[0.25], hidden_dim=16, purifier=True,
                                                                   mapper_mixing="conv"))
     assert "image_mean" not in caplog.text

@@ -10,8 +10,8 @@ from peft import PeftModel
 from transformers.vision_utils import get_vision_window_index
 
 import hf_feature_smoothing as hfs
-from hf_feature_smoothing import FeatureBoosterConfig, FeatureSmoothingConfig, SmoothedVisionTower
-from hf_feature_smoothing.booster import PixelPurifierLayer, booster_layers, booster_noise_level
+from hf_feature_smoothing import FeatureSmoothingConfig, GSBConfig, SmoothedVisionTower
+from hf_feature_smoothing.booster import GSBPurifierLayer, booster_layers, booster_noise_level
 from hf_feature_smoothing.booster.layout import batched_layout, flat_layout
 from hf_feature_smoothing.booster.loading import remove_boosters
 from hf_feature_smoothing.booster.purifier import frames_to_patches, patches_to_frames
@@ -103,9 +103,9 @@ def test_variant_is_identity_at_init_and_zero_noise_sigma_conditioned_and_round_
     config, loader = VARIANTS[variant]
     case = Case(kind)
     stock, stock_site = case.output(), case.site(0.25)
-    booster = hfs.add_booster(case.model, FeatureBoosterConfig(sigmas=[0.25], **config))
+    booster = hfs.add_booster(case.model, GSBConfig(sigmas=[0.25], **config))
     kinds = {type(layer).__name__ for layer in booster_layers(case.model)}
-    assert kinds == {"FeatureBoosterLayer", "PixelPurifierLayer"}
+    assert kinds == {"GSBMapperLayer", "GSBPurifierLayer"}
     assert torch.equal(case.output(), stock)  # untrained: exactly the stock model
     _randomise(booster)
     trained = case.output()
@@ -128,8 +128,8 @@ def test_variant_is_identity_at_init_and_zero_noise_sigma_conditioned_and_round_
 def test_purifier_only_booster(kind, tmp_path):
     case = Case(kind)
     stock = case.output()
-    booster = hfs.add_booster(case.model, FeatureBoosterConfig(mapper=False, purifier=True))
-    assert [type(layer).__name__ for layer in booster_layers(case.model)] == ["PixelPurifierLayer"]
+    booster = hfs.add_booster(case.model, GSBConfig(mapper=False, purifier=True))
+    assert [type(layer).__name__ for layer in booster_layers(case.model)] == ["GSBPurifierLayer"]
     assert torch.equal(case.output(), stock)
     _randomise(booster)
     assert not torch.allclose(case.output(), stock)
@@ -141,7 +141,7 @@ def test_noise_is_added_before_the_purifier(family):
     alike: it is part of the certified base function."""
     sigma = 0.25
     model = tiny_smoothed_model(family, num_samples=4, seed=0, sigma=sigma)
-    hfs.add_booster(model, FeatureBoosterConfig(mapper=False, purifier=True))
+    hfs.add_booster(model, GSBConfig(mapper=False, purifier=True))
     (layer,) = booster_layers(model)
     seen = []
     layer.register_forward_pre_hook(lambda m, args: seen.append((args[0].clone(), m.noise_level)))
@@ -169,7 +169,7 @@ def test_noise_is_added_before_the_purifier(family):
 
 def test_purifier_without_pixel_stats_fails_clearly():
     model = tiny_smoothed_model("llava")
-    hfs.add_booster(model, FeatureBoosterConfig(purifier=True))
+    hfs.add_booster(model, GSBConfig(purifier=True))
     _randomise(model)
     with booster_noise_level(model, 0.25), pytest.raises(RuntimeError, match="image_mean / image_std"):
         model.smoothed_vision_tower.adapter.encode(ImageInputs(tiny_inputs(model)["pixel_values"]))
@@ -179,7 +179,7 @@ def test_purifier_without_pixel_stats_fails_clearly():
 @pytest.mark.parametrize("kind", ["llava", DINOV2_LLAVA, "qwen2_5_vl", "dinov2"])
 def test_tokens_of_two_images_never_mix(kind, mixing):
     case = Case(kind, num_images=2)
-    hfs.add_booster(case.model, FeatureBoosterConfig(mapper_mixing=mixing))
+    hfs.add_booster(case.model, GSBConfig(mapper_mixing=mixing))
     _randomise(case.model, 0.2)
     before = case.site(0.25)
     pixels = case.inputs["pixel_values"].clone()
@@ -266,18 +266,18 @@ def test_qwen_patch_rows_reassemble_into_the_image():
 
 def test_invalid_configs_and_mismatched_purifier_fail_clearly(tmp_path):
     with pytest.raises(ValueError, match="neither a mapper nor a purifier"):
-        FeatureBoosterConfig(mapper=False)
+        GSBConfig(mapper=False)
     with pytest.raises(ValueError, match="`mapper_mixing`"):
-        FeatureBoosterConfig(mapper_mixing="mlp")
+        GSBConfig(mapper_mixing="mlp")
     with pytest.raises(ValueError, match="needs the mapper"):
-        FeatureBoosterConfig(mapper=False, purifier=True, mapper_mixing="conv")
+        GSBConfig(mapper=False, purifier=True, mapper_mixing="conv")
     with pytest.raises(ValueError, match="Unknown `purifier` options"):
-        FeatureBoosterConfig(purifier={"channels": 4})
+        GSBConfig(purifier={"channels": 4})
     with pytest.raises(ValueError, match="must be odd"):
-        FeatureBoosterConfig(mapper_mixing="conv", mixing_kernel_size=4)
+        GSBConfig(mapper_mixing="conv", mixing_kernel_size=4)
     with pytest.raises(ValueError, match="`mixing_heads`=5 must divide"):
-        hfs.add_booster(tiny_smoothed_model("llava"), FeatureBoosterConfig(mapper_mixing="attention", mixing_heads=5))
-    hfs.add_booster(tiny_smoothed_model("llava"), FeatureBoosterConfig(purifier=True)).save_pretrained(tmp_path / "a")
+        hfs.add_booster(tiny_smoothed_model("llava"), GSBConfig(mapper_mixing="attention", mixing_heads=5))
+    hfs.add_booster(tiny_smoothed_model("llava"), GSBConfig(purifier=True)).save_pretrained(tmp_path / "a")
     config = json.loads((tmp_path / "a" / "adapter_config.json").read_text())
     config["purifier_module"] = "vision_tower.other_conv"
     (tmp_path / "a" / "adapter_config.json").write_text(json.dumps(config))
@@ -295,7 +295,7 @@ def test_remove_boosters_leaves_no_hook_behind(kind, purifier, tmp_path):
     unwraps like `unload()`: the token-grid probes' hooks go too, and the model is its stock self again. (On a
     stand-alone encoder the probe sits on the patch embedding, inside the purifier layer when there is one.)"""
     source = Case(kind)
-    booster = hfs.add_booster(source.model, FeatureBoosterConfig(purifier=purifier, mapper_mixing="conv"))
+    booster = hfs.add_booster(source.model, GSBConfig(purifier=purifier, mapper_mixing="conv"))
     _randomise(booster)
     booster.save_pretrained(tmp_path / "adapter")
     case = Case(kind)
@@ -313,22 +313,22 @@ def test_a_replaced_saved_booster_leaves_no_hook_behind(tmp_path):
     booster's probe hooks are gone, exactly as if the checkpoint had held no booster."""
     case = Case("qwen2_5_vl")
     case.model.save_pretrained(tmp_path / "plain")
-    _randomise(hfs.add_booster(case.model, FeatureBoosterConfig(purifier=True, mapper_mixing="conv")))
+    _randomise(hfs.add_booster(case.model, GSBConfig(purifier=True, mapper_mixing="conv")))
     case.model.save_pretrained(tmp_path / "boosted")
-    other = hfs.add_booster(Case("qwen2_5_vl").model, FeatureBoosterConfig())  # no probe
+    other = hfs.add_booster(Case("qwen2_5_vl").model, GSBConfig())  # no probe
     _randomise(other)
     other.save_pretrained(tmp_path / "other")
     smoothing = {"booster": str(tmp_path / "other")}
     replaced = tf.AutoModelForImageTextToText.from_pretrained(tmp_path / "boosted", smoothing=smoothing)
     expected = tf.AutoModelForImageTextToText.from_pretrained(tmp_path / "plain", smoothing=smoothing)
-    assert [type(layer).__name__ for layer in booster_layers(replaced)] == ["FeatureBoosterLayer"]
+    assert [type(layer).__name__ for layer in booster_layers(replaced)] == ["GSBMapperLayer"]
     assert _hook_counts(replaced) == _hook_counts(expected)
 
 
 def test_unload_restores_the_stock_model_and_removes_probes():
     case = Case("qwen2_vl")
     stock = case.output()
-    booster = hfs.add_booster(case.model, FeatureBoosterConfig(purifier=True, mapper_mixing="conv"))
+    booster = hfs.add_booster(case.model, GSBConfig(purifier=True, mapper_mixing="conv"))
     _randomise(booster)
     visual = case.model.model.visual
     assert visual._forward_pre_hooks
@@ -336,4 +336,4 @@ def test_unload_restores_the_stock_model_and_removes_probes():
     booster.unload()
     assert not booster_layers(case.model) and len(visual._forward_pre_hooks) == hooks - 2
     assert torch.equal(case.output(), stock)
-    assert isinstance(PixelPurifierLayer, type)
+    assert isinstance(GSBPurifierLayer, type)

@@ -37,7 +37,7 @@ def llava():
 def test_bad_sigma_everywhere(sigma, llava):
     model, tower, inputs = llava
     for call in (lambda: hfs.FeatureSmoothingConfig(sigma=sigma), lambda: certify(model, inputs["pixel_values"], sigma=sigma, n=4),
-                 lambda: hfs.FeatureBoosterConfig(sigmas=[sigma])):
+                 lambda: hfs.GSBConfig(sigmas=[sigma])):
         with pytest.raises((ValueError, TypeError), match="sigma"):
             call()
 
@@ -106,7 +106,7 @@ def test_bad_smoothing_config(kwargs, match):
 ])
 def test_bad_booster_config(kwargs, match):
     with pytest.raises(ValueError, match=match):
-        hfs.FeatureBoosterConfig(**kwargs)
+        hfs.GSBConfig(**kwargs)
 
 
 def test_bad_summaries_and_bounds():

@@ -137,7 +137,7 @@ def test_booster_auto_peft_subfolder_and_revision_offline(tmp_path, hub_cache):
         {"image_processor": {"image_mean": [0.1, 0.2, 0.3], "image_std": [0.3, 0.3, 0.3]}, "processor_class": "x"}))
     model = hfs.SmoothedLlavaForConditionalGeneration.from_pretrained(
         stock, smoothing={"sigma": 0.12, "num_samples": 3, "seed": 0})
-    peft_model = hfs.add_booster(model, hfs.FeatureBoosterConfig(sigmas=[0.12]))
+    peft_model = hfs.add_booster(model, hfs.GSBConfig(sigmas=[0.12]))
     generator = torch.Generator().manual_seed(0)
     for name, param in peft_model.named_parameters():
         if "fs_booster_" in name:

@@ -70,7 +70,7 @@ def test_smoothed_model_with_booster_saves_full_weights_and_reloads_bit_exact_of
 
     config = json.loads((tmp_path / "saved" / "config.json").read_text())
     assert config["model_type"] == "smoothed_llava"
-    assert config["feature_smoothing"]["booster_config"]["adapter_name"] == "gsb"
+    assert config["feature_smoothing"]["booster_config"]["adapter_name"] == "default"
     assert any(".fs_booster_mapper." in k for k in load_file(tmp_path / "saved" / "model.safetensors"))
     again = AutoModelForImageTextToText.from_pretrained(tmp_path / "saved")
     assert type(again) is hfs.SmoothedLlavaForConditionalGeneration and len(booster_layers(again)) == 1
@@ -97,7 +97,7 @@ def test_booster_attached_through_peft_is_saved_with_the_base_model(tmp_path):
                          ids=["purifier", "purifier+attention"])
 def test_smoothed_model_with_a_purifier_booster_saves_and_reloads_bit_exact(config, tmp_path):
     model = tiny_smoothed_model("llava", num_samples=3, seed=0)
-    _randomise_booster(hfs.add_booster(model, hfs.FeatureBoosterConfig(sigmas=[0.25], hidden_dim=16, **config)))
+    _randomise_booster(hfs.add_booster(model, hfs.GSBConfig(sigmas=[0.25], hidden_dim=16, **config)))
     inputs = tiny_inputs(model)
     expected = _logits(model, inputs)
     model.save_pretrained(tmp_path / "saved")

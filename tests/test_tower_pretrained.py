@@ -83,7 +83,7 @@ def test_standalone_encoder_with_purifier_booster_round_trip(config, tmp_path):
     """Every part of the booster is saved (not only the mapper) and reloads bit-exact."""
     folder = _encoder_dir(tmp_path, "dinov2")
     tower = hfs.SmoothedVisionTower.from_pretrained(folder, smoothing={"sigma": 0.25})
-    peft_model = hfs.add_booster(tower.encoder, hfs.FeatureBoosterConfig(hidden_dim=16, **config))
+    peft_model = hfs.add_booster(tower.encoder, hfs.GSBConfig(hidden_dim=16, **config))
     generator = torch.Generator().manual_seed(0)
     parts = set()
     for name, param in peft_model.named_parameters():

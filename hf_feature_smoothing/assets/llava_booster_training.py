@@ -141,7 +141,7 @@ def _train(output_dir: Path, variant: str, recipe: LlavaBoosterRecipe) -> Path:
     from peft import PeftModel
     from transformers import AutoProcessor
 
-    from ..booster import FeatureBoosterConfig, add_booster
+    from ..booster import GSBConfig, add_booster
     from ..models import SmoothedLlavaForConditionalGeneration
     from .llava_dinov2_smollm2 import llava_checkpoint
 
@@ -160,14 +160,14 @@ def _train(output_dir: Path, variant: str, recipe: LlavaBoosterRecipe) -> Path:
     stage2_kwargs = dict(lambda_clean=recipe.lambda_clean, lambda_stats=recipe.lambda_stats,
                          lambda_pixel=recipe.lambda_pixel, lambda_lm=recipe.lambda_lm if variant == "lm" else 0.0)
     if variant == "mapper":  # the token-wise booster alone: no purifier stage
-        booster = add_booster(base(), FeatureBoosterConfig(sigmas=recipe.sigmas, hidden_dim=recipe.hidden_dim))
+        booster = add_booster(base(), GSBConfig(sigmas=recipe.sigmas, hidden_dim=recipe.hidden_dim))
         costs = [_train_stage(variant, stage2, booster, processor, rows, recipe.steps, recipe.batch_size,
                               recipe.learning_rate, recipe, **stage2_kwargs)]
         return _finish(stage2, variant, recipe, costs)
     stage1 = output_dir / "purifier"
     purifier_cost = _finished(stage1)
     if purifier_cost is None:
-        config = FeatureBoosterConfig(sigmas=recipe.sigmas, hidden_dim=recipe.hidden_dim, mapper_mixing="attention",
+        config = GSBConfig(sigmas=recipe.sigmas, hidden_dim=recipe.hidden_dim, mapper_mixing="attention",
                                       mixing_heads=recipe.mixing_heads, purifier=recipe.purifier)
         purifier_cost = _train_stage("purifier", stage1, add_booster(base(), config), processor, rows,
                                      recipe.purifier_steps, recipe.purifier_batch_size, recipe.purifier_learning_rate,

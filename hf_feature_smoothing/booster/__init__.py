@@ -2,11 +2,12 @@
 robustness score of a frozen vision tower. Importing this package registers the method with PEFT."""
 
 from ..models.booster_support import register_booster_support
-from .configuration_booster import FeatureBoosterConfig
+from ..utils.deprecation import deprecated_aliases
+from .configuration_booster import GSBConfig
 from .layer import (
-    BoosterTunerLayer,
-    FeatureBoosterLayer,
-    PixelPurifierLayer,
+    GSBLayer,
+    GSBMapperLayer,
+    GSBPurifierLayer,
     booster_layers,
     booster_noise_level,
     restore_booster_condition,
@@ -14,8 +15,8 @@ from .layer import (
 )
 from .loading import BOOSTER_SUPPORT, inject_booster, remove_boosters
 from .mapper import GSBMapper
-from .model import FeatureBoosterModel, add_booster, load_booster
-from .purifier import PixelPurifier
+from .model import GSBModel, add_booster, load_booster
+from .purifier import GSBPurifier
 from .trainer import GSBImageCollator, GSBLoss, GSBTrainer
 
 
@@ -23,16 +24,16 @@ register_booster_support(BOOSTER_SUPPORT)
 
 
 __all__ = [
-    "BoosterTunerLayer",
-    "FeatureBoosterConfig",
-    "FeatureBoosterLayer",
-    "FeatureBoosterModel",
+    "GSBConfig",
     "GSBImageCollator",
+    "GSBLayer",
     "GSBLoss",
     "GSBMapper",
+    "GSBMapperLayer",
+    "GSBModel",
+    "GSBPurifier",
+    "GSBPurifierLayer",
     "GSBTrainer",
-    "PixelPurifier",
-    "PixelPurifierLayer",
     "add_booster",
     "booster_layers",
     "booster_noise_level",
@@ -42,3 +43,6 @@ __all__ = [
     "restore_booster_condition",
     "set_booster_condition",
 ]
+
+# names of 0.1.0 (the `FeatureBooster*` stem), kept as aliases that warn once
+__getattr__ = deprecated_aliases(globals(), {'FeatureBoosterConfig': 'GSBConfig', 'FeatureBoosterModel': 'GSBModel', 'FeatureBoosterLayer': 'GSBMapperLayer', 'PixelPurifierLayer': 'GSBPurifierLayer', 'BoosterTunerLayer': 'GSBLayer', 'PixelPurifier': 'GSBPurifier'})

@@ -1,4 +1,4 @@
-"""`FeatureBoosterConfig`: the PEFT config of a Gaussian Smoothness Booster (GSB) adapter."""
+"""`GSBConfig`: the PEFT config of a Gaussian Smoothness Booster (GSB) adapter."""
 
 import numbers
 import os
@@ -10,6 +10,7 @@ from peft.utils import PeftType
 from ..configuration_feature_smoothing import FeatureSmoothingConfig
 from ..errors import check_finite_positive
 from ..models.registry import SMOOTHED_MODEL_CLASSES
+from ..utils.deprecation import deprecated_aliases
 from .registration import PEFT_TYPE_NAME, extend_peft_type
 
 
@@ -27,11 +28,11 @@ def _check_int(name: str, value: object, minimum: int) -> int:
 
 
 @dataclass
-class FeatureBoosterConfig(PeftConfig):
+class GSBConfig(PeftConfig):
     """
     Configuration of a Gaussian Smoothness Booster: an optional σ-conditioned pixel purifier inside the tower (it sees
     the noisy image, so it is part of the certified base function) and an optional noise-conditioned residual feature
-    mapper z ↦ z + g(σ)·M(z, σ) on the feature site (see [`GSBMapper`], [`PixelPurifier`]). Every part is the
+    mapper z ↦ z + g(σ)·M(z, σ) on the feature site (see [`GSBMapper`], [`GSBPurifier`]). Every part is the
     identity at initialisation and at σ = 0. Saved as `adapter_config.json`.
 
     Args:
@@ -148,3 +149,6 @@ class FeatureBoosterConfig(PeftConfig):
         options = {**PURIFIER_DEFAULTS, **purifier}
         minimum = {"width": 1, "depth": 2, "scale": 1}
         return {k: _check_int(f"purifier['{k}']", v, minimum[k]) for k, v in options.items()}
+
+# names of 0.1.0 (the `FeatureBooster*` stem), kept as aliases that warn once
+__getattr__ = deprecated_aliases(globals(), {'FeatureBoosterConfig': 'GSBConfig'})

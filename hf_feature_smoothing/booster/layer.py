@@ -17,14 +17,15 @@ from ..conditioning import (
     set_noise_condition,
 )
 from ..towers import BoosterGeometry
-from .configuration_booster import FeatureBoosterConfig
+from ..utils.deprecation import deprecated_aliases
+from .configuration_booster import GSBConfig
 from .layout import GridProbe
 from .mapper import GSBMapper
-from .purifier import PixelPurifier, frames_to_patches, patches_to_frames
+from .purifier import GSBPurifier, frames_to_patches, patches_to_frames
 from .registration import PARAMETER_PREFIX
 
 
-class BoosterTunerLayer(nn.Module, BaseTunerLayer, NoiseConditioned):
+class GSBLayer(nn.Module, BaseTunerLayer, NoiseConditioned):
     """
     Common part of the booster's tuner layers, [`~hf_feature_smoothing.conditioning.NoiseConditioned`]:
     `noise_level` is the σ the booster is conditioned on (smoothing sets it around every tower pass, see
@@ -32,7 +33,7 @@ class BoosterTunerLayer(nn.Module, BaseTunerLayer, NoiseConditioned):
     `pixel_stats` are the processor's (mean, std) that smoothing uses to map pixels to [0, 1].
     """
 
-    def __init__(self, base_layer: nn.Module, adapter_name: str, config: FeatureBoosterConfig,
+    def __init__(self, base_layer: nn.Module, adapter_name: str, config: GSBConfig,
                  geometry: BoosterGeometry | None = None):
         super().__init__()
         self.base_layer = base_layer
@@ -79,14 +80,14 @@ class BoosterTunerLayer(nn.Module, BaseTunerLayer, NoiseConditioned):
         return "fs_booster." + super().__repr__()
 
 
-class FeatureBoosterLayer(BoosterTunerLayer):
+class GSBMapperLayer(GSBLayer):
     """PEFT tuner layer: runs `base_layer` on boosted inputs (`position="before"`) or boosts its output (`"after"`)
     with a [`GSBMapper`]. A token-mixing mapper reads each image's patch grid from a probe on the tower."""
 
     adapter_layer_names = (f"{PARAMETER_PREFIX}mapper",)
     other_param_names = ("position",)
 
-    def update_layer(self, adapter_name: str, config: FeatureBoosterConfig) -> None:
+    def update_layer(self, adapter_name: str, config: GSBConfig) -> None:
         if not hasattr(self, "fs_booster_mapper"):
             self.fs_booster_mapper = nn.ModuleDict()
             self.position: dict[str, str] = {}
@@ -122,23 +123,23 @@ class FeatureBoosterLayer(BoosterTunerLayer):
         return self.boost(out)
 
 
-class PixelPurifierLayer(BoosterTunerLayer):
+class GSBPurifierLayer(GSBLayer):
     """
     PEFT tuner layer around the module that first consumes the processed pixel values (a patch-embedding
     convolution, or Qwen-VL's `visual.patch_embed`): maps its input to the [0, 1] image with the smoothing's mean/std,
-    adds the [`PixelPurifier`] residual there and maps back, so the tower sees the purified noisy image. Qwen-VL's
+    adds the [`GSBPurifier`] residual there and maps back, so the tower sees the purified noisy image. Qwen-VL's
     patch-flattened rows are reassembled into frames with the grid read from a probe on `visual`.
     """
 
     adapter_layer_names = (f"{PARAMETER_PREFIX}purifier",)
     other_param_names = ()
 
-    def update_layer(self, adapter_name: str, config: FeatureBoosterConfig) -> None:
+    def update_layer(self, adapter_name: str, config: GSBConfig) -> None:
         if not hasattr(self, "fs_booster_purifier"):
             self.fs_booster_purifier = nn.ModuleDict()
         options = config.purifier
         channels = self.geometry.channels if self.geometry is not None else 3
-        self.fs_booster_purifier[adapter_name] = self._place(PixelPurifier(channels, **options))
+        self.fs_booster_purifier[adapter_name] = self._place(GSBPurifier(channels, **options))
         if self.geometry is not None and self.geometry.patch_flattened:
             self.probe = self.probe or GridProbe(self.geometry)
         self.set_adapter(adapter_name, inference_mode=config.inference_mode)
@@ -191,16 +192,16 @@ class PixelPurifierLayer(BoosterTunerLayer):
         return self.base_layer(self.purify(x), *args, **kwargs)
 
 
-def booster_layers(model: nn.Module) -> list[BoosterTunerLayer]:
+def booster_layers(model: nn.Module) -> list[GSBLayer]:
     """Every booster tuner layer (mapper and purifier) in `model`."""
-    return [m for m in model.modules() if isinstance(m, BoosterTunerLayer)]
+    return [m for m in model.modules() if isinstance(m, GSBLayer)]
 
 
 def unwrap_boosters(model: nn.Module) -> nn.Module:
     """Put back the module each booster layer of `model` wraps and detach the layers' token-grid probes (their hooks
-    sit on a tower module that stays): the one unwrap behind `remove_boosters` and `FeatureBoosterModel.unload()`."""
+    sit on a tower module that stays): the one unwrap behind `remove_boosters` and `GSBModel.unload()`."""
     for name, module in list(model.named_modules()):
-        if isinstance(module, BoosterTunerLayer):
+        if isinstance(module, GSBLayer):
             if module.probe is not None:
                 module.probe.detach()
             parent, _, child = name.rpartition(".")
@@ -228,3 +229,6 @@ def booster_noise_level(model: nn.Module, sigma: float, image_mean: Sequence[flo
     also needs the processor's `image_mean` / `image_std` to map pixels to [0, 1]. The booster-named form of
     [`~hf_feature_smoothing.conditioning.noise_condition`]."""
     return noise_condition(model, sigma, image_mean, image_std)
+
+# names of 0.1.0 (the `FeatureBooster*` stem), kept as aliases that warn once
+__getattr__ = deprecated_aliases(globals(), {'FeatureBoosterLayer': 'GSBMapperLayer', 'PixelPurifierLayer': 'GSBPurifierLayer', 'BoosterTunerLayer': 'GSBLayer'})

@@ -22,9 +22,9 @@ from ..models.modeling_smoothed import make_smoothed
 from ..models.registry import SMOOTHED_MODEL_CLASSES
 from ..towers import base_model_type
 from ..utils.tensors import check_finite
-from .configuration_booster import FeatureBoosterConfig
+from .configuration_booster import GSBConfig
 from .layer import booster_layers, booster_names, unwrap_boosters
-from .registration import PARAMETER_PREFIX
+from .registration import DEFAULT_ADAPTER_NAME, PARAMETER_PREFIX
 
 
 logger = get_logger(__name__)
@@ -152,7 +152,7 @@ def activate_booster(model: nn.Module, adapter_name: str, inference_mode: bool =
         layer.set_adapter(adapter_name, inference_mode=inference_mode)
 
 
-def inject_booster(model: nn.Module, config, adapter_name: str = "default") -> nn.Module:
+def inject_booster(model: nn.Module, config, adapter_name: str = DEFAULT_ADAPTER_NAME) -> nn.Module:
     """
     Place the layers of booster `config` into `model` in place under `adapter_name` and make it the active adapter,
     through PEFT's own `inject_adapter_in_model` (transformers' `model.add_adapter` / `load_adapter` require a PEFT
@@ -188,7 +188,8 @@ def _resolve_booster_files(booster: str, hub: dict) -> tuple[str, str]:
     return config_file, weights_file
 
 
-def load_booster(model: nn.Module, booster: str | os.PathLike, adapter_name: str = "gsb", **hub_kwargs) -> nn.Module:
+def load_booster(model: nn.Module, booster: str | os.PathLike, adapter_name: str = DEFAULT_ADAPTER_NAME,
+                 **hub_kwargs) -> nn.Module:
     """
     Load a booster adapter (local folder or Hub repo id) into `model` in place, through PEFT's own API
     (`inject_adapter_in_model` + `set_peft_model_state_dict`, the same code as `PeftModel.from_pretrained`), and
@@ -199,7 +200,7 @@ def load_booster(model: nn.Module, booster: str | os.PathLike, adapter_name: str
             A supported tower or MLLM (smoothed or stock; a stock MLLM becomes smoothed, see [`restore_smoothing`]).
         booster (`str` or `os.PathLike`):
             Folder or repo id with `adapter_config.json` and `adapter_model.safetensors`.
-        adapter_name (`str`, *optional*, defaults to `"gsb"`):
+        adapter_name (`str`, *optional*, defaults to `"default"`):
             Name of the adapter inside the model.
         hub_kwargs:
             `revision`, `subfolder`, `token`, `cache_dir`, `local_files_only`, `force_download`, `proxies`, passed
@@ -274,10 +275,10 @@ def save_booster_adapter(model: nn.Module, folder: str | os.PathLike, adapter_na
               metadata={"format": "pt"})
 
 
-def _config_from_dict(data: dict) -> FeatureBoosterConfig:
+def _config_from_dict(data: dict) -> GSBConfig:
     """A booster config from the dict a checkpoint recorded (`booster_config_dict`); unknown keys are dropped."""
-    names = {f.name for f in dataclasses.fields(FeatureBoosterConfig)}
-    return FeatureBoosterConfig(**{k: v for k, v in data.items() if k in names})
+    names = {f.name for f in dataclasses.fields(GSBConfig)}
+    return GSBConfig(**{k: v for k, v in data.items() if k in names})
 
 
 # what the smoothed models need from the booster (registered with `models.booster_support` by `booster/__init__`)

@@ -12,7 +12,7 @@ from ..errors import check_finite_positive, check_positive_int
 from ..modeling_smoothed_tower import SmoothedVisionTower
 from ..noise import derive_digest, image_fingerprint
 from ..towers import ImageInputs
-from .layer import PixelPurifierLayer, booster_layers, booster_noise_level
+from .layer import GSBPurifierLayer, booster_layers, booster_noise_level
 
 
 def _nonnegative(name: str, value: float) -> float:
@@ -120,7 +120,7 @@ class GSBLoss(nn.Module):
         seg = self.tower._segments(inputs, rows.shape[1], rows.device)
         return torch.zeros(rows.shape[0], inputs.num_images, device=rows.device).index_add(1, seg, dots)
 
-    def _pixel_term(self, purifiers: list[PixelPurifierLayer], clean: ImageInputs, noisy: ImageInputs,
+    def _pixel_term(self, purifiers: list[GSBPurifierLayer], clean: ImageInputs, noisy: ImageInputs,
                     sigma: float) -> torch.Tensor:
         """Mean squared [0, 1] error of the purified noisy copies against the clean images."""
         copies = noisy.pixel_values.shape[0] // clean.pixel_values.shape[0]
@@ -176,7 +176,7 @@ class GSBLoss(nn.Module):
             loss = self.lambda_consistency * consistency + self.lambda_clean * clean + self.lambda_stats * stats
             terms.update(consistency=consistency.item(), clean=clean.item(), stats=stats.item(),
                          score=1 - consistency.item() / 2)
-        purifiers = [m for m in booster_layers(self.model) if isinstance(m, PixelPurifierLayer)]
+        purifiers = [m for m in booster_layers(self.model) if isinstance(m, GSBPurifierLayer)]
         if self.lambda_pixel > 0 and purifiers:
             pixel = self._pixel_term(purifiers, inputs, noisy, sigma)
             loss = loss + self.lambda_pixel * pixel

@@ -1,4 +1,4 @@
-"""`FeatureBoosterModel`: the PEFT tuner that places Gaussian Smoothness Boosters (loading: `loading.py`)."""
+"""`GSBModel`: the PEFT tuner that places Gaussian Smoothness Boosters (loading: `loading.py`)."""
 
 from peft import PeftModel, get_peft_model
 from peft.tuners.tuners_utils import BaseTuner
@@ -8,10 +8,11 @@ from torch import nn
 from ..configuration_feature_smoothing import FeatureSmoothingConfig
 from ..logging_utils import get_logger
 from ..towers import TOWER_ADAPTERS, BoosterGeometry, base_model_type, get_tower_adapter
-from .configuration_booster import FeatureBoosterConfig
-from .layer import BoosterTunerLayer, FeatureBoosterLayer, PixelPurifierLayer, booster_layers, unwrap_boosters
+from ..utils.deprecation import deprecated_aliases
+from .configuration_booster import GSBConfig
+from .layer import GSBLayer, GSBMapperLayer, GSBPurifierLayer, booster_layers, unwrap_boosters
 from .loading import check_booster_state_dict, load_booster, record_smoothing, restore_smoothing
-from .registration import PARAMETER_PREFIX, PEFT_METHOD_NAME
+from .registration import DEFAULT_ADAPTER_NAME, PARAMETER_PREFIX, PEFT_METHOD_NAME
 
 
 logger = get_logger(__name__)
@@ -29,14 +30,14 @@ def _find_module(model: nn.Module, target: str) -> nn.Module:
     return module
 
 
-class FeatureBoosterModel(BaseTuner):
-    """Injects the booster's tuner layers: a [`FeatureBoosterLayer`] (mapper) on the feature site and a
-    [`PixelPurifierLayer`] on the module that first consumes the pixels. Before any weight is loaded, the adapter's
+class GSBModel(BaseTuner):
+    """Injects the booster's tuner layers: a [`GSBMapperLayer`] (mapper) on the feature site and a
+    [`GSBPurifierLayer`] on the module that first consumes the pixels. Before any weight is loaded, the adapter's
     `tower_family`, `feature_dim` and `purifier_module` are checked against the model, so a booster built for another
     tower fails with a clear error."""
 
     prefix = PARAMETER_PREFIX
-    tuner_layer_cls = BoosterTunerLayer
+    tuner_layer_cls = GSBLayer
     target_module_mapping: dict = {}
 
     def __init__(self, model, peft_config, adapter_name, *args, **kwargs):
@@ -62,7 +63,7 @@ class FeatureBoosterModel(BaseTuner):
     def _geometry(self) -> BoosterGeometry:
         return self._tower().booster_geometry()
 
-    def _prepare_adapter_config(self, peft_config: FeatureBoosterConfig, model_config: dict) -> FeatureBoosterConfig:
+    def _prepare_adapter_config(self, peft_config: GSBConfig, model_config: dict) -> GSBConfig:
         adapter = self._tower()
         family = base_model_type(self.model)
         if peft_config.tower_family not in (None, family):
@@ -108,13 +109,13 @@ class FeatureBoosterModel(BaseTuner):
         if not purifier and not peft_config.mapper:
             raise ValueError(f"`target_modules` matched `{current_key}`, but this booster has no mapper (`mapper=False`); "
                              "leave `target_modules=None`.")
-        layer_cls = PixelPurifierLayer if purifier else FeatureBoosterLayer
+        layer_cls = GSBPurifierLayer if purifier else GSBMapperLayer
         needs_geometry = purifier or peft_config.mapper_mixing is not None
         if isinstance(target, layer_cls):
             if needs_geometry and target.geometry is None:
                 target.geometry = self._geometry()
             target.update_layer(adapter_name, peft_config)
-        elif isinstance(target, BoosterTunerLayer):
+        elif isinstance(target, GSBLayer):
             raise ValueError(f"`{current_key}` already holds a booster {type(target).__name__}; the mapper and the "
                              "purifier need different modules.")
         else:
@@ -131,8 +132,8 @@ class FeatureBoosterModel(BaseTuner):
         config = self.peft_config[adapter_name]
         placed = {type(layer) for layer in booster_layers(model)
                   if any(adapter_name in getattr(layer, n) for n in layer.adapter_layer_names)}
-        for wanted, cls, where in ((config.purifier, PixelPurifierLayer, config.purifier_module),
-                                   (config.mapper, FeatureBoosterLayer, config.target_modules)):
+        for wanted, cls, where in ((config.purifier, GSBPurifierLayer, config.purifier_module),
+                                   (config.mapper, GSBMapperLayer, config.target_modules)):
             if wanted and cls not in placed:
                 raise ValueError(f"The booster's {cls.__name__} was not placed: no module matched `{where}`.")
 
@@ -149,13 +150,16 @@ class FeatureBoosterModel(BaseTuner):
 
 
 register_peft_method(
-    name=PEFT_METHOD_NAME, config_cls=FeatureBoosterConfig, model_cls=FeatureBoosterModel, prefix=PARAMETER_PREFIX
+    name=PEFT_METHOD_NAME, config_cls=GSBConfig, model_cls=GSBModel, prefix=PARAMETER_PREFIX
 )
 
 
-def add_booster(model: nn.Module, config: FeatureBoosterConfig | None = None, adapter_name: str = "default") -> PeftModel:
+def add_booster(model: nn.Module, config: GSBConfig | None = None, adapter_name: str = DEFAULT_ADAPTER_NAME) -> PeftModel:
     """Wrap `model` in a `PeftModel` with a fresh (identity) booster; only the booster is trainable."""
-    return get_peft_model(model, config or FeatureBoosterConfig(), adapter_name=adapter_name)
+    return get_peft_model(model, config or GSBConfig(), adapter_name=adapter_name)
 
 
-__all__ = ["FeatureBoosterModel", "add_booster", "load_booster"]
+__all__ = ["GSBModel", "add_booster", "load_booster"]
+
+# names of 0.1.0 (the `FeatureBooster*` stem), kept as aliases that warn once
+__getattr__ = deprecated_aliases(globals(), {'FeatureBoosterModel': 'GSBModel'})

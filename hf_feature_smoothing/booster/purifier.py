@@ -6,10 +6,11 @@ import torch
 from torch import nn
 
 from ..towers import BoosterGeometry
+from ..utils.deprecation import deprecated_aliases
 from .mapper import film_head, noise_embedding
 
 
-class PixelPurifier(nn.Module):
+class GSBPurifier(nn.Module):
     """
     Residual denoiser r(u, σ) for images u in [0, 1] (`(N, C, H, W)`): pixel-unshuffle by `scale`, a 3×3 conv stem,
     `depth − 2` residual blocks FiLM_σ → GELU → 3×3 conv, and FiLM_σ → GELU → a zero-initialised 3×3 conv back to
@@ -68,3 +69,6 @@ def frames_to_patches(frames: list[torch.Tensor], grid: torch.Tensor, geometry: 
         x = x.reshape(t, tp, c, h // m, m, p, w // m, m, p).permute(0, 3, 6, 4, 7, 2, 1, 5, 8)
         parts.append(x.reshape(t * h * w, c * tp * p * p))
     return torch.cat(parts)
+
+# names of 0.1.0 (the `FeatureBooster*` stem), kept as aliases that warn once
+__getattr__ = deprecated_aliases(globals(), {'PixelPurifier': 'GSBPurifier'})

@@ -5,6 +5,7 @@ from peft.utils import PeftType
 
 PEFT_TYPE_NAME = "FEATURE_BOOSTER"
 PEFT_METHOD_NAME = "feature_booster"
+DEFAULT_ADAPTER_NAME = "default"  # PEFT's: what `get_peft_model` / `PeftModel.from_pretrained` name an adapter
 PARAMETER_PREFIX = "fs_booster_"  # unique: PEFT freezes / saves parameters by substring match on it
 
 

@@ -100,7 +100,7 @@ class GSBTrainer(Trainer):
     `per_device_train_batch_size × 8` on one process):
 
     ```python
-    booster = add_booster(model, FeatureBoosterConfig(sigmas=[0.25, 0.5], purifier=True, mapper_mixing="attention"))
+    booster = add_booster(model, GSBConfig(sigmas=[0.25, 0.5], purifier=True, mapper_mixing="attention"))
     GSBTrainer(booster, TrainingArguments("out", max_steps=1000), train_dataset=dataset).train()
     ```
     """
@@ -116,7 +116,7 @@ class GSBTrainer(Trainer):
         layers = booster_layers(model)
         if not layers:
             raise ValueError("`model` has no booster: attach one with `add_booster(model)` (or `inject_booster(model, "
-                             "FeatureBoosterConfig())`) before training.")
+                             "GSBConfig())`) before training.")
         unknown = sorted(set(trainable) - set(PARTS))
         if unknown or not trainable:
             raise ValueError(f"`trainable` must name booster parts among {PARTS}, got {trainable!r}.")
