@@ -145,7 +145,7 @@ def target_score(target_cosine: float | None, target_radius: float | None, epsil
 
 def check_prototypes(prototypes: object, name: str = "prototypes", width: int | None = None) -> torch.Tensor:
     """`(K ≥ 2, F)` finite prototypes with no zero row (and F = `width` when given), as unit rows (float32)."""
-    label = _label(name)
+    label = _label(name) + (":" if name.startswith("-") else "")
     if not isinstance(prototypes, torch.Tensor):
         raise TypeError(f"{label} must be a `(K, F)` torch.Tensor, got {type(prototypes).__name__}.")
     if prototypes.ndim != 2 or prototypes.shape[0] < 2 or prototypes.shape[1] < 1 \
@@ -163,7 +163,7 @@ def check_prototypes(prototypes: object, name: str = "prototypes", width: int | 
         raise ValueError(f"{label} rows {zero[:10]} are all zero: a zero prototype has no direction to compare to; "
                          f"drop those rows.")
     if width is not None and prototypes.shape[1] != width:
-        raise ValueError(f"{label} have {prototypes.shape[1]} features per class, but this model's features have "
+        raise ValueError(f"{label} {prototypes.shape[1]} features per class, but this model's features have "
                          f"{width}: the prototypes were computed with another model or image size; recompute them "
                          f"with the same --model / --booster / --image-size (`hf-fs prototypes`).")
     return nn.functional.normalize(protos, dim=-1).float()
