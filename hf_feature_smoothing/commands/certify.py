@@ -103,7 +103,8 @@ def check_model_options(args, tower, prototypes, source) -> None:
         width = feature_width(tower, args.image_size)
         if prototypes.shape[1] != width:
             raise OptionError(f"--prototypes {args.prototypes}: {prototypes.shape[1]} features per class, but "
-                              f"--model {args.model} gives {width} at --image-size {args.image_size or 'default'}: "
+                              f"--model {args.model} gives {width} at "
+                              f"{f'--image-size {args.image_size}' if args.image_size else 'its default image size'}: "
                               f"they were computed with another model, booster or image size; recompute them with "
                               f"`hf-fs prototypes` and the same --model / --booster / --image-size.")
 

@@ -74,6 +74,7 @@ def run(args) -> int:
         prototypes = class_prototypes(tower, [item.load() for item in chosen], [item.label for item in chosen],
                                       num_classes=num_classes, image_size=args.image_size, num_samples=num_samples,
                                       progress=True)
+    Path(args.output).parent.mkdir(parents=True, exist_ok=True)
     save_prototypes(prototypes, args.output, model=args.model, booster=args.booster, source=source.description,
                     shots=args.shots, image_size=args.image_size, keys=[item.key for item in chosen],
                     sigma=args.sigma, num_samples=num_samples, seed=args.seed if num_samples else None)
