@@ -6,11 +6,10 @@ is set, so an edit anywhere is an edit everywhere (and `save_pretrained` writes 
 
 import dataclasses
 import math
-import numbers
 from dataclasses import dataclass, field
 from typing import Any
 
-from .errors import check_finite_positive, check_positive_int
+from .errors import check_finite_positive, check_positive_int, check_seed
 from .logging_utils import get_logger
 from .version import __version__
 
@@ -47,10 +46,8 @@ def _check_field(name: str, value: Any) -> Any:
         raise ValueError(f"`autocast_dtype` must be None or one of {AUTOCAST_DTYPES}, got {value!r}.")
     if name == "smoothed_features" and value not in SMOOTHED_FEATURES:
         raise ValueError(f"`smoothed_features` must be one of {SMOOTHED_FEATURES}, got {value!r}.")
-    if name == "seed" and value is not None:
-        if isinstance(value, bool) or not isinstance(value, numbers.Integral):
-            raise TypeError(f"`seed` must be an int or None, got {value!r}.")
-        return int(value)
+    if name == "seed":
+        return check_seed(value)
     if name in ("image_mean", "image_std"):
         return _check_stats(name, value)
     if name == "booster" and value is not None and not isinstance(value, str):

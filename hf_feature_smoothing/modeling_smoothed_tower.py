@@ -10,7 +10,7 @@ from torch import nn
 
 from .conditioning import noise_condition, restore_noise_condition, set_noise_condition
 from .configuration_feature_smoothing import FeatureSmoothingConfig
-from .errors import check_images, check_positive_int
+from .errors import check_images, check_positive_int, check_seed
 from .noise import SeededNoise
 from .towers import ImageInputs, TowerAdapter, get_tower_adapter
 
@@ -119,9 +119,7 @@ class SmoothedVisionTower(nn.Module):
 
     def manual_seed(self, seed: int | None) -> "SmoothedVisionTower":
         """Reseed the noise of the forward pass (`None`: fresh noise from the global RNG from now on)."""
-        if seed is not None and (not isinstance(seed, int) or isinstance(seed, bool)):
-            raise TypeError(f"`seed` must be an int or None, got {seed!r}.")
-        self.config.seed = seed
+        self.config.seed = check_seed(seed)
         self._generators.clear()
         return self
 

@@ -104,11 +104,11 @@ def test_sigma_defaults_to_the_smoothed_model_own(image_folder, tmp_path):
 
 
 def test_image_size_is_used_and_recorded(image_folder, tmp_path, monkeypatch):
-    import hf_feature_smoothing.cli as cli
+    import hf_feature_smoothing.commands.certify as certify_command
 
     seen = []
-    real = cli.certify
-    monkeypatch.setattr(cli, "certify", lambda *a, **kw: seen.append(kw["image_size"]) or real(*a, **kw))
+    real = certify_command.certify
+    monkeypatch.setattr(certify_command, "certify", lambda *a, **kw: seen.append(kw["image_size"]) or real(*a, **kw))
     out = tmp_path / "run.jsonl"
     assert main(["certify", *TINY, "--model", "tiny-qwen2_vl", "--image-size", "84", "--images", str(image_folder),
                  "--output", str(out)]) == 0
@@ -119,7 +119,7 @@ def test_booster_is_loaded_and_part_of_the_run_parameters(image_folder, tmp_path
     import hf_feature_smoothing as hfs
     from hf_feature_smoothing.testing_utils import tiny_model
 
-    hfs.add_booster(tiny_model("llava"), hfs.FeatureBoosterConfig(sigmas=[0.25])).save_pretrained(tmp_path / "gsb")
+    hfs.add_booster(tiny_model("llava"), hfs.GSBConfig(sigmas=[0.25])).save_pretrained(tmp_path / "gsb")
     out = tmp_path / "run.jsonl"
     assert main(["certify", *TINY, "--images", str(image_folder), "--output", str(out)]) == 0
     plain = _lines(out)[0]["params"]
@@ -169,16 +169,17 @@ def test_output_plot_and_device_checks(tmp_path, monkeypatch, capsys, args, mess
     monkeypatch.chdir(tmp_path)
     if "cuda" in args[-1] and torch.cuda.is_available():
         pytest.skip("this machine has CUDA")
-    assert main(["certify", *TINY, *args]) == 1
+    assert main(["certify", *TINY, *args]) == 2  # a bad option value: argparse's status
     assert message in capsys.readouterr().err
     assert not list(tmp_path.glob("*.png")) and not list(tmp_path.glob("*.jsonl"))
+    assert not list(tmp_path.glob("*.lock")) and not (tmp_path / "outputs").exists()
 
 
 def test_dtype_is_recorded_and_checked(image_folder, tmp_path, capsys):
     from hf_feature_smoothing.hardware import bf16_supported
 
     if not bf16_supported("cpu"):
-        assert main(["certify", *TINY, "--dtype", "bfloat16", "--output", str(tmp_path / "b.jsonl")]) == 1
+        assert main(["certify", *TINY, "--dtype", "bfloat16", "--output", str(tmp_path / "b.jsonl")]) == 2
         assert "--dtype bfloat16: not supported on this CPU" in capsys.readouterr().err
     else:
         out = tmp_path / "bf16.jsonl"
@@ -187,7 +188,7 @@ def test_dtype_is_recorded_and_checked(image_folder, tmp_path, capsys):
         header, *rows = _lines(out)
         assert header["params"]["dtype"] == "bfloat16" and all(r["dtype"] == "bfloat16" for r in rows)
     if not torch.cuda.is_available():
-        assert main(["certify", *TINY, "--dtype", "float16", "--output", str(tmp_path / "h.jsonl")]) == 1
+        assert main(["certify", *TINY, "--dtype", "float16", "--output", str(tmp_path / "h.jsonl")]) == 2
         assert "--dtype float16: only on CUDA devices" in capsys.readouterr().err
 
 
@@ -195,13 +196,13 @@ def test_bad_prototypes_are_refused_before_any_sampling(image_folder, tmp_path, 
     cases = {"nan": torch.full((3, 1024), float("nan")), "zero-row": torch.cat([torch.zeros(1, 1024),
                                                                                 torch.randn(2, 1024)]),
              "one-class": torch.randn(1, 1024)}
-    expected = {"nan": "contains NaN or inf", "zero-row": "rows [0] of `prototypes` are all zero",
+    expected = {"nan": "NaN or inf", "zero-row": "rows [0] are all zero",
                 "one-class": "(K ≥ 2, F) tensor"}
     for name, tensor in cases.items():
         path = tmp_path / f"{name}.safetensors"
         save_file({"prototypes": tensor}, path)
         assert main(["certify", *TINY, "--images", str(image_folder), "--prototypes", str(path),
-                     "--output", str(tmp_path / f"{name}.jsonl")]) == 1
+                     "--output", str(tmp_path / f"{name}.jsonl")]) == 2
         assert f"--prototypes {path}" in (err := capsys.readouterr().err) and expected[name] in err
         assert not (tmp_path / f"{name}.jsonl").exists()
 
@@ -223,7 +224,7 @@ def test_every_option_has_help_and_shows_its_default():
             formatted = sub.formatter_class(sub.prog)._get_help_string(action)
             assert "%(default)s" in formatted, f"{sub.prog} {action.option_strings} hides its default"
     certify_help = parser._subparsers._group_actions[0].choices["certify"].format_help()
-    assert "(default: 32)" in certify_help and "else 0.25" in certify_help
+    assert "(default: 1000)" in certify_help and "else 0.25" in certify_help and "else 16" in certify_help
 
 
 def test_strict_json_everywhere(image_folder, tmp_path):

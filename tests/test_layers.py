@@ -242,6 +242,16 @@ def test_allowed_cycles_still_exist():
     assert not stale, f"delete these entries from ALLOWED_CYCLES, their cycle is gone: {stale}"
 
 
+COMMAND_SHIMS = {"cli", "cli_build"}  # the entry point and the old home of the build commands
+
+
+def test_commands_are_the_top_layer():
+    """Nothing in the package imports the `hf-fs` commands except their shims (`cli.py`, `cli_build.py`)."""
+    users = {imp.where(ROOT) for (source, dest), imps in part_edges(ROOT, PACKAGE).items()
+             if dest == "commands" and source not in COMMAND_SHIMS for imp in imps}
+    assert not users, "the commands are the top layer; these import them: " + "; ".join(sorted(users))
+
+
 def test_statistics_import_neither_transformers_nor_peft():
     imports = scan_imports(ROOT, PACKAGE)
     problems = []

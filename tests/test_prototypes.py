@@ -57,7 +57,7 @@ def test_prototypes_cli_on_a_built_in_labelled_set_then_certify_predictions(tmp_
         assert f.get_tensor("prototypes").shape[0] == 10
         assert json.loads(f.metadata()["source"])["name"] == "digits" and len(json.loads(f.metadata()["keys"])) == 20
     assert main(["prototypes", "--model", "tiny-llava", "--images", "digits:train", "--output",
-                 str(tmp_path / "p.pt")]) == 1  # not a safetensors file
+                 str(tmp_path / "p.pt")]) == 2  # not a safetensors file: a bad option value
     out = tmp_path / "pred.jsonl"
     assert main(["certify", "--model", "tiny-llava", "--images", "digits:test", "--limit", "5", "--prototypes",
                  str(protos), "--n", "16", "--n0", "4", "--seed", "0", "--output", str(out)]) == 0
@@ -90,7 +90,7 @@ def test_prototypes_cli_smoothed_options_are_recorded_and_checked(tmp_path):
     with safe_open(str(protos), "pt") as f:
         meta = {k: json.loads(v) for k, v in f.metadata().items()}
     assert (meta["sigma"], meta["num_samples"], meta["seed"]) == (0.25, 2, 0)
-    assert main([*command, "--num-samples", "2", "--output", str(tmp_path / "x.safetensors")]) == 1  # no --sigma
+    assert main([*command, "--num-samples", "2", "--output", str(tmp_path / "x.safetensors")]) == 2  # no --sigma
     assert not (tmp_path / "x.safetensors").exists()
 
 

@@ -186,8 +186,9 @@ def test_dataset_save_to_disk_folder_with_labels_for_predictions(tmp_path, capsy
                                                                           ("train/2", 2, 1)]
     save_file({"prototypes": torch.randn(2, 1024)}, tmp_path / "two.safetensors")
     assert main(["certify", "--model", "tiny-llava", "--dataset", str(tmp_path / "ds"), "--prototypes",
-                 str(tmp_path / "two.safetensors"), "--output", str(tmp_path / "two.jsonl")]) == 1
+                 str(tmp_path / "two.safetensors"), "--output", str(tmp_path / "two.jsonl")]) == 2
     assert "2 classes, but --label-column label has 3" in capsys.readouterr().err
+    assert not (tmp_path / "two.jsonl").exists()  # refused before the run file is written
     # plain integer labels (no ClassLabel): an out-of-range one stops the run before that image is certified
     datasets.Dataset.from_dict({"image": images, "label": [1, 7, 0]}).cast_column(
         "image", datasets.Image()).save_to_disk(tmp_path / "ints")

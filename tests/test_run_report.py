@@ -8,6 +8,7 @@ import pytest
 import yaml
 
 import hf_feature_smoothing.cli as cli
+import hf_feature_smoothing.commands.certify as certify_command
 from hf_feature_smoothing.runs import read_run
 from hf_feature_smoothing.statistics.aggregates import certified_cosine
 
@@ -31,8 +32,8 @@ def test_report_pools_runs_without_recomputing(two_runs, tmp_path, monkeypatch, 
     def refuse(*args, **kwargs):
         raise AssertionError("report must not certify anything")
 
-    monkeypatch.setattr(cli, "certify", refuse)
-    monkeypatch.setattr(cli, "certify_prediction", refuse)
+    monkeypatch.setattr(certify_command, "certify", refuse)
+    monkeypatch.setattr(certify_command, "certify_prediction", refuse)
     report = tmp_path / "report"
     assert cli.main(["report", *map(str, two_runs), "--output-dir", str(report), "--dataset-name", "photos"]) == 0
     rows = read_run(two_runs[0]).rows + read_run(two_runs[1]).rows

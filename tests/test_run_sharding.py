@@ -54,7 +54,7 @@ def test_accelerate_launch_on_2_cpu_processes_equals_a_single_process_run(image_
 
 
 def _as_rank(monkeypatch, rank: int, world: int) -> None:
-    monkeypatch.setattr(cli.Shard, "from_accelerate", classmethod(lambda cls, device=None: Shard(rank, world)))
+    monkeypatch.setattr(Shard, "from_accelerate", classmethod(lambda cls, device=None: Shard(rank, world)))
 
 
 def test_shards_of_a_stopped_run_are_merged_on_resume_with_another_process_count(image_folder, tmp_path,

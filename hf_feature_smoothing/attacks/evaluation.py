@@ -7,6 +7,7 @@ import torch
 from torch import nn
 
 from ..certification import certify
+from ..errors import check_seed
 from ..modeling_smoothed_tower import SmoothedVisionTower
 from ..noise import derive_seed, image_fingerprint
 from ..towers import ImageInputs
@@ -52,11 +53,10 @@ def attack_rows(
     """
     if inputs.num_images != 1:
         raise ValueError(f"`attack_rows` takes one image, got {inputs.num_images}.")
+    seed = check_seed(seed)
     if seed is None:
         return _attack_rows(tower, inputs, epsilons, smoothed, norm, algorithm, steps, eot_samples, eval_samples, n,
                             alpha, success_threshold, generator, None, bound)
-    if isinstance(seed, bool) or not isinstance(seed, int) or seed < 0:
-        raise ValueError(f"`seed` must be an int ≥ 0 or None, got {seed!r}.")
     fingerprint = image_fingerprint(tower.adapter.to_image(inputs))
     generator = torch.Generator(device=inputs.pixel_values.device)
     generator.manual_seed(derive_seed(seed, "attack", "starts", fingerprint=fingerprint))

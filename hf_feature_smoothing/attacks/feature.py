@@ -8,10 +8,14 @@ from torch import nn
 
 from ..certification.certify import as_smoothed_tower
 from ..certification.inputs import to_image_inputs
-from ..errors import check_positive_int
+from ..errors import POSITIVE_INT, Range, check_positive_int
 from ..modeling_smoothed_tower import SmoothedVisionTower
 from ..towers import ImageInputs
 from .optim import NORMS, perturbation_norms, run_batched_attack
+
+
+STEPS = POSITIVE_INT
+NOISE_DRAWS = Range(int, 0, why="noise draws per step / per measurement; 0 = the base, unsmoothed encoder.")
 
 
 @dataclass
@@ -47,8 +51,7 @@ def _check_attack(epsilon: float, norm: str, steps: int, eot_samples: int, eval_
         raise ValueError(f"`step_size` must be a finite number > 0 (pixel [0, 1] units) or None (2.5ε/steps), got "
                          f"{step_size!r}.")
     for name, value in (("eot_samples", eot_samples), ("eval_samples", eval_samples)):
-        if isinstance(value, bool) or not isinstance(value, int) or value < 0:
-            raise ValueError(f"`{name}` must be an int ≥ 0 (0 = the base, unsmoothed encoder), got {value!r}.")
+        NOISE_DRAWS.check(name, value)
 
 
 def perturbation_norm(delta: torch.Tensor, norm: str) -> float:

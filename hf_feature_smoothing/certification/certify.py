@@ -3,8 +3,6 @@ and prediction certificates for cosine-similarity predictors. The math lives in 
 module draws the samples, several images per tower call, and reduces them chunk by chunk (memory independent of n)."""
 
 import dataclasses
-import math
-import numbers
 from collections.abc import Sequence
 
 import torch
@@ -12,31 +10,44 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from ..configuration_feature_smoothing import FeatureSmoothingConfig
-from ..errors import check_alpha, check_finite_positive, check_positive_int
+from ..errors import check_finite_positive
 from ..logging_utils import get_logger
 from ..modeling_smoothed_tower import NoisyCopies, SmoothedVisionTower
-from ..noise import BLOCK, SeededNoise, fresh_seed, image_fingerprint
+from ..noise import BLOCK, SeededNoise, image_fingerprint
 from ..statistics.betting import BettingTest
 from ..statistics.bounds import (
-    CONFIDENCE_BOUNDS,
     certified_radius,
     fcsb,
     lower_confidence_bound,
     moment_upper_bound,
     prediction_alphas,
     prediction_radius,
-    score_for_certificate,
     upper_confidence_bound,
 )
 from ..towers import TOWER_ADAPTERS, ImageInputs
 from ..towers.processor import resolve_pixel_stats
+from .arguments import (
+    ALPHA_SPLITS,
+    DEFAULTS,
+    EPSILON,
+    REFERENCES,
+    TARGET_COSINE,
+    TARGET_RADIUS,
+    TAU,
+    check_choice,
+    check_labels,
+    check_prototypes,
+    check_reference,
+    check_sampling,
+    check_target,
+    check_values,
+    target_score,
+)
 from .certificates import NOISE_SPACE, FeatureCertificate, PredictionCertificate
 from .inputs import to_image_inputs, tower_device
 
 
 logger = get_logger(__name__)
-REFERENCES = ("smoothed", "clean")
-ALPHA_SPLITS = ("runner_up", "flat")
 RUNNER_UPS = 4  # classes ranked right after the prediction on the selection samples: they get most of α
 
 __all__ = ["NOISE_SPACE", "REFERENCES", "FeatureCertificate", "PredictionCertificate", "as_smoothed_tower", "certify",
@@ -92,73 +103,6 @@ def _compute_dtype(tower: SmoothedVisionTower) -> str:
                 "Use float32 (`autocast_dtype=None`) on this machine, or a GPU / a CPU with AVX512-BF16 or AMX."
             )
     return dtype
-
-
-# ----- argument checks (all before any sample is drawn) -------------------------------------------------------------
-def _check_sampling(n0: int, n: int, alpha: float, bound: str, seed: int | None) -> int:
-    """Validate the sampling arguments; returns the seed to use (a fresh one, recorded, when `seed` is None)."""
-    check_positive_int("n0", n0)
-    check_positive_int("n", n)
-    check_alpha(alpha)
-    if bound not in CONFIDENCE_BOUNDS:
-        raise ValueError(f"`bound` must be one of {CONFIDENCE_BOUNDS}, got {bound!r}.")
-    if seed is None:
-        return fresh_seed()
-    if isinstance(seed, bool) or not isinstance(seed, numbers.Integral) or seed < 0:
-        raise ValueError(f"`seed` must be an int ≥ 0 or None (a fresh seed, recorded), got {seed!r}.")
-    return int(seed)
-
-
-def _values(name: str, value, low: float, high: float | None, hint: str) -> list[float]:
-    """A scalar or sequence of finite reals in [low, high) (high None: unbounded) as a list of floats."""
-    items = [value] if isinstance(value, numbers.Real) or isinstance(value, torch.Tensor) and value.ndim == 0 \
-        else value
-    try:
-        items = [float(v) for v in items]
-    except (TypeError, ValueError):
-        raise TypeError(f"`{name}` must be a number or a list of numbers, got {value!r}.") from None
-    for v in items:
-        if not math.isfinite(v) or v < low or (high is not None and v >= high):
-            raise ValueError(f"`{name}` must hold finite values {hint}, got {v!r} in {items}.")
-    return items
-
-
-def _check_target(name: str, value, low_open: float, high: float | None) -> float | None:
-    if value is None:
-        return None
-    if isinstance(value, bool) or not isinstance(value, numbers.Real) or not math.isfinite(value) \
-            or value <= low_open or (high is not None and value >= high):
-        bounds = f"in ({low_open:g}, {high:g})" if high is not None else f"> {low_open:g}"
-        raise ValueError(f"`{name}` must be a finite number {bounds}, got {value!r}.")
-    return float(value)
-
-
-def _check_prototypes(prototypes) -> torch.Tensor:
-    if not isinstance(prototypes, torch.Tensor):
-        raise TypeError(f"`prototypes` must be a `(K, F)` torch.Tensor, got {type(prototypes).__name__}.")
-    if prototypes.ndim != 2 or prototypes.shape[0] < 2 or prototypes.shape[1] < 1:
-        raise ValueError(f"`prototypes` must be (K ≥ 2, F), got shape {tuple(prototypes.shape)}.")
-    protos = prototypes.detach().double()
-    bad = (~torch.isfinite(protos)).any(1).nonzero().flatten().tolist()
-    if bad:
-        raise ValueError(f"`prototypes` rows {bad[:10]} contain NaN or inf; every prototype must be finite.")
-    zero = (protos.norm(dim=1) <= 1e-12).nonzero().flatten().tolist()
-    if zero:
-        raise ValueError(f"`prototypes` rows {zero[:10]} are all zero: a zero prototype has no direction; drop them.")
-    return nn.functional.normalize(protos, dim=-1).float()
-
-
-def _check_labels(labels, num_images: int, num_classes: int) -> list[int] | None:
-    if labels is None:
-        return None
-    labels = list(labels.tolist() if isinstance(labels, torch.Tensor) else labels)
-    if len(labels) != num_images:
-        raise ValueError(f"`labels` has {len(labels)} entries for {num_images} images.")
-    for label in labels:
-        if isinstance(label, bool) or not isinstance(label, numbers.Integral) or not 0 <= label < num_classes:
-            raise ValueError(f"`labels` must be class indices in [0, {num_classes}) (one per prototype row), got "
-                             f"{label!r}.")
-    return [int(label) for label in labels]
 
 
 # ----- streaming reductions -------------------------------------------------------------------------------------
@@ -356,15 +300,15 @@ def _cosine(a: torch.Tensor, b: torch.Tensor) -> float:
 def certify(
     model_or_tower: nn.Module,
     images,
-    epsilon: float | Sequence[float] = (0.0, 0.12, 0.25, 0.5),
+    epsilon: float | Sequence[float] = DEFAULTS["epsilon"],
     *,
     sigma: float | None = None,
-    n0: int = 64,
-    n: int = 1000,
-    alpha: float = 0.001,
-    tau: float | Sequence[float] = (0.5, 0.8),
-    bound: str = "betting",
-    reference: str = "smoothed",
+    n0: int = DEFAULTS["n0"],
+    n: int = DEFAULTS["n"],
+    alpha: float = DEFAULTS["alpha"],
+    tau: float | Sequence[float] = DEFAULTS["tau"],
+    bound: str = DEFAULTS["bound"],
+    reference: str = DEFAULTS["reference"],
     target_cosine: float | None = None,
     target_radius: float | None = None,
     input_space: str | None = None,
@@ -424,30 +368,14 @@ def certify(
         image_size (`int`, *optional*): resize/crop size for PIL images; defaults to the model's resolution.
         progress (`bool`, *optional*): show a progress bar over images.
     """
-    seed = _check_sampling(n0, n, alpha, bound, seed)
-    if reference not in REFERENCES:
-        raise ValueError(f"`reference` must be one of {REFERENCES}, got {reference!r}.")
-    epsilons = _values("epsilon", epsilon, 0.0, None, "≥ 0 (ℓ2 budgets in [0, 1] pixel units)")
-    taus = _values("tau", tau, 0.0, 1.0, "in [0, 1) (cosine thresholds)")
-    target_cosine = _check_target("target_cosine", target_cosine, 0.0, 1.0)
-    target_radius = _check_target("target_radius", target_radius, 0.0, None)
+    seed = check_sampling(n0, n, alpha, bound, seed)
+    check_reference(reference)
+    epsilons = check_values("epsilon", epsilon, EPSILON)
+    taus = check_values("tau", tau, TAU)
+    target_cosine = check_target("target_cosine", target_cosine, TARGET_COSINE)
+    target_radius = check_target("target_radius", target_radius, TARGET_RADIUS)
     tower = as_smoothed_tower(model_or_tower, sigma, autocast_dtype)
-    target_score = None
-    if target_cosine is not None or target_radius is not None:
-        if bound != "betting":
-            raise ValueError(f"`target_cosine` / `target_radius` (sequential certification) need `bound='betting'`, "
-                             f"the only anytime-valid bound; got bound={bound!r}, valid at a fixed n only.")
-        if target_cosine is not None and not epsilons:
-            raise ValueError("`target_cosine` needs at least one `epsilon`.")
-        if target_radius is not None and not taus:
-            raise ValueError("`target_radius` needs at least one `tau`.")
-        needed = [score_for_certificate(target_cosine, max(epsilons), tower.sigma)] if target_cosine is not None else []
-        if target_radius is not None:
-            needed.append(score_for_certificate(max(taus), target_radius, tower.sigma))
-        target_score = max(needed)
-        if target_score >= 1.0:
-            raise ValueError(f"The target needs S = 1 at σ={tower.sigma} (target_cosine={target_cosine}, "
-                             f"target_radius={target_radius}): unreachable; lower it or raise `sigma`.")
+    target = target_score(target_cosine, target_radius, epsilons, taus, tower.sigma, bound)
     dtype = _compute_dtype(tower)
     inputs_list = to_image_inputs(tower, images, input_space=input_space, image_grid_thw=image_grid_thw, image_size=image_size)
     unrelated = None
@@ -463,7 +391,7 @@ def certify(
     jobs = []
     for inputs in inputs_list:
         noise = _ImageNoise(tower, inputs, seed)
-        test = None if target_score is None else BettingTest(target_score, alpha, n)
+        test = None if target is None else BettingTest(target, alpha, n)
         jobs.append(_FeatureJob(inputs, noise, reference, n0, n, test))
     with tqdm(total=len(jobs), desc="certify", disable=not progress) as bar:
         _run_jobs(tower, jobs, bar)
@@ -473,7 +401,7 @@ def certify(
     results = []
     for index, (job, blank, scores, s_low) in enumerate(zip(jobs, blanks, all_scores, lows)):
         if job.stop == "target":
-            s_low = max(s_low, target_score)  # the test rejected E[s] ≤ target_score: the sequence is above it
+            s_low = max(s_low, target)  # the test rejected E[s] ≤ target_score: the sequence is above it
         abstain = s_low <= 0.5
         bounds = [None if abstain or (b := fcsb(s_low, e, tower.sigma)) < 0 else b for e in epsilons]
         radii = [0.0 if abstain else certified_radius(s_low, tower.sigma, t) for t in taus]
@@ -497,11 +425,11 @@ def certify_prediction(
     labels: Sequence[int] | None = None,
     *,
     sigma: float | None = None,
-    n0: int = 64,
-    n: int = 1000,
-    alpha: float = 0.001,
-    bound: str = "betting",
-    alpha_split: str = "runner_up",
+    n0: int = DEFAULTS["n0"],
+    n: int = DEFAULTS["n"],
+    alpha: float = DEFAULTS["alpha"],
+    bound: str = DEFAULTS["bound"],
+    alpha_split: str = DEFAULTS["alpha_split"],
     input_space: str | None = None,
     image_grid_thw: torch.Tensor | None = None,
     seed: int | None = None,
@@ -526,15 +454,14 @@ def certify_prediction(
     grow with n · K. R holds with probability ≥ 1 − α; abstains (prediction None) when R = 0. Arguments as for
     [`certify`]; `prototypes` `(K, F)` must be finite with no zero row, `labels` class indices in [0, K).
     """
-    seed = _check_sampling(n0, n, alpha, bound, seed)
-    if alpha_split not in ALPHA_SPLITS:
-        raise ValueError(f"`alpha_split` must be one of {ALPHA_SPLITS}, got {alpha_split!r}.")
-    prototypes = _check_prototypes(prototypes)
+    seed = check_sampling(n0, n, alpha, bound, seed)
+    check_choice("alpha_split", alpha_split, ALPHA_SPLITS)
+    prototypes = check_prototypes(prototypes)
     num_classes = prototypes.shape[0]
     tower = as_smoothed_tower(model_or_tower, sigma, autocast_dtype)
     dtype = _compute_dtype(tower)
     inputs_list = to_image_inputs(tower, images, input_space=input_space, image_grid_thw=image_grid_thw, image_size=image_size)
-    labels = _check_labels(labels, len(inputs_list), num_classes)
+    labels = check_labels(labels, len(inputs_list), num_classes)
     blanks = _blank_features(tower, inputs_list)  # one clean pass: checks the feature width before any noise
     if any(b.numel() != prototypes.shape[1] for b in blanks):
         raise ValueError(f"`prototypes` have dim {prototypes.shape[1]}, the features have "

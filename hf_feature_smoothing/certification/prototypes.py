@@ -12,6 +12,7 @@ from tqdm.auto import tqdm
 
 from ..modeling_smoothed_tower import SmoothedVisionTower
 from ..utils.atomic import atomic_path
+from .arguments import check_prototypes
 
 
 PROTOTYPES_KEY = "prototypes"
@@ -80,3 +81,35 @@ def save_prototypes(prototypes: torch.Tensor, path: str | os.PathLike, *, class_
               **{k: json.dumps(v) for k, v in metadata.items()}}
     with atomic_path(path) as tmp:
         save_file({PROTOTYPES_KEY: prototypes.contiguous()}, str(tmp), metadata=header)
+
+
+def load_prototypes(path: str | os.PathLike, name: str | None = None, width: int | None = None) -> torch.Tensor:
+    """The `(K, F)` prototypes of a file written by [`save_prototypes`] (any safetensors file with a `prototypes`
+    tensor), checked as [`certify_prediction`] checks them (K ≥ 2, finite, no zero row; F = `width` when given).
+    Errors name the file (or `name`, e.g. `--prototypes <path>`)."""
+    from safetensors.torch import load_file
+
+    name = name or str(path)
+    try:
+        tensors = load_file(path)
+    except Exception as error:  # noqa: BLE001  (safetensors raises its own error types)
+        raise ValueError(f"{name}: not a readable safetensors file ({type(error).__name__}: {error}); write it with "
+                         f"`hf-fs prototypes` or `save_prototypes`.") from None
+    if PROTOTYPES_KEY not in tensors:
+        raise ValueError(f"{name}: no `{PROTOTYPES_KEY}` tensor (found {sorted(tensors)}); save the (K, F) class "
+                         f"prototypes under that name.")
+    prototypes = tensors[PROTOTYPES_KEY]
+    check_prototypes(prototypes, name, width)
+    return prototypes
+
+
+def feature_width(tower: SmoothedVisionTower, image_size: int | None = None) -> int:
+    """F, the width of the (primary) unit feature of one image that [`certify_prediction`] compares with
+    prototypes: one clean pass on a grey image of `image_size` (default: the model's resolution)."""
+    from PIL import Image
+
+    size = image_size or tower.adapter.default_image_size()
+    inputs = tower.adapter.preprocess([Image.new("RGB", (size, size), (128, 128, 128))], image_size)
+    device = next(tower.encoder.parameters()).device
+    with torch.no_grad():
+        return tower.clean_unit_features(inputs.with_pixels(inputs.pixel_values.to(device)))[-1].numel()

@@ -1,35 +1,45 @@
-"""Option types and option groups shared by the `hf-fs` commands: every bad value is an error naming the option and
-the value."""
+"""Option types, option groups and option checks shared by the `hf-fs` commands: every bad value is an error naming
+the option and the value (exit status 2), found before a run file, a header or a lock is written. Ranges come from
+the API (`errors.Range` objects defined next to the functions the options feed)."""
 
 import argparse
-import math
+from pathlib import Path
 
 import torch
 
+from ..errors import SEED, Range
+from ..runs import RunError
+from ..runs.plotting import PLOT_SUFFIXES
 from .loading import SHIPPED_BOOSTER
 
 
-def number(kind: type, low: float | None = None, high: float | None = None, *, low_open: bool = False,
+DTYPES = ("float32", "bfloat16", "float16")
+
+
+class OptionError(RunError):
+    """A bad option value or combination, found before anything is written: `hf-fs` prints it and exits with 2."""
+
+
+class Parser(argparse.ArgumentParser):
+    """`hf-fs` parsers: a bad option is one line on stderr (`hf-fs <command>: error: ...`) and exit status 2."""
+
+    def error(self, message: str):
+        self.exit(2, f"{self.prog}: error: {message} (see `{self.prog} --help`)\n")
+
+
+def number(kind: type | Range, low: float | None = None, high: float | None = None, *, low_open: bool = False,
            high_open: bool = False):
-    """An argparse `type` parsing a finite `kind` (int or float) in the given range."""
-    if low is not None and high is not None:
-        wanted = f"in {'(' if low_open else '['}{low}, {high}{')' if high_open else ']'}"
-    elif low is not None:
-        wanted = f"{'>' if low_open else '≥'} {low}"
-    else:
-        wanted = ""
+    """An argparse `type` parsing a finite int or float in a range: an API `Range`, or `kind` and the bounds."""
+    spec = kind if isinstance(kind, Range) else Range(kind, low, high, low_open, high_open)
 
     def parse(text: str):
         try:
-            value = kind(text)
+            value = spec.kind(text)
         except ValueError:
-            raise argparse.ArgumentTypeError(f"{text!r} is not {'an integer' if kind is int else 'a number'}") from None
-        bad = not math.isfinite(value)
-        bad |= low is not None and (value < low or (low_open and value == low))
-        bad |= high is not None and (value > high or (high_open and value == high))
-        if bad:
-            raise argparse.ArgumentTypeError(f"{text!r}: must be a finite {'integer' if kind is int else 'number'} "
-                                             f"{wanted}".rstrip())
+            raise argparse.ArgumentTypeError(
+                f"{text!r} is not {'an integer' if spec.kind is int else 'a number'}") from None
+        if not spec.contains(value):
+            raise argparse.ArgumentTypeError(f"{text!r}: must be {spec.describe()}{spec.hint().rstrip('.')}")
         return value
 
     return parse
@@ -88,3 +98,70 @@ def add_images(parser: argparse.ArgumentParser) -> None:
 def add_verbosity(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--verbosity", default="info", choices=["debug", "info", "warning", "error"],
                         help="log level of hf_feature_smoothing messages")
+
+
+def add_run(parser: argparse.ArgumentParser, output: str, chunk_size: Range) -> None:
+    """The `run` group of `certify` and `attack`: output, plot, resume, seed, device, dtype, chunk size."""
+    from ..configuration_feature_smoothing import FeatureSmoothingConfig
+
+    run = parser.add_argument_group("run")
+    run.add_argument("--output", default=output,
+                     help="the run file (.jsonl): a header with every parameter, then one row per image; resumed "
+                          "when it exists and its parameters match")
+    run.add_argument("--plot", default=None, help="plot file (.png, .pdf or .svg); default: --output with .png")
+    run.add_argument("--overwrite", action="store_true",
+                     help="start a new run in --output even if it holds one with other parameters (the old file is "
+                          "kept as <output>.bak)")
+    run.add_argument("--repair", action="store_true",
+                     help="move lines of --output that are not valid rows to <output>.corrupt and continue")
+    run.add_argument("--seed", type=number(SEED), default=None,
+                     help="seed of all noise: a row depends only on (seed, image, parameters); default: a fresh "
+                          "seed, recorded in the run header and reused when the run is resumed")
+    run.add_argument("--device", type=torch_device, default=None,
+                     help="torch device; default: accelerate's device for this process (cuda:<local rank> on GPUs, "
+                          "else cpu)")
+    run.add_argument("--dtype", default="float32", choices=DTYPES,
+                     help="compute dtype of the tower passes (autocast); certificates then cover the encoder as "
+                          "computed in that dtype. bfloat16 only where the CPU/GPU supports it, float16 on CUDA")
+    run.add_argument("--chunk-size", type=number(chunk_size), default=None,
+                     help=f"noisy copies per tower call (memory vs speed; with a seed, certificates do not depend "
+                          f"on it); default: the model's own (a smoothed model's `smoothing_config.chunk_size`), "
+                          f"else {FeatureSmoothingConfig.chunk_size}")
+    add_verbosity(run)
+
+
+def check_run_options(args) -> None:
+    """Checks of the `run` options that involve several options or the machine (before anything is written)."""
+    output = Path(args.output)
+    if output.suffix.lower() != ".jsonl":
+        raise OptionError(f"--output {args.output}: rows are written as JSON lines, so the file name must end in "
+                          f".jsonl (the plot goes to --plot, by default {output.with_suffix('.png').name}).")
+    if output.is_dir():
+        raise OptionError(f"--output {args.output}: is a folder; name a .jsonl file.")
+    plot = Path(args.plot) if args.plot else output.with_suffix(".png")
+    if plot.suffix.lower() not in PLOT_SUFFIXES:
+        raise OptionError(f"--plot {plot}: must end in one of {', '.join(PLOT_SUFFIXES)}.")
+    if plot.resolve() == output.resolve() or plot.is_dir():
+        raise OptionError(f"--plot {plot}: must be a file other than --output {args.output}.")
+    args.plot = str(plot)
+    if args.images and args.label_column is not None:
+        raise OptionError(f"--label-column {args.label_column}: labels come from a --dataset column; --images "
+                          f"{args.images} has none.")
+    device = torch.device(args.device) if args.device else None
+    if device is not None and device.type == "cuda":
+        if not torch.cuda.is_available():
+            raise OptionError(f"--device {args.device}: CUDA is not available on this machine; use --device cpu.")
+        if device.index is not None and device.index >= torch.cuda.device_count():
+            raise OptionError(f"--device {args.device}: this machine has {torch.cuda.device_count()} CUDA "
+                              f"device(s).")
+    on_cuda = device.type == "cuda" if device is not None else torch.cuda.is_available()
+    if args.dtype == "float16" and not on_cuda:
+        raise OptionError("--dtype float16: only on CUDA devices; use --dtype float32 (or bfloat16 where "
+                          "supported).")
+    if args.dtype == "bfloat16":
+        from ..hardware import bf16_supported
+
+        if not bf16_supported("cuda" if on_cuda else "cpu"):
+            raise OptionError(f"--dtype bfloat16: not supported on this {'GPU' if on_cuda else 'CPU'}; use --dtype "
+                              f"float32.")
+

@@ -1,0 +1,197 @@
+"""`hf-fs certify`: certify every image of a folder or dataset (feature certificates, or prediction certificates with
+--prototypes) in a resumable, locked run file, then plot and summarise it. Defaults, ranges and checks are the API's
+(`certification.arguments`); every value is checked before the run file, its header or its lock is written."""
+
+import time
+from pathlib import Path
+
+from ..certification import REFERENCES, certify, certify_prediction
+from ..certification.arguments import (
+    ALPHA,
+    CHUNK_SIZE,
+    DEFAULTS,
+    EPSILON,
+    SAMPLES,
+    SIGMA,
+    TARGET_COSINE,
+    TARGET_RADIUS,
+    TAU,
+    check_sequential,
+    target_score,
+)
+from ..certification.prototypes import feature_width, load_prototypes
+from ..configuration_feature_smoothing import FeatureSmoothingConfig
+from ..noise import fresh_seed
+from ..runs import Run, RunError, Shard, UnreadableImage
+from ..runs.fingerprints import file_sha256
+from ..runs.report import RunGroup, plot_group, summary_lines
+from ..statistics.bounds import CONFIDENCE_BOUNDS
+from .loading import load_model, open_source
+from .options import HelpFormatter, OptionError, add_images, add_model, add_run, check_run_options, number
+from .running import model_params, progress, run_info, skip_row, smoothed_tower
+
+
+OPTION_NAMES = {"target_cosine": "--target-cosine", "target_radius": "--target-radius", "epsilon": "--epsilon",
+                "tau": "--tau", "bound": "--bound", "sigma": "--sigma"}
+
+
+def register_subcommand(subparsers) -> None:
+    c = subparsers.add_parser("certify", formatter_class=HelpFormatter,
+                              help="certify images (feature cosine, or predictions with --prototypes); resumable run "
+                                   "file + plot",
+                              description="Certify the smoothed encoder on every image: FCSB(ε) and radii (or "
+                                          "certified predictions with --prototypes), one JSONL row per image.")
+    add_model(c, "booster adapter folder or Hub repo id, loaded into the model before certifying")
+    add_images(c)
+    c.add_argument("--prototypes", default=None,
+                   help="safetensors file with a `prototypes` (K, F) tensor: certify argmax-cosine predictions")
+    c.add_argument("--sigma", type=number(SIGMA), default=None,
+                   help=f"noise std in [0, 1] pixel units; default: the model's own (a smoothed model's "
+                        f"`smoothing_config.sigma`), else {FeatureSmoothingConfig.sigma}")
+    c.add_argument("--epsilon", type=number(EPSILON), nargs="+", default=list(DEFAULTS["epsilon"]),
+                   help="ℓ2 budgets (pixel [0, 1] units) for FCSB(ε)")
+    c.add_argument("--tau", type=number(TAU), nargs="+", default=list(DEFAULTS["tau"]),
+                   help="cosine thresholds for the certified radii")
+    c.add_argument("--n0", type=number(SAMPLES), default=DEFAULTS["n0"],
+                   help="selection samples (reference direction or predicted class), never reused for estimation")
+    c.add_argument("--n", type=number(SAMPLES), default=DEFAULTS["n"], help="estimation samples")
+    c.add_argument("--alpha", type=number(ALPHA), default=DEFAULTS["alpha"],
+                   help="failure probability of each certificate")
+    c.add_argument("--bound", default=DEFAULTS["bound"], choices=list(CONFIDENCE_BOUNDS),
+                   help="one-sided confidence bound")
+    c.add_argument("--reference", default=DEFAULTS["reference"], choices=list(REFERENCES),
+                   help="reference direction v of the score: f(x) (`clean`) or the smoothed feature (`smoothed`)")
+    c.add_argument("--target-cosine", type=number(TARGET_COSINE), default=None,
+                   help="sequential certification: stop sampling once FCSB(ε) ≥ this at every --epsilon (betting "
+                        "bound; --n is then the most samples)")
+    c.add_argument("--target-radius", type=number(TARGET_RADIUS), default=None,
+                   help="sequential certification: stop sampling once R_τ ≥ this at every --tau (betting bound)")
+    add_run(c, "outputs/certify.jsonl", CHUNK_SIZE)
+    c.set_defaults(func=run)
+
+
+def check_options(args) -> None:
+    """Checks between options that need no model (the API's own rules, with the options' names)."""
+    check_run_options(args)
+    targets = [f"{name} {value:g}" for name, value in (("--target-cosine", args.target_cosine),
+                                                         ("--target-radius", args.target_radius)) if value is not None]
+    if args.prototypes and targets:
+        raise OptionError(f"{' / '.join(targets)}: sequential targets apply to feature certificates (FCSB(ε), "
+                          f"R_τ), not to prediction certificates (--prototypes {args.prototypes}); drop the target, "
+                          f"or drop --prototypes to certify features.")
+    try:  # the bound and the epsilon / tau lists; the reach at σ is checked once the model is loaded
+        check_sequential(args.target_cosine, args.target_radius, args.epsilon, args.tau, args.bound,
+                         names=OPTION_NAMES)
+    except ValueError as error:
+        raise OptionError(str(error)) from None
+
+
+def check_model_options(args, tower, prototypes, source) -> None:
+    """Checks that need the loaded model: a target within reach at its σ, prototypes of its feature width."""
+    if args.target_cosine is not None or args.target_radius is not None:
+        try:
+            target_score(args.target_cosine, args.target_radius, args.epsilon, args.tau, tower.sigma, args.bound,
+                         names=OPTION_NAMES)
+        except ValueError as error:
+            raise OptionError(str(error)) from None
+    if prototypes is not None:
+        num_classes = getattr(source, "num_classes", None)
+        if num_classes is not None and num_classes > prototypes.shape[0]:
+            raise OptionError(f"--prototypes {args.prototypes}: {prototypes.shape[0]} classes, but --label-column "
+                              f"{source.label_column} has {num_classes}; compute prototypes for every class "
+                              f"(`hf-fs prototypes` on the same labelled set).")
+        width = feature_width(tower, args.image_size)
+        if prototypes.shape[1] != width:
+            raise OptionError(f"--prototypes {args.prototypes}: {prototypes.shape[1]} features per class, but "
+                              f"--model {args.model} gives {width} at "
+                              f"{f'--image-size {args.image_size}' if args.image_size else 'its default image size'}: "
+                              f"they were computed with another model, booster or image size; recompute them with "
+                              f"`hf-fs prototypes` and the same --model / --booster / --image-size.")
+
+
+def _check_label(item, prototypes, label_column: str | None) -> int | None:
+    if prototypes is None or item.label is None:
+        return None
+    label = item.label
+    if isinstance(label, bool) or not isinstance(label, int) or not 0 <= label < prototypes.shape[0]:
+        raise RunError(f"--label-column {label_column}: row {item.key} has label {label!r}, but --prototypes has "
+                       f"{prototypes.shape[0]} classes (labels must be integers 0..{prototypes.shape[0] - 1}).")
+    return label
+
+
+def _print_summary(rows: list[dict], params: dict, output: str) -> None:
+    ok = [r for r in rows if r["status"] == "ok"]
+    skipped = [r for r in rows if r["status"] == "skipped"]
+    group = RunGroup("certify", params, [Path(output)], ok, skipped)
+    if ok and group.kind == "feature" and len(ok) <= 50:
+        print(f"σ={params['sigma']} ({ok[0]['noise_space']}), n={params['n']}, α={params['alpha']}, "
+              f"bound={params['bound']}, reference={params['reference']}, seed={params['seed']}")
+        header = "".join(f"  FCSB@{e:<6g}" for e in params["epsilon"])
+        print(f"{'image':<24}{'S':>7}{'S_low':>8}{header}")
+        for r in ok:
+            cells = "".join(f"  {'none' if b is None else f'{b:.4f}':<11}" for b in r["fcsb"])
+            print(f"{r['key'][:23]:<24}{r['score']:7.4f}{r['score_lower']:8.4f}{cells}")
+    print("\n".join(summary_lines(group)))
+    for r in skipped:
+        print(f"skipped {r['key']}: {r['reason']}")
+
+
+def run(args) -> int:
+    check_options(args)
+    prototypes = None
+    if args.prototypes:
+        try:
+            prototypes = load_prototypes(args.prototypes, name=f"--prototypes {args.prototypes}")
+        except (TypeError, ValueError) as error:
+            raise OptionError(str(error)) from None
+    source = open_source(args)
+    shard = Shard.from_accelerate(args.device)
+    model = load_model(args.model, args.booster).to(shard.device)
+    tower = smoothed_tower(model, args)
+    check_model_options(args, tower, prototypes, source)
+    params = {**model_params(args, model), "source": source.description, "sigma": tower.sigma,
+              "n0": args.n0, "n": args.n, "alpha": args.alpha, "bound": args.bound, "seed": args.seed,
+              "dtype": args.dtype, "image_size": args.image_size, "device": shard.device.type,
+              "max_image_pixels": args.max_image_pixels}
+    if prototypes is None:
+        params.update(prototypes=None, epsilon=args.epsilon, tau=args.tau, reference=args.reference,
+                      target_cosine=args.target_cosine, target_radius=args.target_radius)
+    else:
+        params.update(prototypes={"sha256": file_sha256(args.prototypes), "shape": list(prototypes.shape)})
+    with Run(args.output, "certify", shard, overwrite=args.overwrite, repair=args.repair) as run:
+        run.lock()
+        run.open(params, run_info(shard), resolve={"seed": fresh_seed})
+        seed = run.params["seed"]
+        common = dict(n0=args.n0, n=args.n, alpha=args.alpha, bound=args.bound, seed=seed, image_size=args.image_size)
+        indices = shard.indices(len(source))
+        with progress(shard, len(indices), "certify") as bar:
+            for item in source.items(indices):
+                bar.update()
+                if item.key in run.done:
+                    continue
+                start = time.perf_counter()
+                try:
+                    image = item.load()
+                except UnreadableImage as error:
+                    run.append(skip_row(item, error))
+                    continue
+                if prototypes is None:
+                    (cert,) = certify(tower, [image], epsilon=args.epsilon, tau=args.tau, reference=args.reference,
+                                      target_cosine=args.target_cosine, target_radius=args.target_radius, **common)
+                else:
+                    label = _check_label(item, prototypes, getattr(source, "label_column", None))
+                    (cert,) = certify_prediction(tower, [image], prototypes, None if label is None else [label],
+                                                 **common)
+                values = {k: v for k, v in cert.to_dict().items() if k != "index"}
+                run.append({"key": item.key, "index": item.index, "status": "ok", "model": args.model, **values,
+                            "elapsed_s": round(time.perf_counter() - start, 4)})
+        rows = run.finish()
+        params = run.params
+    if rows is None:  # not rank 0
+        return 0
+    ok = [r for r in rows if r["status"] == "ok"]
+    group = RunGroup("certify", params, [Path(args.output)], ok)
+    plotted = plot_group(group, args.plot)
+    _print_summary(rows, params, args.output)
+    print(f"rows: {args.output}" + (f"  plot: {args.plot}" if plotted else ""))
+    return 0

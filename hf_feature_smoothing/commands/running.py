@@ -1,0 +1,55 @@
+"""Pieces shared by the run commands (`certify`, `attack`): the tower as the options ask for it, the run header's
+machine information and model fingerprint, progress bars and rows for unreadable images."""
+
+import dataclasses
+import socket
+import sys
+import time
+
+import torch
+from tqdm.auto import tqdm
+
+from ..certification import as_smoothed_tower
+from ..logging_utils import get_logger
+from ..modeling_smoothed_tower import SmoothedVisionTower
+from ..runs import Shard, UnreadableImage
+from ..runs.fingerprints import weights_fingerprint
+
+
+logger = get_logger("hf_feature_smoothing.cli")  # the name `hf-fs` messages have always had
+
+
+def smoothed_tower(model, args) -> SmoothedVisionTower:
+    """The model's smoothed tower at --sigma, --dtype and --chunk-size (each None / float32: the model's own); the
+    model's own tower is never modified (another setting gives a new tower over the same encoder)."""
+    tower = as_smoothed_tower(model, args.sigma, None if args.dtype == "float32" else args.dtype)
+    if args.chunk_size is not None and args.chunk_size != tower.config.chunk_size:
+        tower = SmoothedVisionTower(tower.encoder, dataclasses.replace(tower.config, chunk_size=args.chunk_size))
+    return tower
+
+
+def run_info(shard: Shard) -> dict:
+    import accelerate
+    import transformers
+
+    from ..version import __version__
+
+    return {"created": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "host": socket.gethostname(), "argv": sys.argv,
+            "processes": shard.world, "versions": {"hf_feature_smoothing": __version__, "torch": torch.__version__,
+                                                   "transformers": transformers.__version__,
+                                                   "accelerate": accelerate.__version__}}
+
+
+def model_params(args, model) -> dict:
+    return {"model": args.model, "model_revision": getattr(getattr(model, "config", None), "_commit_hash", None),
+            "booster": args.booster, "model_weights": weights_fingerprint(model)}
+
+
+def progress(shard: Shard, count: int, desc: str):
+    return tqdm(total=count, desc=desc if shard.world == 1 else f"{desc} [rank {shard.rank}/{shard.world}]",
+                disable=not shard.is_main)
+
+
+def skip_row(item, error: UnreadableImage) -> dict:
+    logger.warning(f"{item.key}: skipped, unreadable ({error}).")
+    return {"key": item.key, "index": item.index, "status": "skipped", "reason": str(error)}
