@@ -87,7 +87,8 @@ class FeatureSmoothingConfig:
         sigma (`float`, *optional*, defaults to 0.25):
             Standard deviation σ of the Gaussian noise, in [0, 1] pixel units. Certified radii scale linearly with σ.
         num_samples (`int`, *optional*, defaults to 8):
-            Number of noisy copies n averaged in the forward pass (the paper's n0 = 8 at inference).
+            Number of noisy copies averaged in the forward pass (8 at inference in the paper). Not `n0`, which in
+            this library always means the selection samples of `certify` (Cohen et al.).
         chunk_size (`int`, *optional*, defaults to 16):
             Most images (noisy copies × images in the batch) sent through the tower in one call; bounds memory.
         autocast_dtype (`str`, *optional*):

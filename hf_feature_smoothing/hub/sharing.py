@@ -151,7 +151,7 @@ def build_model_card(
         booster_cell = config.booster or "—"
         if config.booster_config is not None:
             booster_cell = f"{config.booster or 'adapter'} (`{config.booster_config['adapter_name']}`, in the weights)"
-        table = "| σ | n₀ (forward samples) | seed | smoothed features | booster |\n|---|---|---|---|---|\n"
+        table = "| σ | n (forward samples, `num_samples`) | seed | smoothed features | booster |\n|---|---|---|---|---|\n"
         table += (f"| {config.sigma} | {config.num_samples} | {config.seed} | {config.smoothed_features} | "
                   f"{booster_cell} |\n\nThe complete smoothing configuration (`feature_smoothing`), as saved:\n\n"
                   f"```json\n{json.dumps(config.to_dict(), indent=1, sort_keys=True)}\n```")
