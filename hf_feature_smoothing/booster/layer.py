@@ -9,14 +9,12 @@ from peft.tuners.tuners_utils import BaseTunerLayer
 from torch import nn
 
 from ..towers import BoosterGeometry
+from ..towers.processor import PixelStats
 from .configuration_booster import FeatureBoosterConfig
 from .layout import GridProbe
 from .mapper import GSBMapper
 from .purifier import PixelPurifier, frames_to_patches, patches_to_frames
 from .registration import PARAMETER_PREFIX
-
-
-PixelStats = tuple[tuple[float, ...], tuple[float, ...]]
 
 
 class BoosterTunerLayer(nn.Module, BaseTunerLayer):
