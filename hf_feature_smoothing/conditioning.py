@@ -8,8 +8,7 @@ from collections.abc import Iterator, Sequence
 
 from torch import nn
 
-
-PixelStats = tuple[tuple[float, ...], tuple[float, ...]]
+from .towers.processor import PixelStats
 
 
 class NoiseConditioned:
@@ -34,7 +33,7 @@ def set_noise_condition(model: nn.Module, sigma: float, image_mean: Sequence[flo
                         image_std: Sequence[float] | None = None) -> ConditionState:
     """Condition every [`NoiseConditioned`] module of `model` on noise level `sigma` and the processor's pixel
     `image_mean` / `image_std`; returns the previous state for [`restore_noise_condition`]."""
-    stats = None if image_mean is None or image_std is None else (tuple(image_mean), tuple(image_std))
+    stats = None if image_mean is None or image_std is None else PixelStats(tuple(image_mean), tuple(image_std))
     state = [(module, module.noise_level, module.pixel_stats) for module in conditioned_modules(model)]
     for module, _, _ in state:
         module.noise_level, module.pixel_stats = float(sigma), stats

@@ -104,11 +104,6 @@ class SmoothedVisionTower(nn.Module):
     def sigma(self) -> float:
         return self.config.sigma
 
-    @property
-    def _pixel_stats(self) -> tuple[tuple[float, ...], tuple[float, ...]]:
-        """The processor's mean / std: a booster's pixel purifier maps pixels to [0, 1] with them."""
-        return self.adapter.image_mean, self.adapter.image_std
-
     # ----- noise -------------------------------------------------------------------------------------------------
     def _generator(self, device: torch.device) -> torch.Generator | None:
         if self.config.seed is None:
@@ -198,7 +193,7 @@ class SmoothedVisionTower(nn.Module):
     @contextlib.contextmanager
     def _compute_context(self, device: torch.device):
         with contextlib.ExitStack() as stack:
-            stack.enter_context(noise_condition(self.encoder, self.sigma, *self._pixel_stats))  # condition on σ
+            stack.enter_context(noise_condition(self.encoder, self.sigma, *self.adapter.pixel_stats))  # condition on σ
             if not torch.is_grad_enabled():
                 stack.enter_context(torch.inference_mode())
             if self.config.autocast_dtype is not None:
@@ -353,7 +348,7 @@ class SmoothedVisionTower(nn.Module):
         inputs = self.adapter.inputs_from_call(args, kwargs)
         # copy #1 runs in the model's own call: condition boosters on σ
         self._call = _SmoothedCall(inputs, booster_levels=set_noise_condition(self.encoder, self.sigma,
-                                                                                *self._pixel_stats))
+                                                                                *self.adapter.pixel_stats))
         noisy = self.add_noise(inputs, 1)
         return self.adapter.replace_call_pixels(args, kwargs, noisy.pixel_values)
 

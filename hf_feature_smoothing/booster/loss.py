@@ -90,7 +90,7 @@ class GSBLoss(nn.Module):
 
     @property
     def pixel_stats(self) -> tuple[tuple[float, ...], tuple[float, ...]]:
-        return self.tower.adapter.image_mean, self.tower.adapter.image_std
+        return self.tower.adapter.pixel_stats
 
     def sigma_at(self, step: int) -> float:
         return self.sigmas[random.Random(f"{self.seed}|sigma|{step}").randrange(len(self.sigmas))]

@@ -202,6 +202,11 @@ class TowerAdapter(ABC):
         return tuple(self.config.image_std or (self._fallback.std if self._fallback else self.default_image_std))
 
     @property
+    def pixel_stats(self) -> PixelStats:
+        """`(image_mean, image_std)` as used now: a booster's pixel purifier maps pixels to [0, 1] with them."""
+        return PixelStats(self.image_mean, self.image_std)
+
+    @property
     def capturing(self) -> bool:
         """True while the tower runs inside `encode`: smoothing hooks must pass features through unchanged."""
         return id(self.tower()) in _CAPTURING

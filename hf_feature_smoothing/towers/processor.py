@@ -7,6 +7,7 @@ checkpoint: `processor_config.json` (transformers ≥ 5 nests them under `"image
 
 import json
 import os
+from collections.abc import Sequence
 from typing import NamedTuple
 
 import torch
@@ -63,14 +64,10 @@ def read_processor_settings(path: str | os.PathLike, **hub_kwargs) -> dict:
 
 
 class PixelStats(NamedTuple):
-    """The normalisation statistics smoothing uses (as found: lists or tuples) and where they come from."""
+    """A processor's normalisation statistics, the pixel space noise is drawn in: `(image_mean, image_std)`."""
 
-    mean: list[float]
-    std: list[float]
-    source: str  # "config", "processing_class", the processor file read, or FAMILY_DEFAULT
-
-
-FAMILY_DEFAULT = "family default"
+    mean: Sequence[float]
+    std: Sequence[float]
 
 
 def processor_stats(processor) -> dict:
@@ -96,26 +93,23 @@ def resolve_pixel_stats(family: str, image_mean=None, image_std=None, *, process
     """
     from . import TOWER_ADAPTERS
 
-    found, source = {"image_mean": image_mean, "image_std": image_std}, "config"
+    found = {"image_mean": image_mean, "image_std": image_std}
 
-    def take(values: dict, name: str) -> bool:
-        nonlocal source
+    def take(values: dict) -> bool:
         taken = {k: values[k] for k in found if found[k] is None and values.get(k) is not None}
         found.update(taken)
-        source = name if taken else source
         return bool(taken)
 
     if processor is not None:
-        take(processor_stats(processor), "processing_class")
+        take(processor_stats(processor))
     if any(v is None for v in found.values()) and (settings is not None or path):
         files = settings if settings is not None else read_processor_settings(path, **hub_kwargs)
-        if take(files, files.get("source")):
+        if take(files):
             logger.info(f"Smoothing `{path}` with the processor statistics of {files['source']}: "
                         f"image_mean={found['image_mean']}, image_std={found['image_std']}.")
     if any(v is None for v in found.values()):
         default = dict(zip(found, default or TOWER_ADAPTERS[family].family_default_stats(family)))
         found = {k: v if v is not None else list(default[k]) for k, v in found.items()}
-        source = FAMILY_DEFAULT
         where = (f"`{path}` has no `image_mean` / `image_std` in processor_config.json or preprocessor_config.json"
                  if path else "No `image_mean` / `image_std` in the smoothing config, a processor or a checkpoint")
         (logger.warning_once if once else logger.warning)(
@@ -124,7 +118,7 @@ def resolve_pixel_stats(family: str, image_mean=None, image_std=None, *, process
             "pixel space: load with `from_pretrained` (it reads processor_config.json / preprocessor_config.json) "
             "or pass them: `smoothing={'image_mean': [...], 'image_std': [...]}`."
         )
-    return PixelStats(found["image_mean"], found["image_std"], source)
+    return PixelStats(found["image_mean"], found["image_std"])
 
 
 def _size_dict(size, square: bool) -> dict:
