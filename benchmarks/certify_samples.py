@@ -32,7 +32,7 @@ from hf_feature_smoothing import FeatureSmoothingConfig, SmoothedVisionTower
 from hf_feature_smoothing.assets import load_dinov2_small, skimage_photos, textile_images
 from hf_feature_smoothing.certification import certify, estimate_feature_mean
 from hf_feature_smoothing.certification.inputs import to_image_inputs
-from hf_feature_smoothing.noise import SeededNoise, image_fingerprint
+from hf_feature_smoothing.smoothing.noise import SeededNoise, image_fingerprint
 from hf_feature_smoothing.statistics.betting import BettingTest, betting_lower_bound
 from hf_feature_smoothing.statistics.bounds import (
     empirical_bernstein_lower_bound,

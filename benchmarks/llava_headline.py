@@ -29,9 +29,9 @@ from hf_feature_smoothing.assets.labelled_images import digit_answer, digit_exam
 from hf_feature_smoothing.assets.llava_dinov2_smollm2 import llava_checkpoint, prompt_text
 from hf_feature_smoothing.attacks.text import answer_attack
 from hf_feature_smoothing.commands.loading import resolve_booster
-from hf_feature_smoothing.hardware import bf16_supported
 from hf_feature_smoothing.runs.runner import Run
 from hf_feature_smoothing.statistics.aggregates import bootstrap_ci
+from hf_feature_smoothing.utils.hardware import bf16_supported
 
 
 BUDGETS = [("linf", 4 / 255), ("linf", 8 / 255), ("linf", 16 / 255), ("l2", 2.0)]

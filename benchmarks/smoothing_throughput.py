@@ -15,8 +15,8 @@ import time
 import torch
 
 from hf_feature_smoothing import FeatureSmoothingConfig, SmoothedVisionTower
+from hf_feature_smoothing.smoothing.towers import ImageInputs
 from hf_feature_smoothing.testing_utils import tiny_inputs, tiny_model, tiny_smoothed_model
-from hf_feature_smoothing.towers import ImageInputs
 
 
 def timed(fn, repeats: int) -> float:

@@ -5,9 +5,7 @@ method with PEFT and with the smoothed models, and the Hub I/O of smoothed tower
 from .booster import GSBConfig, GSBModel, GSBTrainer, add_booster, booster_noise_level
 from .booster.loading import load_booster
 from .certification import certify, certify_prediction
-from .configuration_feature_smoothing import FeatureSmoothingConfig
 from .hub import push_certified_to_hub, save_certified
-from .modeling_smoothed_tower import SmoothedVisionTower
 from .models import (
     SMOOTHED_MODEL_CLASSES,
     SmoothedLlavaConfig,
@@ -19,7 +17,9 @@ from .models import (
     SmoothedQwen3VLConfig,
     SmoothedQwen3VLForConditionalGeneration,
 )
-from .towers import TOWER_ADAPTERS, ImageInputs, TowerAdapter, get_tower_adapter, register_tower_adapter
+from .smoothing.configuration_feature_smoothing import FeatureSmoothingConfig
+from .smoothing.modeling_smoothed_tower import SmoothedVisionTower
+from .smoothing.towers import TOWER_ADAPTERS, ImageInputs, TowerAdapter, get_tower_adapter, register_tower_adapter
 from .utils.deprecation import deprecated_aliases
 from .version import __version__
 

@@ -1,26 +1,11 @@
-"""What the hardware does fast: bf16 only where it is native (on AVX2-only CPUs bf16 autocast is ~7× slower)."""
+"""Deprecated path: `hf_feature_smoothing.hardware` moved to `hf_feature_smoothing.utils.hardware` in 0.2.0. This name is an alias of that module (the same module object)
+and warns once; it will be removed in a later release."""
 
-import functools
-from pathlib import Path
+import sys
+import warnings
 
-import torch
-
-
-@functools.cache
-def _cpu_flags() -> frozenset[str]:
-    try:
-        text = Path("/proc/cpuinfo").read_text()
-    except OSError:
-        return frozenset()
-    line = next((line for line in text.splitlines() if line.startswith("flags")), "")
-    return frozenset(line.partition(":")[2].split())
+from .utils import hardware as _module
 
 
-def bf16_supported(device: str | torch.device = "cpu") -> bool:
-    """True where bf16 math is native: CUDA devices that report it, CPUs with AVX512-BF16 or AMX-BF16."""
-    device = torch.device(device)
-    if device.type == "cuda":
-        return torch.cuda.is_available() and torch.cuda.is_bf16_supported()
-    if device.type == "cpu":
-        return bool({"avx512_bf16", "amx_bf16"} & _cpu_flags())
-    return False
+warnings.warn("`hf_feature_smoothing.hardware` moved to `hf_feature_smoothing.utils.hardware`; import it from there.", FutureWarning, stacklevel=2)
+sys.modules[__name__] = _module

@@ -1,12 +1,11 @@
-"""Logging goes through `transformers.logging` when it is installed (it always is for the model code)."""
+"""Deprecated path: `hf_feature_smoothing.logging_utils` moved to `hf_feature_smoothing.utils.logging` in 0.2.0. This name is an alias of that module (the same module object)
+and warns once; it will be removed in a later release."""
 
-import logging
+import sys
+import warnings
+
+from .utils import logging as _module
 
 
-def get_logger(name: str) -> logging.Logger:
-    """Return the library logger, shared with `transformers.logging` verbosity controls."""
-    try:
-        from transformers.utils import logging as hf_logging
-    except ImportError:  # statistics-only use without transformers
-        return logging.getLogger(name)
-    return hf_logging.get_logger(name)
+warnings.warn("`hf_feature_smoothing.logging_utils` moved to `hf_feature_smoothing.utils.logging`; import it from there.", FutureWarning, stacklevel=2)
+sys.modules[__name__] = _module

@@ -3,7 +3,7 @@
 import torch
 import transformers as tf
 
-from .towers import ImageInputs
+from .smoothing.towers import ImageInputs
 
 
 TINY_FAMILIES = ("llava", "qwen2_vl", "qwen2_5_vl", "qwen3_vl")
@@ -58,8 +58,8 @@ def tiny_inputs(model: torch.nn.Module, num_images: int = 1, seed: int = 0, text
     """Processor-like inputs for `model` (stock or smoothed): `input_ids`, `attention_mask`, `pixel_values` (and
     `image_grid_thw` for Qwen), images drawn uniformly in [0, 1] pixel space and normalised with the family's
     mean/std. Random images are fine for random weights."""
-    from .configuration_feature_smoothing import FeatureSmoothingConfig
-    from .towers import get_tower_adapter
+    from .smoothing.configuration_feature_smoothing import FeatureSmoothingConfig
+    from .smoothing.towers import get_tower_adapter
 
     generator = torch.Generator().manual_seed(seed)
     config = model.config
@@ -89,8 +89,8 @@ def tiny_inputs(model: torch.nn.Module, num_images: int = 1, seed: int = 0, text
 def tiny_smoothed_model(family: str, weights_seed: int = 0, image_size: int = 56, **smoothing) -> tf.PreTrainedModel:
     """A tiny stock model of `family` (weights from `weights_seed`) wrapped as its smoothed model type; `smoothing`
     are `FeatureSmoothingConfig` fields."""
-    from .configuration_feature_smoothing import FeatureSmoothingConfig
     from .models import SMOOTHED_MODEL_CLASSES
+    from .smoothing.configuration_feature_smoothing import FeatureSmoothingConfig
 
     stock = tiny_model(family, weights_seed, image_size)
     cls = SMOOTHED_MODEL_CLASSES[family]

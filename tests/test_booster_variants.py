@@ -15,8 +15,8 @@ from hf_feature_smoothing.booster import GSBPurifierLayer, booster_layers, boost
 from hf_feature_smoothing.booster.layout import batched_layout, flat_layout
 from hf_feature_smoothing.booster.loading import remove_boosters
 from hf_feature_smoothing.booster.purifier import frames_to_patches, patches_to_frames
+from hf_feature_smoothing.smoothing.towers import ImageInputs
 from hf_feature_smoothing.testing_utils import IMAGE_TOKEN_ID, TINY_FAMILIES, tiny_inputs, tiny_smoothed_model
-from hf_feature_smoothing.towers import ImageInputs
 
 
 ENCODERS = ("dinov2", "vit", "clip_vision_model", "siglip_vision_model")
@@ -256,7 +256,7 @@ def test_qwen_patch_rows_reassemble_into_the_image():
     geometry = adapter.booster_geometry()
     frames = patches_to_frames(inputs.pixel_values, inputs.image_grid_thw, geometry)
     mean, std = (torch.tensor(v).view(3, 1, 1) for v in (adapter.image_mean, adapter.image_std))
-    from hf_feature_smoothing.towers.base import _pil_to_tensor
+    from hf_feature_smoothing.smoothing.towers.base import _pil_to_tensor
 
     for frame, image in zip(frames, (picture, picture.transpose(0))):
         assert frame.shape == (2, 3, 56, 56)  # temporal_patch_size copies of the still image

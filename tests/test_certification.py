@@ -9,8 +9,8 @@ from hf_feature_smoothing import FeatureSmoothingConfig, SmoothedVisionTower
 from hf_feature_smoothing.attacks import feature_attack, pgd_feature_attack
 from hf_feature_smoothing.certification import as_smoothed_tower, certify, certify_prediction
 from hf_feature_smoothing.certification.certificates import FeatureCertificate
-from hf_feature_smoothing.modeling_smoothed_tower import NoisyCopies
-from hf_feature_smoothing.noise import SeededNoise, image_fingerprint
+from hf_feature_smoothing.smoothing.modeling_smoothed_tower import NoisyCopies
+from hf_feature_smoothing.smoothing.noise import SeededNoise, image_fingerprint
 from hf_feature_smoothing.statistics.bounds import fcsb, normal_ppf
 from hf_feature_smoothing.testing_utils import tiny_inputs, tiny_model
 
@@ -283,7 +283,7 @@ def test_bfloat16_autocast_is_recorded_and_warns_on_cpus_without_support(monkeyp
     (float32,) = certify(model, inputs, sigma=0.25, n=16, n0=8, seed=0)
     assert float32.dtype == "float32" and float32.score != certificate.score  # computed in another dtype
     monkeypatch.setattr(torch.ops.mkldnn, "_is_mkldnn_bf16_supported", lambda: False)
-    from hf_feature_smoothing.logging_utils import get_logger
+    from hf_feature_smoothing.utils.logging import get_logger
 
     logger = get_logger("hf_feature_smoothing.certification.certify")
     logger.propagate = True

@@ -176,7 +176,7 @@ def test_output_plot_and_device_checks(tmp_path, monkeypatch, capsys, args, mess
 
 
 def test_dtype_is_recorded_and_checked(image_folder, tmp_path, capsys):
-    from hf_feature_smoothing.hardware import bf16_supported
+    from hf_feature_smoothing.utils.hardware import bf16_supported
 
     if not bf16_supported("cpu"):
         assert main(["certify", *TINY, "--dtype", "bfloat16", "--output", str(tmp_path / "b.jsonl")]) == 2

@@ -10,7 +10,7 @@ import hf_feature_smoothing.commands.certify as certify_command
 from hf_feature_smoothing import FeatureSmoothingConfig, SmoothedVisionTower
 from hf_feature_smoothing.certification import certify
 from hf_feature_smoothing.cli import main
-from hf_feature_smoothing.errors import check_seed
+from hf_feature_smoothing.utils.validation import check_seed
 
 from .toy_encoders import ToyEncoder, toy_image
 

@@ -8,8 +8,8 @@ import torch
 from PIL import Image
 
 import hf_feature_smoothing as hfs
+from hf_feature_smoothing.smoothing.towers.processor import read_processor_settings
 from hf_feature_smoothing.testing_utils import tiny_model
-from hf_feature_smoothing.towers.processor import read_processor_settings
 
 
 def _photo(width: int = 93, height: int = 70) -> Image.Image:

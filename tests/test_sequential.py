@@ -61,8 +61,8 @@ def test_sequential_arguments_are_checked(kwargs, match):
 
 def test_cli_certifies_sequentially_in_the_fastest_supported_dtype(image_folder, tmp_path):
     from hf_feature_smoothing.cli import main
-    from hf_feature_smoothing.hardware import bf16_supported
     from hf_feature_smoothing.runs.records import read_run
+    from hf_feature_smoothing.utils.hardware import bf16_supported
 
     dtype = "bfloat16" if bf16_supported("cpu") else "float32"  # bf16 is refused on CPUs without native support
     out = tmp_path / "cert.jsonl"

@@ -181,7 +181,7 @@ def test_one_seed_scheme_reproduces_every_stream():
     import hashlib
     import random
 
-    from hf_feature_smoothing.noise import SeededNoise, derive_digest, derive_seed
+    from hf_feature_smoothing.smoothing.noise import SeededNoise, derive_digest, derive_seed
 
     def old(message: str) -> bytes:
         return hashlib.sha256(message.encode() + b"abc").digest()

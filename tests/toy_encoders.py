@@ -6,9 +6,9 @@ from types import SimpleNamespace
 import torch
 from torch import nn
 
+from hf_feature_smoothing.smoothing.towers import register_tower_adapter
+from hf_feature_smoothing.smoothing.towers.vision import VisionEncoderAdapter
 from hf_feature_smoothing.statistics.bounds import normal_cdf
-from hf_feature_smoothing.towers import register_tower_adapter
-from hf_feature_smoothing.towers.vision import VisionEncoderAdapter
 
 
 @register_tower_adapter

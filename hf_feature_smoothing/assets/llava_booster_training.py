@@ -22,9 +22,9 @@ import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from ..logging_utils import get_logger
 from ..utils.atomic import write_atomically
 from ..utils.locking import RunLock
+from ..utils.logging import get_logger
 from ..version import __version__
 
 

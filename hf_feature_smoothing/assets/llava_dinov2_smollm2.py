@@ -16,8 +16,8 @@ from pathlib import Path
 
 import torch
 
-from ..logging_utils import get_logger
 from ..utils.atomic import write_atomically
+from ..utils.logging import get_logger
 from .cache import cached_folder
 from .real_data import load_dinov2_small
 from .smollm2 import load_smollm2

@@ -15,8 +15,8 @@ from torch import nn
 from tqdm.auto import tqdm
 from transformers import Trainer, TrainingArguments
 
-from ..logging_utils import get_logger
 from ..utils.atomic import atomic_path
+from ..utils.logging import get_logger
 from ..version import __version__
 from .labelled_images import VQAExample, digit_examples, textile_examples
 from .llava_dinov2_smollm2 import IMAGE_TOKEN, build_llava, prompt_text
@@ -156,7 +156,7 @@ def train_projector(output_dir: str | os.PathLike, *, max_steps: int = 600, batc
     held-out answer accuracy. Resumes from the last checkpoint in `output_dir` unless `resume=False`. `bf16`
     (default: where the hardware has native bf16) trains under bf16 autocast; the projector is stored in float32.
     """
-    from ..hardware import bf16_supported
+    from ..utils.hardware import bf16_supported
 
     device = "cuda" if torch.cuda.is_available() else "cpu"
     bf16 = bf16_supported(device) if bf16 is None else bf16

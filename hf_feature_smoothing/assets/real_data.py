@@ -10,9 +10,9 @@ from pathlib import Path
 
 import torch
 
-from ..logging_utils import get_logger
 from ..utils.atomic import folder_lock, write_atomically
 from ..utils.images import decode
+from ..utils.logging import get_logger
 from .cache import cached_folder
 
 

@@ -5,7 +5,7 @@ once into a plain `LlamaForCausalLM` + tokenizer cached as safetensors. Install 
 import os
 from pathlib import Path
 
-from ..logging_utils import get_logger
+from ..utils.logging import get_logger
 from .cache import cached_folder
 from .real_data import _package_dir
 

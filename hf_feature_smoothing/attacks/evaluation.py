@@ -7,10 +7,10 @@ import torch
 from torch import nn
 
 from ..certification import certify
-from ..errors import check_seed
-from ..modeling_smoothed_tower import SmoothedVisionTower
-from ..noise import derive_seed, image_fingerprint
-from ..towers import ImageInputs
+from ..smoothing.modeling_smoothed_tower import SmoothedVisionTower
+from ..smoothing.noise import derive_seed, image_fingerprint
+from ..smoothing.towers import ImageInputs
+from ..utils.validation import check_seed
 from .feature import _features, feature_attack
 
 

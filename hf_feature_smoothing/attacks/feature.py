@@ -8,9 +8,9 @@ from torch import nn
 
 from ..certification.certify import as_smoothed_tower
 from ..certification.inputs import to_image_inputs
-from ..errors import POSITIVE_INT, Range, check_positive_int
-from ..modeling_smoothed_tower import SmoothedVisionTower
-from ..towers import ImageInputs
+from ..smoothing.modeling_smoothed_tower import SmoothedVisionTower
+from ..smoothing.towers import ImageInputs
+from ..utils.validation import POSITIVE_INT, Range, check_positive_int
 from .optim import NORMS, perturbation_norms, run_batched_attack
 
 

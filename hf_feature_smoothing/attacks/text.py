@@ -5,9 +5,9 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from ..configuration_feature_smoothing import FeatureSmoothingConfig
-from ..errors import check_images
-from ..towers import ImageInputs, TowerAdapter, base_model_type, get_tower_adapter
+from ..smoothing.configuration_feature_smoothing import FeatureSmoothingConfig
+from ..smoothing.towers import ImageInputs, TowerAdapter, base_model_type, get_tower_adapter
+from ..utils.validation import check_images
 from .feature import _check_attack, perturbation_norm, run_attack
 from .optim import perturbation_norms, run_batched_attack
 

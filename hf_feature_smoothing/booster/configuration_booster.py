@@ -7,10 +7,10 @@ from dataclasses import dataclass, field
 from peft import PeftConfig
 from peft.utils import PeftType
 
-from ..configuration_feature_smoothing import FeatureSmoothingConfig
-from ..errors import check_finite_positive
 from ..models.registry import SMOOTHED_MODEL_CLASSES
+from ..smoothing.configuration_feature_smoothing import FeatureSmoothingConfig
 from ..utils.deprecation import deprecated_aliases
+from ..utils.validation import check_finite_positive
 from .registration import PEFT_TYPE_NAME, extend_peft_type
 
 

@@ -20,8 +20,8 @@ from collections.abc import Sequence
 import torch
 from transformers import TrainerCallback
 
-from ..noise import derive_digest
-from ..towers import TowerAdapter
+from ..smoothing.noise import derive_digest
+from ..smoothing.towers import TowerAdapter
 from ..utils.images import load_image
 
 

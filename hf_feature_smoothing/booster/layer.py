@@ -8,7 +8,7 @@ import torch
 from peft.tuners.tuners_utils import BaseTunerLayer
 from torch import nn
 
-from ..conditioning import (
+from ..smoothing.conditioning import (
     ConditionState,
     NoiseConditioned,
     PixelStats,
@@ -16,7 +16,7 @@ from ..conditioning import (
     restore_noise_condition,
     set_noise_condition,
 )
-from ..towers import BoosterGeometry
+from ..smoothing.towers import BoosterGeometry
 from ..utils.deprecation import deprecated_aliases
 from .configuration_booster import GSBConfig
 from .layout import GridProbe
@@ -27,7 +27,7 @@ from .registration import PARAMETER_PREFIX
 
 class GSBLayer(nn.Module, BaseTunerLayer, NoiseConditioned):
     """
-    Common part of the booster's tuner layers, [`~hf_feature_smoothing.conditioning.NoiseConditioned`]:
+    Common part of the booster's tuner layers, [`~hf_feature_smoothing.smoothing.conditioning.NoiseConditioned`]:
     `noise_level` is the σ the booster is conditioned on (smoothing sets it around every tower pass, see
     [`booster_noise_level`]); at 0 every booster is the identity.
     `pixel_stats` are the processor's (mean, std) that smoothing uses to map pixels to [0, 1].
@@ -216,7 +216,7 @@ def booster_names(model: nn.Module) -> list[str]:
                    for name in getattr(layer, part)})
 
 
-# the booster is conditioned through the core protocol (`hf_feature_smoothing.conditioning`); the booster-named
+# the booster is conditioned through the core protocol (`hf_feature_smoothing.smoothing.conditioning`); the booster-named
 # entry points stay for code written against earlier versions
 BoosterState = ConditionState
 set_booster_condition = set_noise_condition
@@ -227,7 +227,7 @@ def booster_noise_level(model: nn.Module, sigma: float, image_mean: Sequence[flo
                         image_std: Sequence[float] | None = None) -> contextlib.AbstractContextManager[None]:
     """Condition every booster in `model` on noise level `sigma` (pixel [0, 1] units) inside the block; a purifier
     also needs the processor's `image_mean` / `image_std` to map pixels to [0, 1]. The booster-named form of
-    [`~hf_feature_smoothing.conditioning.noise_condition`]."""
+    [`~hf_feature_smoothing.smoothing.conditioning.noise_condition`]."""
     return noise_condition(model, sigma, image_mean, image_std)
 
 # names of 0.1.0 (the `FeatureBooster*` stem), kept as aliases that warn once

@@ -6,7 +6,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from ..towers import BoosterGeometry
+from ..smoothing.towers import BoosterGeometry
 
 
 @dataclass

@@ -15,12 +15,12 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from ..configuration_feature_smoothing import FeatureSmoothingConfig
-from ..logging_utils import get_logger
 from ..models.booster_support import BoosterSupport
 from ..models.modeling_smoothed import make_smoothed
 from ..models.registry import SMOOTHED_MODEL_CLASSES
-from ..towers import base_model_type
+from ..smoothing.configuration_feature_smoothing import FeatureSmoothingConfig
+from ..smoothing.towers import base_model_type
+from ..utils.logging import get_logger
 from ..utils.tensors import check_finite
 from .configuration_booster import GSBConfig
 from .layer import booster_layers, booster_names, unwrap_boosters

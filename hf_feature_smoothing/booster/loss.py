@@ -7,11 +7,11 @@ from collections.abc import Iterator, Sequence
 import torch
 from torch import nn
 
-from ..configuration_feature_smoothing import FeatureSmoothingConfig
-from ..errors import check_finite_positive, check_positive_int
-from ..modeling_smoothed_tower import SmoothedVisionTower
-from ..noise import derive_digest, image_fingerprint
-from ..towers import ImageInputs
+from ..smoothing.configuration_feature_smoothing import FeatureSmoothingConfig
+from ..smoothing.modeling_smoothed_tower import SmoothedVisionTower
+from ..smoothing.noise import derive_digest, image_fingerprint
+from ..smoothing.towers import ImageInputs
+from ..utils.validation import check_finite_positive, check_positive_int
 from .layer import GSBPurifierLayer, booster_layers, booster_noise_level
 
 

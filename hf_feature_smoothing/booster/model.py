@@ -5,10 +5,10 @@ from peft.tuners.tuners_utils import BaseTuner
 from peft.utils import register_peft_method
 from torch import nn
 
-from ..configuration_feature_smoothing import FeatureSmoothingConfig
-from ..logging_utils import get_logger
-from ..towers import TOWER_ADAPTERS, BoosterGeometry, base_model_type, get_tower_adapter
+from ..smoothing.configuration_feature_smoothing import FeatureSmoothingConfig
+from ..smoothing.towers import TOWER_ADAPTERS, BoosterGeometry, base_model_type, get_tower_adapter
 from ..utils.deprecation import deprecated_aliases
+from ..utils.logging import get_logger
 from .configuration_booster import GSBConfig
 from .layer import GSBLayer, GSBMapperLayer, GSBPurifierLayer, booster_layers, unwrap_boosters
 from .loading import check_booster_state_dict, load_booster, record_smoothing, restore_smoothing

@@ -5,7 +5,7 @@ function. Also the conversions between a family's pixel layout and image batches
 import torch
 from torch import nn
 
-from ..towers import BoosterGeometry
+from ..smoothing.towers import BoosterGeometry
 from ..utils.deprecation import deprecated_aliases
 from .mapper import film_head, noise_embedding
 

@@ -8,9 +8,9 @@ from safetensors.torch import load_file
 from torch import nn
 from transformers import Trainer, TrainingArguments
 
-from ..configuration_feature_smoothing import FeatureSmoothingConfig
-from ..logging_utils import get_logger
-from ..towers.processor import processor_stats
+from ..smoothing.configuration_feature_smoothing import FeatureSmoothingConfig
+from ..smoothing.towers.processor import processor_stats
+from ..utils.logging import get_logger
 from .data import EpochCallback, GSBCollator, RandomCropFlip
 from .layer import booster_layers
 from .loading import save_booster_adapter

@@ -9,9 +9,9 @@ import numbers
 import torch
 from torch import nn
 
-from ..errors import ALPHA, POSITIVE_INT, SEED, Range, _label, check_alpha, check_positive_int, check_seed
-from ..noise import fresh_seed
+from ..smoothing.noise import fresh_seed
 from ..statistics.bounds import CONFIDENCE_BOUNDS, score_for_certificate
+from ..utils.validation import ALPHA, POSITIVE_INT, SEED, Range, _label, check_alpha, check_positive_int, check_seed
 
 
 __all__ = [

@@ -5,7 +5,7 @@ rather than the direction every image shares (for DINOv2's CLS feature a uniform
 import torch
 from torch import nn
 
-from ..towers import ImageInputs
+from ..smoothing.towers import ImageInputs
 from .certify import as_smoothed_tower
 from .inputs import to_image_inputs, tower_device
 

@@ -9,11 +9,11 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from ..configuration_feature_smoothing import FeatureSmoothingConfig
-from ..errors import check_finite_positive
-from ..logging_utils import get_logger
-from ..modeling_smoothed_tower import NoisyCopies, SmoothedVisionTower
-from ..noise import BLOCK, SeededNoise, image_fingerprint
+from ..smoothing.configuration_feature_smoothing import FeatureSmoothingConfig
+from ..smoothing.modeling_smoothed_tower import NoisyCopies, SmoothedVisionTower
+from ..smoothing.noise import BLOCK, SeededNoise, image_fingerprint
+from ..smoothing.towers import TOWER_ADAPTERS, ImageInputs
+from ..smoothing.towers.processor import resolve_pixel_stats
 from ..statistics.betting import BettingTest
 from ..statistics.bounds import (
     certified_radius,
@@ -24,8 +24,8 @@ from ..statistics.bounds import (
     prediction_radius,
     upper_confidence_bound,
 )
-from ..towers import TOWER_ADAPTERS, ImageInputs
-from ..towers.processor import resolve_pixel_stats
+from ..utils.logging import get_logger
+from ..utils.validation import check_finite_positive
 from .arguments import (
     ALPHA_SPLITS,
     DEFAULTS,

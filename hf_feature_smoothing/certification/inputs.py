@@ -4,9 +4,9 @@ input. Shared by certification, attacks and feature centring."""
 
 import torch
 
-from ..errors import check_images
-from ..modeling_smoothed_tower import SmoothedVisionTower
-from ..towers import ImageInputs
+from ..smoothing.modeling_smoothed_tower import SmoothedVisionTower
+from ..smoothing.towers import ImageInputs
+from ..utils.validation import check_images
 
 
 INPUT_SPACES = ("processed", "pixel")

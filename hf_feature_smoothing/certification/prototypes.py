@@ -10,7 +10,7 @@ from safetensors.torch import save_file
 from torch import nn
 from tqdm.auto import tqdm
 
-from ..modeling_smoothed_tower import SmoothedVisionTower
+from ..smoothing.modeling_smoothed_tower import SmoothedVisionTower
 from ..utils.atomic import atomic_path
 from .arguments import check_prototypes
 

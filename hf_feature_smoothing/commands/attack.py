@@ -10,11 +10,11 @@ from ..attacks.evaluation import attack_rows
 from ..attacks.feature import NOISE_DRAWS, STEPS
 from ..attacks.optim import ALGORITHMS, NORMS
 from ..certification.arguments import ALPHA, CHUNK_SIZE, DEFAULTS, EPSILON, SAMPLES, SIGMA
-from ..configuration_feature_smoothing import FeatureSmoothingConfig
-from ..noise import fresh_seed
 from ..runs import Run, Shard, UnreadableImage
 from ..runs.fingerprints import weights_fingerprint
 from ..runs.report import RunGroup, plot_group, summary_lines
+from ..smoothing.configuration_feature_smoothing import FeatureSmoothingConfig
+from ..smoothing.noise import fresh_seed
 from ..statistics.bounds import CONFIDENCE_BOUNDS
 from .loading import load_model, open_source
 from .options import HelpFormatter, add_images, add_model, add_run, check_run_options, number

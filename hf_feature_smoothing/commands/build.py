@@ -3,7 +3,7 @@
 
 import json
 
-from ..errors import SEED
+from ..utils.validation import SEED
 from .options import HelpFormatter, add_verbosity, number
 
 

@@ -20,11 +20,11 @@ from ..certification.arguments import (
     target_score,
 )
 from ..certification.prototypes import feature_width, load_prototypes
-from ..configuration_feature_smoothing import FeatureSmoothingConfig
-from ..noise import fresh_seed
 from ..runs import Run, RunError, Shard, UnreadableImage
 from ..runs.fingerprints import file_sha256
 from ..runs.report import RunGroup, plot_group, summary_lines
+from ..smoothing.configuration_feature_smoothing import FeatureSmoothingConfig
+from ..smoothing.noise import fresh_seed
 from ..statistics.bounds import CONFIDENCE_BOUNDS
 from .loading import load_model, open_source
 from .options import HelpFormatter, OptionError, add_images, add_model, add_run, check_run_options, number

@@ -36,8 +36,8 @@ def load_model(name: str, booster: str | None = None):
         else:
             from transformers import AutoConfig, AutoModelForImageTextToText
 
-            from ..modeling_smoothed_tower import SmoothedVisionTower
             from ..models import SMOOTHED_MODEL_CLASSES
+            from ..smoothing.modeling_smoothed_tower import SmoothedVisionTower
 
             hub = {}
             if name == "llava-dinov2-smollm2":

@@ -7,9 +7,9 @@ from pathlib import Path
 
 import torch
 
-from ..errors import SEED, Range
 from ..runs import RunError
 from ..runs.plotting import PLOT_SUFFIXES
+from ..utils.validation import SEED, Range
 from .loading import SHIPPED_BOOSTER
 
 
@@ -102,7 +102,7 @@ def add_verbosity(parser: argparse.ArgumentParser) -> None:
 
 def add_run(parser: argparse.ArgumentParser, output: str, chunk_size: Range) -> None:
     """The `run` group of `certify` and `attack`: output, plot, resume, seed, device, dtype, chunk size."""
-    from ..configuration_feature_smoothing import FeatureSmoothingConfig
+    from ..smoothing.configuration_feature_smoothing import FeatureSmoothingConfig
 
     run = parser.add_argument_group("run")
     run.add_argument("--output", default=output,
@@ -159,7 +159,7 @@ def check_run_options(args) -> None:
         raise OptionError("--dtype float16: only on CUDA devices; use --dtype float32 (or bfloat16 where "
                           "supported).")
     if args.dtype == "bfloat16":
-        from ..hardware import bf16_supported
+        from ..utils.hardware import bf16_supported
 
         if not bf16_supported("cuda" if on_cuda else "cpu"):
             raise OptionError(f"--dtype bfloat16: not supported on this {'GPU' if on_cuda else 'CPU'}; use --dtype "

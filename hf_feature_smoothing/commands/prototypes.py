@@ -5,7 +5,7 @@ import dataclasses
 from pathlib import Path
 
 from ..certification.arguments import SIGMA
-from ..errors import POSITIVE_INT, SEED
+from ..utils.validation import POSITIVE_INT, SEED
 from .loading import load_model, open_source
 from .options import HelpFormatter, OptionError, add_images, add_model, add_verbosity, number, torch_device
 
@@ -49,7 +49,7 @@ def run(args) -> int:
 
     from ..certification.certify import as_smoothed_tower
     from ..certification.prototypes import class_prototypes, save_prototypes
-    from ..modeling_smoothed_tower import SmoothedVisionTower
+    from ..smoothing.modeling_smoothed_tower import SmoothedVisionTower
 
     check_options(args)
     source = open_source(args)

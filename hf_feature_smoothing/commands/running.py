@@ -10,10 +10,10 @@ import torch
 from tqdm.auto import tqdm
 
 from ..certification import as_smoothed_tower
-from ..logging_utils import get_logger
-from ..modeling_smoothed_tower import SmoothedVisionTower
 from ..runs import Shard, UnreadableImage
 from ..runs.fingerprints import weights_fingerprint
+from ..smoothing.modeling_smoothed_tower import SmoothedVisionTower
+from ..utils.logging import get_logger
 
 
 logger = get_logger("hf_feature_smoothing.cli")  # the name `hf-fs` messages have always had

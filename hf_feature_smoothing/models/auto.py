@@ -14,9 +14,9 @@ from collections.abc import Iterator
 
 from transformers import AutoConfig, AutoModelForImageTextToText, PreTrainedConfig
 
-from ..logging_utils import get_logger
-from ..towers import TOWER_ADAPTERS
+from ..smoothing.towers import TOWER_ADAPTERS
 from ..utils.atomic import recover_if_local
+from ..utils.logging import get_logger
 from .registry import SMOOTHED_MODEL_CLASSES
 
 

@@ -1,6 +1,6 @@
 """Config side of the smoothed model types: `feature_smoothing` holds the live `FeatureSmoothingConfig`."""
 
-from ..configuration_feature_smoothing import FeatureSmoothingConfig
+from ..smoothing.configuration_feature_smoothing import FeatureSmoothingConfig
 
 
 class SmoothedConfigMixin:

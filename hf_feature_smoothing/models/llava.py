@@ -3,7 +3,7 @@
 from huggingface_hub.dataclasses import strict
 from transformers import LlavaConfig, LlavaForConditionalGeneration
 
-from ..configuration_feature_smoothing import FeatureSmoothingConfig
+from ..smoothing.configuration_feature_smoothing import FeatureSmoothingConfig
 from .configuration_smoothed import SmoothedConfigMixin
 from .modeling_smoothed import FeatureSmoothingMixin
 from .registry import register_smoothed_model

@@ -5,11 +5,11 @@ import os
 
 from transformers import AutoConfig, PreTrainedConfig, PreTrainedModel
 
-from ..configuration_feature_smoothing import FeatureSmoothingConfig
-from ..logging_utils import get_logger
-from ..modeling_smoothed_tower import SmoothedVisionTower, hub_io
-from ..towers.processor import HUB_KWARGS, read_processor_settings, resolve_pixel_stats
+from ..smoothing.configuration_feature_smoothing import FeatureSmoothingConfig
+from ..smoothing.modeling_smoothed_tower import SmoothedVisionTower, hub_io
+from ..smoothing.towers.processor import HUB_KWARGS, read_processor_settings, resolve_pixel_stats
 from ..utils.atomic import recover_if_local
+from ..utils.logging import get_logger
 from ..utils.tensors import check_finite
 from .auto import loading_smoothed_checkpoint, smoothing_argument
 from .booster_support import booster_support

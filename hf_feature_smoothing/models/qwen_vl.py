@@ -10,7 +10,7 @@ from transformers import (
     Qwen3VLForConditionalGeneration,
 )
 
-from ..configuration_feature_smoothing import FeatureSmoothingConfig
+from ..smoothing.configuration_feature_smoothing import FeatureSmoothingConfig
 from .configuration_smoothed import SmoothedConfigMixin
 from .modeling_smoothed import FeatureSmoothingMixin
 from .registry import register_smoothed_model

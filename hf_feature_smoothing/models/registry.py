@@ -5,7 +5,7 @@ other part reads (the Auto `smoothing=` path, the CLI, towers loaded from a stoc
 from transformers import AutoConfig, AutoModelForImageTextToText, PreTrainedConfig, PreTrainedModel
 from transformers.conversion_mapping import get_checkpoint_conversion_mapping, register_checkpoint_conversion_mapping
 
-from ..towers import SMOOTHED_PREFIX
+from ..smoothing.towers import SMOOTHED_PREFIX
 
 
 # stock `model_type` (the tower family, e.g. "llava") -> its smoothed model class; filled by `register_smoothed_model`

@@ -12,12 +12,12 @@ from pathlib import Path
 
 from transformers import AutoConfig, AutoModel, AutoModelForImageTextToText
 
-from ..configuration_feature_smoothing import FeatureSmoothingConfig
-from ..logging_utils import get_logger
-from ..modeling_smoothed_tower import register_hub_io
-from ..towers import TOWER_ADAPTERS
-from ..towers.processor import HUB_KWARGS
+from ..smoothing.configuration_feature_smoothing import FeatureSmoothingConfig
+from ..smoothing.modeling_smoothed_tower import register_hub_io
+from ..smoothing.towers import TOWER_ADAPTERS
+from ..smoothing.towers.processor import HUB_KWARGS
 from ..utils.atomic import recover_if_local
+from ..utils.logging import get_logger
 from .auto import loading_smoothed_checkpoint, smoothing_argument
 from .booster_support import booster_support
 from .modeling_smoothed import check_loaded_weights, fill_processor_settings

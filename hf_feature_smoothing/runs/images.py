@@ -9,9 +9,9 @@ from dataclasses import dataclass
 from itertools import zip_longest
 from pathlib import Path
 
-from ..logging_utils import get_logger
 from ..utils.errors import RunError
 from ..utils.images import UnreadableImage, decode, encoded_image, to_rgb
+from ..utils.logging import get_logger
 
 
 logger = get_logger(__name__)

@@ -9,9 +9,9 @@ import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from ..logging_utils import get_logger
 from ..utils.atomic import write_atomically
 from ..utils.errors import RunError
+from ..utils.logging import get_logger
 
 
 logger = get_logger(__name__)

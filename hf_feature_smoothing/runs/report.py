@@ -4,10 +4,10 @@ import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from ..logging_utils import get_logger
 from ..statistics.advisories import advisories_for
 from ..statistics.aggregates import certified_accuracy, certified_cosine
 from ..utils.errors import RunError
+from ..utils.logging import get_logger
 from .records import describe_differences, dumps, read_run
 
 

@@ -5,10 +5,10 @@ import os
 from collections.abc import Callable
 from pathlib import Path
 
-from ..logging_utils import get_logger
 from ..utils.atomic import write_atomically
 from ..utils.errors import RunError
 from ..utils.locking import RunLock, lock_path
+from ..utils.logging import get_logger
 from .records import (
     RowWriter,
     RunContents,

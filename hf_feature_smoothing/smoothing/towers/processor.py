@@ -12,9 +12,9 @@ from typing import NamedTuple
 
 import torch
 
+from ...utils.images import to_rgb
+from ...utils.logging import get_logger
 from ..configuration_feature_smoothing import IMAGE_PROCESSOR_KEYS
-from ..logging_utils import get_logger
-from ..utils.images import to_rgb
 
 
 logger = get_logger(__name__)

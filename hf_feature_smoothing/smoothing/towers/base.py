@@ -7,9 +7,9 @@ from dataclasses import dataclass, replace
 import torch
 from torch import nn
 
+from ...utils.images import to_rgb
+from ...utils.logging import get_logger
 from ..configuration_feature_smoothing import FeatureSmoothingConfig
-from ..logging_utils import get_logger
-from ..utils.images import to_rgb
 from .processor import PixelStats, processor_pixels, resolve_pixel_stats
 
 

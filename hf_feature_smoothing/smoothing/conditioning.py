@@ -1,0 +1,61 @@
+"""The noise-conditioning protocol between smoothing and the modules it drives. A module that behaves differently
+under noise (the booster's tuner layers) subclasses [`NoiseConditioned`]; smoothing sets every such module's noise
+level σ (pixel [0, 1] units) and the processor's pixel statistics around each tower pass, without knowing what the
+module is. This keeps the smoothing core free of any booster import."""
+
+import contextlib
+from collections.abc import Iterator, Sequence
+
+from torch import nn
+
+from .towers.processor import PixelStats
+
+
+class NoiseConditioned:
+    """
+    Mixin of modules conditioned on the smoothing noise: `noise_level` is the σ they act for (0: not under smoothing)
+    and `pixel_stats` the processor's (mean, std) that map their input pixels to [0, 1] (None when unknown).
+    """
+
+    noise_level: float = 0.0
+    pixel_stats: PixelStats | None = None
+
+
+ConditionState = list[tuple[NoiseConditioned, float, PixelStats | None]]
+
+
+def conditioned_modules(model: nn.Module) -> list[NoiseConditioned]:
+    """Every [`NoiseConditioned`] module of `model`."""
+    return [m for m in model.modules() if isinstance(m, NoiseConditioned)]
+
+
+def set_noise_condition(model: nn.Module, sigma: float, image_mean: Sequence[float] | None = None,
+                        image_std: Sequence[float] | None = None) -> ConditionState:
+    """Condition every [`NoiseConditioned`] module of `model` on noise level `sigma` and the processor's pixel
+    `image_mean` / `image_std`; returns the previous state for [`restore_noise_condition`]."""
+    stats = None if image_mean is None or image_std is None else PixelStats(tuple(image_mean), tuple(image_std))
+    state = [(module, module.noise_level, module.pixel_stats) for module in conditioned_modules(model)]
+    for module, _, _ in state:
+        module.noise_level, module.pixel_stats = float(sigma), stats
+    return state
+
+
+def restore_noise_condition(state: ConditionState) -> None:
+    """Undo a [`set_noise_condition`]."""
+    for module, level, stats in state:
+        module.noise_level, module.pixel_stats = level, stats
+
+
+@contextlib.contextmanager
+def noise_condition(model: nn.Module, sigma: float, image_mean: Sequence[float] | None = None,
+                    image_std: Sequence[float] | None = None) -> Iterator[None]:
+    """Condition every [`NoiseConditioned`] module of `model` on noise level `sigma` inside the block."""
+    state = set_noise_condition(model, sigma, image_mean, image_std)
+    try:
+        yield
+    finally:
+        restore_noise_condition(state)
+
+
+__all__ = ["ConditionState", "NoiseConditioned", "PixelStats", "conditioned_modules", "noise_condition",
+           "restore_noise_condition", "set_noise_condition"]
