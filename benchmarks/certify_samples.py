@@ -68,20 +68,20 @@ def fmt(value, digits: int = 3) -> str:
 @torch.inference_mode()
 def draw(tower: SmoothedVisionTower, inputs, sigma: float, seed: int, stream: str, count: int) -> torch.Tensor:
     """Raw (un-normalised) primary features of `count` noisy copies, `(count, F)` float64 on the CPU."""
-    image = tower.adapter.to_image(inputs)
+    image = tower.family.to_image(inputs)
     source = SeededNoise(seed, image_fingerprint(image), stream)
     parts, chunk = [], tower.config.chunk_size
     for start in range(0, count, chunk):
         k = min(chunk, count - start)
         noisy = (image.unsqueeze(0) + sigma * source.sample(start, k, tuple(image.shape), image.device)).flatten(0, 1)
-        repeated = tower.adapter.repeat(inputs, k)
-        parts.append(tower.adapter.encode(repeated.with_pixels(tower.adapter.from_image(noisy, repeated)))[-1])
+        repeated = tower.family.repeat(inputs, k)
+        parts.append(tower.family.encode(repeated.with_pixels(tower.family.from_image(noisy, repeated)))[-1])
     return torch.cat(parts).double().cpu()
 
 
 @torch.inference_mode()
 def clean_raw(tower: SmoothedVisionTower, inputs_list) -> torch.Tensor:
-    return torch.cat([tower.adapter.encode(i)[-1] for i in inputs_list]).double().cpu()
+    return torch.cat([tower.family.encode(i)[-1] for i in inputs_list]).double().cpu()
 
 
 def unit(features: torch.Tensor, center: torch.Tensor | None) -> torch.Tensor:
@@ -343,7 +343,7 @@ def main():
     references += [image for image, _ in textile_images(per_class=2)]
     center = torch.tensor(estimate_feature_mean(tower, references, image_size=size), dtype=torch.float64)
     grey = to_image_inputs(tower, [photos[IMAGES[0]]], image_size=size)[0]
-    grey = grey.with_pixels(tower.adapter.from_image(torch.full_like(tower.adapter.to_image(grey), 0.5), grey))
+    grey = grey.with_pixels(tower.family.from_image(torch.full_like(tower.family.to_image(grey), 0.5), grey))
     blank = clean_raw(tower, [grey])[0]
     unrelated = clean_raw(tower, to_image_inputs(tower, list(skimage_photos(UNRELATED).values()), image_size=size))
     print(f"\nMeaning (smoothed reference from n0 = {N0}, n = {args.sigma_samples}, betting; μ from "

@@ -52,7 +52,7 @@ def clean_cosine(model, images: list, sigma: float) -> float:
     """Mean cosine between the boosted tower's features of the clean images (booster conditioned on σ) and the
     stock tower's (every booster is the identity at σ = 0), all tokens of an image as one vector."""
     tower = model.smoothed_vision_tower
-    adapter = tower.adapter
+    adapter = tower.family
     inputs = adapter.preprocess(images)
 
     def unit(level: float, *stats) -> torch.Tensor:

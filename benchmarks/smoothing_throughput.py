@@ -37,7 +37,7 @@ def compare(name: str, model, inputs: ImageInputs, n: int, repeats: int, autocas
     with torch.inference_mode():
         def raw():
             with ctx():
-                tower.adapter.encode(batch)
+                tower.family.encode(batch)
 
         raw_s = timed(raw, repeats)
         smooth_s = timed(lambda: tower(inputs.pixel_values, inputs.image_grid_thw, num_samples=n), repeats)
@@ -88,7 +88,7 @@ def main():
 
         model = load_dinov2_small().to(args.device)
         tower = SmoothedVisionTower(model)
-        inputs = tower.adapter.preprocess([skimage_photos(("chelsea",))["chelsea"]])
+        inputs = tower.family.preprocess([skimage_photos(("chelsea",))["chelsea"]])
         inputs = ImageInputs(inputs.pixel_values.to(args.device))
         for n in (16, 32):
             compare("DINOv2-S/14 @224 (real)", model, inputs, n, max(1, args.repeats - 1), args.dtype)

@@ -42,7 +42,7 @@ photos = skimage_photos(("coffee", "astronaut", "chelsea"))
 rows, certificates = [], {}
 for name, model in models.items():
     tower = SmoothedVisionTower(model, FeatureSmoothingConfig(sigma=args.sigma, chunk_size=64, seed=0))
-    inputs = [tower.adapter.preprocess([p], args.image_size) for p in photos.values()]
+    inputs = [tower.family.preprocess([p], args.image_size) for p in photos.values()]
     certificates[name] = [certify(tower, x, epsilon=args.epsilon, n=args.n, alpha=args.alpha)[0] for x in inputs]
     variants = [("plain", False), (name, True)] if name == "smoothed" else [(name, True)]
     for variant, smoothed in variants:

@@ -15,7 +15,7 @@ photo = skimage_photos(("coffee",))["coffee"]
 (certificate,) = certify(tower, [photo], epsilon=[0.05, 0.12], n=128, alpha=0.01, reference="clean")  # attacked below
 print(certificate)
 
-inputs = tower.adapter.preprocess([photo])
+inputs = tower.family.preprocess([photo])
 reference = tower.clean_unit_features(inputs)[-1]
 for epsilon, bound in zip(certificate.epsilon, certificate.fcsb):
     attack = pgd_feature_attack(tower, inputs, reference, epsilon, steps=5, eot_samples=4, eval_samples=64)

@@ -153,7 +153,7 @@ def unit(features: torch.Tensor) -> torch.Tensor:
 def measure(model, data: dict, prototypes: torch.Tensor, sigma: float, args) -> dict:
     tower = SmoothedVisionTower(model, FeatureSmoothingConfig(sigma=sigma, chunk_size=64, seed=args.seed,
                                                               num_samples=args.utility_n))
-    adapter = tower.adapter
+    adapter = tower.family
     held_out = adapter.preprocess(data["held_out"], args.image_size)
     certificates = certify(tower, held_out, epsilon=args.epsilon, n=args.n, alpha=args.alpha, seed=args.seed,
                            bound="bernstein", reference="clean",  # the protocol of the baseline table
@@ -238,9 +238,9 @@ def main() -> None:
 
     stock = SmoothedVisionTower(load_dinov2_small())
     with torch.no_grad():
-        prototype_features = unit(stock.adapter.encode(stock.adapter.preprocess(
+        prototype_features = unit(stock.family.encode(stock.family.preprocess(
             [img for img, _ in data["prototype"]], args.image_size))[-1])
-        utility_features = unit(stock.adapter.encode(stock.adapter.preprocess(
+        utility_features = unit(stock.family.encode(stock.family.preprocess(
             [img for img, _ in data["utility"]], args.image_size))[-1])
     prototype_labels = torch.tensor([label for _, label in data["prototype"]])
     prototypes = unit(torch.stack([prototype_features[prototype_labels == c].mean(0)

@@ -19,14 +19,14 @@ from .models import (
 )
 from .smoothing.configuration_feature_smoothing import FeatureSmoothingConfig
 from .smoothing.modeling_smoothed_tower import SmoothedVisionTower
-from .smoothing.towers import TOWER_ADAPTERS, ImageInputs, TowerAdapter, get_tower_adapter, register_tower_adapter
+from .smoothing.towers import TOWER_FAMILIES, ImageInputs, TowerFamily, get_tower_family, register_tower_family
 from .utils.deprecation import deprecated_aliases
 from .version import __version__
 
 
 __all__ = [
     "SMOOTHED_MODEL_CLASSES",
-    "TOWER_ADAPTERS",
+    "TOWER_FAMILIES",
     "FeatureSmoothingConfig",
     "GSBConfig",
     "GSBModel",
@@ -41,18 +41,21 @@ __all__ = [
     "SmoothedQwen3VLConfig",
     "SmoothedQwen3VLForConditionalGeneration",
     "SmoothedVisionTower",
-    "TowerAdapter",
+    "TowerFamily",
     "__version__",
     "add_booster",
     "booster_noise_level",
     "certify",
     "certify_prediction",
-    "get_tower_adapter",
+    "get_tower_family",
     "load_booster",
     "push_certified_to_hub",
-    "register_tower_adapter",
+    "register_tower_family",
     "save_certified",
 ]
 
 # names of 0.1.0 (the `FeatureBooster*` stem), kept as aliases that warn once
-__getattr__ = deprecated_aliases(globals(), {'FeatureBoosterConfig': 'GSBConfig', 'FeatureBoosterModel': 'GSBModel'})
+__getattr__ = deprecated_aliases(globals(), {"FeatureBoosterConfig": "GSBConfig", "FeatureBoosterModel": "GSBModel",
+                                             "TowerAdapter": "TowerFamily", "TOWER_ADAPTERS": "TOWER_FAMILIES",
+                                             "get_tower_adapter": "get_tower_family",
+                                             "register_tower_adapter": "register_tower_family"})

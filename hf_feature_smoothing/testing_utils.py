@@ -59,11 +59,11 @@ def tiny_inputs(model: torch.nn.Module, num_images: int = 1, seed: int = 0, text
     `image_grid_thw` for Qwen), images drawn uniformly in [0, 1] pixel space and normalised with the family's
     mean/std. Random images are fine for random weights."""
     from .smoothing.configuration_feature_smoothing import FeatureSmoothingConfig
-    from .smoothing.towers import get_tower_adapter
+    from .smoothing.towers import get_tower_family
 
     generator = torch.Generator().manual_seed(seed)
     config = model.config
-    adapter = get_tower_adapter(model, FeatureSmoothingConfig())
+    adapter = get_tower_family(model, FeatureSmoothingConfig())
     if hasattr(config, "vision_feature_layer"):  # llava
         size, patch = config.vision_config.image_size, config.vision_config.patch_size
         image = torch.rand(num_images, 3, size, size, generator=generator)

@@ -37,9 +37,9 @@ def test_attacks_never_beat_the_certificate_of_a_purifier_and_mixing_booster(tmp
 
     sigma = 0.25
     tower = SmoothedVisionTower(booster, FeatureSmoothingConfig(sigma=sigma, chunk_size=32, seed=0))
-    inputs = tower.adapter.preprocess([photos["coffee"]], 56)
+    inputs = tower.family.preprocess([photos["coffee"]], 56)
     with torch.no_grad(), booster_noise_level(tower.encoder, 0.0):
-        stock = tower.adapter.encode(inputs)[-1].flatten()
+        stock = tower.family.encode(inputs)[-1].flatten()
     reference = tower.clean_unit_features(inputs)[-1]
     assert torch.nn.functional.cosine_similarity(reference, stock, dim=0) < 0.9999  # the booster is not the identity
     epsilons = [0.1, 0.25]

@@ -65,7 +65,7 @@ def test_lm_term_gradients_flow_through_the_frozen_lm_into_the_booster_only(fami
         param.requires_grad_(True)
     loss = GSBLoss(booster, [0.25], 1, 0.0, 0.0, FeatureSmoothingConfig(), lambda_pixel=0.0, lambda_lm=1.0,
                    lambda_consistency=0.0)
-    batch = GSBCollator(loss.tower.adapter, 56)(list(_rows(family)))
+    batch = GSBCollator(loss.tower.family, 56)(list(_rows(family)))
     value = loss(**batch)
     assert value.item() == pytest.approx(loss.last_terms["lm_kl"]) and value.item() > 0
     value.backward()
@@ -165,7 +165,7 @@ def test_training_images_are_decoded_like_run_images(tmp_path):
     for value in (gray16, {"bytes": None, "path": gray16}, Image.open(gray16)):
         assert (np.asarray(load_image(value)) == expected16[..., None]).all(), type(value)
     run_images = [item.load() for item in FolderImages(tmp_path).items()]
-    adapter = tiny_smoothed_model("llava").smoothed_vision_tower.adapter
+    adapter = tiny_smoothed_model("llava").smoothed_vision_tower.family
     batch = GSBCollator(adapter, 28)([{"image": rotated}, {"image": gray16}])
     assert torch.equal(batch["pixel_values"], adapter.preprocess(run_images, 28).pixel_values)
     with Image.open(gray16) as image:  # a 16-bit PIL image given to the tower is scaled, not clipped, too

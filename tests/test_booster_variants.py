@@ -67,12 +67,12 @@ class Case:
             ids = torch.tensor([[1, *[IMAGE_TOKEN_ID] * 17, 5, 6]] * num_images)  # CLS + 4×4 patches
             image = torch.rand(num_images, 3, 56, 56, generator=torch.Generator().manual_seed(0))
             self.inputs = {"input_ids": ids, "attention_mask": torch.ones_like(ids),
-                           "pixel_values": self.tower.adapter.from_image(image, ImageInputs(image))}
+                           "pixel_values": self.tower.family.from_image(image, ImageInputs(image))}
         else:
             self.model = tiny_encoder(kind)
             self.tower = SmoothedVisionTower(self.model, FeatureSmoothingConfig(num_samples=2, seed=0))
             image = torch.rand(num_images, 3, 32, 32, generator=torch.Generator().manual_seed(0))
-            self.inputs = {"pixel_values": self.tower.adapter.from_image(image, ImageInputs(image))}
+            self.inputs = {"pixel_values": self.tower.family.from_image(image, ImageInputs(image))}
         self.model.requires_grad_(False)  # as PEFT leaves it (SigLIP's pooling attention takes a fast path then)
 
     def output(self) -> torch.Tensor:
@@ -85,7 +85,7 @@ class Case:
     def site(self, sigma: float) -> torch.Tensor:
         """Boosted site features of the clean images at noise level `sigma`."""
         images = {k: v for k, v in self.inputs.items() if k in ("pixel_values", "image_grid_thw")}
-        adapter = self.tower.adapter
+        adapter = self.tower.family
         with torch.no_grad(), booster_noise_level(self.model, sigma, adapter.image_mean, adapter.image_std):
             return adapter.encode(ImageInputs(images["pixel_values"], images.get("image_grid_thw")))[-1]
 
@@ -148,7 +148,7 @@ def test_noise_is_added_before_the_purifier(family):
     inputs = tiny_inputs(model)
     with torch.no_grad():
         model(**inputs)
-    adapter = model.smoothed_vision_tower.adapter
+    adapter = model.smoothed_vision_tower.family
     grid = inputs.get("image_grid_thw")
     clean = adapter.to_image(ImageInputs(inputs["pixel_values"], grid))
     assert [level for _, level in seen] == [sigma, sigma]  # copy #1 in the model's call, then copies 2..4
@@ -172,7 +172,7 @@ def test_purifier_without_pixel_stats_fails_clearly():
     hfs.add_booster(model, GSBConfig(purifier=True))
     _randomise(model)
     with booster_noise_level(model, 0.25), pytest.raises(RuntimeError, match="image_mean / image_std"):
-        model.smoothed_vision_tower.adapter.encode(ImageInputs(tiny_inputs(model)["pixel_values"]))
+        model.smoothed_vision_tower.family.encode(ImageInputs(tiny_inputs(model)["pixel_values"]))
 
 
 @pytest.mark.parametrize("mixing", ["attention", "conv"])
@@ -230,7 +230,7 @@ def test_qwen25_merger_input_is_in_the_window_order_the_layout_assumes():
     model.smoothed_vision_tower.remove()
     with torch.no_grad():
         visual(inputs["pixel_values"], grid_thw=inputs["image_grid_thw"])
-    geometry = model.smoothed_vision_tower.adapter.booster_geometry()
+    geometry = model.smoothed_vision_tower.family.booster_geometry()
     order = geometry.site_order(visual, inputs["image_grid_thw"])
     embed, block = captured["embed"], captured["block"]
     processor = flat_layout(inputs["image_grid_thw"], embed.shape[0], 2, None, embed.device)
@@ -248,7 +248,7 @@ def test_batched_layout_skips_the_cls_token_and_rejects_pooled_sites():
 
 def test_qwen_patch_rows_reassemble_into_the_image():
     model = tiny_smoothed_model("qwen2_vl")
-    adapter = model.smoothed_vision_tower.adapter
+    adapter = model.smoothed_vision_tower.family
     from PIL import Image
 
     picture = Image.fromarray((torch.rand(56, 56, 3, generator=torch.Generator().manual_seed(0)) * 255).byte().numpy())

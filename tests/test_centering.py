@@ -22,7 +22,7 @@ def test_feature_mean_is_per_channel_and_centring_is_applied_per_token(llava):
     model, pixels = llava
     tower = SmoothedVisionTower(model)
     mean = estimate_feature_mean(tower, pixels)
-    raw = tower.adapter.encode(tower.check_inputs(pixels))[-1].reshape(-1, 64)  # 3 images × 16 tokens, 64 channels
+    raw = tower.family.encode(tower.check_inputs(pixels))[-1].reshape(-1, 64)  # 3 images × 16 tokens, 64 channels
     assert len(mean) == 64 and torch.allclose(torch.tensor(mean), raw.double().mean(0).float(), atol=1e-5)
     centred = SmoothedVisionTower(model, FeatureSmoothingConfig(feature_center=mean))
     single = centred.check_inputs(pixels[:1])

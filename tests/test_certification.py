@@ -61,7 +61,7 @@ def test_fcsb_is_tight_on_the_sign_encoder():
 def _smoothed_reference(tower, inputs, seed: int, n0: int) -> torch.Tensor:
     """The reference direction `certify(reference="smoothed", seed=seed, n0=n0)` uses: the normalised mean of the
     image's n0 selection samples."""
-    source = SeededNoise(seed, image_fingerprint(tower.adapter.to_image(inputs)), "selection")
+    source = SeededNoise(seed, image_fingerprint(tower.family.to_image(inputs)), "selection")
     (features,) = tower.unit_features_batch([NoisyCopies(inputs, n0, source)])
     return torch.nn.functional.normalize(features[-1].double().sum(0), dim=0).float()
 
@@ -77,14 +77,14 @@ def test_attack_never_beats_the_certificate_on_tiny_towers(family, algorithm, no
     (certificate,) = certify(tower, inputs["pixel_values"], epsilon=epsilons, n=500, alpha=0.01, seed=7,
                              image_grid_thw=inputs.get("image_grid_thw"), reference=reference)
     assert not certificate.abstain and certificate.fcsb[0] is not None
-    image_inputs = tower.adapter.split(tower.check_inputs(inputs["pixel_values"], inputs.get("image_grid_thw")))[0]
+    image_inputs = tower.family.split(tower.check_inputs(inputs["pixel_values"], inputs.get("image_grid_thw")))[0]
     v = (tower.clean_unit_features(image_inputs)[-1] if reference == "clean"
          else _smoothed_reference(tower, image_inputs, 7, certificate.n0))
     for epsilon, bound in zip(epsilons, certificate.fcsb):
         if bound is None:
             continue
         # an ℓ∞ ball of radius ε/√d lies inside the ℓ2 ball of radius ε: the ℓ2 certificate covers it
-        budget = epsilon if norm == "l2" else epsilon / math.sqrt(tower.adapter.to_image(image_inputs).numel())
+        budget = epsilon if norm == "l2" else epsilon / math.sqrt(tower.family.to_image(image_inputs).numel())
         attack = feature_attack(tower, image_inputs, v, budget, norm=norm, algorithm=algorithm, steps=10,
                                 eot_samples=8, eval_samples=512, generator=torch.Generator().manual_seed(0))
         assert attack.norm <= budget + 1e-5
@@ -119,7 +119,7 @@ def test_prediction_certificate_holds_under_attack():
     model = tiny_model("llava")
     tower = SmoothedVisionTower(model, FeatureSmoothingConfig(sigma=0.25, chunk_size=64, seed=0))
     inputs = tiny_inputs(model, num_images=1)
-    image_inputs = tower.adapter.split(tower.check_inputs(inputs["pixel_values"]))[0]
+    image_inputs = tower.family.split(tower.check_inputs(inputs["pixel_values"]))[0]
     clean = tower.clean_unit_features(image_inputs)[-1]
     generator = torch.Generator().manual_seed(0)
     others = torch.nn.functional.normalize(torch.randn(2, clean.numel(), generator=generator), dim=1)
@@ -132,7 +132,7 @@ def test_prediction_certificate_holds_under_attack():
     # minimising cos to (t_y − t_runner_up) pushes the smoothed feature towards the runner-up
     attack = pgd_feature_attack(tower, image_inputs, -direction, 0.95 * certificate.radius, steps=10,
                                 eot_samples=8, eval_samples=512, generator=generator)
-    x = image_inputs.with_pixels(tower.adapter.from_image(tower.adapter.to_image(image_inputs) + attack.delta,
+    x = image_inputs.with_pixels(tower.family.from_image(tower.family.to_image(image_inputs) + attack.delta,
                                                            image_inputs))
     smoothed = tower(x.pixel_values, num_samples=512)[0]
     scores = torch.nn.functional.normalize(prototypes, dim=1) @ smoothed
@@ -207,11 +207,11 @@ def test_several_images_per_tower_call_give_bit_identical_certificates(family):
     inputs = tiny_inputs(model, num_images=3)
     grid = inputs.get("image_grid_thw")
     tower = SmoothedVisionTower(model, FeatureSmoothingConfig(sigma=0.25, chunk_size=48))
-    calls = _CountingCalls(tower.adapter.tower())
+    calls = _CountingCalls(tower.family.tower())
     for kwargs in (dict(n=30, n0=10), dict(n=200, n0=10, target_cosine=0.05, epsilon=0.0)):
         together = certify(tower, inputs["pixel_values"], image_grid_thw=grid, seed=5, **kwargs)
         for i, certificate in enumerate(together):
-            single = tower.adapter.split(tower.check_inputs(inputs["pixel_values"], grid))[i]
+            single = tower.family.split(tower.check_inputs(inputs["pixel_values"], grid))[i]
             (alone,) = certify(tower, single, seed=5, **kwargs)
             assert (alone.score, alone.score_lower, alone.n_used, alone.stop) == (
                 certificate.score, certificate.score_lower, certificate.n_used, certificate.stop)
@@ -269,8 +269,8 @@ def test_reference_levels_are_recorded():
     (c,) = certificates
     assert -1 <= c.blank_cosine <= 1 and -1 <= c.unrelated_cosine <= 1
     tower = as_smoothed_tower(model, 0.25)
-    v = _smoothed_reference(tower, tower.adapter.split(tower.check_inputs(inputs[:1]))[0], 0, 8)
-    others = [tower.clean_unit_features(x)[-1].detach() for x in tower.adapter.split(tower.check_inputs(inputs[1:]))]
+    v = _smoothed_reference(tower, tower.family.split(tower.check_inputs(inputs[:1]))[0], 0, 8)
+    others = [tower.clean_unit_features(x)[-1].detach() for x in tower.family.split(tower.check_inputs(inputs[1:]))]
     assert c.unrelated_cosine == pytest.approx(max(float(o @ v) for o in others), abs=1e-5)
     assert certify(model, inputs[:1], sigma=0.25, n=8, n0=8, seed=0)[0].unrelated_cosine is None
 

@@ -285,5 +285,5 @@ def test_builtin_dinov2_carries_its_processor_statistics(tmp_path, monkeypatch, 
     assert "image_mean" not in warnings and "family default" not in warnings, warnings
     (tmp_path / "cache" / "dinov2-s14" / "preprocessor_config.json").unlink()  # an entry from an older version
     tower = as_smoothed_tower(load_model("dinov2-s14"))
-    assert tower.adapter.image_mean == (0.485, 0.456, 0.406) and tower.adapter.image_std == (0.229, 0.224, 0.225)
+    assert tower.family.image_mean == (0.485, 0.456, 0.406) and tower.family.image_std == (0.229, 0.224, 0.225)
     assert not [r for r in caplog.records if r.levelno >= logging.WARNING and "image_mean" in r.getMessage()]

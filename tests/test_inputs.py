@@ -39,7 +39,7 @@ def test_pixel_tensors_need_input_space_and_then_match_processed_inputs(llava):
     model, tower, pixels = llava
     with pytest.raises(ValueError, match="input_space='pixel'.*input_space='processed'"):
         certify(tower, pixels, n=8, seed=0)  # [0, 1] pixels also read as plausible processed values: ambiguous
-    processed = tower.adapter.from_image(pixels, to_image_inputs(tower, pixels, input_space="pixel")[0])
+    processed = tower.family.from_image(pixels, to_image_inputs(tower, pixels, input_space="pixel")[0])
     from_pixels = certify(tower, pixels, input_space="pixel", n=16, n0=8, seed=0)
     from_processed = certify(tower, processed, n=16, n0=8, seed=0)  # unambiguous: values outside [0, 1]
     assert [c.score_lower for c in from_pixels] == [c.score_lower for c in from_processed]
@@ -48,7 +48,7 @@ def test_pixel_tensors_need_input_space_and_then_match_processed_inputs(llava):
 
 
 @pytest.mark.parametrize("space, transform, match", [
-    ("pixel", lambda p, t: t.adapter.from_image(p, to_image_inputs(t, p, input_space="pixel")[0]),
+    ("pixel", lambda p, t: t.family.from_image(p, to_image_inputs(t, p, input_space="pixel")[0]),
      r"input_space='pixel'.*\[0, 1\] intensities.*input_space='processed'"),
     ("processed", lambda p, t: p * 40 - 20, r"input_space='processed'.*outside.*\[0, 1\]"),
     (None, lambda p, t: p * 40 - 20, "cannot be this model's processed"),

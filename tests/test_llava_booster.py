@@ -96,9 +96,9 @@ def test_attacks_never_beat_the_certificate_of_the_shipped_booster_on_the_real_l
     smoothing = FeatureSmoothingConfig(sigma=0.25, chunk_size=32, seed=0, booster=str(LLAVA_BOOSTER))
     model = SmoothedLlavaForConditionalGeneration.from_pretrained(llava_checkpoint(), smoothing=smoothing).eval()
     tower = model.smoothed_vision_tower
-    inputs = tower.adapter.preprocess([digit_examples("test", limit=1)[0].image])
+    inputs = tower.family.preprocess([digit_examples("test", limit=1)[0].image])
     with torch.no_grad(), booster_noise_level(tower.encoder, 0.0):
-        stock = tower.adapter.encode(inputs)[-1].flatten()
+        stock = tower.family.encode(inputs)[-1].flatten()
     reference = tower.clean_unit_features(inputs)[-1]
     assert torch.nn.functional.cosine_similarity(reference, stock, dim=0) < 0.9999  # the booster acts
     epsilons = [0.05, 0.15]

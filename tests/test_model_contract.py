@@ -31,7 +31,7 @@ def _logits(model, inputs, seed: int = 0) -> torch.Tensor:
 
 def _tower_passes(model, inputs) -> int:
     """Images the vision tower sees in one forward (copy #1 in the model's own call + the Monte Carlo copies)."""
-    adapter = model.smoothed_vision_tower.adapter
+    adapter = model.smoothed_vision_tower.family
     seen = []
 
     def count(module, args, kwargs):
@@ -139,12 +139,12 @@ def test_deepcopy_to_and_half_keep_their_own_smoothing(family):
         low_inputs = {k: v.to(low.dtype) if v.is_floating_point() else v for k, v in inputs.items()}
         assert _tower_passes(low, low_inputs) == n
         seen = []
-        site = low.smoothed_vision_tower.adapter.site_modules()[-1]
+        site = low.smoothed_vision_tower.family.site_modules()[-1]
         handle = site.register_forward_pre_hook(lambda m, a: seen.append(a[0].float()))
         _logits(low, low_inputs)
         handle.remove()
         full = []
-        handle = model.smoothed_vision_tower.adapter.site_modules()[-1].register_forward_pre_hook(
+        handle = model.smoothed_vision_tower.family.site_modules()[-1].register_forward_pre_hook(
             lambda m, a: full.append(a[0].float()))
         _logits(model, inputs)
         handle.remove()
@@ -156,7 +156,7 @@ def test_deepcopy_to_and_half_keep_their_own_smoothing(family):
 def test_one_source_of_truth_for_the_smoothing_parameters(tmp_path):
     model = tiny_smoothed_model("llava", num_samples=3, seed=1)
     tower = model.smoothed_vision_tower
-    assert model.smoothing_config is model.config.feature_smoothing is tower.config is tower.adapter.config
+    assert model.smoothing_config is model.config.feature_smoothing is tower.config is tower.family.config
     model.smoothing_config.sigma = 0.4
     assert model.config.feature_smoothing.sigma == tower.sigma == 0.4
     model.config.feature_smoothing = {"sigma": 0.3, "num_samples": 2, "seed": 9}
@@ -164,7 +164,7 @@ def test_one_source_of_truth_for_the_smoothing_parameters(tmp_path):
     tower.manual_seed(11)
     model.smoothing_config = hfs.FeatureSmoothingConfig(sigma=0.2, num_samples=2, seed=11, image_mean=[0.5] * 3,
                                                         image_std=[0.5] * 3)
-    assert tower.adapter.image_mean == (0.5, 0.5, 0.5)  # the noise space follows the edit at once
+    assert tower.family.image_mean == (0.5, 0.5, 0.5)  # the noise space follows the edit at once
     with pytest.raises(ValueError, match="`sigma`"):
         model.smoothing_config.sigma = -1.0
     with pytest.raises(ValueError, match="`num_samples`"):

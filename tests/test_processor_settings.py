@@ -44,11 +44,11 @@ def test_transformers5_processor_config_is_read_and_logged(tmp_path, caplog):
     assert "processor_config.json" in caplog.text and "image_mean=[0.1, 0.2, 0.3]" in caplog.text
     # PIL images are processed on the processor's own grid: resize the short side to 64, centre-crop 56
     image = _photo()
-    ours = model.smoothed_vision_tower.adapter.preprocess([image])
+    ours = model.smoothed_vision_tower.family.preprocess([image])
     reference = processor.image_processor(image, return_tensors="pt")["pixel_values"]
     assert ours.pixel_values.shape == reference.shape == (1, 3, 56, 56)
     torch.testing.assert_close(ours.pixel_values, reference, atol=1e-5, rtol=0)
-    explicit = model.smoothed_vision_tower.adapter.preprocess([image], image_size=28)  # an explicit size wins
+    explicit = model.smoothed_vision_tower.family.preprocess([image], image_size=28)  # an explicit size wins
     assert explicit.pixel_values.shape == (1, 3, 28, 28)
 
 
@@ -82,7 +82,7 @@ def test_qwen_images_use_the_processor_grid(tmp_path):
     processor.save_pretrained(tmp_path / "stock")
     model = hfs.SmoothedQwen2VLForConditionalGeneration.from_pretrained(tmp_path / "stock", smoothing={})
     image = _photo(width=200, height=120)
-    ours = model.smoothed_vision_tower.adapter.preprocess([image])
+    ours = model.smoothed_vision_tower.family.preprocess([image])
     reference = processor(image, return_tensors="pt")
     assert reference["image_grid_thw"].tolist()[0][1] != reference["image_grid_thw"].tolist()[0][2]  # not square
     torch.testing.assert_close(ours.image_grid_thw, reference["image_grid_thw"])

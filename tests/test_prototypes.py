@@ -24,7 +24,7 @@ def test_prototypes_are_normalised_class_means_of_unit_features(tmp_path):
     images, labels = _images(6, 0), [0, 1, 2, 0, 1, 2]
     prototypes = class_prototypes(tower, images, labels, batch_size=4)
     assert prototypes.shape[0] == 3 and torch.allclose(prototypes.norm(dim=1), torch.ones(3))
-    unit = torch.stack([tower.clean_unit_features(tower.adapter.preprocess([image]))[-1] for image in images])
+    unit = torch.stack([tower.clean_unit_features(tower.family.preprocess([image]))[-1] for image in images])
     expected = torch.nn.functional.normalize(torch.stack([unit[[k, k + 3]].mean(0) for k in range(3)]), dim=1)
     assert torch.allclose(prototypes, expected, atol=1e-5)
     path = tmp_path / "protos.safetensors"
@@ -71,7 +71,7 @@ def test_smoothed_prototypes_are_the_directions_of_the_smoothed_features():
     images, labels = _images(4, 2), [0, 1, 0, 1]
     smoothed = class_prototypes(tower, images, labels, num_samples=8)
     tower.manual_seed(3)
-    inputs = tower.adapter.preprocess(images)
+    inputs = tower.family.preprocess(images)
     unit_sum, _ = tower.monte_carlo(inputs, 8)[-1]
     per_image = torch.nn.functional.normalize(unit_sum.reshape(4, -1), dim=1)
     expected = torch.nn.functional.normalize(torch.stack([per_image[[k, k + 2]].mean(0) for k in range(2)]), dim=1)

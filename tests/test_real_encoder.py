@@ -32,15 +32,15 @@ def photos():
 
 def test_converted_dinov2_features_are_semantic(dinov2, photos):
     tower = SmoothedVisionTower(dinov2)
-    inputs = tower.adapter.preprocess([photos["chelsea"], photos["chelsea"].transpose(0), photos["coffee"]])
-    features = [tower.clean_unit_features(x)[-1] for x in tower.adapter.split(inputs)]
+    inputs = tower.family.preprocess([photos["chelsea"], photos["chelsea"].transpose(0), photos["coffee"]])
+    features = [tower.clean_unit_features(x)[-1] for x in tower.family.split(inputs)]
     assert features[0] @ features[1] > 0.9  # a mirrored cat is still the cat
     assert features[0] @ features[2] < 0.7  # coffee is not
 
 
 def test_eot_pgd_never_beats_the_certificate_on_real_dinov2(dinov2, photos):
     tower = SmoothedVisionTower(dinov2, FeatureSmoothingConfig(sigma=0.12, chunk_size=32, seed=0))
-    inputs = tower.adapter.preprocess([photos["coffee"]])
+    inputs = tower.family.preprocess([photos["coffee"]])
     epsilons = [0.05, 0.12]
     (certificate,) = certify(tower, inputs, epsilon=epsilons, n=96, alpha=0.01)
     reference = tower.clean_unit_features(inputs)[-1]

@@ -1,7 +1,7 @@
 import pytest
 import torch
 
-from hf_feature_smoothing import FeatureSmoothingConfig, ImageInputs, SmoothedVisionTower, get_tower_adapter
+from hf_feature_smoothing import FeatureSmoothingConfig, ImageInputs, SmoothedVisionTower, get_tower_family
 from hf_feature_smoothing.testing_utils import TINY_FAMILIES, tiny_inputs, tiny_model, tiny_smoothed_model
 
 
@@ -12,7 +12,7 @@ def _image_inputs(inputs: dict) -> ImageInputs:
 def _site_inputs(model, inputs: dict, projected: bool = False) -> list[torch.Tensor]:
     """What the projector / merger (and Qwen3 deepstack mergers) actually receive in a full forward."""
     tower = getattr(model, "smoothed_vision_tower", None)
-    adapter = tower.adapter if tower else get_tower_adapter(model, FeatureSmoothingConfig())
+    adapter = tower.family if tower else get_tower_family(model, FeatureSmoothingConfig())
     seen, handles = [], []
 
     def record(features):
@@ -65,7 +65,7 @@ def test_tower_sees_exactly_n_copies_in_bounded_chunks(family):
     n, chunk = 7, 4
     smoothed = tiny_smoothed_model(family, num_samples=n, chunk_size=chunk)
     inputs = tiny_inputs(smoothed, num_images=2)
-    tower = smoothed.smoothed_vision_tower.adapter.tower()
+    tower = smoothed.smoothed_vision_tower.family.tower()
     images_per_call = []
     rows_per_image = inputs["pixel_values"].shape[0] // 2
 
@@ -102,7 +102,7 @@ def test_noise_lives_in_pixel_space(family):
     tower = SmoothedVisionTower(stock, FeatureSmoothingConfig(sigma=sigma, seed=0))
     inputs = _image_inputs(tiny_inputs(stock))
     noisy = tower.add_noise(inputs, copies=64)
-    adapter = tower.adapter
+    adapter = tower.family
     delta = adapter.to_image(noisy) - adapter.to_image(inputs).repeat(64, *[1] * (adapter.to_image(inputs).ndim - 1))
     per_channel_std = delta.transpose(0, 1).flatten(1).std(dim=1)
     torch.testing.assert_close(per_channel_std, torch.full((3,), sigma), atol=0.01, rtol=0)
@@ -168,7 +168,7 @@ def test_qwen_preprocessing_matches_the_transformers_processor():
     from hf_feature_smoothing.assets import skimage_photos
 
     image = skimage_photos(("astronaut",))["astronaut"].resize((224, 224))
-    adapter = get_tower_adapter(tiny_model("qwen2_vl"), FeatureSmoothingConfig())
+    adapter = get_tower_family(tiny_model("qwen2_vl"), FeatureSmoothingConfig())
     ours = adapter.preprocess([image])
     reference = Qwen2VLImageProcessorPil(min_pixels=224 * 224, max_pixels=224 * 224)(image, return_tensors="pt")
     torch.testing.assert_close(ours.image_grid_thw, reference["image_grid_thw"])

@@ -6,13 +6,13 @@ from types import SimpleNamespace
 import torch
 from torch import nn
 
-from hf_feature_smoothing.smoothing.towers import register_tower_adapter
-from hf_feature_smoothing.smoothing.towers.vision import VisionEncoderAdapter
+from hf_feature_smoothing.smoothing.towers import register_tower_family
+from hf_feature_smoothing.smoothing.towers.vision import VisionEncoderFamily
 from hf_feature_smoothing.statistics.bounds import normal_cdf
 
 
-@register_tower_adapter
-class ToyEncoderAdapter(VisionEncoderAdapter):
+@register_tower_family
+class ToyEncoderFamily(VisionEncoderFamily):
     model_types = ("toy_encoder",)
     default_image_mean = (0.0, 0.0, 0.0)
     default_image_std = (1.0, 1.0, 1.0)

@@ -57,7 +57,7 @@ def attack_rows(
     if seed is None:
         return _attack_rows(tower, inputs, epsilons, smoothed, norm, algorithm, steps, eot_samples, eval_samples, n,
                             alpha, success_threshold, generator, None, bound)
-    fingerprint = image_fingerprint(tower.adapter.to_image(inputs))
+    fingerprint = image_fingerprint(tower.family.to_image(inputs))
     generator = torch.Generator(device=inputs.pixel_values.device)
     generator.manual_seed(derive_seed(seed, "attack", "starts", fingerprint=fingerprint))
     previous = tower.config.seed
@@ -72,14 +72,14 @@ def attack_rows(
 def _attack_rows(tower, inputs, epsilons, smoothed, norm, algorithm, steps, eot_samples, eval_samples, n, alpha,
                  success_threshold, generator, seed, bound) -> list[dict]:
     reference = tower.clean_unit_features(inputs)[-1].float()
-    dim = tower.adapter.to_image(inputs).numel()
+    dim = tower.family.to_image(inputs).numel()
     l2_budgets = [e if norm == "l2" else e * math.sqrt(dim) for e in epsilons]
     # the attacks measure cosines to the clean feature f(x): certify that reference
     options = {"seed": seed, "reference": "clean"} | ({"bound": bound} if bound is not None else {})
     certificate = certify(tower, inputs, epsilon=l2_budgets, n=n, alpha=alpha, **options)[0] if smoothed else None
     samples = eval_samples if smoothed else 0
     with torch.no_grad():
-        image = tower.adapter.to_image(inputs)
+        image = tower.family.to_image(inputs)
         clean = nn.functional.cosine_similarity(_features(tower, inputs, image, samples), reference, dim=0).item()
     rows = []
     for index, epsilon in enumerate(epsilons):

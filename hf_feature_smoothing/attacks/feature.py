@@ -31,7 +31,7 @@ class AttackResult:
 def _features(tower: SmoothedVisionTower, inputs: ImageInputs, image: torch.Tensor, samples: int) -> torch.Tensor:
     """Primary-site feature of the image tensor `image`: mean unit feature over `samples` noisy copies (EOT), or
     the base feature when `samples` is 0. Differentiable in `image`."""
-    x = inputs.with_pixels(tower.adapter.from_image(image, inputs))
+    x = inputs.with_pixels(tower.family.from_image(image, inputs))
     if samples == 0:
         return tower.clean_unit_features(x)[-1]
     return torch.cat([sites[-1] for sites in tower.iter_unit_features(x, samples)]).float().mean(0)
@@ -147,7 +147,7 @@ def feature_attack(
 def _attack_one(tower: SmoothedVisionTower, inputs: ImageInputs, reference: torch.Tensor, epsilon: float, *,
                 norm: str, algorithm: str, steps: int, step_size: float | None, eot_samples: int, eval_samples: int,
                 restarts: int, generator: torch.Generator | None) -> AttackResult:
-    image = tower.adapter.to_image(inputs).detach()
+    image = tower.family.to_image(inputs).detach()
 
     def loss_and_grad(delta: torch.Tensor) -> tuple[float, torch.Tensor]:
         delta = delta.detach().requires_grad_(True)

@@ -6,13 +6,13 @@ import torch
 from torch import nn
 
 from ..smoothing.configuration_feature_smoothing import FeatureSmoothingConfig
-from ..smoothing.towers import ImageInputs, TowerAdapter, base_model_type, get_tower_adapter
+from ..smoothing.towers import ImageInputs, TowerFamily, base_model_type, get_tower_family
 from ..utils.validation import check_images
 from .feature import _check_attack, perturbation_norm, run_attack
 from .optim import perturbation_norms, run_batched_attack
 
 
-def pixel_adapter(model: nn.Module, image_mean=None, image_std=None) -> TowerAdapter:
+def pixel_adapter(model: nn.Module, image_mean=None, image_std=None) -> TowerFamily:
     """The map between the model's pixel values and the [0, 1] image the attack budget is measured in: a smoothed
     model's own (its `smoothing_config` statistics); for a stock model `image_mean` / `image_std` when given, else
     the statistics of its checkpoint's processor config (`model.name_or_path`), else the family default with a
@@ -22,13 +22,13 @@ def pixel_adapter(model: nn.Module, image_mean=None, image_std=None) -> TowerAda
         if image_mean is not None or image_std is not None:
             raise ValueError("`image_mean` / `image_std` are for stock models; a smoothed model maps pixels with its "
                              "`smoothing_config.image_mean` / `image_std`.")
-        return tower.adapter
+        return tower.family
     config = FeatureSmoothingConfig(image_mean=image_mean, image_std=image_std)
     if image_mean is None or image_std is None:
         from ..models.modeling_smoothed import fill_processor_settings
 
         fill_processor_settings(config, getattr(model, "name_or_path", "") or "", base_model_type(model))
-    return get_tower_adapter(model, config)
+    return get_tower_family(model, config)
 
 
 @dataclass

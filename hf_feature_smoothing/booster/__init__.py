@@ -45,4 +45,7 @@ __all__ = [
 ]
 
 # names of 0.1.0 (the `FeatureBooster*` stem), kept as aliases that warn once
-__getattr__ = deprecated_aliases(globals(), {'FeatureBoosterConfig': 'GSBConfig', 'FeatureBoosterModel': 'GSBModel', 'FeatureBoosterLayer': 'GSBMapperLayer', 'PixelPurifierLayer': 'GSBPurifierLayer', 'BoosterTunerLayer': 'GSBLayer', 'PixelPurifier': 'GSBPurifier'})
+__getattr__ = deprecated_aliases(globals(), {"FeatureBoosterConfig": "GSBConfig", "FeatureBoosterModel": "GSBModel",
+                                             "FeatureBoosterLayer": "GSBMapperLayer",
+                                             "PixelPurifierLayer": "GSBPurifierLayer",
+                                             "BoosterTunerLayer": "GSBLayer", "PixelPurifier": "GSBPurifier"})

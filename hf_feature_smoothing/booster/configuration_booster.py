@@ -151,4 +151,4 @@ class GSBConfig(PeftConfig):
         return {k: _check_int(f"purifier['{k}']", v, minimum[k]) for k, v in options.items()}
 
 # names of 0.1.0 (the `FeatureBooster*` stem), kept as aliases that warn once
-__getattr__ = deprecated_aliases(globals(), {'FeatureBoosterConfig': 'GSBConfig'})
+__getattr__ = deprecated_aliases(globals(), {"FeatureBoosterConfig": "GSBConfig"})

@@ -21,7 +21,7 @@ import torch
 from transformers import TrainerCallback
 
 from ..smoothing.noise import derive_digest
-from ..smoothing.towers import TowerAdapter
+from ..smoothing.towers import TowerFamily
 from ..utils.images import load_image
 
 
@@ -70,7 +70,7 @@ class GSBCollator:
     resize / centre-crop / normalisation at `image_size`, or through `processor` for prompt / answer rows.
 
     Args:
-        adapter (`TowerAdapter`): the tower family (preprocessing and normalisation).
+        adapter (`TowerFamily`): the tower family (preprocessing and normalisation).
         image_size (`int`, *optional*): resize / crop size; defaults to the tower's.
         image_column (`str`, *optional*, defaults to `"image"`): the image column.
         augment (`RandomCropFlip`, *optional*): augmentation; `None` disables it.
@@ -78,9 +78,9 @@ class GSBCollator:
         pad_token_id (`int`, *optional*, defaults to 0): padding of `input_ids`.
     """
 
-    def __init__(self, adapter: TowerAdapter, image_size: int | None = None, image_column: str = "image",
+    def __init__(self, adapter: TowerFamily, image_size: int | None = None, image_column: str = "image",
                  augment: RandomCropFlip | None = None, processor=None, pad_token_id: int = 0):
-        self.adapter, self.image_size, self.image_column = adapter, image_size, image_column
+        self.family, self.image_size, self.image_column = adapter, image_size, image_column
         self.augment, self.processor, self.pad_token_id = augment, processor, int(pad_token_id)
         self.epoch = 0
 
@@ -95,7 +95,7 @@ class GSBCollator:
         images = self._images(rows)
         if "prompt" in rows[0] or "answer" in rows[0]:
             return self._prompt_answer(rows, images)
-        inputs = self.adapter.preprocess(images, self.image_size)
+        inputs = self.family.preprocess(images, self.image_size)
         batch = {"pixel_values": inputs.pixel_values}
         if inputs.image_grid_thw is not None:
             batch["image_grid_thw"] = inputs.image_grid_thw

@@ -231,4 +231,5 @@ def booster_noise_level(model: nn.Module, sigma: float, image_mean: Sequence[flo
     return noise_condition(model, sigma, image_mean, image_std)
 
 # names of 0.1.0 (the `FeatureBooster*` stem), kept as aliases that warn once
-__getattr__ = deprecated_aliases(globals(), {'FeatureBoosterLayer': 'GSBMapperLayer', 'PixelPurifierLayer': 'GSBPurifierLayer', 'BoosterTunerLayer': 'GSBLayer'})
+__getattr__ = deprecated_aliases(globals(), {"FeatureBoosterLayer": "GSBMapperLayer",
+                                             "PixelPurifierLayer": "GSBPurifierLayer", "BoosterTunerLayer": "GSBLayer"})

@@ -90,7 +90,7 @@ class GSBLoss(nn.Module):
 
     @property
     def pixel_stats(self) -> tuple[tuple[float, ...], tuple[float, ...]]:
-        return self.tower.adapter.pixel_stats
+        return self.tower.family.pixel_stats
 
     def sigma_at(self, step: int) -> float:
         return self.sigmas[random.Random(f"{self.seed}|sigma|{step}").randrange(len(self.sigmas))]
@@ -98,7 +98,7 @@ class GSBLoss(nn.Module):
     def noisy_copies(self, inputs: ImageInputs, copies: int, sigma: float, step: int) -> ImageInputs:
         """`copies` noisy copies of every image (copies-major); image i's noise is a function of (seed, step,
         image i) only."""
-        adapter = self.tower.adapter
+        adapter = self.tower.family
 
         def noise(image: torch.Tensor) -> torch.Tensor:
             parts = []
@@ -157,7 +157,7 @@ class GSBLoss(nn.Module):
     def forward(self, pixel_values: torch.Tensor, image_grid_thw: torch.Tensor | None = None,
                 input_ids: torch.Tensor | None = None, labels: torch.Tensor | None = None,
                 **text_inputs) -> torch.Tensor:
-        adapter, inputs, k = self.tower.adapter, ImageInputs(pixel_values, image_grid_thw), self.noise_samples
+        adapter, inputs, k = self.tower.family, ImageInputs(pixel_values, image_grid_thw), self.noise_samples
         sigma = self.sigma_at(self.step)
         noisy = self.noisy_copies(inputs, k, sigma, self.step)
         loss, terms = pixel_values.new_zeros((), dtype=torch.float32), {"sigma": sigma}

@@ -6,7 +6,7 @@ from peft.utils import register_peft_method
 from torch import nn
 
 from ..smoothing.configuration_feature_smoothing import FeatureSmoothingConfig
-from ..smoothing.towers import TOWER_ADAPTERS, BoosterGeometry, base_model_type, get_tower_adapter
+from ..smoothing.towers import TOWER_FAMILIES, BoosterGeometry, base_model_type, get_tower_family
 from ..utils.deprecation import deprecated_aliases
 from ..utils.logging import get_logger
 from .configuration_booster import GSBConfig
@@ -55,10 +55,10 @@ class GSBModel(BaseTuner):
         it has one, else the family's default statistics given explicitly (they play no part here, so no warning)."""
         own = getattr(getattr(self.model, "smoothed_vision_tower", None), "config", None)
         if own is None:
-            family = TOWER_ADAPTERS.get(base_model_type(self.model))
+            family = TOWER_FAMILIES.get(base_model_type(self.model))
             mean, std = family.family_default_stats(base_model_type(self.model)) if family else (None, None)
             own = FeatureSmoothingConfig(image_mean=mean, image_std=std)
-        return get_tower_adapter(self.model, own)
+        return get_tower_family(self.model, own)
 
     def _geometry(self) -> BoosterGeometry:
         return self._tower().booster_geometry()
@@ -162,4 +162,4 @@ def add_booster(model: nn.Module, config: GSBConfig | None = None, adapter_name:
 __all__ = ["GSBModel", "add_booster", "load_booster"]
 
 # names of 0.1.0 (the `FeatureBooster*` stem), kept as aliases that warn once
-__getattr__ = deprecated_aliases(globals(), {'FeatureBoosterModel': 'GSBModel'})
+__getattr__ = deprecated_aliases(globals(), {"FeatureBoosterModel": "GSBModel"})

@@ -71,4 +71,4 @@ def frames_to_patches(frames: list[torch.Tensor], grid: torch.Tensor, geometry: 
     return torch.cat(parts)
 
 # names of 0.1.0 (the `FeatureBooster*` stem), kept as aliases that warn once
-__getattr__ = deprecated_aliases(globals(), {'PixelPurifier': 'GSBPurifier'})
+__getattr__ = deprecated_aliases(globals(), {"PixelPurifier": "GSBPurifier"})

@@ -144,7 +144,7 @@ class GSBTrainer(Trainer):
         if pad is None:
             pad = getattr(getattr(model, "config", None), "pad_token_id", None) or 0
         if "data_collator" not in kwargs:
-            kwargs["data_collator"] = GSBCollator(loss.tower.adapter, image_size, image_column, augment,
+            kwargs["data_collator"] = GSBCollator(loss.tower.family, image_size, image_column, augment,
                                                   processing_class, pad)
         if isinstance(kwargs["data_collator"], GSBCollator):
             kwargs["callbacks"] = [*(kwargs.get("callbacks") or []), EpochCallback(kwargs["data_collator"])]

@@ -41,7 +41,7 @@ def estimate_feature_mean(
     with tower._compute_context(total.device):
         for start in range(0, len(inputs_list), chunk):
             for batch in _same_layout_batches(inputs_list[start : start + chunk]):
-                features = tower.adapter.encode(batch)[-1].double().reshape(-1, channels)
+                features = tower.family.encode(batch)[-1].double().reshape(-1, channels)
                 total += features.sum(0)
                 rows += features.shape[0]
     return (total / rows).tolist()

@@ -1,6 +1,7 @@
-"""Monte Carlo certification of smoothed encoders: feature certificates (FCSB, radii), sequential or at a fixed n,
-and prediction certificates for cosine-similarity predictors. The math lives in `bounds.py` / `betting.py`; this
-module draws the samples, several images per tower call, and reduces them chunk by chunk (memory independent of n)."""
+"""Monte Carlo certification of smoothed encoders, in the order of Cohen et al.'s CERTIFY: select (a reference
+direction, or the predicted class and its runner-ups, on n0 samples), estimate (n other samples), bound (a one-sided
+1 − α confidence bound from `statistics`), radius. Feature certificates (FCSB, radii), sequential or at a fixed n,
+and prediction certificates for cosine-similarity predictors; the sampling itself lives in `sampling.py`."""
 
 import dataclasses
 from collections.abc import Sequence
@@ -10,9 +11,8 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from ..smoothing.configuration_feature_smoothing import FeatureSmoothingConfig
-from ..smoothing.modeling_smoothed_tower import NoisyCopies, SmoothedVisionTower
-from ..smoothing.noise import BLOCK, SeededNoise, image_fingerprint
-from ..smoothing.towers import TOWER_ADAPTERS, ImageInputs
+from ..smoothing.modeling_smoothed_tower import SmoothedVisionTower
+from ..smoothing.towers import TOWER_FAMILIES
 from ..smoothing.towers.processor import resolve_pixel_stats
 from ..statistics.betting import BettingTest
 from ..statistics.bounds import (
@@ -45,6 +45,7 @@ from .arguments import (
 )
 from .certificates import NOISE_SPACE, FeatureCertificate, PredictionCertificate
 from .inputs import to_image_inputs, tower_device
+from .sampling import CleanJob, FeatureJob, ImageNoise, PredictionJob, blank_features, run_jobs
 
 
 logger = get_logger(__name__)
@@ -60,7 +61,7 @@ def _checkpoint_stats(model: nn.Module, config: FeatureSmoothingConfig) -> None:
     checkpoint's processor files, as attacks measure it ([`~attacks.text.pixel_adapter`]); else the family default."""
     path = getattr(getattr(model, "config", None), "_name_or_path", None)
     family = getattr(getattr(model, "config", None), "model_type", None)
-    if path and family in TOWER_ADAPTERS:
+    if path and family in TOWER_FAMILIES:
         stats = resolve_pixel_stats(family, path=path, once=True, local_files_only=True)
         config.update({"image_mean": stats.mean, "image_std": stats.std})
 
@@ -103,193 +104,6 @@ def _compute_dtype(tower: SmoothedVisionTower) -> str:
                 "Use float32 (`autocast_dtype=None`) on this machine, or a GPU / a CPU with AVX512-BF16 or AMX."
             )
     return dtype
-
-
-# ----- streaming reductions -------------------------------------------------------------------------------------
-class _QuantumSum:
-    """Σ of rows fed in arbitrary chunks, reduced in fixed blocks of `BLOCK` consecutive rows (float64 running total),
-    so the result is bit-identical whatever the chunking; holds at most `BLOCK − 1` pending rows."""
-
-    def __init__(self):
-        self.total: torch.Tensor | None = None
-        self.pending: torch.Tensor | None = None
-
-    def add(self, rows: torch.Tensor) -> None:
-        rows = rows if self.pending is None else torch.cat([self.pending, rows])
-        full = rows.shape[0] - rows.shape[0] % BLOCK
-        for start in range(0, full, BLOCK):
-            self._accumulate(rows[start : start + BLOCK])
-        self.pending = rows[full:].clone() if full < rows.shape[0] else None
-
-    def _accumulate(self, block: torch.Tensor) -> None:
-        part = block.sum(0).double()
-        self.total = part if self.total is None else self.total + part
-
-    def result(self) -> torch.Tensor:
-        if self.pending is not None:
-            self._accumulate(self.pending)
-            self.pending = None
-        return self.total
-
-
-def _resolution(image: torch.Tensor, inputs: ImageInputs) -> list[int]:
-    """[height, width] in pixels of the grid the noise lives on: the image's, or for patch-flattened towers (Qwen-VL:
-    rows of `patch × patch` pixels) the patch grid `image_grid_thw` times the patch size."""
-    if inputs.image_grid_thw is not None:
-        _, height, width = (int(v) for v in inputs.image_grid_thw.reshape(-1, 3)[0])
-        return [height * image.shape[-2], width * image.shape[-1]]
-    return list(image.shape[-2:])
-
-
-class _ImageNoise:
-    """The two independent noise streams of one image (selection: n0 samples; estimation: n samples)."""
-
-    def __init__(self, tower: SmoothedVisionTower, inputs: ImageInputs, seed: int):
-        image = tower.adapter.to_image(inputs)
-        fingerprint = image_fingerprint(image)
-        self.resolution = _resolution(image, inputs)
-        self.selection = SeededNoise(seed, fingerprint, "selection")
-        self.estimation = SeededNoise(seed, fingerprint, "estimation")
-
-
-# ----- jobs: one image's sampling plan, fed by the batch runner ---------------------------------------------------
-class _CleanJob:
-    """The clean unit feature f(x) of one image (one pass)."""
-
-    def __init__(self, inputs: ImageInputs):
-        self.inputs, self.feature, self.done = inputs, None, False
-
-    def request(self, budget: int) -> NoisyCopies:
-        return NoisyCopies(self.inputs, 1)
-
-    def consume(self, sites: list[torch.Tensor]) -> None:
-        self.feature, self.done = sites[-1][0].double(), True
-
-
-class _FeatureJob:
-    """Reference direction v (clean pass, or n0 selection samples), then up to n estimation scores
-    s = (1 + ⟨f(x + δ), v⟩)/2, stopping early once `target_score` is certified or out of reach."""
-
-    def __init__(self, inputs: ImageInputs, noise: _ImageNoise, reference: str, n0: int, n: int,
-                 test: BettingTest | None):
-        self.inputs, self.noise, self.reference, self.n0, self.n, self.test = inputs, noise, reference, n0, n, test
-        self.v: torch.Tensor | None = None
-        self.selection = _QuantumSum()
-        self.drawn = 0
-        self.scores: list[torch.Tensor] = []
-        self.stop, self.done = "n", False
-
-    def request(self, budget: int) -> NoisyCopies:
-        if self.v is None and self.reference == "clean":
-            return NoisyCopies(self.inputs, 1)
-        if self.v is None:
-            return NoisyCopies(self.inputs, min(budget, self.n0 - self.drawn), self.noise.selection, self.drawn)
-        return NoisyCopies(self.inputs, min(budget, self.n - self.drawn), self.noise.estimation, self.drawn)
-
-    def consume(self, sites: list[torch.Tensor]) -> None:
-        features = sites[-1]
-        if self.v is None:
-            if self.reference == "clean":
-                self.v = features[0].double()
-            else:
-                self.selection.add(features)
-                self.drawn += features.shape[0]
-                if self.drawn == self.n0:
-                    self.v = nn.functional.normalize(self.selection.result(), dim=0)
-                    self.drawn = 0
-            return
-        scores = ((1.0 + features.double() @ self.v) / 2.0).clamp(0.0, 1.0)
-        if self.test is not None:
-            reached, hopeless = self.test.update(scores)
-            stop = min(t for t in (reached, hopeless) if t is not None) if reached or hopeless else None
-            if stop is not None:
-                scores = scores[: stop - self.drawn]
-                self.stop = "target" if stop == reached else "unreachable"
-        self.scores.append(scores.cpu())
-        self.drawn += scores.shape[0]
-        self.done = self.stop != "n" or self.drawn == self.n
-
-    def all_scores(self) -> torch.Tensor:
-        return torch.cat(self.scores)
-
-
-class _PredictionJob:
-    """n0 selection samples choose y and the runner-ups; n estimation samples keep the scores of those classes and the
-    largest score of the other classes (and, for the flat split, streaming moments Σp, Σp² of all K)."""
-
-    def __init__(self, inputs: ImageInputs, noise: _ImageNoise, prototypes: torch.Tensor, n0: int, n: int,
-                 runner_ups: int, moments: bool):
-        self.inputs, self.noise, self.prototypes, self.n0, self.n = inputs, noise, prototypes, n0, n
-        self.runner_ups, self.track_moments = runner_ups, moments
-        self.selection, self.moments = _QuantumSum(), _QuantumSum()
-        self.classes: list[int] | None = None  # [y, runner-ups...]
-        self.kept: list[torch.Tensor] = []
-        self.drawn, self.done = 0, False
-
-    def request(self, budget: int) -> NoisyCopies:
-        if self.classes is None:
-            return NoisyCopies(self.inputs, min(budget, self.n0 - self.drawn), self.noise.selection, self.drawn)
-        return NoisyCopies(self.inputs, min(budget, self.n - self.drawn), self.noise.estimation, self.drawn)
-
-    def consume(self, sites: list[torch.Tensor]) -> None:
-        features = sites[-1]
-        protos = self.prototypes.to(features.device)
-        if self.classes is None:
-            self.selection.add(features)
-            self.drawn += features.shape[0]
-            if self.drawn == self.n0:
-                means = self.selection.result().float().to(features.device) @ protos.T / self.n0
-                ranked = means.argsort(descending=True).tolist()
-                self.classes, self.drawn = ranked[: self.runner_ups + 1], 0
-                self.rest = torch.ones(len(ranked), dtype=torch.bool, device=features.device)
-                self.rest[self.classes] = False
-            return
-        scores = ((1.0 + features @ protos.T) / 2.0).clamp(0.0, 1.0).double()
-        rest_max = scores[:, self.rest].amax(1, keepdim=True) if self.rest.any() else scores[:, :0]
-        self.kept.append(torch.cat([scores[:, self.classes], rest_max], dim=1).cpu())
-        if self.track_moments:  # per-class bounds of the flat split
-            self.moments.add(torch.cat([scores, scores.pow(2)], dim=1))
-        self.drawn += scores.shape[0]
-        self.done = self.drawn == self.n
-
-
-def _run_jobs(tower: SmoothedVisionTower, jobs: Sequence, bar: tqdm | None = None) -> None:
-    """Feed the jobs' requests to the tower until every job is done: each call takes up to `chunk_size` copies,
-    filled image by image (images of the same pixel layout), so short requests of several images share a call."""
-    chunk = tower.config.chunk_size
-    pending = [job for job in jobs if not job.done]
-    while pending:
-        layout = pending[0].inputs.pixel_values.shape[1:]
-        group, requests, left = [], [], chunk
-        for job in pending:
-            if left == 0:
-                break
-            if job.inputs.pixel_values.shape[1:] == layout:
-                request = job.request(left)
-                group.append(job)
-                requests.append(request)
-                left -= request.count
-        for job, sites in zip(group, tower.unit_features_batch(requests)):
-            job.consume(sites)
-            if job.done and bar is not None and isinstance(job, (_FeatureJob, _PredictionJob)):
-                bar.update(1)
-        pending = [job for job in pending if not job.done]
-
-
-def _blank_inputs(tower: SmoothedVisionTower, inputs: ImageInputs) -> ImageInputs:
-    grey = torch.full_like(tower.adapter.to_image(inputs), 0.5)
-    return inputs.with_pixels(tower.adapter.from_image(grey, inputs))
-
-
-def _blank_features(tower: SmoothedVisionTower, inputs_list: list[ImageInputs]) -> list[torch.Tensor]:
-    """f(grey) for every image (one clean pass per distinct image layout)."""
-    keys = [(tuple(i.pixel_values.shape), None if i.image_grid_thw is None else tuple(i.image_grid_thw.flatten().tolist()))
-            for i in inputs_list]
-    jobs = {}
-    for key, inputs in zip(keys, inputs_list):
-        jobs.setdefault(key, _CleanJob(_blank_inputs(tower, inputs)))
-    _run_jobs(tower, list(jobs.values()))
-    return [jobs[key].feature for key in keys]
 
 
 def _cosine(a: torch.Tensor, b: torch.Tensor) -> float:
@@ -380,21 +194,21 @@ def certify(
     inputs_list = to_image_inputs(tower, images, input_space=input_space, image_grid_thw=image_grid_thw, image_size=image_size)
     unrelated = None
     if unrelated_images is not None:
-        unrelated_jobs = [_CleanJob(i) for i in to_image_inputs(tower, unrelated_images, input_space=input_space,
+        unrelated_jobs = [CleanJob(i) for i in to_image_inputs(tower, unrelated_images, input_space=input_space,
                                                                 image_size=image_size, name="unrelated_images")]
-        _run_jobs(tower, unrelated_jobs)
+        run_jobs(tower, unrelated_jobs)
         unrelated = [job.feature for job in unrelated_jobs]
-    blanks = _blank_features(tower, inputs_list)
+    blanks = blank_features(tower, inputs_list)
     if unrelated is not None and any(u.numel() != blanks[0].numel() for u in unrelated):
         raise ValueError("`unrelated_images` give features of another size than `images`; pass images of the same "
                          "size (e.g. PIL images, resized to the same `image_size`).")
     jobs = []
     for inputs in inputs_list:
-        noise = _ImageNoise(tower, inputs, seed)
+        noise = ImageNoise(tower, inputs, seed)
         test = None if target is None else BettingTest(target, alpha, n)
-        jobs.append(_FeatureJob(inputs, noise, reference, n0, n, test))
+        jobs.append(FeatureJob(inputs, noise, reference, n0, n, test))
     with tqdm(total=len(jobs), desc="certify", disable=not progress) as bar:
-        _run_jobs(tower, jobs, bar)
+        run_jobs(tower, jobs, bar)
     all_scores = [job.all_scores() for job in jobs]
     # one image at a time: a bound computed inside a batch could differ in the last bits (SIMD / threading)
     lows = [lower_confidence_bound(s, alpha, bound, n if bound == 'betting' else None) for s in all_scores]
@@ -462,16 +276,16 @@ def certify_prediction(
     dtype = _compute_dtype(tower)
     inputs_list = to_image_inputs(tower, images, input_space=input_space, image_grid_thw=image_grid_thw, image_size=image_size)
     labels = check_labels(labels, len(inputs_list), num_classes)
-    blanks = _blank_features(tower, inputs_list)  # one clean pass: checks the feature width before any noise
+    blanks = blank_features(tower, inputs_list)  # one clean pass: checks the feature width before any noise
     if any(b.numel() != prototypes.shape[1] for b in blanks):
         raise ValueError(f"`prototypes` have dim {prototypes.shape[1]}, the features have "
                          f"{sorted({b.numel() for b in blanks})}.")
     runner_ups = min(RUNNER_UPS, num_classes - 1)
     alpha_y, alpha_runner_up, alpha_rest = prediction_alphas(num_classes, runner_ups, alpha, alpha_split)
-    jobs = [_PredictionJob(inputs, _ImageNoise(tower, inputs, seed), prototypes, n0, n, runner_ups,
+    jobs = [PredictionJob(inputs, ImageNoise(tower, inputs, seed), prototypes, n0, n, runner_ups,
                            moments=alpha_split == "flat") for inputs in inputs_list]
     with tqdm(total=len(jobs), desc="certify", disable=not progress) as bar:
-        _run_jobs(tower, jobs, bar)
+        run_jobs(tower, jobs, bar)
     horizon = n if bound == "betting" else None
     results = []
     for index, job in enumerate(jobs):

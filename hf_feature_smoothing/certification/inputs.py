@@ -31,7 +31,7 @@ def _in_unit_range(low: float, high: float) -> bool:
 
 def _from_tensor(tower: SmoothedVisionTower, images: torch.Tensor, input_space: str | None,
                  image_grid_thw: torch.Tensor | None, name: str) -> ImageInputs:
-    adapter = tower.adapter
+    adapter = tower.family
     patch_flattened = hasattr(adapter, "_patch")
     if input_space == "pixel" and patch_flattened:
         raise ValueError(f"`input_space='pixel'` needs `(B, 3, H, W)` images, but Qwen-VL towers take "
@@ -120,14 +120,14 @@ def _split_inputs(tower, images, input_space, image_grid_thw, image_size, name) 
         if input_space == "pixel":
             raise ValueError(f"`{name}` is an `ImageInputs` (processed pixel values) but `input_space='pixel'`; "
                              "drop `input_space` or pass the [0, 1] tensor itself.")
-        return tower.adapter.split(_from_tensor(tower, images.pixel_values, "processed", images.image_grid_thw,
+        return tower.family.split(_from_tensor(tower, images.pixel_values, "processed", images.image_grid_thw,
                                                 f"{name}.pixel_values"))
     if isinstance(images, torch.Tensor):
-        return tower.adapter.split(_from_tensor(tower, images, input_space, image_grid_thw, name))
+        return tower.family.split(_from_tensor(tower, images, input_space, image_grid_thw, name))
     if isinstance(images, (list, tuple)) and pil and images and all(isinstance(i, pil) for i in images):
         if input_space == "processed":
             raise ValueError(f"`{name}` are PIL images (pixels) but `input_space='processed'`; drop `input_space`.")
-        return tower.adapter.split(tower.adapter.preprocess(list(images), image_size))
+        return tower.family.split(tower.family.preprocess(list(images), image_size))
     if isinstance(images, (list, tuple)) and not images:
         raise ValueError(f"`{name}` is empty; pass at least one image.")
     raise TypeError(

@@ -48,16 +48,16 @@ def class_prototypes(tower: SmoothedVisionTower, images: Sequence, labels: Seque
         raise ValueError(f"`labels` must lie in [0, {num_classes}), got {min(labels)}..{max(labels)}.")
     sums, counts = None, torch.zeros(num_classes)
     for start in tqdm(range(0, len(images), batch_size), desc="prototypes", disable=not progress):
-        inputs = tower.adapter.preprocess(list(images[start : start + batch_size]), image_size)
+        inputs = tower.family.preprocess(list(images[start : start + batch_size]), image_size)
         device = next(tower.encoder.parameters()).device
         inputs = inputs.with_pixels(inputs.pixel_values.to(device))
         if num_samples:
             unit_sum, _ = tower.monte_carlo(inputs, num_samples)[-1]
-            rows_per_image = tower.adapter.rows_per_image(inputs, unit_sum.shape[0])
+            rows_per_image = tower.family.rows_per_image(inputs, unit_sum.shape[0])
             features = torch.stack([nn.functional.normalize(part.flatten(), dim=0)
                                     for part in unit_sum.split(rows_per_image)]).cpu()
         else:
-            rows = tower.adapter.encode(inputs)[-1].float()
+            rows = tower.family.encode(inputs)[-1].float()
             unit, _ = tower._unit_rows(rows[None], inputs)
             features = unit[0].reshape(inputs.num_images, -1).cpu()
         if sums is None:
@@ -108,8 +108,8 @@ def feature_width(tower: SmoothedVisionTower, image_size: int | None = None) -> 
     prototypes: one clean pass on a grey image of `image_size` (default: the model's resolution)."""
     from PIL import Image
 
-    size = image_size or tower.adapter.default_image_size()
-    inputs = tower.adapter.preprocess([Image.new("RGB", (size, size), (128, 128, 128))], image_size)
+    size = image_size or tower.family.default_image_size()
+    inputs = tower.family.preprocess([Image.new("RGB", (size, size), (128, 128, 128))], image_size)
     device = next(tower.encoder.parameters()).device
     with torch.no_grad():
         return tower.clean_unit_features(inputs.with_pixels(inputs.pixel_values.to(device)))[-1].numel()

@@ -97,7 +97,7 @@ def run(args) -> int:
                 for name in todo:
                     start = time.perf_counter()
                     tower, smoothed = towers[name], variants[name][1]
-                    inputs = tower.adapter.preprocess([image], args.image_size)
+                    inputs = tower.family.preprocess([image], args.image_size)
                     inputs = inputs.with_pixels(inputs.pixel_values.to(shard.device))
                     rows = attack_rows(tower, inputs, args.epsilon, smoothed=smoothed, norm=args.norm,
                                        algorithm=args.algorithm, steps=args.steps, eot_samples=args.eot,

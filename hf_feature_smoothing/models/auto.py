@@ -14,7 +14,7 @@ from collections.abc import Iterator
 
 from transformers import AutoConfig, AutoModelForImageTextToText, PreTrainedConfig
 
-from ..smoothing.towers import TOWER_ADAPTERS
+from ..smoothing.towers import TOWER_FAMILIES
 from ..utils.atomic import recover_if_local
 from ..utils.logging import get_logger
 from .registry import SMOOTHED_MODEL_CLASSES
@@ -55,7 +55,7 @@ def _warn_if_stock_with_smoothing(cls, config_dict: dict) -> None:
         return
     fix = (f"set `\"model_type\": \"smoothed_{model_type}\"` in config.json, or load it with "
            f"`hf_feature_smoothing.SMOOTHED_MODEL_CLASSES[\"{model_type}\"].from_pretrained(...)`"
-           if model_type in TOWER_ADAPTERS else "load it with a smoothed model class")
+           if model_type in TOWER_FAMILIES else "load it with a smoothed model class")
     logger.warning(
         f"This `{model_type}` config has a `feature_smoothing` block, but `{model_type}` is a stock model type: it "
         f"loads as a stock model WITHOUT smoothing. To load it smoothed, {fix}."

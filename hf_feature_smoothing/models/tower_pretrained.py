@@ -14,7 +14,7 @@ from transformers import AutoConfig, AutoModel, AutoModelForImageTextToText
 
 from ..smoothing.configuration_feature_smoothing import FeatureSmoothingConfig
 from ..smoothing.modeling_smoothed_tower import register_hub_io
-from ..smoothing.towers import TOWER_ADAPTERS
+from ..smoothing.towers import TOWER_FAMILIES
 from ..smoothing.towers.processor import HUB_KWARGS
 from ..utils.atomic import recover_if_local
 from ..utils.logging import get_logger
@@ -55,8 +55,8 @@ def tower_from_pretrained(cls, path, smoothing=None, **kwargs):
     if config.model_type.startswith("smoothed_"):  # a smoothed MLLM: its own tower, smoothing in config.json
         return AutoModelForImageTextToText.from_pretrained(path, smoothing=overrides or None, **kwargs).smoothed_vision_tower
     family = config.model_type
-    if family not in TOWER_ADAPTERS:
-        raise ValueError(f"`{path}` is a `{family}` checkpoint; SmoothedVisionTower supports {sorted(TOWER_ADAPTERS)}.")
+    if family not in TOWER_FAMILIES:
+        raise ValueError(f"`{path}` is a `{family}` checkpoint; SmoothedVisionTower supports {sorted(TOWER_FAMILIES)}.")
     saved = _read_smoothing_file(path, **hub)
     embedded = saved.get("booster_config")
     if "booster" in overrides and overrides["booster"] != saved.get("booster"):

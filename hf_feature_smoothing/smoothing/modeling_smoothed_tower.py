@@ -8,11 +8,12 @@ from functools import partial
 import torch
 from torch import nn
 
+from ..utils.deprecation import warn_renamed
 from ..utils.validation import check_images, check_positive_int, check_seed
 from .conditioning import noise_condition, restore_noise_condition, set_noise_condition
 from .configuration_feature_smoothing import FeatureSmoothingConfig
 from .noise import SeededNoise
-from .towers import ImageInputs, TowerAdapter, get_tower_adapter
+from .towers import ImageInputs, TowerFamily, get_tower_family
 
 
 _EPS = 1e-12
@@ -57,7 +58,7 @@ def hub_io(name: str) -> Callable:
                            "smoothed towers and models) before loading or saving them.")
     return _HUB_IO[name]
 def _request_noise(request: "NoisyCopies"):
-    """The noise of a [`NoisyCopies`] request for `TowerAdapter.noisy_copies` (`None`: clean copies)."""
+    """The noise of a [`NoisyCopies`] request for `TowerFamily.noisy_copies` (`None`: clean copies)."""
     if request.source is None:
         return None
     return lambda image: request.source.sample(request.start, request.count, tuple(image.shape), image.device)
@@ -85,7 +86,7 @@ class SmoothedVisionTower(nn.Module):
 
     Args:
         model (`nn.Module`):
-            A supported transformers model (see `hf_feature_smoothing.smoothing.towers.TOWER_ADAPTERS`).
+            A supported transformers model (see `hf_feature_smoothing.smoothing.towers.TOWER_FAMILIES`).
         config (`FeatureSmoothingConfig` or `dict`, *optional*):
             Smoothing parameters; defaults to `FeatureSmoothingConfig()`.
     """
@@ -93,8 +94,8 @@ class SmoothedVisionTower(nn.Module):
     def __init__(self, model: nn.Module, config: FeatureSmoothingConfig | dict | None = None):
         super().__init__()
         self.config = FeatureSmoothingConfig.from_dict(config or {})
-        self.adapter: TowerAdapter = get_tower_adapter(model, self.config)
-        self.encoder = self.adapter.model
+        self.family: TowerFamily = get_tower_family(model, self.config)
+        self.encoder = self.family.model
         self.enabled = True
         self._generators: dict[torch.device, torch.Generator] = {}
         self._handles: list[torch.utils.hooks.RemovableHandle] = []
@@ -111,6 +112,12 @@ class SmoothedVisionTower(nn.Module):
         if device not in self._generators:
             self._generators[device] = torch.Generator(device=device).manual_seed(self.config.seed)
         return self._generators[device]
+
+    @property
+    def adapter(self) -> TowerFamily:
+        """Deprecated alias of [`family`] (0.1.0 called the tower integration an adapter)."""
+        warn_renamed("SmoothedVisionTower", "adapter", "family")
+        return self.family
 
     def manual_seed(self, seed: int | None) -> "SmoothedVisionTower":
         """Reseed the noise of the forward pass (`None`: fresh noise from the global RNG from now on)."""
@@ -138,11 +145,11 @@ class SmoothedVisionTower(nn.Module):
             return torch.randn((copies, *image.shape), generator=self._generator(image.device), device=image.device,
                                dtype=image.dtype)
 
-        return self.adapter.noisy_copies(inputs, copies, self.sigma if sigma is None else sigma, noise)
+        return self.family.noisy_copies(inputs, copies, self.sigma if sigma is None else sigma, noise)
 
     # ----- base features ------------------------------------------------------------------------------------------
     def _segments(self, inputs: ImageInputs, num_rows: int, device: torch.device) -> torch.Tensor:
-        counts = torch.tensor(self.adapter.rows_per_image(inputs, num_rows), device=device)
+        counts = torch.tensor(self.family.rows_per_image(inputs, num_rows), device=device)
         return torch.repeat_interleave(torch.arange(len(counts), device=device), counts)
 
     def _unit_rows(self, rows: torch.Tensor, inputs: ImageInputs) -> tuple[torch.Tensor, torch.Tensor]:
@@ -169,31 +176,31 @@ class SmoothedVisionTower(nn.Module):
 
     def _site_rows(self, inputs: ImageInputs, copies: int) -> list[torch.Tensor]:
         """Encode `copies`-fold inputs; every site as float `(copies, R, F)`, the primary one centred."""
-        sites = [rows.float().view(copies, -1, rows.shape[-1]) for rows in self.adapter.encode(inputs)]
+        sites = [rows.float().view(copies, -1, rows.shape[-1]) for rows in self.family.encode(inputs)]
         return [*sites[:-1], self._center(sites[-1])]
 
     def feature_channels(self, inputs: ImageInputs) -> int:
-        """Channel width of the primary site's raw features (the last dimension before the adapter flattens an
+        """Channel width of the primary site's raw features (the last dimension before the tower family flattens an
         image's tokens into rows), measured with one clean pass of `inputs`."""
         widths: list[int] = []
-        as_rows = self.adapter.as_rows
+        as_rows = self.family.as_rows
 
         def spy(features: torch.Tensor) -> torch.Tensor:
             widths.append(features.shape[-1])
             return as_rows(features)
 
-        self.adapter.as_rows = spy  # instance attribute: shadows the method for this pass only
+        self.family.as_rows = spy  # instance attribute: shadows the method for this pass only
         try:
             with self._compute_context(inputs.pixel_values.device):
-                rows = self.adapter.encode(inputs)[-1]
+                rows = self.family.encode(inputs)[-1]
         finally:
-            del self.adapter.as_rows
+            del self.family.as_rows
         return widths[-1] if widths else rows.shape[-1]
 
     @contextlib.contextmanager
     def _compute_context(self, device: torch.device):
         with contextlib.ExitStack() as stack:
-            stack.enter_context(noise_condition(self.encoder, self.sigma, *self.adapter.pixel_stats))  # condition on σ
+            stack.enter_context(noise_condition(self.encoder, self.sigma, *self.family.pixel_stats))  # condition on σ
             if not torch.is_grad_enabled():
                 stack.enter_context(torch.inference_mode())
             if self.config.autocast_dtype is not None:
@@ -215,7 +222,7 @@ class SmoothedVisionTower(nn.Module):
                 batch = self.add_noise(inputs, copies, source=source, start=start)
             else:
                 clean = inputs.pixel_values.repeat(copies, *([1] * (inputs.pixel_values.ndim - 1)))
-                batch = self.adapter.repeat(inputs, copies).with_pixels(clean)
+                batch = self.family.repeat(inputs, copies).with_pixels(clean)
             with self._compute_context(inputs.pixel_values.device):
                 sites = self._site_rows(batch, copies)
                 yield [self._unit_rows(rows, inputs)[0].flatten(1) for rows in sites]
@@ -233,17 +240,17 @@ class SmoothedVisionTower(nn.Module):
         """
         parts, grids = [], []
         for request in requests:
-            copies = self.adapter.noisy_copies(request.inputs, request.count, self.sigma, _request_noise(request))
+            copies = self.family.noisy_copies(request.inputs, request.count, self.sigma, _request_noise(request))
             parts.append(copies.pixel_values)
             grids.append(copies.image_grid_thw)
         batch = ImageInputs(torch.cat(parts), None if grids[0] is None else torch.cat(grids))
         with self._compute_context(batch.pixel_values.device):
-            sites = [rows.float() for rows in self.adapter.encode(batch)]
+            sites = [rows.float() for rows in self.family.encode(batch)]
             sites[-1] = self._center(sites[-1])
             outputs: list[list[torch.Tensor]] = [[] for _ in requests]
             for rows in sites:
                 unit = self._unit_rows(rows[None], batch)[0][0]  # every copy is one image of `batch`
-                per_copy = self.adapter.rows_per_image(batch, rows.shape[0])
+                per_copy = self.family.rows_per_image(batch, rows.shape[0])
                 copy = offset = 0
                 for index, request in enumerate(requests):
                     size = sum(per_copy[copy : copy + request.count])
@@ -288,12 +295,12 @@ class SmoothedVisionTower(nn.Module):
         n = check_positive_int("num_samples", num_samples or self.config.num_samples)
         unit_sum, _ = self.monte_carlo(inputs, n)[-1]
         mean = unit_sum / n
-        counts = self.adapter.rows_per_image(inputs, mean.shape[0])
+        counts = self.family.rows_per_image(inputs, mean.shape[0])
         return tuple(part.flatten() for part in mean.split(counts))
 
     def check_inputs(self, pixel_values: torch.Tensor, image_grid_thw: torch.Tensor | None = None) -> ImageInputs:
         """Validate user inputs (finite floats, right rank) and wrap them."""
-        patch_flattened = hasattr(self.adapter, "_patch")
+        patch_flattened = hasattr(self.family, "_patch")
         check_images("pixel_values", pixel_values, 2 if patch_flattened else 4)
         if patch_flattened and image_grid_thw is None:
             raise ValueError("`image_grid_thw` is required for Qwen-VL towers (the processor returns it).")
@@ -328,12 +335,12 @@ class SmoothedVisionTower(nn.Module):
     # ----- hooks into an MLLM --------------------------------------------------------------------------------------
     def install(self) -> "SmoothedVisionTower":
         """Hook smoothing into the model so the language model receives smoothed features. Idempotent."""
-        if self._handles or not self.adapter.site_modules():
+        if self._handles or not self.family.site_modules():
             return self
-        tower = self.adapter.tower()
+        tower = self.family.tower()
         self._handles.append(tower.register_forward_pre_hook(self._tower_pre_hook, with_kwargs=True))
-        for index, module in enumerate(self.adapter.site_modules()):
-            self._handles.append(self.adapter.register_site_hook(module, partial(self._site_hook, index)))
+        for index, module in enumerate(self.family.site_modules()):
+            self._handles.append(self.family.register_site_hook(module, partial(self._site_hook, index)))
         return self
 
     def remove(self) -> None:
@@ -343,24 +350,24 @@ class SmoothedVisionTower(nn.Module):
         self._handles, self._call = [], None
 
     def _tower_pre_hook(self, module: nn.Module, args: tuple, kwargs: dict):
-        if self.adapter.capturing or not self.enabled:
+        if self.family.capturing or not self.enabled:
             return None
-        inputs = self.adapter.inputs_from_call(args, kwargs)
+        inputs = self.family.inputs_from_call(args, kwargs)
         # copy #1 runs in the model's own call: condition boosters on σ
         self._call = _SmoothedCall(inputs, booster_levels=set_noise_condition(self.encoder, self.sigma,
-                                                                                *self.adapter.pixel_stats))
+                                                                                *self.family.pixel_stats))
         noisy = self.add_noise(inputs, 1)
-        return self.adapter.replace_call_pixels(args, kwargs, noisy.pixel_values)
+        return self.family.replace_call_pixels(args, kwargs, noisy.pixel_values)
 
     def _site_hook(self, index: int, features: torch.Tensor) -> torch.Tensor | None:
         call = self._call
-        if self.adapter.capturing or call is None or not self.enabled:
+        if self.family.capturing or call is None or not self.enabled:
             return None
         n = self.config.num_samples
         if call.sums is None:
             call.sums = self.monte_carlo(call.inputs, n - 1)
-        primary = index == len(self.adapter.site_modules()) - 1
-        rows = self.adapter.as_rows(features).float()
+        primary = index == len(self.family.site_modules()) - 1
+        rows = self.family.as_rows(features).float()
         if primary:
             rows = self._center(rows)
         unit, norms = self._unit_rows(rows[None], call.inputs)
@@ -373,7 +380,7 @@ class SmoothedVisionTower(nn.Module):
         if primary:
             smoothed = self._center(smoothed, sign=1.0)  # back to the raw feature space the projector expects
         call.sites_done += 1
-        if call.sites_done == len(self.adapter.site_modules()):
+        if call.sites_done == len(self.family.site_modules()):
             restore_noise_condition(call.booster_levels or [])
             self._call = None
         return smoothed.to(features.dtype).view_as(features)

@@ -25,4 +25,12 @@ def deprecated_aliases(namespace: dict, aliases: dict[str, str], since: str = "0
     return __getattr__
 
 
-__all__ = ["deprecated_aliases"]
+def warn_renamed(owner: str, old: str, new: str, since: str = "0.2.0") -> None:
+    """The `FutureWarning` of a renamed attribute `owner.old` → `owner.new`, once per process."""
+    if (owner, old) not in _WARNED:
+        _WARNED.add((owner, old))
+        warnings.warn(f"`{owner}.{old}` was renamed `{new}` in {since}; the old name is an alias that will be removed "
+                      "in a later release.", FutureWarning, stacklevel=3)
+
+
+__all__ = ["deprecated_aliases", "warn_renamed"]

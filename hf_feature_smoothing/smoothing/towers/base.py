@@ -7,6 +7,7 @@ from dataclasses import dataclass, replace
 import torch
 from torch import nn
 
+from ...utils.deprecation import deprecated_aliases, warn_renamed
 from ...utils.images import to_rgb
 from ...utils.logging import get_logger
 from ..configuration_feature_smoothing import FeatureSmoothingConfig
@@ -144,7 +145,7 @@ class _Handles:
             handle.remove()
 
 
-class TowerAdapter(ABC):
+class TowerFamily(ABC):
     """
     Everything that differs between vision-tower families, behind one interface.
 
@@ -164,8 +165,8 @@ class TowerAdapter(ABC):
         self._captured: list[torch.Tensor] = []
         self._fallback: PixelStats | None = None
         if config.image_mean is None or config.image_std is None:  # the family default, with a warning
-            self._fallback = resolve_pixel_stats(self.family, config.image_mean, config.image_std, once=True,
-                                                 default=self.family_default_stats(self.family))
+            self._fallback = resolve_pixel_stats(self.model_type, config.image_mean, config.image_std, once=True,
+                                                 default=self.family_default_stats(self.model_type))
 
     @classmethod
     def family_default_stats(cls, model_type: str) -> tuple[tuple[float, ...], tuple[float, ...]]:
@@ -181,16 +182,22 @@ class TowerAdapter(ABC):
         raise TypeError(f"{cls.__name__} has no `default_stats`.")
 
     @property
-    def family(self) -> str:
+    def model_type(self) -> str:
+        """The stock `model_type` of the model this family handles (e.g. `"llava"`)."""
         return getattr(self.model.config, "model_type", "?").removeprefix("smoothed_")
 
     @property
+    def family(self) -> str:
+        warn_renamed("TowerFamily", "family", "model_type")
+        return self.model_type
+
+    @property
     def default_image_mean(self) -> tuple[float, ...]:
-        return self.family_default_stats(self.family)[0]
+        return self.family_default_stats(self.model_type)[0]
 
     @property
     def default_image_std(self) -> tuple[float, ...]:
-        return self.family_default_stats(self.family)[1]
+        return self.family_default_stats(self.model_type)[1]
 
     # read from the (live) config on every use: editing `config.image_mean` takes effect at once
     @property
@@ -362,3 +369,6 @@ class TowerAdapter(ABC):
         mean = torch.tensor(self.image_mean, device=like.device, dtype=torch.float32).view(shape)
         std = torch.tensor(self.image_std, device=like.device, dtype=torch.float32).view(shape)
         return mean, std
+
+# names of 0.1.0 (the tower integration was called an adapter), kept as aliases that warn once
+__getattr__ = deprecated_aliases(globals(), {"TowerAdapter": "TowerFamily"})

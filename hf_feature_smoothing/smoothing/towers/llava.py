@@ -4,12 +4,13 @@
 import torch
 from torch import nn
 
-from . import register_tower_adapter
-from .base import BoosterGeometry, ImageInputs, TowerAdapter, pixel_conv, unwrap_tuner_layer
+from ...utils.deprecation import deprecated_aliases
+from . import register_tower_family
+from .base import BoosterGeometry, ImageInputs, TowerFamily, pixel_conv, unwrap_tuner_layer
 
 
-@register_tower_adapter
-class LlavaTowerAdapter(TowerAdapter):
+@register_tower_family
+class LlavaTowerFamily(TowerFamily):
     model_types = ("llava",)
 
     @property
@@ -65,3 +66,6 @@ class LlavaTowerAdapter(TowerAdapter):
             vision_feature_layer=config.vision_feature_layer,
             vision_feature_select_strategy=config.vision_feature_select_strategy,
         )
+
+# names of 0.1.0 (the tower integration was called an adapter), kept as aliases that warn once
+__getattr__ = deprecated_aliases(globals(), {"LlavaTowerAdapter": "LlavaTowerFamily"})

@@ -88,10 +88,10 @@ def resolve_pixel_stats(family: str, image_mean=None, image_std=None, *, process
     2. `processor`, a processor or image processor object;
     3. the checkpoint's processor files: `settings` as returned by [`read_processor_settings`], else read from
        `path` (a folder or Hub repo id, with `hub_kwargs`); logged at INFO;
-    4. the family default (`default`, else the registered [`TowerAdapter.family_default_stats`]), with a warning
+    4. the family default (`default`, else the registered [`TowerFamily.family_default_stats`]), with a warning
        naming `path` (`once`: at most once per message).
     """
-    from . import TOWER_ADAPTERS
+    from . import TOWER_FAMILIES
 
     found = {"image_mean": image_mean, "image_std": image_std}
 
@@ -108,7 +108,7 @@ def resolve_pixel_stats(family: str, image_mean=None, image_std=None, *, process
             logger.info(f"Smoothing `{path}` with the processor statistics of {files['source']}: "
                         f"image_mean={found['image_mean']}, image_std={found['image_std']}.")
     if any(v is None for v in found.values()):
-        default = dict(zip(found, default or TOWER_ADAPTERS[family].family_default_stats(family)))
+        default = dict(zip(found, default or TOWER_FAMILIES[family].family_default_stats(family)))
         found = {k: v if v is not None else list(default[k]) for k, v in found.items()}
         where = (f"`{path}` has no `image_mean` / `image_std` in processor_config.json or preprocessor_config.json"
                  if path else "No `image_mean` / `image_std` in the smoothing config, a processor or a checkpoint")

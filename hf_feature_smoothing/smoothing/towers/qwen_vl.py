@@ -7,13 +7,14 @@ is expanded over the temporal copies. The feature site is `visual.merger` (and, 
 import torch
 from torch import nn
 
-from . import register_tower_adapter
+from ...utils.deprecation import deprecated_aliases
+from . import register_tower_family
 from .base import (
     IMAGENET_STANDARD_MEAN,
     IMAGENET_STANDARD_STD,
     BoosterGeometry,
     ImageInputs,
-    TowerAdapter,
+    TowerFamily,
     _center_crop,
     _pil_to_tensor,
     unwrap_tuner_layer,
@@ -29,8 +30,8 @@ def _window_order(visual: nn.Module, grid_thw: torch.Tensor) -> torch.Tensor:
     return index
 
 
-@register_tower_adapter
-class QwenVLTowerAdapter(TowerAdapter):
+@register_tower_family
+class QwenVLTowerFamily(TowerFamily):
     model_types = ("qwen2_vl", "qwen2_5_vl")
 
     @property
@@ -134,11 +135,14 @@ class QwenVLTowerAdapter(TowerAdapter):
         self.inner.get_image_features(pixel_values=inputs.pixel_values, image_grid_thw=inputs.image_grid_thw)
 
 
-@register_tower_adapter
-class Qwen3VLTowerAdapter(QwenVLTowerAdapter):
+@register_tower_family
+class Qwen3VLTowerAdapter(QwenVLTowerFamily):
     model_types = ("qwen3_vl",)
     default_stats = (IMAGENET_STANDARD_MEAN, IMAGENET_STANDARD_STD)
 
     def site_modules(self) -> list[nn.Module]:
         visual = self.inner.visual
         return [*visual.deepstack_merger_list, unwrap_tuner_layer(visual.merger)]
+
+# names of 0.1.0 (the tower integration was called an adapter), kept as aliases that warn once
+__getattr__ = deprecated_aliases(globals(), {"QwenVLTowerAdapter": "QwenVLTowerFamily"})

@@ -5,7 +5,8 @@ on real encoders without a language model."""
 import torch
 from torch import nn
 
-from . import register_tower_adapter
+from ...utils.deprecation import deprecated_aliases
+from . import register_tower_family
 from .base import (
     IMAGENET_DEFAULT_MEAN,
     IMAGENET_DEFAULT_STD,
@@ -17,11 +18,11 @@ from .base import (
     ImageInputs,
     pixel_conv,
 )
-from .llava import LlavaTowerAdapter
+from .llava import LlavaTowerFamily
 
 
-@register_tower_adapter
-class VisionEncoderAdapter(LlavaTowerAdapter):
+@register_tower_family
+class VisionEncoderFamily(LlavaTowerFamily):
     model_types = ("dinov2", "vit", "clip_vision_model", "siglip_vision_model")
 
     # the defaults of each model type's transformers image processor (BitImageProcessor for DINOv2, ViT, CLIP, SigLIP)
@@ -70,3 +71,6 @@ class VisionEncoderAdapter(LlavaTowerAdapter):
 
     def encode(self, inputs: ImageInputs) -> list[torch.Tensor]:
         return [self.model(pixel_values=inputs.pixel_values).pooler_output.flatten(1)]
+
+# names of 0.1.0 (the tower integration was called an adapter), kept as aliases that warn once
+__getattr__ = deprecated_aliases(globals(), {"VisionEncoderAdapter": "VisionEncoderFamily"})
