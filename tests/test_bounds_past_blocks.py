@@ -167,10 +167,10 @@ def test_certify_with_the_released_carry_fails_the_same_check(broken_carry, monk
 
 
 def _prediction_misses(alpha: float) -> int:
-    """Wrong claims among 1000 prediction certificates on the angle encoder with six prototypes (p_k in closed form,
+    """Wrong claims among 2000 prediction certificates on the angle encoder with six prototypes (p_k in closed form,
     class 0 the smoothed prediction): a certified prediction other than 0, a radius above the true Lipschitz radius,
     or p̲_y above the true p_y."""
-    sigma, trials = 0.25, 1000
+    sigma, trials = 0.25, 2000
     encoder = ToyEncoder("angle")
     tower = SmoothedVisionTower(encoder, FeatureSmoothingConfig(sigma=sigma, chunk_size=4096))
     angles = 0.4 + torch.tensor([0.0, 0.8, -0.8, 1.0, 2.0, 3.0])
@@ -188,12 +188,12 @@ def _prediction_misses(alpha: float) -> int:
 
 def test_certify_prediction_covers_the_closed_form_truth_across_many_blocks(monkeypatch):
     monkeypatch.setattr(betting, "_TIME_BLOCK", 16)
-    assert _within_level(_prediction_misses(0.2), 1000, 0.2)
+    assert _within_level(_prediction_misses(0.2), 2000, 0.2)
 
 
 def test_certify_prediction_with_the_released_carry_fails_the_same_check(broken_carry, monkeypatch):
     monkeypatch.setattr(betting, "_TIME_BLOCK", 16)
-    assert not _within_level(_prediction_misses(0.2), 1000, 0.2)
+    assert not _within_level(_prediction_misses(0.2), 2000, 0.2)
 
 
 @pytest.mark.parametrize("method", ["hoeffding", "bernstein"])
