@@ -22,11 +22,13 @@ from pathlib import Path
 
 import torch
 
-from hf_feature_smoothing import SmoothedLlavaForConditionalGeneration, certify
+from hf_feature_smoothing import certify
 from hf_feature_smoothing.assets.labelled_images import digit_examples, textile_examples
 from hf_feature_smoothing.assets.llava_booster_training import RECORD_FILE, VARIANTS, train_llava_booster
+from hf_feature_smoothing.assets.llava_dinov2_smollm2 import MODEL_NAME as LLAVA_NAME
 from hf_feature_smoothing.assets.llava_dinov2_smollm2 import llava_checkpoint
 from hf_feature_smoothing.assets.projector_training import answer_accuracy
+from hf_feature_smoothing.assets.registry import resolve_model
 from hf_feature_smoothing.booster import booster_noise_level
 from hf_feature_smoothing.runs.runner import Run
 from hf_feature_smoothing.statistics.aggregates import bootstrap_ci
@@ -44,7 +46,7 @@ def load(folder: Path, sigma: float | None, booster: Path | None, args):
     smoothing = {"sigma": sigma, "num_samples": args.num_samples, "seed": args.seed, "chunk_size": 64}
     if booster is not None:
         smoothing["booster"] = str(booster)
-    return SmoothedLlavaForConditionalGeneration.from_pretrained(folder, smoothing=smoothing).eval()
+    return resolve_model(LLAVA_NAME, smoothing_config=smoothing)  # the built-in LLaVA as its smoothed class
 
 
 @torch.no_grad()

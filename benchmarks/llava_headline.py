@@ -26,9 +26,10 @@ import torch
 
 from hf_feature_smoothing import FeatureSmoothingConfig
 from hf_feature_smoothing.assets.labelled_images import digit_answer, digit_examples
+from hf_feature_smoothing.assets.llava_dinov2_smollm2 import MODEL_NAME as LLAVA_NAME
 from hf_feature_smoothing.assets.llava_dinov2_smollm2 import llava_checkpoint, prompt_text
+from hf_feature_smoothing.assets.registry import resolve_booster_path, resolve_model
 from hf_feature_smoothing.attacks.text import answer_attack
-from hf_feature_smoothing.commands.loading import resolve_booster
 from hf_feature_smoothing.runs.runner import Run
 from hf_feature_smoothing.statistics.aggregates import bootstrap_ci
 from hf_feature_smoothing.utils.hardware import bf16_supported
@@ -44,8 +45,6 @@ VARIANTS = ("plain", "smoothed", "smoothed+gsb")
 def load_variants(args) -> dict:
     from transformers import AutoProcessor, LlavaForConditionalGeneration
 
-    from hf_feature_smoothing import SmoothedLlavaForConditionalGeneration
-
     folder = llava_checkpoint()
     processor = AutoProcessor.from_pretrained(folder)
     smoothing = FeatureSmoothingConfig(sigma=args.sigma, num_samples=args.num_samples, chunk_size=args.chunk_size)
@@ -56,8 +55,8 @@ def load_variants(args) -> dict:
         else:
             config = smoothing.to_dict()
             if variant == "smoothed+gsb":
-                config["booster"] = resolve_booster(args.booster)
-            variants[variant] = SmoothedLlavaForConditionalGeneration.from_pretrained(folder, smoothing=config).eval()
+                config["booster"] = resolve_booster_path(args.booster)
+            variants[variant] = resolve_model(LLAVA_NAME, smoothing_config=config)  # the built-in LLaVA, smoothed
     return processor, variants
 
 
@@ -150,7 +149,7 @@ def main() -> None:
     if args.variants != ["plain", "smoothed"]:  # runs of the original layout keep their header
         params["variants"] = args.variants
     if args.booster:
-        params["booster_weights"] = booster_digest(resolve_booster(args.booster))
+        params["booster_weights"] = booster_digest(resolve_booster_path(args.booster))
     with Run(args.output, "llava-headline").lock() as run:  # locked, resumable, refuses other parameters
         run.open(params)
         rows = attack_cells(args, run)

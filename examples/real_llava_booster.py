@@ -10,22 +10,26 @@ import os
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # everything is local: never wait on the network
 
 import torch  # noqa: E402
-from transformers import AutoModelForImageTextToText, AutoProcessor  # noqa: E402
+from transformers import AutoProcessor  # noqa: E402
 
 import hf_feature_smoothing as hfs  # noqa: E402
 from hf_feature_smoothing.assets.labelled_images import digit_examples  # noqa: E402
-from hf_feature_smoothing.assets.llava_booster_training import LLAVA_BOOSTER  # noqa: E402
-from hf_feature_smoothing.assets.llava_dinov2_smollm2 import REPO_ID, install_in_hub_cache, llava_checkpoint  # noqa: E402
+from hf_feature_smoothing.assets.llava_dinov2_smollm2 import (  # noqa: E402
+    MODEL_NAME,
+    REPO_ID,
+    install_in_hub_cache,
+    llava_checkpoint,
+)
+from hf_feature_smoothing.assets.registry import SHIPPED_BOOSTER, resolve_booster_path, resolve_model  # noqa: E402
 
 
 install_in_hub_cache(llava_checkpoint())  # assembled offline once, then a checkpoint like any other
 processor = AutoProcessor.from_pretrained(REPO_ID)
 examples = digit_examples("test")[:6]  # held-out digits
 smoothing = {"sigma": 0.5, "num_samples": 8, "seed": 0}
-models = {
-    "smoothed": AutoModelForImageTextToText.from_pretrained(REPO_ID, smoothing=smoothing),
-    "smoothed + GSB": AutoModelForImageTextToText.from_pretrained(
-        REPO_ID, smoothing={**smoothing, "booster": str(LLAVA_BOOSTER)}),
+models = {  # the built-in alias as its smoothed class, like AutoModelForImageTextToText(REPO_ID, smoothing=...)
+    "smoothed": resolve_model(MODEL_NAME, smoothing_config=smoothing),
+    "smoothed + GSB": resolve_model(MODEL_NAME, smoothing_config={**smoothing, "booster": resolve_booster_path(SHIPPED_BOOSTER)}),
 }
 question = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": examples[0].question}]}]
 prompt = processor.apply_chat_template(question, add_generation_prompt=True)

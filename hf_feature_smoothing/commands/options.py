@@ -7,10 +7,10 @@ from pathlib import Path
 
 import torch
 
+from ..assets.registry import BOOSTER_ALIASES, model_aliases_help
 from ..runs import RunError
 from ..runs.plotting import PLOT_SUFFIXES
 from ..utils.validation import SEED, Range
-from .loading import SHIPPED_BOOSTER
 
 
 DTYPES = ("float32", "bfloat16", "float16")
@@ -64,11 +64,10 @@ class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
 
 def add_model(parser: argparse.ArgumentParser, booster_help: str) -> None:
     parser.add_argument("--model", default="dinov2-s14",
-                        help="`dinov2-s14` (real DINOv2-S/14, offline), `llava-dinov2-smollm2` (the real-weight "
-                             "LLaVA, assembled offline), `tiny-<llava|qwen2_vl|qwen2_5_vl|qwen3_vl>` (random, for smoke "
-                             "runs), or a local path / Hub repo id of a supported model")
+                        help=f"{model_aliases_help()}, or a local path / Hub repo id of a supported model")
     parser.add_argument("--booster", default=None,
-                        help=f"{booster_help}; `{SHIPPED_BOOSTER}` is the booster shipped for llava-dinov2-smollm2")
+                        help=f"{booster_help}; " + ", ".join(f"`{name}` is {description}"
+                                                             for name, (description, _) in BOOSTER_ALIASES.items()))
 
 
 def add_images(parser: argparse.ArgumentParser) -> None:

@@ -3,6 +3,7 @@ from . import (
     tower_pretrained,  # noqa: F401  (registers SmoothedVisionTower.from_pretrained / save files)
 )
 from .llava import SmoothedLlavaConfig, SmoothedLlavaForConditionalGeneration
+from .loading import load_smoothed
 from .modeling_smoothed import make_smoothed
 from .qwen_vl import (
     SmoothedQwen2_5_VLConfig,
@@ -12,7 +13,7 @@ from .qwen_vl import (
     SmoothedQwen3VLConfig,
     SmoothedQwen3VLForConditionalGeneration,
 )
-from .registry import SMOOTHED_MODEL_CLASSES, register_smoothed_model
+from .registry import SMOOTHED_MODEL_CLASSES, register_smoothed_model, smoothed_class_for
 
 
 __all__ = [
@@ -25,6 +26,8 @@ __all__ = [
     "SmoothedQwen2_5_VLForConditionalGeneration",
     "SmoothedQwen3VLConfig",
     "SmoothedQwen3VLForConditionalGeneration",
+    "load_smoothed",
     "make_smoothed",
     "register_smoothed_model",
+    "smoothed_class_for",
 ]

@@ -17,7 +17,7 @@ from transformers import AutoConfig, AutoModelForImageTextToText, PreTrainedConf
 from ..smoothing.towers import TOWER_FAMILIES
 from ..utils.atomic import recover_if_local
 from ..utils.logging import get_logger
-from .registry import SMOOTHED_MODEL_CLASSES
+from .registry import SMOOTHED_MODEL_CLASSES, smoothed_class_for
 
 
 logger = get_logger(__name__)
@@ -92,15 +92,18 @@ def _patch_auto_model() -> None:
             with loading_smoothed_checkpoint():
                 config = AutoConfig.from_pretrained(config or pretrained_model_name_or_path,
                                                     **{k: kwargs[k] for k in CONFIG_KWARGS if k in kwargs})
-        family = config.model_type.removeprefix("smoothed_")
-        if family not in SMOOTHED_MODEL_CLASSES:
+        try:
+            model_cls = smoothed_class_for(config)
+        except ValueError:  # unsupported: the same message as for an encoder (`smoothing=` needs an MLLM)
+            model_cls = None
+        if model_cls is None:
             raise ValueError(
                 f"`smoothing=` needs a model type with a smoothed class ({sorted(SMOOTHED_MODEL_CLASSES)}), but "
                 f"`{pretrained_model_name_or_path}` is `{config.model_type}`. For a stand-alone encoder use "
                 "`SmoothedVisionTower.from_pretrained(repo, smoothing=...)`."
             )
         kwargs.pop("trust_remote_code", None)
-        return SMOOTHED_MODEL_CLASSES[family].from_pretrained(
+        return model_cls.from_pretrained(
             pretrained_model_name_or_path, *model_args, config=config, smoothing=smoothing, **kwargs)
 
     from_pretrained._hf_fs_patched = True

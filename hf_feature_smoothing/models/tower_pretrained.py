@@ -21,7 +21,7 @@ from ..utils.logging import get_logger
 from .auto import loading_smoothed_checkpoint, smoothing_argument
 from .booster_support import booster_support
 from .modeling_smoothed import check_loaded_weights, fill_processor_settings
-from .registry import SMOOTHED_MODEL_CLASSES
+from .registry import smoothed_class_for
 
 
 logger = get_logger(__name__)
@@ -55,8 +55,10 @@ def tower_from_pretrained(cls, path, smoothing=None, **kwargs):
     if config.model_type.startswith("smoothed_"):  # a smoothed MLLM: its own tower, smoothing in config.json
         return AutoModelForImageTextToText.from_pretrained(path, smoothing=overrides or None, **kwargs).smoothed_vision_tower
     family = config.model_type
-    if family not in TOWER_FAMILIES:
-        raise ValueError(f"`{path}` is a `{family}` checkpoint; SmoothedVisionTower supports {sorted(TOWER_FAMILIES)}.")
+    try:
+        smoothed_cls = smoothed_class_for(config)  # the smoothed MLLM class, or None for a stand-alone encoder
+    except ValueError:
+        raise ValueError(f"`{path}` is a `{family}` checkpoint; SmoothedVisionTower supports {sorted(TOWER_FAMILIES)}.") from None
     saved = _read_smoothing_file(path, **hub)
     embedded = saved.get("booster_config")
     if "booster" in overrides and overrides["booster"] != saved.get("booster"):
@@ -64,8 +66,8 @@ def tower_from_pretrained(cls, path, smoothing=None, **kwargs):
     fields = {**saved, "booster_config": None, **overrides, **({"booster": None} if embedded else {})}
     booster_hub = {k: v for k, v in hub.items() if k in ("cache_dir", "token", "local_files_only", "proxies")}
     kwargs.pop("output_loading_info", None)
-    if family in SMOOTHED_MODEL_CLASSES:  # a stock MLLM saved with a tower: load it as its smoothed type
-        tower = SMOOTHED_MODEL_CLASSES[family].from_pretrained(path, smoothing=fields, **kwargs).smoothed_vision_tower
+    if smoothed_cls is not None:  # a stock MLLM saved with a tower: load it as its smoothed type
+        tower = smoothed_cls.from_pretrained(path, smoothing=fields, **kwargs).smoothed_vision_tower
     else:
         smoothing_config = FeatureSmoothingConfig.from_dict(fields)
         fill_processor_settings(smoothing_config, path, family, **hub)
