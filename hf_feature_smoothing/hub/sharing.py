@@ -11,7 +11,8 @@ from huggingface_hub import EvalResult, HfApi, ModelCard, ModelCardData
 from ..booster.layer import booster_layers
 from ..booster.loading import record_smoothing, save_booster_adapter
 from ..smoothing.configuration_feature_smoothing import FeatureSmoothingConfig
-from ..smoothing.modeling_smoothed_tower import SmoothedVisionTower, register_hub_io
+from ..smoothing.hub_io import register_hub_io
+from ..smoothing.modeling_smoothed_tower import SmoothedVisionTower
 from ..statistics.advisories import advisories_for
 from ..statistics.aggregates import certified_accuracy, certified_cosine
 from ..utils.atomic import atomic_directory, write_atomically

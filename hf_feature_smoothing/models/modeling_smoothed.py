@@ -6,7 +6,8 @@ import os
 from transformers import AutoConfig, PreTrainedConfig, PreTrainedModel
 
 from ..smoothing.configuration_feature_smoothing import FeatureSmoothingConfig
-from ..smoothing.modeling_smoothed_tower import SmoothedVisionTower, hub_io
+from ..smoothing.hub_io import hub_io
+from ..smoothing.modeling_smoothed_tower import SmoothedVisionTower
 from ..smoothing.towers.processor import HUB_KWARGS, read_processor_settings, resolve_pixel_stats
 from ..utils.atomic import recover_if_local
 from ..utils.logging import get_logger

@@ -13,7 +13,7 @@ from pathlib import Path
 from transformers import AutoConfig, AutoModel, AutoModelForImageTextToText
 
 from ..smoothing.configuration_feature_smoothing import FeatureSmoothingConfig
-from ..smoothing.modeling_smoothed_tower import register_hub_io
+from ..smoothing.hub_io import register_hub_io
 from ..smoothing.towers import TOWER_FAMILIES
 from ..smoothing.towers.processor import HUB_KWARGS
 from ..utils.atomic import recover_if_local

@@ -1,22 +1,20 @@
 """`SmoothedVisionTower`: the Monte Carlo smoothed encoder f̂(x) = E[f(x + δ)], δ ~ N(0, σ²I) in pixel space."""
 
 import contextlib
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
-from functools import partial
 
 import torch
 from torch import nn
 
 from ..utils.deprecation import warn_renamed
 from ..utils.validation import check_images, check_positive_int, check_seed
-from .conditioning import noise_condition, restore_noise_condition, set_noise_condition
+from .conditioning import noise_condition
 from .configuration_feature_smoothing import FeatureSmoothingConfig
+from .hub_io import hub_io
+from .mllm_hooks import EPS, MLLMHooksMixin, SmoothedCall
 from .noise import SeededNoise
 from .towers import ImageInputs, TowerFamily, get_tower_family
-
-
-_EPS = 1e-12
 
 
 @dataclass
@@ -30,33 +28,6 @@ class NoisyCopies:
     start: int = 0
 
 
-@dataclass
-class _SmoothedCall:
-    """State of one hooked tower call: its clean inputs and the Monte Carlo sums of the other n − 1 copies."""
-
-    inputs: ImageInputs
-    sums: list[tuple[torch.Tensor, torch.Tensor]] | None = None
-    sites_done: int = 0
-    booster_levels: list | None = None
-
-
-# Hub I/O is implemented above the core and registered here (dependency inversion, as a PEFT method fills PEFT's
-# registries): `load_tower` / `save_tower_files` by `models.tower_pretrained`, `save_with_card` / `push_with_card`
-# by `hub.sharing`. Importing `hf_feature_smoothing` registers all four.
-_HUB_IO: dict[str, Callable] = {}
-
-
-def register_hub_io(**functions: Callable) -> None:
-    """Register Hub I/O functions by name (see `_HUB_IO`)."""
-    _HUB_IO.update(functions)
-
-
-def hub_io(name: str) -> Callable:
-    """The registered Hub I/O function `name`."""
-    if name not in _HUB_IO:
-        raise RuntimeError(f"No `{name}` is registered: `import hf_feature_smoothing` (which registers the Hub I/O of "
-                           "smoothed towers and models) before loading or saving them.")
-    return _HUB_IO[name]
 def _request_noise(request: "NoisyCopies"):
     """The noise of a [`NoisyCopies`] request for `TowerFamily.noisy_copies` (`None`: clean copies)."""
     if request.source is None:
@@ -64,7 +35,7 @@ def _request_noise(request: "NoisyCopies"):
     return lambda image: request.source.sample(request.start, request.count, tuple(image.shape), image.device)
 
 
-class SmoothedVisionTower(nn.Module):
+class SmoothedVisionTower(MLLMHooksMixin, nn.Module):
     """
     Feature-space Smoothing of a vision tower.
 
@@ -99,7 +70,7 @@ class SmoothedVisionTower(nn.Module):
         self.enabled = True
         self._generators: dict[torch.device, torch.Generator] = {}
         self._handles: list[torch.utils.hooks.RemovableHandle] = []
-        self._call: _SmoothedCall | None = None
+        self._call: SmoothedCall | None = None
 
     @property
     def sigma(self) -> float:
@@ -157,7 +128,7 @@ class SmoothedVisionTower(nn.Module):
         seg = self._segments(inputs, rows.shape[1], rows.device)
         squares = torch.zeros(rows.shape[0], inputs.num_images, device=rows.device, dtype=rows.dtype)
         norms = squares.index_add(1, seg, rows.pow(2).sum(-1)).sqrt()
-        return rows / norms[:, seg, None].clamp_min(_EPS), norms
+        return rows / norms[:, seg, None].clamp_min(EPS), norms
 
     def _center(self, rows: torch.Tensor, sign: float = -1.0) -> torch.Tensor:
         """Primary-site rows `(..., W)` with the feature centre μ subtracted (`sign=-1`) or added back (`+1`) on every
@@ -331,56 +302,3 @@ class SmoothedVisionTower(nn.Module):
 
     def _save_pretrained_raw(self, save_directory, **kwargs) -> None:
         hub_io("save_tower_files")(self, save_directory, **kwargs)
-
-    # ----- hooks into an MLLM --------------------------------------------------------------------------------------
-    def install(self) -> "SmoothedVisionTower":
-        """Hook smoothing into the model so the language model receives smoothed features. Idempotent."""
-        if self._handles or not self.family.site_modules():
-            return self
-        tower = self.family.tower()
-        self._handles.append(tower.register_forward_pre_hook(self._tower_pre_hook, with_kwargs=True))
-        for index, module in enumerate(self.family.site_modules()):
-            self._handles.append(self.family.register_site_hook(module, partial(self._site_hook, index)))
-        return self
-
-    def remove(self) -> None:
-        """Remove the hooks: the model is the stock model again."""
-        for handle in self._handles:
-            handle.remove()
-        self._handles, self._call = [], None
-
-    def _tower_pre_hook(self, module: nn.Module, args: tuple, kwargs: dict):
-        if self.family.capturing or not self.enabled:
-            return None
-        inputs = self.family.inputs_from_call(args, kwargs)
-        # copy #1 runs in the model's own call: condition boosters on σ
-        self._call = _SmoothedCall(inputs, booster_levels=set_noise_condition(self.encoder, self.sigma,
-                                                                                *self.family.pixel_stats))
-        noisy = self.add_noise(inputs, 1)
-        return self.family.replace_call_pixels(args, kwargs, noisy.pixel_values)
-
-    def _site_hook(self, index: int, features: torch.Tensor) -> torch.Tensor | None:
-        call = self._call
-        if self.family.capturing or call is None or not self.enabled:
-            return None
-        n = self.config.num_samples
-        if call.sums is None:
-            call.sums = self.monte_carlo(call.inputs, n - 1)
-        primary = index == len(self.family.site_modules()) - 1
-        rows = self.family.as_rows(features).float()
-        if primary:
-            rows = self._center(rows)
-        unit, norms = self._unit_rows(rows[None], call.inputs)
-        unit_sum, norm_sum = unit[0], norms[0]
-        if call.sums:
-            unit_sum, norm_sum = unit_sum + call.sums[index][0], norm_sum + call.sums[index][1]
-        seg = self._segments(call.inputs, rows.shape[0], rows.device)
-        direction_norms = torch.zeros_like(norm_sum).index_add(0, seg, unit_sum.pow(2).sum(-1)).sqrt()
-        smoothed = unit_sum * (norm_sum / n / direction_norms.clamp_min(_EPS))[seg, None]
-        if primary:
-            smoothed = self._center(smoothed, sign=1.0)  # back to the raw feature space the projector expects
-        call.sites_done += 1
-        if call.sites_done == len(self.family.site_modules()):
-            restore_noise_condition(call.booster_levels or [])
-            self._call = None
-        return smoothed.to(features.dtype).view_as(features)

@@ -6,7 +6,8 @@ from torch import nn
 
 from ...utils.deprecation import deprecated_aliases
 from . import register_tower_family
-from .base import BoosterGeometry, ImageInputs, TowerFamily, pixel_conv, unwrap_tuner_layer
+from .base import BoosterGeometry, TowerFamily, pixel_conv, unwrap_tuner_layer
+from .inputs import ImageInputs
 
 
 @register_tower_family

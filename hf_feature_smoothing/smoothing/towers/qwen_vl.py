@@ -9,16 +9,8 @@ from torch import nn
 
 from ...utils.deprecation import deprecated_aliases
 from . import register_tower_family
-from .base import (
-    IMAGENET_STANDARD_MEAN,
-    IMAGENET_STANDARD_STD,
-    BoosterGeometry,
-    ImageInputs,
-    TowerFamily,
-    _center_crop,
-    _pil_to_tensor,
-    unwrap_tuner_layer,
-)
+from .base import BoosterGeometry, TowerFamily, unwrap_tuner_layer
+from .inputs import IMAGENET_STANDARD_MEAN, IMAGENET_STANDARD_STD, ImageInputs, center_crop, pil_to_tensor
 from .processor import qwen_pixels
 
 
@@ -113,7 +105,7 @@ class QwenVLTowerFamily(TowerFamily):
                 x = qwen_pixels(img, geometry, patch, merge)
             else:
                 side = max(unit, round((image_size or self.default_image_size()) / unit) * unit)
-                x = _pil_to_tensor(_center_crop(img, side, side))
+                x = pil_to_tensor(center_crop(img, side, side))
             gh, gw = x.shape[1] // patch, x.shape[2] // patch
             x = x.view(channels, gh // merge, merge, patch, gw // merge, merge, patch).permute(1, 4, 2, 5, 0, 3, 6)
             patches.append(x.reshape(-1, channels, patch, patch))

@@ -7,16 +7,15 @@ from torch import nn
 
 from ...utils.deprecation import deprecated_aliases
 from . import register_tower_family
-from .base import (
+from .base import BoosterGeometry, pixel_conv
+from .inputs import (
     IMAGENET_DEFAULT_MEAN,
     IMAGENET_DEFAULT_STD,
     IMAGENET_STANDARD_MEAN,
     IMAGENET_STANDARD_STD,
     OPENAI_CLIP_MEAN,
     OPENAI_CLIP_STD,
-    BoosterGeometry,
     ImageInputs,
-    pixel_conv,
 )
 from .llava import LlavaTowerFamily
 
