@@ -122,7 +122,7 @@ def test_evaluate_metric_loads_offline_and_matches_summary(tmp_path):
     cosine, accuracy = json.loads(result.stdout.strip().splitlines()[-1])
     assert cosine == certified_cosine([0.9, 0.4, 0.7], [0.25, 0.25, 0.5], [0.0, 0.1])
     assert cosine["certified_cosine@0"] == pytest.approx((0.8 + 0.0 + 0.4) / 3)
-    assert accuracy == certified_accuracy([1, -1], [1, 0], [0.2, 0.0], [0.0, 0.3]) == {
+    assert accuracy == certified_accuracy([1, None], [1, 0], [0.2, 0.0], [0.0, 0.3]) == {
         "certified_accuracy@0": 0.5, "certified_accuracy@0.3": 0.0, "abstain_rate": 0.5}
 
 

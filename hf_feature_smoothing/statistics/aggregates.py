@@ -1,9 +1,13 @@
 """Aggregate certificates over a dataset: certified cosine at ε and certified accuracy at radius r (pure Python)."""
 
+import numbers
 import random
 from collections.abc import Sequence
 
 from .bounds import fcsb
+
+
+ABSTAIN = None  # the one encoding of "no certified prediction" (`PredictionCertificate.prediction`)
 
 
 def certified_cosine(score_lower: Sequence[float], sigma: Sequence[float], epsilons: Sequence[float]) -> dict:
@@ -28,18 +32,21 @@ def certified_cosine(score_lower: Sequence[float], sigma: Sequence[float], epsil
 def certified_accuracy(prediction: Sequence[int | None], label: Sequence[int], radius: Sequence[float],
                        radii: Sequence[float]) -> dict:
     """Fraction of images predicted correctly with certified radius > r (r = 0: correct and not abstained;
-    `prediction` None or < 0 means abstain). Also `abstain_rate`."""
+    `prediction` [`ABSTAIN`] (None, as in `PredictionCertificate`) means abstain). Also `abstain_rate`."""
     if not prediction or not len(prediction) == len(label) == len(radius):
         raise ValueError(f"Need equally many predictions, labels and radii (≥ 1), got {len(prediction)}, {len(label)}, "
                          f"{len(radius)}.")
-    predicted = [-1 if p is None else p for p in prediction]
+    for p in prediction:
+        if p is not ABSTAIN and (isinstance(p, bool) or not isinstance(p, numbers.Integral) or p < 0):
+            raise ValueError(f"A prediction is a class index ≥ 0 or `None` (abstain), got {p!r}. (The `evaluate` "
+                             "metric takes −1 for an abstention and converts it.)")
     result = {}
     for r in radii:
         if not r >= 0:
             raise ValueError(f"`radii` must be ≥ 0, got {r}.")
-        hits = [p == y and p >= 0 and rad > r for p, y, rad in zip(predicted, label, radius)]
+        hits = [p is not ABSTAIN and p == y and rad > r for p, y, rad in zip(prediction, label, radius)]
         result[f"certified_accuracy@{r:g}"] = sum(hits) / len(hits)
-    result["abstain_rate"] = sum(p < 0 for p in predicted) / len(predicted)
+    result["abstain_rate"] = sum(p is ABSTAIN for p in prediction) / len(prediction)
     return result
 
 

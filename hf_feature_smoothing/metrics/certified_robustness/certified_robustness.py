@@ -6,7 +6,7 @@ import warnings
 import datasets
 import evaluate
 
-from hf_feature_smoothing.statistics.aggregates import certified_accuracy, certified_cosine
+from hf_feature_smoothing.statistics.aggregates import ABSTAIN, certified_accuracy, certified_cosine
 
 
 _DESCRIPTION = """
@@ -68,6 +68,6 @@ class CertifiedRobustness(evaluate.Metric):
         for value in budgets:
             if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value < 0:
                 raise ValueError(f"`epsilon` must hold finite ℓ2 budgets ≥ 0, got {value!r} in {list(budgets)}.")
-        if self.config_name == "accuracy":
-            return certified_accuracy(prediction, label, radius, budgets)
+        if self.config_name == "accuracy":  # Arrow int columns cannot hold None: −1 is the abstention here
+            return certified_accuracy([ABSTAIN if p == -1 else p for p in prediction], label, radius, budgets)
         return certified_cosine(score_lower, sigma, budgets)
