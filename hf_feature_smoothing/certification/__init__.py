@@ -1,6 +1,7 @@
-"""Certification of smoothed encoders: the statistics (`bounds`, `betting`: pure torch, never transformers), the
-sampling drivers (`certify`, `certify_prediction`), certificate records, input handling, feature centring
-(`estimate_feature_mean`); the statistics they rest on live in `hf_feature_smoothing.statistics`."""
+"""Certification of smoothed encoders (L2, on top of `smoothing/` and `statistics/`): the drivers `certify` and
+`certify_prediction` (select on n0 samples, estimate on n others, bound, radius), their shared argument checks
+(`arguments.py`) and sampling machinery (`sampling.py`), certificate records, input handling, feature centring
+(`estimate_feature_mean`) and class prototypes."""
 
 from .centering import estimate_feature_mean
 from .certificates import NOISE_SPACE, FeatureCertificate, PredictionCertificate
