@@ -256,11 +256,11 @@ def test_qwen_patch_rows_reassemble_into_the_image():
     geometry = adapter.booster_geometry()
     frames = patches_to_frames(inputs.pixel_values, inputs.image_grid_thw, geometry)
     mean, std = (torch.tensor(v).view(3, 1, 1) for v in (adapter.image_mean, adapter.image_std))
-    from hf_feature_smoothing.smoothing.towers.base import _pil_to_tensor
+    from hf_feature_smoothing.smoothing.towers.inputs import pil_to_tensor
 
     for frame, image in zip(frames, (picture, picture.transpose(0))):
         assert frame.shape == (2, 3, 56, 56)  # temporal_patch_size copies of the still image
-        torch.testing.assert_close(frame * std + mean, _pil_to_tensor(image).expand(2, 3, 56, 56))
+        torch.testing.assert_close(frame * std + mean, pil_to_tensor(image).expand(2, 3, 56, 56))
     assert torch.equal(frames_to_patches(frames, inputs.image_grid_thw, geometry), inputs.pixel_values)
 
 
