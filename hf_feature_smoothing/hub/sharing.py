@@ -3,6 +3,7 @@
 import json
 import os
 import tempfile
+from collections import Counter
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -32,9 +33,7 @@ def _as_dicts(certificates) -> list[dict]:
         raise ValueError("Mix of feature and prediction certificates: share one kind per call.")
     if len({(r["sigma"], r["n"], r["alpha"], r["bound"]) for r in rows}) > 1:
         raise ValueError("Certificates differ in σ, n, α or bound: aggregate one setting at a time.")
-    affected = {a.name: a for r in rows for a in advisories_for(r)}
-    for advisory in affected.values():
-        count = sum(advisory.affects(r) for r in rows)
+    for advisory, count in Counter(a for r in rows for a in advisories_for(r)).items():
         logger.warning(f"{count} of {len(rows)} certificates are affected by `{advisory.name}`: {advisory.summary}")
     return rows
 

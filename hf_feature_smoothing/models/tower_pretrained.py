@@ -15,7 +15,7 @@ from transformers import AutoConfig, AutoModel, AutoModelForImageTextToText
 from ..smoothing.configuration_feature_smoothing import FeatureSmoothingConfig
 from ..smoothing.hub_io import register_hub_io
 from ..smoothing.towers import TOWER_FAMILIES
-from ..smoothing.towers.processor import HUB_KWARGS
+from ..smoothing.towers.processor import HUB_KWARGS, optional_file
 from ..utils.atomic import recover_if_local
 from ..utils.logging import get_logger
 from .auto import loading_smoothed_checkpoint, smoothing_argument
@@ -31,13 +31,7 @@ BOOSTER_FOLDER = "booster"
 
 
 def _read_smoothing_file(path, **hub) -> dict:
-    from transformers.utils import cached_file
-
-    try:
-        file = cached_file(str(path), SMOOTHING_FILE, _raise_exceptions_for_missing_entries=False,
-                           _raise_exceptions_for_connection_errors=False, **hub)
-    except OSError:
-        file = None
+    file = optional_file(path, SMOOTHING_FILE, **hub)
     if file is None:
         return {}
     with open(file) as f:

@@ -1,6 +1,7 @@
 """Reports from finished runs, without recomputing anything: summary tables, plots and `model-index` metrics."""
 
 import os
+from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -33,7 +34,7 @@ class RunGroup:
     paths: list[Path] = field(default_factory=list)
     rows: list[dict] = field(default_factory=list)
     skipped: list[dict] = field(default_factory=list)
-    advisories: dict = field(default_factory=dict)  # advisory name → [the advisory, rows it affects]
+    advisories: Counter = field(default_factory=Counter)  # known defect (`Advisory`) → rows it affects
 
     @property
     def kind(self) -> str:
@@ -98,14 +99,13 @@ def _note_advisories(group: RunGroup, header: dict, row: dict) -> None:
     """Count the row under each known defect that affects it; a row without its own record (attack rows) is judged
     by the run's parameters and versions."""
     record = {**header["params"], "versions": header.get("info", {}).get("versions"), **row}
-    for advisory in advisories_for(record):
-        group.advisories.setdefault(advisory.name, [advisory, 0])[1] += 1
+    group.advisories.update(advisories_for(record))
 
 
 def advisory_lines(group: RunGroup) -> list[str]:
     """One warning line per known defect that affects rows of the group (empty when none does)."""
-    return [f"WARNING ({name}): {count} of {len(group.rows)} rows are affected: {advisory.summary}"
-            for name, (advisory, count) in group.advisories.items()]
+    return [f"WARNING ({advisory.name}): {count} of {len(group.rows)} rows are affected: {advisory.summary}"
+            for advisory, count in group.advisories.items()]
 
 
 def _mean(values) -> float:

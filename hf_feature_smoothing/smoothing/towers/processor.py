@@ -29,6 +29,18 @@ def _image_processor_dict(data: dict, filename: str) -> dict | None:
     return data if isinstance(data, dict) and ("image_mean" in data or "size" in data) else None
 
 
+def optional_file(path, filename: str, **hub_kwargs) -> str | None:
+    """The local path of `filename` in the folder or Hub repo `path` (read from the cache, downloaded when allowed),
+    or None when it has no such file or it cannot be reached."""
+    from transformers.utils import cached_file
+
+    try:
+        return cached_file(str(path), filename, _raise_exceptions_for_missing_entries=False,
+                           _raise_exceptions_for_connection_errors=False, **hub_kwargs)
+    except OSError:
+        return None
+
+
 def read_processor_settings(path: str | os.PathLike, **hub_kwargs) -> dict:
     """
     `image_mean`, `image_std` and the resize / crop settings (`image_processor`) of the checkpoint at `path` (folder
@@ -39,15 +51,9 @@ def read_processor_settings(path: str | os.PathLike, **hub_kwargs) -> dict:
         path (`str` or `os.PathLike`): folder or Hub repo id.
         hub_kwargs: `revision`, `subfolder`, `cache_dir`, `token`, `local_files_only`, ... as for `from_pretrained`.
     """
-    from transformers.utils import cached_file
-
     hub = {k: v for k, v in hub_kwargs.items() if k in HUB_KWARGS and v is not None}
     for filename in PROCESSOR_FILES:
-        try:
-            file = cached_file(str(path), filename, _raise_exceptions_for_missing_entries=False,
-                               _raise_exceptions_for_connection_errors=False, **hub)
-        except OSError:
-            file = None
+        file = optional_file(path, filename, **hub)
         if file is None:
             continue
         with open(file) as f:
