@@ -16,7 +16,7 @@ def test_batched_apgd_solves_each_image_of_a_linear_problem(norm):
     w = torch.randn(images.shape, generator=generator) * torch.tensor([1.0, 10.0, 0.1]).view(3, 1, 1, 1)
     epsilon = 0.3 if norm == "l2" else 0.05
     delta = run_batched_attack(lambda d: ((w * d).flatten(1).sum(1), w), images, epsilon, norm=norm, steps=30,
-                               algorithm="apgd", generator=generator)
+                               algorithm="apgd", generator=generator).delta
     optimum = -epsilon * (w.flatten(1).norm(dim=1) if norm == "l2" else w.flatten(1).abs().sum(1))
     assert (perturbation_norms(delta, norm) <= epsilon + 1e-5).all()
     assert ((images + delta) >= 0).all() and ((images + delta) <= 1).all()
@@ -74,3 +74,45 @@ def test_stock_model_attack_budget_uses_its_checkpoints_processor_statistics(tmp
     assert list(pixel_adapter(stock, [0.5] * 3, [0.5] * 3).image_mean) == [0.5] * 3
     with pytest.raises(ValueError, match="smoothing_config"):
         pixel_adapter(tiny_smoothed_model("llava"), [0.5] * 3, [0.5] * 3)
+
+
+@pytest.mark.parametrize("algorithm", ["apgd", "pgd"])
+def test_early_stopping_retires_each_image_at_its_first_success(algorithm):
+    """Images whose loss crosses their threshold stop being evaluated, keep the successful iterate and record the
+    iteration; the others run every step; with no image succeeding the attack matches the one without stopping."""
+    generator = torch.Generator().manual_seed(0)
+    images = torch.full((3, 3, 8, 8), 0.5)
+    w = torch.randn(images.shape, generator=generator)
+    epsilon, steps = 0.05, 20
+    optimum = -epsilon * w.flatten(1).abs().sum(1)
+    threshold = torch.tensor([0.2, 0.5, 10.0]) * optimum  # easy, medium, beyond the optimum
+    calls = []
+
+    def loss_and_grad(delta, rows=None):
+        losses = (w[rows] * delta).flatten(1).sum(1)
+        calls.append(rows.tolist())
+        return losses, w[rows], losses <= threshold[rows]
+
+    attack = run_batched_attack(loss_and_grad, images, epsilon, norm="linf", steps=steps, algorithm=algorithm,
+                                generator=torch.Generator().manual_seed(1), stop_at_success=True)
+    first, used = attack.first_success.tolist(), attack.evaluations.tolist()
+    assert first[0] >= 0 and first[1] >= first[0] and first[2] == -1
+    assert used[0] < used[2] and used[1] < used[2]
+    assert not any(0 in rows for rows in calls[used[0]:])  # retired rows are never evaluated again
+    reached = (w * attack.delta).flatten(1).sum(1)
+    assert reached[0] <= threshold[0] and reached[1] <= threshold[1]
+    plain = run_batched_attack(lambda d: ((w[2:] * d).flatten(1).sum(1), w[2:]), images[2:], epsilon, norm="linf",
+                               steps=steps, algorithm=algorithm, generator=torch.Generator().manual_seed(1))
+    assert torch.isfinite(plain.delta).all() and (plain.first_success == -1).all()
+
+
+def test_answer_attack_stops_at_success_and_reports_it():
+    model = tiny_model("llava")
+    inputs = _batch(model)
+    reference = [[11, 12], [13]]
+    results = answer_attack(model, inputs, reference, 64 / 255, steps=8, eval_runs=1, stop_at_success=True,
+                            generator=torch.Generator().manual_seed(0))
+    for result in results:
+        assert -1 <= result.first_success <= 8 and 1 <= result.evaluations <= 9
+        if result.first_success >= 0:
+            assert result.evaluations == result.first_success + 1

@@ -69,7 +69,7 @@ def run_attack(loss_and_grad, image: torch.Tensor, epsilon: float, *, norm: str,
         return torch.tensor([loss], device=delta.device), grad[None]
 
     return run_batched_attack(batched, image[None], epsilon, norm=norm, steps=steps, algorithm=algorithm,
-                              step_size=step_size, generator=generator)[0]
+                              step_size=step_size, generator=generator).delta[0]
 
 
 def _single_image(images) -> bool:

@@ -9,7 +9,7 @@ from ..smoothing.configuration_feature_smoothing import FeatureSmoothingConfig
 from ..smoothing.towers import ImageInputs, TowerFamily, base_model_type, get_tower_family
 from ..utils.validation import check_images
 from .feature import _check_attack, perturbation_norm, run_attack
-from .optim import perturbation_norms, run_batched_attack
+from .optim import BatchedAttack, feasible, perturbation_norms, run_batched_attack
 
 
 def pixel_adapter(model: nn.Module, image_mean=None, image_std=None) -> TowerFamily:
@@ -139,13 +139,28 @@ class AnswerAttackResult:
     """One image of a batched answer attack. `delta` perturbs its [0, 1] pixel image; over `eval_runs` fresh forward
     passes at x + δ, `accuracy` is the fraction whose greedy answer is the reference and `success` the fraction
     whose answer is the target (targeted) or is not the reference (untargeted); `loss` is the mean cross-entropy
-    of the attacked answer (the target, or the reference for an untargeted attack) over those passes."""
+    of the attacked answer (the target, or the reference for an untargeted attack) over those passes.
+    `first_success` is the iteration where most of a step's EOT passes first gave the attack's answer (−1: never,
+    or not tracked) and `evaluations` the gradient steps spent on the image (each `eot_samples` passes)."""
 
     delta: torch.Tensor
     norm: float
     loss: float
     accuracy: float
     success: float
+    first_success: int = -1
+    evaluations: int = 0
+
+
+def _given_delta(delta: torch.Tensor, images: torch.Tensor, epsilon: float, norm: str) -> torch.Tensor:
+    if not torch.is_tensor(delta) or delta.shape != images.shape or not torch.isfinite(delta).all():
+        raise ValueError(f"`delta` must be a finite tensor of the images' shape {tuple(images.shape)}, got "
+                         f"{tuple(delta.shape) if torch.is_tensor(delta) else type(delta).__name__}.")
+    delta = delta.to(images.device, images.dtype)
+    if (perturbation_norms(delta, norm) > epsilon * (1 + 1e-5) + 1e-6).any() or not feasible(
+            images, delta, epsilon, norm).allclose(delta, atol=1e-5):
+        raise ValueError(f"`delta` must lie in the {norm} ball of radius {epsilon:g} and keep x + δ in [0, 1].")
+    return delta
 
 
 def _answer_batch(inputs: dict, answers: list[list[int]], pad_id: int) -> tuple[dict, list[slice]]:
@@ -183,6 +198,8 @@ def answer_attack(
     generator: torch.Generator | None = None,
     image_mean: list[float] | None = None,
     image_std: list[float] | None = None,
+    stop_at_success: bool = False,
+    delta: torch.Tensor | None = None,
 ) -> list[AnswerAttackResult]:
     """
     White-box attack on the answers an MLLM (stock or smoothed, LLaVA-style `(B, 3, H, W)` pixels) gives to a
@@ -204,6 +221,12 @@ def answer_attack(
             bf16 is native); the outcome is always measured in the model's own dtype.
         image_mean, image_std (`list[float]`, *optional*): a stock model's processor statistics (default: read from
             its checkpoint, see [`pixel_adapter`]).
+        stop_at_success (`bool`): stop attacking an image once most of a step's EOT passes give the attack's answer
+            (AutoAttack's rule; the outcome is still measured on `eval_runs` fresh passes), and only run the images
+            still attacked through the model.
+        delta (`torch.Tensor`, *optional*): `(B, 3, H, W)` perturbations of the [0, 1] images to measure instead of
+            attacking (a transfer attack: δ found on another model); they must lie in the ε-ball and keep x + δ in
+            [0, 1].
     """
     _check_attack(epsilon, norm, steps, eot_samples, eval_runs, 1, step_size)
     adapter = pixel_adapter(model, image_mean, image_std)
@@ -221,29 +244,50 @@ def answer_attack(
             for name, answers in (("reference", reference_ids), ("target", target_ids)) if answers is not None}
     attacked_batch, attacked_positions = runs["target" if target_ids is not None else "reference"]
 
-    def logits(delta: torch.Tensor, batch_inputs: dict) -> torch.Tensor:
-        pixels = adapter.from_image(images + delta, image_inputs)
-        return model(**batch_inputs, pixel_values=pixels).logits.float()
+    everyone = torch.arange(batch)
 
-    def row_losses(all_logits: torch.Tensor, positions: list[slice], answers: list[list[int]]) -> torch.Tensor:
-        return torch.stack([nn.functional.cross_entropy(all_logits[row, positions[row]],
+    def logits(delta: torch.Tensor, batch_inputs: dict, rows: torch.Tensor = everyone) -> torch.Tensor:
+        pixels = adapter.from_image(images[rows] + delta, ImageInputs(pixel_values[rows]))
+        rows_inputs = {key: value[rows.to(value.device)] for key, value in batch_inputs.items()}
+        return model(**rows_inputs, pixel_values=pixels).logits.float()
+
+    def row_losses(all_logits: torch.Tensor, positions: list[slice], answers: list[list[int]],
+                   rows: torch.Tensor = everyone) -> torch.Tensor:
+        return torch.stack([nn.functional.cross_entropy(all_logits[i, positions[row]],
                                                         torch.tensor(answers[row], device=all_logits.device))
-                            for row in range(batch)])
+                            for i, row in enumerate(rows.tolist())])
 
-    def loss_and_grad(delta: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def gives(all_logits: torch.Tensor, positions: list[slice], answers: list[list[int]],
+              rows: torch.Tensor) -> torch.Tensor:
+        """Whether each row's greedy (teacher-forced argmax) answer is `answers[row]`."""
+        return torch.tensor([all_logits[i, positions[row]].argmax(-1).tolist() == list(answers[row])
+                             for i, row in enumerate(rows.tolist())])
+
+    def loss_and_grad(delta: torch.Tensor, rows: torch.Tensor = everyone):
         delta = delta.detach().requires_grad_(True)
-        total, grad = torch.zeros(batch, device=delta.device), torch.zeros_like(delta)
+        total, grad = torch.zeros(len(rows), device=delta.device), torch.zeros_like(delta)
+        hits = torch.zeros(len(rows))
+        passes = max(1, eot_samples)
         autocast = torch.autocast(delta.device.type, dtype=getattr(torch, gradient_dtype or "float32"),
                                   enabled=gradient_dtype is not None)
         with torch.enable_grad(), autocast:
-            for _ in range(max(1, eot_samples)):
-                losses = sign * row_losses(logits(delta, attacked_batch), attacked_positions, attacked)
-                grad += torch.autograd.grad(losses.sum(), delta)[0] / max(1, eot_samples)
-                total += losses.detach() / max(1, eot_samples)
-        return total, grad
+            for _ in range(passes):
+                out = logits(delta, attacked_batch, rows)
+                losses = sign * row_losses(out, attacked_positions, attacked, rows)
+                grad += torch.autograd.grad(losses.sum(), delta)[0] / passes
+                total += losses.detach() / passes
+                given = gives(out.detach(), attacked_positions, attacked, rows).float()
+                hits += given if target_ids is not None else 1.0 - given
+        if not stop_at_success:
+            return total, grad
+        return total, grad, hits > passes / 2  # the attack's answer on most of this step's passes
 
-    deltas = run_batched_attack(loss_and_grad, images, epsilon, norm=norm, steps=steps, algorithm=algorithm,
-                                step_size=step_size, generator=generator)
+    if delta is None:
+        attack = run_batched_attack(loss_and_grad, images, epsilon, norm=norm, steps=steps, algorithm=algorithm,
+                                    step_size=step_size, generator=generator, stop_at_success=stop_at_success)
+    else:  # a given perturbation (a transfer attack): measured, not optimised
+        attack = BatchedAttack(_given_delta(delta, images, epsilon, norm), torch.full((batch,), -1), torch.zeros(batch))
+    deltas = attack.delta
     correct, hit_target, losses = torch.zeros(batch), torch.zeros(batch), torch.zeros(batch)
     with torch.no_grad():
         for _ in range(max(1, eval_runs)):
@@ -264,4 +308,6 @@ def answer_attack(
     success = hit_target if target_ids is not None else 1.0 - accuracy
     norms = perturbation_norms(deltas, norm)
     return [AnswerAttackResult(delta=deltas[row].cpu(), norm=norms[row].item(), loss=losses[row].item(),
-                               accuracy=accuracy[row].item(), success=success[row].item()) for row in range(batch)]
+                               accuracy=accuracy[row].item(), success=success[row].item(),
+                               first_success=int(attack.first_success[row]),
+                               evaluations=int(attack.evaluations[row])) for row in range(batch)]

@@ -10,6 +10,7 @@ from ..utils.errors import RunError
 from ..utils.locking import RunLock, lock_path
 from ..utils.logging import get_logger
 from .records import (
+    STATUSES,
     RowWriter,
     RunContents,
     describe_differences,
@@ -195,7 +196,11 @@ class Run:
 
     # ----- 3. rows, finish, close ---------------------------------------------------------------------------------
     def append(self, row: dict) -> None:
-        """Write one row (it gets the run id); its key is then done."""
+        """Write one row (it gets the run id); its key is then done. A row without a `status` of `STATUSES` would
+        not be read back (the file would look damaged), so it is refused here."""
+        if not isinstance(row.get("key"), str) or row.get("status") not in STATUSES:
+            raise ValueError(f"a run row needs a string `key` and a `status` in {STATUSES}; got key "
+                             f"{row.get('key')!r}, status {row.get('status')!r}.")
         row = {**row, "run": self.header["run"]}
         self._writer.append(row)
         self.done.add(row["key"])

@@ -1,10 +1,11 @@
 """Aggregate certificates over a dataset: certified cosine at ε and certified accuracy at radius r (pure Python)."""
 
+import math
 import numbers
 import random
 from collections.abc import Sequence
 
-from .bounds import fcsb
+from .bounds import fcsb, normal_ppf
 
 
 ABSTAIN = None  # the one encoding of "no certified prediction" (`PredictionCertificate.prediction`)
@@ -58,3 +59,13 @@ def bootstrap_ci(values: Sequence[float], resamples: int = 10000, seed: int = 0)
     rng = random.Random(seed)
     means = sorted(sum(rng.choices(values, k=len(values))) / len(values) for _ in range(resamples))
     return means[int(0.025 * resamples)], means[int(0.975 * resamples) - 1]
+
+
+def wilson_interval(successes: int, total: int, confidence: float = 0.95) -> tuple[float, float]:
+    """Two-sided Wilson score interval of a proportion `successes / total` (e.g. attack success over images)."""
+    if total <= 0 or not 0 <= successes <= total:
+        raise ValueError(f"need 0 ≤ successes ≤ total and total > 0, got {successes} of {total}.")
+    z = normal_ppf(0.5 + confidence / 2)
+    p, z2 = successes / total, z * z
+    centre, half = p + z2 / (2 * total), z * math.sqrt(p * (1 - p) / total + z2 / (4 * total * total))
+    return max(0.0, (centre - half) / (1 + z2 / total)), min(1.0, (centre + half) / (1 + z2 / total))

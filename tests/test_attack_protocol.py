@@ -1,0 +1,84 @@
+"""The machinery of the attack protocol (benchmarks/llava_protocol.py): transfer perturbations measured as given,
+the classifier view attacked by the project's APGD as hard as by the reference AutoAttack code, and the intervals."""
+
+import pytest
+import torch
+
+from hf_feature_smoothing.attacks.classifier import AnswerClassifier, classifier_attack, majority_predictions
+from hf_feature_smoothing.attacks.text import answer_attack, pixel_adapter
+from hf_feature_smoothing.models.answers import CandidateAnswers
+from hf_feature_smoothing.smoothing.towers import ImageInputs
+from hf_feature_smoothing.statistics.aggregates import wilson_interval
+from hf_feature_smoothing.testing_utils import tiny_inputs, tiny_model
+
+
+CANDIDATES = CandidateAnswers(tuple((20, 30 + k) for k in range(5)), tuple(f"answer {k}" for k in range(5)))
+
+
+def _batch(model, size=2):
+    inputs = tiny_inputs(model, num_images=size)
+    return {k: inputs[k] for k in ("input_ids", "attention_mask", "pixel_values")}
+
+
+def test_a_transferred_perturbation_is_measured_as_given_and_must_lie_in_the_ball():
+    model = tiny_model("llava")
+    inputs, reference = _batch(model), [[11, 12], [13]]
+    attacked = answer_attack(model, inputs, reference, 16 / 255, steps=3, eval_runs=1,
+                             generator=torch.Generator().manual_seed(0))
+    delta = torch.stack([r.delta for r in attacked])
+    measured = answer_attack(model, inputs, reference, 16 / 255, steps=1, eval_runs=1, delta=delta)
+    for found, again in zip(attacked, measured):
+        assert again.loss == pytest.approx(found.loss, rel=1e-4) and again.accuracy == found.accuracy
+        assert again.evaluations == 0 and again.first_success == -1
+    with pytest.raises(ValueError, match="ball"):
+        answer_attack(model, inputs, reference, 4 / 255, steps=1, eval_runs=1, delta=delta)
+    with pytest.raises(ValueError, match="shape"):
+        answer_attack(model, inputs, reference, 16 / 255, steps=1, eval_runs=1, delta=delta[:1])
+
+
+def _classifier_problem(samples=8):
+    model = tiny_model("llava")
+    prompt = tiny_inputs(model, num_images=1)
+    classifier = AnswerClassifier(model, prompt, CANDIDATES)
+    generator = torch.Generator().manual_seed(3)
+    like = prompt["pixel_values"]
+    images = torch.rand(samples, *like.shape[1:], generator=generator)
+    with torch.no_grad():
+        labels = classifier(images).argmax(-1)  # clean predictions: every image starts correct
+    return classifier, images, labels
+
+
+def test_project_apgd_on_the_classifier_view_is_as_strong_as_autoattack_apgd_ce():
+    """Same images, budget, iterations: the project's APGD-CE leaves no more images robust than the reference
+    implementation's (within one image), and its perturbations respect the budget."""
+    autoattack = pytest.importorskip("pyautoattack")
+    classifier, images, labels = _classifier_problem()
+    epsilon, steps = 1 / 255, 20
+    ours = classifier_attack(classifier, images, labels, epsilon, steps=steps,
+                             generator=torch.Generator().manual_seed(0))
+    assert (ours.delta.flatten(1).abs().amax(1) <= epsilon + 1e-6).all()
+    ours_robust = int((majority_predictions(classifier, images + ours.delta, 1)[0] == labels).sum())
+    reference = autoattack.AutoAttack(classifier, norm="Linf", eps=epsilon, version="custom", attacks=["apgd-ce"],
+                                      seed=0, device="cpu")
+    reference.apgd.n_iter, reference.apgd.n_restarts = steps, 1
+    adversarial, _ = reference.run_standard_evaluation(images, labels, batch_size=len(images))
+    theirs_robust = int((majority_predictions(classifier, adversarial, 1)[0] == labels).sum())
+    assert 0 < len(labels) - theirs_robust, "the budget must let the reference attack succeed somewhere"
+    assert ours_robust <= theirs_robust + 1, (ours_robust, theirs_robust)
+
+
+def test_classifier_view_agrees_with_the_answer_attack_pixel_map():
+    """The classifier's [0, 1] images are the answer attack's: the same adapter maps both ways."""
+    classifier, images, _ = _classifier_problem(samples=2)
+    adapter = pixel_adapter(classifier.model)
+    back = adapter.to_image(ImageInputs(adapter.from_image(images, ImageInputs(images))))
+    torch.testing.assert_close(back, images, atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize("successes,total,expected", [(0, 10, (0.0, 0.2775)), (5, 10, (0.2366, 0.7634)),
+                                                       (30, 30, (0.8865, 1.0))])
+def test_wilson_interval_matches_known_values(successes, total, expected):
+    low, high = wilson_interval(successes, total)
+    assert low == pytest.approx(expected[0], abs=1e-3) and high == pytest.approx(expected[1], abs=1e-3)
+    with pytest.raises(ValueError):
+        wilson_interval(3, 2)
