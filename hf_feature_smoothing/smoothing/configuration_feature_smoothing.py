@@ -10,7 +10,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from ..utils.logging import get_logger
-from ..utils.validation import check_finite_positive, check_positive_int, check_seed
+from ..utils.validation import check_positive_int, check_seed, check_sigma
 from ..version import __version__
 
 
@@ -39,7 +39,7 @@ def _check_stats(name: str, value: Any) -> list[float] | None:
 def _check_field(name: str, value: Any) -> Any:
     """Validate (and normalise) one field; errors name the field, the value and the fix."""
     if name == "sigma":
-        return check_finite_positive("sigma", value, "σ is the noise std in [0, 1] pixel units, e.g. `sigma=0.25`.")
+        return check_sigma(value)
     if name in ("num_samples", "chunk_size"):
         return check_positive_int(name, value)
     if name == "autocast_dtype" and value not in (None, *AUTOCAST_DTYPES):
