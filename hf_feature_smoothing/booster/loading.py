@@ -283,6 +283,8 @@ def load_booster(model: nn.Module, booster: str | os.PathLike, adapter_name: str
     Load a booster adapter (local folder or Hub repo id) into `model` in place, through PEFT's own API
     (`inject_adapter_in_model` + `set_peft_model_state_dict`, the same code as `PeftModel.from_pretrained`), and
     make it the active adapter. The weights must match the booster exactly (see [`check_booster_state_dict`]).
+    The files (present, readable, a booster's `adapter_config.json`, finite weights) are checked before the model is
+    touched, and any later failure rolls it back: a failed load leaves `model` exactly as it was.
 
     Args:
         model (`PreTrainedModel`):
