@@ -10,7 +10,7 @@ from peft.utils import PeftType
 from ..models.registry import SMOOTHED_MODEL_CLASSES
 from ..smoothing.configuration_feature_smoothing import FeatureSmoothingConfig
 from ..utils.deprecation import deprecated_aliases
-from ..utils.validation import check_finite_positive
+from ..utils.validation import check_sigma
 from .registration import PEFT_TYPE_NAME, extend_peft_type
 
 
@@ -100,8 +100,7 @@ class GSBConfig(PeftConfig):
         self.hidden_dim = _check_int("hidden_dim", self.hidden_dim, 1)
         if not isinstance(self.sigmas, (list, tuple)) or not self.sigmas:
             raise ValueError(f"`sigmas` must be a non-empty list of noise levels, got {self.sigmas!r}.")
-        self.sigmas = [check_finite_positive("sigmas", s, "σ is in [0, 1] pixel units, e.g. `sigmas=[0.25]`.")
-                       for s in self.sigmas]
+        self.sigmas = [check_sigma(s, "sigmas") for s in self.sigmas]
         if self.smoothing is not None:
             self.smoothing = FeatureSmoothingConfig.from_dict(self.smoothing).to_dict()  # validated
         if not isinstance(self.mapper, bool):

@@ -23,6 +23,7 @@ from transformers import TrainerCallback
 from ..smoothing.noise import derive_digest
 from ..smoothing.towers import TowerFamily
 from ..utils.images import load_image
+from ..utils.validation import SEED
 
 
 IMAGE_KEYS = ("pixel_values", "image_grid_thw", "image_sizes")
@@ -44,7 +45,7 @@ class RandomCropFlip:
     def __init__(self, seed: int, crop_scale: tuple[float, float] | None = (0.5, 1.0), flip: bool = True):
         if crop_scale is not None and not (0 < crop_scale[0] <= crop_scale[1] <= 1):
             raise ValueError(f"`crop_scale` must satisfy 0 < low ≤ high ≤ 1, got {crop_scale!r}.")
-        self.seed, self.crop_scale, self.flip = int(seed), crop_scale, bool(flip)
+        self.seed, self.crop_scale, self.flip = SEED.check("seed", seed), crop_scale, bool(flip)
 
     def __call__(self, image, epoch: int):
         rng = random.Random(derive_digest(self.seed, epoch, image.size, fingerprint=image.tobytes()))

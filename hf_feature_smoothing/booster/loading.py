@@ -16,15 +16,15 @@ import torch
 from torch import nn
 
 from ..models.booster_support import BoosterSupport
-from ..models.modeling_smoothed import make_smoothed
+from ..models.modeling_smoothed import make_smoothed, make_stock
 from ..models.registry import SMOOTHED_MODEL_CLASSES
 from ..smoothing.configuration_feature_smoothing import FeatureSmoothingConfig
 from ..smoothing.towers import base_model_type
 from ..utils.logging import get_logger
-from ..utils.tensors import check_finite
+from ..utils.tensors import check_finite, reading_safetensors
 from .configuration_booster import GSBConfig
-from .layer import booster_layers, booster_names, unwrap_boosters
-from .registration import DEFAULT_ADAPTER_NAME, PARAMETER_PREFIX
+from .layer import GSBLayer, booster_layers, booster_names, unwrap_boosters
+from .registration import DEFAULT_ADAPTER_NAME, PARAMETER_PREFIX, PEFT_TYPE_NAME
 
 
 logger = get_logger(__name__)
@@ -136,11 +136,21 @@ def restore_smoothing(model: nn.Module, config) -> None:
 
 
 def remove_boosters(model: nn.Module) -> None:
-    """Unwrap every booster layer of `model`, probes included (the model is its un-boosted self again)."""
+    """Unwrap every booster layer of `model` (a model or a `SmoothedVisionTower`), probes included: the model is its
+    un-boosted self again, and its smoothing config no longer names a booster (so a save → reload does not bring it
+    back)."""
     unwrap_boosters(model)
-    if hasattr(model, "peft_config"):
-        del model.peft_config
-    model._hf_peft_config_loaded = False
+    encoder = getattr(model, "encoder", None) if hasattr(model, "family") else None  # a SmoothedVisionTower
+    for holder in (model, encoder):
+        if holder is not None and "peft_config" in holder.__dict__:
+            del holder.peft_config
+    for holder in (model, encoder):
+        if isinstance(holder, nn.Module) and hasattr(holder, "config"):
+            holder._hf_peft_config_loaded = False
+    tower = model if hasattr(model, "family") else getattr(model, "smoothed_vision_tower", None)
+    smoothing = getattr(tower, "config", None)
+    if isinstance(smoothing, FeatureSmoothingConfig):
+        smoothing.booster, smoothing.booster_config = None, None
 
 
 def activate_booster(model: nn.Module, adapter_name: str, inference_mode: bool = True) -> None:
@@ -177,15 +187,94 @@ def inject_booster(model: nn.Module, config, adapter_name: str = DEFAULT_ADAPTER
 
 def _resolve_booster_files(booster: str, hub: dict) -> tuple[str, str]:
     """Local paths of the booster's `adapter_config.json` and weights (a folder, or a Hub repo downloaded or read
-    from the cache), both from the same revision of a repo."""
+    from the cache), both from the same revision of a repo; a missing one is named, with what a booster holds."""
     from peft.utils import CONFIG_NAME
     from transformers.utils import cached_file
     from transformers.utils.hub import extract_commit_hash
 
-    config_file = cached_file(booster, CONFIG_NAME, **hub)
+    def resolve(name: str, options: dict) -> str:
+        try:
+            return cached_file(booster, name, **options)
+        except OSError as error:
+            where = os.path.join(booster, options.get("subfolder") or "", name)
+            raise FileNotFoundError(
+                f"Cannot load the booster `{booster}`: no `{name}` ({where}). A booster folder holds "
+                f"`{CONFIG_NAME}` and `{ADAPTER_WEIGHTS}`, as `save_pretrained` of a booster (or `hf-fs build "
+                f"--booster`) writes them; check the path / repo id, or re-save the booster. ({error})"
+            ) from error
+
+    config_file = resolve(CONFIG_NAME, hub)
     commit = extract_commit_hash(config_file, None)
-    weights_file = cached_file(booster, ADAPTER_WEIGHTS, **{**hub, **({"revision": commit} if commit else {})})
+    weights_file = resolve(ADAPTER_WEIGHTS, {**hub, **({"revision": commit} if commit else {})})
     return config_file, weights_file
+
+
+def read_booster_config(config_file: str):
+    """The booster config in `config_file` (an `adapter_config.json`), refusing a file that is not a JSON object or
+    describes another PEFT method (LoRA, ...) before anything touches the model."""
+    from peft import PeftConfig
+
+    try:
+        with open(config_file) as f:
+            data = json.load(f)
+    except (json.JSONDecodeError, UnicodeDecodeError) as error:
+        raise ValueError(f"Cannot read the booster config `{config_file}`: it is not valid JSON ({error}). Re-download "
+                         "it, or re-save the booster with `save_pretrained`.") from error
+    if not isinstance(data, dict):
+        raise ValueError(f"The booster config `{config_file}` must be a JSON object (an `adapter_config.json` as "
+                         f"`save_pretrained` writes it), got a JSON {type(data).__name__}; re-save the booster.")
+    peft_type = data.get("peft_type")
+    if peft_type != PEFT_TYPE_NAME:
+        raise ValueError(
+            f"`{config_file}` has `peft_type` {peft_type!r}: it is not a Gaussian Smoothness Booster "
+            f"(`peft_type` {PEFT_TYPE_NAME!r}). Load other PEFT adapters with `peft.PeftModel.from_pretrained`; "
+            "`load_booster` takes booster folders written by `save_pretrained` of a booster."
+        )
+    return PeftConfig.from_pretrained(os.path.dirname(config_file))
+
+
+def _load_weights(weights_file: str, source: str) -> dict[str, torch.Tensor]:
+    """The tensors of a booster's weights file, refused (naming `source`) when unreadable or not finite."""
+    from safetensors.torch import load_file
+
+    with reading_safetensors(source, "Download the booster again (`force_download=True` for a Hub repo), or "
+                                     "re-save it with `save_pretrained`."):
+        state_dict = load_file(weights_file)
+    check_finite(state_dict, source)
+    return state_dict
+
+
+@contextlib.contextmanager
+def _restored_on_failure(model: nn.Module, adapter_name: str) -> Iterator[None]:
+    """A failure inside the block leaves `model` as it was: the booster `adapter_name` is taken out again and a stock
+    MLLM that [`restore_smoothing`] turned smoothed becomes its stock self (class, config, hooks)."""
+    stock_class, stock_config_class = type(model), type(model.config)
+    had_peft_config, peft_config = "peft_config" in model.__dict__, dict(getattr(model, "peft_config", None) or {})
+    peft_loaded = model.__dict__.get("_hf_peft_config_loaded")
+    held = booster_names(model)
+    active = {name: list(layer.active_adapters) for name, layer in model.named_modules() if isinstance(layer, GSBLayer)}
+    trainable = {name: param.requires_grad for name, param in model.named_parameters()}
+    try:
+        yield
+    except BaseException:
+        if not held:
+            unwrap_boosters(model)
+        elif adapter_name not in held:  # the other boosters stay: take this one out of their layers
+            for name, layer in model.named_modules():
+                if isinstance(layer, GSBLayer):
+                    layer.delete_adapter(adapter_name)
+                    layer.set_adapter(active.get(name, layer.active_adapters))
+        for name, param in model.named_parameters():  # PEFT's `set_adapter` makes active adapters trainable
+            param.requires_grad_(trainable.get(name, param.requires_grad))
+        if type(model) is not stock_class:
+            make_stock(model, stock_class, stock_config_class)
+        model.__dict__.pop("peft_config", None)
+        if had_peft_config:
+            model.peft_config = peft_config
+        model.__dict__.pop("_hf_peft_config_loaded", None)
+        if peft_loaded is not None:
+            model._hf_peft_config_loaded = peft_loaded
+        raise
 
 
 def load_booster(model: nn.Module, booster: str | os.PathLike, adapter_name: str = DEFAULT_ADAPTER_NAME,
@@ -194,6 +283,8 @@ def load_booster(model: nn.Module, booster: str | os.PathLike, adapter_name: str
     Load a booster adapter (local folder or Hub repo id) into `model` in place, through PEFT's own API
     (`inject_adapter_in_model` + `set_peft_model_state_dict`, the same code as `PeftModel.from_pretrained`), and
     make it the active adapter. The weights must match the booster exactly (see [`check_booster_state_dict`]).
+    The files (present, readable, a booster's `adapter_config.json`, finite weights) are checked before the model is
+    touched, and any later failure rolls it back: a failed load leaves `model` exactly as it was.
 
     Args:
         model (`PreTrainedModel`):
@@ -206,8 +297,7 @@ def load_booster(model: nn.Module, booster: str | os.PathLike, adapter_name: str
             `revision`, `subfolder`, `token`, `cache_dir`, `local_files_only`, `force_download`, `proxies`, passed
             on to the Hub download.
     """
-    from peft import PeftConfig, set_peft_model_state_dict
-    from safetensors.torch import load_file
+    from peft import set_peft_model_state_dict
 
     if not isinstance(model, nn.Module) or not hasattr(model, "config"):
         raise TypeError(f"`model` must be a transformers model, got {type(model).__name__}.")
@@ -217,16 +307,20 @@ def load_booster(model: nn.Module, booster: str | os.PathLike, adapter_name: str
     if unknown:
         raise TypeError(f"load_booster() got unexpected keyword arguments {unknown}.")
     source = os.path.join(str(booster), hub.get("subfolder") or "", ADAPTER_WEIGHTS)
+    # everything that can be checked without the model, before it is touched
     config_file, weights_file = _resolve_booster_files(str(booster), hub)
-    config = PeftConfig.from_pretrained(os.path.dirname(config_file))
+    config = read_booster_config(config_file)
     config.inference_mode = True  # loaded to be used, as `PeftModel.from_pretrained` without `is_trainable`
-    inject_booster(model, config, adapter_name)
-    try:
-        with booster_source(source):
-            state_dict = load_file(weights_file)
-            # strict: the tuner's key remapping runs `check_booster_state_dict` (missing / renamed / extra / empty)
-            result = set_peft_model_state_dict(model, state_dict, adapter_name=adapter_name)
-        loaded = {name: param for name, param in model.named_parameters() if _is_booster_key(name, adapter_name)}
+    state_dict = _load_weights(weights_file, source)
+    with _restored_on_failure(model, adapter_name):
+        inject_booster(model, config, adapter_name)
+        try:
+            with booster_source(source):
+                # strict: the tuner's key remapping runs `check_booster_state_dict` (missing / renamed / extra / empty)
+                result = set_peft_model_state_dict(model, state_dict, adapter_name=adapter_name)
+        except RuntimeError as error:  # `load_state_dict`: a tensor of another shape
+            raise ValueError(f"Booster weights {source} do not match the booster they are loaded into (adapter "
+                             f"`{adapter_name}`): {error}") from error
         missing = sorted(k for k in result.missing_keys if _is_booster_key(k, adapter_name))
         unexpected = sorted(result.unexpected_keys)
         if missing or unexpected:  # only reached with a PEFT whose tuners have no remapping hook
@@ -235,14 +329,6 @@ def load_booster(model: nn.Module, booster: str | os.PathLike, adapter_name: str
                 f"missing keys {missing}, unexpected (renamed or extra) keys {unexpected}. Loading them would leave "
                 "layers randomly initialised; use the file `save_pretrained` wrote for this booster."
             )
-        check_finite(loaded, source)
-    except RuntimeError as error:  # `load_state_dict`: a tensor of another shape
-        remove_boosters(model)
-        raise ValueError(f"Booster weights {source} do not match the booster they are loaded into (adapter "
-                         f"`{adapter_name}`): {error}") from error
-    except ValueError:
-        remove_boosters(model)  # never leave a half-loaded booster behind
-        raise
     model.eval()  # as transformers' `load_adapter` and `PeftModel.from_pretrained` leave a loaded adapter
     for layer in booster_layers(model):
         for param in layer.adapter_parameters(adapter_name):

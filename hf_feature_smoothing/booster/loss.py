@@ -11,7 +11,7 @@ from ..smoothing.configuration_feature_smoothing import FeatureSmoothingConfig
 from ..smoothing.modeling_smoothed_tower import SmoothedVisionTower
 from ..smoothing.noise import derive_digest, image_fingerprint
 from ..smoothing.towers import ImageInputs
-from ..utils.validation import check_finite_positive, check_positive_int
+from ..utils.validation import check_positive_int, check_seed, check_sigma
 from .layer import GSBPurifierLayer, booster_layers, booster_noise_level
 
 
@@ -78,14 +78,14 @@ class GSBLoss(nn.Module):
         super().__init__()
         self.model = model
         object.__setattr__(self, "tower", SmoothedVisionTower(model, smoothing))  # helper only, not a submodule
-        self.sigmas = [check_finite_positive("sigmas", float(s)) for s in sigmas]
+        self.sigmas = [check_sigma(s, "sigmas") for s in sigmas]
         self.noise_samples = check_positive_int("noise_samples", noise_samples)
         self.lambda_consistency = _nonnegative("lambda_consistency", lambda_consistency)
         self.lambda_clean = _nonnegative("lambda_clean", lambda_clean)
         self.lambda_stats = _nonnegative("lambda_stats", lambda_stats)
         self.lambda_pixel = _nonnegative("lambda_pixel", lambda_pixel)
         self.lambda_lm = _nonnegative("lambda_lm", lambda_lm)
-        self.seed, self.step = int(seed), 0
+        self.seed, self.step = check_seed(seed), 0
         self.last_terms: dict[str, float] = {}
 
     @property

@@ -11,7 +11,17 @@ from torch import nn
 
 from ..smoothing.noise import fresh_seed
 from ..statistics.bounds import CONFIDENCE_BOUNDS, score_for_certificate
-from ..utils.validation import ALPHA, POSITIVE_INT, SEED, Range, _label, check_alpha, check_positive_int, check_seed
+from ..utils.validation import (
+    ALPHA,
+    POSITIVE_INT,
+    SEED,
+    Range,
+    _label,
+    as_scalar,
+    check_alpha,
+    check_positive_int,
+    check_seed,
+)
 
 
 __all__ = [
@@ -72,10 +82,14 @@ def check_sampling(n0: object, n: object, alpha: object, bound: object, seed: ob
 
 
 def check_values(name: str, value: object, spec: Range) -> list[float]:
-    """A scalar or a sequence of values in `spec`, as a list of floats (`epsilon`, `tau`)."""
+    """A scalar or a sequence of values in `spec`, as a list of Python floats (`epsilon`, `tau`); 0-d tensors and
+    numpy scalars count as numbers, bools are refused."""
+    value = as_scalar(value)
     scalar = isinstance(value, numbers.Real) or (isinstance(value, torch.Tensor) and value.ndim == 0)
-    items = [value] if scalar else value
     try:
+        items = [as_scalar(v) for v in ([value] if scalar else value)]
+        if any(isinstance(v, bool) for v in items):
+            raise TypeError
         items = [float(v) for v in items]
     except (TypeError, ValueError):
         raise TypeError(f"{_label(name)} must be a number or a list of numbers, got {value!r}.") from None
@@ -88,6 +102,7 @@ def check_values(name: str, value: object, spec: Range) -> list[float]:
 
 def check_target(name: str, value: object, spec: Range) -> float | None:
     """`target_cosine` / `target_radius`: None (certify at a fixed n) or a value in `spec`."""
+    value = as_scalar(value)
     if value is None:
         return None
     if isinstance(value, bool) or not isinstance(value, numbers.Real):

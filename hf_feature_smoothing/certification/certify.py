@@ -4,6 +4,7 @@ direction, or the predicted class and its runner-ups, on n0 samples), estimate (
 and prediction certificates for cosine-similarity predictors; the sampling itself lives in `sampling.py`."""
 
 import dataclasses
+import math
 from collections.abc import Sequence
 
 import torch
@@ -25,7 +26,7 @@ from ..statistics.bounds import (
     upper_confidence_bound,
 )
 from ..utils.logging import get_logger
-from ..utils.validation import check_finite_positive
+from ..utils.validation import check_alpha, check_positive_int, check_sigma
 from .arguments import (
     ALPHA_SPLITS,
     DEFAULTS,
@@ -77,12 +78,13 @@ def as_smoothed_tower(
     elif isinstance(getattr(model_or_tower, "smoothed_vision_tower", None), SmoothedVisionTower):
         tower = model_or_tower.smoothed_vision_tower
     else:
-        config = FeatureSmoothingConfig(sigma=0.25 if sigma is None else check_finite_positive("sigma", sigma))
+        config = FeatureSmoothingConfig(sigma=0.25 if sigma is None else check_sigma(sigma))
         _checkpoint_stats(model_or_tower, config)
         tower = SmoothedVisionTower(model_or_tower, config)
     changes = {}
+    sigma = None if sigma is None else check_sigma(sigma)
     if sigma is not None and sigma != tower.sigma:
-        changes["sigma"] = check_finite_positive("sigma", sigma)
+        changes["sigma"] = check_sigma(sigma)
     if autocast_dtype is not None and autocast_dtype != tower.config.autocast_dtype:
         changes["autocast_dtype"] = autocast_dtype
     if changes:
@@ -104,6 +106,14 @@ def _compute_dtype(tower: SmoothedVisionTower) -> str:
                 "Use float32 (`autocast_dtype=None`) on this machine, or a GPU / a CPU with AVX512-BF16 or AMX."
             )
     return dtype
+
+
+def _check_finite_result(index: int, **values: float) -> None:
+    """The last guard before a certificate is built: NaN / inf never reach one (see `check_finite_features`)."""
+    bad = {k: v for k, v in values.items() if not math.isfinite(v)}
+    if bad:
+        raise ValueError(f"Image {index}: non-finite {bad}; no certificate is issued from NaN / inf. Check the tower "
+                         "(finite weights, float32 with `autocast_dtype=None`) and σ (in [0, 1] pixel units).")
 
 
 def _cosine(a: torch.Tensor, b: torch.Tensor) -> float:
@@ -183,6 +193,8 @@ def certify(
         progress (`bool`, *optional*): show a progress bar over images.
     """
     seed = check_sampling(n0, n, alpha, bound, seed)
+    # as Python numbers (a 0-d tensor or numpy scalar is accepted), so certificates stay JSON-serialisable
+    n0, n, alpha = check_positive_int("n0", n0), check_positive_int("n", n), check_alpha(alpha)
     check_reference(reference)
     epsilons = check_values("epsilon", epsilon, EPSILON)
     taus = check_values("tau", tau, TAU)
@@ -216,6 +228,7 @@ def certify(
     for index, (job, blank, scores, s_low) in enumerate(zip(jobs, blanks, all_scores, lows)):
         if job.stop == "target":
             s_low = max(s_low, target)  # the test rejected E[s] ≤ target_score: the sequence is above it
+        _check_finite_result(index, score=scores.mean().item(), score_lower=s_low)
         abstain = s_low <= 0.5
         bounds = [None if abstain or (b := fcsb(s_low, e, tower.sigma)) < 0 else b for e in epsilons]
         radii = [0.0 if abstain else certified_radius(s_low, tower.sigma, t) for t in taus]
@@ -269,6 +282,8 @@ def certify_prediction(
     [`certify`]; `prototypes` `(K, F)` must be finite with no zero row, `labels` class indices in [0, K).
     """
     seed = check_sampling(n0, n, alpha, bound, seed)
+    # as Python numbers (a 0-d tensor or numpy scalar is accepted), so certificates stay JSON-serialisable
+    n0, n, alpha = check_positive_int("n0", n0), check_positive_int("n", n), check_alpha(alpha)
     check_choice("alpha_split", alpha_split, ALPHA_SPLITS)
     prototypes = check_prototypes(prototypes)
     num_classes = prototypes.shape[0]
@@ -301,6 +316,7 @@ def certify_prediction(
             variances = ((squares - means.pow(2)) * n / max(n - 1, 1)).clamp_min(0.0)
             rest = sorted(set(range(num_classes)) - set(job.classes))
             p_upper += [moment_upper_bound(means[k].item(), variances[k].item(), n, alpha_rest, bound) for k in rest]
+        _check_finite_result(index, p_lower=p_lower, p_upper_runner_up=max(p_upper))
         radius = prediction_radius(p_lower, p_upper, tower.sigma)
         prediction = y if radius > 0 else None
         label = None if labels is None else labels[index]

@@ -38,6 +38,7 @@ def _from_tensor(tower: SmoothedVisionTower, images: torch.Tensor, input_space: 
                          f"patch-flattened `{name}`; pass PIL images or the processor's `pixel_values` with "
                          "`input_space='processed'`.")
     check_images(name, images, 2 if patch_flattened else 4)
+    adapter.check_channels(name, images)  # before the range checks: a channel mismatch is not a range error
     if patch_flattened and image_grid_thw is None:
         raise ValueError(f"`image_grid_thw` is required with tensor `{name}` for Qwen-VL towers (the processor "
                          "returns it); or pass PIL images.")

@@ -162,6 +162,21 @@ class PredictionJob:
         self.done = self.drawn == self.n
 
 
+def check_finite_features(tower: SmoothedVisionTower, sites: list[torch.Tensor]) -> None:
+    """Refuse NaN / inf features before they become scores: a NaN score passes every comparison unnoticed and would
+    reach a certificate."""
+    if all(torch.isfinite(features).all() for features in sites):
+        return
+    param = next(tower.encoder.parameters(), None)
+    dtype = tower.config.autocast_dtype or (str(param.dtype).removeprefix("torch.") if param is not None else "float32")
+    raise ValueError(
+        f"The tower returned NaN or inf features for noisy copies at σ={tower.sigma:g} ({dtype}), so no certificate "
+        "can be computed. Likely causes: noise too large for the tower's arithmetic (σ is in [0, 1] pixel units, "
+        "e.g. `sigma=0.25`), a float16 / bfloat16 overflow (use `autocast_dtype=None`, float32), or non-finite "
+        "weights (reload the checkpoint)."
+    )
+
+
 def run_jobs(tower: SmoothedVisionTower, jobs: Sequence, bar: tqdm | None = None) -> None:
     """Feed the jobs' requests to the tower until every job is done: each call takes up to `chunk_size` copies,
     filled image by image (images of the same pixel layout), so short requests of several images share a call."""
@@ -179,6 +194,7 @@ def run_jobs(tower: SmoothedVisionTower, jobs: Sequence, bar: tqdm | None = None
                 requests.append(request)
                 left -= request.count
         for job, sites in zip(group, tower.unit_features_batch(requests)):
+            check_finite_features(tower, sites)
             job.consume(sites)
             if job.done and bar is not None and isinstance(job, (FeatureJob, PredictionJob)):
                 bar.update(1)
@@ -200,4 +216,4 @@ def blank_features(tower: SmoothedVisionTower, inputs_list: list[ImageInputs]) -
     run_jobs(tower, list(jobs.values()))
     return [jobs[key].feature for key in keys]
 
-__all__ = ["BlockSum", "CleanJob", "FeatureJob", "ImageNoise", "PredictionJob", "blank_features", "blank_inputs", "run_jobs"]
+__all__ = ["BlockSum", "CleanJob", "FeatureJob", "ImageNoise", "PredictionJob", "blank_features", "blank_inputs", "check_finite_features", "run_jobs"]

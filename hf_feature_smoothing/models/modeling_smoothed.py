@@ -11,7 +11,7 @@ from ..smoothing.modeling_smoothed_tower import SmoothedVisionTower
 from ..smoothing.towers.processor import HUB_KWARGS, read_processor_settings, resolve_pixel_stats
 from ..utils.atomic import recover_if_local
 from ..utils.logging import get_logger
-from ..utils.tensors import check_finite
+from ..utils.tensors import check_finite, reading_safetensors
 from .auto import loading_smoothed_checkpoint, smoothing_argument
 from .booster_support import booster_support
 from .registry import SMOOTHED_MODEL_CLASSES, register_smoothed_model
@@ -20,6 +20,8 @@ from .registry import SMOOTHED_MODEL_CLASSES, register_smoothed_model
 logger = get_logger(__name__)
 
 BOOSTER_HUB_KWARGS = ("cache_dir", "token", "local_files_only", "force_download", "proxies")
+CORRUPT_WEIGHTS_FIX = ("Download it again (`force_download=True` for a Hub repo), or re-save it with `save_pretrained` "
+                       "from a healthy model.")
 
 
 def fill_processor_settings(smoothing: FeatureSmoothingConfig, path, family: str, **hub_kwargs) -> None:
@@ -45,6 +47,17 @@ def make_smoothed(model: PreTrainedModel, smoothing: FeatureSmoothingConfig) -> 
     model.config.feature_smoothing = smoothing
     model.__class__ = cls
     model._init_feature_smoothing()
+    return model
+
+
+def make_stock(model: PreTrainedModel, stock_class: type, stock_config_class: type) -> PreTrainedModel:
+    """Undo [`make_smoothed`] in place (a failed load's rollback): the smoothing hooks removed, the stock classes
+    back, no `feature_smoothing` in the config."""
+    model.smoothed_vision_tower.remove()
+    del model.__dict__["smoothed_vision_tower"]
+    model.__class__ = stock_class
+    model.config.__class__ = stock_config_class
+    model.config.__dict__.pop("feature_smoothing", None)
     return model
 
 
@@ -134,15 +147,18 @@ class FeatureSmoothingMixin:
         hub = {k: kwargs[k] for k in HUB_KWARGS if kwargs.get(k) is not None}
         overrides = FeatureSmoothingConfig.overrides(smoothing)
         kwargs["config"], replace_booster = cls._smoothed_config(path, kwargs.get("config"), overrides, hub)
+        smoothing = kwargs["config"].feature_smoothing
+        to_load = smoothing.booster if replace_booster or smoothing.booster_config is None else None
+        if smoothing.booster_config is None:
+            smoothing.booster = None  # named once it is attached (below): the config never claims a missing booster
         want_info = kwargs.pop("output_loading_info", False)
-        model, info = super().from_pretrained(path, *model_args, output_loading_info=True, **kwargs)
+        with reading_safetensors(path, CORRUPT_WEIGHTS_FIX):
+            model, info = super().from_pretrained(path, *model_args, output_loading_info=True, **kwargs)
         check_loaded_weights(model, info, path)
-        config = model.smoothing_config
-        if replace_booster and config.booster_config is not None:
-            booster_support().remove(model)
-            config.booster_config = None
-        if config.booster and config.booster_config is None:
-            booster_support().load(model, config.booster, **{k: kwargs[k] for k in BOOSTER_HUB_KWARGS if kwargs.get(k) is not None})
+        if replace_booster and model.smoothing_config.booster_config is not None:
+            booster_support().remove(model)  # the saved booster, replaced by the one named in `smoothing`
+        if to_load:
+            booster_support().load(model, to_load, **{k: kwargs[k] for k in BOOSTER_HUB_KWARGS if kwargs.get(k) is not None})
         return (model, info) if want_info else model
 
     @classmethod
@@ -207,6 +223,10 @@ class FeatureSmoothingMixin:
                                  "Enable it (`layer.enable_adapters(True)` for each of `booster_layers(model)`) or remove "
                                  "it (`remove_boosters(model)`) before `save_pretrained`.")
             smoothing.booster_config = {"adapter_name": name, "config": support.config_dict(self.peft_config[name])}
+        elif smoothing.booster is not None:
+            raise ValueError(f"`smoothing_config.booster` is {smoothing.booster!r} but the model holds no booster: the "
+                             "saved model would claim one it does not run. Load it (`load_booster(model, "
+                             f"{smoothing.booster!r})`) or clear the field (`model.smoothing_config.booster = None`).")
         else:
             smoothing.booster_config = None
         peft_loaded = getattr(self, "_hf_peft_config_loaded", False)
@@ -225,4 +245,4 @@ class FeatureSmoothingMixin:
                                      dataset_type=dataset_type, **kwargs)
 
 
-__all__ = ["FeatureSmoothingMixin", "check_loaded_weights", "fill_processor_settings", "make_smoothed", "register_smoothed_model"]
+__all__ = ["FeatureSmoothingMixin", "check_loaded_weights", "fill_processor_settings", "make_smoothed", "make_stock", "register_smoothed_model"]

@@ -18,9 +18,10 @@ from ..smoothing.towers import TOWER_FAMILIES
 from ..smoothing.towers.processor import HUB_KWARGS, optional_file
 from ..utils.atomic import recover_if_local
 from ..utils.logging import get_logger
+from ..utils.tensors import reading_safetensors
 from .auto import loading_smoothed_checkpoint, smoothing_argument
 from .booster_support import booster_support
-from .modeling_smoothed import check_loaded_weights, fill_processor_settings
+from .modeling_smoothed import CORRUPT_WEIGHTS_FIX, check_loaded_weights, fill_processor_settings
 from .registry import smoothed_class_for
 
 
@@ -65,7 +66,8 @@ def tower_from_pretrained(cls, path, smoothing=None, **kwargs):
     else:
         smoothing_config = FeatureSmoothingConfig.from_dict(fields)
         fill_processor_settings(smoothing_config, path, family, **hub)
-        model, info = AutoModel.from_pretrained(path, output_loading_info=True, **kwargs)
+        with reading_safetensors(path, CORRUPT_WEIGHTS_FIX):
+            model, info = AutoModel.from_pretrained(path, output_loading_info=True, **kwargs)
         check_loaded_weights(model, info, path)
         with booster_support().applied_by_tower():
             if smoothing_config.booster:

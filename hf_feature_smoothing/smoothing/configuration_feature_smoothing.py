@@ -10,7 +10,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from ..utils.logging import get_logger
-from ..utils.validation import check_finite_positive, check_positive_int, check_seed
+from ..utils.validation import check_positive_int, check_seed, check_sigma
 from ..version import __version__
 
 
@@ -39,7 +39,7 @@ def _check_stats(name: str, value: Any) -> list[float] | None:
 def _check_field(name: str, value: Any) -> Any:
     """Validate (and normalise) one field; errors name the field, the value and the fix."""
     if name == "sigma":
-        return check_finite_positive("sigma", value, "σ is the noise std in [0, 1] pixel units, e.g. `sigma=0.25`.")
+        return check_sigma(value)
     if name in ("num_samples", "chunk_size"):
         return check_positive_int(name, value)
     if name == "autocast_dtype" and value not in (None, *AUTOCAST_DTYPES):
@@ -85,7 +85,8 @@ class FeatureSmoothingConfig:
 
     Args:
         sigma (`float`, *optional*, defaults to 0.25):
-            Standard deviation σ of the Gaussian noise, in [0, 1] pixel units. Certified radii scale linearly with σ.
+            Standard deviation σ of the Gaussian noise, in [0, 1] pixel units, in (0, 1000]. Certified radii scale
+            linearly with σ. 0-d tensors and numpy scalars are accepted and stored as Python numbers (every field).
         num_samples (`int`, *optional*, defaults to 8):
             Number of noisy copies averaged in the forward pass (8 at inference in the paper). Not `n0`, which in
             this library always means the selection samples of `certify` (Cohen et al.).
@@ -112,7 +113,10 @@ class FeatureSmoothingConfig:
             certified on the pixel grid the model's own processor produces. `None` uses the model config's
             `image_size` (square resize and centre crop).
         booster (`str`, *optional*):
-            Path or Hub repo id of a Gaussian Smoothness Booster adapter to load with the model.
+            Path or Hub repo id of the Gaussian Smoothness Booster the model holds: `from_pretrained(...,
+            smoothing={"booster": ...})` loads it and `load_booster` sets it; `remove_boosters` clears it. A config
+            never names a booster the model does not hold (`SmoothedVisionTower(model, config)` and `save_pretrained`
+            refuse one).
         booster_config (`dict`, *optional*):
             Set by `save_pretrained` when the saved weights contain a booster: `{"adapter_name", "config"}` with the
             adapter's `adapter_config.json` content, so the model reloads with the booster and without the network.

@@ -17,6 +17,19 @@ from .noise import SeededNoise
 from .towers import ImageInputs, TowerFamily, get_tower_family
 
 
+def check_booster_attached(model: nn.Module, config: FeatureSmoothingConfig) -> None:
+    """Refuse a config that names a booster `model` does not hold: the tower would run without it while its config
+    (and any checkpoint saved from it) claims it. A booster is attached by loading, not by naming it here."""
+    if config.booster is None or config.booster_config is not None or getattr(model, "peft_config", None):
+        return
+    raise ValueError(
+        f"`config.booster` is {config.booster!r} but the model holds no booster: a tower built directly does not "
+        "load one, and its config must not claim it. Load the booster first (`load_booster(model, "
+        f"{config.booster!r})`), or build the tower with `SmoothedVisionTower.from_pretrained(checkpoint, "
+        f"smoothing={{'booster': {config.booster!r}}})`; or leave `booster` out of the config."
+    )
+
+
 @dataclass
 class NoisyCopies:
     """`count` copies of **one** image for [`SmoothedVisionTower.unit_features_batch`]: noisy with samples
@@ -65,6 +78,7 @@ class SmoothedVisionTower(MLLMHooksMixin, nn.Module):
     def __init__(self, model: nn.Module, config: FeatureSmoothingConfig | dict | None = None):
         super().__init__()
         self.config = FeatureSmoothingConfig.from_dict(config or {})
+        check_booster_attached(model, self.config)
         self.family: TowerFamily = get_tower_family(model, self.config)
         self.encoder = self.family.model
         self.enabled = True
@@ -260,10 +274,11 @@ class SmoothedVisionTower(MLLMHooksMixin, nn.Module):
             image_grid_thw (`torch.Tensor`, *optional*):
                 Required by Qwen-VL towers.
             num_samples (`int`, *optional*):
-                Monte Carlo samples; defaults to `config.num_samples`.
+                Monte Carlo samples (≥ 1); `None` (default) uses `config.num_samples`.
         """
         inputs = self.check_inputs(pixel_values, image_grid_thw)
-        n = check_positive_int("num_samples", num_samples or self.config.num_samples)
+        # `None` only means the config's value: 0 is refused, never replaced by the default
+        n = self.config.num_samples if num_samples is None else check_positive_int("num_samples", num_samples)
         unit_sum, _ = self.monte_carlo(inputs, n)[-1]
         mean = unit_sum / n
         counts = self.family.rows_per_image(inputs, mean.shape[0])
@@ -273,6 +288,7 @@ class SmoothedVisionTower(MLLMHooksMixin, nn.Module):
         """Validate user inputs (finite floats, right rank) and wrap them."""
         patch_flattened = hasattr(self.family, "_patch")
         check_images("pixel_values", pixel_values, 2 if patch_flattened else 4)
+        self.family.check_channels("pixel_values", pixel_values)
         if patch_flattened and image_grid_thw is None:
             raise ValueError("`image_grid_thw` is required for Qwen-VL towers (the processor returns it).")
         return ImageInputs(pixel_values, image_grid_thw)

@@ -1,6 +1,12 @@
-"""Checks on loaded tensors."""
+"""Checks on loaded tensors and the files they come from."""
+
+import contextlib
+import os
+from collections.abc import Iterator
+from pathlib import Path
 
 import torch
+from safetensors import SafetensorError, safe_open
 
 
 def check_finite(tensors: dict[str, torch.Tensor], source: str) -> None:
@@ -14,4 +20,32 @@ def check_finite(tensors: dict[str, torch.Tensor], source: str) -> None:
             )
 
 
-__all__ = ["check_finite"]
+def _unreadable(folder: Path) -> list[str]:
+    """The `*.safetensors` files of `folder` whose header safetensors cannot parse."""
+    bad = []
+    for file in sorted(folder.glob("*.safetensors")):
+        try:
+            with safe_open(str(file), framework="pt"):
+                pass
+        except (SafetensorError, OSError):
+            bad.append(str(file))
+    return bad
+
+
+@contextlib.contextmanager
+def reading_safetensors(source: str | os.PathLike, fix: str) -> Iterator[None]:
+    """
+    Inside the block, a safetensors file that cannot be parsed (truncated, or not a safetensors file at all) raises a
+    `ValueError` naming the file (`source`: the file, or a local folder whose unreadable `*.safetensors` files are
+    named), the parser's reason, and `fix`, instead of safetensors' `SafetensorError`, which names no file.
+    """
+    try:
+        yield
+    except SafetensorError as error:
+        path = Path(source)
+        files = _unreadable(path) if path.is_dir() else []
+        named = ", ".join(f"`{f}`" for f in files) or f"`{source}`"
+        raise ValueError(f"Cannot read {named}: the safetensors file is corrupt or truncated ({error}). {fix}") from error
+
+
+__all__ = ["check_finite", "reading_safetensors"]

@@ -8,6 +8,17 @@ import torch
 
 
 SEED_MAX = 2**63 - 1  # torch generators take seeds up to 2**64 - 1, numpy's and the run files' JSON ints 2**63 - 1
+# noise larger than this swamps every [0, 1] image (the certificate would be vacuous) and its draws, divided by the
+# processor's std and pushed through a tower, leave the range of float16 / bfloat16 arithmetic and then float32's
+SIGMA_MAX = 1000.0
+
+
+def as_scalar(value: object) -> object:
+    """A 0-d tensor or numpy scalar / 0-d array as the Python number it holds (`tensor(0.25)` → 0.25); a bool stays a
+    bool (to be refused), anything else is returned as is."""
+    if getattr(value, "ndim", None) == 0 and callable(getattr(value, "item", None)):
+        return value.item()
+    return value
 
 
 def _label(name: str) -> str:
@@ -52,7 +63,9 @@ class Range:
 
     def check(self, name: str, value: object):
         """`value` as `kind`; a `WrongTypeError` (not a number / not an integer; bools are refused) or a `ValueError`
-        (out of range) naming the argument, the value, the range and why."""
+        (out of range) naming the argument, the value, the range and why. 0-d tensors and numpy scalars count as
+        the number they hold."""
+        value = as_scalar(value)
         integral = isinstance(value, numbers.Integral)
         if isinstance(value, bool) or not isinstance(value, numbers.Integral if self.kind is int else numbers.Real):
             raise WrongTypeError(f"{_label(name)} must be {self.describe()}, got {value!r} "
@@ -75,10 +88,24 @@ def check_seed(seed: object, name: str = "seed") -> int | None:
 
 
 def check_finite_positive(name: str, value: object, fix: str = "") -> float:
-    """Raise unless `value` is a finite real number > 0."""
+    """Raise unless `value` is a finite real number > 0 (a 0-d tensor or numpy scalar too); returns a Python float."""
+    value = as_scalar(value)
     if isinstance(value, bool) or not isinstance(value, numbers.Real) or not math.isfinite(value) or value <= 0:
         raise ValueError(f"`{name}` must be a finite number > 0, got {value!r}. {fix}".rstrip())
     return float(value)
+
+
+def check_sigma(sigma: object, name: str = "sigma") -> float:
+    """The one σ rule (smoothing config, `certify`, booster configs): a finite number in (0, `SIGMA_MAX`], as a
+    Python float."""
+    value = check_finite_positive(name, sigma, f"σ is the noise std in [0, 1] pixel units, e.g. `{name}=0.25`.")
+    if value > SIGMA_MAX:
+        raise ValueError(
+            f"`{name}` must be at most {SIGMA_MAX:g}, got {value!r}: σ is the noise std in [0, 1] pixel units, so such "
+            "noise swamps every image (the certificate would be vacuous) and overflows the tower's arithmetic into "
+            f"NaN / inf features. Use a σ of the image's scale, e.g. `{name}=0.25`."
+        )
+    return value
 
 
 POSITIVE_INT = Range(int, 1)
@@ -110,3 +137,20 @@ def check_images(name: str, images: object, ndim: int | tuple[int, ...]) -> torc
     if not torch.isfinite(images).all():
         raise ValueError(f"`{name}` contains NaN or inf values; clean or re-process the images.")
     return images
+
+
+def check_channels(name: str, channels: int, expected: int, shape: tuple[int, ...]) -> None:
+    """Raise unless images of `shape` have the `expected` colour channels: a grayscale (1) or RGBA (4) image is never
+    reinterpreted silently (a grayscale image broadcast to RGB would get the same noise in R, G and B)."""
+    if channels == expected:
+        return
+    what = f"`{name}` has {channels} channel{'s' * (channels != 1)} (shape {shape}) but this tower takes {expected}"
+    if expected == 3 and channels == 1:
+        fix = ("a grayscale image: convert it to RGB explicitly (`images.repeat(1, 3, 1, 1)` for a tensor, "
+               "`image.convert('RGB')` for a PIL image); it is not broadcast silently, as the noise would then be "
+               "the same in R, G and B.")
+    elif expected == 3 and channels == 4:
+        fix = "an RGBA image: drop the alpha channel (`images[:, :3]`) or convert PIL images with `.convert('RGB')`."
+    else:
+        fix = f"pass images with {expected} channels, as the model's image processor returns them."
+    raise ValueError(f"{what}: {fix}")

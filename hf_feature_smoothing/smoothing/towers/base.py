@@ -9,6 +9,7 @@ from torch import nn
 
 from ...utils.deprecation import deprecated_aliases, warn_renamed
 from ...utils.logging import get_logger
+from ...utils.validation import check_channels
 from ..configuration_feature_smoothing import FeatureSmoothingConfig
 from .inputs import (  # noqa: F401  (re-exported: their home before 0.2.0)
     IMAGENET_DEFAULT_MEAN,
@@ -268,6 +269,19 @@ class TowerFamily(ABC):
     def default_image_size(self) -> int:
         config = getattr(self.model.config, "vision_config", self.model.config)
         return int(getattr(config, "image_size", 224))
+
+    @property
+    def num_channels(self) -> int:
+        """Colour channels the tower's images have (its vision config's `num_channels` / `in_channels`; else 3)."""
+        config = getattr(self.model.config, "vision_config", self.model.config)
+        for key in ("num_channels", "in_channels", "in_chans"):
+            if isinstance(getattr(config, key, None), int):
+                return getattr(config, key)
+        return 3
+
+    def check_channels(self, name: str, pixel_values: torch.Tensor) -> None:
+        """Raise unless `(B, C, H, W)` `pixel_values` have the tower's channels (see [`check_channels`])."""
+        check_channels(name, pixel_values.shape[1], self.num_channels, tuple(pixel_values.shape))
 
     def preprocess(self, images: list, image_size: int | None = None) -> ImageInputs:
         """PIL images → processed inputs at the model's own processor resolution and crop (`config.image_processor`,

@@ -8,6 +8,7 @@ import torch
 from torch import nn
 
 from ...utils.deprecation import deprecated_aliases
+from ...utils.validation import check_channels
 from . import register_tower_family
 from .base import BoosterGeometry, TowerFamily, unwrap_tuner_layer
 from .inputs import IMAGENET_STANDARD_MEAN, IMAGENET_STANDARD_STD, ImageInputs, center_crop, pil_to_tensor
@@ -57,6 +58,16 @@ class QwenVLTowerFamily(TowerFamily):
         vision = self.inner.config.vision_config
         channels = getattr(vision, "in_channels", None) or getattr(vision, "in_chans", 3)
         return channels, vision.temporal_patch_size, vision.patch_size
+
+    def check_channels(self, name: str, pixel_values: torch.Tensor) -> None:
+        """Patch-flattened rows hold channels × temporal_patch_size × patch_size² values: the channels of a row width
+        that is a multiple of one channel's patch, else a width error."""
+        channels, temporal, patch = self._patch
+        width, per_channel = pixel_values.shape[1], temporal * patch * patch
+        if width % per_channel:
+            raise ValueError(f"`{name}` rows have {width} values but this tower's patches have {channels} × {temporal} "
+                             f"× {patch}² = {channels * per_channel}; pass the processor's `pixel_values` for this model.")
+        check_channels(name, width // per_channel, channels, tuple(pixel_values.shape))
 
     def inputs_from_call(self, args: tuple, kwargs: dict) -> ImageInputs:
         pixel_values = args[0] if args else kwargs["hidden_states"]
