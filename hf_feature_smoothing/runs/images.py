@@ -47,9 +47,17 @@ class ImageSource(ABC):
             yield self.item(index)
 
 
+def printable_name(name: str) -> str:
+    """`name` (a path from the OS, undecodable bytes as surrogates) as valid UTF-8 text: bytes that are not UTF-8
+    become `\\xNN` escapes (`caf\\xe9.png`), so run files, JSON and logs can hold every file name."""
+    return os.fsencode(name).decode("utf-8", "backslashreplace")
+
+
 class FolderImages(ImageSource):
     """Image files under `folder` (recursively, common suffixes, hidden files and folders left out), sorted by
-    their path relative to the folder, which is their key. Only the file names are listed up front.
+    their path relative to the folder, which is their key. Only the file names are listed up front. A file name
+    that is not valid UTF-8 is kept: its key is [`printable_name`] (`\\xNN` escapes, logged once), the file is
+    read by its real name.
 
     Args:
         folder (`str` or `os.PathLike`):
@@ -61,29 +69,40 @@ class FolderImages(ImageSource):
     def __init__(self, folder: str | os.PathLike, max_pixels: int | None = None):
         self.folder = Path(folder)
         if not self.folder.is_dir():
-            raise RunError(f"--images {folder}: not a folder (pass a folder of images, or `skimage`).")
+            raise RunError(f"--images {printable_name(str(folder))}: not a folder (pass a folder of images, or "
+                           f"`skimage`).")
         self.max_pixels = max_pixels
-        files, ignored = [], 0
+        files, ignored = {}, 0  # key -> path relative to the folder
         for root, dirs, names in os.walk(self.folder):
             dirs[:] = [d for d in dirs if not d.startswith(".")]
             for name in names:
-                if not name.startswith(".") and Path(name).suffix.lower() in IMAGE_SUFFIXES:
-                    files.append((Path(root) / name).relative_to(self.folder).as_posix())
-                else:
+                if name.startswith(".") or Path(name).suffix.lower() not in IMAGE_SUFFIXES:
                     ignored += 1
+                    continue
+                relative = (Path(root) / name).relative_to(self.folder).as_posix()
+                key = printable_name(relative)
+                if key != relative:
+                    logger.warning(f"--images {printable_name(str(folder))}: the file name {key} is not valid UTF-8; "
+                                   f"it is kept, with this key (\\xNN: the bytes that are not UTF-8).")
+                if key in files:  # only when another file is literally named with the escapes
+                    logger.warning(f"--images: {key} names two files; the second one ({relative!r}) is left out.")
+                    ignored += 1
+                    continue
+                files[key] = relative
         if not files:
             raise RunError(f"--images {folder}: no image files found (looked for {', '.join(IMAGE_SUFFIXES)}; "
                            f"{ignored} other files).")
         if ignored:
             logger.info(f"--images {folder}: {len(files)} images; {ignored} other or hidden files left out.")
         self.files = sorted(files)
-        self.description = {"kind": "folder", "path": str(self.folder.resolve())}
+        self._paths = files
+        self.description = {"kind": "folder", "path": printable_name(str(self.folder.resolve()))}
 
     def __len__(self) -> int:
         return len(self.files)
 
     def item(self, index: int) -> ImageItem:
-        path = self.folder / self.files[index]
+        path = self.folder / self._paths[self.files[index]]
         return ImageItem(index, self.files[index], None, lambda: decode(lambda: path, self.max_pixels))
 
 
