@@ -127,7 +127,7 @@ def test_empty_input_is_an_error(tmp_path, capsys):
     (tmp_path / "empty").mkdir()
     (tmp_path / "empty" / "readme.txt").write_text("no images here")
     assert main(["certify", "--model", "tiny-llava", "--images", str(tmp_path / "empty"), "--output",
-                 str(tmp_path / "run.jsonl")]) == 1
+                 str(tmp_path / "run.jsonl")]) == 2  # a bad option value, found before anything is written
     assert f"--images {tmp_path / 'empty'}: no image files found" in capsys.readouterr().err
     with pytest.raises(RunError, match="not a folder"):
         FolderImages(tmp_path / "nowhere")

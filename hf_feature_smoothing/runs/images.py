@@ -2,6 +2,7 @@
 before the next one is opened, so memory and open files stay constant in the number of images. An image that
 cannot be read becomes an [`UnreadableImage`] (recorded as a `skipped` row), never the end of the run."""
 
+import json
 import os
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Iterator
@@ -175,6 +176,25 @@ class LabelledImages(ImageSource):
         return ImageItem(index, example.key, example.label, lambda: to_rgb(example.image))
 
 
+def _load_from_disk(path: Path, name: str, split: str):
+    """`datasets.load_from_disk`, its failures as a [`RunError`] naming the folder; a split saved without any data
+    file (an empty split, which `datasets` cannot read back) is reported as empty."""
+    import datasets
+
+    try:
+        return datasets.load_from_disk(str(path))
+    except Exception as error:  # noqa: BLE001  (datasets raises many types for unreadable folders)
+        for state in [path / "state.json", path / split / "state.json"]:
+            try:
+                if state.is_file() and not json.loads(state.read_text()).get("_data_files"):
+                    raise RunError(f"--dataset {name} --split {split}: the split is empty (saved without any "
+                                   f"row); pass a split with images.") from None
+            except (OSError, ValueError):
+                pass
+        raise RunError(f"--dataset {name}: not readable by `datasets.load_from_disk` ({type(error).__name__}: "
+                       f"{error}); save it again with `Dataset.save_to_disk`.") from None
+
+
 def _open_dataset(name: str, split: str):
     """A `save_to_disk` folder, a local `load_dataset`-able folder, or a Hub dataset id (offline cache) → (the
     split as a memory-mapped `datasets.Dataset`, its description)."""
@@ -183,7 +203,7 @@ def _open_dataset(name: str, split: str):
     path = Path(name)
     if path.exists():
         if (path / "dataset_info.json").exists() or (path / "dataset_dict.json").exists():
-            data = datasets.load_from_disk(str(path))
+            data = _load_from_disk(path, name, split)
             kind = "save_to_disk"
             if isinstance(data, datasets.DatasetDict):
                 if split not in data:
