@@ -75,6 +75,7 @@ BAD_CERTIFY = {  # name -> (extra args given tmp_path, needles of the one error 
                                 ["--epsilon 0.1", "--prototypes", "drop"]),
     "reference with prototypes": (lambda t: ["--prototypes", _prototypes(t, 3, WIDTH), "--reference", "clean"],
                                   ["--reference clean", "--prototypes"]),
+    "--split with --images": (lambda t: ["--split", "test"], ["--split test", "--dataset", "drop it"]),
     "missing relative model folder": (lambda t: ["--model", "./nope"], ["--model ./nope", "does not exist"]),
     "missing absolute model folder": (lambda t: ["--model", str(t / "nope")], ["--model", "does not exist"]),
     "adapter as --model": (lambda t: ["--model", _adapter(t)], ["--model", "booster adapter", "--booster"]),
@@ -144,6 +145,11 @@ def _empty_dataset(tmp_path):
     return str(tmp_path / "empty")
 
 
+def _below_a_file(tmp_path):
+    (tmp_path / "file").write_text("")
+    return tmp_path / "file"
+
+
 BAD_PROTOTYPES = {  # name -> (source args given tmp_path, output given tmp_path, needles)
     "a class with no image": (lambda t: ["--dataset", _dataset(t, "gap", [0, 2, 0])], None,
                               ["--label-column label", "classes [1]", "no image"]),
@@ -153,9 +159,9 @@ BAD_PROTOTYPES = {  # name -> (source args given tmp_path, output given tmp_path
     "float labels": (lambda t: ["--dataset", _dataset(t, "float", [0.0, 1.5, 1.0])], None, ["label 0.0", "float"]),
     "an empty split": (lambda t: ["--dataset", _empty_dataset(t)], None, ["--dataset", "empty"]),
     "a single class": (lambda t: ["--dataset", _dataset(t, "one", [0, 0, 0])], None, ["single class"]),
-    "an output folder that does not exist": (lambda t: ["--dataset", _dataset(t, "good", [0, 1, 0])],
-                                             lambda t: t / "missing" / "p.safetensors",
-                                             ["--output", "does not exist", "mkdir -p"]),
+    "an output folder below a file": (lambda t: ["--dataset", _dataset(t, "good", [0, 1, 0])],
+                                      lambda t: _below_a_file(t) / "sub" / "p.safetensors",
+                                      ["--output", "is a file", "cannot be made"]),
 }
 
 
@@ -167,14 +173,22 @@ def test_bad_prototypes_input_writes_nothing(case, tmp_path, capsys):
     status, _, err = _run(["prototypes", "--model", "tiny-llava", *source(tmp_path), "--output", str(out)], capsys)
     _assert_refused(status, err, *needles)
     assert not any((tmp_path / "out").iterdir()) and not out.exists()
-    assert out.parent.exists() == (out.parent == tmp_path / "out")  # no folder created either
+    assert out.parent == tmp_path / "out" or not out.parent.exists()  # no folder created either
 
 
-def test_prototypes_of_a_good_set_then_certify_accepts_them(tmp_path, capsys):
-    out = tmp_path / "p.safetensors"
+def test_prototypes_of_a_good_set_into_a_new_folder(tmp_path, capsys):
+    """A missing output folder is created (as `certify` does, and as the default `outputs/` needs), once every check
+    has passed."""
+    out = tmp_path / "new" / "folder" / "p.safetensors"
     status, _, err = _run(["prototypes", "--model", "tiny-llava", "--dataset", _dataset(tmp_path, "ok", [0, 1, 1]),
                            "--output", str(out)], capsys)
     assert status == 0 and out.exists(), err
+
+
+def test_certify_output_below_a_file_is_refused(image_folder, tmp_path, capsys):
+    (tmp_path / "file").write_text("")
+    status, _, err = _run(_certify(image_folder, tmp_path / "file" / "run.jsonl"), capsys)
+    _assert_refused(status, err, "--output", "is a file")
 
 
 # ----- 2. no silent result: unfinished runs, sequential runs -----------------------------------------------------

@@ -20,7 +20,7 @@ from ..certification.arguments import (
     target_score,
 )
 from ..certification.prototypes import feature_width, load_prototypes
-from ..runs import Run, RunError, Shard, UnreadableImage
+from ..runs import Run, Shard, UnreadableImage
 from ..runs.fingerprints import file_sha256
 from ..runs.report import RunGroup, plot_group, sequential_label, summary_lines
 from ..smoothing.configuration_feature_smoothing import FeatureSmoothingConfig
@@ -125,9 +125,17 @@ def _check_label(item, prototypes, label_column: str | None) -> int | None:
         return None
     label = item.label
     if isinstance(label, bool) or not isinstance(label, int) or not 0 <= label < prototypes.shape[0]:
-        raise RunError(f"--label-column {label_column}: row {item.key} has label {label!r}, but --prototypes has "
+        raise OptionError(f"--label-column {label_column}: row {item.key} has label {label!r}, but --prototypes has "
                        f"{prototypes.shape[0]} classes (labels must be integers 0..{prototypes.shape[0] - 1}).")
     return label
+
+
+def check_labels(source, prototypes) -> None:
+    """Every label of the source is a class of the prototypes, checked before the run starts (labels are read
+    without decoding any image)."""
+    if prototypes is not None and getattr(source, "label_column", None) is not None:
+        for item in source.items():
+            _check_label(item, prototypes, source.label_column)
 
 
 def _print_summary(rows: list[dict], params: dict, output: str) -> None:
@@ -160,6 +168,7 @@ def run(args) -> int:
         except (TypeError, ValueError) as error:
             raise OptionError(str(error)) from None
     source = open_source(args)
+    check_labels(source, prototypes)
     shard = Shard.from_accelerate(args.device)
     model = load_model(args.model, args.booster).to(shard.device)
     tower = smoothed_tower(model, args)

@@ -8,7 +8,17 @@ from pathlib import Path
 from ..certification.arguments import SIGMA
 from ..utils.validation import POSITIVE_INT, SEED
 from .loading import load_model, open_source
-from .options import HelpFormatter, OptionError, add_images, add_model, add_verbosity, number, torch_device
+from .options import (
+    HelpFormatter,
+    OptionError,
+    add_images,
+    add_model,
+    add_verbosity,
+    check_output_folder,
+    check_source_options,
+    number,
+    torch_device,
+)
 
 
 SMOOTHED_SAMPLES = 16  # default noisy copies per image of smoothed prototypes
@@ -43,9 +53,8 @@ def check_options(args) -> None:
                           f"(e.g. {output.with_suffix('.safetensors').name}).")
     if output.is_dir():
         raise OptionError(f"--output {args.output}: is a folder; name a .safetensors file in it.")
-    if not output.parent.is_dir():  # a typo in the folder should not silently create a new tree
-        raise OptionError(f"--output {args.output}: the folder {output.parent} does not exist; create it first "
-                          f"(mkdir -p {output.parent}) or name a file in an existing folder.")
+    check_source_options(args)
+    check_output_folder("--output", output)  # a missing folder is created once the prototypes are computed
     if args.sigma is None and args.num_samples:
         raise OptionError(f"--num-samples {args.num_samples}: smoothed prototypes need the noise level; add --sigma "
                           f"(or drop --num-samples for clean prototypes).")
@@ -110,6 +119,7 @@ def run(args) -> int:
         prototypes = class_prototypes(tower, [item.load() for item in chosen], [item.label for item in chosen],
                                       num_classes=num_classes, image_size=args.image_size, num_samples=num_samples,
                                       progress=True)
+    Path(args.output).parent.mkdir(parents=True, exist_ok=True)
     save_prototypes(prototypes, args.output, model=args.model, booster=args.booster, source=source.description,
                     shots=args.shots, image_size=args.image_size, keys=[item.key for item in chosen],
                     sigma=args.sigma, num_samples=num_samples, seed=args.seed if num_samples else None)

@@ -174,12 +174,11 @@ def state_lines(group: RunGroup) -> list[str]:
     """The state of each run of the group; unfinished runs are flagged as such (their aggregates are not final)."""
     if not group.states:  # a group built from rows in memory (a command's own summary)
         return []
-    if group.finished:
-        return [f"state: {'; '.join(state.describe() for state in group.states)}"]
     states = "; ".join(state.describe() for state in group.states)
-    line = (f"**UNFINISHED** (partial results, not for a model card): {states}; resume a stopped or torn run with "
-            f"its command, wait for a running one.")
-    return [line]
+    if group.finished:
+        return [f"state: {states}"]
+    fix = "resume a stopped or torn run with its command, wait for a running one"
+    return [f"**UNFINISHED** (partial results, not for a model card): {states}; {fix}."]
 
 
 def _mean(values) -> float:

@@ -12,6 +12,10 @@ from pathlib import Path
 from filelock import FileLock, Timeout
 
 from .errors import RunError
+from .logging import get_logger
+
+
+logger = get_logger(__name__)
 
 
 def lock_path(path: str | os.PathLike, *, hidden: bool = False) -> Path:
@@ -93,12 +97,15 @@ class RunLock:
         file = identity_lock_path(self.real)
         if self._identity is not None or file is None:
             return
-        file.parent.mkdir(parents=True, exist_ok=True)
         lock = FileLock(file, timeout=0)
         try:
+            file.parent.mkdir(parents=True, exist_ok=True)
             lock.acquire()
         except Timeout:
             raise self._refuse(file, _holder(file)) from None
+        except OSError as error:  # a shared temp folder another user owns: the lock on the real path still holds
+            logger.debug(f"{self.path}: no lock on the file's identity ({error}); hard links are not guarded.")
+            return
         self._identity = lock
         _record_holder(file)
 
