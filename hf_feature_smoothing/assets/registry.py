@@ -12,6 +12,7 @@ from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
 
+from huggingface_hub import try_to_load_from_cache
 from torch import nn
 
 from ..booster import load_booster
@@ -98,8 +99,6 @@ def _is_adapter(name: str) -> bool:
     and no model config."""
     if os.path.isdir(name):
         return os.path.isfile(os.path.join(name, ADAPTER_CONFIG)) and not os.path.isfile(os.path.join(name, "config.json"))
-    from huggingface_hub import try_to_load_from_cache
-
     try:
         found = try_to_load_from_cache(name, ADAPTER_CONFIG)
     except ValueError:  # not a repo id

@@ -97,7 +97,7 @@ def check_options(args) -> None:
         raise OptionError(str(error)) from None
 
 
-def check_model_options(args, tower, prototypes, source) -> None:
+def check_model_options(args, tower, prototypes) -> None:
     """Checks that need the loaded model: a target within reach at its σ, prototypes of its feature width."""
     if args.target_cosine is not None or args.target_radius is not None:
         try:
@@ -106,11 +106,6 @@ def check_model_options(args, tower, prototypes, source) -> None:
         except ValueError as error:
             raise OptionError(str(error)) from None
     if prototypes is not None:
-        num_classes = getattr(source, "num_classes", None)
-        if num_classes is not None and num_classes > prototypes.shape[0]:
-            raise OptionError(f"--prototypes {args.prototypes}: {prototypes.shape[0]} classes, but --label-column "
-                              f"{source.label_column} has {num_classes}; compute prototypes for every class "
-                              f"(`hf-fs prototypes` on the same labelled set).")
         width = feature_width(tower, args.image_size)
         if prototypes.shape[1] != width:
             raise OptionError(f"--prototypes {args.prototypes}: {prototypes.shape[1]} features per class, but "
@@ -130,12 +125,18 @@ def _check_label(item, prototypes, label_column: str | None) -> int | None:
     return label
 
 
-def check_labels(source, prototypes) -> None:
-    """Every label of the source is a class of the prototypes, checked before the run starts (labels are read
-    without decoding any image)."""
-    if prototypes is not None and getattr(source, "label_column", None) is not None:
-        for item in source.items():
-            _check_label(item, prototypes, source.label_column)
+def check_labels(args, source, prototypes) -> None:
+    """The source's classes are the prototypes' classes, and so is every label, checked before the run starts
+    (labels are read without decoding any image)."""
+    if prototypes is None or getattr(source, "label_column", None) is None:
+        return
+    num_classes = getattr(source, "num_classes", None)
+    if num_classes is not None and num_classes > prototypes.shape[0]:
+        raise OptionError(f"--prototypes {args.prototypes}: {prototypes.shape[0]} classes, but --label-column "
+                          f"{source.label_column} has {num_classes}; compute prototypes for every class "
+                          f"(`hf-fs prototypes` on the same labelled set).")
+    for item in source.items():
+        _check_label(item, prototypes, source.label_column)
 
 
 def _print_summary(rows: list[dict], params: dict, output: str) -> None:
@@ -168,11 +169,11 @@ def run(args) -> int:
         except (TypeError, ValueError) as error:
             raise OptionError(str(error)) from None
     source = open_source(args)
-    check_labels(source, prototypes)
+    check_labels(args, source, prototypes)
     shard = Shard.from_accelerate(args.device)
     model = load_model(args.model, args.booster).to(shard.device)
     tower = smoothed_tower(model, args)
-    check_model_options(args, tower, prototypes, source)
+    check_model_options(args, tower, prototypes)
     params = {**model_params(args, model), "source": source.description, "sigma": tower.sigma,
               "n0": args.n0, "n": args.n, "alpha": args.alpha, "bound": args.bound, "seed": args.seed,
               "dtype": args.dtype, "image_size": args.image_size, "device": shard.device.type,

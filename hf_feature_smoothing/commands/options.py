@@ -3,6 +3,7 @@ the option and the value (exit status 2), found before a run file, a header or a
 the API (`errors.Range` objects defined next to the functions the options feed)."""
 
 import argparse
+import os
 from pathlib import Path
 
 import torch
@@ -132,8 +133,6 @@ def add_run(parser: argparse.ArgumentParser, output: str, chunk_size: Range) -> 
 def check_output_folder(option: str, path: str | Path) -> None:
     """The folder of an output file can be made and written: missing folders are created later (after every
     check), but one below a file, or in a folder that is not writable, is refused now."""
-    import os
-
     parent = Path(path).absolute().parent
     existing = next(p for p in (parent, *parent.parents) if p.exists())
     if not existing.is_dir():
