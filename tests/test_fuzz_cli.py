@@ -326,3 +326,14 @@ def test_report_of_a_file_that_is_not_a_run_gives_report_advice(tmp_path, capsys
     path.write_text("hello\n")
     status, _, err = _run(["report", str(path)], capsys)
     assert status == 1 and "Traceback" not in err and "--overwrite" not in err and "hf-fs certify" in err, err
+
+
+@pytest.mark.skipif(os.name == "nt" or os.uname().sysname == "Darwin", reason="needs a filesystem of raw bytes")
+def test_an_images_folder_whose_name_is_not_utf8(image_folder, tmp_path, capsys):
+    folder = os.fsdecode(os.path.join(os.fsencode(tmp_path), b"imgs\xff"))
+    os.rename(image_folder, folder)
+    out = tmp_path / "run.jsonl"
+    status, _, err = _run(_certify(folder, out, "--limit", "2"), capsys)
+    assert status == 0 and "Traceback" not in err, err
+    header = json.loads(out.read_bytes().decode("utf-8").splitlines()[0])
+    assert header["params"]["source"]["path"].endswith("imgs\\xff")

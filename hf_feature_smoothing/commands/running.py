@@ -37,7 +37,8 @@ def run_info(shard: Shard, expected_rows: int) -> dict:
 
     from ..version import __version__
 
-    return {"created": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "host": socket.gethostname(), "argv": sys.argv,
+    return {"created": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "host": socket.gethostname(),
+            "argv": [printable_name(arg) for arg in sys.argv],  # a path argument may not be UTF-8
             "processes": shard.world, "expected_rows": expected_rows, "versions": {"hf_feature_smoothing": __version__, "torch": torch.__version__,
                                                    "transformers": transformers.__version__,
                                                    "accelerate": accelerate.__version__}}

@@ -314,7 +314,7 @@ def write_report(paths: list[str | os.PathLike], output_dir: str | os.PathLike, 
             lines.append(f"\nmodel-index: group {i} left out (unfinished runs give no card-ready metrics).")
         lines.append("")
     text = "\n".join(lines)
-    write_atomically(output_dir / "summary.md", text.encode("utf-8"))
+    write_atomically(output_dir / "summary.md", text.encode("utf-8", "backslashreplace"))  # paths may not be UTF-8
     index = output_dir / "model-index.yaml"
     if results:
         name = model_name or str(groups[0].params.get("model", "model")).rstrip("/").split("/")[-1]
