@@ -127,7 +127,7 @@ def test_empty_input_is_an_error(tmp_path, capsys):
     (tmp_path / "empty").mkdir()
     (tmp_path / "empty" / "readme.txt").write_text("no images here")
     assert main(["certify", "--model", "tiny-llava", "--images", str(tmp_path / "empty"), "--output",
-                 str(tmp_path / "run.jsonl")]) == 1
+                 str(tmp_path / "run.jsonl")]) == 2  # a bad option value, found before anything is written
     assert f"--images {tmp_path / 'empty'}: no image files found" in capsys.readouterr().err
     with pytest.raises(RunError, match="not a folder"):
         FolderImages(tmp_path / "nowhere")
@@ -189,15 +189,15 @@ def test_dataset_save_to_disk_folder_with_labels_for_predictions(tmp_path, capsy
                  str(tmp_path / "two.safetensors"), "--output", str(tmp_path / "two.jsonl")]) == 2
     assert "2 classes, but --label-column label has 3" in capsys.readouterr().err
     assert not (tmp_path / "two.jsonl").exists()  # refused before the run file is written
-    # plain integer labels (no ClassLabel): an out-of-range one stops the run before that image is certified
+    # plain integer labels (no ClassLabel): an out-of-range one is refused before the run starts
     datasets.Dataset.from_dict({"image": images, "label": [1, 7, 0]}).cast_column(
         "image", datasets.Image()).save_to_disk(tmp_path / "ints")
     out = tmp_path / "ints.jsonl"
     assert main(["certify", "--model", "tiny-llava", "--n", "8", "--seed", "0", "--dataset", str(tmp_path / "ints"),
                  "--label-column", "label", "--prototypes", str(tmp_path / "protos.safetensors"), "--output",
-                 str(out)]) == 1
+                 str(out)]) == 2
     assert "--label-column label: row train/1 has label 7, but --prototypes has 3 classes" in capsys.readouterr().err
-    assert [r["key"] for r in read_run(out).rows] == ["train/0"]
+    assert not out.exists()
 
 
 def test_dataset_from_a_local_folder_and_from_the_offline_hub_cache(tmp_path, monkeypatch):

@@ -12,6 +12,7 @@ from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
 
+from huggingface_hub import try_to_load_from_cache
 from torch import nn
 
 from ..booster import load_booster
@@ -84,6 +85,44 @@ def resolve_booster_path(booster: str | os.PathLike | None) -> str | os.PathLike
     return booster
 
 
+ADAPTER_CONFIG = "adapter_config.json"
+
+
+def _looks_like_path(name: str) -> bool:
+    """A name only a local path can be (`./x`, `../x`, `/x`, `~/x`, `C:\\x`, `a/b/c`); `org/name` may be a Hub id."""
+    return (name.startswith((".", "~")) or os.path.isabs(name) or "\\" in name or name.count("/") > 1
+            or name.endswith("/"))
+
+
+def _is_adapter(name: str) -> bool:
+    """`name` is a booster adapter (a local folder, or a Hub repo in the offline cache, with `adapter_config.json`)
+    and no model config."""
+    if os.path.isdir(name):
+        return os.path.isfile(os.path.join(name, ADAPTER_CONFIG)) and not os.path.isfile(os.path.join(name, "config.json"))
+    try:
+        found = try_to_load_from_cache(name, ADAPTER_CONFIG)
+    except ValueError:  # not a repo id
+        return False
+    return isinstance(found, str)
+
+
+def check_model_name(name: str, label: str = "`model`") -> None:
+    """Refuse, before anything loads, what cannot be a model: a local path that does not exist (not "a malformed
+    repo id"), a file, or a booster adapter (to be passed as the booster). `label` names the argument
+    (`--model`)."""
+    if name in MODEL_ALIASES:
+        return
+    path = Path(name).expanduser()
+    if not path.exists() and _looks_like_path(name):
+        raise ValueError(f"{label} {name}: the folder {os.path.abspath(path)} does not exist; pass an existing model folder, a Hub repo "
+                         f"id (`org/name`), or a built-in alias ({', '.join(sorted(MODEL_ALIASES))}).")
+    if path.is_file():
+        raise ValueError(f"{label} {name}: is a file; pass the model's folder (with config.json) or a Hub repo id.")
+    if _is_adapter(str(path) if path.exists() else name):
+        raise ValueError(f"{label} {name}: is a booster adapter ({ADAPTER_CONFIG}), not a model; pass it as "
+                         f"--booster / `booster=` {name}, with the model it was trained for as {label}.")
+
+
 def load_model_alias(name: str, smoothing_config=None) -> nn.Module:
     """`name` as an alias of [`MODEL_ALIASES`], else through [`load_smoothed`] (a local folder or Hub repo id). A
     `tiny-*` name that is no alias, or a name that is neither a local path nor a loadable repo, fails naming the
@@ -92,6 +131,7 @@ def load_model_alias(name: str, smoothing_config=None) -> nn.Module:
         return MODEL_ALIASES[name].load(smoothing_config)
     if name.startswith("tiny-"):
         raise ValueError(f"Unknown model alias `{name}`; the built-in ones are {sorted(MODEL_ALIASES)}.")
+    check_model_name(name)
     try:
         return load_smoothed(name, smoothing_config)
     except OSError as error:
@@ -126,5 +166,5 @@ def resolve_model(name: str, booster: str | os.PathLike | None = None, smoothing
     return model
 
 
-__all__ = ["BOOSTER_ALIASES", "MODEL_ALIASES", "SHIPPED_BOOSTER", "ModelAlias", "attach_booster", "load_model_alias",
-           "model_aliases_help", "resolve_booster_path", "resolve_model"]
+__all__ = ["BOOSTER_ALIASES", "MODEL_ALIASES", "SHIPPED_BOOSTER", "ModelAlias", "attach_booster", "check_model_name",
+           "load_model_alias", "model_aliases_help", "resolve_booster_path", "resolve_model"]

@@ -80,7 +80,9 @@ def run(args) -> int:
     })
     with Run(args.output, "attack", shard, overwrite=args.overwrite, repair=args.repair) as run:
         run.lock()
-        run.open(params, run_info(shard), resolve={"seed": fresh_seed})
+        # one row per (image, variant); an unreadable image is one `skipped` row for all its variants
+        info = {**run_info(shard, len(source) * len(variants)), "rows_per_image": len(variants)}
+        run.open(params, info, resolve={"seed": fresh_seed})
         seed = run.params["seed"]
         indices = shard.indices(len(source))
         with progress(shard, len(indices), "attack") as bar:

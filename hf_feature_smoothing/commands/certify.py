@@ -20,9 +20,9 @@ from ..certification.arguments import (
     target_score,
 )
 from ..certification.prototypes import feature_width, load_prototypes
-from ..runs import Run, RunError, Shard, UnreadableImage
+from ..runs import Run, Shard, UnreadableImage
 from ..runs.fingerprints import file_sha256
-from ..runs.report import RunGroup, plot_group, summary_lines
+from ..runs.report import RunGroup, plot_group, sequential_label, summary_lines
 from ..smoothing.configuration_feature_smoothing import FeatureSmoothingConfig
 from ..smoothing.noise import fresh_seed
 from ..statistics.bounds import CONFIDENCE_BOUNDS
@@ -70,6 +70,10 @@ def register_subcommand(subparsers) -> None:
     c.set_defaults(func=run)
 
 
+def _as_list(value) -> list:
+    return list(value) if isinstance(value, (list, tuple)) else [value]
+
+
 def check_options(args) -> None:
     """Checks between options that need no model (the API's own rules, with the options' names)."""
     check_run_options(args)
@@ -79,6 +83,13 @@ def check_options(args) -> None:
         raise OptionError(f"{' / '.join(targets)}: sequential targets apply to feature certificates (FCSB(ε), "
                           f"R_τ), not to prediction certificates (--prototypes {args.prototypes}); drop the target, "
                           f"or drop --prototypes to certify features.")
+    feature_only = [f"{name} {' '.join(f'{v:g}' if isinstance(v, float) else str(v) for v in value)}"
+                    for name, key in (("--epsilon", "epsilon"), ("--tau", "tau"), ("--reference", "reference"))
+                    if (value := _as_list(getattr(args, key))) != _as_list(DEFAULTS[key])]
+    if args.prototypes and feature_only:
+        raise OptionError(f"{' / '.join(feature_only)}: options of feature certificates (FCSB(ε), R_τ), which "
+                          f"prediction certificates (--prototypes {args.prototypes}) do not use; drop them, or drop "
+                          f"--prototypes to certify features.")
     try:  # the bound and the epsilon / tau lists; the reach at σ is checked once the model is loaded
         check_sequential(args.target_cosine, args.target_radius, args.epsilon, args.tau, args.bound,
                          names=OPTION_NAMES)
@@ -86,7 +97,7 @@ def check_options(args) -> None:
         raise OptionError(str(error)) from None
 
 
-def check_model_options(args, tower, prototypes, source) -> None:
+def check_model_options(args, tower, prototypes) -> None:
     """Checks that need the loaded model: a target within reach at its σ, prototypes of its feature width."""
     if args.target_cosine is not None or args.target_radius is not None:
         try:
@@ -95,11 +106,6 @@ def check_model_options(args, tower, prototypes, source) -> None:
         except ValueError as error:
             raise OptionError(str(error)) from None
     if prototypes is not None:
-        num_classes = getattr(source, "num_classes", None)
-        if num_classes is not None and num_classes > prototypes.shape[0]:
-            raise OptionError(f"--prototypes {args.prototypes}: {prototypes.shape[0]} classes, but --label-column "
-                              f"{source.label_column} has {num_classes}; compute prototypes for every class "
-                              f"(`hf-fs prototypes` on the same labelled set).")
         width = feature_width(tower, args.image_size)
         if prototypes.shape[1] != width:
             raise OptionError(f"--prototypes {args.prototypes}: {prototypes.shape[1]} features per class, but "
@@ -114,9 +120,23 @@ def _check_label(item, prototypes, label_column: str | None) -> int | None:
         return None
     label = item.label
     if isinstance(label, bool) or not isinstance(label, int) or not 0 <= label < prototypes.shape[0]:
-        raise RunError(f"--label-column {label_column}: row {item.key} has label {label!r}, but --prototypes has "
+        raise OptionError(f"--label-column {label_column}: row {item.key} has label {label!r}, but --prototypes has "
                        f"{prototypes.shape[0]} classes (labels must be integers 0..{prototypes.shape[0] - 1}).")
     return label
+
+
+def check_labels(args, source, prototypes) -> None:
+    """The source's classes are the prototypes' classes, and so is every label, checked before the run starts
+    (labels are read without decoding any image)."""
+    if prototypes is None or getattr(source, "label_column", None) is None:
+        return
+    num_classes = getattr(source, "num_classes", None)
+    if num_classes is not None and num_classes > prototypes.shape[0]:
+        raise OptionError(f"--prototypes {args.prototypes}: {prototypes.shape[0]} classes, but --label-column "
+                          f"{source.label_column} has {num_classes}; compute prototypes for every class "
+                          f"(`hf-fs prototypes` on the same labelled set).")
+    for item in source.items():
+        _check_label(item, prototypes, source.label_column)
 
 
 def _print_summary(rows: list[dict], params: dict, output: str) -> None:
@@ -124,13 +144,17 @@ def _print_summary(rows: list[dict], params: dict, output: str) -> None:
     skipped = [r for r in rows if r["status"] == "skipped"]
     group = RunGroup("certify", params, [Path(output)], ok, skipped)
     if ok and group.kind == "feature" and len(ok) <= 50:
-        print(f"σ={params['sigma']} ({ok[0]['noise_space']}), n={params['n']}, α={params['alpha']}, "
+        sequential = sequential_label(params)
+        n = f"n={params['n']}" if sequential is None else sequential  # a stopping rule: each row's n is its own
+        print(f"σ={params['sigma']} ({ok[0]['noise_space']}), {n}, α={params['alpha']}, "
               f"bound={params['bound']}, reference={params['reference']}, seed={params['seed']}")
         header = "".join(f"  FCSB@{e:<6g}" for e in params["epsilon"])
-        print(f"{'image':<24}{'S':>7}{'S_low':>8}{header}")
+        used = f"{'n used':>8}{'stop':>13}" if sequential else ""
+        print(f"{'image':<24}{'S':>7}{'S_low':>8}{used}{header}")
         for r in ok:
             cells = "".join(f"  {'none' if b is None else f'{b:.4f}':<11}" for b in r["fcsb"])
-            print(f"{r['key'][:23]:<24}{r['score']:7.4f}{r['score_lower']:8.4f}{cells}")
+            used = f"{r.get('n_used') or r['n']:>8}{r.get('stop', 'n'):>13}" if sequential else ""
+            print(f"{r['key'][:23]:<24}{r['score']:7.4f}{r['score_lower']:8.4f}{used}{cells}")
     print("\n".join(summary_lines(group)))
     for r in skipped:
         print(f"skipped {r['key']}: {r['reason']}")
@@ -145,10 +169,11 @@ def run(args) -> int:
         except (TypeError, ValueError) as error:
             raise OptionError(str(error)) from None
     source = open_source(args)
+    check_labels(args, source, prototypes)
     shard = Shard.from_accelerate(args.device)
     model = load_model(args.model, args.booster).to(shard.device)
     tower = smoothed_tower(model, args)
-    check_model_options(args, tower, prototypes, source)
+    check_model_options(args, tower, prototypes)
     params = {**model_params(args, model), "source": source.description, "sigma": tower.sigma,
               "n0": args.n0, "n": args.n, "alpha": args.alpha, "bound": args.bound, "seed": args.seed,
               "dtype": args.dtype, "image_size": args.image_size, "device": shard.device.type,
@@ -160,7 +185,7 @@ def run(args) -> int:
         params.update(prototypes={"sha256": file_sha256(args.prototypes), "shape": list(prototypes.shape)})
     with Run(args.output, "certify", shard, overwrite=args.overwrite, repair=args.repair) as run:
         run.lock()
-        run.open(params, run_info(shard), resolve={"seed": fresh_seed})
+        run.open(params, run_info(shard, len(source)), resolve={"seed": fresh_seed})
         seed = run.params["seed"]
         common = dict(n0=args.n0, n=args.n, alpha=args.alpha, bound=args.bound, seed=seed, image_size=args.image_size)
         indices = shard.indices(len(source))

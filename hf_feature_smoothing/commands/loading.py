@@ -3,8 +3,9 @@ the image sources of the `hf-fs` commands."""
 
 from pathlib import Path
 
-from ..assets.registry import SHIPPED_BOOSTER, attach_booster, resolve_booster_path, resolve_model
+from ..assets.registry import SHIPPED_BOOSTER, attach_booster, check_model_name, resolve_booster_path, resolve_model
 from ..runs import DatasetImages, FirstImages, FolderImages, ImageSource, LabelledImages, RunError, SkimageImages
+from .options import OptionError
 
 
 def resolve_booster(booster: str | None) -> str | None:
@@ -13,12 +14,21 @@ def resolve_booster(booster: str | None) -> str | None:
     return resolve_booster_path(booster)
 
 
+def check_model_names(name: str) -> None:
+    """`--model` checks that need no loading (a missing folder, a file, an adapter): an [`OptionError`] each."""
+    try:
+        check_model_name(name, "--model")
+    except ValueError as error:
+        raise OptionError(str(error)) from None
+
+
 def load_model(name: str, booster: str | None = None):
     """`--model` (an alias of `assets.registry.MODEL_ALIASES`: `dinov2-s14`, `llava-dinov2-smollm2`,
     `tiny-<family>`; or a path / Hub repo id of a supported model) through `assets.registry.resolve_model`: MLLMs
     load as their smoothed type and stand-alone encoders as a `SmoothedVisionTower`, so the checkpoint's processor
     statistics and resolution are used (never family defaults silently); with a booster adapter (alias, folder or Hub
     repo id) loaded into it. Failures are `RunError`s naming the option."""
+    check_model_names(name)
     try:
         model = resolve_model(name)
     except (OSError, ValueError, KeyError, ImportError) as error:
@@ -34,7 +44,17 @@ def load_model(name: str, booster: str | None = None):
 
 def open_source(args) -> ImageSource:
     """The images of `--images` (a folder, `skimage` or a built-in labelled set) or `--dataset`, read lazily; the
-    first `--limit` of them when given."""
+    first `--limit` of them when given. A source that cannot be opened (a missing or empty folder, an empty split,
+    a missing column) is an [`OptionError`]: a bad option value, found before anything is written."""
+    try:
+        return _open_source(args)
+    except OptionError:
+        raise
+    except RunError as error:
+        raise OptionError(str(error)) from None
+
+
+def _open_source(args) -> ImageSource:
     max_pixels = args.max_image_pixels or None
     if args.dataset:
         source = DatasetImages(args.dataset, args.split, args.image_column, args.label_column or "label", max_pixels,

@@ -3,6 +3,7 @@ the option and the value (exit status 2), found before a run file, a header or a
 the API (`errors.Range` objects defined next to the functions the options feed)."""
 
 import argparse
+import os
 from pathlib import Path
 
 import torch
@@ -129,6 +130,33 @@ def add_run(parser: argparse.ArgumentParser, output: str, chunk_size: Range) -> 
     add_verbosity(run)
 
 
+def check_output_folder(option: str, path: str | Path) -> None:
+    """The folder of an output file can be made and written: missing folders are created later (after every
+    check), but one below a file, or in a folder that is not writable, is refused now."""
+    parent = Path(path).absolute().parent
+    existing = next(p for p in (parent, *parent.parents) if p.exists())
+    if not existing.is_dir():
+        raise OptionError(f"{option} {path}: {existing} is a file, so the folder {parent} cannot be made; name a file "
+                          f"in a folder.")
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise OptionError(f"{option} {path}: the folder {existing} is not writable; choose an output there you can "
+                          f"write.")
+
+
+def check_source_options(args) -> None:
+    """The --dataset options (--split, --image-column, --label-column) are refused with --images, which they would
+    not change."""
+    if not args.images:
+        return
+    if args.label_column is not None:
+        raise OptionError(f"--label-column {args.label_column}: labels come from a --dataset column; --images "
+                          f"{args.images} has none.")
+    for option, value, default in (("--split", args.split, "train"), ("--image-column", args.image_column, "image")):
+        if value != default:
+            raise OptionError(f"{option} {value}: an option of --dataset, which --images {args.images} does not "
+                              f"use; drop it, or pass the dataset with --dataset.")
+
+
 def check_run_options(args) -> None:
     """Checks of the `run` options that involve several options or the machine (before anything is written)."""
     output = Path(args.output)
@@ -137,15 +165,14 @@ def check_run_options(args) -> None:
                           f".jsonl (the plot goes to --plot, by default {output.with_suffix('.png').name}).")
     if output.is_dir():
         raise OptionError(f"--output {args.output}: is a folder; name a .jsonl file.")
+    check_output_folder("--output", output)
     plot = Path(args.plot) if args.plot else output.with_suffix(".png")
     if plot.suffix.lower() not in PLOT_SUFFIXES:
         raise OptionError(f"--plot {plot}: must end in one of {', '.join(PLOT_SUFFIXES)}.")
     if plot.resolve() == output.resolve() or plot.is_dir():
         raise OptionError(f"--plot {plot}: must be a file other than --output {args.output}.")
     args.plot = str(plot)
-    if args.images and args.label_column is not None:
-        raise OptionError(f"--label-column {args.label_column}: labels come from a --dataset column; --images "
-                          f"{args.images} has none.")
+    check_source_options(args)
     device = torch.device(args.device) if args.device else None
     if device is not None and device.type == "cuda":
         if not torch.cuda.is_available():

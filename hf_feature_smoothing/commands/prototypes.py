@@ -2,12 +2,23 @@
 predictor that `hf-fs certify --prototypes` certifies."""
 
 import dataclasses
+import numbers
 from pathlib import Path
 
 from ..certification.arguments import SIGMA
 from ..utils.validation import POSITIVE_INT, SEED
 from .loading import load_model, open_source
-from .options import HelpFormatter, OptionError, add_images, add_model, add_verbosity, number, torch_device
+from .options import (
+    HelpFormatter,
+    OptionError,
+    add_images,
+    add_model,
+    add_verbosity,
+    check_output_folder,
+    check_source_options,
+    number,
+    torch_device,
+)
 
 
 SMOOTHED_SAMPLES = 16  # default noisy copies per image of smoothed prototypes
@@ -36,12 +47,57 @@ def register_subcommand(subparsers) -> None:
 
 
 def check_options(args) -> None:
-    if Path(args.output).suffix != ".safetensors":
+    output = Path(args.output)
+    if output.suffix != ".safetensors":
         raise OptionError(f"--output {args.output}: prototypes are written as a .safetensors file; name one "
-                          f"(e.g. {Path(args.output).with_suffix('.safetensors').name}).")
+                          f"(e.g. {output.with_suffix('.safetensors').name}).")
+    if output.is_dir():
+        raise OptionError(f"--output {args.output}: is a folder; name a .safetensors file in it.")
+    check_source_options(args)
+    check_output_folder("--output", output)  # a missing folder is created once the prototypes are computed
     if args.sigma is None and args.num_samples:
         raise OptionError(f"--num-samples {args.num_samples}: smoothed prototypes need the noise level; add --sigma "
                           f"(or drop --num-samples for clean prototypes).")
+
+
+def _label(item, column: str) -> int:
+    """The item's class index; anything else (no label, a bool, str, float or negative value) is refused."""
+    label = item.label
+    if label is None:
+        raise OptionError(f"{item.key} has no label: prototypes need a labelled source (`--images digits:train`, "
+                          "or --dataset with --label-column).")
+    if isinstance(label, bool) or not isinstance(label, numbers.Integral) or label < 0:
+        raise OptionError(f"--label-column {column}: row {item.key} has label {label!r} ({type(label).__name__}), "
+                          f"but labels must be class indices 0, 1, 2, … (-1 marks a missing label in 🤗 datasets); "
+                          f"encode the column as integers (`Dataset.class_encode_column`) or drop those rows.")
+    return int(label)
+
+
+def choose_examples(source, shots: int) -> tuple[list, int]:
+    """The first `shots` items of each class and the number of classes, every label checked and every class
+    present (at least two), before any image is decoded or anything is written."""
+    column = getattr(source, "label_column", None) or "label"
+    by_class: dict[int, list] = {}
+    for item in source.items():
+        label = _label(item, column)
+        if len(by_class.setdefault(label, [])) < shots:
+            by_class[label].append(item)
+    if not by_class:
+        raise OptionError(f"--images / --dataset: {source.description} has no images.")
+    num_classes = getattr(source, "num_classes", None) or max(by_class) + 1
+    if max(by_class) >= num_classes:
+        raise OptionError(f"--label-column {column}: label {max(by_class)}, but the column declares "
+                          f"{num_classes} classes (0..{num_classes - 1}); fix the labels or the column's features.")
+    if num_classes < 2:
+        raise OptionError(f"--images / --dataset: {source.description} has a single class; a predictor needs at "
+                          f"least two (and `hf-fs certify --prototypes` refuses fewer).")
+    empty = [k for k in range(num_classes) if k not in by_class]
+    if empty:
+        raise OptionError(f"--label-column {column}: classes {empty[:10]} of 0..{num_classes - 1} have no image"
+                          f"{' (within --limit)' if hasattr(source, 'limit') else ''}; every class needs one to get "
+                          f"a prototype: use a source with every class, raise --limit, or relabel the classes "
+                          f"0..K-1.")
+    return [item for label in sorted(by_class) for item in by_class[label]], num_classes
 
 
 def run(args) -> int:
@@ -53,18 +109,7 @@ def run(args) -> int:
 
     check_options(args)
     source = open_source(args)
-    by_class: dict[int, list] = {}
-    for item in source.items():
-        if item.label is None:
-            raise OptionError(f"{item.key} has no label: prototypes need a labelled source (`--images digits:train`, "
-                              "or --dataset with --label-column).")
-        if len(by_class.setdefault(item.label, [])) < args.shots:
-            by_class[item.label].append(item)
-    chosen = [item for label in sorted(by_class) for item in by_class[label]]
-    num_classes = getattr(source, "num_classes", None) or max(by_class) + 1
-    if num_classes < 2:
-        raise OptionError(f"--images / --dataset: {source.description} has a single class; a predictor needs at "
-                          f"least two (and `hf-fs certify --prototypes` refuses fewer).")
+    chosen, num_classes = choose_examples(source, args.shots)
     num_samples = (args.num_samples or SMOOTHED_SAMPLES) if args.sigma is not None else 0
     model = load_model(args.model, args.booster).to(args.device or "cpu")
     tower = as_smoothed_tower(model, sigma=args.sigma)

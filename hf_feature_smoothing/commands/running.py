@@ -12,6 +12,7 @@ from tqdm.auto import tqdm
 from ..certification import as_smoothed_tower
 from ..runs import Shard, UnreadableImage
 from ..runs.fingerprints import weights_fingerprint
+from ..runs.images import printable_name
 from ..smoothing.modeling_smoothed_tower import SmoothedVisionTower
 from ..utils.logging import get_logger
 
@@ -28,14 +29,17 @@ def smoothed_tower(model, args) -> SmoothedVisionTower:
     return tower
 
 
-def run_info(shard: Shard) -> dict:
+def run_info(shard: Shard, expected_rows: int) -> dict:
+    """The run header's `info`: when and where it was made, the versions, and the rows the source should give (the
+    report's rows done / expected)."""
     import accelerate
     import transformers
 
     from ..version import __version__
 
-    return {"created": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "host": socket.gethostname(), "argv": sys.argv,
-            "processes": shard.world, "versions": {"hf_feature_smoothing": __version__, "torch": torch.__version__,
+    return {"created": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "host": socket.gethostname(),
+            "argv": [printable_name(arg) for arg in sys.argv],  # a path argument may not be UTF-8
+            "processes": shard.world, "expected_rows": expected_rows, "versions": {"hf_feature_smoothing": __version__, "torch": torch.__version__,
                                                    "transformers": transformers.__version__,
                                                    "accelerate": accelerate.__version__}}
 
@@ -51,5 +55,6 @@ def progress(shard: Shard, count: int, desc: str):
 
 
 def skip_row(item, error: UnreadableImage) -> dict:
-    logger.warning(f"{item.key}: skipped, unreadable ({error}).")
-    return {"key": item.key, "index": item.index, "status": "skipped", "reason": str(error)}
+    reason = printable_name(str(error))  # a decoder's message may quote a file name that is not UTF-8
+    logger.warning(f"{item.key}: skipped, unreadable ({reason}).")
+    return {"key": item.key, "index": item.index, "status": "skipped", "reason": reason}

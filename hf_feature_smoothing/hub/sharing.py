@@ -31,8 +31,10 @@ def _as_dicts(certificates) -> list[dict]:
     kinds = {"prediction" in r for r in rows}
     if len(kinds) > 1:
         raise ValueError("Mix of feature and prediction certificates: share one kind per call.")
-    if len({(r["sigma"], r["n"], r["alpha"], r["bound"]) for r in rows}) > 1:
-        raise ValueError("Certificates differ in σ, n, α or bound: aggregate one setting at a time.")
+    if len({(r["sigma"], r["n"], r["alpha"], r["bound"], r.get("target_cosine"), r.get("target_radius"))
+            for r in rows}) > 1:
+        raise ValueError("Certificates differ in σ, n, α, bound or sequential target: aggregate one setting at a "
+                         "time.")
     for advisory, count in Counter(a for r in rows for a in advisories_for(r)).items():
         logger.warning(f"{count} of {len(rows)} certificates are affected by `{advisory.name}`: {advisory.summary}")
     return rows
@@ -43,13 +45,22 @@ def certificate_eval_results(certificates, dataset_name: str, dataset_type: str 
                              radii: Sequence[float] = (0.0, 0.05, 0.1, 0.25, 0.5)) -> list[EvalResult]:
     """`model-index` entries for a list of [`FeatureCertificate`] (certified cosine at each of their ε, mean S_low,
     abstain rate) or [`PredictionCertificate`] (certified accuracy at each of `radii`). Every entry's `metric_args`
-    states σ, ε or r, n, α, the bound and the noise space."""
+    states σ, ε or r, n, α, the bound and the noise space; sequential certificates (stopped at `target_cosine` /
+    `target_radius`) say so in every entry's name ("sequential, target …, n ≤ N") and `metric_args` (the targets,
+    `n` as the most samples and the mean `n_used`)."""
     rows = _as_dicts(certificates)
     if not rows:
         return []
     first = rows[0]
     args = {"sigma": first["sigma"], "n": first["n"], "alpha": first["alpha"], "bound": first["bound"],
             "noise_space": first["noise_space"], "num_images": len(rows)}
+    setting = f"σ={first['sigma']}"
+    targets = _targets(first)
+    if targets:
+        args.update(sequential=True, target_cosine=first.get("target_cosine"),
+                    target_radius=first.get("target_radius"),
+                    mean_n_used=sum(r.get("n_used") or r["n"] for r in rows) / len(rows))
+        setting += f", sequential, {targets}, n ≤ {first['n']}"
     common = dict(task_type=task_type, dataset_type=dataset_type or dataset_name, dataset_name=dataset_name)
     results = []
     if "prediction" in first:
@@ -58,7 +69,7 @@ def certificate_eval_results(certificates, dataset_name: str, dataset_type: str 
         for r in radii:
             value = accuracy[f"certified_accuracy@{r:g}"]
             results.append(EvalResult(**common, metric_type="certified_accuracy", metric_value=value,
-                                      metric_name=f"certified accuracy @ r={r:g} (σ={first['sigma']})",
+                                      metric_name=f"certified accuracy @ r={r:g} ({setting})",
                                       metric_args={**args, "radius": r}))
     else:
         epsilons = first["epsilon"]
@@ -66,15 +77,22 @@ def certificate_eval_results(certificates, dataset_name: str, dataset_type: str 
         for eps in epsilons:
             results.append(EvalResult(**common, metric_type="certified_cosine",
                                       metric_value=cosine[f"certified_cosine@{eps:g}"],
-                                      metric_name=f"certified cosine (FCSB) @ ε={eps:g} (σ={first['sigma']})",
+                                      metric_name=f"certified cosine (FCSB) @ ε={eps:g} ({setting})",
                                       metric_args={**args, "epsilon": eps, "reference": first["reference"]}))
         results.append(EvalResult(**common, metric_type="gaussian_robustness_score_lower",
                                   metric_value=sum(r["score_lower"] for r in rows) / len(rows),
-                                  metric_name=f"mean S_low (σ={first['sigma']})", metric_args=args))
+                                  metric_name=f"mean S_low ({setting})", metric_args=args))
     results.append(EvalResult(**common, metric_type="abstain_rate", metric_value=sum(
         bool(r.get("abstain", r.get("prediction") is None)) for r in rows) / len(rows),
-        metric_name=f"abstain rate (σ={first['sigma']})", metric_args=args))
+        metric_name=f"abstain rate ({setting})", metric_args=args))
     return results
+
+
+def _targets(row: dict) -> str:
+    """`"target FCSB ≥ 0.9"` / `"target R_τ ≥ 0.1"` of a sequential certificate, `""` at a fixed n."""
+    return ", ".join(f"{name} {row[key]:g}" for key, name in (("target_cosine", "target FCSB ≥"),
+                                                             ("target_radius", "target R_τ ≥"))
+                     if row.get(key) is not None)
 
 
 def attack_eval_results(table: Sequence[dict], params: dict, dataset_name: str,
@@ -107,7 +125,8 @@ def _results_table(results: list[EvalResult]) -> str:
     lines = ["| metric | value | σ | n | α |", "|---|---|---|---|---|"]
     for r in results:
         a = r.metric_args
-        lines.append(f"| {r.metric_name} | {r.metric_value:.4f} | {a['sigma']} | {a['n']} | {a['alpha']} |")
+        n = f"≤ {a['n']} (sequential)" if a.get("sequential") else a["n"]
+        lines.append(f"| {r.metric_name} | {r.metric_value:.4f} | {a['sigma']} | {n} | {a['alpha']} |")
     return "\n".join(lines)
 
 

@@ -2,6 +2,7 @@
 before the next one is opened, so memory and open files stay constant in the number of images. An image that
 cannot be read becomes an [`UnreadableImage`] (recorded as a `skipped` row), never the end of the run."""
 
+import json
 import os
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Iterator
@@ -47,9 +48,17 @@ class ImageSource(ABC):
             yield self.item(index)
 
 
+def printable_name(name: str) -> str:
+    """`name` (a path from the OS, undecodable bytes as surrogates) as valid UTF-8 text: bytes that are not UTF-8
+    become `\\xNN` escapes (`caf\\xe9.png`), so run files, JSON and logs can hold every file name."""
+    return os.fsencode(name).decode("utf-8", "backslashreplace")
+
+
 class FolderImages(ImageSource):
     """Image files under `folder` (recursively, common suffixes, hidden files and folders left out), sorted by
-    their path relative to the folder, which is their key. Only the file names are listed up front.
+    their path relative to the folder, which is their key. Only the file names are listed up front. A file name
+    that is not valid UTF-8 is kept: its key is [`printable_name`] (`\\xNN` escapes, logged once), the file is
+    read by its real name.
 
     Args:
         folder (`str` or `os.PathLike`):
@@ -61,29 +70,40 @@ class FolderImages(ImageSource):
     def __init__(self, folder: str | os.PathLike, max_pixels: int | None = None):
         self.folder = Path(folder)
         if not self.folder.is_dir():
-            raise RunError(f"--images {folder}: not a folder (pass a folder of images, or `skimage`).")
+            raise RunError(f"--images {printable_name(str(folder))}: not a folder (pass a folder of images, or "
+                           f"`skimage`).")
         self.max_pixels = max_pixels
-        files, ignored = [], 0
+        files, ignored = {}, 0  # key -> path relative to the folder
         for root, dirs, names in os.walk(self.folder):
             dirs[:] = [d for d in dirs if not d.startswith(".")]
             for name in names:
-                if not name.startswith(".") and Path(name).suffix.lower() in IMAGE_SUFFIXES:
-                    files.append((Path(root) / name).relative_to(self.folder).as_posix())
-                else:
+                if name.startswith(".") or Path(name).suffix.lower() not in IMAGE_SUFFIXES:
                     ignored += 1
+                    continue
+                relative = (Path(root) / name).relative_to(self.folder).as_posix()
+                key = printable_name(relative)
+                if key != relative:
+                    logger.warning(f"--images {printable_name(str(folder))}: the file name {key} is not valid UTF-8; "
+                                   f"it is kept, with this key (\\xNN: the bytes that are not UTF-8).")
+                if key in files:  # only when another file is literally named with the escapes
+                    logger.warning(f"--images: {key} names two files; the second one ({relative!r}) is left out.")
+                    ignored += 1
+                    continue
+                files[key] = relative
         if not files:
             raise RunError(f"--images {folder}: no image files found (looked for {', '.join(IMAGE_SUFFIXES)}; "
                            f"{ignored} other files).")
         if ignored:
             logger.info(f"--images {folder}: {len(files)} images; {ignored} other or hidden files left out.")
         self.files = sorted(files)
-        self.description = {"kind": "folder", "path": str(self.folder.resolve())}
+        self._paths = files
+        self.description = {"kind": "folder", "path": printable_name(str(self.folder.resolve()))}
 
     def __len__(self) -> int:
         return len(self.files)
 
     def item(self, index: int) -> ImageItem:
-        path = self.folder / self.files[index]
+        path = self.folder / self._paths[self.files[index]]
         return ImageItem(index, self.files[index], None, lambda: decode(lambda: path, self.max_pixels))
 
 
@@ -156,6 +176,25 @@ class LabelledImages(ImageSource):
         return ImageItem(index, example.key, example.label, lambda: to_rgb(example.image))
 
 
+def _load_from_disk(path: Path, name: str, split: str):
+    """`datasets.load_from_disk`, its failures as a [`RunError`] naming the folder; a split saved without any data
+    file (an empty split, which `datasets` cannot read back) is reported as empty."""
+    import datasets
+
+    try:
+        return datasets.load_from_disk(str(path))
+    except Exception as error:  # noqa: BLE001  (datasets raises many types for unreadable folders)
+        for state in [path / "state.json", path / split / "state.json"]:
+            try:
+                if state.is_file() and not json.loads(state.read_text()).get("_data_files"):
+                    raise RunError(f"--dataset {name} --split {split}: the split is empty (saved without any "
+                                   f"row); pass a split with images.") from None
+            except (OSError, ValueError):
+                pass
+        raise RunError(f"--dataset {name}: not readable by `datasets.load_from_disk` ({type(error).__name__}: "
+                       f"{error}); save it again with `Dataset.save_to_disk`.") from None
+
+
 def _open_dataset(name: str, split: str):
     """A `save_to_disk` folder, a local `load_dataset`-able folder, or a Hub dataset id (offline cache) → (the
     split as a memory-mapped `datasets.Dataset`, its description)."""
@@ -164,7 +203,7 @@ def _open_dataset(name: str, split: str):
     path = Path(name)
     if path.exists():
         if (path / "dataset_info.json").exists() or (path / "dataset_dict.json").exists():
-            data = datasets.load_from_disk(str(path))
+            data = _load_from_disk(path, name, split)
             kind = "save_to_disk"
             if isinstance(data, datasets.DatasetDict):
                 if split not in data:

@@ -110,8 +110,13 @@ def _check_row(raw: bytes, header: dict, seen: dict[str, int]) -> tuple[dict | N
     return row, ""
 
 
-def read_run(path: str | os.PathLike) -> RunContents:
-    """Parse a run file without changing it. A missing or empty file gives empty contents (no header)."""
+REWRITE_ADVICE = "Use --overwrite to start a new run there (the file is kept as {path}.bak) or choose another --output."
+
+
+def read_run(path: str | os.PathLike, advice: str = REWRITE_ADVICE) -> RunContents:
+    """Parse a run file without changing it. A missing or empty file gives empty contents (no header); a file whose
+    first line is not a run header raises a [`RunError`] ending with `advice` (the caller's fix; `{path}` is
+    filled in)."""
     path = Path(path)
     contents = RunContents(path)
     if not path.exists():
@@ -124,8 +129,7 @@ def read_run(path: str | os.PathLike) -> RunContents:
     if header is None:
         raise RunError(
             f"{path} line 1: {reason}. This is not a run file of this hf-fs version, or its header is damaged, so "
-            f"its parameters are unknown. Use --overwrite to start a new run there (the file is kept as "
-            f"{path}.bak) or choose another --output."
+            f"its parameters are unknown. {advice.format(path=path)}"
         )
     contents.header = header
     seen: dict[str, int] = {}

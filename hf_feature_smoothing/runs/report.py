@@ -1,4 +1,6 @@
-"""Reports from finished runs, without recomputing anything: summary tables, plots and `model-index` metrics."""
+"""Reports from runs, without recomputing anything: summary tables, plots and `model-index` metrics. Each run's state
+(finished, stopped, torn, running) and its rows done / expected are part of every report; only finished runs give
+card-ready metrics."""
 
 import os
 from collections import Counter
@@ -8,14 +10,66 @@ from pathlib import Path
 from ..statistics.advisories import advisories_for
 from ..statistics.aggregates import certified_accuracy, certified_cosine
 from ..utils.errors import RunError
+from ..utils.locking import RunLock
 from ..utils.logging import get_logger
-from .records import describe_differences, dumps, read_run
+from .records import RunContents, describe_differences, dumps, read_run
+from .sharding import existing_shards
 
 
 logger = get_logger(__name__)
 # parameters that say *which* images were certified, or how the noise was drawn, not what a row means: runs that
 # differ only in these can be pooled into one aggregate (a row is a valid certificate whatever they are)
 POOLABLE = ("source", "seed", "device")
+
+
+REPORT_ADVICE = "Pass the .jsonl files written by `hf-fs certify` / `hf-fs attack`."
+
+
+@dataclass
+class RunState:
+    """Where one run file stands: `state` is `"running"` (a live writer holds its lock), `"torn"` (its last line is
+    incomplete: a writer was killed mid-row), `"stopped"` (fewer rows than images, or shards of a stopped
+    multi-process run left) or `"finished"`; `done` counts its rows (skipped ones included), `expected` the images
+    of its source (`None` for run files written before it was recorded)."""
+
+    path: Path
+    state: str
+    done: int
+    expected: int | None
+
+    @property
+    def finished(self) -> bool:
+        return self.state == "finished"
+
+    def describe(self) -> str:
+        expected = "?" if self.expected is None else self.expected
+        return f"{self.path}: {self.state}, {self.done}/{expected} rows"
+
+
+def run_state(contents: RunContents) -> RunState:
+    """The [`RunState`] of a read run file (its lock and its shards' locks are tried, never taken)."""
+    info = (contents.header or {}).get("info", {})
+    per_image = info.get("rows_per_image", 1)  # attack runs: one row per variant, one `skipped` row for them all
+    done = sum(per_image if row["status"] == "skipped" else 1 for row in contents.rows)
+    path, expected = contents.path, info.get("expected_rows")
+    shards = existing_shards(path)
+    if any(RunLock(p).is_held() for p in [path, *shards]):
+        state = "running"
+    elif contents.torn:
+        state = "torn"
+    elif shards or (expected is not None and done < expected):
+        state = "stopped"
+    else:
+        state = "finished"
+    return RunState(path, state, done, expected)
+
+
+def sequential_label(params: dict) -> str | None:
+    """`"sequential, target FCSB ≥ 0.9, n ≤ 256"` for a run that stops sampling at a target; `None` otherwise."""
+    targets = [f"{name} {value:g}" for name, value in (("target FCSB ≥", params.get("target_cosine")),
+                                                       ("target R_τ ≥", params.get("target_radius")))
+               if value is not None]
+    return f"sequential, {', '.join(targets)}, n ≤ {params.get('n')}" if targets else None
 
 
 def run_kind(header: dict) -> str:
@@ -35,6 +89,12 @@ class RunGroup:
     rows: list[dict] = field(default_factory=list)
     skipped: list[dict] = field(default_factory=list)
     advisories: Counter = field(default_factory=Counter)  # known defect (`Advisory`) → rows it affects
+    states: list[RunState] = field(default_factory=list)
+
+    @property
+    def finished(self) -> bool:
+        """Every run of the group is finished (its aggregates are final)."""
+        return all(state.finished for state in self.states)
 
     @property
     def kind(self) -> str:
@@ -43,7 +103,8 @@ class RunGroup:
     @property
     def label(self) -> str:
         p = self.params
-        return f"{self.command} {p.get('model')} σ={p.get('sigma')} n={p.get('n')} α={p.get('alpha')}"
+        n = f"n={p.get('n')}" if self.kind != "feature" or not sequential_label(p) else f"({sequential_label(p)})"
+        return f"{self.command} {p.get('model')} σ={p.get('sigma')} {n} α={p.get('alpha')}"
 
 
 def _aggregate_params(header: dict) -> dict:
@@ -60,7 +121,7 @@ def group_runs(paths: list[str | os.PathLike], group_by_params: bool = False) ->
     for path in map(Path, paths):
         if not path.is_file():
             raise RunError(f"{path}: no such run file.")
-        contents = read_run(path)
+        contents = read_run(path, advice=REPORT_ADVICE)
         if contents.header is None:
             raise RunError(f"{path}: empty, not a run file.")
         if contents.bad:
@@ -81,6 +142,7 @@ def group_runs(paths: list[str | os.PathLike], group_by_params: bool = False) ->
             group = RunGroup(header["command"], params)
             groups.append(group)
         group.paths.append(path)
+        group.states.append(run_state(contents))
         seen = {(dumps(r.get("source")), r["key"]) for r in group.rows + group.skipped}
         source = header["params"].get("source")
         for row in contents.rows:
@@ -108,6 +170,17 @@ def advisory_lines(group: RunGroup) -> list[str]:
             for advisory, count in group.advisories.items()]
 
 
+def state_lines(group: RunGroup) -> list[str]:
+    """The state of each run of the group; unfinished runs are flagged as such (their aggregates are not final)."""
+    if not group.states:  # a group built from rows in memory (a command's own summary)
+        return []
+    states = "; ".join(state.describe() for state in group.states)
+    if group.finished:
+        return [f"state: {states}"]
+    fix = "resume a stopped or torn run with its command, wait for a running one"
+    return [f"**UNFINISHED** (partial results, not for a model card): {states}; {fix}."]
+
+
 def _mean(values) -> float:
     values = list(values)
     return sum(values) / len(values) if values else float("nan")
@@ -119,7 +192,7 @@ def summary_lines(group: RunGroup, radii: tuple[float, ...] = (0.0, 0.05, 0.1, 0
     images = len({(dumps(r.get("source")), r.get("image", r["key"])) for r in rows})
     head = (f"**{group.label}** ({', '.join(map(str, group.paths))}): {images} images, {len(group.skipped)} "
             f"skipped")
-    head = "\n\n".join([head, *advisory_lines(group)])
+    head = "\n\n".join([head, *state_lines(group), *advisory_lines(group)])
     if not rows:
         return [head, "", "no certified rows."]
     if group.kind == "feature":
@@ -127,8 +200,15 @@ def summary_lines(group: RunGroup, radii: tuple[float, ...] = (0.0, 0.05, 0.1, 0
         cells = [("mean S", _mean(r["score"] for r in rows)), ("mean S_low", _mean(r["score_lower"] for r in rows)),
                  ("abstain rate", cosine["abstain_rate"])]
         cells += [(f"certified cosine ε={e:g}", cosine[f"certified_cosine@{e:g}"]) for e in p["epsilon"]]
-        return [head, "", "| " + " | ".join(c[0] for c in cells) + " |", "|" + "---|" * len(cells),
-                "| " + " | ".join(f"{c[1]:.4f}" for c in cells) + " |"]
+        table = ["| " + " | ".join(c[0] for c in cells) + " |", "|" + "---|" * len(cells),
+                 "| " + " | ".join(f"{c[1]:.4f}" for c in cells) + " |"]
+        label = sequential_label(p)
+        if label:  # the table says how the rows were sampled: a stopping rule, not n samples each
+            stops = Counter(r.get("stop", "n") for r in rows)
+            used = _mean(r.get("n_used") or p["n"] for r in rows)
+            table.append(f"\n{label}: mean n used {used:.1f}; stopped at the target "
+                         f"{stops['target']}, unreachable {stops['unreachable']}, at n {stops['n']} (of {len(rows)}).")
+        return [head, "", *table]
     if group.kind == "prediction":
         labelled = [r for r in rows if r.get("label") is not None]
         if not labelled:
@@ -222,17 +302,26 @@ def write_report(paths: list[str | os.PathLike], output_dir: str | os.PathLike, 
     for i, group in enumerate(groups):
         for line in advisory_lines(group):
             logger.warning(f"{', '.join(map(str, group.paths))}: {line}")
+        if not group.finished:
+            logger.warning(f"{state_lines(group)[0]}")
         lines += summary_lines(group)
         plot = output_dir / f"group{i}.png"
         if plot_group(group, plot):
             lines.append(f"\nplot: {plot}")
-        results += eval_results(group, dataset_name)
+        if group.finished:
+            results += eval_results(group, dataset_name)
+        elif group.kind != "attack":
+            lines.append(f"\nmodel-index: group {i} left out (unfinished runs give no card-ready metrics).")
         lines.append("")
     text = "\n".join(lines)
-    write_atomically(output_dir / "summary.md", text.encode("utf-8"))
+    write_atomically(output_dir / "summary.md", text.encode("utf-8", "backslashreplace"))  # paths may not be UTF-8
+    index = output_dir / "model-index.yaml"
     if results:
         name = model_name or str(groups[0].params.get("model", "model")).rstrip("/").split("/")[-1]
         card = ModelCardData(model_name=name, eval_results=results).to_yaml()
-        write_atomically(output_dir / "model-index.yaml", card.encode("utf-8"))
-        text += f"\nmodel-index ({len(results)} metrics): {output_dir / 'model-index.yaml'}"
+        write_atomically(index, card.encode("utf-8"))
+        text += f"\nmodel-index ({len(results)} metrics): {index}"
+    elif index.exists():  # an earlier report's metrics would read as this one's
+        index.unlink()
+        text += f"\nmodel-index: none (removed the earlier {index})"
     return text

@@ -166,8 +166,20 @@ class Run:
                     f"{self.output} holds a run with other parameters, so its rows cannot be continued by this "
                     f"command: {'; '.join(differences)}. Use the run's parameters to resume it, --overwrite to start "
                     f"a new run in this file (the old one is kept as {self.output}.bak), or another --output.")
+            self._record_expected(main, info)
             return
         write_atomically(self.output, encode_lines(make_header(self.command, params, info), []))
+        for lock in self._locks:  # the new file's other names (hard links made later) are locked too
+            lock.hold_identity()
+
+    def _record_expected(self, main: RunContents, info: dict) -> None:
+        """A resumed run's header gets this command's `expected_rows` (the source may have grown or shrunk): the
+        report's rows done / expected then describe the run as it is now continued."""
+        expected = info.get("expected_rows")
+        if expected is None or main.header.get("info", {}).get("expected_rows") == expected:
+            return
+        main.header["info"] = {**main.header.get("info", {}), "expected_rows": expected}
+        write_atomically(self.output, encode_lines(main.header, main.rows))
 
     def open(self, params: dict, info: dict | None = None,
              resolve: dict[str, Callable[[], object]] | None = None) -> "Run":
