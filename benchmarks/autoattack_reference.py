@@ -23,9 +23,11 @@ from pathlib import Path
 import torch
 
 from hf_feature_smoothing.attacks.classifier import AnswerClassifier, classifier_attack, majority_predictions
+from hf_feature_smoothing.attacks.protocol import parse_budget
 from hf_feature_smoothing.runs.runner import Run
 from hf_feature_smoothing.smoothing.towers import ImageInputs
 from hf_feature_smoothing.statistics.aggregates import wilson_interval
+from hf_feature_smoothing.utils.atomic import write_atomically
 
 
 VERSIONS = ("standard", "rand", "apgd-ce")
@@ -50,7 +52,7 @@ def main() -> None:
     import sys
 
     sys.path.insert(0, str(Path(__file__).parent))
-    from llava_protocol import VARIANTS, Workbench, booster_digest, parse_budget
+    from llava_protocol import VARIANTS, Workbench, booster_digest
 
     from hf_feature_smoothing.assets.registry import resolve_booster_path
     from hf_feature_smoothing.utils.hardware import bf16_supported
@@ -73,8 +75,8 @@ def main() -> None:
     args = parser.parse_args()
     try:
         norm, epsilon = parse_budget(args.budget)
-    except argparse.ArgumentTypeError as e:
-        parser.error(str(e))
+    except ValueError as e:
+        parser.error(f"--budget: {e}")
     if args.variant == "plain":
         args.eot, args.eval_runs = 1, 1  # deterministic
     args.gradient_dtype = "bfloat16" if bf16_supported("cpu") else None
@@ -108,9 +110,9 @@ def main() -> None:
                 predicted, agreement = majority_predictions(classifier, adversarial, args.eval_runs)
                 run.append({"key": key, "status": "ok", "engine": engine, "seconds": round(time.time() - begin, 1),
                             "images": [{"index": i, "label": int(y), "predicted": int(p), "agreement": float(a),
-                                        "robust": bool(p == y)}
+                                        "robust": bool(p == y and a > 0.5)}
                                        for i, y, p, a in zip(indices, labels, predicted, agreement)]})
-                print(f"{key}: robust {int((predicted == labels).sum())}/{len(indices)} ({time.time() - begin:.0f} s)",
+                print(f"{key}: robust {int(((predicted == labels) & (agreement > 0.5)).sum())}/{len(indices)} ({time.time() - begin:.0f} s)",
                       flush=True)
         rows = run.finish()
     lines = [(f"AutoAttack ({args.version}) vs the project's APGD-CE on the classifier view of llava-dinov2-smollm2, "
@@ -124,7 +126,7 @@ def main() -> None:
             low, high = wilson_interval(robust, len(images))
             lines.append(f"| {engine} | {len(images)} | {robust}/{len(images)} [{low:.0%}, {high:.0%}] | "
                          f"{sum(r['seconds'] for r in rows if r['engine'] == engine):.0f} |")
-    Path(output).with_suffix(".md").write_text("\n".join(lines) + "\n")
+    write_atomically(Path(output).with_suffix(".md"), ("\n".join(lines) + "\n").encode())
     print("\n".join(lines))
 
 

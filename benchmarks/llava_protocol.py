@@ -39,30 +39,20 @@ from hf_feature_smoothing.assets.llava_dinov2_smollm2 import MODEL_NAME as LLAVA
 from hf_feature_smoothing.assets.llava_dinov2_smollm2 import llava_checkpoint, prompt_text
 from hf_feature_smoothing.assets.registry import resolve_booster_path, resolve_model
 from hf_feature_smoothing.attacks.feature import feature_attack
+from hf_feature_smoothing.attacks.protocol import BUDGETS, budget_name, image_states, parse_budget, protocol_cells
 from hf_feature_smoothing.attacks.text import answer_attack
 from hf_feature_smoothing.models.answers import CandidateAnswers
 from hf_feature_smoothing.runs import read_run
 from hf_feature_smoothing.runs.runner import Run
 from hf_feature_smoothing.runs.sharding import Shard
 from hf_feature_smoothing.statistics.aggregates import wilson_interval
+from hf_feature_smoothing.utils.atomic import write_atomically
 from hf_feature_smoothing.utils.hardware import bf16_supported
 
 
 VARIANTS = ("plain", "smoothed", "smoothed+gsb")
-BUDGETS = ("linf:2", "linf:4", "linf:8", "l2:1", "l2:2")  # ℓ∞ in /255, ℓ2 in [0, 1] pixel units
 ATTACKS = ("apgd-ce", "apgd-t", "apgd-t-runner-up", "feature", "transfer")
 SATURATION_STEPS = (10, 25, 50, 100, 200)
-
-
-def parse_budget(text: str) -> tuple[str, float]:
-    norm, _, value = text.partition(":")
-    if norm not in ("linf", "l2") or not value:
-        raise argparse.ArgumentTypeError(f"a budget is linf:K (K/255) or l2:R, got {text!r}")
-    return norm, float(value) / 255 if norm == "linf" else float(value)
-
-
-def budget_name(norm: str, epsilon: float) -> str:
-    return f"ℓ∞ {round(epsilon * 255)}/255" if norm == "linf" else f"ℓ2 {epsilon:g}"
 
 
 def booster_digest(folder: str) -> str:
@@ -200,13 +190,12 @@ def protocol(args, bench: Workbench, run: Run, shard: Shard) -> None:
     for variant in args.variants:
         for budget in args.budgets:
             norm, epsilon = parse_budget(budget)
-            smaller = [b for b in args.budgets if parse_budget(b)[0] == norm and parse_budget(b)[1] < epsilon]
             for batch, indices in batches(args, shard):
                 for attack in args.attacks:
                     key = f"protocol|{variant}|{budget}|{attack}|batch{batch}"
                     if key in run.done or (attack == "transfer" and variant == "plain"):
                         continue
-                    state = image_state(rows, variant, budget, smaller, indices)
+                    state = image_states(rows, variant, budget, indices)
                     todo = [i for i in indices if not (state[i]["target"] if attack == "apgd-t" else state[i]["broken"])]
                     start, images = time.time(), []
                     if todo:
@@ -217,20 +206,6 @@ def protocol(args, bench: Workbench, run: Run, shard: Shard) -> None:
                     rows.append(row)
                     print(f"{key}: {len(todo)} attacked, {sum(r['broken'] for r in images)} broken "
                           f"({time.time() - start:.0f} s)", flush=True)
-
-
-def image_state(rows: list[dict], variant: str, budget: str, smaller: list[str], indices: list[int]) -> dict:
-    """Per image: broken (most fresh passes answer wrongly after some attack, at this budget or a smaller one of the
-    same norm) and target reached (the next digit, by the targeted attack)."""
-    state = {i: {"broken": False, "target": False} for i in indices}
-    for row in rows:
-        if row.get("variant") != variant or row.get("budget") not in [budget, *smaller]:
-            continue
-        for image in row["images"]:
-            if image["index"] in state:
-                state[image["index"]]["broken"] |= image["accuracy"] < 0.5
-                state[image["index"]]["target"] |= image["mode"] == "targeted-next" and image["broken"]
-    return state
 
 
 def run_attack(bench: Workbench, attack: str, variant: str, todo: list[int], norm: str, epsilon: float) -> list[dict]:
@@ -264,29 +239,17 @@ def run_attack(bench: Workbench, attack: str, variant: str, todo: list[int], nor
 
 def protocol_table(rows: list[dict], params: dict) -> str:
     lines = [(f"llava-dinov2-smollm2 on held-out digits; σ = {params['sigma']}, n = {params['num_samples']}, APGD "
-             f"{params['steps']} iterations × {params['eot']} EOT passes ({params['eot'] * params['num_samples']} "
-             f"draws), {params['eval_runs']} fresh passes per outcome; worst case per image over {', '.join(params['attacks'])}"
-             " (an image broken at a smaller budget of the same norm counts as broken). 95 % Wilson intervals."), "",
-             "| variant | budget | images | robust accuracy | targeted success (next digit) | s / image / 100 it |",
-             "|---|---|---|---|---|---|"]
-    for variant in params["variants"]:
-        for budget in params["budgets"]:
-            norm, epsilon = parse_budget(budget)
-            smaller = {b for b in params["budgets"] if parse_budget(b)[0] == norm and parse_budget(b)[1] <= epsilon}
-            cell = [r for r in rows if r.get("variant") == variant and r.get("budget") in smaller]
-            indices = {i for r in cell for i in r["attacked"]}
-            if not indices:
-                continue
-            broken = {im["index"] for r in cell for im in r["images"] if im["accuracy"] < 0.5}
-            target = {im["index"] for r in cell for im in r["images"] if im["mode"] == "targeted-next" and im["broken"]}
-            total = len(indices)
-            acc_low, acc_high = wilson_interval(total - len(broken), total)
-            t_low, t_high = wilson_interval(len(target), total)
-            seconds = sum(r["seconds"] for r in cell if r["budget"] == budget)
-            evaluations = sum(im["evaluations"] for r in cell if r["budget"] == budget for im in r["images"])
-            per = f"{100 * seconds / evaluations:.0f}" if evaluations else "–"
-            lines.append(f"| {variant} | {budget_name(norm, epsilon)} | {total} | {(total - len(broken)) / total:.1%} "
-                         f"[{acc_low:.0%}, {acc_high:.0%}] | {len(target) / total:.1%} [{t_low:.0%}, {t_high:.0%}] | {per} |")
+              f"{params['steps']} iterations × {params['eot']} EOT passes ({params['eot'] * params['num_samples']} "
+              f"draws), {params['eval_runs']} fresh passes per outcome; worst case per image over the attacks listed "
+              "(an image broken at a smaller budget of the same norm counts as broken). 95 % Wilson intervals."), "",
+             "| variant | budget | attacks run | images | robust accuracy | targeted success (next digit) | s / image / 100 it |",
+             "|---|---|---|---|---|---|---|"]
+    for cell in protocol_cells(rows, VARIANTS, ATTACKS):
+        (r_low, r_high), (t_low, t_high) = cell.robust_interval, cell.targeted_interval
+        seconds = "–" if cell.seconds_per_100_steps is None else f"{cell.seconds_per_100_steps:.0f}"
+        lines.append(f"| {cell.variant} | {budget_name(cell.budget)} | {', '.join(cell.attacks)} | {cell.images} | "
+                     f"{cell.robust / cell.images:.1%} [{r_low:.0%}, {r_high:.0%}] | "
+                     f"{cell.targeted / cell.images:.1%} [{t_low:.0%}, {t_high:.0%}] | {seconds} |")
     return "\n".join(lines) + "\n"
 
 
@@ -317,17 +280,20 @@ def main() -> None:
     saturation_group.add_argument("--eots", type=int, nargs="+", default=[1, 4, 16], help="EOT passes compared")
     protocol_group = parser.add_argument_group("protocol")
     protocol_group.add_argument("--variants", nargs="+", choices=VARIANTS, default=list(VARIANTS), help="variants")
-    protocol_group.add_argument("--budgets", nargs="+", default=list(BUDGETS), help="budgets (linf:K, l2:R)")
+    protocol_group.add_argument("--budgets", nargs="+", choices=BUDGETS, default=list(BUDGETS),
+                                help="budgets: linf:K is ℓ∞ K/255, l2:R is ℓ2 R (pixel [0, 1] units)")
     protocol_group.add_argument("--attacks", nargs="+", choices=ATTACKS, default=list(ATTACKS), help="attacks")
     protocol_group.add_argument("--steps", type=int, default=100, help="APGD iterations (saturation: the longest)")
     protocol_group.add_argument("--eot", type=int, default=4, help="forward passes averaged per gradient (EOT)")
     protocol_group.add_argument("--runner-ups", type=int, default=2, help="runner-up answers attacked as targets")
     args = parser.parse_args()
-    for budget in [args.budget, *args.budgets]:
-        try:
-            parse_budget(budget)
-        except argparse.ArgumentTypeError as e:
-            parser.error(str(e))
+    try:
+        parse_budget(args.budget)
+    except ValueError as e:
+        parser.error(f"--budget: {e}")
+    for name in ("images", "batch_size", "num_samples", "eval_runs", "steps", "eot"):
+        if getattr(args, name) is not None and getattr(args, name) < 1:
+            parser.error(f"--{name.replace('_', '-')} must be ≥ 1, got {getattr(args, name)}.")
     args.images = args.images or (10 if args.study == "saturation" else 100)
     args.output = args.output or f"benchmarks/llava_{args.study}.jsonl"
     args.gradient_dtype = "bfloat16" if bf16_supported("cuda" if torch.cuda.is_available() else "cpu") else None
@@ -339,8 +305,10 @@ def main() -> None:
         args.steps = sorted(set(SATURATION_STEPS) | {args.steps}) if args.steps != 100 else list(SATURATION_STEPS)
         params.update(variant=args.variant, budget=args.budget, eots=args.eots, steps=args.steps)
     else:
-        params.update(variants=args.variants, budgets=args.budgets, attacks=args.attacks, steps=args.steps,
-                      eot=args.eot, runner_ups=args.runner_ups)
+        # which variants, budgets, attacks and images run is a choice per invocation (rows carry them), so a run
+        # grows in pieces; what makes rows comparable is fixed in the header
+        params.update(steps=args.steps, eot=args.eot, runner_ups=args.runner_ups)
+        del params["images"]
     shard = Shard.from_accelerate()
     bench = Workbench(args)
     with Run(args.output, f"llava-{args.study}", shard).lock() as run:
@@ -349,8 +317,9 @@ def main() -> None:
         rows = run.finish()
     if rows is not None:
         text = (saturation_table if args.study == "saturation" else protocol_table)(rows, run.params)
-        Path(args.output).with_suffix(".md").write_text(text)
-        Path(args.output).with_suffix(".summary.json").write_text(json.dumps({"params": run.params}, indent=1))
+        write_atomically(Path(args.output).with_suffix(".md"), text.encode())
+        write_atomically(Path(args.output).with_suffix(".summary.json"),
+                         json.dumps({"params": run.params}, indent=1).encode())
         print(text)
 
 

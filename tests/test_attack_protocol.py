@@ -5,6 +5,7 @@ import pytest
 import torch
 
 from hf_feature_smoothing.attacks.classifier import AnswerClassifier, classifier_attack, majority_predictions
+from hf_feature_smoothing.attacks.protocol import image_states, parse_budget, protocol_cells
 from hf_feature_smoothing.attacks.text import answer_attack, pixel_adapter
 from hf_feature_smoothing.models.answers import CandidateAnswers
 from hf_feature_smoothing.smoothing.towers import ImageInputs
@@ -67,12 +68,18 @@ def test_project_apgd_on_the_classifier_view_is_as_strong_as_autoattack_apgd_ce(
     assert ours_robust <= theirs_robust + 1, (ours_robust, theirs_robust)
 
 
-def test_classifier_view_agrees_with_the_answer_attack_pixel_map():
-    """The classifier's [0, 1] images are the answer attack's: the same adapter maps both ways."""
-    classifier, images, _ = _classifier_problem(samples=2)
-    adapter = pixel_adapter(classifier.model)
-    back = adapter.to_image(ImageInputs(adapter.from_image(images, ImageInputs(images))))
-    torch.testing.assert_close(back, images, atol=1e-5, rtol=0)
+def test_the_classifier_view_scores_images_as_the_answer_path_does():
+    """classifier(images) = the candidate scores of the prompt with the pixels the answer attack feeds the model
+    for those [0, 1] images (its own `pixel_adapter`): both attack the same model on the same image set."""
+    model = tiny_model("llava")
+    prompt = tiny_inputs(model, num_images=1)
+    classifier = AnswerClassifier(model, prompt, CANDIDATES)
+    images = torch.rand(2, *prompt["pixel_values"].shape[1:], generator=torch.Generator().manual_seed(1))
+    pixels = pixel_adapter(model).from_image(images, ImageInputs(prompt["pixel_values"].expand(2, -1, -1, -1)))
+    batch = {k: v.expand(2, -1) for k, v in prompt.items() if k != "pixel_values"}
+    prefixed, positions = CANDIDATES.with_prefix(batch, pad_token_id=0)
+    with torch.no_grad():
+        torch.testing.assert_close(classifier(images), CANDIDATES.scores(model, prefixed, positions, pixels))
 
 
 @pytest.mark.parametrize("successes,total,expected", [(0, 10, (0.0, 0.2775)), (5, 10, (0.2366, 0.7634)),
@@ -82,3 +89,42 @@ def test_wilson_interval_matches_known_values(successes, total, expected):
     assert low == pytest.approx(expected[0], abs=1e-3) and high == pytest.approx(expected[1], abs=1e-3)
     with pytest.raises(ValueError):
         wilson_interval(3, 2)
+
+
+def _row(variant, budget, attack, images):
+    return {"variant": variant, "budget": budget, "attack": attack, "seconds": 10.0,
+            "attacked": [im["index"] for im in images], "images": images}
+
+
+def _image(index, mode, accuracy, success, evaluations=10):
+    return {"index": index, "mode": mode, "accuracy": accuracy, "success": success, "evaluations": evaluations}
+
+
+def test_the_worst_case_per_image_counts_every_attack_and_every_smaller_budget():
+    rows = [
+        _row("gsb", "linf:2", "apgd-ce", [_image(0, "untargeted", 0.25, 0.75), _image(1, "untargeted", 1.0, 0.0),
+                                          _image(2, "untargeted", 1.0, 0.0)]),
+        _row("gsb", "linf:4", "apgd-ce", [_image(1, "untargeted", 0.5, 0.5), _image(2, "untargeted", 1.0, 0.0)]),
+        _row("gsb", "linf:4", "apgd-t", [_image(2, "targeted-next", 0.0, 1.0), _image(0, "targeted-next", 0.0, 0.25)]),
+        _row("gsb", "l2:1", "apgd-ce", [_image(0, "untargeted", 1.0, 0.0)]),
+        _row("plain", "linf:4", "apgd-ce", [_image(1, "untargeted", 0.0, 1.0)]),
+    ]
+    states = image_states(rows, "gsb", "linf:4", [0, 1, 2])
+    assert states[0]["broken"] and not states[0]["target"]  # broken at 2/255 already; its targeted run missed
+    assert not states[1]["broken"]  # exactly half the passes right is not "most passes wrong"
+    assert states[2]["broken"] and states[2]["target"]
+    assert not image_states(rows, "gsb", "linf:2", [2])[2]["broken"]  # a larger budget never counts downwards
+    assert not image_states(rows, "gsb", "l2:1", [0])[0]["broken"]  # nor another norm
+    cells = {(c.variant, c.budget): c for c in protocol_cells(rows, ["gsb", "plain"], ["apgd-ce", "apgd-t"])}
+    four = cells["gsb", "linf:4"]
+    assert (four.images, four.robust, four.targeted, four.attacks) == (3, 1, 1, ["apgd-ce", "apgd-t"])
+    assert cells["gsb", "linf:2"].robust == 2 and cells["plain", "linf:4"].robust == 0
+    assert four.seconds_per_100_steps == pytest.approx(100 * 20 / 40)
+    low, high = four.robust_interval
+    assert low < 1 / 3 < high
+
+
+@pytest.mark.parametrize("text", ["linf", "linf:0", "l3:1", "l2:-1", "linf:x", 4])
+def test_budgets_are_parsed_or_refused_by_name(text):
+    with pytest.raises(ValueError, match="budget"):
+        parse_budget(text)

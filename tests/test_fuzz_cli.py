@@ -302,6 +302,24 @@ def test_lock_identity_survives_a_hard_link_made_after_the_run_started(tmp_path)
             RunLock(tmp_path / "h.jsonl").acquire()
 
 
+def test_lock_identity_follows_an_atomic_rewrite(tmp_path):
+    """A resumed run rewrites its file atomically (a new inode): the identity lock moves to it, so a hard link made
+    after the rewrite is guarded; `is_held` sees the writer by either name."""
+    path = tmp_path / "r.jsonl"
+    with Run(path, "certify").lock() as run:
+        run.open({"a": 1})
+        run.append({"key": "x", "status": "ok"})
+        run.finish()
+    with Run(path, "certify").lock() as run:
+        run.open({"a": 1})
+        run._rewrite(path.read_bytes())  # what a merge or repair does: the same rows, a new inode
+        os.link(path, tmp_path / "h.jsonl")
+        with pytest.raises(RunError, match="is being written by another run"):
+            RunLock(tmp_path / "h.jsonl").acquire()
+        assert RunLock(tmp_path / "h.jsonl").is_held() and RunLock(path).is_held()
+    assert not RunLock(tmp_path / "h.jsonl").is_held()
+
+
 # ----- file names that are not UTF-8 ------------------------------------------------------------------------------
 @pytest.mark.skipif(os.name == "nt" or os.uname().sysname == "Darwin", reason="needs a filesystem of raw bytes")
 def test_a_file_name_that_is_not_utf8_is_kept_with_an_escaped_key(image_folder, tmp_path, capsys, caplog):

@@ -8,7 +8,7 @@ from ..models.answers import CandidateAnswers
 from ..smoothing.towers import ImageInputs
 from ..utils.validation import check_images
 from .feature import _check_attack
-from .optim import BatchedAttack, run_batched_attack
+from .optim import BatchedAttack, eot_gradient, run_batched_attack
 from .text import pixel_adapter
 
 
@@ -60,21 +60,18 @@ def classifier_attack(classifier: nn.Module, images: torch.Tensor, labels: torch
     sign = -1.0 if targets is None else 1.0
 
     def loss_and_grad(delta: torch.Tensor, rows: torch.Tensor | None = None):
-        rows = torch.arange(len(images)) if rows is None else rows
-        delta = delta.detach().requires_grad_(True)
-        total, grad, hits = torch.zeros(len(rows)), torch.zeros_like(delta), torch.zeros(len(rows))
-        passes = max(1, eot_samples)
-        with torch.enable_grad():
-            for _ in range(passes):
-                logits = classifier(images[rows] + delta)
-                losses = sign * nn.functional.cross_entropy(logits, attacked[rows].to(logits.device), reduction="none")
-                grad += torch.autograd.grad(losses.sum(), delta)[0] / passes
-                total += losses.detach().cpu() / passes
-                predicted = logits.detach().argmax(-1).cpu()
-                hits += (predicted != labels[rows]).float() if targets is None else (predicted == targets[rows]).float()
-        if not stop_at_success:
-            return total, grad
-        return total, grad, hits > passes / 2
+        rows = torch.arange(len(images), device=images.device) if rows is None else rows
+        index = rows.cpu()
+
+        def one_pass(delta: torch.Tensor):
+            logits = classifier(images[rows] + delta)
+            losses = sign * nn.functional.cross_entropy(logits, attacked[index].to(logits.device), reduction="none")
+            predicted = logits.detach().argmax(-1).cpu()
+            hit = predicted != labels[index].cpu() if targets is None else predicted == targets[index].cpu()
+            return losses, hit
+
+        total, grad, hits = eot_gradient(one_pass, delta, eot_samples)
+        return (total, grad, hits) if stop_at_success else (total, grad)
 
     return run_batched_attack(loss_and_grad, images, epsilon, norm=norm, steps=steps, algorithm="apgd",
                               generator=generator, stop_at_success=stop_at_success)
@@ -82,7 +79,8 @@ def classifier_attack(classifier: nn.Module, images: torch.Tensor, labels: torch
 
 @torch.no_grad()
 def majority_predictions(classifier: nn.Module, images: torch.Tensor, runs: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per image the class most of `runs` calls give (a smoothed model draws fresh noise at each) and how often."""
+    """Per image the class most of `runs` calls give (a smoothed model draws fresh noise at each) and the fraction
+    of calls giving it. A tie has no majority: count an image robust only when that fraction exceeds ½."""
     votes = torch.stack([classifier(images).argmax(-1).cpu() for _ in range(max(1, runs))])
     top = votes.mode(dim=0).values
     return top, (votes == top).float().mean(0)

@@ -1,6 +1,7 @@
 """Batched PGD and Auto-PGD over perturbations of [0, 1] images: every image of the batch has its own ε-ball, step
 size, momentum and best iterate, so one model call per step serves the whole batch."""
 
+import contextlib
 import math
 from dataclasses import dataclass
 
@@ -68,6 +69,21 @@ class BatchedAttack:
     evaluations: torch.Tensor
 
 
+def eot_gradient(one_pass, delta: torch.Tensor, passes: int, autocast=None):
+    """EOT over `passes` calls of `one_pass(delta) -> (losses (B,), hits (B,) bool)`, each drawing fresh noise: the
+    mean losses and gradient in δ, and each row's hits — most passes gave the attack's goal (a tie is no hit)."""
+    passes = max(1, passes)
+    delta = delta.detach().requires_grad_(True)
+    total, grad, hits = torch.zeros(len(delta), device=delta.device), torch.zeros_like(delta), torch.zeros(len(delta))
+    with torch.enable_grad(), autocast or contextlib.nullcontext():
+        for _ in range(passes):
+            losses, hit = one_pass(delta)
+            grad += torch.autograd.grad(losses.sum(), delta)[0] / passes
+            total += losses.detach().to(delta.device) / passes
+            hits += hit.float().cpu()
+    return total, grad, hits > passes / 2
+
+
 def _row_evaluator(loss_and_grad, stop_at_success: bool):
     """`evaluate(delta_rows, rows) -> (losses, grads, hits)`. Early stopping calls `loss_and_grad(delta, rows)` on
     the images still attacked and reads a third output, each row's success at δ; otherwise every call is on the
@@ -76,9 +92,9 @@ def _row_evaluator(loss_and_grad, stop_at_success: bool):
     def evaluate(delta: torch.Tensor, rows: torch.Tensor):
         if not stop_at_success:
             loss, grad = loss_and_grad(delta)
-            return loss, grad, torch.zeros(len(rows), dtype=torch.bool, device=delta.device)
+            return loss.to(delta.device), grad, torch.zeros(len(rows), dtype=torch.bool, device=delta.device)
         loss, grad, hits = loss_and_grad(delta, rows)
-        return loss, grad, hits.to(device=delta.device, dtype=torch.bool)
+        return loss.to(delta.device), grad, hits.to(device=delta.device, dtype=torch.bool)
 
     return evaluate
 

@@ -9,7 +9,7 @@ from ..smoothing.configuration_feature_smoothing import FeatureSmoothingConfig
 from ..smoothing.towers import ImageInputs, TowerFamily, base_model_type, get_tower_family
 from ..utils.validation import check_images
 from .feature import _check_attack, perturbation_norm, run_attack
-from .optim import BatchedAttack, feasible, perturbation_norms, run_batched_attack
+from .optim import BatchedAttack, eot_gradient, feasible, perturbation_norms, run_batched_attack
 
 
 def pixel_adapter(model: nn.Module, image_mean=None, image_std=None) -> TowerFamily:
@@ -264,23 +264,17 @@ def answer_attack(
                              for i, row in enumerate(rows.tolist())])
 
     def loss_and_grad(delta: torch.Tensor, rows: torch.Tensor = everyone):
-        delta = delta.detach().requires_grad_(True)
-        total, grad = torch.zeros(len(rows), device=delta.device), torch.zeros_like(delta)
-        hits = torch.zeros(len(rows))
-        passes = max(1, eot_samples)
+        rows = rows.cpu()
+
+        def one_pass(delta: torch.Tensor):
+            out = logits(delta, attacked_batch, rows)
+            given = gives(out.detach(), attacked_positions, attacked, rows)
+            return sign * row_losses(out, attacked_positions, attacked, rows), given if target_ids is not None else ~given
+
         autocast = torch.autocast(delta.device.type, dtype=getattr(torch, gradient_dtype or "float32"),
                                   enabled=gradient_dtype is not None)
-        with torch.enable_grad(), autocast:
-            for _ in range(passes):
-                out = logits(delta, attacked_batch, rows)
-                losses = sign * row_losses(out, attacked_positions, attacked, rows)
-                grad += torch.autograd.grad(losses.sum(), delta)[0] / passes
-                total += losses.detach() / passes
-                given = gives(out.detach(), attacked_positions, attacked, rows).float()
-                hits += given if target_ids is not None else 1.0 - given
-        if not stop_at_success:
-            return total, grad
-        return total, grad, hits > passes / 2  # the attack's answer on most of this step's passes
+        total, grad, hits = eot_gradient(one_pass, delta, eot_samples, autocast)
+        return (total, grad, hits) if stop_at_success else (total, grad)  # hits: most of this step's passes
 
     if delta is None:
         attack = run_batched_attack(loss_and_grad, images, epsilon, norm=norm, steps=steps, algorithm=algorithm,

@@ -197,11 +197,12 @@ def booster_layers(model: nn.Module) -> list[GSBLayer]:
     return [m for m in model.modules() if isinstance(m, GSBLayer)]
 
 
-def unwrap_boosters(model: nn.Module) -> nn.Module:
-    """Put back the module each booster layer of `model` wraps and detach the layers' token-grid probes (their hooks
-    sit on a tower module that stays): the one unwrap behind `remove_boosters` and `GSBModel.unload()`."""
+def unwrap_boosters(model: nn.Module, only: set[str] | None = None) -> nn.Module:
+    """Put back the module each booster layer of `model` wraps (or only the layers named in `only`) and detach the
+    layers' token-grid probes (their hooks sit on a tower module that stays): the one unwrap behind
+    `remove_boosters`, `GSBModel.unload()` and a failed load's rollback."""
     for name, module in list(model.named_modules()):
-        if isinstance(module, GSBLayer):
+        if isinstance(module, GSBLayer) and (only is None or name in only):
             if module.probe is not None:
                 module.probe.detach()
             parent, _, child = name.rpartition(".")

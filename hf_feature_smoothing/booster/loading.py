@@ -259,7 +259,9 @@ def _restored_on_failure(model: nn.Module, adapter_name: str) -> Iterator[None]:
     except BaseException:
         if not held:
             unwrap_boosters(model)
-        elif adapter_name not in held:  # the other boosters stay: take this one out of their layers
+        elif adapter_name not in held:  # the other boosters stay: unwrap the layers this one added, leave the rest
+            unwrap_boosters(model, only={name for name, layer in model.named_modules()
+                                         if isinstance(layer, GSBLayer) and name not in active})
             for name, layer in model.named_modules():
                 if isinstance(layer, GSBLayer):
                     layer.delete_adapter(adapter_name)

@@ -316,7 +316,7 @@ def certify_prediction(
             variances = ((squares - means.pow(2)) * n / max(n - 1, 1)).clamp_min(0.0)
             rest = sorted(set(range(num_classes)) - set(job.classes))
             p_upper += [moment_upper_bound(means[k].item(), variances[k].item(), n, alpha_rest, bound) for k in rest]
-        _check_finite_result(index, p_lower=p_lower, p_upper_runner_up=max(p_upper))
+        _check_finite_result(index, p_lower=p_lower, **{f"p_upper_{k}": p for k, p in enumerate(p_upper)})
         radius = prediction_radius(p_lower, p_upper, tower.sigma)
         prediction = y if radius > 0 else None
         label = None if labels is None else labels[index]

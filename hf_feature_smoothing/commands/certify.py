@@ -26,6 +26,7 @@ from ..runs.report import RunGroup, plot_group, sequential_label, summary_lines
 from ..smoothing.configuration_feature_smoothing import FeatureSmoothingConfig
 from ..smoothing.noise import fresh_seed
 from ..statistics.bounds import CONFIDENCE_BOUNDS
+from ..utils.validation import is_class_index
 from .loading import load_model, open_source
 from .options import HelpFormatter, OptionError, add_images, add_model, add_run, check_run_options, number
 from .running import model_params, progress, run_info, skip_row, smoothed_tower
@@ -119,10 +120,10 @@ def _check_label(item, prototypes, label_column: str | None) -> int | None:
     if prototypes is None or item.label is None:
         return None
     label = item.label
-    if isinstance(label, bool) or not isinstance(label, int) or not 0 <= label < prototypes.shape[0]:
+    if not is_class_index(label, prototypes.shape[0]):
         raise OptionError(f"--label-column {label_column}: row {item.key} has label {label!r}, but --prototypes has "
                        f"{prototypes.shape[0]} classes (labels must be integers 0..{prototypes.shape[0] - 1}).")
-    return label
+    return int(label)
 
 
 def check_labels(args, source, prototypes) -> None:

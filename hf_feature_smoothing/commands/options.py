@@ -134,8 +134,13 @@ def check_output_folder(option: str, path: str | Path) -> None:
     """The folder of an output file can be made and written: missing folders are created later (after every
     check), but one below a file, or in a folder that is not writable, is refused now."""
     parent = Path(path).absolute().parent
-    existing = next(p for p in (parent, *parent.parents) if p.exists())
-    if not existing.is_dir():
+    try:
+        existing = next(p for p in (parent, *parent.parents) if p.exists())
+        is_folder = existing.is_dir()
+    except OSError as error:  # a parent that cannot be searched
+        raise OptionError(f"{option} {path}: cannot look into the folders above it ({error}); choose an output "
+                          "in a folder you can read and write.") from None
+    if not is_folder:
         raise OptionError(f"{option} {path}: {existing} is a file, so the folder {parent} cannot be made; name a file "
                           f"in a folder.")
     if not os.access(existing, os.W_OK | os.X_OK):

@@ -2,11 +2,10 @@
 predictor that `hf-fs certify --prototypes` certifies."""
 
 import dataclasses
-import numbers
 from pathlib import Path
 
 from ..certification.arguments import SIGMA
-from ..utils.validation import POSITIVE_INT, SEED
+from ..utils.validation import POSITIVE_INT, SEED, is_class_index
 from .loading import load_model, open_source
 from .options import (
     HelpFormatter,
@@ -66,7 +65,7 @@ def _label(item, column: str) -> int:
     if label is None:
         raise OptionError(f"{item.key} has no label: prototypes need a labelled source (`--images digits:train`, "
                           "or --dataset with --label-column).")
-    if isinstance(label, bool) or not isinstance(label, numbers.Integral) or label < 0:
+    if not is_class_index(label):
         raise OptionError(f"--label-column {column}: row {item.key} has label {label!r} ({type(label).__name__}), "
                           f"but labels must be class indices 0, 1, 2, … (-1 marks a missing label in 🤗 datasets); "
                           f"encode the column as integers (`Dataset.class_encode_column`) or drop those rows.")

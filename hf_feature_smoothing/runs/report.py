@@ -9,6 +9,7 @@ from pathlib import Path
 
 from ..statistics.advisories import advisories_for
 from ..statistics.aggregates import certified_accuracy, certified_cosine
+from ..utils.atomic import write_atomically
 from ..utils.errors import RunError
 from ..utils.locking import RunLock
 from ..utils.logging import get_logger
@@ -292,8 +293,6 @@ def write_report(paths: list[str | os.PathLike], output_dir: str | os.PathLike, 
             Model name in `model-index`; defaults to the runs' `--model`.
     """
     from huggingface_hub import ModelCardData
-
-    from ..utils.atomic import write_atomically
 
     groups = group_runs(paths, group_by_params)
     output_dir = Path(output_dir)

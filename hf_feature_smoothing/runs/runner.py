@@ -82,6 +82,13 @@ class Run:
         self._writer: RowWriter | None = None
         self._path: Path | None = None
 
+    def _rewrite(self, data: bytes) -> None:
+        """Replace the output atomically; its new inode is locked again (a hard link made later is guarded too)."""
+        write_atomically(self.output, data)
+        for lock in self._locks:
+            if lock.real == Path(os.path.realpath(self.output)):
+                lock.hold_identity()
+
     # ----- 1. lock ------------------------------------------------------------------------------------------------
     def _on_main(self, work: Callable[[], object]):
         """Run `work` on rank 0 and hand its result (or its error) to every rank."""
@@ -130,7 +137,7 @@ class Run:
                 parts.append(part)
             rows = _merge(parts)
             if main.header is not None:
-                write_atomically(self.output, encode_lines(main.header, rows))
+                self._rewrite(encode_lines(main.header, rows))
             for path in shards:
                 path.unlink()
         finally:
@@ -168,9 +175,7 @@ class Run:
                     f"a new run in this file (the old one is kept as {self.output}.bak), or another --output.")
             self._record_expected(main, info)
             return
-        write_atomically(self.output, encode_lines(make_header(self.command, params, info), []))
-        for lock in self._locks:  # the new file's other names (hard links made later) are locked too
-            lock.hold_identity()
+        self._rewrite(encode_lines(make_header(self.command, params, info), []))
 
     def _record_expected(self, main: RunContents, info: dict) -> None:
         """A resumed run's header gets this command's `expected_rows` (the source may have grown or shrunk): the
@@ -179,13 +184,15 @@ class Run:
         if expected is None or main.header.get("info", {}).get("expected_rows") == expected:
             return
         main.header["info"] = {**main.header.get("info", {}), "expected_rows": expected}
-        write_atomically(self.output, encode_lines(main.header, main.rows))
+        self._rewrite(encode_lines(main.header, main.rows))
 
     def open(self, params: dict, info: dict | None = None,
              resolve: dict[str, Callable[[], object]] | None = None) -> "Run":
         """Check or create the run header, then get ready to append. Returns `self`; `self.params` holds the run's
         parameters (resolved ones included) on every rank."""
         self._on_main(lambda: self._prepare(dict(params), info or {}, resolve or {}))
+        for lock in self._locks:  # a repair may have rewritten the file (a new inode)
+            lock.hold_identity()
         contents = read_run(self.output)
         self.header = contents.header
         self.done = contents.keys
@@ -193,9 +200,11 @@ class Run:
             self._path = self.output
         else:
             self._path = shard_path(self.output, self.shard.rank, self.shard.world)
-            self._locks.append(RunLock(self._path).acquire())
+            shard_lock = RunLock(self._path).acquire()
+            self._locks.append(shard_lock)
             shard_header = {**self.header, "shard": [self.shard.rank, self.shard.world]}
             write_atomically(self._path, encode_lines(shard_header, []))
+            shard_lock.hold_identity()
         self._writer = RowWriter(self._path, self.header)
         logger.info(f"{self.output}: run {self.header['run']}, {len(self.done)} rows already done"
                     + (f" (rank {self.shard.rank} of {self.shard.world} writes {self._path})"
@@ -230,7 +239,7 @@ class Run:
                 load_run(shard_path(self.output, r, self.shard.world), repair=self.repair)
                 for r in range(self.shard.world)]
             rows = _merge(parts)
-            write_atomically(self.output, encode_lines(self.header, rows))
+            self._rewrite(encode_lines(self.header, rows))
             for r in range(self.shard.world):
                 path = shard_path(self.output, r, self.shard.world)
                 path.unlink(missing_ok=True)

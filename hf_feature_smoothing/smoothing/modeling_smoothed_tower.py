@@ -20,7 +20,10 @@ from .towers import ImageInputs, TowerFamily, get_tower_family
 def check_booster_attached(model: nn.Module, config: FeatureSmoothingConfig) -> None:
     """Refuse a config that names a booster `model` does not hold: the tower would run without it while its config
     (and any checkpoint saved from it) claims it. A booster is attached by loading, not by naming it here."""
-    if config.booster is None or config.booster_config is not None or getattr(model, "peft_config", None):
+    adapters = getattr(model, "peft_config", None) or {}
+    boosters = [name for name, adapter in adapters.items()
+                if getattr(getattr(adapter, "peft_type", None), "name", None) == "FEATURE_BOOSTER"]
+    if config.booster is None or config.booster_config is not None or boosters:
         return
     raise ValueError(
         f"`config.booster` is {config.booster!r} but the model holds no booster: a tower built directly does not "

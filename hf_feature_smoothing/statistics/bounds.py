@@ -138,6 +138,10 @@ def prediction_radius(p_lower: float, p_upper_others: list[float], sigma: float)
     R = (σ/2)[Φ⁻¹(p̲_y) − max_{k≠y} Φ⁻¹(p̄_k)], with p_k = (1 + ⟨f̂(x), t_k⟩)/2 (each p_k is the Gaussian smoothing
     of a [0, 1] function, so Φ⁻¹(p_k) is σ⁻¹-Lipschitz). 0 means no certificate (abstain).
     """
+    values = [p_lower, *p_upper_others, sigma]
+    if not all(math.isfinite(v) for v in values):  # `max` would drop a NaN that is not first
+        raise ValueError(f"prediction_radius needs finite bounds and σ, got p_lower={p_lower}, "
+                         f"p_upper_others={p_upper_others}, sigma={sigma}.")
     top_other = max((normal_ppf(p) for p in p_upper_others), default=-math.inf)
     return max(0.0, 0.5 * sigma * (normal_ppf(p_lower) - top_other))
 

@@ -154,3 +154,9 @@ def check_channels(name: str, channels: int, expected: int, shape: tuple[int, ..
     else:
         fix = f"pass images with {expected} channels, as the model's image processor returns them."
     raise ValueError(f"{what}: {fix}")
+
+
+def is_class_index(value, num_classes: int | None = None) -> bool:
+    """Whether `value` is a class index: an integer (Python or numpy, not a bool) ≥ 0 and below `num_classes`."""
+    return (not isinstance(value, bool) and isinstance(value, numbers.Integral) and value >= 0
+            and (num_classes is None or value < num_classes))
