@@ -22,12 +22,14 @@ from pathlib import Path
 
 import torch
 
+from hf_feature_smoothing.assets.registry import resolve_booster_path
 from hf_feature_smoothing.attacks.classifier import AnswerClassifier, classifier_attack, majority_predictions
 from hf_feature_smoothing.attacks.protocol import parse_budget
 from hf_feature_smoothing.runs.runner import Run
 from hf_feature_smoothing.smoothing.towers import ImageInputs
 from hf_feature_smoothing.statistics.aggregates import wilson_interval
 from hf_feature_smoothing.utils.atomic import write_atomically
+from hf_feature_smoothing.utils.hardware import bf16_supported
 
 
 VERSIONS = ("standard", "rand", "apgd-ce")
@@ -52,25 +54,16 @@ def main() -> None:
     import sys
 
     sys.path.insert(0, str(Path(__file__).parent))
-    from llava_protocol import VARIANTS, Workbench, booster_digest
-
-    from hf_feature_smoothing.assets.registry import resolve_booster_path
-    from hf_feature_smoothing.utils.hardware import bf16_supported
+    from llava_protocol import VARIANTS, Workbench, add_shared_arguments, booster_digest
 
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--images", type=int, default=10, help="held-out digits (the first N of the test split)")
-    parser.add_argument("--batch-size", type=int, default=5, help="images attacked together (one row each batch)")
     parser.add_argument("--variant", choices=VARIANTS, default="smoothed+gsb", help="model variant")
     parser.add_argument("--version", choices=VERSIONS, default="apgd-ce", help="AutoAttack version compared")
     parser.add_argument("--budget", default="linf:4", help="linf:K (K/255) or l2:R")
     parser.add_argument("--steps", type=int, default=100, help="APGD iterations (both engines)")
     parser.add_argument("--eot", type=int, default=4, help="EOT calls per gradient (both engines; smoothed variants)")
-    parser.add_argument("--eval-runs", type=int, default=8, help="fresh calls measuring each adversarial image")
-    parser.add_argument("--sigma", type=float, default=0.5, help="smoothing noise std (pixel [0, 1] units)")
-    parser.add_argument("--num-samples", type=int, default=8, help="noisy copies per smoothed forward pass")
-    parser.add_argument("--booster", default="llava-dinov2-smollm2-gsb", help="GSB adapter of smoothed+gsb")
-    parser.add_argument("--chunk-size", type=int, default=64, help="noisy images per tower call")
-    parser.add_argument("--seed", type=int, default=0, help="seed of both engines' random starts")
+    add_shared_arguments(parser)
     parser.add_argument("--output", default=None, help="resumable JSONL (default: benchmarks/autoattack_<variant>_<version>.jsonl)")
     args = parser.parse_args()
     try:

@@ -261,11 +261,8 @@ def batches(args, shard: Shard):
         yield batch, list(range(batch * args.batch_size, min(args.images, (batch + 1) * args.batch_size)))
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("study", choices=("saturation", "protocol"), help="attack-strength study or the protocol")
-    parser.add_argument("--images", type=int, default=None, help="held-out digits, the first N of the test split "
-                        "(default: 10 for saturation, 100 for protocol)")
+def add_shared_arguments(parser: argparse.ArgumentParser) -> None:
+    """The options of the model variants and of measuring an outcome (this script and autoattack_reference.py)."""
     parser.add_argument("--batch-size", type=int, default=5, help="images attacked together (one row each batch)")
     parser.add_argument("--sigma", type=float, default=0.5, help="smoothing noise std (pixel [0, 1] units)")
     parser.add_argument("--num-samples", type=int, default=8, help="noisy copies per smoothed forward pass")
@@ -273,6 +270,14 @@ def main() -> None:
     parser.add_argument("--chunk-size", type=int, default=64, help="noisy images per tower call")
     parser.add_argument("--eval-runs", type=int, default=8, help="fresh forward passes measuring each outcome")
     parser.add_argument("--seed", type=int, default=0, help="seed of the attacks' random starts")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("study", choices=("saturation", "protocol"), help="attack-strength study or the protocol")
+    parser.add_argument("--images", type=int, default=None, help="held-out digits, the first N of the test split "
+                        "(default: 10 for saturation, 100 for protocol)")
+    add_shared_arguments(parser)
     parser.add_argument("--output", default=None, help="resumable JSONL rows (default: benchmarks/llava_<study>.jsonl)")
     saturation_group = parser.add_argument_group("saturation")
     saturation_group.add_argument("--variant", choices=VARIANTS, default="smoothed+gsb", help="variant studied")
@@ -300,7 +305,8 @@ def main() -> None:
     params = {"images": args.images, "batch_size": args.batch_size, "sigma": args.sigma,
               "num_samples": args.num_samples, "booster": args.booster,
               "booster_weights": booster_digest(resolve_booster_path(args.booster)), "eval_runs": args.eval_runs,
-              "seed": args.seed, "gradient_dtype": args.gradient_dtype, "algorithm": "apgd"}
+              "seed": args.seed, "gradient_dtype": args.gradient_dtype, "algorithm": "apgd",
+              "stop_rule": "most EOT passes of a step, confirmed by most of eval_runs fresh passes"}
     if args.study == "saturation":
         args.steps = sorted(set(SATURATION_STEPS) | {args.steps}) if args.steps != 100 else list(SATURATION_STEPS)
         params.update(variant=args.variant, budget=args.budget, eots=args.eots, steps=args.steps)

@@ -140,8 +140,8 @@ class AnswerAttackResult:
     passes at x + δ, `accuracy` is the fraction whose greedy answer is the reference and `success` the fraction
     whose answer is the target (targeted) or is not the reference (untargeted); `loss` is the mean cross-entropy
     of the attacked answer (the target, or the reference for an untargeted attack) over those passes.
-    `first_success` is the iteration where most of a step's EOT passes first gave the attack's answer (−1: never,
-    or not tracked) and `evaluations` the gradient steps spent on the image (each `eot_samples` passes)."""
+    `first_success` is the iteration where most of a step's EOT passes first gave the attack's answer, confirmed
+    on fresh passes (−1: never, or not tracked) and `evaluations` the gradient steps spent on the image (each `eot_samples` passes)."""
 
     delta: torch.Tensor
     norm: float
@@ -222,8 +222,8 @@ def answer_attack(
         image_mean, image_std (`list[float]`, *optional*): a stock model's processor statistics (default: read from
             its checkpoint, see [`pixel_adapter`]).
         stop_at_success (`bool`): stop attacking an image once most of a step's EOT passes give the attack's answer
-            (AutoAttack's rule; the outcome is still measured on `eval_runs` fresh passes), and only run the images
-            still attacked through the model.
+            and most of `eval_runs` fresh passes confirm it (the outcome is then measured on `eval_runs` other fresh
+            passes), and only run the images still attacked through the model.
         delta (`torch.Tensor`, *optional*): `(B, 3, H, W)` perturbations of the [0, 1] images to measure instead of
             attacking (a transfer attack: δ found on another model); they must lie in the ε-ball and keep x + δ in
             [0, 1].
@@ -274,7 +274,19 @@ def answer_attack(
         autocast = torch.autocast(delta.device.type, dtype=getattr(torch, gradient_dtype or "float32"),
                                   enabled=gradient_dtype is not None)
         total, grad, hits = eot_gradient(one_pass, delta, eot_samples, autocast)
-        return (total, grad, hits) if stop_at_success else (total, grad)  # hits: most of this step's passes
+        if not stop_at_success:
+            return total, grad
+        hit = hits.nonzero().squeeze(1)
+        if len(hit):  # confirm on fresh passes before retiring: one lucky noise draw is not a success
+            confirmed = torch.zeros(len(hit))
+            with torch.no_grad():
+                for _ in range(max(1, eval_runs)):
+                    given = gives(logits(delta[hit.to(delta.device)].detach(), attacked_batch, rows[hit]),
+                                  attacked_positions, attacked, rows[hit])
+                    confirmed += (given if target_ids is not None else ~given).float()
+            hits = hits.clone()
+            hits[hit] = confirmed > max(1, eval_runs) / 2
+        return total, grad, hits
 
     if delta is None:
         attack = run_batched_attack(loss_and_grad, images, epsilon, norm=norm, steps=steps, algorithm=algorithm,
