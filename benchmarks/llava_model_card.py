@@ -22,12 +22,21 @@ from hf_feature_smoothing.hub.sharing import attack_eval_results, build_model_ca
 from hf_feature_smoothing.runs.records import read_run
 
 
+WEAK_ATTACK_NOTE = (
+    "**Read these rows as upper bounds on robustness.** They were measured with 10 APGD steps and one forward pass "
+    "(8 noise draws) per gradient; stronger attacks (100 steps, EOT over ≥ 32 draws, worst case over an ensemble) "
+    "succeed more often against the smoothed models, see the protocol section below and `benchmarks/RESULTS.md`. "
+    "The `model-index` attack rows carry their step and EOT settings.")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     parser.add_argument("--certify-run", default="benchmarks/llava_certify.jsonl", help="`hf-fs certify` run file")
     parser.add_argument("--attacks", default="benchmarks/llava_headline.summary.json",
                         help="summary written by benchmarks/llava_headline.py")
     parser.add_argument("--attack-table", default="benchmarks/llava_headline.md", help="its markdown table")
+    parser.add_argument("--protocol-table", default="benchmarks/llava_protocol.md",
+                        help="table of benchmarks/llava_protocol.py (the field's protocol); '' leaves it out")
     parser.add_argument("--output-dir", default="model_cards/llava-dinov2-smollm2-fs", help="where README.md goes")
     args = parser.parse_args()
 
@@ -55,11 +64,15 @@ def main() -> None:
              for result in attack_eval_results([r for r in attacks if r["run"] == run_id], run_params[run_id],
                                                "sklearn-digits")]
     table = Path(args.attack_table).read_text()
+    markdown = (f"## End-to-end attacks on the generated answer\n\n{WEAK_ATTACK_NOTE}\n\n{table}")
+    if args.protocol_table and Path(args.protocol_table).exists():
+        markdown += (f"\n## Under the field's attack protocol (`benchmarks/llava_protocol.py`)\n\n"
+                     f"{Path(args.protocol_table).read_text()}")
     card = build_model_card(
         f"{REPO_ID}-fs" + ("-gsb" if booster else ""), base_model=REPO_ID, smoothing=smoothing, certificates=rows,
         dataset_name=f"scikit-learn digits, held-out ({len(rows)} images)", dataset_type="sklearn-digits",
         tags=["llava", "dinov2", "smollm2"] + (["gaussian-smoothness-booster"] if booster else []),
-        extra_results=extra, extra_markdown=f"## End-to-end attacks on the generated answer\n\n{table}",
+        extra_results=extra, extra_markdown=markdown,
     )
     path = write_card_atomically(card, args.output_dir)
     print(f"card: {path}")
