@@ -16,6 +16,7 @@ from .bounds import (
     score_for_certificate,
     upper_confidence_bound,
 )
+from .vote import VoteBound, VoteResult, certify_vote, top_class, vote_radius, vote_target
 
 
 __all__ = [
@@ -23,6 +24,8 @@ __all__ = [
     "CONFIDENCE_BOUNDS",
     "Advisory",
     "BettingTest",
+    "VoteBound",
+    "VoteResult",
     "advisories_for",
     "betting_lower_bound",
     "betting_rejects",
@@ -30,11 +33,15 @@ __all__ = [
     "certified_accuracy",
     "certified_cosine",
     "certified_radius",
+    "certify_vote",
     "fcsb",
     "lower_confidence_bound",
     "normal_cdf",
     "normal_ppf",
     "prediction_radius",
     "score_for_certificate",
+    "top_class",
     "upper_confidence_bound",
+    "vote_radius",
+    "vote_target",
 ]
