@@ -205,10 +205,10 @@ class BettingTest:
         reached, hopeless = self.update_all(scores)
         return (int(reached[0]) or None), (int(hopeless[0]) or None)
 
-    def update_all(self, scores: torch.Tensor, hopeless: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
+    def update_all(self, scores: torch.Tensor, hopeless: bool | int = True) -> tuple[torch.Tensor, torch.Tensor]:
         """Add scores; returns, per mean `(G,)`, the 1-based sample count at which its test first rejected / first
-        became hopeless within this chunk (0: not in this chunk; always 0 for the second with `hopeless=False`, which
-        skips that computation)."""
+        became hopeless within this chunk (0: not in this chunk). The second is computed for every mean with
+        `hopeless=True`, for the mean of that index only with an `int` (0 elsewhere), for none with `False`."""
         with _one_thread():
             return self._update(scores, hopeless)
 
@@ -222,7 +222,7 @@ class BettingTest:
         rejected = self.rejected if rejected is None else rejected
         return float(self.means[rejected].max()) if bool(rejected.any()) else 0.0
 
-    def _update(self, scores: torch.Tensor, give_up: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
+    def _update(self, scores: torch.Tensor, give_up: bool | int = True) -> tuple[torch.Tensor, torch.Tensor]:
         x = scores.detach().to("cpu", torch.float64).flatten().clamp(0.0, 1.0)  # the state lives on the CPU
         if x.numel() == 0:
             none = torch.zeros(self.means.numel(), dtype=torch.long)
@@ -239,12 +239,13 @@ class BettingTest:
         log_capital = torch.cat([self.log_capital[None], increments]).cumsum(0)[1:]
         log_mix = math.log(self.caps.numel())
         running = torch.cummax(torch.logsumexp(log_capital, 2) - log_mix, 0).values.maximum(self.best)  # (T, G)
-        if give_up:
+        hopeless = torch.zeros_like(running, dtype=torch.bool)
+        if give_up is not False:
+            columns = slice(None) if give_up is True else slice(int(give_up), int(give_up) + 1)
             remaining = (self.horizon - t).clamp_min(0)
-            ceiling = torch.logsumexp(log_capital + remaining[:, None, None] * self._log_growth, 2) - log_mix
-            hopeless = (running < self.threshold) & (ceiling < self.threshold)
-        else:
-            hopeless = torch.zeros_like(running, dtype=torch.bool)
+            ceiling = torch.logsumexp(log_capital[:, columns] + remaining[:, None, None] * self._log_growth[columns],
+                                      2) - log_mix
+            hopeless[:, columns] = (running[:, columns] < self.threshold) & (ceiling < self.threshold)
         start = self.count
         self.count += x.numel()
         self.total, self.squares, self.last_var = totals[-1].item(), squares[-1].item(), var[-1].item()

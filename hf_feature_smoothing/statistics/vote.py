@@ -83,7 +83,7 @@ class VoteBound:
         self.n, self.target = int(n), target
         grid = vote_grid(target)
         self.test = BettingTest(grid, alpha, self.n)
-        self.target_test = None if target is None else BettingTest(target, alpha, self.n)  # the same test, alone
+        self.target_index = None if target is None else grid.index(float(target))
         self.reached = torch.zeros(len(grid), dtype=torch.bool)  # rejected by the stopping sample
         self.n_used = self.hits = 0
         self.stop: str | None = None
@@ -99,10 +99,11 @@ class VoteBound:
         hits = torch.as_tensor(hits).detach().flatten().to("cpu", torch.float64)[: self.n - self.n_used]
         if hits.numel() == 0:
             return self.done
-        reached, _ = self.test.update_all(hits, hopeless=False)
+        give_up = False if self.target_index is None else self.target_index
+        reached, hopeless = self.test.update_all(hits, hopeless=give_up)
         end, stop = self.n_used + hits.numel(), None
-        if self.target_test is not None:
-            hit_at, give_up_at = (t or 0 for t in self.target_test.update(hits))
+        if self.target_index is not None:
+            hit_at, give_up_at = int(reached[self.target_index]), int(hopeless[self.target_index])
             if hit_at or give_up_at:
                 end = min(t for t in (hit_at, give_up_at) if t)
                 stop = "target" if end == hit_at else "unreachable"
