@@ -1,5 +1,6 @@
 """L1 statistics: the certification math in the paper's names (Φ, FCSB, radii, Hoeffding / Bernstein / betting
-confidence bounds, dataset aggregates, advisories on stored certificates). Torch and the standard library only:
+confidence bounds, Cohen et al.'s vote certificate with an anytime-valid bound, dataset aggregates, advisories on
+stored certificates). Torch and the standard library only:
 nothing here imports transformers or peft (checked by `tests/test_layers.py`)."""
 
 from .advisories import ADVISORIES, Advisory, advisories_for

@@ -80,6 +80,12 @@ class VoteBound:
     """
 
     def __init__(self, alpha: float, n: int, target: float | None = None):
+        if isinstance(n, bool) or int(n) != n or n < 1:
+            raise ValueError(f"`n` must be a positive number of samples, got {n!r}.")
+        if isinstance(alpha, bool) or not 0 < alpha < 1:
+            raise ValueError(f"`alpha` must be in (0, 1), got {alpha!r}; e.g. `alpha=0.001`.")
+        if target is not None and not 0.0 < target < 1.0:
+            raise ValueError(f"`target` must be a probability in (0, 1), got {target!r}.")
         self.n, self.target = int(n), target
         grid = vote_grid(target)
         self.test = BettingTest(grid, alpha, self.n)
