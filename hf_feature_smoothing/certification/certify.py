@@ -279,7 +279,11 @@ def certify_prediction(
     ĉ_A, and the betting confidence sequence gives p̲_A at level α ([`~statistics.vote.VoteBound`]; valid at every
     sample, so with `target_radius` sampling stops as soon as σ Φ⁻¹(p̲_A) ≥ `target_radius`). g(x') = ĉ_A for every
     ‖x' − x‖₂ < R = σ Φ⁻¹(p̲_A); abstains when p̲_A ≤ ½. Needs `bound="betting"`; `alpha_split` is not used. Only
-    the K vote counts and O(1) bound state are kept, whatever n.
+    the K vote counts and the bound's state (one betting test per candidate value of p_A, fixed in advance) are
+    kept, whatever n. Certificates record `method="vote"`, the votes `hits` among `n_used` samples and `stop`.
+
+    The two methods certify different classifiers (the vote of single-copy predictions vs the prediction of the
+    smoothed feature); on the same image they may predict different classes.
 
     **`method="margin"`** (FS margin, default): certify y(x) = argmax_k cos(f̂(x), t_k) of the smoothed feature f̂.
 
@@ -295,7 +299,9 @@ def certify_prediction(
     [0, 1] score per sample), so the radius barely shrinks with K. `"flat"`: α/K per class (the other classes then
     use a bound from streaming moments: Hoeffding, or the smaller of Maurer–Pontil and Hoeffding). Memory does not
     grow with n · K. R holds with probability ≥ 1 − α; abstains (prediction None) when R = 0. Arguments as for
-    [`certify`]; `prototypes` `(K, F)` must be finite with no zero row, `labels` class indices in [0, K).
+    [`certify`]; `prototypes` `(K, F)` must be finite with no zero row, `labels` class indices in [0, K);
+    `method` `"margin"` (default) or `"vote"`; `target_radius` (vote only) stops sampling once that radius is
+    certified (or can no longer be within `n`).
     """
     seed = check_sampling(n0, n, alpha, bound, seed)
     # as Python numbers (a 0-d tensor or numpy scalar is accepted), so certificates stay JSON-serialisable
