@@ -17,7 +17,7 @@ from dataclasses import dataclass
 
 import torch
 
-from .betting import BettingTest
+from .betting import TRUNCATIONS, BettingTest
 from .bounds import normal_cdf, normal_ppf
 
 
@@ -87,7 +87,12 @@ class VoteBound:
         if target is not None and not 0.0 < target < 1.0:
             raise ValueError(f"`target` must be a probability in (0, 1), got {target!r}.")
         self.n, self.target = int(n), target
-        grid = vote_grid(target)
+        # a candidate p whose capital cannot reach 1/α in n samples even if every hit is 1 (each factor is at most
+        # 1 + c(1 − p)/p) is never rejected: leaving it out changes nothing and saves most of the work at small n
+        threshold = math.log(1.0 / alpha)
+        grid = [p for p in vote_grid(target)
+                if p == target or self.n * math.log1p(max(TRUNCATIONS) * (1.0 - p) / p) >= threshold]
+        grid = grid or vote_grid()[:1]
         self.test = BettingTest(grid, alpha, self.n)
         self.target_index = None if target is None else grid.index(float(target))
         self.reached = torch.zeros(len(grid), dtype=torch.bool)  # rejected by the stopping sample
