@@ -207,6 +207,7 @@ def test_certify_answer_batches_copies_is_reproducible_and_records_everything(mo
     assert other_batches.counts == certificate.counts and other_batches.hits == certificate.hits
     record = certificate.to_dict()
     assert record["smoothed"] == (kind == "smoothed") and record["booster"] is None and record["booster_digest"] is None
+    assert record["dtype"] == "float32" and record["method"] == "vote" and record["target_radius"] is None
     assert {k: record[k] for k in ("n0", "n", "alpha", "sigma", "seed", "resolution", "noise_space")} == {
         "n0": 10, "n": 20, "alpha": 0.01, "sigma": 0.25, "seed": 3, "resolution": [56, 56],
         "noise_space": "pixel [0,1], l2"}

@@ -42,8 +42,9 @@ class AnswerCertificate:
     `counts` are the votes of the `n0` selection samples (they chose the answer), `hits` the votes for it among the
     `n_used` estimation samples (at most `n`; fewer when `stop="target"`: `target_radius` was certified early, or
     `"unreachable"`). The certificate names what it is about: the candidates (`candidates`, `candidates_digest`),
-    the prompt (`prompt_digest`, SHA-256 of its token ids), the image (`resolution`), the model (`smoothed`; the
-    booster `booster` and the SHA-256 of its weights `booster_digest`, None without one) and the noise (`sigma`,
+    the prompt (`prompt_digest`, SHA-256 of its token ids), the image (`resolution`), the model (`model`, its `_name_or_path` when
+    loaded from a checkpoint; `smoothed`; `dtype` of its weights; the booster `booster` and the SHA-256 of its
+    weights `booster_digest`, None without one) and the noise (`sigma`,
     `seed`, `noise_space`). `to_dict()` is strict JSON.
     """
 
@@ -66,6 +67,8 @@ class AnswerCertificate:
     prompt_digest: str
     resolution: list[int]
     smoothed: bool
+    model: str | None = None
+    dtype: str = "float32"
     booster: str | None = None
     booster_digest: str | None = None
     method: str = "vote"
@@ -240,7 +243,9 @@ def certify_answer(
         n_used=result.n_used, stop=result.stop, alpha=alpha, sigma=tower.sigma, seed=seed, target_radius=target_radius,
         candidates=list(candidates.texts), candidates_digest=candidates.digest(),
         prompt_digest=prompt_digest(inputs["input_ids"], inputs.get("attention_mask")), resolution=noise.resolution,
-        smoothed=smoothed, booster=booster, booster_digest=booster_digest,
+        smoothed=smoothed, model=getattr(model.config, "_name_or_path", None) or None,
+        dtype=str(next(model.parameters()).dtype).removeprefix("torch."), booster=booster,
+        booster_digest=booster_digest,
     )
 
 
