@@ -8,6 +8,8 @@ from .certification import certify, certify_prediction
 from .hub import push_certified_to_hub, save_certified
 from .models import (
     SMOOTHED_MODEL_CLASSES,
+    AnswerCertificate,
+    CandidateAnswers,
     SmoothedLlavaConfig,
     SmoothedLlavaForConditionalGeneration,
     SmoothedQwen2_5_VLConfig,
@@ -16,6 +18,7 @@ from .models import (
     SmoothedQwen2VLForConditionalGeneration,
     SmoothedQwen3VLConfig,
     SmoothedQwen3VLForConditionalGeneration,
+    certify_answer,
 )
 from .smoothing.configuration_feature_smoothing import FeatureSmoothingConfig
 from .smoothing.modeling_smoothed_tower import SmoothedVisionTower
@@ -27,6 +30,8 @@ from .version import __version__
 __all__ = [
     "SMOOTHED_MODEL_CLASSES",
     "TOWER_FAMILIES",
+    "AnswerCertificate",
+    "CandidateAnswers",
     "FeatureSmoothingConfig",
     "GSBConfig",
     "GSBModel",
@@ -46,6 +51,7 @@ __all__ = [
     "add_booster",
     "booster_noise_level",
     "certify",
+    "certify_answer",
     "certify_prediction",
     "get_tower_family",
     "load_booster",

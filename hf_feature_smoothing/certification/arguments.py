@@ -25,7 +25,7 @@ from ..utils.validation import (
 
 
 __all__ = [
-    "ALPHA", "ALPHA_SPLITS", "CHUNK_SIZE", "CONFIDENCE_BOUNDS", "DEFAULTS", "EPSILON", "POSITIVE_INT", "REFERENCES",
+    "ALPHA", "ALPHA_SPLITS", "CHUNK_SIZE", "CONFIDENCE_BOUNDS", "DEFAULTS", "EPSILON", "POSITIVE_INT", "PREDICTION_METHODS", "REFERENCES",
     "SAMPLES", "SEED", "SEQUENTIAL_BOUNDS", "SIGMA", "TARGET_COSINE", "TARGET_RADIUS", "TAU", "check_alpha",
     "check_bound", "check_chunk_size", "check_labels", "check_prototypes", "check_reference", "check_sampling",
     "check_seed", "check_sequential", "check_target", "check_values", "target_score",
@@ -33,12 +33,13 @@ __all__ = [
 
 REFERENCES = ("smoothed", "clean")
 ALPHA_SPLITS = ("runner_up", "flat")
+PREDICTION_METHODS = ("margin", "vote")  # `certify_prediction`: FS margin on f̂, or Cohen's vote of single copies
 SEQUENTIAL_BOUNDS = ("betting",)  # anytime-valid: the only bounds that allow stopping early (a target)
 
 # Defaults of `certify` / `certify_prediction` (their signatures use these; `hf-fs certify` shows them).
 DEFAULTS = {
     "epsilon": (0.0, 0.12, 0.25, 0.5), "tau": (0.5, 0.8), "n0": 64, "n": 1000, "alpha": 0.001, "bound": "betting",
-    "reference": "smoothed", "alpha_split": "runner_up",
+    "reference": "smoothed", "alpha_split": "runner_up", "method": "margin",
 }
 
 SIGMA = Range(float, 0, low_open=True, why="σ is the noise std in [0, 1] pixel units, e.g. 0.25.")

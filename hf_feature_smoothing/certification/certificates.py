@@ -84,11 +84,18 @@ class FeatureCertificate:
 @dataclass
 class PredictionCertificate:
     """
-    Certificate of a cosine-similarity prediction y = argmax_k cos(f̂(x), t_k). With probability ≥ 1 − `alpha`,
-    argmax_k cos(f̂(x'), t_k) = `prediction` for every ‖x' − x‖₂ < `radius`; `prediction` is None (abstain) when
-    the radius is 0. `runner_ups` are the classes the `n0` selection samples ranked right after the prediction;
-    `alpha_split` says how α was shared among the K bounds (see [`~bounds.prediction_alphas`]). `to_dict()` is
-    strict JSON.
+    Certificate of a prediction among K prototypes, made by `method`:
+
+    - `"margin"`: the FS prediction y = argmax_k cos(f̂(x), t_k). With probability ≥ 1 − `alpha`,
+      argmax_k cos(f̂(x'), t_k) = `prediction` for every ‖x' − x‖₂ < `radius`. `runner_ups` are the classes the `n0`
+      selection samples ranked right after the prediction; `alpha_split` says how α was shared among the K bounds
+      (see [`~bounds.prediction_alphas`]).
+    - `"vote"`: Cohen et al.'s smoothed classifier g(x) = argmax_c P(argmax_k cos(f(x + δ), t_k) = c). With
+      probability ≥ 1 − `alpha`, g(x') = `prediction` for every ‖x' − x‖₂ < `radius` = σ Φ⁻¹(`p_lower`);
+      `p_upper_runner_up` is 1 − `p_lower`, `hits` the votes for the prediction among `n_used` estimation samples,
+      `stop` why sampling stopped (`"target"`: `target_radius` certified early; anytime-valid bound).
+
+    `prediction` is None (abstain) when the radius is 0. `to_dict()` is strict JSON.
     """
 
     index: int
@@ -111,6 +118,11 @@ class PredictionCertificate:
     resolution: list[int] = field(default_factory=list)
     noise_space: str = NOISE_SPACE
     versions: dict[str, str] = field(default_factory=versions)
+    method: str = "margin"
+    n_used: int | None = None
+    hits: int | None = None
+    stop: str = "n"
+    target_radius: float | None = None
 
     def to_dict(self) -> dict:
         return strict_json(dataclasses.asdict(self))

@@ -25,12 +25,14 @@ from ..statistics.bounds import (
     prediction_radius,
     upper_confidence_bound,
 )
+from ..statistics.vote import VoteBound, vote_result, vote_target
 from ..utils.logging import get_logger
 from ..utils.validation import check_alpha, check_positive_int, check_sigma
 from .arguments import (
     ALPHA_SPLITS,
     DEFAULTS,
     EPSILON,
+    PREDICTION_METHODS,
     REFERENCES,
     TARGET_COSINE,
     TARGET_RADIUS,
@@ -46,7 +48,7 @@ from .arguments import (
 )
 from .certificates import NOISE_SPACE, FeatureCertificate, PredictionCertificate
 from .inputs import to_image_inputs, tower_device
-from .sampling import CleanJob, FeatureJob, ImageNoise, PredictionJob, blank_features, run_jobs
+from .sampling import CleanJob, FeatureJob, ImageNoise, PredictionJob, VoteJob, blank_features, run_jobs
 
 
 logger = get_logger(__name__)
@@ -263,9 +265,27 @@ def certify_prediction(
     autocast_dtype: str | None = None,
     image_size: int | None = None,
     progress: bool = False,
+    method: str = DEFAULTS["method"],
+    target_radius: float | None = None,
 ) -> list[PredictionCertificate]:
     """
-    Certify a cosine-similarity predictor y(x) = argmax_k cos(f̂(x), t_k) (zero-shot classification, retrieval).
+    Certify a prediction among K prototypes t_k (zero-shot classification, retrieval), by one of two methods. The
+    default stays `"margin"` for now; which one becomes the default will be decided by a benchmark of both.
+
+    **`method="vote"`** (Cohen, Rosenfeld & Kolter 2019, CERTIFY): the base classifier is
+    y(x + δ) = argmax_k cos(f(x + δ), t_k) on **one** noisy copy (the tower's unit feature of that copy, not the
+    smoothed mean), and the certified classifier is the vote g(x) = argmax_c P(y(x + δ) = c). `n0` selection samples
+    choose ĉ_A (most votes); up to `n` estimation samples, from a separate seeded noise stream, count the votes for
+    ĉ_A, and the betting confidence sequence gives p̲_A at level α ([`~statistics.vote.VoteBound`]; valid at every
+    sample, so with `target_radius` sampling stops as soon as σ Φ⁻¹(p̲_A) ≥ `target_radius`). g(x') = ĉ_A for every
+    ‖x' − x‖₂ < R = σ Φ⁻¹(p̲_A); abstains when p̲_A ≤ ½. Needs `bound="betting"`; `alpha_split` is not used. Only
+    the K vote counts and the bound's state (one betting test per candidate value of p_A, fixed in advance) are
+    kept, whatever n. Certificates record `method="vote"`, the votes `hits` among `n_used` samples and `stop`.
+
+    The two methods certify different classifiers (the vote of single-copy predictions vs the prediction of the
+    smoothed feature); on the same image they may predict different classes.
+
+    **`method="margin"`** (FS margin, default): certify y(x) = argmax_k cos(f̂(x), t_k) of the smoothed feature f̂.
 
     With p_k(x) = (1 + ⟨f̂(x), t_k⟩)/2 for unit prototypes t_k, each p_k is the Gaussian smoothing of a [0, 1]-valued
     function, so Φ⁻¹(p_k(x + δ)) moves by at most ‖δ‖₂/σ. Hence the prediction stays y for every ‖δ‖₂ < R with
@@ -279,15 +299,28 @@ def certify_prediction(
     [0, 1] score per sample), so the radius barely shrinks with K. `"flat"`: α/K per class (the other classes then
     use a bound from streaming moments: Hoeffding, or the smaller of Maurer–Pontil and Hoeffding). Memory does not
     grow with n · K. R holds with probability ≥ 1 − α; abstains (prediction None) when R = 0. Arguments as for
-    [`certify`]; `prototypes` `(K, F)` must be finite with no zero row, `labels` class indices in [0, K).
+    [`certify`]; `prototypes` `(K, F)` must be finite with no zero row, `labels` class indices in [0, K);
+    `method` `"margin"` (default) or `"vote"`; `target_radius` (vote only) stops sampling once that radius is
+    certified (or can no longer be within `n`).
     """
     seed = check_sampling(n0, n, alpha, bound, seed)
     # as Python numbers (a 0-d tensor or numpy scalar is accepted), so certificates stay JSON-serialisable
     n0, n, alpha = check_positive_int("n0", n0), check_positive_int("n", n), check_alpha(alpha)
     check_choice("alpha_split", alpha_split, ALPHA_SPLITS)
+    check_choice("method", method, PREDICTION_METHODS)
+    target_radius = check_target("target_radius", target_radius, TARGET_RADIUS)
+    if method == "margin" and target_radius is not None:
+        raise ValueError("`target_radius` (sequential certification) is available with `method='vote'` only.")
+    if method == "vote" and bound != "betting":
+        raise ValueError(f"`method='vote'` bounds p_A with the anytime-valid betting confidence sequence; got "
+                         f"`bound={bound!r}`. Use `bound='betting'` (the default).")
     prototypes = check_prototypes(prototypes)
     num_classes = prototypes.shape[0]
     tower = as_smoothed_tower(model_or_tower, sigma, autocast_dtype)
+    if method == "vote":
+        return _certify_vote(tower, images, prototypes, labels, n0=n0, n=n, alpha=alpha, seed=seed,
+                             target_radius=target_radius, input_space=input_space, image_grid_thw=image_grid_thw,
+                             image_size=image_size, progress=progress)
     dtype = _compute_dtype(tower)
     inputs_list = to_image_inputs(tower, images, input_space=input_space, image_grid_thw=image_grid_thw, image_size=image_size)
     labels = check_labels(labels, len(inputs_list), num_classes)
@@ -326,5 +359,38 @@ def certify_prediction(
             alpha=alpha, bound=bound, alpha_split=alpha_split, runner_ups=others,
             centered=tower.config.feature_center is not None, seed=seed, dtype=dtype,
             resolution=job.noise.resolution,
+        ))
+    return results
+
+
+def _certify_vote(tower: SmoothedVisionTower, images, prototypes: torch.Tensor, labels, *, n0: int, n: int,
+                  alpha: float, seed: int, target_radius: float | None, input_space: str | None,
+                  image_grid_thw: torch.Tensor | None, image_size: int | None, progress: bool
+                  ) -> list[PredictionCertificate]:
+    """`certify_prediction(method="vote")` once the arguments are checked (see there)."""
+    dtype = _compute_dtype(tower)
+    target = None if target_radius is None else vote_target(target_radius, tower.sigma)
+    inputs_list = to_image_inputs(tower, images, input_space=input_space, image_grid_thw=image_grid_thw,
+                                  image_size=image_size)
+    labels = check_labels(labels, len(inputs_list), prototypes.shape[0])
+    blanks = blank_features(tower, inputs_list)  # one clean pass: checks the feature width before any noise
+    if any(b.numel() != prototypes.shape[1] for b in blanks):
+        raise ValueError(f"`prototypes` have dim {prototypes.shape[1]}, the features have "
+                         f"{sorted({b.numel() for b in blanks})}.")
+    jobs = [VoteJob(inputs, ImageNoise(tower, inputs, seed), prototypes, n0, VoteBound(alpha, n, target))
+            for inputs in inputs_list]
+    with tqdm(total=len(jobs), desc="certify", disable=not progress) as bar:
+        run_jobs(tower, jobs, bar)
+    results = []
+    for index, job in enumerate(jobs):
+        vote = vote_result(job.top, job.bound, tower.sigma)
+        label = None if labels is None else labels[index]
+        results.append(PredictionCertificate(
+            index=index, prediction=vote.prediction, radius=vote.radius, p_lower=vote.p_lower,
+            p_upper_runner_up=1.0 - vote.p_lower, label=label,
+            correct=None if label is None else vote.prediction == label, sigma=tower.sigma, n0=n0, n=n, alpha=alpha,
+            bound="betting", alpha_split="none", runner_ups=[], centered=tower.config.feature_center is not None,
+            seed=seed, dtype=dtype, resolution=job.noise.resolution, method="vote", n_used=vote.n_used,
+            hits=vote.hits, stop=vote.stop, target_radius=target_radius,
         ))
     return results

@@ -12,6 +12,7 @@ from ..smoothing.modeling_smoothed_tower import NoisyCopies, SmoothedVisionTower
 from ..smoothing.noise import BLOCK, SeededNoise, image_fingerprint
 from ..smoothing.towers import ImageInputs
 from ..statistics.betting import BettingTest
+from ..statistics.vote import VoteBound, top_class
 
 
 # ----- streaming reductions -------------------------------------------------------------------------------------
@@ -162,6 +163,35 @@ class PredictionJob:
         self.done = self.drawn == self.n
 
 
+class VoteJob:
+    """Cohen et al.'s CERTIFY for the base classifier y(x + δ) = argmax_k cos(f(x + δ), t_k) on single noisy copies:
+    n0 selection samples count each class's votes (only the K counts are kept) and choose ĉ_A; then up to n
+    estimation samples feed the hits y = ĉ_A to a [`VoteBound`] (anytime-valid), until it is done."""
+
+    def __init__(self, inputs: ImageInputs, noise: ImageNoise, prototypes: torch.Tensor, n0: int, bound: VoteBound):
+        self.inputs, self.noise, self.prototypes, self.n0, self.bound = inputs, noise, prototypes, n0, bound
+        self.counts = torch.zeros(prototypes.shape[0], dtype=torch.long)
+        self.top: int | None = None
+        self.drawn, self.done = 0, False
+
+    def request(self, budget: int) -> NoisyCopies:
+        if self.top is None:
+            return NoisyCopies(self.inputs, min(budget, self.n0 - self.drawn), self.noise.selection, self.drawn)
+        return NoisyCopies(self.inputs, min(budget, self.bound.n - self.drawn), self.noise.estimation, self.drawn)
+
+    def consume(self, sites: list[torch.Tensor]) -> None:
+        features = sites[-1]
+        # unit prototypes: the largest inner product is the largest cosine
+        votes = (features @ self.prototypes.to(features.device).T).argmax(1).cpu()
+        self.drawn += votes.numel()
+        if self.top is None:
+            self.counts += torch.bincount(votes, minlength=self.counts.numel())
+            if self.drawn == self.n0:
+                self.top, self.drawn = top_class(self.counts), 0
+            return
+        self.done = self.bound.update(votes == self.top)
+
+
 def check_finite_features(tower: SmoothedVisionTower, sites: list[torch.Tensor]) -> None:
     """Refuse NaN / inf features before they become scores: a NaN score passes every comparison unnoticed and would
     reach a certificate."""
@@ -196,7 +226,7 @@ def run_jobs(tower: SmoothedVisionTower, jobs: Sequence, bar: tqdm | None = None
         for job, sites in zip(group, tower.unit_features_batch(requests)):
             check_finite_features(tower, sites)
             job.consume(sites)
-            if job.done and bar is not None and isinstance(job, (FeatureJob, PredictionJob)):
+            if job.done and bar is not None and isinstance(job, (FeatureJob, PredictionJob, VoteJob)):
                 bar.update(1)
         pending = [job for job in pending if not job.done]
 
@@ -216,4 +246,4 @@ def blank_features(tower: SmoothedVisionTower, inputs_list: list[ImageInputs]) -
     run_jobs(tower, list(jobs.values()))
     return [jobs[key].feature for key in keys]
 
-__all__ = ["BlockSum", "CleanJob", "FeatureJob", "ImageNoise", "PredictionJob", "blank_features", "blank_inputs", "check_finite_features", "run_jobs"]
+__all__ = ["BlockSum", "CleanJob", "FeatureJob", "ImageNoise", "PredictionJob", "VoteJob", "blank_features", "blank_inputs", "check_finite_features", "run_jobs"]

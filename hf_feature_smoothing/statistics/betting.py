@@ -177,51 +177,83 @@ class BettingTest:
     confidence sequence is ≥ `mean` from that sample on), and the first sample at which reaching 1/α by `horizon`
     has become impossible even if every remaining score were 1 (each factor is at most 1 + c(1 − m)/m). State is
     O(1) in the number of scores.
+
+    `mean` may also be a sequence of G candidate means (a grid fixed before the scores): the G tests then run side by
+    side on the same scores ([`update_all`]), state O(G), and since every factor of the capital decreases in the
+    mean, the largest rejected grid mean is a lower confidence sequence for E[X] valid at every sample ([`lower`]).
     """
 
-    def __init__(self, mean: float, alpha: float, horizon: int, truncations: Sequence[float] = TRUNCATIONS):
-        if not 0.0 < mean < 1.0:
+    def __init__(self, mean: float | Sequence[float], alpha: float, horizon: int,
+                 truncations: Sequence[float] = TRUNCATIONS):
+        means = torch.as_tensor(mean, dtype=torch.float64).flatten().clone()
+        if means.numel() == 0 or not bool(((means > 0) & (means < 1)).all()):
             raise ValueError(f"`mean` must be in (0, 1), got {mean!r}.")
-        self.mean, self.alpha, self.horizon = float(mean), float(alpha), int(horizon)
+        self.means = means
+        self.mean = float(means[0]) if means.numel() == 1 else None
+        self.alpha, self.horizon = float(alpha), int(horizon)
         self.caps = torch.tensor(list(truncations), dtype=torch.float64)
         self.threshold = math.log(1.0 / alpha)
         self.count, self.total, self.squares, self.last_var = 0, 0.0, 0.0, 0.25
-        self.log_capital = torch.zeros_like(self.caps)
-        self.best = -math.inf
-        self._log_growth = torch.log1p(self.caps * (1.0 - self.mean) / self.mean)  # per-step ceiling
+        self.log_capital = torch.zeros(means.numel(), self.caps.numel(), dtype=torch.float64)  # (G, C)
+        self.best = torch.full((means.numel(),), -math.inf, dtype=torch.float64)  # log sup_t capital, per mean
+        self._bet_caps = self.caps / means[:, None]  # (G, C)
+        self._log_growth = torch.log1p(self.caps * ((1.0 - means) / means)[:, None])  # per-step ceiling (G, C)
 
     def update(self, scores: torch.Tensor) -> tuple[int | None, int | None]:
-        """Add scores; returns `(reached, unreachable)`: the 1-based sample counts at which the test first
-        rejected / first became hopeless within this chunk, or None."""
-        with _one_thread():
-            return self._update(scores)
+        """Add scores; returns `(reached, unreachable)`: the 1-based sample counts at which the test (of the first
+        mean) first rejected / first became hopeless within this chunk, or None."""
+        reached, hopeless = self.update_all(scores)
+        return (int(reached[0]) or None), (int(hopeless[0]) or None)
 
-    def _update(self, scores: torch.Tensor) -> tuple[int | None, int | None]:
+    def update_all(self, scores: torch.Tensor, hopeless: bool | int = True) -> tuple[torch.Tensor, torch.Tensor]:
+        """Add scores; returns, per mean `(G,)`, the 1-based sample count at which its test first rejected / first
+        became hopeless within this chunk (0: not in this chunk). The second is computed for every mean with
+        `hopeless=True`, for the mean of that index only with an `int` (0 elsewhere), for none with `False`."""
+        with _one_thread():
+            return self._update(scores, hopeless)
+
+    @property
+    def rejected(self) -> torch.Tensor:
+        """`(G,)` booleans: the means whose H₀ has been rejected at some sample so far."""
+        return self.best >= self.threshold
+
+    def lower(self, rejected: torch.Tensor | None = None) -> float:
+        """The largest rejected mean (0 when none): with probability ≥ 1 − α, E[X] ≥ this value at every sample."""
+        rejected = self.rejected if rejected is None else rejected
+        return float(self.means[rejected].max()) if bool(rejected.any()) else 0.0
+
+    def _update(self, scores: torch.Tensor, give_up: bool | int = True) -> tuple[torch.Tensor, torch.Tensor]:
         x = scores.detach().to("cpu", torch.float64).flatten().clamp(0.0, 1.0)  # the state lives on the CPU
         if x.numel() == 0:
-            return None, None
+            none = torch.zeros(self.means.numel(), dtype=torch.long)
+            return none, none.clone()
         t = self.count + torch.arange(1, x.numel() + 1, dtype=torch.float64)
         totals = torch.cat([torch.tensor([self.total], dtype=torch.float64), x]).cumsum(0)[1:]
         mean = (0.5 + totals) / (t + 1)
         squares = torch.cat([torch.tensor([self.squares], dtype=torch.float64), (x - mean).pow(2)]).cumsum(0)[1:]
         var = (0.25 + squares) / (t + 1)
         previous = torch.cat([torch.tensor([self.last_var], dtype=torch.float64), var[:-1]])
-        bets = torch.minimum(torch.sqrt(2.0 * self.threshold / (self.horizon * previous))[:, None],
-                             self.caps / self.mean)
-        increments = torch.log1p(bets * (x[:, None] - self.mean))
+        bets = torch.minimum(torch.sqrt(2.0 * self.threshold / (self.horizon * previous))[:, None, None],
+                             self._bet_caps)  # (T, G, C)
+        increments = torch.log1p(bets * (x[:, None, None] - self.means[:, None]))
         log_capital = torch.cat([self.log_capital[None], increments]).cumsum(0)[1:]
         log_mix = math.log(self.caps.numel())
-        running = torch.cummax(torch.logsumexp(log_capital, 1) - log_mix, 0).values.clamp_min(self.best)
-        remaining = (self.horizon - t).clamp_min(0)
-        ceiling = torch.logsumexp(log_capital + remaining[:, None] * self._log_growth, 1) - log_mix
-        hopeless = (running < self.threshold) & (ceiling < self.threshold)
+        running = torch.cummax(torch.logsumexp(log_capital, 2) - log_mix, 0).values.maximum(self.best)  # (T, G)
+        hopeless = torch.zeros_like(running, dtype=torch.bool)
+        if give_up is not False:
+            columns = slice(None) if give_up is True else slice(int(give_up), int(give_up) + 1)
+            remaining = (self.horizon - t).clamp_min(0)
+            ceiling = torch.logsumexp(log_capital[:, columns] + remaining[:, None, None] * self._log_growth[columns],
+                                      2) - log_mix
+            hopeless[:, columns] = (running[:, columns] < self.threshold) & (ceiling < self.threshold)
         start = self.count
         self.count += x.numel()
         self.total, self.squares, self.last_var = totals[-1].item(), squares[-1].item(), var[-1].item()
-        self.log_capital, self.best = log_capital[-1], running[-1].item()
-        return _first(running >= self.threshold, start), _first(hopeless, start)
+        self.log_capital, self.best = log_capital[-1], running[-1]
+        return _first_all(running >= self.threshold, start), _first_all(hopeless, start)
 
 
-def _first(mask: torch.Tensor, offset: int) -> int | None:
-    """1-based sample count of the first True in `mask`, shifted by `offset`; None when all False."""
-    return offset + int(mask.int().argmax()) + 1 if bool(mask.any()) else None
+def _first_all(mask: torch.Tensor, offset: int) -> torch.Tensor:
+    """Per column of a `(T, G)` mask, the 1-based sample count of its first True, shifted by `offset`; 0 when none."""
+    found = mask.any(0)
+    return torch.where(found, offset + mask.int().argmax(0) + 1, 0)

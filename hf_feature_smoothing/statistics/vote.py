@@ -1,0 +1,168 @@
+"""Cohen et al.'s vote certificate (Cohen, Rosenfeld & Kolter, ICML 2019, "Certified Adversarial Robustness via
+Randomized Smoothing", CERTIFY), with an anytime-valid bound. Pure: stdlib and torch only.
+
+The smoothed classifier is g(x) = argmax_c P(f(x + δ) = c), δ ~ N(0, σ²I), for a base classifier f. CERTIFY:
+choose ĉ_A = the most frequent class of f on `n0` selection samples ([`top_class`]); count how often f(x + δ) = ĉ_A
+on `n` other samples (Bernoulli hits); bound p_A = P(f(x + δ) = ĉ_A) from below at level α by p̲_A; when p̲_A > ½,
+g(x + e) = ĉ_A for every ‖e‖₂ < R = σ Φ⁻¹(p̲_A) ([`vote_radius`]); else abstain.
+
+The paper bounds p_A with Clopper–Pearson at a fixed n. Here p̲_A comes from the project's betting confidence sequence
+(Waudby-Smith & Ramdas, [`BettingTest`] run at a fixed grid of candidate means, [`VOTE_GRID`]): it holds at every
+sample at once, so sampling may stop as soon as a `target_radius` is certified ([`VoteBound`]), and the state is O(grid)
+whatever n (hits are counted, never stored). The grid costs at most σ·`VOTE_GRID_STEP` of radius (0.0025 at σ = 0.25).
+"""
+
+import math
+from dataclasses import dataclass
+
+import torch
+
+from .betting import TRUNCATIONS, BettingTest
+from .bounds import normal_cdf, normal_ppf
+
+
+VOTE_GRID_STEP = 0.01  # spacing of the grid in Φ⁻¹(p) units above p = ½ (radius resolution σ·step)
+VOTE_GRID_TOP = 6.0  # the largest Φ⁻¹(p) on the grid (p ≈ 1 − 1e-9)
+VOTE_STOPS = ("n", "target", "unreachable")
+
+
+def vote_grid(target: float | None = None) -> list[float]:
+    """Candidate values of p_A, fixed before sampling: Φ(z) for z = −3, −2.75, …, −0.25 (coarse: below ½ the
+    certificate abstains whatever the value) and z = 0, 0.01, …, 6 (fine: they set the radius), plus `target`."""
+    zs = [k * 0.25 for k in range(-12, 0)] + [k * VOTE_GRID_STEP for k in range(round(VOTE_GRID_TOP / VOTE_GRID_STEP) + 1)]
+    grid = {normal_cdf(z) for z in zs} | ({float(target)} if target is not None else set())
+    return sorted(p for p in grid if 0.0 < p < 1.0)
+
+
+VOTE_GRID = tuple(vote_grid())
+
+
+def top_class(counts: torch.Tensor) -> int:
+    """ĉ_A: the class the base classifier chose most often on the selection samples (ties: the lowest index)."""
+    counts = torch.as_tensor(counts)
+    if counts.ndim != 1 or counts.numel() < 2:
+        raise ValueError(f"`counts` must be a 1-D tensor of at least two class counts, got shape {tuple(counts.shape)}.")
+    return int(counts.argmax())
+
+
+def vote_radius(p_lower: float, sigma: float) -> float:
+    """R = σ Φ⁻¹(p̲_A) when p̲_A > ½, else 0 (abstain)."""
+    if not 0.0 <= p_lower <= 1.0 or not sigma > 0:
+        raise ValueError(f"Need `p_lower` in [0, 1] and `sigma` > 0, got p_lower={p_lower!r}, sigma={sigma!r}.")
+    return sigma * normal_ppf(p_lower) if p_lower > 0.5 else 0.0
+
+
+def vote_target(target_radius: float, sigma: float) -> float:
+    """The p̲_A a certificate of radius `target_radius` needs: Φ(R/σ) (so that σ Φ⁻¹(p̲_A) ≥ R)."""
+    if not target_radius > 0 or not sigma > 0 or not math.isfinite(target_radius):
+        raise ValueError(f"Need `target_radius` > 0 and `sigma` > 0, got target_radius={target_radius!r}, "
+                         f"sigma={sigma!r}.")
+    target = normal_cdf(target_radius / sigma)
+    if target >= normal_cdf(VOTE_GRID_TOP):
+        raise ValueError(f"`target_radius` {target_radius:g} is out of reach at σ={sigma:g}: it needs p̲_A ≥ "
+                         f"Φ({target_radius / sigma:.3g}), beyond what any sample size certifies here (Φ⁻¹(p̲_A) ≤ "
+                         f"{VOTE_GRID_TOP:g}); lower the target or raise σ.")
+    return target
+
+
+class VoteBound:
+    """
+    Streaming lower confidence sequence for p_A from Bernoulli hits (1: the base classifier chose ĉ_A), valid at every
+    sample: feed hits chunk by chunk with [`update`] until it returns True (`n` hits, the target reached, or the
+    target out of reach within `n`). `p_lower` is then the largest candidate value of [`vote_grid`] whose test
+    H₀: p_A ≤ p rejected by the stopping sample; with probability ≥ 1 − α it is ≤ p_A, whatever the stopping rule.
+
+    Args:
+        alpha (`float`): failure probability.
+        n (`int`): the most hits that may be fed (the bets are tuned for it).
+        target (`float`, *optional*): stop once p̲_A ≥ `target` (see [`vote_target`]), or once that has become
+            impossible within `n`.
+    """
+
+    def __init__(self, alpha: float, n: int, target: float | None = None):
+        if isinstance(n, bool) or int(n) != n or n < 1:
+            raise ValueError(f"`n` must be a positive number of samples, got {n!r}.")
+        if isinstance(alpha, bool) or not 0 < alpha < 1:
+            raise ValueError(f"`alpha` must be in (0, 1), got {alpha!r}; e.g. `alpha=0.001`.")
+        if target is not None and not 0.0 < target < 1.0:
+            raise ValueError(f"`target` must be a probability in (0, 1), got {target!r}.")
+        self.n, self.target = int(n), target
+        # a candidate p whose capital cannot reach 1/α in n samples even if every hit is 1 (each factor is at most
+        # 1 + c(1 − p)/p) is never rejected: leaving it out changes nothing and saves most of the work at small n
+        threshold = math.log(1.0 / alpha)
+        grid = [p for p in vote_grid(target)
+                if p == target or self.n * math.log1p(max(TRUNCATIONS) * (1.0 - p) / p) >= threshold]
+        grid = grid or vote_grid()[:1]
+        self.test = BettingTest(grid, alpha, self.n)
+        self.target_index = None if target is None else grid.index(float(target))
+        self.reached = torch.zeros(len(grid), dtype=torch.bool)  # rejected by the stopping sample
+        self.n_used = self.hits = 0
+        self.stop: str | None = None
+
+    @property
+    def done(self) -> bool:
+        return self.stop is not None
+
+    def update(self, hits: torch.Tensor) -> bool:
+        """Add a chunk of 0/1 hits (only as many as are still needed are used); returns True once done."""
+        if self.done:
+            return True
+        hits = torch.as_tensor(hits).detach().flatten().to("cpu", torch.float64)[: self.n - self.n_used]
+        if hits.numel() == 0:
+            return self.done
+        give_up = False if self.target_index is None else self.target_index
+        reached, hopeless = self.test.update_all(hits, hopeless=give_up)
+        end, stop = self.n_used + hits.numel(), None
+        if self.target_index is not None:
+            hit_at, give_up_at = int(reached[self.target_index]), int(hopeless[self.target_index])
+            if hit_at or give_up_at:
+                end = min(t for t in (hit_at, give_up_at) if t)
+                stop = "target" if end == hit_at else "unreachable"
+        self.reached |= (reached > 0) & (reached <= end)
+        self.hits += int(hits[: end - self.n_used].sum())
+        self.n_used = end
+        if stop is None and self.n_used == self.n:
+            stop = "n"
+        self.stop = stop
+        return self.done
+
+    @property
+    def p_lower(self) -> float:
+        return self.test.lower(self.reached)
+
+
+@dataclass
+class VoteResult:
+    """What CERTIFY returns: the class ĉ_A (None: abstain), its radius, p̲_A, the hits among `n_used` samples and why
+    sampling stopped (`"n"`, `"target"`, `"unreachable"`)."""
+
+    prediction: int | None
+    radius: float
+    p_lower: float
+    hits: int
+    n_used: int
+    stop: str
+
+
+def vote_result(top: int, bound: VoteBound, sigma: float) -> VoteResult:
+    """The certificate of ĉ_A = `top` once `bound` is done: abstain (None, radius 0) when p̲_A ≤ ½."""
+    radius = vote_radius(bound.p_lower, sigma)
+    return VoteResult(top if radius > 0 else None, radius, bound.p_lower, bound.hits, bound.n_used, bound.stop or "n")
+
+
+def certify_vote(selection_counts: torch.Tensor, hits: torch.Tensor, sigma: float, alpha: float,
+                 n: int | None = None, target_radius: float | None = None) -> VoteResult:
+    """
+    CERTIFY from the base classifier's outputs: `selection_counts` `(K,)` (n0 selection samples) choose ĉ_A, and the
+    hits `(m,)` of ĉ_A on other samples, in sampling order, bound p_A (only the first hits are used when
+    `target_radius` is reached early; `n` defaults to m).
+    """
+    top = top_class(selection_counts)
+    hits = torch.as_tensor(hits).flatten()
+    bound = VoteBound(alpha, n or hits.numel(), None if target_radius is None else vote_target(target_radius, sigma))
+    bound.update(hits)
+    return vote_result(top, bound, sigma)
+
+
+__all__ = ["VOTE_GRID", "VOTE_GRID_STEP", "VOTE_STOPS", "VoteBound", "VoteResult", "certify_vote", "top_class",
+           "vote_grid", "vote_radius", "vote_target"]

@@ -1,0 +1,277 @@
+"""Cohen et al.'s vote certificate with an anytime-valid bound: coverage with a known p_A (fixed n and stopped early at a
+target radius), invalid bounds failing the same check, `certify_prediction(method="vote")` against a closed form, and
+`certify_answer` on tiny random LLaVA models (stock with σ, smoothed with `num_samples=1`, with a booster)."""
+
+import math
+
+import pytest
+import torch
+
+import hf_feature_smoothing as hfs
+from hf_feature_smoothing import FeatureSmoothingConfig, SmoothedVisionTower
+from hf_feature_smoothing.certification import certify_prediction
+from hf_feature_smoothing.models.answer_certificates import _base_classifier
+from hf_feature_smoothing.models.answers import CandidateAnswers
+from hf_feature_smoothing.statistics import vote
+from hf_feature_smoothing.statistics.betting import betting_lower_bound
+from hf_feature_smoothing.statistics.bounds import normal_cdf, normal_ppf
+from hf_feature_smoothing.statistics.vote import VoteBound, certify_vote, top_class, vote_radius, vote_target
+from hf_feature_smoothing.testing_utils import tiny_inputs, tiny_model, tiny_smoothed_model
+
+from .toy_encoders import ToyEncoder, toy_images
+
+
+TRIALS, ALPHA, SIGMA = 2000, 0.1, 0.25
+CANDIDATES = CandidateAnswers(tuple((20, 21, 30 + k, 40) for k in range(4)), tuple(f"answer {k}" for k in range(4)))
+
+
+def _within_level(misses: int, trials: int, alpha: float) -> bool:
+    """At most α·trials plus 3 binomial standard deviations (a valid bound fails by chance with probability < 0.2 %;
+    the seeds are fixed, so the test is deterministic)."""
+    return misses <= alpha * trials + 3 * math.sqrt(trials * alpha * (1 - alpha))
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    """Small tensors on a shared machine: one intra-op thread is much faster than waking OpenMP workers."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture
+def coarse_grid(monkeypatch):
+    """A 10× coarser grid of candidate p_A (the bound's validity holds for any grid fixed in advance): the coverage
+    runs then take seconds, not minutes."""
+    monkeypatch.setattr(vote, "VOTE_GRID_STEP", 0.1)
+
+
+def _hits(p: float, n: int, seed: int) -> torch.Tensor:
+    generator = torch.Generator().manual_seed(seed)
+    return (torch.rand(TRIALS, n, generator=generator, dtype=torch.float64) < p).double()
+
+
+# ----- the statistics: Cohen's CERTIFY with a betting confidence sequence ---------------------------------------------
+def test_vote_certificate_pieces():
+    assert top_class(torch.tensor([3, 9, 9, 1])) == 1  # ties: the lowest index
+    assert vote_radius(0.5, SIGMA) == 0.0 and vote_radius(0.3, SIGMA) == 0.0
+    assert vote_radius(normal_cdf(1.0), SIGMA) == pytest.approx(SIGMA)
+    assert vote_target(0.25, 0.25) == pytest.approx(normal_cdf(1.0))
+    with pytest.raises(ValueError, match="target_radius"):
+        vote_target(10.0, 0.25)
+    with pytest.raises(ValueError, match="counts"):
+        top_class(torch.tensor([4]))
+
+
+def test_streamed_bound_is_the_one_shot_bound_and_a_grid_point_below_the_exact_betting_bound():
+    hits = _hits(0.9, 300, seed=1)[:5]
+    for row in hits:
+        one_shot = VoteBound(0.01, 300)
+        one_shot.update(row)
+        streamed = VoteBound(0.01, 300)
+        for chunk in row.split(7):
+            streamed.update(chunk)
+        assert (streamed.p_lower, streamed.hits, streamed.n_used, streamed.stop) == \
+            (one_shot.p_lower, int(row.sum()), 300, "n")
+        exact = betting_lower_bound(row, 0.01, 300).item()
+        assert one_shot.p_lower <= exact + 1e-6  # only grid points the same test rejects
+        assert normal_ppf(exact) - normal_ppf(one_shot.p_lower) <= vote.VOTE_GRID_STEP + 1e-6  # one grid step
+    # early stop: the same stopping sample whatever the chunks, and the certificate reaches the target
+    row = _hits(0.95, 400, seed=2)[0]
+    results = []
+    for size in (1, 13, 400):
+        bound = VoteBound(0.01, 400, vote_target(0.2, SIGMA))
+        for chunk in row.split(size):
+            if bound.update(chunk):
+                break
+        results.append((bound.p_lower, bound.n_used, bound.hits, bound.stop))
+    assert len(set(results)) == 1 and results[0][3] == "target" and results[0][1] < 400
+    assert vote_radius(results[0][0], SIGMA) >= 0.2
+
+
+def _vote_misses(p: float, n: int, target_radius: float | None, trials: int = TRIALS) -> tuple[int, int]:
+    """(misses: p̲_A above the true p, early stops) of `certify_vote` over `trials` Bernoulli(p) hit sequences."""
+    misses = stops = 0
+    for row in _hits(p, n, seed=n + round(1000 * p))[:trials]:
+        result = certify_vote(torch.tensor([1, 5]), row, SIGMA, ALPHA, n=n, target_radius=target_radius)
+        misses += result.p_lower > p
+        stops += result.stop == "target"
+    return misses, stops
+
+
+def test_vote_bound_covers_at_fixed_n(coarse_grid):
+    misses, _ = _vote_misses(0.8, 64, None)
+    print(f"vote bound, fixed n = 64: {misses} misses / {TRIALS} (α = {ALPHA})")
+    assert _within_level(misses, TRIALS, ALPHA)
+
+
+def test_vote_bound_covers_when_stopped_early_at_a_target_radius(coarse_grid):
+    """The target needs p̲_A ≥ 0.82 > p_A = 0.8: every early stop is a miss, so the bound is tested where optional
+    stopping hurts most."""
+    p, target = 0.8, SIGMA * normal_ppf(0.82)
+    misses, stops = _vote_misses(p, 100, target)
+    print(f"vote bound, early stop at R = {target:.3f}, n ≤ 100: {misses} misses / {TRIALS}, {stops} stops at the target")
+    assert _within_level(misses, TRIALS, ALPHA)
+    reachable, early = _vote_misses(0.95, 100, target, trials=200)  # a reachable target does stop early
+    assert early > 100 and _within_level(reachable, 200, ALPHA)
+
+
+def test_invalid_bounds_fail_the_same_checks():
+    """The plug-in estimate p̂_A at a fixed n, and a Clopper–Pearson bound re-checked after every sample (stopping
+    when it reaches the target: optional stopping without correction), fail the checks the vote bound passes."""
+    stats = pytest.importorskip("scipy.stats")
+    hits = _hits(0.8, 64, seed=64 + 800)
+    plug_in = int((hits.mean(1) > 0.8).sum())
+    print(f"plug-in p̂_A, n = 64: {plug_in} misses / {TRIALS}")
+    assert not _within_level(plug_in, TRIALS, ALPHA)
+
+    hits = _hits(0.8, 100, seed=100 + 800).numpy()
+    successes = hits.cumsum(1)
+    t = torch.arange(1, 101).double().numpy()
+    lows = stats.beta.ppf(ALPHA, successes, t - successes + 1)  # one-sided CP lower bound after each sample
+    lows[successes == 0] = 0.0
+    reached = lows >= 0.82
+    stop = reached.argmax(1)
+    final = lows[range(TRIALS), stop.tolist()]
+    final[~reached.any(1)] = lows[~reached.any(1), -1]
+    optional = int((final > 0.8).sum())
+    print(f"Clopper–Pearson re-checked after every sample, n ≤ 100: {optional} misses / {TRIALS}")
+    assert not _within_level(optional, TRIALS, ALPHA)
+    assert _within_level(int((lows[:, -1] > 0.8).sum()), TRIALS, ALPHA)  # at the fixed n it is valid
+
+
+# ----- certify_prediction(method="vote") on an encoder with a closed form ---------------------------------------------
+def test_certify_prediction_vote_covers_the_closed_form_truth(coarse_grid):
+    """Sign encoder, prototypes u and −u: the single-copy prediction is class 0 iff x₁ + δ₁ < 0.5, so
+    p_A = Φ((0.5 − x₁)/σ) ≈ 0.85 here. A miss: a certified class other than 0, or p̲_A above the true p_A."""
+    encoder = ToyEncoder("sign")
+    tower = SmoothedVisionTower(encoder, FeatureSmoothingConfig(sigma=SIGMA, chunk_size=4096))
+    prototypes = torch.stack([encoder.u.data, -encoder.u.data])
+    starts = [0.24 + 1e-6 * i for i in range(TRIALS)]
+    certificates = certify_prediction(tower, toy_images(starts), prototypes, labels=[0] * TRIALS, n0=8, n=64,
+                                      alpha=ALPHA, seed=5, method="vote")
+    misses = 0
+    for c, x in zip(certificates, starts):
+        p = encoder.true_score(x, SIGMA)
+        misses += c.prediction is not None and (c.prediction != 0 or c.p_lower > p)
+    print(f"certify_prediction(method='vote'): {misses} misses / {TRIALS} (α = {ALPHA})")
+    assert _within_level(misses, TRIALS, ALPHA)
+    assert sum(c.prediction == 0 for c in certificates) > TRIALS / 2  # the check has something to check
+    first = certificates[0].to_dict()
+    assert first["method"] == "vote" and first["n_used"] == 64 and first["radius"] == pytest.approx(
+        SIGMA * normal_ppf(first["p_lower"])) and first["p_upper_runner_up"] == pytest.approx(1 - first["p_lower"])
+    again = certify_prediction(tower, toy_images(starts[:3]), prototypes, n0=8, n=64, alpha=ALPHA, seed=5,
+                               method="vote")
+    assert [c.to_dict() for c in again] == [dict(c.to_dict(), label=None, correct=None) for c in certificates[:3]]
+    stopped = certify_prediction(tower, toy_images([0.0]), prototypes, n0=8, n=2000, alpha=ALPHA, seed=5,
+                                 method="vote", target_radius=0.2)[0]
+    assert stopped.stop == "target" and stopped.n_used < 2000 and stopped.radius >= 0.2
+    assert certify_prediction(tower, toy_images([0.24]), prototypes, n=8, seed=5)[0].method == "margin"  # default
+    with pytest.raises(ValueError, match="method"):
+        certify_prediction(tower, toy_images([0.24]), prototypes, method="votes")
+    with pytest.raises(ValueError, match="target_radius"):
+        certify_prediction(tower, toy_images([0.24]), prototypes, target_radius=0.1)  # margin: no target
+    with pytest.raises(ValueError, match="bound"):
+        certify_prediction(tower, toy_images([0.24]), prototypes, method="vote", bound="hoeffding")
+
+
+# ----- certify_answer on tiny random LLaVA models ----------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def models():
+    return {"stock": tiny_model("llava"), "smoothed": tiny_smoothed_model("llava", num_samples=1, seed=0)}
+
+
+def _forward_batches(model) -> tuple[list[int], object]:
+    sizes: list[int] = []
+    handle = model.register_forward_pre_hook(lambda _, args, kwargs: sizes.append(kwargs["input_ids"].shape[0]),
+                                             with_kwargs=True)
+    return sizes, handle
+
+
+@pytest.mark.parametrize("kind", ["stock", "smoothed"])
+def test_certify_answer_batches_copies_is_reproducible_and_records_everything(models, kind):
+    model = models[kind]
+    inputs = tiny_inputs(model)
+    sizes, handle = _forward_batches(model)
+    try:
+        certificate = hfs.certify_answer(model, inputs, CANDIDATES, sigma=0.25, n0=10, n=20, alpha=0.01, seed=3,
+                                         batch_size=8)
+    finally:
+        handle.remove()
+    assert sizes == [8, 2, 8, 8, 4]  # n0 = 10 and n = 20 copies, 8 per forward pass
+    again = hfs.certify_answer(model, inputs, CANDIDATES, sigma=0.25, n0=10, n=20, alpha=0.01, seed=3, batch_size=8)
+    assert again.to_dict() == certificate.to_dict()  # bit-identical
+    other_batches = hfs.certify_answer(model, inputs, CANDIDATES, sigma=0.25, n0=10, n=20, alpha=0.01, seed=3,
+                                       batch_size=5)
+    assert other_batches.counts == certificate.counts and other_batches.hits == certificate.hits
+    record = certificate.to_dict()
+    assert record["smoothed"] == (kind == "smoothed") and record["booster"] is None and record["booster_digest"] is None
+    assert record["dtype"] == "float32" and record["method"] == "vote" and record["target_radius"] is None
+    assert {k: record[k] for k in ("n0", "n", "alpha", "sigma", "seed", "resolution", "noise_space")} == {
+        "n0": 10, "n": 20, "alpha": 0.01, "sigma": 0.25, "seed": 3, "resolution": [56, 56],
+        "noise_space": "pixel [0,1], l2"}
+    assert record["candidates"] == list(CANDIDATES.texts) and record["candidates_digest"] == CANDIDATES.digest()
+    assert len(record["prompt_digest"]) == 16 and sum(record["counts"]) == 10 and record["n_used"] == 20
+    assert set(record["versions"]) == {"hf_feature_smoothing", "transformers", "torch"}
+    # p̲_A ≤ ½ here (this random model's answer flips under σ = 0.25 noise): it abstains
+    assert record["p_lower"] <= 0.5 and record["answer"] is None and record["answer_text"] is None
+    assert record["radius"] == 0.0
+    fresh = hfs.certify_answer(model, inputs, CANDIDATES, sigma=0.25, n0=4, n=4, alpha=0.01)
+    assert isinstance(fresh.seed, int)  # unseeded: a fresh seed, recorded
+
+
+def test_the_base_classifier_is_the_smoothed_model_with_one_sample(models):
+    """A smoothed model with `num_samples=1` answers from one noisy copy drawn by its tower; the base classifier of
+    `certify_answer` given the same copy gives the same candidate logits."""
+    model = tiny_smoothed_model("llava", num_samples=1, seed=11)
+    inputs = tiny_inputs(model)
+    prefixed, positions = CANDIDATES.with_prefix(inputs, 0)
+    tower = model.smoothed_vision_tower
+    with torch.no_grad():
+        smoothed = CANDIDATES.scores(model, prefixed, positions, inputs["pixel_values"])
+        clean = tower.family.to_image(hfs.ImageInputs(inputs["pixel_values"]))
+        noise = torch.randn((1, *clean.shape), generator=torch.Generator().manual_seed(11))
+        copy = tower.family.noisy_copies(hfs.ImageInputs(inputs["pixel_values"]), 1, tower.sigma, lambda _: noise)
+        with _base_classifier(model, tower):
+            base = CANDIDATES.scores(model, prefixed, positions, copy.pixel_values)
+    torch.testing.assert_close(base, smoothed, rtol=1e-4, atol=1e-4)
+
+
+def test_certify_answer_stops_early_and_records_the_booster(models):
+    model = models["stock"]
+    inputs = tiny_inputs(model)
+    certificate = hfs.certify_answer(model, inputs, CANDIDATES, sigma=0.02, n0=16, n=300, alpha=0.01, seed=3,
+                                     target_radius=0.01)
+    assert certificate.stop == "target" and certificate.n_used < 300 and certificate.radius >= 0.01
+    assert certificate.answer is not None and certificate.answer_text == CANDIDATES.texts[certificate.answer]
+    assert certificate.target_radius == 0.01
+    boosted = hfs.add_booster(tiny_smoothed_model("llava", num_samples=1, seed=0), hfs.GSBConfig(sigmas=[0.25]))
+    record = hfs.certify_answer(boosted, tiny_inputs(boosted), CANDIDATES, n0=4, n=4, seed=1).to_dict()
+    assert record["booster"] == "default" and len(record["booster_digest"]) == 16 and record["sigma"] == 0.25
+
+
+@pytest.mark.parametrize("change, error, match", [
+    ({"candidates": ["answer 0", "answer 1"]}, TypeError, "candidates"),
+    ({"candidates": CandidateAnswers(((20, 5000), (20, 5001)), ("a", "b"))}, ValueError, "candidates"),
+    ({"n0": 0}, ValueError, "n0"),
+    ({"n": -3}, ValueError, "`n`"),
+    ({"alpha": 1.5}, ValueError, "alpha"),
+    ({"sigma": -0.1}, ValueError, "sigma"),
+    ({"sigma": None}, ValueError, "sigma"),
+    ({"batch_size": 0}, ValueError, "batch_size"),
+    ({"target_radius": -1.0}, ValueError, "target_radius"),
+    ({"images": 2}, ValueError, "pixel_values"),
+    ({"prompts": 2}, ValueError, "inputs"),
+])
+def test_certify_answer_refuses_bad_arguments(models, change, error, match):
+    model = models["stock"]
+    inputs = tiny_inputs(model)
+    if "images" in change:
+        inputs = dict(inputs, pixel_values=tiny_inputs(model, num_images=2)["pixel_values"])
+    if "prompts" in change:
+        inputs = tiny_inputs(model, num_images=2)
+    arguments = dict(candidates=CANDIDATES, sigma=0.25, n0=4, n=4, seed=0)
+    arguments.update({k: v for k, v in change.items() if k not in ("images", "prompts")})
+    with pytest.raises(error, match=match):
+        hfs.certify_answer(model, inputs, **arguments)
