@@ -247,9 +247,10 @@ def protocol_table(rows: list[dict], params: dict) -> str:
     for cell in protocol_cells(rows, VARIANTS, ATTACKS):
         (r_low, r_high), (t_low, t_high) = cell.robust_interval, cell.targeted_interval
         seconds = "–" if cell.seconds_per_100_steps is None else f"{cell.seconds_per_100_steps:.0f}"
+        targeted = (f"{cell.targeted / cell.images:.1%} [{t_low:.0%}, {t_high:.0%}]" if "apgd-t" in cell.attacks
+                    else "– (apgd-t not run)")
         lines.append(f"| {cell.variant} | {budget_name(cell.budget)} | {', '.join(cell.attacks)} | {cell.images} | "
-                     f"{cell.robust / cell.images:.1%} [{r_low:.0%}, {r_high:.0%}] | "
-                     f"{cell.targeted / cell.images:.1%} [{t_low:.0%}, {t_high:.0%}] | {seconds} |")
+                     f"{cell.robust / cell.images:.1%} [{r_low:.0%}, {r_high:.0%}] | {targeted} | {seconds} |")
     return "\n".join(lines) + "\n"
 
 
