@@ -7,6 +7,9 @@ table of `benchmarks/llava_headline.py` both go into `model-index`. Nothing is r
     python benchmarks/llava_headline.py ...            # writes benchmarks/llava_headline.summary.json
     python benchmarks/llava_model_card.py
 
+    python benchmarks/llava_model_card.py --certify-run benchmarks/llava_gsb_certify.jsonl \
+        --output-dir model_cards/llava-dinov2-smollm2-fs-gsb --protocol-table benchmarks/llava_protocol.md
+
 With a booster (`hf-fs certify ... --booster llava-dinov2-smollm2-gsb`), the card describes the smoothed + boosted
 model: its `model-index` holds the certificates of that run and the attack rows of the `smoothed+gsb` variant at the
 same σ with the same booster (plus the plain model's, the baseline); every row's arguments are its own run's.
@@ -35,8 +38,9 @@ def main() -> None:
     parser.add_argument("--attacks", default="benchmarks/llava_headline.summary.json",
                         help="summary written by benchmarks/llava_headline.py")
     parser.add_argument("--attack-table", default="benchmarks/llava_headline.md", help="its markdown table")
-    parser.add_argument("--protocol-table", default="benchmarks/llava_protocol.md",
-                        help="table of benchmarks/llava_protocol.py (the field's protocol); '' leaves it out")
+    parser.add_argument("--protocol-table", default="",
+                        help="table of benchmarks/llava_protocol.py (the field's protocol) measured on this card's "
+                             "variant and σ, e.g. benchmarks/llava_protocol.md for the σ = 0.5 GSB card")
     parser.add_argument("--output-dir", default="model_cards/llava-dinov2-smollm2-fs", help="where README.md goes")
     args = parser.parse_args()
 
