@@ -28,7 +28,7 @@ from hf_feature_smoothing.runs.records import read_run
 WEAK_ATTACK_NOTE = (
     "**Read these rows as upper bounds on robustness.** They were measured with 10 APGD steps and one forward pass "
     "(8 noise draws) per gradient; stronger attacks (100 steps, EOT over ≥ 32 draws, worst case over an ensemble) "
-    "succeed more often against the smoothed models, see the protocol section below and `benchmarks/RESULTS.md`. "
+    "succeed more often against the smoothed models (`benchmarks/RESULTS.md`, the field's attack protocol). "
     "The `model-index` attack rows carry their step and EOT settings.")
 
 
