@@ -30,6 +30,7 @@ from hf_feature_smoothing.assets.llava_dinov2_smollm2 import MODEL_NAME as LLAVA
 from hf_feature_smoothing.assets.llava_dinov2_smollm2 import llava_checkpoint, prompt_text
 from hf_feature_smoothing.assets.registry import resolve_booster_path, resolve_model
 from hf_feature_smoothing.attacks.text import answer_attack
+from hf_feature_smoothing.runs.fingerprints import file_sha256
 from hf_feature_smoothing.runs.runner import Run
 from hf_feature_smoothing.statistics.aggregates import bootstrap_ci
 from hf_feature_smoothing.utils.hardware import bf16_supported
@@ -162,9 +163,7 @@ def main() -> None:
 
 
 def booster_digest(folder: str) -> str:
-    import hashlib
-
-    return hashlib.sha256((Path(folder) / "adapter_model.safetensors").read_bytes()).hexdigest()[:16]
+    return file_sha256(Path(folder) / "adapter_model.safetensors")[:16]
 
 
 def attack_cells(args, run: Run) -> list[dict]:

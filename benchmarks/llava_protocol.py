@@ -25,7 +25,6 @@ the attacks) and targeted success with 95 % Wilson intervals over images, and th
 """
 
 import argparse
-import hashlib
 import json
 import math
 import time
@@ -43,6 +42,7 @@ from hf_feature_smoothing.attacks.protocol import BUDGETS, budget_name, image_st
 from hf_feature_smoothing.attacks.text import answer_attack
 from hf_feature_smoothing.models.answers import CandidateAnswers
 from hf_feature_smoothing.runs import read_run
+from hf_feature_smoothing.runs.fingerprints import file_sha256
 from hf_feature_smoothing.runs.runner import Run
 from hf_feature_smoothing.runs.sharding import Shard
 from hf_feature_smoothing.statistics.aggregates import wilson_interval
@@ -56,7 +56,8 @@ SATURATION_STEPS = (10, 25, 50, 100, 200)
 
 
 def booster_digest(folder: str) -> str:
-    return hashlib.sha256((Path(folder) / "adapter_model.safetensors").read_bytes()).hexdigest()[:16]
+    """The shipped benchmarks' booster id: the first 16 hex digits of its weights file's SHA-256."""
+    return file_sha256(Path(folder) / "adapter_model.safetensors")[:16]
 
 
 class Workbench:
