@@ -10,6 +10,7 @@ from hf_feature_smoothing.statistics import betting, bounds
 from hf_feature_smoothing.statistics.betting import BettingTest, betting_lower_bound
 from hf_feature_smoothing.statistics.bounds import (
     certified_radius,
+    class_confidence_bounds,
     empirical_bernstein_lower_bound,
     fcsb,
     hoeffding_lower_bound,
@@ -241,6 +242,25 @@ def test_betting_search_reports_only_rejected_means_and_is_monotone():
     capital = betting._max_log_capital(scores[None], bets, grid, betting.TRUNCATIONS, math.log(100))[0]
     assert capital[0] >= math.log(100) > capital[1] and capital[1] >= capital[2]
     assert betting_lower_bound(torch.ones(50), 0.01) > 0.85 and betting_lower_bound(torch.zeros(50), 0.01) == 0
+
+
+@pytest.mark.parametrize("time_block", [16, 4096])
+def test_bounds_at_one_level_per_sequence_are_those_computed_one_by_one(monkeypatch, time_block):
+    """A prediction certificate's class bounds (each at its own α) searched together give the bounds of separate
+    searches, bit for bit, in every method; the levels must match the sequences."""
+    monkeypatch.setattr(betting, "_TIME_BLOCK", time_block)
+    generator = torch.Generator().manual_seed(3)
+    for n in (7, 64, 1000):
+        scores = torch.rand(n, 6, generator=generator, dtype=torch.float64).pow(torch.tensor([0.1, 1, 2, 3, 4, 5]))
+        alphas = [0.002, 0.0005, 0.0005, 0.0005, 0.0005, 0.0003]
+        for method in ("betting", "bernstein", "hoeffding"):
+            low, highs = class_confidence_bounds(scores, alphas, method, n)
+            assert low == lower_confidence_bound(scores[:, 0], alphas[0], method, n)
+            assert highs == [upper_confidence_bound(scores[:, k], alphas[k], method, n) for k in range(1, 6)]
+    with pytest.raises(ValueError, match="one level in"):
+        betting_lower_bound(torch.rand(3, 10), torch.tensor([0.1, 0.2]))
+    with pytest.raises(ValueError, match="one level in"):
+        betting_lower_bound(torch.rand(2, 10), torch.tensor([0.1, 1.0]))
 
 
 def test_score_for_certificate_inverts_fcsb_and_radius():

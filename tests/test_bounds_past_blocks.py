@@ -29,10 +29,13 @@ RESOLUTION = 4.0**-betting._ROUNDS  # the width of the search's last bracket
 
 def _released_max_log_capital(scores, bets_all, means, truncations, threshold):
     """`_max_log_capital` as released in 0.1.0: `carry` is a view of `log_capital`, which is then clamped and
-    exponentiated in place, so the next block starts from exp(min(log K, cap)) instead of log K."""
+    exponentiated in place, so the next block starts from exp(min(log K, cap)) instead of log K. (It takes a
+    threshold per sequence, as `_max_log_capital` now does; 0.1.0 took one for all.)"""
     batch, n = scores.shape
     grid = means.shape[-1]
     cap = threshold + math.log(len(truncations)) + 1.0
+    if torch.is_tensor(cap):
+        cap = cap[:, :, None, None]
     caps = torch.tensor(list(truncations), dtype=scores.dtype) / means[..., None]
     carry = torch.zeros(batch, grid, len(truncations), dtype=scores.dtype)
     best = torch.zeros(batch, grid, dtype=scores.dtype)

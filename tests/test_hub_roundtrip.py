@@ -15,8 +15,8 @@ from .conftest import offline_env, populate_hub_cache
 
 CHILD = textwrap.dedent(
     """
-    import sys, torch
-    from safetensors.torch import load_file
+    import os, shutil, sys, torch
+    from pathlib import Path
     from transformers import AutoModelForImageTextToText
     import hf_feature_smoothing as hfs
     from hf_feature_smoothing.models import SMOOTHED_MODEL_CLASSES
@@ -29,19 +29,23 @@ CHILD = textwrap.dedent(
     assert not any(info.values()), info  # nothing missing, unexpected or mismatched: lm_head is not re-initialised
     assert model.smoothing_config.sigma == 0.12 and model.smoothing_config.image_mean == [0.1, 0.2, 0.3]
     model.save_pretrained(out_dir)
-    if sys.argv[3] == "reload":
-        again = AutoModelForImageTextToText.from_pretrained(f"tiny-org/smoothed-{family}")
-        assert type(again) is cls, type(again)
-        assert again.smoothing_config == model.smoothing_config
-        a, b = model.state_dict(), again.state_dict()
-        assert a.keys() == b.keys()
-        assert all(torch.equal(a[k], b[k]) for k in a), "weights differ after reload"
-        inputs = tiny_inputs(model)
-        with torch.no_grad():
-            model.smoothed_vision_tower._generators.clear()
-            x = model(**inputs).logits
-            y = again(**inputs).logits
-        assert torch.equal(x, y)
+    # publish what was saved as tiny-org/smoothed-<family> (as `populate_hub_cache` does), then reload it
+    repo = Path(os.environ["HF_HUB_CACHE"]) / f"models--tiny-org--smoothed-{family}"
+    (repo / "refs").mkdir(parents=True)
+    (repo / "refs" / "main").write_text("0" * 40)
+    shutil.copytree(out_dir, repo / "snapshots" / ("0" * 40))
+    again = AutoModelForImageTextToText.from_pretrained(f"tiny-org/smoothed-{family}")
+    assert type(again) is cls, type(again)
+    assert again.smoothing_config == model.smoothing_config
+    a, b = model.state_dict(), again.state_dict()
+    assert a.keys() == b.keys()
+    assert all(torch.equal(a[k], b[k]) for k in a), "weights differ after reload"
+    inputs = tiny_inputs(model)
+    with torch.no_grad():
+        model.smoothed_vision_tower._generators.clear()
+        x = model(**inputs).logits
+        y = again(**inputs).logits
+    assert torch.equal(x, y)
     print("OK")
     """
 )
@@ -61,15 +65,12 @@ def test_wrap_stock_checkpoint_save_and_reload_offline(family, tmp_path, hub_cac
     (tmp_path / "stock" / "preprocessor_config.json").write_text('{"image_mean": [0.1, 0.2, 0.3], "image_std": [0.3, 0.3, 0.3]}')
     populate_hub_cache(hub_cache, f"tiny-org/{family}", tmp_path / "stock")
 
-    _child(hub_cache, family, tmp_path / "smoothed", "save")
+    _child(hub_cache, family, tmp_path / "smoothed")  # wrap, save, publish to the cache, reload
     saved = load_file(tmp_path / "smoothed" / "model.safetensors")
     stock_saved = load_file(tmp_path / "stock" / "model.safetensors")
     assert saved.keys() == stock_saved.keys()  # same Hub key layout as the stock checkpoint
     assert all(torch.equal(saved[k], stock_saved[k]) for k in saved)
     assert '"model_type": "smoothed_' in (tmp_path / "smoothed" / "config.json").read_text()
-
-    populate_hub_cache(hub_cache, f"tiny-org/smoothed-{family}", tmp_path / "smoothed")
-    _child(hub_cache, family, tmp_path / "smoothed2", "reload")
 
 
 def _cache_revision(cache_dir, repo_id: str, src_dir, revision: str, commit: str, subfolder: str = "") -> None:

@@ -18,12 +18,12 @@ from ..smoothing.towers.processor import resolve_pixel_stats
 from ..statistics.betting import BettingTest
 from ..statistics.bounds import (
     certified_radius,
+    class_confidence_bounds,
     fcsb,
     lower_confidence_bound,
     moment_upper_bound,
     prediction_alphas,
     prediction_radius,
-    upper_confidence_bound,
 )
 from ..statistics.vote import VoteBound, vote_result, vote_target
 from ..utils.logging import get_logger
@@ -339,11 +339,11 @@ def certify_prediction(
     for index, job in enumerate(jobs):
         kept = torch.cat(job.kept)
         y, others = job.classes[0], job.classes[1:]
-        p_lower = lower_confidence_bound(kept[:, 0], alpha_y, bound, horizon)
-        p_upper = [upper_confidence_bound(kept[:, j + 1], alpha_runner_up, bound, horizon) for j in range(len(others))]
-        if alpha_split == "runner_up" and kept.shape[1] > len(job.classes):
-            p_upper.append(upper_confidence_bound(kept[:, -1], alpha_rest, bound, horizon))  # E[max of the rest]
-        elif alpha_split == "flat":
+        # y, its runner-ups and (runner_up split) the max over the rest, whose column bounds E[max of the rest]
+        columns = kept.shape[1] if alpha_split == "runner_up" else len(job.classes)
+        alphas = [alpha_y] + [alpha_runner_up] * len(others) + [alpha_rest] * (columns - 1 - len(others))
+        p_lower, p_upper = class_confidence_bounds(kept[:, :columns], alphas, bound, horizon)
+        if alpha_split == "flat":
             moments = job.moments.result()
             means, squares = moments[:num_classes] / n, moments[num_classes:] / n
             variances = ((squares - means.pow(2)) * n / max(n - 1, 1)).clamp_min(0.0)

@@ -40,25 +40,34 @@ def _one_thread():
         torch.set_num_threads(threads)
 
 
-def plug_in_bets(scores: torch.Tensor, alpha: float, horizon: int) -> torch.Tensor:
+def _log_inverse(alpha: float | torch.Tensor) -> float | torch.Tensor:
+    """ln(1/α): a float for one α, a `(B, 1)` float64 column for one α per sequence (the same bits either way)."""
+    if torch.is_tensor(alpha):
+        return torch.log(1.0 / alpha.to(torch.float64).reshape(-1, 1))
+    return math.log(1.0 / alpha)
+
+
+def plug_in_bets(scores: torch.Tensor, alpha: float | torch.Tensor, horizon: int) -> torch.Tensor:
     """
     Predictable plug-in bets λ̃ᵢ = √(2 ln(1/α) / (N σ̂²ᵢ₋₁)), N = `horizon`, with the running estimates
     μ̂_t = (1/2 + Σ_{i≤t} Xᵢ)/(t + 1) and σ̂²_t = (1/4 + Σ_{i≤t} (Xᵢ − μ̂ᵢ)²)/(t + 1) (σ̂²₀ = 1/4). Bet i uses
-    X₁..Xᵢ₋₁ only. Shape of `scores` `(..., n)` float64.
+    X₁..Xᵢ₋₁ only. Shape of `scores` `(..., n)` float64; `alpha` a float, or a `(B,)` tensor (one α per row of
+    `(B, n)` scores).
     """
     n = scores.shape[-1]
     t = torch.arange(1, n + 1, dtype=scores.dtype, device=scores.device)
     mean = (0.5 + scores.cumsum(-1)) / (t + 1)
     var = (0.25 + (scores - mean).pow(2).cumsum(-1)) / (t + 1)
     previous = torch.cat([torch.full_like(var[..., :1], 0.25), var[..., :-1]], dim=-1)
-    return torch.sqrt(2.0 * math.log(1.0 / alpha) / (horizon * previous))
+    return torch.sqrt(2.0 * _log_inverse(alpha) / (horizon * previous))
 
 
 def _max_log_capital(scores: torch.Tensor, bets_all: torch.Tensor, means: torch.Tensor,
-                     truncations: Sequence[float], threshold: float) -> torch.Tensor:
+                     truncations: Sequence[float], threshold: float | torch.Tensor) -> torch.Tensor:
     """log sup_t of the truncation-mixture capital for every candidate mean: scores/bets `(B, n)`, means `(B, G)`
-    → `(B, G)`, exact below `threshold` (above it, any value ≥ `threshold` may be returned: a component's log capital
-    is capped at threshold + ln|C| + 1 before averaging, where the mixture exceeds the threshold either way).
+    → `(B, G)`, exact below `threshold` (a float, or a `(B, 1)` column: one per sequence; above it, any value
+    ≥ `threshold` may be returned: a component's log capital is capped at threshold + ln|C| + 1 before averaging,
+    where the mixture exceeds the threshold either way).
 
     Time is walked in blocks of `_TIME_BLOCK` scores, carrying each component's (uncapped) log capital from one block
     to the next, and sequences in groups, so memory is bounded and each sequence's result does not depend on the
@@ -70,8 +79,11 @@ def _max_log_capital(scores: torch.Tensor, bets_all: torch.Tensor, means: torch.
     rows = max(1, _MAX_ELEMENTS // (_TIME_BLOCK * grid * len(truncations)))
     if batch > rows:
         return torch.cat([_max_log_capital(scores[i : i + rows], bets_all[i : i + rows], means[i : i + rows],
-                                           truncations, threshold) for i in range(0, batch, rows)])
+                                           truncations, threshold[i : i + rows] if torch.is_tensor(threshold)
+                                           else threshold) for i in range(0, batch, rows)])
     cap = threshold + math.log(len(truncations)) + 1.0
+    if torch.is_tensor(cap):
+        cap = cap[:, :, None, None]  # (B, 1, 1, 1) against (B, T, G, C)
     caps = torch.tensor(list(truncations), dtype=scores.dtype, device=scores.device) / means[..., None]  # (B, G, C)
     lowest_cap = caps.amin(-1)  # (B, G)
     carry = torch.zeros(batch, grid, len(truncations), dtype=scores.dtype, device=scores.device)
@@ -127,7 +139,7 @@ def betting_rejects(
 
 def betting_lower_bound(
     scores: torch.Tensor,
-    alpha: float,
+    alpha: float | torch.Tensor,
     horizon: int | None = None,
     truncations: Sequence[float] = TRUNCATIONS,
 ) -> torch.Tensor:
@@ -138,7 +150,8 @@ def betting_lower_bound(
 
     Args:
         scores (`torch.Tensor`): `(..., n)` scores in [0, 1].
-        alpha (`float`): failure probability.
+        alpha (`float` or `torch.Tensor`): failure probability, or one per sequence (shape `(...)`: several bounds
+            at different levels in one search, e.g. the classes of a prediction certificate under a union bound).
         horizon (`int`, *optional*): the sample size the bets are tuned for (defaults to n); any value is valid,
             the planned maximum is the tightest at that size. Sequential certification passes its maximum n.
         truncations (`Sequence[float]`): the mixture's bet caps c/m, each c in (0, 1).
@@ -147,15 +160,20 @@ def betting_lower_bound(
         return _betting_lower_bound(scores, alpha, horizon, truncations)
 
 
-def _betting_lower_bound(scores: torch.Tensor, alpha: float, horizon: int | None,
+def _betting_lower_bound(scores: torch.Tensor, alpha: float | torch.Tensor, horizon: int | None,
                          truncations: Sequence[float]) -> torch.Tensor:
     x = scores.detach().to(torch.float64).clamp(0.0, 1.0)
     lead, n = x.shape[:-1], x.shape[-1]
     x = x.reshape(-1, n)
     if not all(0.0 < c < 1.0 for c in truncations):
         raise ValueError(f"`truncations` must lie in (0, 1), got {list(truncations)}.")
+    if torch.is_tensor(alpha):
+        if alpha.shape != lead or not bool(((alpha > 0) & (alpha < 1)).all()):
+            raise ValueError(f"`alpha` must be a float or one level in (0, 1) per sequence (shape {tuple(lead)}), "
+                             f"got shape {tuple(alpha.shape)}.")
+        alpha = alpha.to(device=x.device, dtype=torch.float64).reshape(-1)
     bets = plug_in_bets(x, alpha, horizon or n)
-    threshold = math.log(1.0 / alpha)
+    threshold = _log_inverse(alpha)
     low = torch.zeros(x.shape[0], dtype=torch.float64, device=x.device)
     high = torch.ones_like(low)
     fractions = torch.arange(1, _GRID + 1, dtype=torch.float64, device=x.device) / (_GRID + 1)

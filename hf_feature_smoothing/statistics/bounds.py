@@ -18,6 +18,9 @@ _STANDARD_NORMAL = NormalDist()
 CONFIDENCE_BOUNDS = ("betting", "bernstein", "hoeffding")
 
 
+_SHARED_SEARCH = 4096  # scores of several sequences searched together by `class_confidence_bounds`
+
+
 def normal_cdf(x: float) -> float:
     """Φ(x), the standard normal CDF (Φ(±inf) = 1 or 0)."""
     return _STANDARD_NORMAL.cdf(x) if math.isfinite(x) else float(x > 0)
@@ -120,6 +123,26 @@ def upper_confidence_bound(scores: torch.Tensor, alpha: float, method: str = "be
                            horizon: int | None = None) -> float:
     """(1 − α) one-sided upper confidence bound on the mean of i.i.d. [0, 1] scores: 1 − LCB(1 − scores)."""
     return 1.0 - lower_confidence_bound(1.0 - scores, alpha, method, horizon)
+
+
+def class_confidence_bounds(scores: torch.Tensor, alphas: list[float], method: str = "betting",
+                            horizon: int | None = None) -> tuple[float, list[float]]:
+    """
+    A lower bound on the mean of column 0 of `scores` `(n, K)` and an upper bound on the mean of every other column,
+    column k at level `alphas[k]`: the bounds of a prediction certificate (the predicted class, its competitors).
+    The same values as [`lower_confidence_bound`] / [`upper_confidence_bound`] column by column; short columns
+    share one betting search (its cost is mostly per step, not per score), up to `_SHARED_SEARCH` scores in all,
+    so the memory stays that of one column's search.
+    """
+    if method != "betting":
+        return (lower_confidence_bound(scores[:, 0], alphas[0], method),
+                [upper_confidence_bound(scores[:, k], alphas[k], method) for k in range(1, scores.shape[1])])
+    rows = torch.cat([scores[:, :1], 1.0 - scores[:, 1:]], dim=1).T  # lower bounds of p_0 and of 1 − p_k
+    levels = torch.tensor(alphas, dtype=torch.float64)
+    step = max(1, _SHARED_SEARCH // rows.shape[1])
+    lows = torch.cat([betting_lower_bound(rows[i : i + step], levels[i : i + step], horizon)
+                      for i in range(0, rows.shape[0], step)]).tolist()
+    return lows[0], [1.0 - low for low in lows[1:]]
 
 
 def moment_upper_bound(mean: float, variance: float, n: int, alpha: float, method: str) -> float:
