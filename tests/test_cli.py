@@ -49,6 +49,19 @@ def test_prediction_mode_plots_certified_accuracy(image_folder, tmp_path):
     assert len(rows) == 4 and all("radius" in r and "prediction" in r for r in rows)
 
 
+def test_vote_prediction_certificates_stop_at_their_target_and_say_so(image_folder, tmp_path, capsys):
+    prototypes = tmp_path / "protos.safetensors"
+    save_file({"prototypes": torch.randn(3, 16 * 64, generator=torch.Generator().manual_seed(0))}, prototypes)
+    out = tmp_path / "vote.jsonl"
+    assert main(["certify", *TINY, "--images", str(image_folder), "--prototypes", str(prototypes), "--method", "vote",
+                 "--sigma", "0.02", "--n0", "8", "--n", "400", "--target-radius", "0.01", "--output", str(out)]) == 0
+    header, *rows = _lines(out)
+    assert header["params"]["method"] == "vote" and header["params"]["target_radius"] == 0.01
+    assert all(r["method"] == "vote" and r["target_radius"] == 0.01 and r["n_used"] <= 400 for r in rows)
+    assert any(r["stop"] == "target" and r["radius"] >= 0.01 and r["n_used"] < 400 for r in rows)
+    assert "sequential, target radius ≥ 0.01, n ≤ 400" in capsys.readouterr().out
+
+
 @pytest.mark.parametrize("change, named", [
     (["--sigma", "0.3"], "sigma: run has 0.25, this command has 0.3"),
     (["--n", "64"], "n: run has 32, this command has 64"),

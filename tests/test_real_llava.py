@@ -78,3 +78,35 @@ def test_smoothed_llava_loads_offline_from_the_hub_cache_and_round_trips(llava_f
     result = subprocess.run([sys.executable, "-c", CHILD, str(llava_folder), str(tmp_path / "smoothed")], env=env,
                             capture_output=True, text=True)
     assert result.returncode == 0 and "OK" in result.stdout, result.stderr[-3000:]
+
+
+def test_certify_answer_cli_certifies_and_reports_answer_accuracy(tmp_path):
+    """`hf-fs certify-answer` on the real LLaVA with the shipped booster: rows carry every parameter (resuming and
+    refusing other parameters is the run file's, tested with `certify`), and `hf-fs report` gives certified answer
+    accuracy per radius in `model-index` with σ, n, α, the method and the candidate set."""
+    import yaml
+
+    from hf_feature_smoothing.cli import main
+    from hf_feature_smoothing.runs import read_run
+
+    output = tmp_path / "answers.jsonl"
+    command = ["certify-answer", "--booster", "llava-dinov2-smollm2-gsb", "--sigma", "0.5", "--images", "digits:test",
+               "--limit", "2", "--n0", "4", "--n", "12", "--alpha", "0.1", "--seed", "0", "--output", str(output)]
+    assert main(command) == 0
+    rows = read_run(output).rows
+    assert [r["key"] for r in rows] == ["digits/1400", "digits/1401"]
+    for row in rows:
+        assert row["candidates"][row["label"]] == f"The digit is {row['label']}."
+        assert row["sigma"] == 0.5 and row["n0"] == 4 and row["n"] == 12 and row["seed"] == 0
+        assert row["booster_digest"] and row["prompt_digest"] and sum(row["counts"]) == 4
+        assert row["correct"] == (row["answer"] == row["label"])
+    assert main(["report", str(output), "--output-dir", str(tmp_path / "report")]) == 0
+    (entry,) = yaml.safe_load((tmp_path / "report" / "model-index.yaml").read_text())["model-index"]
+    metrics = {m["name"]: m for result in entry["results"] for m in result["metrics"]}
+    assert {result["task"]["type"] for result in entry["results"]} == {"visual-question-answering"}
+    metric = metrics["certified answer accuracy @ r=0.5 (σ=0.5, vote)"]
+    assert metric["value"] == sum(r["correct"] and r["radius"] >= 0.5 for r in rows) / 2
+    assert {k: metric["args"][k] for k in ("sigma", "n", "n0", "alpha", "method", "candidates_digest", "radius")} == {
+        "sigma": 0.5, "n": 12, "n0": 4, "alpha": 0.1, "method": "vote", "candidates_digest": rows[0]["candidates_digest"],
+        "radius": 0.5}
+    assert metric["args"]["candidates"] == rows[0]["candidates"]

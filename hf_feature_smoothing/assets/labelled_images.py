@@ -36,6 +36,13 @@ def digit_answer(digit: int) -> str:
     return f"The digit is {digit}."
 
 
+# the built-in candidate sets of `hf-fs certify-answer --candidates`: name -> (question, answers in class order)
+ANSWER_SETS = {
+    "digits": (DIGIT_QUESTION, tuple(digit_answer(k) for k in range(10))),
+    "textiles": (TEXTILE_QUESTION, TEXTILE_ANSWERS),
+}
+
+
 def render_digit(pixels: np.ndarray, size: int = 112):
     """An 8×8 scikit-learn digit (ink 0–16) as a dark-on-white RGB PIL image upscaled (bicubic) to `size`."""
     from PIL import Image

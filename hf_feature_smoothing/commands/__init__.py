@@ -1,7 +1,7 @@
-"""`hf-fs`: one module per command, each with its own `register_subcommand(subparsers)` (`certify`, `attack`,
-`report`, `prototypes`, `build`), the option types, groups and checks they share (`options`), the model / image
-source loading behind `--model`, `--booster`, `--images` and `--dataset` (`loading`) and the run helpers
-(`running`). This package is the top layer: nothing else in `hf_feature_smoothing` imports it (`cli.py` is a
+"""`hf-fs`: one module per command, each with its own `register_subcommand(subparsers)` (`certify`,
+`certify-answer`, `attack`, `report`, `prototypes`, `build`), the option types, groups and checks they share
+(`options`), the model / processor / image source loading behind `--model`, `--booster`, `--images` and `--dataset`
+(`loading`) and the run helpers (`running`). This package is the top layer: nothing else in `hf_feature_smoothing` imports it (`cli.py` is a
 shim that re-exports `build_parser` and `main`)."""
 
 import logging
@@ -9,15 +9,16 @@ import sys
 import traceback
 
 from ..runs import RunError
-from . import attack, build, certify, prototypes, report
+from . import attack, build, certify, certify_answer, prototypes, report
 from .options import HelpFormatter, OptionError, Parser
 
 
-DESCRIPTION = """`hf-fs`: certify (`hf-fs certify`) or attack (`hf-fs attack`) folders or datasets of images in resumable, locked
-runs, on one process or many (`accelerate launch -m hf_feature_smoothing.cli certify ...`), and turn finished runs
-into tables, plots and `model-index` metrics (`hf-fs report`)."""
+DESCRIPTION = """`hf-fs`: certify features or predictions (`hf-fs certify`), certify an MLLM's answers (`hf-fs
+certify-answer`) or attack (`hf-fs attack`) folders or datasets of images in resumable, locked runs, on one process or
+many (`accelerate launch -m hf_feature_smoothing.cli certify ...`), and turn finished runs into tables, plots and
+`model-index` metrics (`hf-fs report`)."""
 
-COMMANDS = (certify, attack, report, build, prototypes)  # the order of `hf-fs --help`
+COMMANDS = (certify, certify_answer, attack, report, build, prototypes)  # the order of `hf-fs --help`
 
 __all__ = ["COMMANDS", "build_parser", "main"]
 

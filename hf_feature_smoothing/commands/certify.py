@@ -11,6 +11,7 @@ from ..certification.arguments import (
     CHUNK_SIZE,
     DEFAULTS,
     EPSILON,
+    PREDICTION_METHODS,
     SAMPLES,
     SIGMA,
     TARGET_COSINE,
@@ -28,7 +29,16 @@ from ..smoothing.noise import fresh_seed
 from ..statistics.bounds import CONFIDENCE_BOUNDS
 from ..utils.validation import is_class_index
 from .loading import load_model, open_source
-from .options import HelpFormatter, OptionError, add_images, add_model, add_run, check_run_options, number
+from .options import (
+    HelpFormatter,
+    OptionError,
+    add_images,
+    add_model,
+    add_run,
+    check_run_options,
+    check_vote_target,
+    number,
+)
 from .running import model_params, progress, run_info, skip_row, smoothed_tower
 
 
@@ -46,6 +56,10 @@ def register_subcommand(subparsers) -> None:
     add_images(c)
     c.add_argument("--prototypes", default=None,
                    help="safetensors file with a `prototypes` (K, F) tensor: certify argmax-cosine predictions")
+    c.add_argument("--method", default=DEFAULTS["method"], choices=list(PREDICTION_METHODS),
+                   help="prediction certificates (--prototypes): `margin` certifies the prediction of the smoothed "
+                        "feature (FS margin), `vote` the vote of single-copy predictions (Cohen et al.; with "
+                        "--target-radius it stops sampling early)")
     c.add_argument("--sigma", type=number(SIGMA), default=None,
                    help=f"noise std in [0, 1] pixel units; default: the model's own (a smoothed model's "
                         f"`smoothing_config.sigma`), else {FeatureSmoothingConfig.sigma}")
@@ -66,7 +80,8 @@ def register_subcommand(subparsers) -> None:
                    help="sequential certification: stop sampling once FCSB(ε) ≥ this at every --epsilon (betting "
                         "bound; --n is then the most samples)")
     c.add_argument("--target-radius", type=number(TARGET_RADIUS), default=None,
-                   help="sequential certification: stop sampling once R_τ ≥ this at every --tau (betting bound)")
+                   help="sequential certification: stop sampling once R_τ ≥ this at every --tau (betting bound); "
+                        "with --prototypes --method vote, once the vote's radius is ≥ this")
     add_run(c, "outputs/certify.jsonl", CHUNK_SIZE)
     c.set_defaults(func=run)
 
@@ -78,12 +93,21 @@ def _as_list(value) -> list:
 def check_options(args) -> None:
     """Checks between options that need no model (the API's own rules, with the options' names)."""
     check_run_options(args)
+    vote = args.method == "vote"
+    if vote and not args.prototypes:
+        raise OptionError("--method vote: a method of prediction certificates; pass --prototypes (class prototypes "
+                          "from `hf-fs prototypes`), or drop --method to certify features.")
+    if vote and args.bound != "betting":
+        raise OptionError(f"--bound {args.bound}: --method vote bounds the vote with the anytime-valid betting "
+                          f"confidence sequence; use --bound betting (the default).")
     targets = [f"{name} {value:g}" for name, value in (("--target-cosine", args.target_cosine),
-                                                         ("--target-radius", args.target_radius)) if value is not None]
+                                                         ("--target-radius", None if vote else args.target_radius))
+               if value is not None]
     if args.prototypes and targets:
         raise OptionError(f"{' / '.join(targets)}: sequential targets apply to feature certificates (FCSB(ε), "
-                          f"R_τ), not to prediction certificates (--prototypes {args.prototypes}); drop the target, "
-                          f"or drop --prototypes to certify features.")
+                          f"R_τ) and to vote certificates (--method vote --target-radius), not to margin "
+                          f"prediction certificates (--prototypes {args.prototypes}); drop the target, add --method "
+                          f"vote, or drop --prototypes to certify features.")
     feature_only = [f"{name} {' '.join(f'{v:g}' if isinstance(v, float) else str(v) for v in value)}"
                     for name, key in (("--epsilon", "epsilon"), ("--tau", "tau"), ("--reference", "reference"))
                     if (value := _as_list(getattr(args, key))) != _as_list(DEFAULTS[key])]
@@ -91,6 +115,8 @@ def check_options(args) -> None:
         raise OptionError(f"{' / '.join(feature_only)}: options of feature certificates (FCSB(ε), R_τ), which "
                           f"prediction certificates (--prototypes {args.prototypes}) do not use; drop them, or drop "
                           f"--prototypes to certify features.")
+    if args.prototypes:
+        return
     try:  # the bound and the epsilon / tau lists; the reach at σ is checked once the model is loaded
         check_sequential(args.target_cosine, args.target_radius, args.epsilon, args.tau, args.bound,
                          names=OPTION_NAMES)
@@ -100,12 +126,14 @@ def check_options(args) -> None:
 
 def check_model_options(args, tower, prototypes) -> None:
     """Checks that need the loaded model: a target within reach at its σ, prototypes of its feature width."""
-    if args.target_cosine is not None or args.target_radius is not None:
+    if prototypes is None and (args.target_cosine is not None or args.target_radius is not None):
         try:
             target_score(args.target_cosine, args.target_radius, args.epsilon, args.tau, tower.sigma, args.bound,
                          names=OPTION_NAMES)
         except ValueError as error:
             raise OptionError(str(error)) from None
+    if prototypes is not None and args.method == "vote" and args.target_radius is not None:
+        check_vote_target(args.target_radius, tower.sigma)
     if prototypes is not None:
         width = feature_width(tower, args.image_size)
         if prototypes.shape[1] != width:
@@ -184,6 +212,8 @@ def run(args) -> int:
                       target_cosine=args.target_cosine, target_radius=args.target_radius)
     else:
         params.update(prototypes={"sha256": file_sha256(args.prototypes), "shape": list(prototypes.shape)})
+        if args.method == "vote":  # margin runs, made before --method existed, keep their parameters
+            params.update(method="vote", target_radius=args.target_radius)
     with Run(args.output, "certify", shard, overwrite=args.overwrite, repair=args.repair) as run:
         run.lock()
         run.open(params, run_info(shard, len(source)), resolve={"seed": fresh_seed})
@@ -206,8 +236,9 @@ def run(args) -> int:
                                       target_cosine=args.target_cosine, target_radius=args.target_radius, **common)
                 else:
                     label = _check_label(item, prototypes, getattr(source, "label_column", None))
+                    vote = {"method": "vote", "target_radius": args.target_radius} if args.method == "vote" else {}
                     (cert,) = certify_prediction(tower, [image], prototypes, None if label is None else [label],
-                                                 **common)
+                                                 **common, **vote)
                 values = {k: v for k, v in cert.to_dict().items() if k != "index"}
                 run.append({"key": item.key, "index": item.index, "status": "ok", "model": args.model, **values,
                             "elapsed_s": round(time.perf_counter() - start, 4)})

@@ -42,6 +42,26 @@ def load_model(name: str, booster: str | None = None):
     return model
 
 
+def load_processor(name: str, model):
+    """The processor (tokenizer + image processor) of `--model` `name`, from the checkpoint the model was loaded from
+    (offline first: the built-in aliases are in the local Hub cache). A model without one is an [`OptionError`]."""
+    from transformers import AutoProcessor
+
+    source = getattr(model.config, "_name_or_path", None) or name
+    errors = []
+    for offline in (True, False):
+        try:
+            processor = AutoProcessor.from_pretrained(source, local_files_only=offline)
+        except (OSError, ValueError, KeyError, TypeError) as error:
+            errors.append(error)
+            continue
+        if getattr(processor, "tokenizer", None) is not None:
+            return processor
+    detail = f" ({type(errors[-1]).__name__}: {errors[-1]})" if errors else ""
+    raise OptionError(f"--model {name}: no processor with a tokenizer at {source}{detail}; answers need the model's "
+                      f"tokenizer and image processor (processor_config.json / tokenizer files beside the weights).")
+
+
 def open_source(args) -> ImageSource:
     """The images of `--images` (a folder, `skimage` or a built-in labelled set) or `--dataset`, read lazily; the
     first `--limit` of them when given. A source that cannot be opened (a missing or empty folder, an empty split,
@@ -68,4 +88,4 @@ def _open_source(args) -> ImageSource:
     return FirstImages(source, args.limit) if args.limit else source
 
 
-__all__ = ["SHIPPED_BOOSTER", "load_model", "open_source", "resolve_booster"]
+__all__ = ["SHIPPED_BOOSTER", "load_model", "load_processor", "open_source", "resolve_booster"]

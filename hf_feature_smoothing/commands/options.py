@@ -11,6 +11,7 @@ import torch
 from ..assets.registry import BOOSTER_ALIASES, model_aliases_help
 from ..runs import RunError
 from ..runs.plotting import PLOT_SUFFIXES
+from ..statistics.vote import vote_target
 from ..utils.validation import SEED, Range
 
 
@@ -71,7 +72,7 @@ def add_model(parser: argparse.ArgumentParser, booster_help: str) -> None:
                                                              for name, (description, _) in BOOSTER_ALIASES.items()))
 
 
-def add_images(parser: argparse.ArgumentParser) -> None:
+def add_images(parser: argparse.ArgumentParser, image_size: bool = True) -> None:
     from PIL import Image
 
     source = parser.add_mutually_exclusive_group()
@@ -89,8 +90,9 @@ def add_images(parser: argparse.ArgumentParser) -> None:
                              "`label` when the dataset has it")
     parser.add_argument("--max-image-pixels", type=number(int, 0), default=Image.MAX_IMAGE_PIXELS,
                         help="images with more pixels are skipped as decompression bombs (0: no limit)")
-    parser.add_argument("--image-size", type=number(int, 1), default=None,
-                        help="resize/centre-crop size in pixels; default: the model's own resolution")
+    if image_size:  # commands that feed the model through its processor take its size
+        parser.add_argument("--image-size", type=number(int, 1), default=None,
+                            help="resize/centre-crop size in pixels; default: the model's own resolution")
     parser.add_argument("--limit", type=number(int, 1), default=None,
                         help="use only the first N images of the source; default: all")
 
@@ -100,8 +102,10 @@ def add_verbosity(parser: argparse.ArgumentParser) -> None:
                         help="log level of hf_feature_smoothing messages")
 
 
-def add_run(parser: argparse.ArgumentParser, output: str, chunk_size: Range) -> None:
-    """The `run` group of `certify` and `attack`: output, plot, resume, seed, device, dtype, chunk size."""
+def add_run(parser: argparse.ArgumentParser, output: str, chunk_size: Range,
+            chunk_help: str | None = None, dtype: bool = True) -> None:
+    """The `run` group of the run commands: output, plot, resume, seed, device, dtype (unless `dtype=False`), chunk
+    size (`chunk_help` says what a chunk is, when not noisy copies per tower call)."""
     from ..smoothing.configuration_feature_smoothing import FeatureSmoothingConfig
 
     run = parser.add_argument_group("run")
@@ -120,13 +124,14 @@ def add_run(parser: argparse.ArgumentParser, output: str, chunk_size: Range) -> 
     run.add_argument("--device", type=torch_device, default=None,
                      help="torch device; default: accelerate's device for this process (cuda:<local rank> on GPUs, "
                           "else cpu)")
-    run.add_argument("--dtype", default="float32", choices=DTYPES,
-                     help="compute dtype of the tower passes (autocast); certificates then cover the encoder as "
-                          "computed in that dtype. bfloat16 only where the CPU/GPU supports it, float16 on CUDA")
+    if dtype:
+        run.add_argument("--dtype", default="float32", choices=DTYPES,
+                         help="compute dtype of the tower passes (autocast); certificates then cover the encoder as "
+                              "computed in that dtype. bfloat16 only where the CPU/GPU supports it, float16 on CUDA")
     run.add_argument("--chunk-size", type=number(chunk_size), default=None,
-                     help=f"noisy copies per tower call (memory vs speed; with a seed, certificates do not depend "
-                          f"on it); default: the model's own (a smoothed model's `smoothing_config.chunk_size`), "
-                          f"else {FeatureSmoothingConfig.chunk_size}")
+                     help=chunk_help or f"noisy copies per tower call (memory vs speed; with a seed, certificates do "
+                                        f"not depend on it); default: the model's own (a smoothed model's "
+                                        f"`smoothing_config.chunk_size`), else {FeatureSmoothingConfig.chunk_size}")
     add_verbosity(run)
 
 
@@ -186,13 +191,20 @@ def check_run_options(args) -> None:
             raise OptionError(f"--device {args.device}: this machine has {torch.cuda.device_count()} CUDA "
                               f"device(s).")
     on_cuda = device.type == "cuda" if device is not None else torch.cuda.is_available()
-    if args.dtype == "float16" and not on_cuda:
+    if getattr(args, "dtype", "float32") == "float16" and not on_cuda:
         raise OptionError("--dtype float16: only on CUDA devices; use --dtype float32 (or bfloat16 where "
                           "supported).")
-    if args.dtype == "bfloat16":
+    if getattr(args, "dtype", "float32") == "bfloat16":
         from ..utils.hardware import bf16_supported
 
         if not bf16_supported("cuda" if on_cuda else "cpu"):
             raise OptionError(f"--dtype bfloat16: not supported on this {'GPU' if on_cuda else 'CPU'}; use --dtype "
                               f"float32.")
 
+
+def check_vote_target(target_radius: float, sigma: float) -> None:
+    """--target-radius of a vote certificate is within reach at the model's σ (an [`OptionError`] otherwise)."""
+    try:
+        vote_target(target_radius, sigma)
+    except ValueError as error:
+        raise OptionError(f"--target-radius {target_radius:g}: {error}") from None

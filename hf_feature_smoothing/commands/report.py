@@ -14,7 +14,7 @@ def register_subcommand(subparsers) -> None:
                               description="Pool one or more run files (same parameters, or one group per parameter "
                                           "set with --group-by-params) into a summary table, plots and `model-index` "
                                           "metrics.")
-    r.add_argument("runs", nargs="+", help="run files (.jsonl) written by `hf-fs certify` or `hf-fs attack`")
+    r.add_argument("runs", nargs="+", help="run files (.jsonl) written by `hf-fs certify`, `hf-fs certify-answer` or `hf-fs attack`")
     r.add_argument("--output-dir", default=None,
                    help="where summary.md, group<i>.png and model-index.yaml go; default: <first run>-report")
     r.add_argument("--group-by-params", action="store_true",

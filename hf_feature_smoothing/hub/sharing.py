@@ -26,15 +26,20 @@ TEMPLATE = Path(__file__).parent / "model_card_templates" / "certified_model.md"
 TAGS = ["hf-feature-smoothing", "certified-robustness", "feature-space-smoothing"]
 
 
+def certificate_kind(row: dict) -> str:
+    """`"answer"` ([`AnswerCertificate`]), `"prediction"` ([`PredictionCertificate`]) or `"feature"`."""
+    return "answer" if "answer" in row else "prediction" if "prediction" in row else "feature"
+
+
 def _as_dicts(certificates) -> list[dict]:
     rows = [c if isinstance(c, dict) else c.to_dict() for c in certificates or []]
-    kinds = {"prediction" in r for r in rows}
+    kinds = {certificate_kind(r) for r in rows}
     if len(kinds) > 1:
-        raise ValueError("Mix of feature and prediction certificates: share one kind per call.")
-    if len({(r["sigma"], r["n"], r["alpha"], r["bound"], r.get("target_cosine"), r.get("target_radius"))
-            for r in rows}) > 1:
-        raise ValueError("Certificates differ in σ, n, α, bound or sequential target: aggregate one setting at a "
-                         "time.")
+        raise ValueError(f"Mix of {' and '.join(sorted(kinds))} certificates: share one kind per call.")
+    if len({(r["sigma"], r["n"], r["alpha"], r["bound"], r.get("target_cosine"), r.get("target_radius"),
+             r.get("method"), r.get("candidates_digest")) for r in rows}) > 1:
+        raise ValueError("Certificates differ in σ, n, α, bound, method, candidate answers or sequential target: "
+                         "aggregate one setting at a time.")
     for advisory, count in Counter(a for r in rows for a in advisories_for(r)).items():
         logger.warning(f"{count} of {len(rows)} certificates are affected by `{advisory.name}`: {advisory.summary}")
     return rows
@@ -44,17 +49,28 @@ def certificate_eval_results(certificates, dataset_name: str, dataset_type: str 
                              task_type: str = "image-feature-extraction",
                              radii: Sequence[float] = (0.0, 0.05, 0.1, 0.25, 0.5)) -> list[EvalResult]:
     """`model-index` entries for a list of [`FeatureCertificate`] (certified cosine at each of their ε, mean S_low,
-    abstain rate) or [`PredictionCertificate`] (certified accuracy at each of `radii`). Every entry's `metric_args`
-    states σ, ε or r, n, α, the bound and the noise space; sequential certificates (stopped at `target_cosine` /
-    `target_radius`) say so in every entry's name ("sequential, target …, n ≤ N") and `metric_args` (the targets,
-    `n` as the most samples and the mean `n_used`)."""
+    abstain rate), [`PredictionCertificate`] or [`AnswerCertificate`] (certified accuracy at each of `radii`; answer
+    certificates default `task_type` to visual question answering). Every entry's `metric_args` states σ, ε or r, n,
+    α, the bound and the noise space; prediction and answer entries the method (`"margin"` / `"vote"`) and n0, answer
+    entries the candidate answers (texts and digest), the prompt digest and the booster. Sequential certificates
+    (stopped at `target_cosine` / `target_radius`) say so in every entry's name ("sequential, target …, n ≤ N") and
+    `metric_args` (the targets, `n` as the most samples and the mean `n_used`)."""
     rows = _as_dicts(certificates)
     if not rows:
         return []
     first = rows[0]
+    kind = certificate_kind(first)
     args = {"sigma": first["sigma"], "n": first["n"], "alpha": first["alpha"], "bound": first["bound"],
             "noise_space": first["noise_space"], "num_images": len(rows)}
     setting = f"σ={first['sigma']}"
+    if kind != "feature":
+        args.update(method=first.get("method", "margin"), n0=first["n0"])
+        setting += f", {args['method']}"
+    if kind == "answer":
+        args.update({key: first[key] for key in ("candidates", "candidates_digest", "prompt_digest", "booster",
+                                                 "booster_digest", "base_classifier")})
+        if task_type == "image-feature-extraction":
+            task_type = "visual-question-answering"
     targets = _targets(first)
     if targets:
         args.update(sequential=True, target_cosine=first.get("target_cosine"),
@@ -63,13 +79,14 @@ def certificate_eval_results(certificates, dataset_name: str, dataset_type: str 
         setting += f", sequential, {targets}, n ≤ {first['n']}"
     common = dict(task_type=task_type, dataset_type=dataset_type or dataset_name, dataset_name=dataset_name)
     results = []
-    if "prediction" in first:
-        accuracy = certified_accuracy([r["prediction"] for r in rows], [r["label"] for r in rows],
+    if kind != "feature":
+        accuracy = certified_accuracy([r[kind] for r in rows], [r["label"] for r in rows],
                                       [r["radius"] for r in rows], radii)
+        what = "certified answer accuracy" if kind == "answer" else "certified accuracy"
         for r in radii:
             value = accuracy[f"certified_accuracy@{r:g}"]
             results.append(EvalResult(**common, metric_type="certified_accuracy", metric_value=value,
-                                      metric_name=f"certified accuracy @ r={r:g} ({setting})",
+                                      metric_name=f"{what} @ r={r:g} ({setting})",
                                       metric_args={**args, "radius": r}))
     else:
         epsilons = first["epsilon"]
@@ -83,15 +100,17 @@ def certificate_eval_results(certificates, dataset_name: str, dataset_type: str 
                                   metric_value=sum(r["score_lower"] for r in rows) / len(rows),
                                   metric_name=f"mean S_low ({setting})", metric_args=args))
     results.append(EvalResult(**common, metric_type="abstain_rate", metric_value=sum(
-        bool(r.get("abstain", r.get("prediction") is None)) for r in rows) / len(rows),
+        bool(r["abstain"]) if kind == "feature" else r[kind] is None for r in rows) / len(rows),
         metric_name=f"abstain rate ({setting})", metric_args=args))
     return results
 
 
 def _targets(row: dict) -> str:
-    """`"target FCSB ≥ 0.9"` / `"target R_τ ≥ 0.1"` of a sequential certificate, `""` at a fixed n."""
+    """`"target FCSB ≥ 0.9"` / `"target R_τ ≥ 0.1"` (a vote's: `"target radius ≥ 0.5"`) of a sequential
+    certificate, `""` at a fixed n."""
+    radius = "target radius ≥" if row.get("method") == "vote" else "target R_τ ≥"
     return ", ".join(f"{name} {row[key]:g}" for key, name in (("target_cosine", "target FCSB ≥"),
-                                                             ("target_radius", "target R_τ ≥"))
+                                                             ("target_radius", radius))
                      if row.get(key) is not None)
 
 

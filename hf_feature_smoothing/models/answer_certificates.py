@@ -72,6 +72,7 @@ class AnswerCertificate:
     booster: str | None = None
     booster_digest: str | None = None
     method: str = "vote"
+    bound: str = "betting"
     base_classifier: str = BASE_CLASSIFIER
     noise_space: str = NOISE_SPACE
     versions: dict[str, str] = field(default_factory=versions)

@@ -67,16 +67,17 @@ def run_state(contents: RunContents) -> RunState:
 
 def sequential_label(params: dict) -> str | None:
     """`"sequential, target FCSB ≥ 0.9, n ≤ 256"` for a run that stops sampling at a target; `None` otherwise."""
+    radius = "target radius ≥" if params.get("method") == "vote" else "target R_τ ≥"  # a vote's radius has no τ
     targets = [f"{name} {value:g}" for name, value in (("target FCSB ≥", params.get("target_cosine")),
-                                                       ("target R_τ ≥", params.get("target_radius")))
+                                                       (radius, params.get("target_radius")))
                if value is not None]
     return f"sequential, {', '.join(targets)}, n ≤ {params.get('n')}" if targets else None
 
 
 def run_kind(header: dict) -> str:
-    """`"feature"` (certified cosine), `"prediction"` (certified accuracy) or `"attack"`."""
-    if header["command"] == "attack":
-        return "attack"
+    """`"feature"` (certified cosine), `"prediction"` or `"answer"` (certified accuracy) or `"attack"`."""
+    if header["command"] in ("attack", "certify-answer"):
+        return {"attack": "attack", "certify-answer": "answer"}[header["command"]]
     return "prediction" if header["params"].get("prototypes") else "feature"
 
 
@@ -104,7 +105,7 @@ class RunGroup:
     @property
     def label(self) -> str:
         p = self.params
-        n = f"n={p.get('n')}" if self.kind != "feature" or not sequential_label(p) else f"({sequential_label(p)})"
+        n = f"({sequential_label(p)})" if sequential_label(p) else f"n={p.get('n')}"
         return f"{self.command} {p.get('model')} σ={p.get('sigma')} {n} α={p.get('alpha')}"
 
 
@@ -187,6 +188,18 @@ def _mean(values) -> float:
     return sum(values) / len(values) if values else float("nan")
 
 
+def _sequential_note(params: dict, rows: list[dict]) -> list[str]:
+    """How the rows of a sequential run were sampled (a stopping rule, not n samples each); nothing at a fixed n."""
+    label = sequential_label(params)
+    if not label:
+        return []
+    stops = Counter(r.get("stop", "n") for r in rows)
+    used = _mean(r.get("n_used") or params["n"] for r in rows)
+    note = (f"\n{label}: mean n used {used:.1f}; stopped at the target {stops['target']}, unreachable "
+            f"{stops['unreachable']}, at n {stops['n']} (of {len(rows)}).")
+    return [note]
+
+
 def summary_lines(group: RunGroup, radii: tuple[float, ...] = (0.0, 0.05, 0.1, 0.25, 0.5)) -> list[str]:
     """A markdown table of the group's aggregates (abstentions and negative bounds count as 0)."""
     rows, p = group.rows, group.params
@@ -203,25 +216,21 @@ def summary_lines(group: RunGroup, radii: tuple[float, ...] = (0.0, 0.05, 0.1, 0
         cells += [(f"certified cosine ε={e:g}", cosine[f"certified_cosine@{e:g}"]) for e in p["epsilon"]]
         table = ["| " + " | ".join(c[0] for c in cells) + " |", "|" + "---|" * len(cells),
                  "| " + " | ".join(f"{c[1]:.4f}" for c in cells) + " |"]
-        label = sequential_label(p)
-        if label:  # the table says how the rows were sampled: a stopping rule, not n samples each
-            stops = Counter(r.get("stop", "n") for r in rows)
-            used = _mean(r.get("n_used") or p["n"] for r in rows)
-            table.append(f"\n{label}: mean n used {used:.1f}; stopped at the target "
-                         f"{stops['target']}, unreachable {stops['unreachable']}, at n {stops['n']} (of {len(rows)}).")
-        return [head, "", *table]
-    if group.kind == "prediction":
+        return [head, "", *table, *_sequential_note(p, rows)]
+    if group.kind in ("prediction", "answer"):
+        predicted = "prediction" if group.kind == "prediction" else "answer"
         labelled = [r for r in rows if r.get("label") is not None]
         if not labelled:
-            abstain = _mean(r["prediction"] is None for r in rows)
+            abstain = _mean(r[predicted] is None for r in rows)
             note = f"no labels (pass --label-column): certified accuracy needs them; abstain rate {abstain:.4f}."
             return [head, "", note]
-        accuracy = certified_accuracy([r["prediction"] for r in labelled], [r["label"] for r in labelled],
+        accuracy = certified_accuracy([r[predicted] for r in labelled], [r["label"] for r in labelled],
                                       [r["radius"] for r in labelled], radii)
         cells = [(f"certified accuracy r={r:g}", accuracy[f"certified_accuracy@{r:g}"]) for r in radii]
         cells.append(("abstain rate", accuracy["abstain_rate"]))
         return [head + f", {len(labelled)} labelled", "", "| " + " | ".join(c[0] for c in cells) + " |",
-                "|" + "---|" * len(cells), "| " + " | ".join(f"{c[1]:.4f}" for c in cells) + " |"]
+                "|" + "---|" * len(cells), "| " + " | ".join(f"{c[1]:.4f}" for c in cells) + " |",
+                *_sequential_note(p, rows)]
     from ..attacks.evaluation import summarize
 
     lines = [head, "", "| variant | ε | clean cos | attacked cos | success | FCSB | violations |",
@@ -242,7 +251,7 @@ def plot_group(group: RunGroup, path: str | os.PathLike) -> bool:
         return False
     if group.kind == "feature":
         plot_certified_cosine(group.rows, path)
-    elif group.kind == "prediction":
+    elif group.kind in ("prediction", "answer"):
         if not any(r.get("label") is not None for r in group.rows):
             return False
         plot_certified_accuracy(group.rows, path)
@@ -258,7 +267,7 @@ def eval_results(group: RunGroup, dataset_name: str | None = None, radii=(0.0, 0
     if group.kind == "attack" or not group.rows:
         return []
     rows = group.rows
-    if group.kind == "prediction":
+    if group.kind in ("prediction", "answer"):
         rows = [r for r in rows if r.get("label") is not None]
         if not rows:
             return []

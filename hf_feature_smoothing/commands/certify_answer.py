@@ -1,0 +1,178 @@
+"""`hf-fs certify-answer`: certify an MLLM's answer among candidate answers (Cohen et al.'s vote certificate,
+[`certify_answer`]) on every image of a folder or dataset, in a resumable, locked run file, then plot and summarise
+certified accuracy per radius. Defaults and ranges are the API's; every value is checked before the run file, its
+header or its lock is written."""
+
+import time
+from pathlib import Path
+
+from ..assets.labelled_images import ANSWER_SETS
+from ..assets.registry import LLAVA_NAME
+from ..certification import as_smoothed_tower
+from ..certification.arguments import ALPHA, CHUNK_SIZE, DEFAULTS, SAMPLES, SIGMA, TARGET_RADIUS
+from ..models.answer_certificates import certify_answer
+from ..models.answers import CandidateAnswers
+from ..runs import Run, Shard, UnreadableImage
+from ..runs.report import RunGroup, plot_group, summary_lines
+from ..smoothing.noise import fresh_seed
+from ..smoothing.towers.llava import LlavaTowerFamily
+from ..utils.validation import is_class_index
+from .loading import load_model, load_processor, open_source
+from .options import (
+    HelpFormatter,
+    OptionError,
+    add_images,
+    add_model,
+    add_run,
+    check_run_options,
+    check_vote_target,
+    number,
+)
+from .running import model_params, progress, run_info, skip_row
+
+
+BATCH_SIZE = 16  # noisy copies per forward pass, `certify_answer`'s default
+
+
+def register_subcommand(subparsers) -> None:
+    c = subparsers.add_parser(
+        "certify-answer", formatter_class=HelpFormatter,
+        help="certify an MLLM's answers among candidate answers (vote certificate); resumable run file + plot",
+        description="Certify the answer of a LLaVA-type MLLM to one question about every image, among candidate "
+                    "answers: the vote of the model's answers on noisy copies x + δ (Cohen et al.), certified "
+                    "within ℓ2 radius σ Φ⁻¹(p̲_A) with probability ≥ 1 − α; one JSONL row per image.")
+    add_model(c, "booster adapter folder or Hub repo id, loaded into the model (conditioned on σ)")
+    c.set_defaults(model=LLAVA_NAME)
+    add_images(c, image_size=False)  # the processor prepares the images at the model's own size
+    c.add_argument("--candidates", nargs="+", default=["digits"],
+                   help="the candidate answers (at least two; they share a prefix and differ at one token, e.g. "
+                        "'The digit is 0.' 'The digit is 1.'), or a built-in set: "
+                        + ", ".join(f"`{name}` ({len(answers)} answers to {question!r})"
+                                    for name, (question, answers) in ANSWER_SETS.items())
+                        + "; a label k of the images means candidate k")
+    c.add_argument("--question", default=None,
+                   help="the question asked about each image; default: the built-in set's question (required with "
+                        "answers given as text)")
+    c.add_argument("--sigma", type=number(SIGMA), default=None,
+                   help="noise std in [0, 1] pixel units; default: the model's own (`smoothing_config.sigma`)")
+    c.add_argument("--n0", type=number(SAMPLES), default=DEFAULTS["n0"],
+                   help="selection copies (they choose the answer), never reused for estimation")
+    c.add_argument("--n", type=number(SAMPLES), default=DEFAULTS["n"], help="estimation copies (the most drawn "
+                                                                             "with --target-radius)")
+    c.add_argument("--alpha", type=number(ALPHA), default=DEFAULTS["alpha"],
+                   help="failure probability of each certificate")
+    c.add_argument("--target-radius", type=number(TARGET_RADIUS), default=None,
+                   help="sequential certification: stop sampling once this ℓ2 radius is certified (or can no longer "
+                        "be within --n); anytime-valid betting bound")
+    add_run(c, "outputs/certify-answer.jsonl", CHUNK_SIZE, dtype=False,  # the model runs in its own dtype
+            chunk_help=f"noisy copies per forward pass, each scoring every candidate (memory vs speed; recorded: "
+                       f"the model's kernels may round differently in other batch sizes); default {BATCH_SIZE}")
+    c.set_defaults(func=run)
+
+
+def candidate_texts(args) -> tuple[str, list[str]]:
+    """(question, answers) from --candidates and --question: a built-in set, or answers given as text."""
+    if len(args.candidates) == 1 and args.candidates[0] in ANSWER_SETS:
+        question, answers = ANSWER_SETS[args.candidates[0]]
+        return args.question or question, list(answers)
+    if len(args.candidates) < 2 or len(set(args.candidates)) != len(args.candidates):
+        raise OptionError(f"--candidates {' '.join(args.candidates)}: give at least two distinct answers, or one "
+                          f"built-in set ({', '.join(ANSWER_SETS)}).")
+    if not args.question:
+        raise OptionError("--question: required with answers given as text (the question the answers reply to).")
+    return args.question, list(args.candidates)
+
+
+def check_options(args) -> None:
+    """Checks between options that need no model."""
+    check_run_options(args)
+    candidate_texts(args)
+
+
+def prompt(processor, question: str, model_name: str) -> str:
+    """The chat prompt of one image and `question`, ending where the answer starts (the processor's template)."""
+    if not getattr(processor, "chat_template", None):
+        raise OptionError(f"--model {model_name}: its processor has no chat template, so the prompt cannot be built; "
+                          f"use an instruction-tuned MLLM whose processor_config / tokenizer_config has one.")
+    conversation = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": question}]}]
+    return processor.apply_chat_template(conversation, add_generation_prompt=True)
+
+
+def check_labels(source, num_answers: int, candidates: str) -> None:
+    """Every label of the source names a candidate (checked before the run starts, without decoding images)."""
+    if getattr(source, "label_column", None) is None:
+        return
+    for item in source.items():
+        if item.label is not None and not is_class_index(item.label, num_answers):
+            raise OptionError(f"--candidates {candidates}: {num_answers} answers, but image {item.key} has label "
+                              f"{item.label!r}; a label k means candidate k (integers 0..{num_answers - 1}).")
+
+
+def run(args) -> int:
+    check_options(args)
+    question, texts = candidate_texts(args)
+    source = open_source(args)
+    check_labels(source, len(texts), " ".join(args.candidates))
+    shard = Shard.from_accelerate(args.device)
+    model = load_model(args.model, args.booster).to(shard.device)
+    tower = as_smoothed_tower(model, args.sigma)  # the model's own σ by default (else the config default)
+    if tower.family.model_type not in LlavaTowerFamily.model_types:
+        raise OptionError(f"--model {args.model}: a {tower.family.model_type} model; certify-answer needs a "
+                          f"LLaVA-type MLLM (one image tensor per prompt; Qwen-VL's patch-flattened images are not "
+                          f"supported yet), e.g. --model {LLAVA_NAME}.")
+    if args.target_radius is not None:
+        check_vote_target(args.target_radius, tower.sigma)
+    processor = load_processor(args.model, model)
+    text = prompt(processor, question, args.model)
+    try:
+        candidates = CandidateAnswers.from_texts(processor.tokenizer, texts)
+    except ValueError as error:
+        raise OptionError(f"--candidates: {error}") from None
+    sigma = tower.sigma
+    batch_size = args.chunk_size or BATCH_SIZE
+    params = {**model_params(args, model), "source": source.description, "question": question, "prompt": text,
+              "candidates": texts, "candidates_digest": candidates.digest(), "sigma": sigma, "n0": args.n0,
+              "n": args.n, "alpha": args.alpha, "target_radius": args.target_radius, "bound": "betting",
+              "method": "vote", "batch_size": batch_size, "seed": args.seed, "device": shard.device.type,
+              "max_image_pixels": args.max_image_pixels}
+    pad_token_id = processor.tokenizer.pad_token_id
+    with Run(args.output, "certify-answer", shard, overwrite=args.overwrite, repair=args.repair) as run:
+        run.lock()
+        run.open(params, run_info(shard, len(source)), resolve={"seed": fresh_seed})
+        seed = run.params["seed"]
+        indices = shard.indices(len(source))
+        with progress(shard, len(indices), "certify-answer") as bar:
+            for item in source.items(indices):
+                bar.update()
+                if item.key in run.done:
+                    continue
+                start = time.perf_counter()
+                try:
+                    image = item.load()
+                except UnreadableImage as error:
+                    run.append(skip_row(item, error))
+                    continue
+                inputs = processor(images=[image], text=[text], return_tensors="pt")
+                inputs = {key: inputs[key].to(shard.device) for key in ("input_ids", "attention_mask", "pixel_values")}
+                cert = certify_answer(model, inputs, candidates, sigma=sigma, n0=args.n0, n=args.n, alpha=args.alpha,
+                                      target_radius=args.target_radius, batch_size=batch_size, seed=seed,
+                                      pad_token_id=pad_token_id)
+                label = None if item.label is None else int(item.label)
+                run.append({"key": item.key, "index": item.index, "status": "ok", "label": label, "correct": None if label is None else cert.answer == label,
+                            **cert.to_dict(), "elapsed_s": round(time.perf_counter() - start, 4)})
+        rows = run.finish()
+        params = run.params
+    if rows is None:  # not rank 0
+        return 0
+    ok = [r for r in rows if r["status"] == "ok"]
+    group = RunGroup("certify-answer", params, [Path(args.output)], ok, [r for r in rows if r["status"] == "skipped"])
+    plotted = plot_group(group, args.plot)
+    target = f", target r ≥ {args.target_radius:g} (sequential)" if args.target_radius else ""
+    print(f"{args.model}{f' + {args.booster}' if args.booster else ''}: {question!r} among {len(texts)} answers "
+          f"(digest {params['candidates_digest']}); σ={sigma} (pixel [0,1]), n0={args.n0}, n={args.n}{target}, "
+          f"α={args.alpha}, seed={params['seed']}")
+    print("\n".join(summary_lines(group, radii=(0.0, 0.1, 0.25, 0.5, 1.0))))
+    for r in group.skipped:
+        print(f"skipped {r['key']}: {r['reason']}")
+    print(f"rows: {args.output}" + (f"  plot: {args.plot}" if plotted else ""))
+    return 0
