@@ -1,125 +1,202 @@
-"""Prediction-wise certification on real data: a few-shot cosine predictor (class prototypes = the mean DINOv2-S/14
-feature of `--shots` training images per class) on the digits and the textiles, certified accuracy vs radius at
-σ ∈ {0.12, 0.25, 0.5}, with and without a Gaussian Smoothness Booster — all through the public tools:
+"""Certified predictions side by side, on the same held-out images, α and sample budget (n0 selection + n estimation
+noisy copies per image), with the public tools only:
 
-    hf-fs prototypes --model llava-dinov2-smollm2 --images digits:train --shots 20 --sigma σ --output .../digits.safetensors
-    hf-fs certify --model llava-dinov2-smollm2 [--booster B] --images digits:test --limit 40 --prototypes ... --sigma σ
+    margin-means  FS margin certificate of the nearest-class-mean cosine predictor on the smoothed feature
+                  (`hf-fs prototypes` → `hf-fs certify --prototypes`)
+    margin-fitted the same certificate with prototypes fitted to the certified margin on the training split
+                  (`hf-fs prototypes --fit`)
+    vote-cosine   Cohen et al.'s vote certificate of the same predictor on single noisy copies
+                  (`hf-fs certify --prototypes --method vote`)
+    vote-answers  the vote certificate of the real LLaVA's answers among the class answers ("The digit is k.",
+                  the three textile answers), teacher-forced (`hf-fs certify-answer`)
 
-and the bundled `evaluate` metric for the aggregates. The encoder is the DINOv2-S/14 tower of the real-weight LLaVA
-(the features its projector reads: all 65 tokens as one vector) and the booster the one shipped for that LLaVA
-(`llava-dinov2-smollm2-gsb`); `--model dinov2-s14 --booster DIR` certifies the stand-alone encoder instead. The
-prototypes of each (set, booster, σ) are the smoothed features at that σ (`hf-fs prototypes --sigma`): what the
-smoothed predictor sees. Every run is resumable (re-running the script continues); the table goes to
-`benchmarks/prediction_certificates.md` and the curves to `benchmarks/prediction_certificates.png`.
+on held-out digits (`--digits`, default 100) and class-balanced held-out textiles (`--textiles`, default 60), at
+σ ∈ {0.12, 0.25, 0.5}, without (`none`) and with (`gsb`) the booster shipped for the LLaVA
+(`llava-dinov2-smollm2-gsb`). The encoder of the cosine predictor is the LLaVA's DINOv2-S/14 tower (the 65 tokens its
+projector reads, as one vector); prototypes are the smoothed (+ boosted) features of `--shots` training images per
+class at the certified σ. Certified accuracy at ℓ2 radius r ∈ {0, 0.1, 0.25, 0.5, 1} (pixel [0, 1] units), the
+abstain rate, seconds per certificate and noisy copies used per image (n0 + n).
 
-    python benchmarks/prediction_certificates.py
+Every cell is one resumable, locked run file in `--output-dir`; re-running continues where it stopped, so the
+benchmark runs in pieces in the background (`--sets`, `--methods`, `--variants`, `--sigmas` choose cells; the cheap
+cosine cells take seconds per image on 2 CPU threads, the LLaVA answers about 0.2 s per noisy copy). The table
+(`benchmarks/prediction_certificates.md`, `.json`) and the curves (`.png`) are written from whatever rows exist,
+unfinished cells marked as such:
+
+    python benchmarks/prediction_certificates.py --methods vote-answers --sets digits --variants gsb --sigmas 0.5
+    python benchmarks/prediction_certificates.py --table-only
 """
 
 import argparse
 import json
+import math
 from pathlib import Path
 
 from hf_feature_smoothing import metrics
 from hf_feature_smoothing.cli import main as hf_fs
 from hf_feature_smoothing.runs import read_run
+from hf_feature_smoothing.statistics.aggregates import wilson_interval
 
 
 SIGMAS = (0.12, 0.25, 0.5)
-RADII = (0.0, 0.05, 0.1, 0.25, 0.5, 1.0)
+RADII = (0.0, 0.1, 0.25, 0.5, 1.0)
 SETS = {"digits": ("digits:train", "digits:test"), "textiles": ("textiles:train", "textiles:test")}
+METHODS = ("margin-means", "margin-fitted", "vote-cosine", "vote-answers")
+VARIANTS = ("none", "gsb")
 
 
-def certify_runs(args) -> list[dict]:
-    out = Path(args.output_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    runs = []
-    common = ["--model", args.model, "--image-size", str(args.image_size)]
-    for name, (train, test) in SETS.items():
-        variants = {"none": None, **({"gsb": args.booster} if args.booster else {})}
-        for variant, booster in variants.items():
-            with_booster = ["--booster", booster] if booster else []
-            for sigma in SIGMAS:
-                protos = out / f"{name}-{variant}-sigma{sigma}.safetensors"
-                if not protos.exists():  # the smoothed (+ boosted) features at this σ: what the predictor sees
-                    assert hf_fs(["prototypes", *common, *with_booster, "--images", train, "--shots",
-                                  str(args.shots), "--sigma", str(sigma), "--num-samples", str(args.prototype_samples),
-                                  "--output", str(protos)]) == 0
-                rows = out / f"{name}-{variant}-sigma{sigma}.jsonl"
-                command = ["certify", *common, *with_booster, "--images", test, "--limit", str(args.limit[name]),
-                           "--prototypes", str(protos), "--sigma", str(sigma), "--n", str(args.n), "--n0",
-                           str(args.n0), "--alpha", str(args.alpha), "--seed", "0", "--dtype", args.dtype,
-                           "--output", str(rows)]
-                assert hf_fs(command) == 0
-                runs.append({"set": name, "booster": variant, "sigma": sigma, "rows": read_run(rows).rows})
-    return runs
+def cell_name(name: str, method: str, variant: str, sigma: float) -> str:
+    return f"{name}-{method}-{variant}-sigma{sigma}"
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    parser.add_argument("--model", default="llava-dinov2-smollm2", help="`hf-fs --model` of the encoder")
-    parser.add_argument("--booster", default="llava-dinov2-smollm2-gsb",
-                        help="GSB adapter for --model (adds the `gsb` rows); '' for none")
-    parser.add_argument("--shots", type=int, default=20, help="training images per class for the prototypes")
-    parser.add_argument("--prototype-samples", type=int, default=4, help="noisy copies per prototype image")
-    parser.add_argument("--digits", type=int, default=40, help="held-out digits certified")
-    parser.add_argument("--textiles", type=int, default=30, help="held-out textiles certified (first N of the split)")
-    parser.add_argument("--n", type=int, default=128, help="estimation samples per image")
-    parser.add_argument("--image-size", type=int, default=112, help="DINOv2 input size (the boosters' training size)")
-    parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"],
-                        help="compute dtype of the tower passes (bfloat16 where the CPU/GPU supports it)")
-    parser.add_argument("--n0", type=int, default=32, help="selection samples per image")
-    parser.add_argument("--alpha", type=float, default=0.001, help="failure probability")
-    parser.add_argument("--output-dir", default="outputs/prediction-certificates", help="prototypes and run files")
-    parser.add_argument("--table", default="benchmarks/prediction_certificates.md", help="markdown table")
-    parser.add_argument("--plot", default="benchmarks/prediction_certificates.png", help="curves")
-    args = parser.parse_args()
-    args.limit = {"digits": args.digits, "textiles": args.textiles}
-    runs = certify_runs(args)
+def prototypes_file(args, name: str, variant: str, sigma: float, fit: bool) -> Path:
+    """Prototypes from the smoothed (+ boosted) training features at σ (what the cosine predictor compares with):
+    class means, or fitted to the certified margin; made once per (set, variant, σ, recipe)."""
+    path = Path(args.output_dir) / f"{name}-{variant}-sigma{sigma}{'-fitted' if fit else ''}.safetensors"
+    if not path.exists():
+        assert hf_fs(["prototypes", "--model", args.model, *booster_args(args, variant), "--image-size",
+                      str(args.image_size), "--images", SETS[name][0], "--shots", str(args.shots), "--sigma",
+                      str(sigma), "--num-samples", str(args.prototype_samples), "--output", str(path),
+                      *(["--fit"] if fit else [])]) == 0
+    return path
+
+
+def booster_args(args, variant: str) -> list[str]:
+    return ["--booster", args.booster] if variant == "gsb" else []
+
+
+def run_cell(args, name: str, method: str, variant: str, sigma: float) -> None:
+    rows = Path(args.output_dir) / f"{cell_name(name, method, variant, sigma)}.jsonl"
+    common = [*booster_args(args, variant), "--images", SETS[name][1], "--limit", str(args.limit[name]), "--sigma",
+              str(sigma), "--n", str(args.n), "--n0", str(args.n0), "--alpha", str(args.alpha), "--seed", "0",
+              "--output", str(rows)]
+    if method == "vote-answers":
+        command = ["certify-answer", "--model", args.model, "--candidates", name, *common]
+    else:
+        protos = prototypes_file(args, name, variant, sigma, fit=method == "margin-fitted")
+        command = ["certify", "--model", args.model, "--image-size", str(args.image_size), "--prototypes",
+                   str(protos), "--method", method.split("-")[0], *common]
+    assert hf_fs(command) == 0, command
+
+
+def cells(args, every: bool = False):
+    """The cells the options choose (`every`: all cells, for the table, whichever pieces this call runs)."""
+    sigmas = sorted(set(SIGMAS) | set(args.sigmas)) if every else args.sigmas
+    for name in SETS if every else args.sets:
+        for variant in VARIANTS if every else args.variants:
+            for sigma in sigmas:
+                for method in METHODS if every else args.methods:
+                    yield name, method, variant, sigma
+
+
+def summarise(args) -> list[dict]:
+    """One summary per cell that has rows: certified accuracy per radius (95% Wilson intervals at r = 0.5, 1),
+    abstain rate, seconds per certificate and copies used."""
     metric = metrics.load("certified_robustness", "accuracy")
-    header = "| set | booster | σ | images | " + " | ".join(f"r = {r:g}" for r in RADII) + " | abstain |"
-    lines = [(f"`{args.model}` (DINOv2-S/14) @{args.image_size} px ({args.dtype}), nearest-class-mean cosine "
-              f"predictor ({args.shots} shots per class, prototypes = smoothed features at the certified σ from "
-              f"{args.prototype_samples} noisy copies), n = {args.n}, n0 = {args.n0}, α = {args.alpha}, betting bound; "
-              "certified accuracy at ℓ2 radius r (pixel [0, 1] units); booster `gsb` = "
-              f"`{args.booster or '-'}`."), "",
-             header, "|" + "---|" * (5 + len(RADII))]
     results = []
-    for run in runs:
-        ok = [r for r in run["rows"] if r["status"] == "ok"]
-        scores = metric.compute(prediction=[-1 if r["prediction"] is None else r["prediction"] for r in ok],
-                                label=[r["label"] for r in ok], radius=[r["radius"] for r in ok], radii=list(RADII))
-        results.append({**{k: run[k] for k in ("set", "booster", "sigma")}, "images": len(ok), **scores})
-        cells = " | ".join(f"{scores[f'certified_accuracy@{r:g}']:.3f}" for r in RADII)
-        lines.append(f"| {run['set']} | {run['booster']} | {run['sigma']} | {len(ok)} | {cells} | "
-                     f"{scores['abstain_rate']:.3f} |")
-    Path(args.table).write_text("\n".join(lines) + "\n")
-    Path(args.table).with_suffix(".json").write_text(json.dumps(results, indent=1))
-    plot(runs, args.plot)
-    print("\n".join(lines))
+    for name, method, variant, sigma in cells(args, every=True):
+        path = Path(args.output_dir) / f"{cell_name(name, method, variant, sigma)}.jsonl"
+        ok = [r for r in read_run(path).rows if r["status"] == "ok"]
+        if not ok:
+            continue
+        predicted = [r.get("answer", r.get("prediction")) for r in ok]
+        scores = metric.compute(prediction=[-1 if p is None else p for p in predicted],
+                                label=[r["label"] for r in ok], radius=[r["radius"] for r in ok], epsilon=list(RADII))
+        copies = [r["n0"] + (r.get("n_used") or r["n"]) for r in ok]
+        results.append({"set": name, "method": method, "booster": variant, "sigma": sigma, "images": len(ok),
+                        "planned": args.limit[name], **scores,
+                        **{f"interval@{r:g}": wilson_interval(round(scores[f"certified_accuracy@{r:g}"] * len(ok)),
+                                                              len(ok)) for r in (0.5, 1.0)},
+                        "seconds_per_certificate": sum(r["elapsed_s"] for r in ok) / len(ok),
+                        "copies_per_image": sum(copies) / len(copies)})
+    return results
 
 
-def plot(runs: list[dict], path: str) -> None:
+def write_table(args, results: list[dict]) -> str:
+    lines = [(f"`{args.model}`; same held-out images, n0 = {args.n0} "
+              f"selection + n = {args.n} estimation noisy copies per image, α = {args.alpha}, seed 0, betting bounds; "
+              f"certified accuracy at ℓ2 radius r (pixel [0, 1] units), 95% Wilson intervals over images at r = 0.5 "
+              f"and 1; booster `gsb` = `{args.booster}`. margin-means: FS margin of the nearest-class-mean cosine "
+              f"predictor ({args.shots} shots per class, prototypes = smoothed features at σ from "
+              f"{args.prototype_samples} copies, DINOv2-S/14 @{args.image_size} px); margin-fitted: the same with "
+              f"prototypes fitted to the certified margin on the training split (`hf-fs prototypes --fit`); vote-cosine: Cohen's vote of "
+              f"the same predictor on single copies; vote-answers: Cohen's vote of the LLaVA's answers among the "
+              f"class answers. Cells with fewer images than planned are unfinished (*)."), "",
+             "| set | method | booster | σ | images | " + " | ".join(f"r = {r:g}" for r in RADII)
+             + " | abstain | s / certificate | copies / image |", "|" + "---|" * (8 + len(RADII))]
+    for s in results:
+        def cell(r):
+            value = f"{s[f'certified_accuracy@{r:g}']:.3f}"
+            if r in (0.5, 1.0):
+                low, high = s[f"interval@{r:g}"]
+                value += f" [{low:.2f}, {high:.2f}]"
+            return value
+
+        images = f"{s['images']}" + ("" if s["images"] >= s["planned"] else f"/{s['planned']}*")
+        lines.append(f"| {s['set']} | {s['method']} | {s['booster']} | {s['sigma']} | {images} | "
+                     + " | ".join(cell(r) for r in RADII)
+                     + f" | {s['abstain_rate']:.3f} | {s['seconds_per_certificate']:.1f} | "
+                       f"{s['copies_per_image']:.0f} |")
+    return "\n".join(lines) + "\n"
+
+
+def plot(args, results: list[dict]) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-    import numpy as np
 
-    fig, axes = plt.subplots(1, len(SETS), figsize=(10, 3.8), sharey=True)
-    for ax, name in zip(axes, SETS):
-        for run in (r for r in runs if r["set"] == name):
-            ok = [r for r in run["rows"] if r["status"] == "ok"]
-            radii = np.array([r["radius"] if r["correct"] else -1.0 for r in ok])
-            grid = np.linspace(0, 1.2, 121)
-            style = "-" if run["booster"] == "none" else "--"
-            ax.plot(grid, [(radii > g).mean() if g > 0 else (radii >= 0).mean() for g in grid], style,
-                    label=f"σ={run['sigma']}, booster={run['booster']}")
+    names = sorted({s["set"] for s in results}, key=list(SETS).index)
+    fig, axes = plt.subplots(1, len(names), figsize=(5 * len(names), 3.8), sharey=True, squeeze=False)
+    for ax, name in zip(axes[0], names):
+        for s in (s for s in results if s["set"] == name):
+            style = {"margin-means": ":", "margin-fitted": "-.", "vote-cosine": "--", "vote-answers": "-"}[s["method"]]
+            ax.plot(RADII, [s[f"certified_accuracy@{r:g}"] for r in RADII], style, marker="o", markersize=3,
+                    label=f"{s['method']}, σ={s['sigma']}, {s['booster']}")
         ax.set(title=name, xlabel="ℓ2 radius (pixel [0,1] units)", ylim=(0, 1))
-    axes[0].set_ylabel("certified accuracy")
-    axes[-1].legend(fontsize=7)
+    axes[0][0].set_ylabel("certified accuracy")
+    axes[0][-1].legend(fontsize=6)
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
+    fig.savefig(args.plot, dpi=120)
     plt.close(fig)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", default="llava-dinov2-smollm2", help="`hf-fs --model`: the LLaVA (its tower for "
+                                                                        "the cosine predictor)")
+    parser.add_argument("--booster", default="llava-dinov2-smollm2-gsb", help="the `gsb` variant's booster")
+    parser.add_argument("--sets", nargs="+", default=list(SETS), choices=list(SETS), help="image sets")
+    parser.add_argument("--methods", nargs="+", default=list(METHODS), choices=METHODS, help="certificates")
+    parser.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=VARIANTS, help="booster or not")
+    parser.add_argument("--sigmas", nargs="+", type=float, default=list(SIGMAS), help="noise levels")
+    parser.add_argument("--digits", type=int, default=100, help="held-out digits per cell")
+    parser.add_argument("--textiles", type=int, default=60, help="held-out textiles per cell (classes interleaved)")
+    parser.add_argument("--n0", type=int, default=16, help="selection copies per image (every method)")
+    parser.add_argument("--n", type=int, default=500, help="estimation copies per image (every method)")
+    parser.add_argument("--alpha", type=float, default=0.001, help="failure probability of each certificate")
+    parser.add_argument("--shots", type=int, default=20, help="training images per class for the prototypes")
+    parser.add_argument("--prototype-samples", type=int, default=4, help="noisy copies per prototype image")
+    parser.add_argument("--image-size", type=int, default=112, help="tower input size (the LLaVA's)")
+    parser.add_argument("--output-dir", default="outputs/prediction-certificates", help="run files and prototypes")
+    parser.add_argument("--table", default="benchmarks/prediction_certificates.md", help="markdown table (+ .json)")
+    parser.add_argument("--plot", default="benchmarks/prediction_certificates.png", help="curves")
+    parser.add_argument("--table-only", action="store_true", help="write the table from the rows there are")
+    args = parser.parse_args()
+    if not all(math.isfinite(s) and s > 0 for s in args.sigmas):
+        parser.error(f"--sigmas must be positive, got {args.sigmas}")
+    args.limit = {"digits": args.digits, "textiles": args.textiles}
+    Path(args.output_dir).mkdir(parents=True, exist_ok=True)
+    if not args.table_only:
+        for cell in cells(args):
+            run_cell(args, *cell)
+    results = summarise(args)
+    table = write_table(args, results)
+    Path(args.table).write_text(table)
+    Path(args.table).with_suffix(".json").write_text(json.dumps(results, indent=1))
+    if results:
+        plot(args, results)
+    print(table)
 
 
 if __name__ == "__main__":

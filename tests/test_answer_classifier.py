@@ -19,6 +19,33 @@ def test_candidates_share_a_prefix_and_branch_at_one_token():
     for bad in ([(1, 2), (1, 2)], [(1, 2)], [(1, 2), (1,)], [(), (1,)]):
         with pytest.raises(ValueError, match="candidate"):
             CandidateAnswers(tuple(bad), tuple(str(i) for i in range(len(bad))))
+    assert CANDIDATES.single_branch and "branch-token logits" in CANDIDATES.base_classifier
+    assert not MULTI.single_branch and "log-likelihood" in MULTI.base_classifier and MULTI.branch == 1
+
+
+# "… is nominal." / "… has a local defect." / "… has a global defect.": no single token tells them apart
+MULTI = CandidateAnswers(((20, 21, 30, 40), (20, 22, 31, 41, 42), (20, 22, 32, 41, 42)), ("is", "has a", "has b"))
+
+
+def test_answers_that_branch_twice_are_scored_by_their_teacher_forced_log_likelihood():
+    model = tiny_model("llava")
+    inputs = tiny_inputs(model, num_images=2)
+    inputs["attention_mask"][1, :1] = 0  # prompts of different lengths: the second is one token shorter
+    prefixed, positions = MULTI.with_prefix(inputs, pad_token_id=0)
+    pixels = inputs["pixel_values"].clone().requires_grad_(True)
+    scores = MULTI.scores(model, prefixed, positions, pixels)
+    scores[:, 1].sum().backward()  # differentiable in the pixels (attacks use it)
+    assert scores.shape == (2, 3) and pixels.grad.abs().sum() > 0
+    with torch.no_grad():
+        for b in range(2):
+            prompt = inputs["input_ids"][b][inputs["attention_mask"][b].bool()]
+            for k, ids in enumerate(MULTI.token_ids):
+                full = torch.cat([prompt, torch.tensor(ids)])[None]
+                log_probs = model(input_ids=full, attention_mask=torch.ones_like(full),
+                                  pixel_values=inputs["pixel_values"][b : b + 1]).logits[0].float().log_softmax(-1)
+                start = len(prompt) + MULTI.branch
+                expected = sum(log_probs[start + j - 1, ids[MULTI.branch + j]] for j in range(len(ids) - MULTI.branch))
+                torch.testing.assert_close(scores[b, k], expected, rtol=1e-4, atol=1e-4)
 
 
 def test_branch_scores_are_the_teacher_forced_logits_of_each_candidate():

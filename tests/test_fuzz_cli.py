@@ -103,6 +103,35 @@ def test_bad_certify_input_writes_nothing_and_the_corrected_command_runs(case, i
     assert len(read_run(out).rows) == 1
 
 
+BAD_CERTIFY_ANSWER = {  # name -> (args, needles of the one error line); each is refused before anything is written
+    "one candidate": (["--candidates", "yes"], ["--candidates yes", "at least two"]),
+    "answers as text without a question": (["--candidates", "yes", "no"], ["--question", "required"]),
+    "labels beyond the candidates": (["--candidates", "yes", "no", "--question", "Q?", "--limit", "5"],
+                                     ["--candidates yes no", "2 answers", "label"]),
+    "a stand-alone encoder": (["--model", "dinov2-s14", "--images", "skimage"], ["--model dinov2-s14", "LLaVA"]),
+    "a Qwen-VL model": (["--model", "tiny-qwen2_vl", "--images", "skimage"], ["--model tiny-qwen2_vl", "Qwen-VL"]),
+    "a target out of reach": (["--model", "tiny-llava", "--images", "skimage", "--sigma", "0.01", "--target-radius",
+                               "5"], ["--target-radius 5", "out of reach"]),
+    "a model without a processor": (["--model", "tiny-llava", "--images", "skimage"],
+                                    ["--model tiny-llava", "no processor"]),
+    "--image-size (the processor's)": (["--image-size", "64"], ["--image-size"]),
+}
+
+
+@pytest.mark.parametrize("case", sorted(BAD_CERTIFY_ANSWER))
+def test_bad_certify_answer_input_writes_nothing(case, tmp_path, capsys, monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    args, needles = BAD_CERTIFY_ANSWER[case]
+    out = tmp_path / "out" / "answers.jsonl"
+    status, _, err = _run(["certify-answer", "--images", "digits:test", "--limit", "1", "--n", "4", "--n0", "2",
+                           *args, "--output", str(out)], capsys)
+    if case.startswith("--image-size"):  # not an option of this command: argparse's own one-line error
+        assert status == 2 and "unrecognized arguments: --image-size" in err and "Traceback" not in err
+    else:
+        _assert_refused(status, err, *needles)
+    assert not (tmp_path / "out").exists()
+
+
 NUMERIC_OPTIONS = ["--sigma", "--n", "--n0", "--alpha", "--epsilon", "--tau", "--target-cosine", "--target-radius",
                    "--seed", "--chunk-size", "--limit", "--image-size", "--max-image-pixels"]
 JUNK = ["nan", "inf", "-inf", "-1", "0x10", "", " ", "1e999", "abc", "1,5", "--", "2**64", "1.5.2", "-0.0e0", "∞"]

@@ -9,7 +9,13 @@ from safetensors import safe_open
 
 from hf_feature_smoothing import FeatureSmoothingConfig, SmoothedVisionTower
 from hf_feature_smoothing.certification import certify_prediction
-from hf_feature_smoothing.certification.prototypes import class_prototypes, save_prototypes
+from hf_feature_smoothing.certification.prototypes import (
+    certified_margins,
+    class_means,
+    class_prototypes,
+    fit_prototypes,
+    save_prototypes,
+)
 from hf_feature_smoothing.testing_utils import tiny_model
 
 
@@ -102,3 +108,42 @@ def test_limit_on_a_class_sorted_built_in_set_takes_every_class():
     assert first == [0, 1, 2, 0, 1, 2] and source.description["order"] == "classes interleaved"
     assert len({source.item(i).key for i in range(len(source))}) == len(source) == 300
     assert [FirstImages(source, 3).item(i).label for i in range(3)] == [0, 1, 2]
+
+
+def _clustered_features(count: int, generator: torch.Generator, classes: int = 5, width: int = 64):
+    """Smoothed-like features (norm 0.9) of `classes` classes that share one dominant direction, as DINOv2's do:
+    class means sit at cosine ≈ 0.9 to each other, so their FS margins are tiny."""
+    base = torch.Generator().manual_seed(0)
+    common = torch.nn.functional.normalize(torch.randn(width, generator=base), dim=0)
+    directions = torch.nn.functional.normalize(torch.randn(classes, width, generator=base), dim=1)
+    labels = torch.arange(count) % classes
+    features = 0.85 * common + 0.25 * directions[labels] + 0.03 * torch.randn(count, width, generator=generator)
+    return 0.9 * torch.nn.functional.normalize(features, dim=1), labels
+
+
+def test_fitted_prototypes_widen_the_certified_margin_on_held_out_features():
+    generator = torch.Generator().manual_seed(1)
+    (train, train_labels), (test, test_labels) = (_clustered_features(n, generator) for n in (100, 500))
+    means = class_means(train, train_labels.tolist())
+    fitted = fit_prototypes(train, train_labels.tolist(), steps=100)
+    assert torch.equal(fitted, fit_prototypes(train, train_labels.tolist(), steps=100))  # deterministic
+    assert fitted.shape == means.shape and torch.allclose(fitted.norm(dim=1), torch.ones(5))
+    mean_margin, fitted_margin = (certified_margins(test, test_labels, t) for t in (means, fitted))
+    assert (fitted_margin > 0).float().mean() >= (mean_margin > 0).float().mean()  # no accuracy lost
+    assert fitted_margin.median() > 1.5 * mean_margin.median(), (fitted_margin.median(), mean_margin.median())
+    with pytest.raises(ValueError, match="Classes \\[5\\] have no training image"):
+        fit_prototypes(train, train_labels.tolist(), num_classes=6)
+
+
+def test_prototypes_cli_fits_to_the_margin_and_records_the_recipe(tmp_path, capsys):
+    from hf_feature_smoothing.cli import main
+
+    protos = tmp_path / "fitted.safetensors"
+    command = ["prototypes", "--model", "tiny-llava", "--images", "digits:train", "--shots", "2", "--output",
+               str(protos)]
+    assert main([*command, "--fit"]) == 2 and not protos.exists()  # fitting needs the σ to certify
+    assert "--fit" in capsys.readouterr().err
+    assert main([*command, "--fit", "--sigma", "0.25", "--num-samples", "2"]) == 0
+    with safe_open(str(protos), "pt") as f:
+        assert f.get_tensor("prototypes").shape[0] == 10 and json.loads(f.metadata()["recipe"]) == "fit_prototypes"
+        assert json.loads(f.metadata()["sigma"]) == 0.25

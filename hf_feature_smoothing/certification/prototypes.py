@@ -1,7 +1,9 @@
-"""Class prototypes for certified cosine-similarity predictors: the few-shot nearest-class-mean classifier
-y(x) = argmax_k cos(f(x), t_k) with t_k the normalised mean unit feature of class k's training images."""
+"""Class prototypes for certified cosine-similarity predictors y(x) = argmax_k cos(f(x), t_k): the few-shot
+nearest-class-mean classifier (t_k the normalised mean unit feature of class k's training images) and prototypes
+fitted to the FS margin certificate on smoothed training features."""
 
 import json
+import math
 import os
 from collections.abc import Sequence
 
@@ -16,6 +18,57 @@ from .arguments import check_prototypes
 
 
 PROTOTYPES_KEY = "prototypes"
+
+
+@torch.inference_mode()
+def image_features(tower: SmoothedVisionTower, images: Sequence, *, image_size: int | None = None,
+                   batch_size: int = 32, num_samples: int = 0, progress: bool = False) -> torch.Tensor:
+    """
+    `(N, F)` features of `images`, one row per image: with `num_samples` = k > 0 the smoothed feature f̂(x) at the
+    tower's σ estimated from k noisy copies (the mean of their unit features, norm ≤ 1; a booster conditioned on σ;
+    noise from the tower's seed), with 0 the clean unit feature f(x) (no noise, a booster inactive).
+    """
+    if isinstance(num_samples, bool) or not isinstance(num_samples, int) or num_samples < 0:
+        raise ValueError(f"`num_samples` must be an int ≥ 0 (0: clean features), got {num_samples!r}.")
+    rows = []
+    for start in tqdm(range(0, len(images), batch_size), desc="features", disable=not progress):
+        inputs = tower.family.preprocess(list(images[start : start + batch_size]), image_size)
+        device = next(tower.encoder.parameters()).device
+        inputs = inputs.with_pixels(inputs.pixel_values.to(device))
+        if num_samples:
+            unit_sum, _ = tower.monte_carlo(inputs, num_samples)[-1]
+            rows_per_image = tower.family.rows_per_image(inputs, unit_sum.shape[0])
+            rows.append(torch.stack([part.flatten() / num_samples for part in unit_sum.split(rows_per_image)]).cpu())
+        else:
+            encoded = tower.family.encode(inputs)[-1].float()
+            unit, _ = tower._unit_rows(encoded[None], inputs)
+            rows.append(unit[0].reshape(inputs.num_images, -1).cpu())
+    return torch.cat(rows)
+
+
+def _check_labels(labels: Sequence[int], count: int, num_classes: int | None) -> tuple[torch.Tensor, int]:
+    labels = [int(label) for label in labels]
+    if count != len(labels) or not labels:
+        raise ValueError(f"Need one label per image and at least one image, got {count} images and "
+                         f"{len(labels)} labels.")
+    num_classes = num_classes or max(labels) + 1
+    if min(labels) < 0 or max(labels) >= num_classes:
+        raise ValueError(f"`labels` must lie in [0, {num_classes}), got {min(labels)}..{max(labels)}.")
+    index = torch.tensor(labels)
+    empty = [k for k in range(num_classes) if not bool((index == k).any())]
+    if empty:
+        raise ValueError(f"Classes {empty} have no training image; every class needs at least one.")
+    return index, num_classes
+
+
+def class_means(features: torch.Tensor, labels: Sequence[int], num_classes: int | None = None) -> torch.Tensor:
+    """`(K, F)` unit prototypes from `(N, F)` features: per class, the normalised mean of its images' feature
+    directions."""
+    index, num_classes = _check_labels(labels, features.shape[0], num_classes)
+    directions = nn.functional.normalize(features.float(), dim=1)
+    sums = torch.zeros(num_classes, features.shape[1]).index_add_(0, index, directions)
+    counts = torch.bincount(index, minlength=num_classes).float()
+    return nn.functional.normalize(sums / counts[:, None], dim=1)
 
 
 @torch.inference_mode()
@@ -37,38 +90,52 @@ def class_prototypes(tower: SmoothedVisionTower, images: Sequence, labels: Seque
             booster inactive); k > 0: the directions of the smoothed features f̂(x) at the tower's σ, estimated from
             k noisy copies (a booster conditioned on σ; noise from the tower's seed).
     """
-    labels = [int(label) for label in labels]
-    if isinstance(num_samples, bool) or not isinstance(num_samples, int) or num_samples < 0:
-        raise ValueError(f"`num_samples` must be an int ≥ 0 (0: clean prototypes), got {num_samples!r}.")
-    if len(images) != len(labels) or not labels:
-        raise ValueError(f"Need one label per image and at least one image, got {len(images)} images and "
-                         f"{len(labels)} labels.")
-    num_classes = num_classes or max(labels) + 1
-    if min(labels) < 0 or max(labels) >= num_classes:
-        raise ValueError(f"`labels` must lie in [0, {num_classes}), got {min(labels)}..{max(labels)}.")
-    sums, counts = None, torch.zeros(num_classes)
-    for start in tqdm(range(0, len(images), batch_size), desc="prototypes", disable=not progress):
-        inputs = tower.family.preprocess(list(images[start : start + batch_size]), image_size)
-        device = next(tower.encoder.parameters()).device
-        inputs = inputs.with_pixels(inputs.pixel_values.to(device))
-        if num_samples:
-            unit_sum, _ = tower.monte_carlo(inputs, num_samples)[-1]
-            rows_per_image = tower.family.rows_per_image(inputs, unit_sum.shape[0])
-            features = torch.stack([nn.functional.normalize(part.flatten(), dim=0)
-                                    for part in unit_sum.split(rows_per_image)]).cpu()
-        else:
-            rows = tower.family.encode(inputs)[-1].float()
-            unit, _ = tower._unit_rows(rows[None], inputs)
-            features = unit[0].reshape(inputs.num_images, -1).cpu()
-        if sums is None:
-            sums = torch.zeros(num_classes, features.shape[1])
-        index = torch.tensor(labels[start : start + batch_size])
-        sums.index_add_(0, index, features)
-        counts += torch.bincount(index, minlength=num_classes).float()
-    empty = [k for k in range(num_classes) if counts[k] == 0]
-    if empty:
-        raise ValueError(f"Classes {empty} have no training image; every class needs at least one.")
-    return nn.functional.normalize(sums / counts[:, None], dim=1)
+    _check_labels(labels, len(images), num_classes)
+    features = image_features(tower, images, image_size=image_size, batch_size=batch_size, num_samples=num_samples,
+                              progress=progress)
+    return class_means(features, labels, num_classes)
+
+
+def certified_margins(features: torch.Tensor, labels: torch.Tensor, prototypes: torch.Tensor) -> torch.Tensor:
+    """`(N,)` FS margins min_{k≠y} Φ⁻¹(p_y) − Φ⁻¹(p_k), p_k = (1 + ⟨f̂, t_k⟩)/2, of smoothed features `(N, F)` with
+    labels y: the certified radius of a prediction certificate is σ/2 times this (with p_y, p_k replaced by their
+    confidence bounds), negative where the predictor errs."""
+    p = ((1.0 + features @ prototypes.T) / 2.0).clamp(1e-6, 1.0 - 1e-6)
+    z = torch.special.ndtri(p)
+    own = z.gather(1, labels[:, None])
+    others = z.masked_fill(nn.functional.one_hot(labels, prototypes.shape[0]).bool(), -math.inf)
+    return own[:, 0] - others.amax(1)
+
+
+def fit_prototypes(features: torch.Tensor, labels: Sequence[int], num_classes: int | None = None, *,
+                   steps: int = 300, lr: float = 0.02, cap: float = 4.0, temperature: float = 0.1) -> torch.Tensor:
+    """
+    `(K, F)` unit prototypes fitted to the FS margin certificate (the recipe of `hf-fs prototypes --fit`): on the
+    smoothed training features f̂ (`(N, F)`, from [`image_features`] with `num_samples` > 0 at the σ to certify),
+    maximise the mean over images of min(softmin_{k≠y} [Φ⁻¹(p_y) − Φ⁻¹(p_k)], `cap`), p_k = (1 + ⟨f̂, t_k⟩)/2, the
+    margin that sets the certified radius (σ/2 times it; see [`certified_margins`]). Class means of DINOv2 features sit
+    at cosine ≈ 0.9 to each other, so their margins are tiny; fitting starts from the centred class means
+    normalise(μ_k − μ̄) and runs `steps` full-batch Adam steps on t_k = w_k/‖w_k‖ (deterministic: no sampling). The
+    cap stops easy images from taking the budget; `temperature` smooths the min over competitors. Prototypes chosen
+    on training images and certified on others keep the certificate sound (they are fixed before its noise).
+    """
+    index, num_classes = _check_labels(labels, features.shape[0], num_classes)
+    features = features.detach().float().clone()  # a normal tensor (features may come from inference mode)
+    means = torch.stack([features[index == k].mean(0) for k in range(num_classes)])
+    weights = (means - means.mean(0)).clone().requires_grad_(True)
+    optimizer = torch.optim.Adam([weights], lr=lr)
+    mask = nn.functional.one_hot(index, num_classes).bool()
+    with torch.enable_grad():
+        for _ in range(steps):
+            prototypes = nn.functional.normalize(weights, dim=1)
+            z = torch.special.ndtri(((1.0 + features @ prototypes.T) / 2.0).clamp(1e-6, 1.0 - 1e-6))
+            gaps = (z.gather(1, index[:, None]) - z).masked_fill(mask, math.inf)  # (N, K): Φ⁻¹(p_y) − Φ⁻¹(p_k)
+            softmin = -temperature * torch.logsumexp(-gaps / temperature, dim=1)
+            loss = -softmin.clamp_max(cap).mean()
+            optimizer.zero_grad()
+            loss.backward()
+            optimizer.step()
+    return nn.functional.normalize(weights.detach(), dim=1)
 
 
 def save_prototypes(prototypes: torch.Tensor, path: str | os.PathLike, *, class_names: Sequence[str] | None = None,

@@ -1,5 +1,5 @@
-"""`hf-fs prototypes`: class prototypes (normalised mean features) of a labelled image set, the few-shot cosine
-predictor that `hf-fs certify --prototypes` certifies."""
+"""`hf-fs prototypes`: class prototypes of a labelled image set (normalised mean features, or with --fit prototypes
+fitted to the FS margin certificate), the few-shot cosine predictor that `hf-fs certify --prototypes` certifies."""
 
 import dataclasses
 from pathlib import Path
@@ -38,6 +38,11 @@ def register_subcommand(subparsers) -> None:
     p.add_argument("--num-samples", type=number(POSITIVE_INT), default=None,
                    help=f"noisy copies per image for smoothed prototypes (needs --sigma); default: "
                         f"{SMOOTHED_SAMPLES}")
+    p.add_argument("--fit", action="store_true",
+                   help="fit the prototypes to the FS margin certificate instead of taking class means (recipe: "
+                        "start from the centred class means of the smoothed training features at --sigma, then "
+                        "maximise their mean capped certified margin, `certification.prototypes.fit_prototypes`); "
+                        "certify with the same --sigma on other images; needs --sigma")
     p.add_argument("--seed", type=number(SEED), default=0, help="seed of the noise (smoothed prototypes)")
     p.add_argument("--device", type=torch_device, default=None, help="torch device")
     p.add_argument("--output", default="outputs/prototypes.safetensors", help="safetensors file to write")
@@ -54,6 +59,9 @@ def check_options(args) -> None:
         raise OptionError(f"--output {args.output}: is a folder; name a .safetensors file in it.")
     check_source_options(args)
     check_output_folder("--output", output)  # a missing folder is created once the prototypes are computed
+    if args.fit and args.sigma is None:
+        raise OptionError("--fit: prototypes are fitted to the smoothed features at the σ to certify; add --sigma "
+                          "(the --sigma of `hf-fs certify`).")
     if args.sigma is None and args.num_samples:
         raise OptionError(f"--num-samples {args.num_samples}: smoothed prototypes need the noise level; add --sigma "
                           f"(or drop --num-samples for clean prototypes).")
@@ -103,7 +111,7 @@ def run(args) -> int:
     import torch
 
     from ..certification.certify import as_smoothed_tower
-    from ..certification.prototypes import class_prototypes, save_prototypes
+    from ..certification.prototypes import class_means, fit_prototypes, image_features, save_prototypes
     from ..smoothing.modeling_smoothed_tower import SmoothedVisionTower
 
     check_options(args)
@@ -114,14 +122,16 @@ def run(args) -> int:
     tower = as_smoothed_tower(model, sigma=args.sigma)
     if num_samples:
         tower = SmoothedVisionTower(tower.encoder, dataclasses.replace(tower.config, seed=args.seed))
+    labels = [item.label for item in chosen]
     with torch.no_grad():
-        prototypes = class_prototypes(tower, [item.load() for item in chosen], [item.label for item in chosen],
-                                      num_classes=num_classes, image_size=args.image_size, num_samples=num_samples,
-                                      progress=True)
+        features = image_features(tower, [item.load() for item in chosen], image_size=args.image_size,
+                                  num_samples=num_samples, progress=True)
+    prototypes = (fit_prototypes if args.fit else class_means)(features, labels, num_classes)
     Path(args.output).parent.mkdir(parents=True, exist_ok=True)
     save_prototypes(prototypes, args.output, model=args.model, booster=args.booster, source=source.description,
                     shots=args.shots, image_size=args.image_size, keys=[item.key for item in chosen],
-                    sigma=args.sigma, num_samples=num_samples, seed=args.seed if num_samples else None)
+                    sigma=args.sigma, num_samples=num_samples, seed=args.seed if num_samples else None,
+                    recipe="fit_prototypes" if args.fit else "class_means")
     print(f"prototypes: {args.output} ({prototypes.shape[0]} classes × {prototypes.shape[1]} features, "
           f"{len(chosen)} images)")
     return 0

@@ -28,7 +28,8 @@ from .answers import CandidateAnswers
 from .booster_support import booster_support
 
 
-BASE_CLASSIFIER = "argmax of the candidates' branch-token logits on one noisy copy x + δ"
+ON_ONE_COPY = " on one noisy copy x + δ"
+BASE_CLASSIFIER = "argmax of the candidates' branch-token logits" + ON_ONE_COPY
 
 
 @dataclass
@@ -246,7 +247,7 @@ def certify_answer(
         prompt_digest=prompt_digest(inputs["input_ids"], inputs.get("attention_mask")), resolution=noise.resolution,
         smoothed=smoothed, model=getattr(model.config, "_name_or_path", None) or None,
         dtype=str(next(model.parameters()).dtype).removeprefix("torch."), booster=booster,
-        booster_digest=booster_digest,
+        booster_digest=booster_digest, base_classifier=candidates.base_classifier + ON_ONE_COPY,
     )
 
 

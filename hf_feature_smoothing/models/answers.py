@@ -1,6 +1,8 @@
-"""An MLLM as a classifier over a set of candidate answers ("The digit is 0." … "The digit is 9.", "A" … "D"):
-the answers share a prefix and differ at one token, so one teacher-forced forward pass of prompt + prefix scores
-every candidate of every image at once."""
+"""An MLLM as a classifier over a set of candidate answers ("The digit is 0." … "The digit is 9.", "A" … "D",
+"The textile is nominal." / "The textile has a local defect." / …). Answers that share a prefix and then differ at
+one token are scored by that token's logit: one teacher-forced forward pass of prompt + prefix scores every candidate
+(what greedy decoding picks once it has emitted the prefix). Other sets are scored by each answer's teacher-forced
+log-likelihood after the shared prefix (one forward pass of prompt + answer per candidate, batched)."""
 
 import hashlib
 import json
@@ -13,9 +15,11 @@ from torch import nn
 @dataclass(frozen=True)
 class CandidateAnswers:
     """
-    Tokenised candidate answers. `branch` is the first position where they differ: the tokens before it (`prefix`)
-    are shared and the tokens at it (`branch_tokens`) are distinct, so the candidate the model scores highest there
-    is its answer among the candidates (what greedy decoding picks when it emits the prefix).
+    Tokenised candidate answers. `branch` is the first position where they differ; the tokens before it (`prefix`)
+    are shared. When the tokens at it (`branch_tokens`) are all distinct (`single_branch`), the candidate whose token
+    the model scores highest there is its answer (what greedy decoding picks once it has emitted the prefix);
+    otherwise (e.g. "… is nominal." / "… has a local defect." / "… has a global defect.") the answer is the candidate
+    of highest teacher-forced log-likelihood of its tokens from `branch` on. `base_classifier` says which.
 
     Args:
         token_ids (`tuple[tuple[int, ...], ...]`): each candidate's token ids.
@@ -30,12 +34,26 @@ class CandidateAnswers:
             raise ValueError(f"`candidates` must hold at least two answers, one text each; got {list(self.texts)!r}.")
         if any(not ids for ids in self.token_ids):
             raise ValueError(f"every candidate answer needs at least one token; got {list(self.texts)!r}.")
-        heads = [ids[self.branch] if self.branch < len(ids) else None for ids in self.token_ids]
-        if None in heads or len(set(heads)) != len(heads):
-            raise ValueError(
-                f"the candidate answers {list(self.texts)!r} must share a prefix and then differ at one token "
-                f"(position {self.branch}), so that one forward pass scores them all; reword them (e.g. 'The digit "
-                "is 3.') or give answers whose first distinct tokens differ.")
+        if len(set(self.token_ids)) != len(self.token_ids):
+            raise ValueError(f"the candidate answers {list(self.texts)!r} tokenise to the same tokens twice; give "
+                             "distinct answers.")
+        if any(len(ids) <= self.branch for ids in self.token_ids):
+            raise ValueError(f"the candidate answers {list(self.texts)!r}: one is the shared prefix of the others, "
+                             "so it cannot be told apart by its own tokens; add its ending (e.g. the end-of-turn "
+                             "token as `suffix`).")
+
+    @property
+    def single_branch(self) -> bool:
+        """The candidates differ at one token (`branch`): one forward pass of prompt + prefix scores them all."""
+        heads = [ids[self.branch] for ids in self.token_ids]
+        return len(set(heads)) == len(heads)
+
+    @property
+    def base_classifier(self) -> str:
+        """What the candidate choice on one input is, in words (recorded in certificates)."""
+        if self.single_branch:
+            return "argmax of the candidates' branch-token logits"
+        return "argmax of the candidates' teacher-forced log-likelihood from their first distinct token"
 
     @classmethod
     def from_texts(cls, tokenizer, texts: list[str], suffix: str = "") -> "CandidateAnswers":
@@ -85,11 +103,41 @@ class CandidateAnswers:
         return {"input_ids": full_ids.to(ids.device), "attention_mask": full_mask.to(ids.device)}, positions
 
     def scores(self, model: nn.Module, prefixed: dict, positions: torch.Tensor, pixel_values: torch.Tensor) -> torch.Tensor:
-        """`(B, C)` float32 logits of each candidate's branch token (the inputs of [`with_prefix`]); their argmax is
-        the model's answer among the candidates. Differentiable in `pixel_values`."""
-        logits = model(**prefixed, pixel_values=pixel_values).logits
-        rows = torch.arange(len(positions), device=logits.device)
-        return logits[rows, positions.to(logits.device)][:, self.branch_tokens].float()
+        """`(B, C)` float32 scores of the candidates on the inputs of [`with_prefix`]: the logits of each candidate's
+        branch token (`single_branch`), else each candidate's log-likelihood of its tokens from `branch` on (the B
+        prompts × C candidates in one batched forward pass). Their argmax is the model's answer among the candidates.
+        Differentiable in `pixel_values`."""
+        if self.single_branch:
+            logits = model(**prefixed, pixel_values=pixel_values).logits
+            rows = torch.arange(len(positions), device=logits.device)
+            return logits[rows, positions.to(logits.device)][:, self.branch_tokens].float()
+        return self._log_likelihoods(model, prefixed, positions, pixel_values)
+
+    def _log_likelihoods(self, model: nn.Module, prefixed: dict, positions: torch.Tensor,
+                         pixel_values: torch.Tensor) -> torch.Tensor:
+        ids, mask = prefixed["input_ids"], prefixed["attention_mask"]
+        count, steps = len(self.token_ids), max(len(t) for t in self.token_ids) - self.branch
+        rests = torch.zeros((count, steps), dtype=ids.dtype)  # candidate c's tokens from `branch` on, 0-padded
+        valid = torch.zeros((count, steps), dtype=torch.bool)
+        for c, tokens in enumerate(self.token_ids):
+            rests[c, : len(tokens) - self.branch] = torch.tensor(tokens[self.branch :], dtype=ids.dtype)
+            valid[c, : len(tokens) - self.branch] = True
+        ends = positions.to(ids.device).repeat_interleave(count)  # row b·C + c: prompt b + prefix + candidate c
+        rows = torch.arange(len(ends), device=ids.device)
+        span = ends[:, None] + 1 + torch.arange(steps, device=ids.device)  # where each remainder token goes
+        full_ids = torch.cat([ids.repeat_interleave(count, dim=0),
+                              torch.zeros((len(ends), steps), dtype=ids.dtype, device=ids.device)], dim=1)
+        full_mask = torch.cat([mask.repeat_interleave(count, dim=0),
+                               torch.zeros((len(ends), steps), dtype=mask.dtype, device=mask.device)], dim=1)
+        targets, keep = rests.to(ids.device).repeat(len(positions), 1), valid.to(ids.device).repeat(len(positions), 1)
+        full_ids[rows[:, None], span] = torch.where(keep, targets, full_ids[rows[:, None], span])
+        full_mask[rows[:, None], span] = keep.to(mask.dtype)
+        logits = model(input_ids=full_ids, attention_mask=full_mask,
+                       pixel_values=pixel_values.repeat_interleave(count, dim=0)).logits
+        # the logits that predict each remainder token sit one position before it; log-softmax only there
+        log_probs = logits[rows[:, None], span - 1].float().log_softmax(-1)
+        picked = log_probs.gather(-1, targets[..., None].to(log_probs.device))[..., 0]
+        return (picked * keep).sum(-1).view(len(positions), count)
 
 
 __all__ = ["CandidateAnswers"]
