@@ -1,6 +1,7 @@
 """The real-weight `llava-dinov2-smollm2` (DINOv2-S/14 + SmolLM2-135M + the shipped projector): it assembles
 offline, answers held-out questions, loads through the offline Hub path, and round-trips smoothed and bit-exact."""
 
+import math
 import subprocess
 import sys
 import textwrap
@@ -110,3 +111,40 @@ def test_certify_answer_cli_certifies_and_reports_answer_accuracy(tmp_path):
         "sigma": 0.5, "n": 12, "n0": 4, "alpha": 0.1, "method": "vote", "candidates_digest": rows[0]["candidates_digest"],
         "radius": 0.5}
     assert metric["args"]["candidates"] == rows[0]["candidates"]
+
+
+def test_eot_apgd_within_a_certified_answer_radius_never_changes_the_majority_answer():
+    """The answer certificate holds against the protocol's attack: on the real LLaVA + shipped booster at σ = 0.5,
+    APGD (ℓ2, EOT over 4 noise draws per step) within 0.95 × the certified radius, aimed at the certified answer,
+    leaves it the majority answer of the smoothed model (a one-sided binomial test at level 0.001 on fresh votes)."""
+    from transformers import AutoProcessor
+
+    from hf_feature_smoothing import CandidateAnswers, FeatureSmoothingConfig, SmoothedLlavaForConditionalGeneration
+    from hf_feature_smoothing.assets.labelled_images import digit_answer, digit_examples
+    from hf_feature_smoothing.assets.llava_booster_training import LLAVA_BOOSTER
+    from hf_feature_smoothing.assets.llava_dinov2_smollm2 import llava_checkpoint, prompt_text
+    from hf_feature_smoothing.attacks.classifier import AnswerClassifier, classifier_attack
+    from hf_feature_smoothing.models.answer_certificates import certify_answer
+    from hf_feature_smoothing.smoothing.towers import ImageInputs
+
+    smoothing = FeatureSmoothingConfig(sigma=0.5, num_samples=1, seed=0, booster=str(LLAVA_BOOSTER))
+    model = SmoothedLlavaForConditionalGeneration.from_pretrained(llava_checkpoint(), smoothing=smoothing).eval()
+    processor = AutoProcessor.from_pretrained(llava_checkpoint())
+    candidates = CandidateAnswers.from_texts(processor.tokenizer, [digit_answer(k) for k in range(10)])
+    example = digit_examples("test", limit=3)[2]  # a digit the booster answers in nearly every noisy copy
+    inputs = processor(images=[example.image], text=[prompt_text(example.question)], return_tensors="pt")
+    inputs = {key: inputs[key] for key in ("input_ids", "attention_mask", "pixel_values")}
+    pad = processor.tokenizer.pad_token_id
+    certificate = certify_answer(model, inputs, candidates, n0=8, n=40, alpha=0.05, seed=0, pad_token_id=pad)
+    assert certificate.answer == example.label and certificate.radius > 0.3, certificate  # something to attack
+    classifier = AnswerClassifier(model, inputs, candidates, pad_token_id=pad)
+    image = model.smoothed_vision_tower.family.to_image(ImageInputs(inputs["pixel_values"]))
+    label = torch.tensor([certificate.answer])
+    attack = classifier_attack(classifier, image, label, 0.95 * certificate.radius, norm="l2", steps=4,
+                               eot_samples=4, stop_at_success=False, generator=torch.Generator().manual_seed(0))
+    assert attack.delta.flatten().norm() <= 0.95 * certificate.radius + 1e-4
+    with torch.no_grad():
+        votes = torch.cat([classifier((image + attack.delta).expand(8, -1, -1, -1)).argmax(-1) for _ in range(3)])
+    hits, runs = int((votes == certificate.answer).sum()), len(votes)
+    # P(at most `hits` of `runs` votes | the answer's probability is ½): tiny only if the majority had changed
+    assert sum(math.comb(runs, k) for k in range(hits + 1)) / 2**runs > 1e-3, (hits, runs)
