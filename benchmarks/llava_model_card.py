@@ -13,6 +13,11 @@ table of `benchmarks/llava_headline.py` both go into `model-index`. Nothing is r
 With a booster (`hf-fs certify ... --booster llava-dinov2-smollm2-gsb`), the card describes the smoothed + boosted
 model: its `model-index` holds the certificates of that run and the attack rows of the `smoothed+gsb` variant at the
 same σ with the same booster (plus the plain model's, the baseline); every row's arguments are its own run's.
+
+`--prediction-runs` adds answer certificates (`hf-fs certify-answer` runs: certified answer accuracy per radius) and
+prediction certificates of a cosine predictor (`hf-fs certify --prototypes` runs) to `model-index` and a table to the
+card, each with its own σ, n, α, method and candidate set; a run of another σ or booster than the card's, or an
+unfinished one, is refused.
 """
 
 import argparse
@@ -21,8 +26,14 @@ from pathlib import Path
 
 from hf_feature_smoothing import FeatureSmoothingConfig
 from hf_feature_smoothing.assets.llava_dinov2_smollm2 import REPO_ID
-from hf_feature_smoothing.hub.sharing import attack_eval_results, build_model_card, write_card_atomically
+from hf_feature_smoothing.hub.sharing import (
+    attack_eval_results,
+    build_model_card,
+    certificate_eval_results,
+    write_card_atomically,
+)
 from hf_feature_smoothing.runs.records import read_run
+from hf_feature_smoothing.runs.report import group_runs, state_lines, summary_lines
 
 
 WEAK_ATTACK_NOTE = (
@@ -30,6 +41,33 @@ WEAK_ATTACK_NOTE = (
     "(8 noise draws) per gradient; stronger attacks (100 steps, EOT over ≥ 32 draws, worst case over an ensemble) "
     "succeed more often against the smoothed models (`benchmarks/RESULTS.md`, the field's attack protocol). "
     "The `model-index` attack rows carry their step and EOT settings.")
+
+
+DATASET_TYPES = {"digits": "sklearn-digits", "textiles": "conformal-clip-data-textiles"}
+
+
+def prediction_results(paths: list[str], card_params: dict) -> tuple[list, list[str]]:
+    """`model-index` entries and summary tables of finished answer / prediction certificate runs made at the card's σ
+    with its booster (anything else would describe another model than the card's)."""
+    results, tables = [], []
+    for group in group_runs(paths, group_by_params=True):
+        if group.kind not in ("answer", "prediction"):
+            raise SystemExit(f"{group.paths[0]}: a {group.kind} run; --prediction-runs takes `hf-fs certify-answer` "
+                             f"and `hf-fs certify --prototypes` runs.")
+        for key in ("sigma", "booster"):
+            if group.params.get(key) != card_params.get(key):
+                raise SystemExit(f"{group.paths[0]}: {key} {group.params.get(key)!r}, but the card describes "
+                                 f"{key} {card_params.get(key)!r}.")
+        if not group.finished:
+            raise SystemExit(f"{group.paths[0]}: unfinished ({state_lines(group)[0]}); finish it first.")
+        task = "visual-question-answering" if group.kind == "answer" else "image-classification"
+        source = group.params.get("source") or {}
+        dataset = f"{source.get('name', 'images')}, {source.get('split', '')} ({len(group.rows)} images)"
+        results += certificate_eval_results([r for r in group.rows if r.get("label") is not None], dataset,
+                                            dataset_type=DATASET_TYPES.get(source.get("name"), "images"),
+                                            task_type=task, radii=(0.0, 0.1, 0.25, 0.5, 1.0))
+        tables.append("\n".join(summary_lines(group, radii=(0.0, 0.1, 0.25, 0.5, 1.0))))
+    return results, tables
 
 
 def main() -> None:
@@ -41,6 +79,9 @@ def main() -> None:
     parser.add_argument("--protocol-table", default="",
                         help="table of benchmarks/llava_protocol.py (the field's protocol) measured on this card's "
                              "variant and σ, e.g. benchmarks/llava_protocol.md for the σ = 0.5 GSB card")
+    parser.add_argument("--prediction-runs", nargs="*", default=[],
+                        help="finished `hf-fs certify-answer` / `hf-fs certify --prototypes` run files at this card's "
+                             "σ and booster (e.g. from benchmarks/prediction_certificates.py)")
     parser.add_argument("--output-dir", default="model_cards/llava-dinov2-smollm2-fs", help="where README.md goes")
     args = parser.parse_args()
 
@@ -67,8 +108,12 @@ def main() -> None:
     extra = [result for run_id in dict.fromkeys(r["run"] for r in attacks)
              for result in attack_eval_results([r for r in attacks if r["run"] == run_id], run_params[run_id],
                                                "sklearn-digits")]
+    predictions, extra_tables = prediction_results(args.prediction_runs, params)
+    extra += predictions
     table = Path(args.attack_table).read_text()
     markdown = (f"## End-to-end attacks on the generated answer\n\n{WEAK_ATTACK_NOTE}\n\n{table}")
+    if extra_tables:
+        markdown += "\n## Certified answers and predictions\n\n" + "\n\n".join(extra_tables) + "\n"
     if args.protocol_table and Path(args.protocol_table).exists():
         markdown += (f"\n## Under the field's attack protocol (`benchmarks/llava_protocol.py`)\n\n"
                      f"{Path(args.protocol_table).read_text()}")

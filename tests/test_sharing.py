@@ -51,6 +51,31 @@ def test_prediction_certificates_become_certified_accuracy():
     assert results == {0.0: 0.5, 0.05: 0.5, 0.1: 0.5, 0.25: 0.5, 0.5: 0.0}
 
 
+def test_answer_and_vote_certificates_name_their_method_candidates_and_targets():
+    base = {"sigma": 0.5, "n": 200, "n0": 16, "alpha": 0.001, "bound": "betting", "noise_space": "pixel [0,1], l2",
+            "method": "vote", "target_radius": 0.5}
+    answers = [{**base, "answer": 3, "label": 3, "radius": 0.6, "candidates": ["A 3", "A 4"],
+                "candidates_digest": "c" * 16, "prompt_digest": "p" * 16, "booster": "/home/me/gsb",
+                "booster_digest": "b" * 16, "base_classifier": "argmax", "n_used": 120},
+               {**base, "answer": None, "label": 4, "radius": 0.0, "candidates": ["A 3", "A 4"],
+                "candidates_digest": "c" * 16, "prompt_digest": "p" * 16, "booster": "/home/me/gsb",
+                "booster_digest": "b" * 16, "base_classifier": "argmax", "n_used": 200}]
+    results = certificate_eval_results(answers, "digits", radii=(0.5, 1.0))
+    by_name = {r.metric_name: r for r in results}
+    at_half = by_name["certified answer accuracy @ r=0.5 (σ=0.5, vote, sequential, target radius ≥ 0.5, n ≤ 200)"]
+    assert at_half.metric_value == 0.5 and at_half.task_type == "visual-question-answering"
+    assert at_half.metric_args["candidates"] == ["A 3", "A 4"] and at_half.metric_args["booster"] == "gsb"
+    assert at_half.metric_args["mean_n_used"] == 160 and at_half.metric_args["n0"] == 16
+    assert by_name["abstain rate (σ=0.5, vote, sequential, target radius ≥ 0.5, n ≤ 200)"].metric_value == 0.5
+    votes = [{k: v for k, v in a.items() if k not in ("answer", "candidates_digest")} | {"prediction": a["answer"]}
+             for a in answers]
+    (vote, _) = certificate_eval_results(votes, "d", radii=(0.5,))
+    assert vote.metric_name == "certified accuracy @ r=0.5 (σ=0.5, vote, sequential, target radius ≥ 0.5, n ≤ 200)"
+    assert vote.task_type == "image-classification" and vote.metric_value == 0.5
+    with pytest.raises(ValueError, match="Mix of answer and prediction"):
+        certificate_eval_results([answers[0], votes[1]], "d")
+
+
 def test_mixed_settings_are_refused(certified):
     _, certificates = certified
     other = dict(certificates[0].to_dict(), sigma=0.5)

@@ -49,12 +49,12 @@ def certificate_eval_results(certificates, dataset_name: str, dataset_type: str 
                              task_type: str = "image-feature-extraction",
                              radii: Sequence[float] = (0.0, 0.05, 0.1, 0.25, 0.5)) -> list[EvalResult]:
     """`model-index` entries for a list of [`FeatureCertificate`] (certified cosine at each of their ε, mean S_low,
-    abstain rate), [`PredictionCertificate`] or [`AnswerCertificate`] (certified accuracy at each of `radii`; answer
-    certificates default `task_type` to visual question answering). Every entry's `metric_args` states σ, ε or r, n,
-    α, the bound and the noise space; prediction and answer entries the method (`"margin"` / `"vote"`) and n0, answer
-    entries the candidate answers (texts and digest), the prompt digest and the booster. Sequential certificates
-    (stopped at `target_cosine` / `target_radius`) say so in every entry's name ("sequential, target …, n ≤ N") and
-    `metric_args` (the targets, `n` as the most samples and the mean `n_used`)."""
+    abstain rate), [`PredictionCertificate`] or [`AnswerCertificate`] (certified accuracy at each of `radii`; their
+    default `task_type` is image classification, visual question answering for answers). Every entry's
+    `metric_args` states σ, ε or r, n, α, the bound and the noise space; prediction and answer entries the method
+    (`"margin"` / `"vote"`) and n0, answer entries the candidate answers (texts and digest), the prompt digest and the
+    booster. Sequential certificates (stopped at `target_cosine` / `target_radius`) say so in every entry's name
+    ("sequential, target …, n ≤ N") and `metric_args` (the targets, `n` as the most samples and the mean `n_used`)."""
     rows = _as_dicts(certificates)
     if not rows:
         return []
@@ -64,13 +64,15 @@ def certificate_eval_results(certificates, dataset_name: str, dataset_type: str 
             "noise_space": first["noise_space"], "num_images": len(rows)}
     setting = f"σ={first['sigma']}"
     if kind != "feature":
-        args.update(method=first.get("method", "margin"), n0=first["n0"])
+        args.update(method=first.get("method", "margin"), n0=first.get("n0"))
         setting += f", {args['method']}"
     if kind == "answer":
-        args.update({key: first[key] for key in ("candidates", "candidates_digest", "prompt_digest", "booster",
-                                                 "booster_digest", "base_classifier")})
-        if task_type == "image-feature-extraction":
-            task_type = "visual-question-answering"
+        args.update({key: first[key] for key in ("candidates", "candidates_digest", "prompt_digest", "booster_digest",
+                                                 "base_classifier")})
+        # a local booster folder is named by its last part (the digest identifies the weights): no machine paths
+        args["booster"] = first["booster"] and Path(first["booster"]).name
+    if task_type == "image-feature-extraction" and kind != "feature":  # the default names the feature task
+        task_type = "visual-question-answering" if kind == "answer" else "image-classification"
     targets = _targets(first)
     if targets:
         args.update(sequential=True, target_cosine=first.get("target_cosine"),
