@@ -54,14 +54,14 @@ def prediction_results(paths: list[str], card_params: dict) -> tuple[list, list[
         if group.kind not in ("answer", "prediction"):
             raise SystemExit(f"{group.paths[0]}: a {group.kind} run; --prediction-runs takes `hf-fs certify-answer` "
                              f"and `hf-fs certify --prototypes` runs.")
-        for key in ("sigma", "booster"):
+        for key in ("model", "model_weights", "sigma", "booster"):
             if group.params.get(key) != card_params.get(key):
                 raise SystemExit(f"{group.paths[0]}: {key} {group.params.get(key)!r}, but the card describes "
                                  f"{key} {card_params.get(key)!r}.")
         if not group.finished:
             raise SystemExit(f"{group.paths[0]}: unfinished ({state_lines(group)[0]}); finish it first.")
         task = "visual-question-answering" if group.kind == "answer" else "image-classification"
-        source = group.params.get("source") or {}
+        source = group.rows[0].get("source") or {}  # rows carry their run's source (pooled runs may differ)
         dataset = f"{source.get('name', 'images')}, {source.get('split', '')} ({len(group.rows)} images)"
         results += certificate_eval_results([r for r in group.rows if r.get("label") is not None], dataset,
                                             dataset_type=DATASET_TYPES.get(source.get("name"), "images"),

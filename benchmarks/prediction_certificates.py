@@ -32,6 +32,8 @@ import json
 import math
 from pathlib import Path
 
+from safetensors import safe_open
+
 from hf_feature_smoothing import metrics
 from hf_feature_smoothing.cli import main as hf_fs
 from hf_feature_smoothing.runs import read_run
@@ -53,7 +55,17 @@ def prototypes_file(args, name: str, variant: str, sigma: float, fit: bool) -> P
     """Prototypes from the smoothed (+ boosted) training features at σ (what the cosine predictor compares with):
     class means, or fitted to the certified margin; made once per (set, variant, σ, recipe)."""
     path = Path(args.output_dir) / f"{name}-{variant}-sigma{sigma}{'-fitted' if fit else ''}.safetensors"
-    if not path.exists():
+    if path.exists():  # made by an earlier call: it must have been made with these settings
+        with safe_open(str(path), "pt") as f:
+            made = {key: json.loads(value) for key, value in f.metadata().items()}
+        wanted = {"shots": args.shots, "num_samples": args.prototype_samples, "image_size": args.image_size,
+                  "booster": args.booster if variant == "gsb" else None, "sigma": sigma,
+                  "model": args.model}
+        if any(made.get(key) != value for key, value in wanted.items()) or (
+                made.get("recipe", "class_means") != ("fit_prototypes" if fit else "class_means")):
+            raise SystemExit(f"{path} was made with other settings ({ {k: made.get(k) for k in wanted} }) than "
+                             f"this call's ({wanted}); use another --output-dir.")
+    else:
         assert hf_fs(["prototypes", "--model", args.model, *booster_args(args, variant), "--image-size",
                       str(args.image_size), "--images", SETS[name][0], "--shots", str(args.shots), "--sigma",
                       str(sigma), "--num-samples", str(args.prototype_samples), "--output", str(path),
@@ -93,7 +105,7 @@ def summarise(args) -> list[dict]:
     """One summary per cell that has rows: certified accuracy per radius (95% Wilson intervals at r = 0.5, 1),
     abstain rate, seconds per certificate and copies used."""
     metric = metrics.load("certified_robustness", "accuracy")
-    results = []
+    results, settings = [], set()
     for name, method, variant, sigma in cells(args, every=True):
         path = Path(args.output_dir) / f"{cell_name(name, method, variant, sigma)}.jsonl"
         ok = [r for r in read_run(path).rows if r["status"] == "ok"]
@@ -102,19 +114,25 @@ def summarise(args) -> list[dict]:
         predicted = [r.get("answer", r.get("prediction")) for r in ok]
         scores = metric.compute(prediction=[-1 if p is None else p for p in predicted],
                                 label=[r["label"] for r in ok], radius=[r["radius"] for r in ok], epsilon=list(RADII))
+        settings.add((ok[0]["n0"], ok[0]["n"], ok[0]["alpha"]))
         copies = [r["n0"] + (r.get("n_used") or r["n"]) for r in ok]
         results.append({"set": name, "method": method, "booster": variant, "sigma": sigma, "images": len(ok),
                         "planned": args.limit[name], **scores,
                         **{f"interval@{r:g}": wilson_interval(round(scores[f"certified_accuracy@{r:g}"] * len(ok)),
                                                               len(ok)) for r in (0.5, 1.0)},
                         "seconds_per_certificate": sum(r["elapsed_s"] for r in ok) / len(ok),
-                        "copies_per_image": sum(copies) / len(copies)})
+                        "copies_per_image": sum(copies) / len(copies), "n0": ok[0]["n0"], "n": ok[0]["n"],
+                        "alpha": ok[0]["alpha"]})
+    if len(settings) > 1:  # side by side means the same budget and α in every cell
+        raise SystemExit(f"cells in {args.output_dir} were made with different (n0, n, α): {sorted(settings)}; "
+                         f"rerun them with one setting or use another --output-dir.")
     return results
 
 
 def write_table(args, results: list[dict]) -> str:
-    lines = [(f"`{args.model}`; same held-out images, n0 = {args.n0} "
-              f"selection + n = {args.n} estimation noisy copies per image, α = {args.alpha}, seed 0, betting bounds; "
+    n0, n, alpha = (results[0]["n0"], results[0]["n"], results[0]["alpha"]) if results else (args.n0, args.n, args.alpha)
+    lines = [(f"`{args.model}`; same held-out images, n0 = {n0} "
+              f"selection + n = {n} estimation noisy copies per image, α = {alpha}, seed 0, betting bounds; "
               f"certified accuracy at ℓ2 radius r (pixel [0, 1] units), 95% Wilson intervals over images at r = 0.5 "
               f"and 1; booster `gsb` = `{args.booster}`. margin-means: FS margin of the nearest-class-mean cosine "
               f"predictor ({args.shots} shots per class, prototypes = smoothed features at σ from "

@@ -106,7 +106,7 @@ def test_certify_answer_cli_certifies_and_reports_answer_accuracy(tmp_path):
     metrics = {m["name"]: m for result in entry["results"] for m in result["metrics"]}
     assert {result["task"]["type"] for result in entry["results"]} == {"visual-question-answering"}
     metric = metrics["certified answer accuracy @ r=0.5 (σ=0.5, vote)"]
-    assert metric["value"] == sum(r["correct"] and r["radius"] >= 0.5 for r in rows) / 2
+    assert metric["value"] == sum(r["correct"] and r["radius"] > 0.5 for r in rows) / 2  # certified beyond r
     assert {k: metric["args"][k] for k in ("sigma", "n", "n0", "alpha", "method", "candidates_digest", "radius")} == {
         "sigma": 0.5, "n": 12, "n0": 4, "alpha": 0.1, "method": "vote", "candidates_digest": rows[0]["candidates_digest"],
         "radius": 0.5}
@@ -115,8 +115,10 @@ def test_certify_answer_cli_certifies_and_reports_answer_accuracy(tmp_path):
 
 def test_eot_apgd_within_a_certified_answer_radius_never_changes_the_majority_answer():
     """The answer certificate holds against the protocol's attack: on the real LLaVA + shipped booster at σ = 0.5,
-    APGD (ℓ2, EOT over 4 noise draws per step) within 0.95 × the certified radius, aimed at the certified answer,
-    leaves it the majority answer of the smoothed model (a one-sided binomial test at level 0.001 on fresh votes)."""
+    APGD (ℓ2, EOT over 4 noise draws per step) within a quarter of the certified radius R, aimed at the certified
+    answer, cannot push its probability below what the certificate guarantees there, p ≥ Φ(Φ⁻¹(p̲_A) − ε/σ) (> ½,
+    so the majority answer stays): a one-sided binomial test at level 0.001 on 40 fresh votes, which a lost majority
+    (p ≤ ½) fails with probability ≥ 0.9 (checked)."""
     from transformers import AutoProcessor
 
     from hf_feature_smoothing import CandidateAnswers, FeatureSmoothingConfig, SmoothedLlavaForConditionalGeneration
@@ -126,6 +128,7 @@ def test_eot_apgd_within_a_certified_answer_radius_never_changes_the_majority_an
     from hf_feature_smoothing.attacks.classifier import AnswerClassifier, classifier_attack
     from hf_feature_smoothing.models.answer_certificates import certify_answer
     from hf_feature_smoothing.smoothing.towers import ImageInputs
+    from hf_feature_smoothing.statistics.bounds import normal_cdf, normal_ppf
 
     smoothing = FeatureSmoothingConfig(sigma=0.5, num_samples=1, seed=0, booster=str(LLAVA_BOOSTER))
     model = SmoothedLlavaForConditionalGeneration.from_pretrained(llava_checkpoint(), smoothing=smoothing).eval()
@@ -137,14 +140,21 @@ def test_eot_apgd_within_a_certified_answer_radius_never_changes_the_majority_an
     pad = processor.tokenizer.pad_token_id
     certificate = certify_answer(model, inputs, candidates, n0=8, n=40, alpha=0.05, seed=0, pad_token_id=pad)
     assert certificate.answer == example.label and certificate.radius > 0.3, certificate  # something to attack
+    epsilon = certificate.radius / 4
+    guaranteed = normal_cdf(normal_ppf(certificate.p_lower) - epsilon / certificate.sigma)
     classifier = AnswerClassifier(model, inputs, candidates, pad_token_id=pad)
     image = model.smoothed_vision_tower.family.to_image(ImageInputs(inputs["pixel_values"]))
     label = torch.tensor([certificate.answer])
-    attack = classifier_attack(classifier, image, label, 0.95 * certificate.radius, norm="l2", steps=4,
-                               eot_samples=4, stop_at_success=False, generator=torch.Generator().manual_seed(0))
-    assert attack.delta.flatten().norm() <= 0.95 * certificate.radius + 1e-4
+    attack = classifier_attack(classifier, image, label, epsilon, norm="l2", steps=4, eot_samples=4,
+                               stop_at_success=False, generator=torch.Generator().manual_seed(0))
+    assert attack.delta.flatten().norm() <= epsilon + 1e-4
     with torch.no_grad():
-        votes = torch.cat([classifier((image + attack.delta).expand(8, -1, -1, -1)).argmax(-1) for _ in range(3)])
+        votes = torch.cat([classifier((image + attack.delta).expand(8, -1, -1, -1)).argmax(-1) for _ in range(5)])
     hits, runs = int((votes == certificate.answer).sum()), len(votes)
-    # P(at most `hits` of `runs` votes | the answer's probability is ½): tiny only if the majority had changed
-    assert sum(math.comb(runs, k) for k in range(hits + 1)) / 2**runs > 1e-3, (hits, runs)
+
+    def at_most(count: int, p: float) -> float:
+        return sum(math.comb(runs, k) * p**k * (1 - p) ** (runs - k) for k in range(count + 1))
+
+    refuted = [count for count in range(runs + 1) if at_most(count, guaranteed) <= 1e-3]  # the attack beat it
+    assert sum(math.comb(runs, count) for count in refuted) / 2**runs >= 0.9, guaranteed  # a lost majority is seen
+    assert hits not in refuted, (hits, runs, guaranteed)

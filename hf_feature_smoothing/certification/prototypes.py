@@ -65,8 +65,9 @@ def class_means(features: torch.Tensor, labels: Sequence[int], num_classes: int 
     """`(K, F)` unit prototypes from `(N, F)` features: per class, the normalised mean of its images' feature
     directions."""
     index, num_classes = _check_labels(labels, features.shape[0], num_classes)
+    index = index.to(features.device)
     directions = nn.functional.normalize(features.float(), dim=1)
-    sums = torch.zeros(num_classes, features.shape[1]).index_add_(0, index, directions)
+    sums = torch.zeros(num_classes, features.shape[1], device=features.device).index_add_(0, index, directions)
     counts = torch.bincount(index, minlength=num_classes).float()
     return nn.functional.normalize(sums / counts[:, None], dim=1)
 
@@ -120,6 +121,7 @@ def fit_prototypes(features: torch.Tensor, labels: Sequence[int], num_classes: i
     on training images and certified on others keep the certificate sound (they are fixed before its noise).
     """
     index, num_classes = _check_labels(labels, features.shape[0], num_classes)
+    index = index.to(features.device)
     features = features.detach().float().clone()  # a normal tensor (features may come from inference mode)
     means = torch.stack([features[index == k].mean(0) for k in range(num_classes)])
     weights = (means - means.mean(0)).clone().requires_grad_(True)

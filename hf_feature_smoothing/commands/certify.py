@@ -56,10 +56,10 @@ def register_subcommand(subparsers) -> None:
     add_images(c)
     c.add_argument("--prototypes", default=None,
                    help="safetensors file with a `prototypes` (K, F) tensor: certify argmax-cosine predictions")
-    c.add_argument("--method", default=DEFAULTS["method"], choices=list(PREDICTION_METHODS),
-                   help="prediction certificates (--prototypes): `margin` certifies the prediction of the smoothed "
-                        "feature (FS margin), `vote` the vote of single-copy predictions (Cohen et al.; with "
-                        "--target-radius it stops sampling early)")
+    c.add_argument("--method", default=None, choices=list(PREDICTION_METHODS),
+                   help=f"prediction certificates (--prototypes): `margin` certifies the prediction of the smoothed "
+                        f"feature (FS margin), `vote` the vote of single-copy predictions (Cohen et al.; with "
+                        f"--target-radius it stops sampling early); default with --prototypes: {DEFAULTS['method']}")
     c.add_argument("--sigma", type=number(SIGMA), default=None,
                    help=f"noise std in [0, 1] pixel units; default: the model's own (a smoothed model's "
                         f"`smoothing_config.sigma`), else {FeatureSmoothingConfig.sigma}")
@@ -94,9 +94,9 @@ def check_options(args) -> None:
     """Checks between options that need no model (the API's own rules, with the options' names)."""
     check_run_options(args)
     vote = args.method == "vote"
-    if vote and not args.prototypes:
-        raise OptionError("--method vote: a method of prediction certificates; pass --prototypes (class prototypes "
-                          "from `hf-fs prototypes`), or drop --method to certify features.")
+    if args.method and not args.prototypes:
+        raise OptionError(f"--method {args.method}: a method of prediction certificates; pass --prototypes (class "
+                          f"prototypes from `hf-fs prototypes`), or drop --method to certify features.")
     if vote and args.bound != "betting":
         raise OptionError(f"--bound {args.bound}: --method vote bounds the vote with the anytime-valid betting "
                           f"confidence sequence; use --bound betting (the default).")

@@ -14,6 +14,7 @@ from ..models.answer_certificates import certify_answer
 from ..models.answers import CandidateAnswers
 from ..runs import Run, Shard, UnreadableImage
 from ..runs.report import RunGroup, plot_group, summary_lines
+from ..smoothing.configuration_feature_smoothing import FeatureSmoothingConfig
 from ..smoothing.noise import fresh_seed
 from ..smoothing.towers.llava import LlavaTowerFamily
 from ..utils.validation import is_class_index
@@ -45,8 +46,9 @@ def register_subcommand(subparsers) -> None:
     c.set_defaults(model=LLAVA_NAME)
     add_images(c, image_size=False)  # the processor prepares the images at the model's own size
     c.add_argument("--candidates", nargs="+", default=["digits"],
-                   help="the candidate answers (at least two; they share a prefix and differ at one token, e.g. "
-                        "'The digit is 0.' 'The digit is 1.'), or a built-in set: "
+                   help="the candidate answers (at least two, none a prefix of another; answers that differ at "
+                        "one token, e.g. 'The digit is 0.' 'The digit is 1.', are scored by that token's logit in "
+                        "one forward pass, others by their teacher-forced log-likelihood), or a built-in set: "
                         + ", ".join(f"`{name}` ({len(answers)} answers to {question!r})"
                                     for name, (question, answers) in ANSWER_SETS.items())
                         + "; a label k of the images means candidate k")
@@ -54,7 +56,8 @@ def register_subcommand(subparsers) -> None:
                    help="the question asked about each image; default: the built-in set's question (required with "
                         "answers given as text)")
     c.add_argument("--sigma", type=number(SIGMA), default=None,
-                   help="noise std in [0, 1] pixel units; default: the model's own (`smoothing_config.sigma`)")
+                   help=f"noise std in [0, 1] pixel units; default: the model's own (`smoothing_config.sigma`), "
+                        f"for a stock model {FeatureSmoothingConfig.sigma} (recorded in every row)")
     c.add_argument("--n0", type=number(SAMPLES), default=DEFAULTS["n0"],
                    help="selection copies (they choose the answer), never reused for estimation")
     c.add_argument("--n", type=number(SAMPLES), default=DEFAULTS["n"], help="estimation copies (the most drawn "

@@ -36,10 +36,14 @@ def _as_dicts(certificates) -> list[dict]:
     kinds = {certificate_kind(r) for r in rows}
     if len(kinds) > 1:
         raise ValueError(f"Mix of {' and '.join(sorted(kinds))} certificates: share one kind per call.")
-    if len({(r["sigma"], r["n"], r["alpha"], r["bound"], r.get("target_cosine"), r.get("target_radius"),
-             r.get("method"), r.get("candidates_digest")) for r in rows}) > 1:
-        raise ValueError("Certificates differ in σ, n, α, bound, method, candidate answers or sequential target: "
-                         "aggregate one setting at a time.")
+    if len({(r["sigma"], r["n"], r.get("n0"), r["alpha"], r["bound"], r.get("target_cosine"), r.get("target_radius"),
+             r.get("method"), r.get("candidates_digest"), r.get("prompt_digest"), r.get("booster_digest"),
+             r.get("model")) for r in rows}) > 1:
+        raise ValueError("Certificates differ in σ, n, n0, α, bound, method, sequential target, or (answers) the "
+                         "candidates, prompt, model or booster: aggregate one setting at a time.")
+    if kinds & {"answer", "prediction"} and any(r.get("label") is None for r in rows):
+        raise ValueError("Certified accuracy needs each certificate's reference label: add `label` (the index of the "
+                         "correct class or candidate) to every certificate's dict (`hf-fs` rows carry it).")
     for advisory, count in Counter(a for r in rows for a in advisories_for(r)).items():
         logger.warning(f"{count} of {len(rows)} certificates are affected by `{advisory.name}`: {advisory.summary}")
     return rows
@@ -70,7 +74,8 @@ def certificate_eval_results(certificates, dataset_name: str, dataset_type: str 
         args.update({key: first[key] for key in ("candidates", "candidates_digest", "prompt_digest", "booster_digest",
                                                  "base_classifier")})
         # a local booster folder is named by its last part (the digest identifies the weights): no machine paths
-        args["booster"] = first["booster"] and Path(first["booster"]).name
+        booster = first["booster"]
+        args["booster"] = Path(booster).name if booster and os.path.isabs(booster) else booster
     if task_type == "image-feature-extraction" and kind != "feature":  # the default names the feature task
         task_type = "visual-question-answering" if kind == "answer" else "image-classification"
     targets = _targets(first)

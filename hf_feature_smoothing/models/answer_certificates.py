@@ -163,8 +163,8 @@ def certify_answer(
     """
     Certify a LLaVA-type MLLM's answer to one prompt about one image, among `candidates` (Cohen et al.'s CERTIFY).
 
-    The base classifier is the model's choice among the candidates ([`CandidateAnswers.scores`], one forward pass
-    scores them all) on one noisy copy x + δ, δ ~ N(0, σ²I) in [0, 1] pixel space (no clipping), the booster (if
+    The base classifier is the model's choice among the candidates ([`CandidateAnswers.scores`]: one forward pass
+    per batch of copies scores them all) on one noisy copy x + δ, δ ~ N(0, σ²I) in [0, 1] pixel space (no clipping), the booster (if
     any) conditioned on σ: what a smoothed model with `num_samples=1` answers. `n0` selection copies choose the answer
     ĉ_A (most votes); up to `n` estimation copies count its votes, and the betting confidence sequence bounds
     p_A = P(answer on x + δ = ĉ_A) from below at level α (valid at every copy: with `target_radius`, sampling stops
@@ -180,7 +180,8 @@ def certify_answer(
             booster (its smoothing hooks are bypassed: each copy is one forward pass).
         inputs (`dict`): processor outputs of **one** prompt with **one** image (`input_ids`, `attention_mask`,
             `pixel_values` `(1, 3, H, W)`); the prompt ends where the answer starts.
-        candidates ([`CandidateAnswers`]): the answers, sharing a prefix and branching at one token.
+        candidates ([`CandidateAnswers`]): the answers (scored by their branch token's logit when they differ at
+            one token, else by their teacher-forced log-likelihood; `candidates.base_classifier` says which).
         sigma (`float`, *optional*): noise level in [0, 1] pixel units; defaults to a smoothed model's σ.
         n0 (`int`, *optional*, defaults to 64): selection copies.
         n (`int`, *optional*, defaults to 1000): estimation copies (the most drawn with a target).

@@ -37,10 +37,13 @@ class CandidateAnswers:
         if len(set(self.token_ids)) != len(self.token_ids):
             raise ValueError(f"the candidate answers {list(self.texts)!r} tokenise to the same tokens twice; give "
                              "distinct answers.")
-        if any(len(ids) <= self.branch for ids in self.token_ids):
-            raise ValueError(f"the candidate answers {list(self.texts)!r}: one is the shared prefix of the others, "
-                             "so it cannot be told apart by its own tokens; add its ending (e.g. the end-of-turn "
-                             "token as `suffix`).")
+        prefixes = [(a, b) for a, ids in enumerate(self.token_ids) for b, other in enumerate(self.token_ids)
+                    if a != b and other[: len(ids)] == ids]
+        if prefixes:  # its log-likelihood (or missing branch token) could never beat the longer answer fairly
+            a, b = prefixes[0]
+            raise ValueError(f"the candidate answer {self.texts[a]!r} is a prefix of {self.texts[b]!r} (as tokens), "
+                             "so it cannot be scored against it; end every answer with the end-of-turn token "
+                             "(`CandidateAnswers.from_texts(..., suffix=<end-of-turn>)`) or reword them.")
 
     @property
     def single_branch(self) -> bool:
@@ -137,7 +140,7 @@ class CandidateAnswers:
         # the logits that predict each remainder token sit one position before it; log-softmax only there
         log_probs = logits[rows[:, None], span - 1].float().log_softmax(-1)
         picked = log_probs.gather(-1, targets[..., None].to(log_probs.device))[..., 0]
-        return (picked * keep).sum(-1).view(len(positions), count)
+        return picked.masked_fill(~keep, 0.0).sum(-1).view(len(positions), count)  # padding: 0, never −inf · 0
 
 
 __all__ = ["CandidateAnswers"]

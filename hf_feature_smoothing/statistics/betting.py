@@ -42,8 +42,9 @@ def _one_thread():
 
 def _log_inverse(alpha: float | torch.Tensor) -> float | torch.Tensor:
     """ln(1/α): a float for one α, a `(B, 1)` float64 column for one α per sequence (the same bits either way)."""
-    if torch.is_tensor(alpha):
-        return torch.log(1.0 / alpha.to(torch.float64).reshape(-1, 1))
+    if torch.is_tensor(alpha):  # math.log per level: torch.log may round differently in the last bit
+        return torch.tensor([[math.log(1.0 / a)] for a in alpha.reshape(-1).tolist()], dtype=torch.float64,
+                            device=alpha.device)
     return math.log(1.0 / alpha)
 
 

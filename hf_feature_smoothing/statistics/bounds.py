@@ -130,10 +130,16 @@ def class_confidence_bounds(scores: torch.Tensor, alphas: list[float], method: s
     """
     A lower bound on the mean of column 0 of `scores` `(n, K)` and an upper bound on the mean of every other column,
     column k at level `alphas[k]`: the bounds of a prediction certificate (the predicted class, its competitors).
-    The same values as [`lower_confidence_bound`] / [`upper_confidence_bound`] column by column; short columns
-    share one betting search (its cost is mostly per step, not per score), up to `_SHARED_SEARCH` scores in all,
-    so the memory stays that of one column's search.
+    The values of [`lower_confidence_bound`] / [`upper_confidence_bound`] column by column, up to float rounding
+    (short columns share one betting search, whose cost is mostly per step, not per score, up to `_SHARED_SEARCH`
+    scores in all, so the memory stays that of one column's search; a shared search may take the other of two
+    equivalent code paths). Each bound depends only on its own column and level.
     """
+    if scores.ndim != 2 or scores.shape[0] == 0 or len(alphas) != scores.shape[1]:
+        raise ValueError(f"`scores` must be (n ≥ 1, K) with one level per column, got shape {tuple(scores.shape)} "
+                         f"and {len(alphas)} levels.")
+    if any(isinstance(a, bool) or not isinstance(a, (int, float)) or not 0 < a < 1 for a in alphas):
+        raise ValueError(f"`alphas` must be levels in (0, 1), got {list(alphas)}.")
     if method != "betting":
         return (lower_confidence_bound(scores[:, 0], alphas[0], method),
                 [upper_confidence_bound(scores[:, k], alphas[k], method) for k in range(1, scores.shape[1])])

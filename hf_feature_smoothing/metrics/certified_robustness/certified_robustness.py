@@ -18,7 +18,9 @@ Aggregates Feature-space Smoothing certificates (see `hf_feature_smoothing.certi
   `abstain_rate`.
 * `"accuracy"`: inputs `prediction` (−1 = abstain), `label` and `radius` (certified ℓ2 radius) per image. Returns
   `certified_accuracy@r`: the fraction of images predicted correctly with a certified radius > r (r = 0: correct
-  and not abstained), plus `abstain_rate`.
+  and not abstained), plus `abstain_rate`. Prediction certificates (FS margin or vote) give `prediction`; answer
+  certificates of an MLLM (`certify_answer`, `hf-fs certify-answer` rows) give the answer's index as `prediction`
+  (`answer`, None → −1) and the candidate index of the reference answer as `label`.
 """
 
 _KWARGS_DESCRIPTION = """
