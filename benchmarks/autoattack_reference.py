@@ -54,7 +54,7 @@ def main() -> None:
     import sys
 
     sys.path.insert(0, str(Path(__file__).parent))
-    from llava_protocol import VARIANTS, Workbench, add_shared_arguments, booster_digest
+    from llava_protocol import VARIANTS, Workbench, add_shared_arguments, booster_digest, stop_rule
 
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--images", type=int, default=10, help="held-out digits (the first N of the test split)")
@@ -70,6 +70,8 @@ def main() -> None:
         norm, epsilon = parse_budget(args.budget)
     except ValueError as e:
         parser.error(f"--budget: {e}")
+    if not 0.5 <= args.confirm_share < 1:
+        parser.error(f"--confirm-share must be in [0.5, 1), got {args.confirm_share}.")
     if args.variant == "plain":
         args.eot, args.eval_runs = 1, 1  # deterministic
     args.gradient_dtype = "bfloat16" if bf16_supported("cpu") else None
@@ -77,6 +79,8 @@ def main() -> None:
     params = {k: getattr(args, k) for k in ("images", "batch_size", "variant", "version", "budget", "steps", "eot",
                                              "eval_runs", "sigma", "num_samples", "booster", "seed")}
     params["booster_weights"] = booster_digest(resolve_booster_path(args.booster))
+    if args.confirm_share != 0.5:  # the project's engine confirms successes on fresh calls (earlier runs did not)
+        params["stop_rule"] = stop_rule(args.confirm_share)
     bench = Workbench(args)
     model = bench.model(args.variant)
     prompt = bench.inputs([0])
@@ -96,7 +100,9 @@ def main() -> None:
                 begin = time.time()
                 if engine == "project":
                     attack = classifier_attack(classifier, images, labels, epsilon, norm=norm, steps=args.steps,
-                                               eot_samples=args.eot, generator=torch.Generator().manual_seed(args.seed))
+                                               eot_samples=args.eot, generator=torch.Generator().manual_seed(args.seed),
+                                               confirm_runs=args.eval_runs if args.confirm_share > 0.5 else 0,
+                                               confirm_share=args.confirm_share)
                     adversarial = (images + attack.delta).clamp(0, 1)
                 else:
                     adversarial = reference_attack(classifier, images, labels, norm, epsilon, args)

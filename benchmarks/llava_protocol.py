@@ -108,7 +108,8 @@ class Workbench:
             target_ids=None if target is None else [self.answer(t) for t in target],
             eot_samples=eot if smoothed else 1, eval_runs=self.args.eval_runs if smoothed else 1,
             pad_token_id=self.tokenizer.pad_token_id, gradient_dtype=self.args.gradient_dtype,
-            generator=torch.Generator().manual_seed(self.args.seed), stop_at_success=True, delta=delta)
+            generator=torch.Generator().manual_seed(self.args.seed), stop_at_success=True,
+            confirm_share=self.args.confirm_share, delta=delta)
 
 
 def image_record(index: int, example, result, **extra) -> dict:
@@ -272,6 +273,16 @@ def add_shared_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--chunk-size", type=int, default=64, help="noisy images per tower call")
     parser.add_argument("--eval-runs", type=int, default=8, help="fresh forward passes measuring each outcome")
     parser.add_argument("--seed", type=int, default=0, help="seed of the attacks' random starts")
+    parser.add_argument("--confirm-share", type=float, default=0.5,
+                        help="an image is retired (stop at success) once more than this share of --eval-runs fresh "
+                             "passes confirm the success, in [0.5, 1); 0.75 retires only clear successes")
+
+
+def stop_rule(confirm_share: float) -> str:
+    """The early-stopping rule in words (a run header parameter: rows of different rules never pool)."""
+    if confirm_share == 0.5:  # the wording of the runs made before the option existed
+        return "most EOT passes of a step, confirmed by most of eval_runs fresh passes"
+    return f"most EOT passes of a step, confirmed by more than {confirm_share:g} of eval_runs fresh passes"
 
 
 def main() -> None:
@@ -301,6 +312,8 @@ def main() -> None:
     for name in ("images", "batch_size", "num_samples", "eval_runs", "steps", "eot"):
         if getattr(args, name) is not None and getattr(args, name) < 1:
             parser.error(f"--{name.replace('_', '-')} must be ≥ 1, got {getattr(args, name)}.")
+    if not 0.5 <= args.confirm_share < 1:
+        parser.error(f"--confirm-share must be in [0.5, 1), got {args.confirm_share}.")
     args.images = args.images or (10 if args.study == "saturation" else 100)
     args.output = args.output or f"benchmarks/llava_{args.study}.jsonl"
     args.gradient_dtype = "bfloat16" if bf16_supported("cuda" if torch.cuda.is_available() else "cpu") else None
@@ -308,7 +321,7 @@ def main() -> None:
               "num_samples": args.num_samples, "booster": args.booster,
               "booster_weights": booster_digest(resolve_booster_path(args.booster)), "eval_runs": args.eval_runs,
               "seed": args.seed, "gradient_dtype": args.gradient_dtype, "algorithm": "apgd",
-              "stop_rule": "most EOT passes of a step, confirmed by most of eval_runs fresh passes"}
+              "stop_rule": stop_rule(args.confirm_share)}
     if args.study == "saturation":
         args.steps = sorted(set(SATURATION_STEPS) | {args.steps}) if args.steps != 100 else list(SATURATION_STEPS)
         params.update(variant=args.variant, budget=args.budget, eots=args.eots, steps=args.steps)

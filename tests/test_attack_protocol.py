@@ -128,3 +128,30 @@ def test_the_worst_case_per_image_counts_every_attack_and_every_smaller_budget()
 def test_budgets_are_parsed_or_refused_by_name(text):
     with pytest.raises(ValueError, match="budget"):
         parse_budget(text)
+
+
+class _ThreeInFour(torch.nn.Module):
+    """A randomised classifier stand-in: of every 4 consecutive calls, 3 give class 1 (the untargeted attack's goal
+    against label 0) and 1 gives class 0, whatever the input (which only carries a gradient)."""
+
+    def __init__(self):
+        super().__init__()
+        self.calls = 0
+
+    def forward(self, images):
+        self.calls += 1
+        goal = self.calls % 4 != 0
+        base = images.mean((1, 2, 3))[:, None] * torch.tensor([1.0, -1.0])
+        return base + torch.tensor([0.0, 2.0] if goal else [2.0, 0.0])
+
+
+@pytest.mark.parametrize("confirm_runs, confirm_share, retired", [(0, 0.5, True), (4, 0.5, True), (4, 0.75, False)])
+def test_early_stopping_retires_only_successes_its_confirmation_share_accepts(confirm_runs, confirm_share, retired):
+    images = torch.full((1, 3, 4, 4), 0.5)
+    attack = classifier_attack(_ThreeInFour(), images, torch.tensor([0]), 8 / 255, steps=6, eot_samples=1,
+                               confirm_runs=confirm_runs, confirm_share=confirm_share,
+                               generator=torch.Generator().manual_seed(0))
+    assert (attack.first_success[0] >= 0) == retired  # 3 of 4 fresh calls confirm: enough for ½, not for ¾
+    assert (attack.evaluations[0] < 7) == retired
+    with pytest.raises(ValueError, match="confirm_share"):
+        classifier_attack(_ThreeInFour(), images, torch.tensor([0]), 8 / 255, confirm_share=1.0)

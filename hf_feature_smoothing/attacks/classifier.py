@@ -7,7 +7,7 @@ from torch import nn
 from ..models.answers import CandidateAnswers
 from ..smoothing.towers import ImageInputs
 from ..utils.validation import check_images
-from .feature import _check_attack
+from .feature import _check_attack, check_confirm_share
 from .optim import BatchedAttack, eot_gradient, run_batched_attack
 from .text import pixel_adapter
 
@@ -47,14 +47,19 @@ class AnswerClassifier(nn.Module):
 
 def classifier_attack(classifier: nn.Module, images: torch.Tensor, labels: torch.Tensor, epsilon: float, *,
                       norm: str = "linf", steps: int = 100, eot_samples: int = 1, targets: torch.Tensor | None = None,
-                      stop_at_success: bool = True, generator: torch.Generator | None = None) -> BatchedAttack:
+                      stop_at_success: bool = True, confirm_runs: int = 0, confirm_share: float = 0.5,
+                      generator: torch.Generator | None = None) -> BatchedAttack:
     """
     APGD on the cross-entropy of a (possibly randomised) classifier of [0, 1] images: untargeted (raise the CE of
     `labels`) or targeted (lower the CE of `targets`), gradients averaged over `eot_samples` calls (EOT), each
-    image retired once most of a step's calls give the attack's class. The classifier-view twin of
-    [`answer_attack`], for comparisons with classifier attacks such as AutoAttack's APGD-CE.
+    image retired once most of a step's calls give the attack's class and, with `confirm_runs` > 0, more than
+    `confirm_share` of that many fresh calls confirm it (as [`answer_attack`] does with its `eval_runs`). The
+    classifier-view twin of [`answer_attack`], for comparisons with classifier attacks such as AutoAttack's APGD-CE.
     """
     _check_attack(epsilon, norm, steps, eot_samples, 1, 1)
+    check_confirm_share(confirm_share)
+    if isinstance(confirm_runs, bool) or not isinstance(confirm_runs, int) or confirm_runs < 0:
+        raise ValueError(f"`confirm_runs` must be an int ≥ 0 (0: no confirmation), got {confirm_runs!r}.")
     check_images("images", images, 4)
     attacked = labels if targets is None else targets
     sign = -1.0 if targets is None else 1.0
@@ -63,15 +68,27 @@ def classifier_attack(classifier: nn.Module, images: torch.Tensor, labels: torch
         rows = torch.arange(len(images), device=images.device) if rows is None else rows
         index = rows.cpu()
 
+        def goal(logits: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+            predicted = logits.detach().argmax(-1).cpu()
+            return predicted != labels[index].cpu() if targets is None else predicted == targets[index].cpu()
+
         def one_pass(delta: torch.Tensor):
             logits = classifier(images[rows] + delta)
             losses = sign * nn.functional.cross_entropy(logits, attacked[index].to(logits.device), reduction="none")
-            predicted = logits.detach().argmax(-1).cpu()
-            hit = predicted != labels[index].cpu() if targets is None else predicted == targets[index].cpu()
-            return losses, hit
+            return losses, goal(logits, index)
 
         total, grad, hits = eot_gradient(one_pass, delta, eot_samples)
-        return (total, grad, hits) if stop_at_success else (total, grad)
+        if not stop_at_success:
+            return total, grad
+        hit = hits.nonzero().squeeze(1)
+        if confirm_runs and len(hit):  # confirm on fresh calls before retiring: one lucky noise draw is no success
+            confirmed = torch.zeros(len(hit))
+            with torch.no_grad():
+                for _ in range(confirm_runs):
+                    confirmed += goal(classifier(images[rows[hit]] + delta[hit].detach()), index[hit]).float()
+            hits = hits.clone()
+            hits[hit] = confirmed > confirm_share * confirm_runs
+        return total, grad, hits
 
     return run_batched_attack(loss_and_grad, images, epsilon, norm=norm, steps=steps, algorithm="apgd",
                               generator=generator, stop_at_success=stop_at_success)

@@ -54,6 +54,14 @@ def _check_attack(epsilon: float, norm: str, steps: int, eot_samples: int, eval_
         NOISE_DRAWS.check(name, value)
 
 
+def check_confirm_share(confirm_share: float) -> float:
+    """The share of fresh confirming passes an early-stopped attack needs before retiring an image: in [0.5, 1)."""
+    if isinstance(confirm_share, bool) or not isinstance(confirm_share, (int, float)) or not 0.5 <= confirm_share < 1:
+        raise ValueError(f"`confirm_share` must be in [0.5, 1) (more than that share of the fresh passes must confirm "
+                         f"a success), got {confirm_share!r}.")
+    return float(confirm_share)
+
+
 def perturbation_norm(delta: torch.Tensor, norm: str) -> float:
     """‖δ‖₂ or ‖δ‖∞ of a perturbation, as attacks report it."""
     return perturbation_norms(delta[None], norm).item()

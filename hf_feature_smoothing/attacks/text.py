@@ -8,7 +8,7 @@ from torch import nn
 from ..smoothing.configuration_feature_smoothing import FeatureSmoothingConfig
 from ..smoothing.towers import ImageInputs, TowerFamily, base_model_type, get_tower_family
 from ..utils.validation import check_images
-from .feature import _check_attack, perturbation_norm, run_attack
+from .feature import _check_attack, check_confirm_share, perturbation_norm, run_attack
 from .optim import BatchedAttack, eot_gradient, feasible, perturbation_norms, run_batched_attack
 
 
@@ -199,6 +199,7 @@ def answer_attack(
     image_mean: list[float] | None = None,
     image_std: list[float] | None = None,
     stop_at_success: bool = False,
+    confirm_share: float = 0.5,
     delta: torch.Tensor | None = None,
 ) -> list[AnswerAttackResult]:
     """
@@ -222,13 +223,17 @@ def answer_attack(
         image_mean, image_std (`list[float]`, *optional*): a stock model's processor statistics (default: read from
             its checkpoint, see [`pixel_adapter`]).
         stop_at_success (`bool`): stop attacking an image once most of a step's EOT passes give the attack's answer
-            and most of `eval_runs` fresh passes confirm it (the outcome is then measured on `eval_runs` other fresh
-            passes), and only run the images still attacked through the model.
+            and more than `confirm_share` of `eval_runs` fresh passes confirm it (the outcome is then measured on
+            `eval_runs` other fresh passes), and only run the images still attacked through the model.
+        confirm_share (`float`, *optional*, defaults to 0.5): the share of confirming passes an image needs before
+            it is retired, in [0.5, 1): above ½ retires only clear successes (a borderline image retired early may
+            measure as robust at the end, while attacking on could have broken it).
         delta (`torch.Tensor`, *optional*): `(B, 3, H, W)` perturbations of the [0, 1] images to measure instead of
             attacking (a transfer attack: δ found on another model); they must lie in the ε-ball and keep x + δ in
             [0, 1].
     """
     _check_attack(epsilon, norm, steps, eot_samples, eval_runs, 1, step_size)
+    check_confirm_share(confirm_share)
     adapter = pixel_adapter(model, image_mean, image_std)
     pixel_values = inputs["pixel_values"]
     check_images("pixel_values", pixel_values, 4)
@@ -285,7 +290,7 @@ def answer_attack(
                                   attacked_positions, attacked, rows[hit])
                     confirmed += (given if target_ids is not None else ~given).float()
             hits = hits.clone()
-            hits[hit] = confirmed > max(1, eval_runs) / 2
+            hits[hit] = confirmed > confirm_share * max(1, eval_runs)
         return total, grad, hits
 
     if delta is None:
