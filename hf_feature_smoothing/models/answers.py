@@ -111,9 +111,11 @@ class CandidateAnswers:
         prompts × C candidates in one batched forward pass). Their argmax is the model's answer among the candidates.
         Differentiable in `pixel_values`."""
         if self.single_branch:
-            logits = model(**prefixed, pixel_values=pixel_values).logits
+            length = prefixed["input_ids"].shape[1]
+            keep = length - int(positions.min())  # the vocabulary projection only where a score is read
+            logits = model(**prefixed, pixel_values=pixel_values, logits_to_keep=keep).logits
             rows = torch.arange(len(positions), device=logits.device)
-            return logits[rows, positions.to(logits.device)][:, self.branch_tokens].float()
+            return logits[rows, positions.to(logits.device) - (length - keep)][:, self.branch_tokens].float()
         return self._log_likelihoods(model, prefixed, positions, pixel_values)
 
     def _log_likelihoods(self, model: nn.Module, prefixed: dict, positions: torch.Tensor,
@@ -135,10 +137,11 @@ class CandidateAnswers:
         targets, keep = rests.to(ids.device).repeat(len(positions), 1), valid.to(ids.device).repeat(len(positions), 1)
         full_ids[rows[:, None], span] = torch.where(keep, targets, full_ids[rows[:, None], span])
         full_mask[rows[:, None], span] = keep.to(mask.dtype)
-        logits = model(input_ids=full_ids, attention_mask=full_mask,
+        skipped = int(ends.min())  # the vocabulary projection only from the first scored position on
+        logits = model(input_ids=full_ids, attention_mask=full_mask, logits_to_keep=full_ids.shape[1] - skipped,
                        pixel_values=pixel_values.repeat_interleave(count, dim=0)).logits
         # the logits that predict each remainder token sit one position before it; log-softmax only there
-        log_probs = logits[rows[:, None], span - 1].float().log_softmax(-1)
+        log_probs = logits[rows[:, None], span - 1 - skipped].float().log_softmax(-1)
         picked = log_probs.gather(-1, targets[..., None].to(log_probs.device))[..., 0]
         return picked.masked_fill(~keep, 0.0).sum(-1).view(len(positions), count)  # padding: 0, never −inf · 0
 
