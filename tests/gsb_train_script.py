@@ -37,3 +37,5 @@ def train(output_dir: str, per_device_batch: int, seed: int = 0, steps: int = 3)
 if __name__ == "__main__":
     torch.set_num_threads(1)
     train(sys.argv[1], int(sys.argv[2]), int(sys.argv[3]) if len(sys.argv) > 3 else 0)
+    if torch.distributed.is_initialized():  # a clean shutdown: gloo threads left at exit can abort the process
+        torch.distributed.destroy_process_group()

@@ -119,8 +119,7 @@ BAD_CERTIFY_ANSWER = {  # name -> (args, needles of the one error line); each is
 
 
 @pytest.mark.parametrize("case", sorted(BAD_CERTIFY_ANSWER))
-def test_bad_certify_answer_input_writes_nothing(case, tmp_path, capsys, monkeypatch):
-    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+def test_bad_certify_answer_input_writes_nothing(case, tmp_path, capsys):
     args, needles = BAD_CERTIFY_ANSWER[case]
     out = tmp_path / "out" / "answers.jsonl"
     status, _, err = _run(["certify-answer", "--images", "digits:test", "--limit", "1", "--n", "4", "--n0", "2",

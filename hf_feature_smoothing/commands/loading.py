@@ -3,7 +3,14 @@ the image sources of the `hf-fs` commands."""
 
 from pathlib import Path
 
-from ..assets.registry import SHIPPED_BOOSTER, attach_booster, check_model_name, resolve_booster_path, resolve_model
+from ..assets.registry import (
+    MODEL_ALIASES,
+    SHIPPED_BOOSTER,
+    attach_booster,
+    check_model_name,
+    resolve_booster_path,
+    resolve_model,
+)
 from ..runs import DatasetImages, FirstImages, FolderImages, ImageSource, LabelledImages, RunError, SkimageImages
 from .options import OptionError
 
@@ -48,8 +55,10 @@ def load_processor(name: str, model):
     from transformers import AutoProcessor
 
     source = getattr(model.config, "_name_or_path", None) or name
+    # the Hub only for a repo id: an alias or a local folder has its processor here or nowhere
+    online = source not in MODEL_ALIASES and not Path(source).exists()
     errors = []
-    for offline in (True, False):
+    for offline in (True, False) if online else (True,):
         try:
             processor = AutoProcessor.from_pretrained(source, local_files_only=offline)
         except (OSError, ValueError, KeyError, TypeError) as error:
