@@ -6,10 +6,13 @@ import json
 import os
 import random
 import signal
+import threading
 import time
 
 import pytest
 import torch
+import tqdm.auto
+import tqdm.std
 from huggingface_hub import ModelCard
 from safetensors.torch import load_file
 
@@ -127,9 +130,13 @@ def test_kill_at_every_step_leaves_old_or_new(point, checkpoint):
     assert (folder / "preprocessor_config.json").read_text() == '{"image_mean": [0.5, 0.5, 0.5]}'
 
 
-def test_kill_at_random_times_during_repeated_saves(checkpoint):
+def test_kill_at_random_times_during_repeated_saves(checkpoint, monkeypatch):
     model, folder = checkpoint
     rng = random.Random(0)
+    # tqdm's default lock holds a multiprocessing semaphore shared with forked children: a child killed while it
+    # holds it would block this process's next progress bar forever. A thread lock is the child's own copy.
+    for bar in {tqdm.std.tqdm, tqdm.auto.tqdm}:
+        monkeypatch.setattr(bar, "_lock", threading.RLock(), raising=False)
     for round_ in range(4):
         pid = os.fork()
         if pid == 0:  # pragma: no cover (child)
