@@ -38,6 +38,7 @@ from hf_feature_smoothing import metrics
 from hf_feature_smoothing.cli import main as hf_fs
 from hf_feature_smoothing.runs import read_run
 from hf_feature_smoothing.statistics.aggregates import wilson_interval
+from hf_feature_smoothing.utils.atomic import write_atomically
 
 
 SIGMAS = (0.12, 0.25, 0.5)
@@ -210,8 +211,8 @@ def main() -> None:
             run_cell(args, *cell)
     results = summarise(args)
     table = write_table(args, results)
-    Path(args.table).write_text(table)
-    Path(args.table).with_suffix(".json").write_text(json.dumps(results, indent=1))
+    write_atomically(args.table, table)
+    write_atomically(Path(args.table).with_suffix(".json"), json.dumps(results, indent=1))
     if results:
         plot(args, results)
     print(table)
