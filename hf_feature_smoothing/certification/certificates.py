@@ -18,6 +18,15 @@ def versions() -> dict[str, str]:
     return {"hf_feature_smoothing": __version__, "transformers": transformers.__version__, "torch": torch.__version__}
 
 
+def target_label(record: dict) -> str:
+    """The sequential targets of a certificate or a run's parameters: `"target FCSB ≥ 0.9"`, `"target R_τ ≥ 0.1"`
+    (a vote's radius has no τ: `"target radius ≥ 0.5"`), comma-joined; `""` at a fixed n."""
+    radius = "target radius ≥" if record.get("method") == "vote" else "target R_τ ≥"
+    return ", ".join(f"{name} {record[key]:g}" for key, name in (("target_cosine", "target FCSB ≥"),
+                                                                ("target_radius", radius))
+                     if record.get(key) is not None)
+
+
 def strict_json(value):
     """`value` with every non-finite float (NaN, ±inf) replaced by None, recursively: `json.dumps` then writes strict
     JSON (no bare `NaN` / `Infinity` tokens)."""

@@ -21,7 +21,7 @@ from ..certification.arguments import (
     target_score,
 )
 from ..certification.prototypes import feature_width, load_prototypes
-from ..runs import Run, Shard, UnreadableImage
+from ..runs import Run, Shard
 from ..runs.fingerprints import file_sha256
 from ..runs.report import RunGroup, plot_group, sequential_label, summary_lines
 from ..smoothing.configuration_feature_smoothing import FeatureSmoothingConfig
@@ -39,7 +39,7 @@ from .options import (
     check_vote_target,
     number,
 )
-from .running import model_params, progress, run_info, skip_row, smoothed_tower
+from .running import first_bad_label, model_params, pending_images, run_info, smoothed_tower
 
 
 OPTION_NAMES = {"target_cosine": "--target-cosine", "target_radius": "--target-radius", "epsilon": "--epsilon",
@@ -164,8 +164,9 @@ def check_labels(args, source, prototypes) -> None:
         raise OptionError(f"--prototypes {args.prototypes}: {prototypes.shape[0]} classes, but --label-column "
                           f"{source.label_column} has {num_classes}; compute prototypes for every class "
                           f"(`hf-fs prototypes` on the same labelled set).")
-    for item in source.items():
-        _check_label(item, prototypes, source.label_column)
+    item = first_bad_label(source, prototypes.shape[0])
+    if item is not None:
+        _check_label(item, prototypes, source.label_column)  # raises, naming the row and its label
 
 
 def _print_summary(rows: list[dict], params: dict, output: str) -> None:
@@ -219,29 +220,18 @@ def run(args) -> int:
         run.open(params, run_info(shard, len(source)), resolve={"seed": fresh_seed})
         seed = run.params["seed"]
         common = dict(n0=args.n0, n=args.n, alpha=args.alpha, bound=args.bound, seed=seed, image_size=args.image_size)
-        indices = shard.indices(len(source))
-        with progress(shard, len(indices), "certify") as bar:
-            for item in source.items(indices):
-                bar.update()
-                if item.key in run.done:
-                    continue
-                start = time.perf_counter()
-                try:
-                    image = item.load()
-                except UnreadableImage as error:
-                    run.append(skip_row(item, error))
-                    continue
-                if prototypes is None:
-                    (cert,) = certify(tower, [image], epsilon=args.epsilon, tau=args.tau, reference=args.reference,
-                                      target_cosine=args.target_cosine, target_radius=args.target_radius, **common)
-                else:
-                    label = _check_label(item, prototypes, getattr(source, "label_column", None))
-                    vote = {"method": "vote", "target_radius": args.target_radius} if args.method == "vote" else {}
-                    (cert,) = certify_prediction(tower, [image], prototypes, None if label is None else [label],
-                                                 **common, **vote)
-                values = {k: v for k, v in cert.to_dict().items() if k != "index"}
-                run.append({"key": item.key, "index": item.index, "status": "ok", "model": args.model, **values,
-                            "elapsed_s": round(time.perf_counter() - start, 4)})
+        for item, image, start in pending_images(run, shard, source, "certify"):
+            if prototypes is None:
+                (cert,) = certify(tower, [image], epsilon=args.epsilon, tau=args.tau, reference=args.reference,
+                                  target_cosine=args.target_cosine, target_radius=args.target_radius, **common)
+            else:
+                label = _check_label(item, prototypes, getattr(source, "label_column", None))
+                vote = {"method": "vote", "target_radius": args.target_radius} if args.method == "vote" else {}
+                (cert,) = certify_prediction(tower, [image], prototypes, None if label is None else [label],
+                                             **common, **vote)
+            values = {k: v for k, v in cert.to_dict().items() if k != "index"}
+            run.append({"key": item.key, "index": item.index, "status": "ok", "model": args.model, **values,
+                        "elapsed_s": round(time.perf_counter() - start, 4)})
         rows = run.finish()
         params = run.params
     if rows is None:  # not rank 0

@@ -12,12 +12,11 @@ from ..certification import as_smoothed_tower
 from ..certification.arguments import ALPHA, CHUNK_SIZE, DEFAULTS, SAMPLES, SIGMA, TARGET_RADIUS
 from ..models.answer_certificates import certify_answer
 from ..models.answers import CandidateAnswers
-from ..runs import Run, Shard, UnreadableImage
+from ..runs import Run, Shard
 from ..runs.report import RunGroup, plot_group, summary_lines
 from ..smoothing.configuration_feature_smoothing import FeatureSmoothingConfig
 from ..smoothing.noise import fresh_seed
 from ..smoothing.towers.llava import LlavaTowerFamily
-from ..utils.validation import is_class_index
 from .loading import load_model, load_processor, open_source
 from .options import (
     HelpFormatter,
@@ -29,7 +28,7 @@ from .options import (
     check_vote_target,
     number,
 )
-from .running import model_params, progress, run_info, skip_row
+from .running import first_bad_label, model_params, pending_images, run_info
 
 
 BATCH_SIZE = 16  # noisy copies per forward pass, `certify_answer`'s default
@@ -103,12 +102,10 @@ def prompt(processor, question: str, model_name: str) -> str:
 
 def check_labels(source, num_answers: int, candidates: str) -> None:
     """Every label of the source names a candidate (checked before the run starts, without decoding images)."""
-    if getattr(source, "label_column", None) is None:
-        return
-    for item in source.items():
-        if item.label is not None and not is_class_index(item.label, num_answers):
-            raise OptionError(f"--candidates {candidates}: {num_answers} answers, but image {item.key} has label "
-                              f"{item.label!r}; a label k means candidate k (integers 0..{num_answers - 1}).")
+    item = first_bad_label(source, num_answers)
+    if item is not None:
+        raise OptionError(f"--candidates {candidates}: {num_answers} answers, but image {item.key} has label "
+                          f"{item.label!r}; a label k means candidate k (integers 0..{num_answers - 1}).")
 
 
 def run(args) -> int:
@@ -143,26 +140,16 @@ def run(args) -> int:
         run.lock()
         run.open(params, run_info(shard, len(source)), resolve={"seed": fresh_seed})
         seed = run.params["seed"]
-        indices = shard.indices(len(source))
-        with progress(shard, len(indices), "certify-answer") as bar:
-            for item in source.items(indices):
-                bar.update()
-                if item.key in run.done:
-                    continue
-                start = time.perf_counter()
-                try:
-                    image = item.load()
-                except UnreadableImage as error:
-                    run.append(skip_row(item, error))
-                    continue
-                inputs = processor(images=[image], text=[text], return_tensors="pt")
-                inputs = {key: inputs[key].to(shard.device) for key in ("input_ids", "attention_mask", "pixel_values")}
-                cert = certify_answer(model, inputs, candidates, sigma=sigma, n0=args.n0, n=args.n, alpha=args.alpha,
-                                      target_radius=args.target_radius, batch_size=batch_size, seed=seed,
-                                      pad_token_id=pad_token_id)
-                label = None if item.label is None else int(item.label)
-                run.append({"key": item.key, "index": item.index, "status": "ok", "label": label, "correct": None if label is None else cert.answer == label,
-                            **cert.to_dict(), "elapsed_s": round(time.perf_counter() - start, 4)})
+        for item, image, start in pending_images(run, shard, source, "certify-answer"):
+            inputs = processor(images=[image], text=[text], return_tensors="pt")
+            inputs = {key: inputs[key].to(shard.device) for key in ("input_ids", "attention_mask", "pixel_values")}
+            cert = certify_answer(model, inputs, candidates, sigma=sigma, n0=args.n0, n=args.n, alpha=args.alpha,
+                                  target_radius=args.target_radius, batch_size=batch_size, seed=seed,
+                                  pad_token_id=pad_token_id)
+            label = None if item.label is None else int(item.label)
+            run.append({"key": item.key, "index": item.index, "status": "ok", "label": label,
+                        "correct": None if label is None else cert.answer == label, **cert.to_dict(),
+                        "elapsed_s": round(time.perf_counter() - start, 4)})
         rows = run.finish()
         params = run.params
     if rows is None:  # not rank 0

@@ -10,11 +10,12 @@ import torch
 from tqdm.auto import tqdm
 
 from ..certification import as_smoothed_tower
-from ..runs import Shard, UnreadableImage
+from ..runs import Run, Shard, UnreadableImage
 from ..runs.fingerprints import weights_fingerprint
 from ..runs.images import printable_name
 from ..smoothing.modeling_smoothed_tower import SmoothedVisionTower
 from ..utils.logging import get_logger
+from ..utils.validation import is_class_index
 
 
 logger = get_logger("hf_feature_smoothing.cli")  # the name `hf-fs` messages have always had
@@ -58,3 +59,31 @@ def skip_row(item, error: UnreadableImage) -> dict:
     reason = printable_name(str(error))  # a decoder's message may quote a file name that is not UTF-8
     logger.warning(f"{item.key}: skipped, unreadable ({reason}).")
     return {"key": item.key, "index": item.index, "status": "skipped", "reason": reason}
+
+
+def pending_images(run: Run, shard: Shard, source, desc: str):
+    """This process's images of `source` that `run` has no row for yet, loaded, behind a progress bar: yields
+    `(item, image, start)`, `start` the `time.perf_counter()` before loading (for the row's `elapsed_s`). An image
+    that cannot be read becomes a `skipped` row and is passed over."""
+    indices = shard.indices(len(source))
+    with progress(shard, len(indices), desc) as bar:
+        for item in source.items(indices):
+            bar.update()
+            if item.key in run.done:
+                continue
+            start = time.perf_counter()
+            try:
+                image = item.load()
+            except UnreadableImage as error:
+                run.append(skip_row(item, error))
+                continue
+            yield item, image, start
+
+
+def first_bad_label(source, num_classes: int):
+    """The first item of a labelled `source` whose label is not a class index in [0, `num_classes`) (labels are read
+    without decoding any image), or None (also for an unlabelled source)."""
+    if getattr(source, "label_column", None) is None:
+        return None
+    return next((item for item in source.items()
+                 if item.label is not None and not is_class_index(item.label, num_classes)), None)

@@ -11,6 +11,7 @@ from huggingface_hub import EvalResult, HfApi, ModelCard, ModelCardData
 
 from ..booster.layer import booster_layers
 from ..booster.loading import record_smoothing, save_booster_adapter
+from ..certification.certificates import target_label
 from ..smoothing.configuration_feature_smoothing import FeatureSmoothingConfig
 from ..smoothing.hub_io import register_hub_io
 from ..smoothing.modeling_smoothed_tower import SmoothedVisionTower
@@ -78,7 +79,7 @@ def certificate_eval_results(certificates, dataset_name: str, dataset_type: str 
         args["booster"] = Path(booster).name if booster and os.path.isabs(booster) else booster
     if task_type == "image-feature-extraction" and kind != "feature":  # the default names the feature task
         task_type = "visual-question-answering" if kind == "answer" else "image-classification"
-    targets = _targets(first)
+    targets = target_label(first)
     if targets:
         args.update(sequential=True, target_cosine=first.get("target_cosine"),
                     target_radius=first.get("target_radius"),
@@ -110,15 +111,6 @@ def certificate_eval_results(certificates, dataset_name: str, dataset_type: str 
         bool(r["abstain"]) if kind == "feature" else r[kind] is None for r in rows) / len(rows),
         metric_name=f"abstain rate ({setting})", metric_args=args))
     return results
-
-
-def _targets(row: dict) -> str:
-    """`"target FCSB ≥ 0.9"` / `"target R_τ ≥ 0.1"` (a vote's: `"target radius ≥ 0.5"`) of a sequential
-    certificate, `""` at a fixed n."""
-    radius = "target radius ≥" if row.get("method") == "vote" else "target R_τ ≥"
-    return ", ".join(f"{name} {row[key]:g}" for key, name in (("target_cosine", "target FCSB ≥"),
-                                                             ("target_radius", radius))
-                     if row.get(key) is not None)
 
 
 def attack_eval_results(table: Sequence[dict], params: dict, dataset_name: str,

@@ -7,6 +7,7 @@ from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from ..certification.certificates import target_label
 from ..statistics.advisories import advisories_for
 from ..statistics.aggregates import certified_accuracy, certified_cosine
 from ..utils.atomic import write_atomically
@@ -67,17 +68,15 @@ def run_state(contents: RunContents) -> RunState:
 
 def sequential_label(params: dict) -> str | None:
     """`"sequential, target FCSB ≥ 0.9, n ≤ 256"` for a run that stops sampling at a target; `None` otherwise."""
-    radius = "target radius ≥" if params.get("method") == "vote" else "target R_τ ≥"  # a vote's radius has no τ
-    targets = [f"{name} {value:g}" for name, value in (("target FCSB ≥", params.get("target_cosine")),
-                                                       (radius, params.get("target_radius")))
-               if value is not None]
-    return f"sequential, {', '.join(targets)}, n ≤ {params.get('n')}" if targets else None
+    targets = target_label(params)
+    return f"sequential, {targets}, n ≤ {params.get('n')}" if targets else None
 
 
 def run_kind(header: dict) -> str:
     """`"feature"` (certified cosine), `"prediction"` or `"answer"` (certified accuracy) or `"attack"`."""
-    if header["command"] in ("attack", "certify-answer"):
-        return {"attack": "attack", "certify-answer": "answer"}[header["command"]]
+    by_command = {"attack": "attack", "certify-answer": "answer"}
+    if header["command"] in by_command:
+        return by_command[header["command"]]
     return "prediction" if header["params"].get("prototypes") else "feature"
 
 
@@ -218,7 +217,7 @@ def summary_lines(group: RunGroup, radii: tuple[float, ...] = (0.0, 0.05, 0.1, 0
                  "| " + " | ".join(f"{c[1]:.4f}" for c in cells) + " |"]
         return [head, "", *table, *_sequential_note(p, rows)]
     if group.kind in ("prediction", "answer"):
-        predicted = "prediction" if group.kind == "prediction" else "answer"
+        predicted = group.kind  # the rows' field: `prediction` or `answer`
         labelled = [r for r in rows if r.get("label") is not None]
         if not labelled:
             abstain = _mean(r[predicted] is None for r in rows)
