@@ -30,6 +30,30 @@ def test_feature_mean_is_per_channel_and_centring_is_applied_per_token(llava):
     torch.testing.assert_close(centred.clean_unit_features(single)[-1], expected, atol=1e-5, rtol=0)
 
 
+def test_per_position_mean_keeps_token_positions_apart_and_noisy_means_are_seeded(llava):
+    model, pixels = llava
+    tower = SmoothedVisionTower(model, FeatureSmoothingConfig(sigma=0.25))
+    raw = tower.family.encode(tower.check_inputs(pixels))[-1].reshape(3, -1)  # 3 images × (16 tokens · 64 channels)
+    mean = estimate_feature_mean(tower, pixels, per_position=True)
+    assert len(mean) == 16 * 64 and torch.allclose(torch.tensor(mean), raw.double().mean(0).float(), atol=1e-5)
+    centred = SmoothedVisionTower(model, FeatureSmoothingConfig(feature_center=mean))
+    expected = torch.nn.functional.normalize(raw[0] - torch.tensor(mean), dim=0)
+    torch.testing.assert_close(centred.clean_unit_features(centred.check_inputs(pixels[:1]))[-1], expected,
+                               atol=1e-5, rtol=0)
+    noisy = estimate_feature_mean(tower, pixels, per_position=True, num_samples=5, seed=1)
+    assert noisy == estimate_feature_mean(tower, pixels, per_position=True, num_samples=5, seed=1)
+    assert noisy != estimate_feature_mean(tower, pixels, per_position=True, num_samples=5, seed=2)
+    assert not torch.allclose(torch.tensor(noisy), torch.tensor(mean), atol=1e-3)  # the centre of noisy features
+    faint = SmoothedVisionTower(model, FeatureSmoothingConfig(sigma=1e-6))
+    torch.testing.assert_close(torch.tensor(estimate_feature_mean(faint, pixels, per_position=True, num_samples=3)),
+                               torch.tensor(mean), atol=1e-4, rtol=0)  # vanishing noise: the clean centre
+    with pytest.raises(ValueError, match="num_samples"):
+        estimate_feature_mean(tower, pixels, num_samples=-1)
+    other_size = SmoothedVisionTower(model, FeatureSmoothingConfig(feature_center=mean[:-64] + [0.0] * 32))
+    with pytest.raises(ValueError, match="feature_center"):
+        other_size.clean_unit_features(other_size.check_inputs(pixels[:1]))
+
+
 def test_language_model_receives_features_of_unchanged_meaning(llava):
     """With one sample the hooked site must pass the noisy copy's raw features through exactly, centred or not
     (μ + unit(f − μ)·‖f − μ‖ = f); with more samples it receives μ + the centred average at the centred scale."""
@@ -76,7 +100,7 @@ def test_centred_certificates_and_config_round_trip(llava):
         FeatureSmoothingConfig(feature_center=[0.0, math.nan])
     with pytest.raises(ValueError, match="feature_center"):
         FeatureSmoothingConfig(feature_center=[])
-    with pytest.raises(ValueError, match="`feature_center` has 7 channels.*estimate_feature_mean"):
+    with pytest.raises(ValueError, match="`feature_center` has 7 values.*estimate_feature_mean"):
         certify(SmoothedVisionTower(model, FeatureSmoothingConfig(feature_center=[0.0] * 7)), pixels[:1], n=4)
 
 

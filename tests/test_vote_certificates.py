@@ -251,6 +251,32 @@ def test_certify_answer_stops_early_and_records_the_booster(models):
     assert record["booster"] == "default" and len(record["booster_digest"]) == 16 and record["sigma"] == 0.25
 
 
+def _linear_output_dtypes(model) -> tuple[set, list]:
+    dtypes: set = set()
+    handles = [m.register_forward_hook(lambda _, __, out: dtypes.add(out.dtype))
+               for m in model.modules() if isinstance(m, torch.nn.Linear)]
+    return dtypes, handles
+
+
+def test_certify_answer_runs_in_the_autocast_dtype_it_records(models):
+    """`autocast_dtype` (or a smoothed model's own) puts the model's matmuls in bf16 and the certificate says so;
+    float32 stays float32. The certificate is about the model as computed in the recorded dtype."""
+    stock, smoothed_bf16 = models["stock"], tiny_smoothed_model("llava", num_samples=1, seed=0,
+                                                                autocast_dtype="bfloat16")
+    for model, autocast_dtype, expected in ((stock, None, torch.float32), (stock, "bfloat16", torch.bfloat16),
+                                            (smoothed_bf16, None, torch.bfloat16)):
+        dtypes, handles = _linear_output_dtypes(model)
+        try:
+            record = hfs.certify_answer(model, tiny_inputs(model), CANDIDATES, sigma=0.25, n0=4, n=4, seed=0,
+                                        autocast_dtype=autocast_dtype).to_dict()
+        finally:
+            for handle in handles:
+                handle.remove()
+        assert dtypes == {expected} and record["dtype"] == str(expected).removeprefix("torch.")
+    with pytest.raises(ValueError, match="autocast_dtype"):
+        hfs.certify_answer(stock, tiny_inputs(stock), CANDIDATES, sigma=0.25, n0=4, n=4, autocast_dtype="int8")
+
+
 @pytest.mark.parametrize("change, error, match", [
     ({"candidates": ["answer 0", "answer 1"]}, TypeError, "candidates"),
     ({"candidates": CandidateAnswers(((20, 5000), (20, 5001)), ("a", "b"))}, ValueError, "candidates"),

@@ -55,7 +55,7 @@ logger = get_logger(__name__)
 RUNNER_UPS = 4  # classes ranked right after the prediction on the selection samples: they get most of α
 
 __all__ = ["NOISE_SPACE", "REFERENCES", "FeatureCertificate", "PredictionCertificate", "as_smoothed_tower", "certify",
-           "certify_prediction"]
+           "certify_prediction", "compute_dtype"]
 
 
 # ----- towers, dtypes --------------------------------------------------------------------------------------------
@@ -94,7 +94,7 @@ def as_smoothed_tower(
     return tower
 
 
-def _compute_dtype(tower: SmoothedVisionTower) -> str:
+def compute_dtype(tower: SmoothedVisionTower) -> str:
     """The dtype the tower passes run in (recorded in certificates); warns when the CPU emulates it."""
     param = next(tower.encoder.parameters(), None)
     dtype = tower.config.autocast_dtype or (str(param.dtype).removeprefix("torch.") if param is not None else "float32")
@@ -204,7 +204,7 @@ def certify(
     target_radius = check_target("target_radius", target_radius, TARGET_RADIUS)
     tower = as_smoothed_tower(model_or_tower, sigma, autocast_dtype)
     target = target_score(target_cosine, target_radius, epsilons, taus, tower.sigma, bound)
-    dtype = _compute_dtype(tower)
+    dtype = compute_dtype(tower)
     inputs_list = to_image_inputs(tower, images, input_space=input_space, image_grid_thw=image_grid_thw, image_size=image_size)
     unrelated = None
     if unrelated_images is not None:
@@ -321,7 +321,7 @@ def certify_prediction(
         return _certify_vote(tower, images, prototypes, labels, n0=n0, n=n, alpha=alpha, seed=seed,
                              target_radius=target_radius, input_space=input_space, image_grid_thw=image_grid_thw,
                              image_size=image_size, progress=progress)
-    dtype = _compute_dtype(tower)
+    dtype = compute_dtype(tower)
     inputs_list = to_image_inputs(tower, images, input_space=input_space, image_grid_thw=image_grid_thw, image_size=image_size)
     labels = check_labels(labels, len(inputs_list), num_classes)
     blanks = blank_features(tower, inputs_list)  # one clean pass: checks the feature width before any noise
@@ -368,7 +368,7 @@ def _certify_vote(tower: SmoothedVisionTower, images, prototypes: torch.Tensor, 
                   image_grid_thw: torch.Tensor | None, image_size: int | None, progress: bool
                   ) -> list[PredictionCertificate]:
     """`certify_prediction(method="vote")` once the arguments are checked (see there)."""
-    dtype = _compute_dtype(tower)
+    dtype = compute_dtype(tower)
     target = None if target_radius is None else vote_target(target_radius, tower.sigma)
     inputs_list = to_image_inputs(tower, images, input_space=input_space, image_grid_thw=image_grid_thw,
                                   image_size=image_size)

@@ -8,6 +8,7 @@ import os
 from collections.abc import Sequence
 
 import torch
+from safetensors import safe_open
 from safetensors.torch import save_file
 from torch import nn
 from tqdm.auto import tqdm
@@ -18,6 +19,7 @@ from .arguments import check_prototypes
 
 
 PROTOTYPES_KEY = "prototypes"
+CENTER_KEY = "feature_center"
 
 
 @torch.inference_mode()
@@ -141,15 +143,34 @@ def fit_prototypes(features: torch.Tensor, labels: Sequence[int], num_classes: i
 
 
 def save_prototypes(prototypes: torch.Tensor, path: str | os.PathLike, *, class_names: Sequence[str] | None = None,
-                    **metadata) -> None:
+                    feature_center: Sequence[float] | None = None, **metadata) -> None:
     """Write `prototypes` (`(K, F)`) to a safetensors file under the key `prototypes`, with the class names and
-    any other string-able `metadata` (model, image size, shots, ...) in the header; atomically."""
+    any other string-able `metadata` (model, image size, shots, ...) in the header; atomically. `feature_center`:
+    the tower's `feature_center` the prototypes' features were computed with (saved in float64 under the key
+    `feature_center`, read back exactly by [`load_prototype_center`]): the prototypes live in that centred space,
+    and `hf-fs certify --prototypes` certifies with it."""
     if class_names is not None and len(class_names) != prototypes.shape[0]:
         raise ValueError(f"Got {len(class_names)} class names for {prototypes.shape[0]} prototypes.")
     header = {"class_names": json.dumps(list(class_names) if class_names is not None else None),
               **{k: json.dumps(v) for k, v in metadata.items()}}
+    tensors = {PROTOTYPES_KEY: prototypes.contiguous()}
+    if feature_center is not None:
+        tensors[CENTER_KEY] = torch.tensor(list(feature_center), dtype=torch.float64)
     with atomic_path(path) as tmp:
-        save_file({PROTOTYPES_KEY: prototypes.contiguous()}, str(tmp), metadata=header)
+        save_file(tensors, str(tmp), metadata=header)
+
+
+def load_prototype_center(path: str | os.PathLike, name: str | None = None) -> list[float] | None:
+    """The `feature_center` a prototypes file was made with (None when it has none), exactly as saved."""
+    name = name or str(path)
+    with safe_open(str(path), "pt") as f:
+        if CENTER_KEY not in f.keys():
+            return None
+        center = f.get_tensor(CENTER_KEY)
+    if center.ndim != 1 or not center.numel() or not torch.isfinite(center).all():
+        raise ValueError(f"{name}: its `{CENTER_KEY}` must be a non-empty, finite 1-d tensor (got shape "
+                         f"{tuple(center.shape)}); recompute the prototypes with `hf-fs prototypes --center`.")
+    return center.tolist()
 
 
 def load_prototypes(path: str | os.PathLike, name: str | None = None, width: int | None = None) -> torch.Tensor:

@@ -2,6 +2,7 @@
 --prototypes) in a resumable, locked run file, then plot and summarise it. Defaults, ranges and checks are the API's
 (`certification.arguments`); every value is checked before the run file, its header or its lock is written."""
 
+import dataclasses
 import time
 from pathlib import Path
 
@@ -20,11 +21,12 @@ from ..certification.arguments import (
     check_sequential,
     target_score,
 )
-from ..certification.prototypes import feature_width, load_prototypes
+from ..certification.prototypes import feature_width, load_prototype_center, load_prototypes
 from ..runs import Run, Shard
 from ..runs.fingerprints import file_sha256
 from ..runs.report import RunGroup, plot_group, sequential_label, summary_lines
 from ..smoothing.configuration_feature_smoothing import FeatureSmoothingConfig
+from ..smoothing.modeling_smoothed_tower import SmoothedVisionTower
 from ..smoothing.noise import fresh_seed
 from ..statistics.bounds import CONFIDENCE_BOUNDS
 from ..utils.validation import is_class_index
@@ -124,6 +126,16 @@ def check_options(args) -> None:
         raise OptionError(str(error)) from None
 
 
+def centred_tower(args, tower: SmoothedVisionTower, center: list[float]) -> SmoothedVisionTower:
+    """The tower in the centred feature space the prototypes were made in (`hf-fs prototypes --center`)."""
+    own = tower.config.feature_center
+    if own is not None and own != center:
+        raise OptionError(f"--prototypes {args.prototypes}: made with a feature centre of {len(center)} values, but "
+                          f"--model {args.model} centres its features with another ({len(own)} values); use "
+                          f"prototypes made with this model (`hf-fs prototypes` without --center).")
+    return SmoothedVisionTower(tower.encoder, dataclasses.replace(tower.config, feature_center=center))
+
+
 def check_model_options(args, tower, prototypes) -> None:
     """Checks that need the loaded model: a target within reach at its σ, prototypes of its feature width."""
     if prototypes is None and (args.target_cosine is not None or args.target_radius is not None):
@@ -135,7 +147,10 @@ def check_model_options(args, tower, prototypes) -> None:
     if prototypes is not None and args.method == "vote" and args.target_radius is not None:
         check_vote_target(args.target_radius, tower.sigma)
     if prototypes is not None:
-        width = feature_width(tower, args.image_size)
+        try:
+            width = feature_width(tower, args.image_size)
+        except ValueError as error:  # a per-position centre of another image size or model
+            raise OptionError(f"--prototypes {args.prototypes}: {error}") from None
         if prototypes.shape[1] != width:
             raise OptionError(f"--prototypes {args.prototypes}: {prototypes.shape[1]} features per class, but "
                               f"--model {args.model} gives {width} at "
@@ -192,10 +207,11 @@ def _print_summary(rows: list[dict], params: dict, output: str) -> None:
 
 def run(args) -> int:
     check_options(args)
-    prototypes = None
+    prototypes = center = None
     if args.prototypes:
         try:
             prototypes = load_prototypes(args.prototypes, name=f"--prototypes {args.prototypes}")
+            center = load_prototype_center(args.prototypes, name=f"--prototypes {args.prototypes}")
         except (TypeError, ValueError) as error:
             raise OptionError(str(error)) from None
     source = open_source(args)
@@ -203,6 +219,8 @@ def run(args) -> int:
     shard = Shard.from_accelerate(args.device)
     model = load_model(args.model, args.booster).to(shard.device)
     tower = smoothed_tower(model, args)
+    if center is not None:
+        tower = centred_tower(args, tower, center)
     check_model_options(args, tower, prototypes)
     params = {**model_params(args, model), "source": source.description, "sigma": tower.sigma,
               "n0": args.n0, "n": args.n, "alpha": args.alpha, "bound": args.bound, "seed": args.seed,
@@ -213,6 +231,8 @@ def run(args) -> int:
                       target_cosine=args.target_cosine, target_radius=args.target_radius)
     else:
         params.update(prototypes={"sha256": file_sha256(args.prototypes), "shape": list(prototypes.shape)})
+        if center is not None:  # the file's μ (its sha256 covers the values); runs without one keep their header
+            params.update(feature_center=len(center))
         if args.method == "vote":  # margin runs, made before --method existed, keep their parameters
             params.update(method="vote", target_radius=args.target_radius)
     with Run(args.output, "certify", shard, overwrite=args.overwrite, repair=args.repair) as run:

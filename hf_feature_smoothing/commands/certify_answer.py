@@ -66,7 +66,7 @@ def register_subcommand(subparsers) -> None:
     c.add_argument("--target-radius", type=number(TARGET_RADIUS), default=None,
                    help="sequential certification: stop sampling once this ℓ2 radius is certified (or can no longer "
                         "be within --n); anytime-valid betting bound")
-    add_run(c, "outputs/certify-answer.jsonl", CHUNK_SIZE, dtype=False,  # the model runs in its own dtype
+    add_run(c, "outputs/certify-answer.jsonl", CHUNK_SIZE, passes="model's forward passes",
             chunk_help=f"noisy copies per forward pass, each scoring every candidate (memory vs speed; recorded: "
                        f"the model's kernels may round differently in other batch sizes); default {BATCH_SIZE}")
     c.set_defaults(func=run)
@@ -115,7 +115,8 @@ def run(args) -> int:
     check_labels(source, len(texts), " ".join(args.candidates))
     shard = Shard.from_accelerate(args.device)
     model = load_model(args.model, args.booster).to(shard.device)
-    tower = as_smoothed_tower(model, args.sigma)  # the model's own σ by default (else the config default)
+    autocast_dtype = None if args.dtype == "float32" else args.dtype
+    tower = as_smoothed_tower(model, args.sigma, autocast_dtype)  # the model's own σ by default (else the config's)
     if tower.family.model_type not in LlavaTowerFamily.model_types:
         raise OptionError(f"--model {args.model}: a {tower.family.model_type} model; certify-answer needs a "
                           f"LLaVA-type MLLM (one image tensor per prompt; Qwen-VL's patch-flattened images are not "
@@ -133,7 +134,8 @@ def run(args) -> int:
     params = {**model_params(args, model), "source": source.description, "question": question, "prompt": text,
               "candidates": texts, "candidates_digest": candidates.digest(), "sigma": sigma, "n0": args.n0,
               "n": args.n, "alpha": args.alpha, "target_radius": args.target_radius, "bound": "betting",
-              "method": "vote", "batch_size": batch_size, "seed": args.seed, "device": shard.device.type,
+              "method": "vote", "batch_size": batch_size, "seed": args.seed, "dtype": args.dtype,
+              "device": shard.device.type,
               "max_image_pixels": args.max_image_pixels}
     pad_token_id = processor.tokenizer.pad_token_id
     with Run(args.output, "certify-answer", shard, overwrite=args.overwrite, repair=args.repair) as run:
@@ -145,7 +147,7 @@ def run(args) -> int:
             inputs = {key: inputs[key].to(shard.device) for key in ("input_ids", "attention_mask", "pixel_values")}
             cert = certify_answer(model, inputs, candidates, sigma=sigma, n0=args.n0, n=args.n, alpha=args.alpha,
                                   target_radius=args.target_radius, batch_size=batch_size, seed=seed,
-                                  pad_token_id=pad_token_id)
+                                  pad_token_id=pad_token_id, autocast_dtype=autocast_dtype)
             label = None if item.label is None else int(item.label)
             run.append({"key": item.key, "index": item.index, "status": "ok", "label": label,
                         "correct": None if label is None else cert.answer == label, **cert.to_dict(),

@@ -103,9 +103,9 @@ def add_verbosity(parser: argparse.ArgumentParser) -> None:
 
 
 def add_run(parser: argparse.ArgumentParser, output: str, chunk_size: Range,
-            chunk_help: str | None = None, dtype: bool = True) -> None:
-    """The `run` group of the run commands: output, plot, resume, seed, device, dtype (unless `dtype=False`), chunk
-    size (`chunk_help` says what a chunk is, when not noisy copies per tower call)."""
+            chunk_help: str | None = None, passes: str = "tower passes") -> None:
+    """The `run` group of the run commands: output, plot, resume, seed, device, dtype, chunk size (`chunk_help` says
+    what a chunk is, when not noisy copies per tower call; `passes` what runs in --dtype)."""
     from ..smoothing.configuration_feature_smoothing import FeatureSmoothingConfig
 
     run = parser.add_argument_group("run")
@@ -124,10 +124,10 @@ def add_run(parser: argparse.ArgumentParser, output: str, chunk_size: Range,
     run.add_argument("--device", type=torch_device, default=None,
                      help="torch device; default: accelerate's device for this process (cuda:<local rank> on GPUs, "
                           "else cpu)")
-    if dtype:
-        run.add_argument("--dtype", default="float32", choices=DTYPES,
-                         help="compute dtype of the tower passes (autocast); certificates then cover the encoder as "
-                              "computed in that dtype. bfloat16 only where the CPU/GPU supports it, float16 on CUDA")
+    run.add_argument("--dtype", default="float32", choices=DTYPES,
+                     help=f"compute dtype of the {passes} (autocast); certificates then cover the model as computed "
+                          f"in that dtype (recorded). bfloat16 only where the CPU/GPU supports it (AVX512-BF16 / AMX, "
+                          f"2-3× faster there), float16 on CUDA")
     run.add_argument("--chunk-size", type=number(chunk_size), default=None,
                      help=chunk_help or f"noisy copies per tower call (memory vs speed; with a seed, certificates do "
                                         f"not depend on it); default: the model's own (a smoothed model's "

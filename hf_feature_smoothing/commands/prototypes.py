@@ -43,6 +43,11 @@ def register_subcommand(subparsers) -> None:
                         "start from the centred class means of the smoothed training features at --sigma, then "
                         "maximise their mean capped certified margin, `certification.prototypes.fit_prototypes`); "
                         "certify with the same --sigma on other images; needs --sigma")
+    p.add_argument("--center", choices=("position", "channel"), default=None,
+                   help="centre the features first: the tower's `feature_center` μ is estimated on the same images "
+                        "(smoothed, at --sigma, when given), per token position and channel (`position`, "
+                        "fixed-resolution towers; the strongest FS margins) or per channel (`channel`), and saved "
+                        "with the prototypes; `hf-fs certify --prototypes` then certifies normalise(f − μ)")
     p.add_argument("--seed", type=number(SEED), default=0, help="seed of the noise (smoothed prototypes)")
     p.add_argument("--device", type=torch_device, default=None, help="torch device")
     p.add_argument("--output", default="outputs/prototypes.safetensors", help="safetensors file to write")
@@ -110,6 +115,7 @@ def choose_examples(source, shots: int) -> tuple[list, int]:
 def run(args) -> int:
     import torch
 
+    from ..certification.centering import estimate_feature_mean
     from ..certification.certify import as_smoothed_tower
     from ..certification.prototypes import class_means, fit_prototypes, image_features, save_prototypes
     from ..smoothing.modeling_smoothed_tower import SmoothedVisionTower
@@ -120,18 +126,32 @@ def run(args) -> int:
     num_samples = (args.num_samples or SMOOTHED_SAMPLES) if args.sigma is not None else 0
     model = load_model(args.model, args.booster).to(args.device or "cpu")
     tower = as_smoothed_tower(model, sigma=args.sigma)
+    if args.center and tower.config.feature_center is not None:
+        raise OptionError(f"--center {args.center}: --model {args.model} already centres its features "
+                          f"(`feature_center` in its smoothing config); drop --center to compute the prototypes "
+                          f"with its centre.")
     if num_samples:
         tower = SmoothedVisionTower(tower.encoder, dataclasses.replace(tower.config, seed=args.seed))
     labels = [item.label for item in chosen]
+    images = [item.load() for item in chosen]
+    center = None
+    if args.center:
+        try:
+            center = estimate_feature_mean(tower, images, image_size=args.image_size,
+                                           per_position=args.center == "position", num_samples=num_samples,
+                                           seed=args.seed)
+        except ValueError as error:
+            raise OptionError(f"--center {args.center}: {error}") from None
+        tower = SmoothedVisionTower(tower.encoder, dataclasses.replace(tower.config, feature_center=center))
     with torch.no_grad():
-        features = image_features(tower, [item.load() for item in chosen], image_size=args.image_size,
-                                  num_samples=num_samples, progress=True)
+        features = image_features(tower, images, image_size=args.image_size, num_samples=num_samples, progress=True)
     prototypes = (fit_prototypes if args.fit else class_means)(features, labels, num_classes)
     Path(args.output).parent.mkdir(parents=True, exist_ok=True)
     save_prototypes(prototypes, args.output, model=args.model, booster=args.booster, source=source.description,
                     shots=args.shots, image_size=args.image_size, keys=[item.key for item in chosen],
                     sigma=args.sigma, num_samples=num_samples, seed=args.seed if num_samples else None,
-                    recipe="fit_prototypes" if args.fit else "class_means")
+                    recipe="fit_prototypes" if args.fit else "class_means", center=args.center,
+                    feature_center=center)
     print(f"prototypes: {args.output} ({prototypes.shape[0]} classes × {prototypes.shape[1]} features, "
           f"{len(chosen)} images)")
     return 0

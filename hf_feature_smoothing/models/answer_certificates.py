@@ -16,7 +16,7 @@ from tqdm.auto import tqdm
 
 from ..certification.arguments import DEFAULTS, SIGMA, TARGET_RADIUS, check_target
 from ..certification.certificates import NOISE_SPACE, strict_json, versions
-from ..certification.certify import as_smoothed_tower
+from ..certification.certify import as_smoothed_tower, compute_dtype
 from ..certification.sampling import ImageNoise
 from ..smoothing.conditioning import noise_condition
 from ..smoothing.modeling_smoothed_tower import SmoothedVisionTower
@@ -43,10 +43,10 @@ class AnswerCertificate:
     `counts` are the votes of the `n0` selection samples (they chose the answer), `hits` the votes for it among the
     `n_used` estimation samples (at most `n`; fewer when `stop="target"`: `target_radius` was certified early, or
     `"unreachable"`). The certificate names what it is about: the candidates (`candidates`, `candidates_digest`),
-    the prompt (`prompt_digest`, SHA-256 of its token ids), the image (`resolution`), the model (`model`, its `_name_or_path` when
-    loaded from a checkpoint; `smoothed`; `dtype` of its weights; the booster `booster` and the SHA-256 of its
-    weights `booster_digest`, None without one) and the noise (`sigma`,
-    `seed`, `noise_space`). `to_dict()` is strict JSON.
+    the prompt (`prompt_digest`, SHA-256 of its token ids), the image (`resolution`), the model (`model`, its
+    `_name_or_path` when loaded from a checkpoint; `smoothed`; `dtype`, the dtype its passes ran in: the autocast
+    dtype, else its weights'; the booster `booster` and the SHA-256 of its weights `booster_digest`, None without
+    one) and the noise (`sigma`, `seed`, `noise_space`). `to_dict()` is strict JSON.
     """
 
     answer: int | None
@@ -158,6 +158,7 @@ def certify_answer(
     batch_size: int = 16,
     seed: int | None = None,
     pad_token_id: int | None = None,
+    autocast_dtype: str | None = None,
     progress: bool = False,
 ) -> AnswerCertificate:
     """
@@ -191,6 +192,10 @@ def certify_answer(
         batch_size (`int`, *optional*, defaults to 16): noisy copies per forward pass.
         seed (`int`, *optional*): the noise seed.
         pad_token_id (`int`, *optional*): padding id (defaults to the model config's, else 0).
+        autocast_dtype (`str`, *optional*): `"bfloat16"` / `"float16"` runs the forward passes under autocast
+            (default: a smoothed model's own `autocast_dtype`, else the weights' dtype); the certificate then covers
+            the model *as computed in that dtype* (recorded as `dtype`). bfloat16 is 2–3× faster on CPUs with AMX
+            and on GPUs, and much slower where it is emulated (a warning says so).
         progress (`bool`, *optional*): show a progress bar over copies.
     """
     _check_inputs(model, inputs, candidates)
@@ -205,7 +210,10 @@ def certify_answer(
     if sigma is not None:
         sigma = SIGMA.check("sigma", sigma)
     target_radius = check_target("target_radius", target_radius, TARGET_RADIUS)
-    tower = as_smoothed_tower(model, sigma)
+    tower = as_smoothed_tower(model, sigma, autocast_dtype)  # validates the dtype; the model is not modified
+    dtype = compute_dtype(tower)
+    autocast = (contextlib.nullcontext() if tower.config.autocast_dtype is None
+                else torch.autocast(inputs["pixel_values"].device.type, dtype=getattr(torch, dtype)))
     target = None if target_radius is None else vote_target(target_radius, tower.sigma)
     if pad_token_id is None:
         config = getattr(model.config, "text_config", model.config)
@@ -220,7 +228,8 @@ def certify_answer(
             image_inputs, count, tower.sigma,
             lambda image: source.sample(start, count, tuple(image.shape), image.device))
         batch = {key: value.expand(count, -1) for key, value in prefixed.items()}
-        scores = candidates.scores(model, batch, positions.expand(count), copies.pixel_values)
+        with autocast:
+            scores = candidates.scores(model, batch, positions.expand(count), copies.pixel_values)
         return scores.argmax(1).cpu()
 
     counts = torch.zeros(len(candidates.texts), dtype=torch.long)
@@ -247,7 +256,7 @@ def certify_answer(
         candidates=list(candidates.texts), candidates_digest=candidates.digest(),
         prompt_digest=prompt_digest(inputs["input_ids"], inputs.get("attention_mask")), resolution=noise.resolution,
         smoothed=smoothed, model=getattr(model.config, "_name_or_path", None) or None,
-        dtype=str(next(model.parameters()).dtype).removeprefix("torch."), booster=booster,
+        dtype=dtype, booster=booster,
         booster_digest=booster_digest, base_classifier=candidates.base_classifier + ON_ONE_COPY,
     )
 

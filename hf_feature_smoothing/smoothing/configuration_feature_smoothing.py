@@ -121,8 +121,10 @@ class FeatureSmoothingConfig:
             Set by `save_pretrained` when the saved weights contain a booster: `{"adapter_name", "config"}` with the
             adapter's `adapter_config.json` content, so the model reloads with the booster and without the network.
         feature_center (`list[float]`, *optional*):
-            Mean feature μ of the primary feature site, one value per feature channel (subtracted from every token),
-            estimated on reference images with `hf_feature_smoothing.certification.estimate_feature_mean`. The
+            Mean feature μ of the primary feature site, one value per feature channel (subtracted from every token)
+            or, for fixed-resolution towers, one value per entry of an image's whole feature (tokens × channels,
+            subtracted position by position), estimated on reference images with
+            `hf_feature_smoothing.certification.estimate_feature_mean` (`per_position=True` for the latter). The
             certified base feature becomes normalise(f − μ), so a certified cosine is no longer inflated by the
             direction every image shares; the language model still receives features in the raw space
             (μ + the smoothed centred direction × the mean centred norm). `None` (default): no centring.

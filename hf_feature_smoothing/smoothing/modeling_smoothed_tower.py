@@ -149,15 +149,17 @@ class SmoothedVisionTower(MLLMHooksMixin, nn.Module):
 
     def _center(self, rows: torch.Tensor, sign: float = -1.0) -> torch.Tensor:
         """Primary-site rows `(..., W)` with the feature centre μ subtracted (`sign=-1`) or added back (`+1`) on every
-        token: rows whose width W is a multiple of len(μ) hold W / len(μ) tokens. No centre: unchanged."""
+        token: rows whose width W is a multiple of len(μ) hold W / len(μ) tokens (one: a per-position μ, as wide as
+        an image's row). No centre: unchanged."""
         if self.config.feature_center is None:
             return rows
         center = torch.tensor(self.config.feature_center, dtype=rows.dtype, device=rows.device)
         width = rows.shape[-1]
         if width % center.numel():
             raise ValueError(
-                f"`feature_center` has {center.numel()} channels but the primary feature site gives rows of width "
-                f"{width}; estimate it for this model with `estimate_feature_mean(model, images)`."
+                f"`feature_center` has {center.numel()} values but the primary feature site gives rows of width "
+                f"{width} (not a multiple: another model, or a per-position centre and another image size); "
+                f"estimate it for this model and size with `estimate_feature_mean(model, images)`."
             )
         tokens = rows.reshape(*rows.shape[:-1], width // center.numel(), center.numel())
         return (tokens + sign * center).reshape(rows.shape)
