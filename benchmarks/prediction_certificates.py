@@ -12,10 +12,11 @@ noisy copies per image), with the public tools only:
 
 on held-out digits (`--digits`, default 100) and class-balanced held-out textiles (`--textiles`, default 60), at
 σ ∈ {0.12, 0.25, 0.5}, without (`none`) and with (`gsb`) the booster shipped for the LLaVA
-(`llava-dinov2-smollm2-gsb`). The encoder of the cosine predictor is the LLaVA's DINOv2-S/14 tower (the 65 tokens its
-projector reads, as one vector), centred by default: f = normalise(g − μ) with μ the mean smoothed training feature
-per token position (`--center position`, `hf-fs prototypes --center`; without it DINOv2's features share a
-positional component that puts class means at cosine ≈ 0.9 and leaves the FS margin vacuous beyond r = 0);
+(`llava-dinov2-smollm2-gsb`). The encoder of the cosine predictor is the LLaVA's DINOv2-S/14 tower followed by its
+projector (`--features projected`, the 65 tokens the language model reads, as one vector; `vision`: the tower's
+output), centred: f = normalise(g − μ) with μ the mean smoothed training feature per token position
+(`--center position`, `hf-fs prototypes --center`; without it DINOv2's features share a positional component that
+puts class means at cosine ≈ 0.9 and leaves the FS margin vacuous beyond r = 0);
 prototypes are the smoothed (+ boosted) features of `--shots` training images per class at the certified σ. Certified accuracy at ℓ2 radius r ∈ {0, 0.1, 0.25, 0.5, 1} (pixel [0, 1] units), the
 abstain rate, seconds per certificate and noisy copies used per image (n0 + n).
 
@@ -55,22 +56,26 @@ VARIANTS = ("none", "gsb")
 
 
 def cell_name(args, name: str, method: str, variant: str, sigma: float) -> str:
-    centred = args.center and method != "vote-answers"  # the answers do not use the prototypes' feature space
     return (f"{name}-{method}-{variant}-sigma{sigma}" + ("" if args.dtype == "float32" else f"-{args.dtype}")
-            + (f"-center-{args.center}" if centred else ""))
+            + ("" if method == "vote-answers" else space_tag(args)))  # the answers do not use the prototypes' space
+
+
+def space_tag(args) -> str:
+    """The cosine predictor's feature space in file names (none for the tower's plain feature)."""
+    return (f"-{args.features}" if args.features != "vision" else "") + (f"-center-{args.center}" if args.center else "")
 
 
 def prototypes_file(args, name: str, variant: str, sigma: float, fit: bool) -> Path:
     """Prototypes from the smoothed (+ boosted) training features at σ (what the cosine predictor compares with):
     class means, or fitted to the certified margin; made once per (set, variant, σ, recipe)."""
-    path = Path(args.output_dir) / (f"{name}-{variant}-sigma{sigma}{'-fitted' if fit else ''}"
-                                    f"{f'-center-{args.center}' if args.center else ''}.safetensors")
+    path = Path(args.output_dir) / f"{name}-{variant}-sigma{sigma}{'-fitted' if fit else ''}{space_tag(args)}.safetensors"
     if path.exists():  # made by an earlier call: it must have been made with these settings
         with safe_open(str(path), "pt") as f:
             made = {key: json.loads(value) for key, value in f.metadata().items()}
         wanted = {"shots": args.shots, "num_samples": args.prototype_samples, "image_size": args.image_size,
                   "booster": args.booster if variant == "gsb" else None, "sigma": sigma,
-                  "model": args.model, "center": args.center}
+                  "model": args.model, "center": args.center, "smoothed_features": args.features}
+        made = {"center": None, "smoothed_features": "vision", **made}  # files made before these were recorded
         if any(made.get(key) != value for key, value in wanted.items()) or (
                 made.get("recipe", "class_means") != ("fit_prototypes" if fit else "class_means")):
             raise SystemExit(f"{path} was made with other settings ({ {k: made.get(k) for k in wanted} }) than "
@@ -79,7 +84,8 @@ def prototypes_file(args, name: str, variant: str, sigma: float, fit: bool) -> P
         assert hf_fs(["prototypes", "--model", args.model, *booster_args(args, variant), "--image-size",
                       str(args.image_size), "--images", SETS[name][0], "--shots", str(args.shots), "--sigma",
                       str(sigma), "--num-samples", str(args.prototype_samples), "--output", str(path),
-                      *(["--fit"] if fit else []), *(["--center", args.center] if args.center else [])]) == 0
+                      *(["--fit"] if fit else []), *(["--center", args.center] if args.center else []),
+                      "--features", args.features]) == 0
     return path
 
 
@@ -147,8 +153,8 @@ def write_table(args, results: list[dict]) -> str:
               f"certified accuracy at ℓ2 radius r (pixel [0, 1] units), 95% Wilson intervals over images at r = 0.5 "
               f"and 1; booster `gsb` = `{args.booster}`. margin-means: FS margin of the nearest-class-mean cosine "
               f"predictor ({args.shots} shots per class, prototypes = smoothed features at σ from "
-              f"{args.prototype_samples} copies, DINOv2-S/14 @{args.image_size} px, features centred: "
-              f"{args.center or 'none'}); margin-fitted: the same with "
+              f"{args.prototype_samples} copies, DINOv2-S/14 @{args.image_size} px; feature: {args.features}, "
+              f"centred per {args.center or 'nothing'}); margin-fitted: the same with "
               f"prototypes fitted to the certified margin on the training split (`hf-fs prototypes --fit`); vote-cosine: Cohen's vote of "
               f"the same predictor on single copies; vote-answers: Cohen's vote of the LLaVA's answers among the "
               f"class answers. Cells with fewer images than planned are unfinished (*)."), "",
@@ -209,6 +215,9 @@ def main() -> None:
                         help="compute dtype of every certificate's forward passes (bfloat16: 2-3× faster where the "
                              "CPU has AMX / AVX512-BF16, refused elsewhere); cells of each dtype are separate files")
     parser.add_argument("--shots", type=int, default=20, help="training images per class for the prototypes")
+    parser.add_argument("--features", choices=("vision", "projected"), default="projected",
+                        help="the cosine predictor's feature (`hf-fs prototypes --features`): the tower output the "
+                             "projector reads, or the projector output the language model reads (default)")
     parser.add_argument("--center", choices=("position", "channel", "none"), default="position",
                         help="feature centre of the cosine predictor (`hf-fs prototypes --center`): μ of the smoothed "
                              "training features per token position (default), per channel, or none")

@@ -100,35 +100,41 @@ def test_prototypes_cli_smoothed_options_are_recorded_and_checked(tmp_path):
     assert not (tmp_path / "x.safetensors").exists()
 
 
-def test_centred_prototypes_carry_their_centre_and_certify_certifies_in_that_space(tmp_path, capsys):
-    """`--center position`: μ (per token position, from the smoothed training features) is saved exactly with the
-    prototypes; `hf-fs certify --prototypes` certifies normalise(f − μ): its rows equal the API's certificates on a
-    tower with that centre, and the header says so. A centre of another image size is one clean error."""
+@pytest.mark.parametrize("features", ["vision", "projected"])
+def test_prototypes_carry_their_feature_space_and_certify_certifies_in_it(features, tmp_path, capsys):
+    """`--features` and `--center position`: the site and μ (per token position, from the smoothed training features)
+    are saved exactly with the prototypes; `hf-fs certify --prototypes` certifies normalise(f − μ) at that site: its
+    rows equal the API's certificates on a tower with that site and centre, and the header says so. A centre made
+    for another tower is one clean error."""
     from hf_feature_smoothing.assets.registry import resolve_model
-    from hf_feature_smoothing.certification.prototypes import load_prototype_center, load_prototypes
+    from hf_feature_smoothing.certification.prototypes import load_prototype_space, load_prototypes
     from hf_feature_smoothing.cli import main
     from hf_feature_smoothing.runs import read_run
     from hf_feature_smoothing.runs.images import LabelledImages
 
     protos = tmp_path / "centred.safetensors"
     assert main(["prototypes", "--model", "tiny-llava", "--images", "digits:train", "--shots", "1", "--sigma", "0.25",
-                 "--num-samples", "2", "--center", "position", "--output", str(protos)]) == 0
-    center = load_prototype_center(protos)
+                 "--num-samples", "2", "--center", "position", "--features", features, "--output", str(protos)]) == 0
+    space = load_prototype_space(protos)
+    width = load_prototypes(protos).shape[1]
+    assert space.smoothed_features == features and len(space.feature_center) == width
     save_prototypes(torch.ones(2, 4), tmp_path / "plain.safetensors")
-    assert len(center) == 16 * 64 and load_prototype_center(tmp_path / "plain.safetensors") is None
+    assert load_prototype_space(tmp_path / "plain.safetensors") == type(space)(None, None)
     out = tmp_path / "pred.jsonl"
     assert main(["certify", "--model", "tiny-llava", "--images", "digits:test", "--limit", "2", "--prototypes",
                  str(protos), "--sigma", "0.25", "--n", "16", "--n0", "4", "--seed", "0", "--output", str(out)]) == 0
     run = read_run(out)
-    assert run.header["params"]["feature_center"] == 16 * 64 and all(r["centered"] for r in run.rows)
-    tower = SmoothedVisionTower(resolve_model("tiny-llava"), FeatureSmoothingConfig(sigma=0.25, feature_center=center))
+    assert run.header["params"]["feature_center"] == width and all(r["centered"] for r in run.rows)
+    assert run.header["params"]["smoothed_features"] == features
+    config = FeatureSmoothingConfig(sigma=0.25, feature_center=space.feature_center, smoothed_features=features)
+    tower = SmoothedVisionTower(resolve_model("tiny-llava"), config)
     images = [LabelledImages("digits:test").item(i).load() for i in range(2)]
     expected = certify_prediction(tower, images, load_prototypes(protos), [r["label"] for r in run.rows], n=16, n0=4,
                                   seed=0)
     assert [(r["p_lower"], r["radius"]) for r in run.rows] == [(c.p_lower, c.radius) for c in expected]
     capsys.readouterr()
-    other = tmp_path / "other.safetensors"  # a centre made for another tower: 1000 values for rows of 1024
-    save_prototypes(load_prototypes(protos), other, feature_center=[0.0] * 1000)
+    other = tmp_path / "other.safetensors"  # a centre made for another tower: not a divisor of the row width
+    save_prototypes(load_prototypes(protos), other, feature_center=[0.0] * (width - 1))
     assert main(["certify", "--model", "tiny-llava", "--images", "digits:test", "--limit", "1", "--prototypes",
                  str(other), "--output", str(tmp_path / "other.jsonl")]) == 2
     err = capsys.readouterr().err

@@ -6,6 +6,7 @@ import json
 import math
 import os
 from collections.abc import Sequence
+from dataclasses import dataclass
 
 import torch
 from safetensors import safe_open
@@ -13,6 +14,7 @@ from safetensors.torch import save_file
 from torch import nn
 from tqdm.auto import tqdm
 
+from ..smoothing.configuration_feature_smoothing import SMOOTHED_FEATURES
 from ..smoothing.modeling_smoothed_tower import SmoothedVisionTower
 from ..utils.atomic import atomic_path
 from .arguments import check_prototypes
@@ -147,7 +149,7 @@ def save_prototypes(prototypes: torch.Tensor, path: str | os.PathLike, *, class_
     """Write `prototypes` (`(K, F)`) to a safetensors file under the key `prototypes`, with the class names and
     any other string-able `metadata` (model, image size, shots, ...) in the header; atomically. `feature_center`:
     the tower's `feature_center` the prototypes' features were computed with (saved in float64 under the key
-    `feature_center`, read back exactly by [`load_prototype_center`]): the prototypes live in that centred space,
+    `feature_center`, read back exactly by [`load_prototype_space`]): the prototypes live in that centred space,
     and `hf-fs certify --prototypes` certifies with it."""
     if class_names is not None and len(class_names) != prototypes.shape[0]:
         raise ValueError(f"Got {len(class_names)} class names for {prototypes.shape[0]} prototypes.")
@@ -160,17 +162,28 @@ def save_prototypes(prototypes: torch.Tensor, path: str | os.PathLike, *, class_
         save_file(tensors, str(tmp), metadata=header)
 
 
-def load_prototype_center(path: str | os.PathLike, name: str | None = None) -> list[float] | None:
-    """The `feature_center` a prototypes file was made with (None when it has none), exactly as saved."""
+@dataclass(frozen=True)
+class PrototypeSpace:
+    """The feature space a prototypes file was made in: the tower's `smoothed_features` site and `feature_center`
+    (None: not recorded, e.g. a file from before these were saved, or no centre)."""
+
+    smoothed_features: str | None = None
+    feature_center: list[float] | None = None
+
+
+def load_prototype_space(path: str | os.PathLike, name: str | None = None) -> PrototypeSpace:
+    """The [`PrototypeSpace`] of a prototypes file, the centre exactly as saved by [`save_prototypes`]."""
     name = name or str(path)
     with safe_open(str(path), "pt") as f:
-        if CENTER_KEY not in f.keys():
-            return None
-        center = f.get_tensor(CENTER_KEY)
-    if center.ndim != 1 or not center.numel() or not torch.isfinite(center).all():
+        site = json.loads((f.metadata() or {}).get("smoothed_features", "null"))
+        center = f.get_tensor(CENTER_KEY) if CENTER_KEY in f.keys() else None
+    if site is not None and site not in SMOOTHED_FEATURES:
+        raise ValueError(f"{name}: `smoothed_features` {site!r} in its metadata is not one of {SMOOTHED_FEATURES}; "
+                         f"recompute the prototypes with `hf-fs prototypes`.")
+    if center is not None and (center.ndim != 1 or not center.numel() or not torch.isfinite(center).all()):
         raise ValueError(f"{name}: its `{CENTER_KEY}` must be a non-empty, finite 1-d tensor (got shape "
                          f"{tuple(center.shape)}); recompute the prototypes with `hf-fs prototypes --center`.")
-    return center.tolist()
+    return PrototypeSpace(site, None if center is None else center.tolist())
 
 
 def load_prototypes(path: str | os.PathLike, name: str | None = None, width: int | None = None) -> torch.Tensor:

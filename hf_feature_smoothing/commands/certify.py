@@ -21,7 +21,7 @@ from ..certification.arguments import (
     check_sequential,
     target_score,
 )
-from ..certification.prototypes import feature_width, load_prototype_center, load_prototypes
+from ..certification.prototypes import PrototypeSpace, feature_width, load_prototype_space, load_prototypes
 from ..runs import Run, Shard
 from ..runs.fingerprints import file_sha256
 from ..runs.report import RunGroup, plot_group, sequential_label, summary_lines
@@ -126,14 +126,24 @@ def check_options(args) -> None:
         raise OptionError(str(error)) from None
 
 
-def centred_tower(args, tower: SmoothedVisionTower, center: list[float]) -> SmoothedVisionTower:
-    """The tower in the centred feature space the prototypes were made in (`hf-fs prototypes --center`)."""
-    own = tower.config.feature_center
-    if own is not None and own != center:
-        raise OptionError(f"--prototypes {args.prototypes}: made with a feature centre of {len(center)} values, but "
-                          f"--model {args.model} centres its features with another ({len(own)} values); use "
-                          f"prototypes made with this model (`hf-fs prototypes` without --center).")
-    return SmoothedVisionTower(tower.encoder, dataclasses.replace(tower.config, feature_center=center))
+def prototype_tower(args, tower: SmoothedVisionTower, space: PrototypeSpace) -> SmoothedVisionTower:
+    """The tower in the feature space the prototypes were made in (`hf-fs prototypes --features / --center`)."""
+    changes = {}
+    if space.smoothed_features not in (None, tower.config.smoothed_features):
+        changes["smoothed_features"] = space.smoothed_features
+    if space.feature_center is None and space.smoothed_features is not None and tower.config.feature_center:
+        raise OptionError(f"--prototypes {args.prototypes}: made on uncentred features, but --model {args.model} "
+                          f"centres its features (`feature_center` in its smoothing config); make the prototypes "
+                          f"with this model (`hf-fs prototypes --model {args.model}`).")
+    if space.feature_center is not None:
+        own = tower.config.feature_center
+        if own is not None and own != space.feature_center:
+            raise OptionError(f"--prototypes {args.prototypes}: made with a feature centre of "
+                              f"{len(space.feature_center)} values, but --model {args.model} centres its features "
+                              f"with another ({len(own)} values); use prototypes made with this model (`hf-fs "
+                              f"prototypes` without --center).")
+        changes["feature_center"] = space.feature_center
+    return SmoothedVisionTower(tower.encoder, dataclasses.replace(tower.config, **changes)) if changes else tower
 
 
 def check_model_options(args, tower, prototypes) -> None:
@@ -207,11 +217,11 @@ def _print_summary(rows: list[dict], params: dict, output: str) -> None:
 
 def run(args) -> int:
     check_options(args)
-    prototypes = center = None
+    prototypes = space = None
     if args.prototypes:
         try:
             prototypes = load_prototypes(args.prototypes, name=f"--prototypes {args.prototypes}")
-            center = load_prototype_center(args.prototypes, name=f"--prototypes {args.prototypes}")
+            space = load_prototype_space(args.prototypes, name=f"--prototypes {args.prototypes}")
         except (TypeError, ValueError) as error:
             raise OptionError(str(error)) from None
     source = open_source(args)
@@ -219,8 +229,8 @@ def run(args) -> int:
     shard = Shard.from_accelerate(args.device)
     model = load_model(args.model, args.booster).to(shard.device)
     tower = smoothed_tower(model, args)
-    if center is not None:
-        tower = centred_tower(args, tower, center)
+    if space is not None:
+        tower = prototype_tower(args, tower, space)
     check_model_options(args, tower, prototypes)
     params = {**model_params(args, model), "source": source.description, "sigma": tower.sigma,
               "n0": args.n0, "n": args.n, "alpha": args.alpha, "bound": args.bound, "seed": args.seed,
@@ -231,8 +241,10 @@ def run(args) -> int:
                       target_cosine=args.target_cosine, target_radius=args.target_radius)
     else:
         params.update(prototypes={"sha256": file_sha256(args.prototypes), "shape": list(prototypes.shape)})
-        if center is not None:  # the file's μ (its sha256 covers the values); runs without one keep their header
-            params.update(feature_center=len(center))
+        if space.smoothed_features is not None:  # files from before it was saved keep their runs' header
+            params.update(smoothed_features=space.smoothed_features)
+        if space.feature_center is not None:  # the file's μ (its sha256 covers the values)
+            params.update(feature_center=len(space.feature_center))
         if args.method == "vote":  # margin runs, made before --method existed, keep their parameters
             params.update(method="vote", target_radius=args.target_radius)
     with Run(args.output, "certify", shard, overwrite=args.overwrite, repair=args.repair) as run:

@@ -5,6 +5,7 @@ import dataclasses
 from pathlib import Path
 
 from ..certification.arguments import SIGMA
+from ..smoothing.configuration_feature_smoothing import SMOOTHED_FEATURES
 from ..utils.validation import POSITIVE_INT, SEED, is_class_index
 from .loading import load_model, open_source
 from .options import (
@@ -43,6 +44,11 @@ def register_subcommand(subparsers) -> None:
                         "start from the centred class means of the smoothed training features at --sigma, then "
                         "maximise their mean capped certified margin, `certification.prototypes.fit_prototypes`); "
                         "certify with the same --sigma on other images; needs --sigma")
+    p.add_argument("--features", choices=SMOOTHED_FEATURES, default=None,
+                   help="the feature the predictor compares: the tower's output the projector reads (`vision`) or "
+                        "the projector's output the language model reads (`projected`); default: the model's own "
+                        "(`smoothing_config.smoothed_features`). Saved with the prototypes; `hf-fs certify "
+                        "--prototypes` certifies that feature")
     p.add_argument("--center", choices=("position", "channel"), default=None,
                    help="centre the features first: the tower's `feature_center` μ is estimated on the same images "
                         "(smoothed, at --sigma, when given), per token position and channel (`position`, "
@@ -130,11 +136,12 @@ def run(args) -> int:
         raise OptionError(f"--center {args.center}: --model {args.model} already centres its features "
                           f"(`feature_center` in its smoothing config); drop --center to compute the prototypes "
                           f"with its centre.")
-    if num_samples:
-        tower = SmoothedVisionTower(tower.encoder, dataclasses.replace(tower.config, seed=args.seed))
+    site = args.features or tower.config.smoothed_features
+    if num_samples or site != tower.config.smoothed_features:
+        tower = SmoothedVisionTower(tower.encoder, dataclasses.replace(tower.config, seed=args.seed,
+                                                                       smoothed_features=site))
     labels = [item.label for item in chosen]
     images = [item.load() for item in chosen]
-    center = None
     if args.center:
         try:
             center = estimate_feature_mean(tower, images, image_size=args.image_size,
@@ -150,8 +157,8 @@ def run(args) -> int:
     save_prototypes(prototypes, args.output, model=args.model, booster=args.booster, source=source.description,
                     shots=args.shots, image_size=args.image_size, keys=[item.key for item in chosen],
                     sigma=args.sigma, num_samples=num_samples, seed=args.seed if num_samples else None,
-                    recipe="fit_prototypes" if args.fit else "class_means", center=args.center,
-                    feature_center=center)
+                    recipe="fit_prototypes" if args.fit else "class_means", smoothed_features=site, center=args.center,
+                    feature_center=tower.config.feature_center)  # the space they live in: --center's or the model's
     print(f"prototypes: {args.output} ({prototypes.shape[0]} classes × {prototypes.shape[1]} features, "
           f"{len(chosen)} images)")
     return 0
