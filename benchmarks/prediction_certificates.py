@@ -14,7 +14,8 @@ on held-out digits (`--digits`, default 100) and class-balanced held-out textile
 σ ∈ {0.12, 0.25, 0.5}, without (`none`) and with (`gsb`) the booster shipped for the LLaVA
 (`llava-dinov2-smollm2-gsb`). The encoder of the cosine predictor is the LLaVA's DINOv2-S/14 tower followed by its
 projector (`--features projected`, the 65 tokens the language model reads, as one vector; `vision`: the tower's
-output), centred: f = normalise(g − μ) with μ the mean smoothed training feature per token position
+output), centred: f = normalise(g − μ) with μ the mean raw feature of noisy (+ boosted) copies of the training images
+at σ, per token position
 (`--center position`, `hf-fs prototypes --center`; without it DINOv2's features share a positional component that
 puts class means at cosine ≈ 0.9 and leaves the FS margin vacuous beyond r = 0);
 prototypes are the smoothed (+ boosted) features of `--shots` training images per class at the certified σ. Certified accuracy at ℓ2 radius r ∈ {0, 0.1, 0.25, 0.5, 1} (pixel [0, 1] units), the

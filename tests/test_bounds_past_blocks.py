@@ -179,7 +179,8 @@ def _prediction_misses(alpha: float) -> int:
     angles = 0.4 + torch.tensor([0.0, 0.8, -0.8, 1.0, 2.0, 3.0])
     prototypes = torch.stack([torch.cos(angles), torch.sin(angles)], dim=1)
     starts = [0.4 + 1e-5 * i for i in range(trials)]
-    certificates = certify_prediction(tower, toy_images(starts), prototypes, n=64, n0=16, alpha=alpha, seed=7)
+    certificates = certify_prediction(tower, toy_images(starts), prototypes, n=64, n0=16, alpha=alpha, seed=7,
+                                      method="margin")
     misses = 0
     for c, x in zip(certificates, starts):
         p = encoder.true_prototype_scores(x, sigma, angles)

@@ -125,7 +125,7 @@ def test_prediction_certificate_holds_under_attack():
     others = torch.nn.functional.normalize(torch.randn(2, clean.numel(), generator=generator), dim=1)
     prototypes = torch.cat([clean[None] + 0.3 * others[:1], others])
     (certificate,) = certify_prediction(tower, inputs["pixel_values"], prototypes, labels=[0], n=500, n0=64,
-                                        alpha=0.01)
+                                        alpha=0.01, method="margin")
     assert certificate.prediction == 0 and certificate.radius > 0 and certificate.correct
     runner_up = int(torch.argmax(prototypes[1:] @ clean)) + 1
     direction = torch.nn.functional.normalize(prototypes[runner_up] - prototypes[0], dim=0)
@@ -156,13 +156,13 @@ def test_prediction_certificates_with_1000_prototypes_are_sound_and_keep_their_r
     prototypes = torch.stack([torch.cos(angles), torch.sin(angles)], dim=1)
     starts = [0.4 + 1e-5 * i for i in range(trials)]
     certificates = certify_prediction(tower, toy_images(starts), prototypes, labels=[0] * trials, n=200, n0=32,
-                                      alpha=alpha, seed=0)
+                                      alpha=alpha, seed=0, method="margin")
     truths = [_true_prediction_radius(encoder.true_prototype_scores(x, sigma, angles), 0, sigma) for x in starts]
     assert all(c.prediction == 0 for c in certificates)
     assert sum(c.radius > t for c, t in zip(certificates, truths)) / trials <= alpha
     assert all({1, 2, 3} <= set(c.runner_ups) for c in certificates)  # the close competitors were picked
     flat = certify_prediction(tower, toy_images(starts[:50]), prototypes, n=200, n0=32, alpha=alpha, seed=0,
-                              alpha_split="flat")
+                              alpha_split="flat", method="margin")
     runner_up = sum(c.radius for c in certificates[:50]) / 50
     assert runner_up > 1.3 * sum(c.radius for c in flat) / 50
     assert runner_up > 0.6 * sum(truths[:50]) / 50
@@ -247,7 +247,7 @@ def test_prediction_memory_does_not_grow_with_n_times_k():
     tower = SmoothedVisionTower(ToyEncoder("angle"), FeatureSmoothingConfig(sigma=0.25, chunk_size=256))
     prototypes = torch.randn(1000, 2)
     peaks = {n: _peak_tensor_bytes(lambda n=n: certify_prediction(tower, toy_image(0.3), prototypes, n=n, n0=32,
-                                                                  seed=0)) for n in (256, 4096)}
+                                                                  seed=0, method="margin")) for n in (256, 4096)}
     assert (peaks[4096] - peaks[256]) / (4096 - 256) < 200, peaks  # the kept scores of y and 4 runner-ups (5 × 8 B)
 
 

@@ -63,7 +63,7 @@ def test_target_with_a_fixed_n_bound(tmp_path, capsys):
 def test_target_with_prototypes_is_not_applicable(tmp_path, capsys):
     path = tmp_path / "p.safetensors"
     save_file({"prototypes": torch.randn(3, WIDTH)}, path)
-    _refused(tmp_path, capsys, ["--prototypes", str(path), "--target-radius", "0.1"],
+    _refused(tmp_path, capsys, ["--prototypes", str(path), "--method", "margin", "--target-radius", "0.1"],
              "--target-radius 0.1", f"--prototypes {path}", "not to margin prediction certificates", "--method vote")
 
 

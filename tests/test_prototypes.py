@@ -142,6 +142,35 @@ def test_prototypes_carry_their_feature_space_and_certify_certifies_in_it(featur
     assert not (tmp_path / "other.jsonl").exists()
 
 
+def test_clean_centred_prototypes_are_class_means_of_the_centred_features(tmp_path):
+    """Without --sigma, `--center channel` prototypes are the normalised class means of normalise(g(x) − μ), g the
+    raw clean feature and μ its per-channel mean over the same images (computed here by hand)."""
+    from hf_feature_smoothing.assets.registry import resolve_model
+    from hf_feature_smoothing.certification.prototypes import load_prototype_space, load_prototypes
+    from hf_feature_smoothing.cli import main
+    from hf_feature_smoothing.runs.images import LabelledImages
+
+    protos = tmp_path / "clean.safetensors"
+    assert main(["prototypes", "--model", "tiny-llava", "--images", "digits:train", "--shots", "1", "--center",
+                 "channel", "--output", str(protos)]) == 0
+    with safe_open(str(protos), "pt") as f:
+        keys = json.loads(f.metadata()["keys"])
+    source = LabelledImages("digits:train")
+    items = {item.key: item for item in source.items()}
+    tower = SmoothedVisionTower(resolve_model("tiny-llava"))
+    with torch.no_grad():
+        raw = torch.cat([tower.family.encode(tower.family.preprocess([items[k].load()]))[-1] for k in keys])
+    tokens = raw.reshape(len(keys), -1, 64)  # 16 tokens × 64 channels per image
+    mu = tokens.double().mean((0, 1)).float()
+    unit = torch.nn.functional.normalize((tokens - mu).flatten(1), dim=1)
+    expected = torch.nn.functional.normalize(torch.stack([unit[[i for i, k in enumerate(keys)
+                                                                if items[k].label == c]].mean(0) for c in range(10)]),
+                                             dim=1)
+    torch.testing.assert_close(load_prototypes(protos), expected, atol=1e-5, rtol=0)
+    torch.testing.assert_close(torch.tensor(load_prototype_space(protos).feature_center).float(), mu, atol=1e-5,
+                               rtol=0)
+
+
 def test_limit_on_a_class_sorted_built_in_set_takes_every_class():
     from hf_feature_smoothing.runs.images import FirstImages, LabelledImages
 

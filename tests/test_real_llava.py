@@ -114,12 +114,12 @@ def test_certify_answer_cli_certifies_and_reports_answer_accuracy(tmp_path):
     # --dtype: the forward passes run (and the rows say they ran) in bf16 where the hardware has it, else refused
     from hf_feature_smoothing.utils.hardware import bf16_supported
 
-    bf16 = [*command[:-1], str(tmp_path / "bf16.jsonl"), "--limit", "1", "--dtype", "bfloat16"]
+    bf16 = [*command[:-1], str(tmp_path / "bf16.jsonl"), "--limit", "1", "--dtype", "bfloat16", "--device", "cpu"]
     assert main(bf16) == (0 if bf16_supported("cpu") else 2)
     if bf16_supported("cpu"):
         run = read_run(tmp_path / "bf16.jsonl")
         assert run.header["params"]["dtype"] == "bfloat16" and [r["dtype"] for r in run.rows] == ["bfloat16"]
-        assert [r["dtype"] for r in rows] == ["float32", "float32"]
+        assert [r["dtype"] for r in rows] == ["float32", "float32"] and "dtype" not in read_run(output).header["params"]
 
 
 def test_eot_apgd_within_a_certified_answer_radius_never_changes_the_majority_answer():

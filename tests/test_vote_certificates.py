@@ -167,11 +167,13 @@ def test_certify_prediction_vote_covers_the_closed_form_truth(coarse_grid):
     stopped = certify_prediction(tower, toy_images([0.0]), prototypes, n0=8, n=2000, alpha=ALPHA, seed=5,
                                  method="vote", target_radius=0.2)[0]
     assert stopped.stop == "target" and stopped.n_used < 2000 and stopped.radius >= 0.2
-    assert certify_prediction(tower, toy_images([0.24]), prototypes, n=8, seed=5)[0].method == "margin"  # default
+    assert certify_prediction(tower, toy_images([0.24]), prototypes, n=8, seed=5)[0].method == "vote"  # default
+    with pytest.raises(ValueError, match="alpha_split"):  # a margin-only argument is refused, never ignored
+        certify_prediction(tower, toy_images([0.24]), prototypes, alpha_split="flat")
     with pytest.raises(ValueError, match="method"):
         certify_prediction(tower, toy_images([0.24]), prototypes, method="votes")
     with pytest.raises(ValueError, match="target_radius"):
-        certify_prediction(tower, toy_images([0.24]), prototypes, target_radius=0.1)  # margin: no target
+        certify_prediction(tower, toy_images([0.24]), prototypes, method="margin", target_radius=0.1)
     with pytest.raises(ValueError, match="bound"):
         certify_prediction(tower, toy_images([0.24]), prototypes, method="vote", bound="hoeffding")
 

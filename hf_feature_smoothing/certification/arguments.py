@@ -39,7 +39,7 @@ SEQUENTIAL_BOUNDS = ("betting",)  # anytime-valid: the only bounds that allow st
 # Defaults of `certify` / `certify_prediction` (their signatures use these; `hf-fs certify` shows them).
 DEFAULTS = {
     "epsilon": (0.0, 0.12, 0.25, 0.5), "tau": (0.5, 0.8), "n0": 64, "n": 1000, "alpha": 0.001, "bound": "betting",
-    "reference": "smoothed", "alpha_split": "runner_up", "method": "margin",
+    "reference": "smoothed", "alpha_split": "runner_up", "method": "vote",
 }
 
 SIGMA = Range(float, 0, low_open=True, why="σ is the noise std in [0, 1] pixel units, e.g. 0.25.")

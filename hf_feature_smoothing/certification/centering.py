@@ -52,14 +52,13 @@ def estimate_feature_mean(
     channels = tower.feature_channels(inputs_list[0])
     total, count = None, 0
     with tower._compute_context(tower_device(tower)):
-        for batch, copies in _batches(tower, inputs_list, num_samples, seed):
+        for batch in _batches(tower, inputs_list, num_samples, seed):
             features = tower.family.encode(batch)[-1].double()
             if per_position:
-                images_in_batch = batch.num_images
-                if features.numel() % images_in_batch:
-                    raise ValueError("`per_position=True` needs images that all give the same tokens; use "
-                                     "`per_position=False` (one value per channel) for this tower.")
-                features = features.reshape(images_in_batch, -1)
+                if features.shape[0] != batch.num_images:  # e.g. Qwen-VL: one row per token, images of any size
+                    raise ValueError(f"`per_position=True` needs a tower that gives one feature row per image of a "
+                                     f"fixed token count; {type(tower.family).__name__} gives one per token. Use "
+                                     f"`per_position=False` (one value per channel).")
             else:
                 features = features.reshape(-1, channels)
             if total is not None and features.shape[1] != total.numel():
@@ -77,14 +76,13 @@ def _batches(tower, inputs_list: list[ImageInputs], num_samples: int, seed: int)
     chunk = tower.config.chunk_size
     if not num_samples:
         for start in range(0, len(inputs_list), chunk):
-            for batch in _same_layout_batches(inputs_list[start : start + chunk]):
-                yield batch, 1
+            yield from _same_layout_batches(inputs_list[start : start + chunk])
         return
     for inputs in inputs_list:
         source = SeededNoise(seed, image_fingerprint(tower.family.to_image(inputs)), "feature-center")
         for start in range(0, num_samples, chunk):
             copies = min(chunk, num_samples - start)
-            yield tower.add_noise(inputs, copies, source=source, start=start), copies
+            yield tower.add_noise(inputs, copies, source=source, start=start)
 
 
 def _same_layout_batches(inputs_list: list[ImageInputs]) -> list[ImageInputs]:

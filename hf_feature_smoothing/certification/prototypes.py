@@ -30,7 +30,8 @@ def image_features(tower: SmoothedVisionTower, images: Sequence, *, image_size: 
     """
     `(N, F)` features of `images`, one row per image: with `num_samples` = k > 0 the smoothed feature f̂(x) at the
     tower's σ estimated from k noisy copies (the mean of their unit features, norm ≤ 1; a booster conditioned on σ;
-    noise from the tower's seed), with 0 the clean unit feature f(x) (no noise, a booster inactive).
+    noise from the tower's seed), with 0 the clean unit feature f(x) (no noise, a booster inactive); both centred by
+    the tower's `feature_center`, if any.
     """
     if isinstance(num_samples, bool) or not isinstance(num_samples, int) or num_samples < 0:
         raise ValueError(f"`num_samples` must be an int ≥ 0 (0: clean features), got {num_samples!r}.")
@@ -44,7 +45,7 @@ def image_features(tower: SmoothedVisionTower, images: Sequence, *, image_size: 
             rows_per_image = tower.family.rows_per_image(inputs, unit_sum.shape[0])
             rows.append(torch.stack([part.flatten() / num_samples for part in unit_sum.split(rows_per_image)]).cpu())
         else:
-            encoded = tower.family.encode(inputs)[-1].float()
+            encoded = tower._center(tower.family.encode(inputs)[-1].float())  # in the tower's centred space
             unit, _ = tower._unit_rows(encoded[None], inputs)
             rows.append(unit[0].reshape(inputs.num_images, -1).cpu())
     return torch.cat(rows)

@@ -61,7 +61,8 @@ def register_subcommand(subparsers) -> None:
     c.add_argument("--method", default=None, choices=list(PREDICTION_METHODS),
                    help=f"prediction certificates (--prototypes): `margin` certifies the prediction of the smoothed "
                         f"feature (FS margin), `vote` the vote of single-copy predictions (Cohen et al.; with "
-                        f"--target-radius it stops sampling early); default with --prototypes: {DEFAULTS['method']}")
+                        f"--target-radius it stops sampling early; it certifies more at every radius on the "
+                        f"benchmark); default with --prototypes: {DEFAULTS['method']}")
     c.add_argument("--sigma", type=number(SIGMA), default=None,
                    help=f"noise std in [0, 1] pixel units; default: the model's own (a smoothed model's "
                         f"`smoothing_config.sigma`), else {FeatureSmoothingConfig.sigma}")
@@ -95,13 +96,15 @@ def _as_list(value) -> list:
 def check_options(args) -> None:
     """Checks between options that need no model (the API's own rules, with the options' names)."""
     check_run_options(args)
-    vote = args.method == "vote"
     if args.method and not args.prototypes:
         raise OptionError(f"--method {args.method}: a method of prediction certificates; pass --prototypes (class "
                           f"prototypes from `hf-fs prototypes`), or drop --method to certify features.")
+    chosen, args.method = args.method, args.method or (DEFAULTS["method"] if args.prototypes else None)
+    vote = args.method == "vote"
     if vote and args.bound != "betting":
-        raise OptionError(f"--bound {args.bound}: --method vote bounds the vote with the anytime-valid betting "
-                          f"confidence sequence; use --bound betting (the default).")
+        raise OptionError(f"--bound {args.bound}: --method vote{'' if chosen else ' (the default with --prototypes)'} "
+                          f"bounds the vote with the anytime-valid betting confidence sequence; use --bound betting "
+                          f"(the default){'' if chosen else ', or --method margin'}.")
     targets = [f"{name} {value:g}" for name, value in (("--target-cosine", args.target_cosine),
                                                          ("--target-radius", None if vote else args.target_radius))
                if value is not None]
@@ -258,9 +261,9 @@ def run(args) -> int:
                                   target_cosine=args.target_cosine, target_radius=args.target_radius, **common)
             else:
                 label = _check_label(item, prototypes, getattr(source, "label_column", None))
-                vote = {"method": "vote", "target_radius": args.target_radius} if args.method == "vote" else {}
+                vote = {"target_radius": args.target_radius} if args.method == "vote" else {}
                 (cert,) = certify_prediction(tower, [image], prototypes, None if label is None else [label],
-                                             **common, **vote)
+                                             method=args.method, **common, **vote)
             values = {k: v for k, v in cert.to_dict().items() if k != "index"}
             run.append({"key": item.key, "index": item.index, "status": "ok", "model": args.model, **values,
                         "elapsed_s": round(time.perf_counter() - start, 4)})

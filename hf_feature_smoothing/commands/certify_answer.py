@@ -10,6 +10,7 @@ from ..assets.labelled_images import ANSWER_SETS
 from ..assets.registry import LLAVA_NAME
 from ..certification import as_smoothed_tower
 from ..certification.arguments import ALPHA, CHUNK_SIZE, DEFAULTS, SAMPLES, SIGMA, TARGET_RADIUS
+from ..certification.certify import compute_dtype
 from ..models.answer_certificates import certify_answer
 from ..models.answers import CandidateAnswers
 from ..runs import Run, Shard
@@ -134,9 +135,11 @@ def run(args) -> int:
     params = {**model_params(args, model), "source": source.description, "question": question, "prompt": text,
               "candidates": texts, "candidates_digest": candidates.digest(), "sigma": sigma, "n0": args.n0,
               "n": args.n, "alpha": args.alpha, "target_radius": args.target_radius, "bound": "betting",
-              "method": "vote", "batch_size": batch_size, "seed": args.seed, "dtype": args.dtype,
-              "device": shard.device.type,
+              "method": "vote", "batch_size": batch_size, "seed": args.seed, "device": shard.device.type,
               "max_image_pixels": args.max_image_pixels}
+    dtype = compute_dtype(tower)  # --dtype, else the model's own autocast or weights dtype: what the passes run in
+    if dtype != "float32":  # runs made before --dtype (float32) keep their header
+        params["dtype"] = dtype
     pad_token_id = processor.tokenizer.pad_token_id
     with Run(args.output, "certify-answer", shard, overwrite=args.overwrite, repair=args.repair) as run:
         run.lock()

@@ -62,11 +62,12 @@ def _check_field(name: str, value: Any) -> Any:
         return {"adapter_name": str(value["adapter_name"]), "config": dict(value["config"])}
     if name == "feature_center" and value is not None:
         if isinstance(value, (str, bytes)) or not hasattr(value, "__len__"):
-            raise ValueError(f"`feature_center` must be a list of finite per-channel means, got {value!r}.")
+            raise ValueError(f"`feature_center` must be a list of finite means (per channel or per position), got {value!r}.")
         center = [float(v) for v in value]
         if not center or not all(math.isfinite(v) for v in center):
             raise ValueError(
-                f"`feature_center` must be a non-empty list of finite per-channel means, got {len(center)} values "
+                f"`feature_center` must be a non-empty list of finite means (per channel or per position), got "
+                f"{len(center)} values "
                 f"(non-finite: {sum(not math.isfinite(v) for v in center)}); re-estimate it with "
                 "`estimate_feature_mean(model, images)`."
             )

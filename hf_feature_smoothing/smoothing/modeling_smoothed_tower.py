@@ -60,8 +60,9 @@ class SmoothedVisionTower(MLLMHooksMixin, nn.Module):
     one vector. The smoothed feature is the Monte Carlo mean f̂(x) ≈ (1/n) Σᵢ f(x + δᵢ) with δᵢ ~ N(0, σ²I) drawn in
     [0, 1] pixel space and mapped through the processor's mean/std, `chunk_size` images per tower call.
 
-    With `config.feature_center` = μ (per feature channel, see [`~certification.estimate_feature_mean`]), the primary
-    site's base feature is normalise(f − μ) instead (μ subtracted from every token row): certificates then speak
+    With `config.feature_center` = μ (per feature channel, or per token position and channel for fixed-resolution
+    towers; see [`~certification.estimate_feature_mean`]), the primary site's base feature is normalise(f − μ)
+    instead (a per-channel μ subtracted from every token, a per-position one position by position): certificates then speak
     about the centred direction, which is not dominated by the direction all images share.
 
     Called directly, it returns f̂ per image. [`~SmoothedVisionTower.install`] hooks it into an MLLM so that the
