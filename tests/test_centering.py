@@ -49,9 +49,10 @@ def test_per_position_mean_keeps_token_positions_apart_and_noisy_means_are_seede
                                torch.tensor(mean), atol=1e-4, rtol=0)  # vanishing noise: the clean centre
     with pytest.raises(ValueError, match="num_samples"):
         estimate_feature_mean(tower, pixels, num_samples=-1)
-    other_size = SmoothedVisionTower(model, FeatureSmoothingConfig(feature_center=mean[:-64] + [0.0] * 32))
-    with pytest.raises(ValueError, match="feature_center"):
-        other_size.clean_unit_features(other_size.check_inputs(pixels[:1]))
+    for values in (16 * 64 - 32, 2 * 64):  # not a divisor of the row; a divisor, but neither channels nor the row
+        wrong = SmoothedVisionTower(model, FeatureSmoothingConfig(feature_center=[0.0] * values))
+        with pytest.raises(ValueError, match=f"`feature_center` has {values} values"):  # never tiled silently
+            wrong.clean_unit_features(wrong.check_inputs(pixels[:1]))
 
 
 def test_language_model_receives_features_of_unchanged_meaning(llava):

@@ -65,7 +65,7 @@ class MLLMHooksMixin:
         primary = index == len(self.family.site_modules()) - 1
         rows = self.family.as_rows(features).float()
         if primary:
-            rows = self._center(rows)
+            rows = self._center(rows, channels=features.shape[-1])
         unit, norms = self._unit_rows(rows[None], call.inputs)
         unit_sum, norm_sum = unit[0], norms[0]
         if call.sums:
@@ -74,7 +74,7 @@ class MLLMHooksMixin:
         direction_norms = torch.zeros_like(norm_sum).index_add(0, seg, unit_sum.pow(2).sum(-1)).sqrt()
         smoothed = unit_sum * (norm_sum / n / direction_norms.clamp_min(EPS))[seg, None]
         if primary:
-            smoothed = self._center(smoothed, sign=1.0)  # back to the raw feature space the projector expects
+            smoothed = self._center(smoothed, sign=1.0, channels=features.shape[-1])  # the projector's raw space
         call.sites_done += 1
         if call.sites_done == len(self.family.site_modules()):
             restore_noise_condition(call.booster_levels or [])

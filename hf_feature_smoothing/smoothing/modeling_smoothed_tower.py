@@ -148,19 +148,21 @@ class SmoothedVisionTower(MLLMHooksMixin, nn.Module):
         norms = squares.index_add(1, seg, rows.pow(2).sum(-1)).sqrt()
         return rows / norms[:, seg, None].clamp_min(EPS), norms
 
-    def _center(self, rows: torch.Tensor, sign: float = -1.0) -> torch.Tensor:
+    def _center(self, rows: torch.Tensor, sign: float = -1.0, channels: int | None = None) -> torch.Tensor:
         """Primary-site rows `(..., W)` with the feature centre μ subtracted (`sign=-1`) or added back (`+1`) on every
         token: rows whose width W is a multiple of len(μ) hold W / len(μ) tokens (one: a per-position μ, as wide as
-        an image's row). No centre: unchanged."""
+        an image's row). `channels` per token: default, those of the family's last `encode`. No centre: unchanged."""
         if self.config.feature_center is None:
             return rows
         center = torch.tensor(self.config.feature_center, dtype=rows.dtype, device=rows.device)
-        width = rows.shape[-1]
-        if width % center.numel():
+        width, channels = rows.shape[-1], channels or self.family.primary_channels
+        # per position (a whole row) or per channel; a per-position μ is never tiled over more tokens than it had
+        if not (center.numel() == width or (center.numel() == channels if channels else width % center.numel() == 0)):
             raise ValueError(
-                f"`feature_center` has {center.numel()} values but the primary feature site gives rows of width "
-                f"{width} (not a multiple: another model, or a per-position centre and another image size); "
-                f"estimate it for this model and size with `estimate_feature_mean(model, images)`."
+                f"`feature_center` has {center.numel()} values, but the primary feature site gives {channels} "
+                f"channels per token and rows of {width} values: it was estimated for another model, or per position "
+                f"on images of another size; estimate it for this model and size with "
+                f"`estimate_feature_mean(model, images)`."
             )
         tokens = rows.reshape(*rows.shape[:-1], width // center.numel(), center.numel())
         return (tokens + sign * center).reshape(rows.shape)

@@ -132,6 +132,7 @@ class TowerFamily(ABC):
         self.model = model
         self.config = config
         self._captured: list[torch.Tensor] = []
+        self.primary_channels: int | None = None  # channels per token of the primary site, set by `encode`
         self._fallback: PixelStats | None = None
         if config.image_mean is None or config.image_std is None:  # the family default, with a warning
             self._fallback = resolve_pixel_stats(self.model_type, config.image_mean, config.image_std, once=True,
@@ -326,6 +327,7 @@ class TowerFamily(ABC):
         captured, self._captured = self._captured, []
         if len(captured) != len(sites):
             raise RuntimeError(f"Expected features from {len(sites)} site(s), captured {len(captured)}.")
+        self.primary_channels = captured[-1].shape[-1]  # per token, before `as_rows` may flatten an image's tokens
         return [self.as_rows(c) for c in captured]
 
     def _capture_hook(self, module: nn.Module, last: bool) -> torch.utils.hooks.RemovableHandle:
