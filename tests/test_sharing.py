@@ -37,7 +37,9 @@ def test_save_pretrained_writes_a_card_whose_model_index_parses_back(certified, 
     assert fcsb.metric_value == pytest.approx(expected["certified_cosine@0.05"])
     assert fcsb.metric_args == {"sigma": 0.25, "n": 64, "alpha": 0.01, "bound": "bernstein",
                                 "noise_space": "pixel [0,1], l2", "num_images": 2, "epsilon": 0.05,
-                                "reference": "clean"}
+                                "reference": "clean", "seed": certificates[0].seed, "dtype": "float32",
+                                "resolution": [56, 56], "centered": False}
+    assert len({c.seed for c in certificates}) == 1  # one call, one seed: stated once
     assert "from_pretrained(" in card.text and "hf-feature-smoothing" in card.data.tags
 
 

@@ -56,7 +56,8 @@ def certificate_eval_results(certificates, dataset_name: str, dataset_type: str 
     """`model-index` entries for a list of [`FeatureCertificate`] (certified cosine at each of their ε, mean S_low,
     abstain rate), [`PredictionCertificate`] or [`AnswerCertificate`] (certified accuracy at each of `radii`; their
     default `task_type` is image classification, visual question answering for answers). Every entry's
-    `metric_args` states σ, ε or r, n, α, the bound and the noise space; prediction and answer entries the method
+    `metric_args` states σ, ε or r, n, α, the bound, the noise space and, where the certificates carry them, the seed,
+    compute dtype, resolution and centring; prediction and answer entries the method
     (`"margin"` / `"vote"`) and n0, answer entries the candidate answers (texts and digest), the prompt digest and the
     booster. Sequential certificates (stopped at `target_cosine` / `target_radius`) say so in every entry's name
     ("sequential, target …, n ≤ N") and `metric_args` (the targets, `n` as the most samples and the mean `n_used`)."""
@@ -67,6 +68,11 @@ def certificate_eval_results(certificates, dataset_name: str, dataset_type: str 
     kind = certificate_kind(first)
     args = {"sigma": first["sigma"], "n": first["n"], "alpha": first["alpha"], "bound": first["bound"],
             "noise_space": first["noise_space"], "num_images": len(rows)}
+    for key in ("seed", "dtype", "resolution", "centered"):  # each row's own; distinct values listed if they differ
+        values = [r[key] for r in rows if key in r]
+        if values:
+            distinct = [v for i, v in enumerate(values) if v not in values[:i]]
+            args[key] = distinct[0] if len(distinct) == 1 else distinct
     setting = f"σ={first['sigma']}"
     if kind != "feature":
         args.update(method=first.get("method", "margin"), n0=first.get("n0"))
