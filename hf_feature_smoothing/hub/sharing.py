@@ -39,9 +39,10 @@ def _as_dicts(certificates) -> list[dict]:
         raise ValueError(f"Mix of {' and '.join(sorted(kinds))} certificates: share one kind per call.")
     if len({(r["sigma"], r["n"], r.get("n0"), r["alpha"], r["bound"], r.get("target_cosine"), r.get("target_radius"),
              r.get("method"), r.get("candidates_digest"), r.get("prompt_digest"), r.get("booster_digest"),
-             r.get("model")) for r in rows}) > 1:
-        raise ValueError("Certificates differ in σ, n, n0, α, bound, method, sequential target, or (answers) the "
-                         "candidates, prompt, model or booster: aggregate one setting at a time.")
+             r.get("model"), r.get("dtype"), r.get("centered")) for r in rows}) > 1:
+        raise ValueError("Certificates differ in σ, n, n0, α, bound, method, sequential target, compute dtype, "
+                         "centring, or (answers) the candidates, prompt, model or booster: aggregate one setting at "
+                         "a time.")
     if kinds & {"answer", "prediction"} and any(r.get("label") is None for r in rows):
         raise ValueError("Certified accuracy needs each certificate's reference label: add `label` (the index of the "
                          "correct class or candidate) to every certificate's dict (`hf-fs` rows carry it).")
@@ -71,6 +72,7 @@ def certificate_eval_results(certificates, dataset_name: str, dataset_type: str 
     for key in ("seed", "dtype", "resolution", "centered"):  # each row's own; distinct values listed if they differ
         values = [r[key] for r in rows if key in r]
         if values:
+            values = [list(v) if isinstance(v, tuple) else v for v in values]  # YAML-safe
             distinct = [v for i, v in enumerate(values) if v not in values[:i]]
             args[key] = distinct[0] if len(distinct) == 1 else distinct
     setting = f"σ={first['sigma']}"

@@ -155,9 +155,9 @@ class SmoothedVisionTower(MLLMHooksMixin, nn.Module):
         if self.config.feature_center is None:
             return rows
         center = torch.tensor(self.config.feature_center, dtype=rows.dtype, device=rows.device)
-        width, channels = rows.shape[-1], channels or self.family.primary_channels
+        width, channels = rows.shape[-1], channels or self.family.primary_channels or rows.shape[-1]
         # per position (a whole row) or per channel; a per-position μ is never tiled over more tokens than it had
-        if not (center.numel() == width or (center.numel() == channels if channels else width % center.numel() == 0)):
+        if center.numel() not in (width, channels):
             raise ValueError(
                 f"`feature_center` has {center.numel()} values, but the primary feature site gives {channels} "
                 f"channels per token and rows of {width} values: it was estimated for another model, or per position "

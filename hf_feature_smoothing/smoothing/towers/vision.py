@@ -69,7 +69,9 @@ class VisionEncoderFamily(LlavaTowerFamily):
         raise NotImplementedError("Stand-alone encoders are read through `encode`.")
 
     def encode(self, inputs: ImageInputs) -> list[torch.Tensor]:
-        return [self.model(pixel_values=inputs.pixel_values).pooler_output.flatten(1)]
+        pooled = self.model(pixel_values=inputs.pixel_values).pooler_output.flatten(1)
+        self.primary_channels = pooled.shape[-1]  # one pooled token per image
+        return [pooled]
 
 # names of 0.1.0 (the tower integration was called an adapter), kept as aliases that warn once
 __getattr__ = deprecated_aliases(globals(), {"VisionEncoderAdapter": "VisionEncoderFamily"})
