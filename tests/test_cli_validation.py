@@ -85,6 +85,19 @@ def test_unreadable_prototype_file(tmp_path, capsys):
     _refused(tmp_path, capsys, ["--prototypes", str(path)], f"--prototypes {path}", "not a readable safetensors")
 
 
+@pytest.mark.parametrize("tensors, metadata, needles", [
+    ({"weights": torch.randn(3, WIDTH)}, None, ("no `prototypes` tensor", "['weights']")),
+    ({"prototypes": torch.randn(3, WIDTH)}, {"smoothed_features": '"logits"'}, ("'logits'", "not one of")),
+    ({"prototypes": torch.randn(3, WIDTH)}, {"smoothed_features": "logits"}, ("'logits'", "not one of")),
+    ({"prototypes": torch.randn(3, WIDTH), "feature_center": torch.full((WIDTH,), float("nan"))}, None,
+     ("feature_center", "finite", "--center")),
+])
+def test_prototype_files_of_another_making_are_refused(tmp_path, capsys, tensors, metadata, needles):
+    path = tmp_path / "p.safetensors"
+    save_file(tensors, path, metadata=metadata)
+    _refused(tmp_path, capsys, ["--prototypes", str(path)], f"--prototypes {path}", *needles)
+
+
 @pytest.mark.parametrize("value", ["-1", str(2**63), str(2**64 + 5), "1.5"])
 def test_seed_out_of_range(tmp_path, capsys, value):
     _refused(tmp_path, capsys, ["--seed", value], "--seed", repr(value), argparse_error=True)

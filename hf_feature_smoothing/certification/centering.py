@@ -5,7 +5,6 @@ rather than the direction every image shares (for DINOv2's CLS feature a uniform
 import torch
 from torch import nn
 
-from ..smoothing.noise import SeededNoise, image_fingerprint
 from ..smoothing.towers import ImageInputs
 from .certify import as_smoothed_tower
 from .inputs import to_image_inputs, tower_device
@@ -80,7 +79,7 @@ def _batches(tower, inputs_list: list[ImageInputs], num_samples: int, seed: int)
             yield from _same_layout_batches(inputs_list[start : start + chunk])
         return
     for inputs in inputs_list:
-        source = SeededNoise(seed, image_fingerprint(tower.family.to_image(inputs)), "feature-center")
+        source = tower.noise_stream(inputs, seed, "feature-center")
         for start in range(0, num_samples, chunk):
             copies = min(chunk, num_samples - start)
             yield tower.add_noise(inputs, copies, source=source, start=start)

@@ -172,39 +172,46 @@ class PrototypeSpace:
     feature_center: list[float] | None = None
 
 
-def load_prototype_space(path: str | os.PathLike, name: str | None = None) -> PrototypeSpace:
-    """The [`PrototypeSpace`] of a prototypes file, the centre exactly as saved by [`save_prototypes`]."""
+def read_prototypes(path: str | os.PathLike, name: str | None = None,
+                    width: int | None = None) -> tuple[torch.Tensor, PrototypeSpace]:
+    """The `(K, F)` prototypes of a file written by [`save_prototypes`] (any safetensors file with a `prototypes`
+    tensor), checked as [`certify_prediction`] checks them (K ≥ 2, finite, no zero row; F = `width` when given), and
+    the [`PrototypeSpace`] they were made in (the centre exactly as saved), from one read of the file. Errors name
+    the file (or `name`, e.g. `--prototypes <path>`)."""
     name = name or str(path)
-    with safe_open(str(path), "pt") as f:
-        site = json.loads((f.metadata() or {}).get("smoothed_features", "null"))
-        center = f.get_tensor(CENTER_KEY) if CENTER_KEY in f.keys() else None
+    try:
+        with safe_open(str(path), "pt") as f:
+            keys, metadata = set(f.keys()), f.metadata() or {}
+            prototypes = f.get_tensor(PROTOTYPES_KEY) if PROTOTYPES_KEY in keys else None
+            center = f.get_tensor(CENTER_KEY) if CENTER_KEY in keys else None
+    except Exception as error:  # noqa: BLE001  (safetensors raises its own error types)
+        raise ValueError(f"{name}: not a readable safetensors file ({type(error).__name__}: {error}); write it with "
+                         f"`hf-fs prototypes` or `save_prototypes`.") from None
+    if prototypes is None:
+        raise ValueError(f"{name}: no `{PROTOTYPES_KEY}` tensor (found {sorted(keys)}); save the (K, F) class "
+                         f"prototypes under that name.")
+    check_prototypes(prototypes, name, width)
+    try:
+        site = json.loads(metadata.get("smoothed_features", "null"))
+    except json.JSONDecodeError:
+        site = metadata["smoothed_features"]
     if site is not None and site not in SMOOTHED_FEATURES:
         raise ValueError(f"{name}: `smoothed_features` {site!r} in its metadata is not one of {SMOOTHED_FEATURES}; "
                          f"recompute the prototypes with `hf-fs prototypes`.")
     if center is not None and (center.ndim != 1 or not center.numel() or not torch.isfinite(center).all()):
         raise ValueError(f"{name}: its `{CENTER_KEY}` must be a non-empty, finite 1-d tensor (got shape "
                          f"{tuple(center.shape)}); recompute the prototypes with `hf-fs prototypes --center`.")
-    return PrototypeSpace(site, None if center is None else center.tolist())
+    return prototypes, PrototypeSpace(site, None if center is None else center.tolist())
 
 
 def load_prototypes(path: str | os.PathLike, name: str | None = None, width: int | None = None) -> torch.Tensor:
-    """The `(K, F)` prototypes of a file written by [`save_prototypes`] (any safetensors file with a `prototypes`
-    tensor), checked as [`certify_prediction`] checks them (K ≥ 2, finite, no zero row; F = `width` when given).
-    Errors name the file (or `name`, e.g. `--prototypes <path>`)."""
-    from safetensors.torch import load_file
+    """The checked `(K, F)` prototypes of a prototypes file (see [`read_prototypes`])."""
+    return read_prototypes(path, name, width)[0]
 
-    name = name or str(path)
-    try:
-        tensors = load_file(path)
-    except Exception as error:  # noqa: BLE001  (safetensors raises its own error types)
-        raise ValueError(f"{name}: not a readable safetensors file ({type(error).__name__}: {error}); write it with "
-                         f"`hf-fs prototypes` or `save_prototypes`.") from None
-    if PROTOTYPES_KEY not in tensors:
-        raise ValueError(f"{name}: no `{PROTOTYPES_KEY}` tensor (found {sorted(tensors)}); save the (K, F) class "
-                         f"prototypes under that name.")
-    prototypes = tensors[PROTOTYPES_KEY]
-    check_prototypes(prototypes, name, width)
-    return prototypes
+
+def load_prototype_space(path: str | os.PathLike, name: str | None = None) -> PrototypeSpace:
+    """The [`PrototypeSpace`] of a prototypes file (see [`read_prototypes`])."""
+    return read_prototypes(path, name)[1]
 
 
 def feature_width(tower: SmoothedVisionTower, image_size: int | None = None) -> int:

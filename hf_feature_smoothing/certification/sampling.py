@@ -9,7 +9,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from ..smoothing.modeling_smoothed_tower import NoisyCopies, SmoothedVisionTower
-from ..smoothing.noise import BLOCK, SeededNoise, image_fingerprint
+from ..smoothing.noise import BLOCK
 from ..smoothing.towers import ImageInputs
 from ..statistics.betting import BettingTest
 from ..statistics.vote import VoteBound, top_class
@@ -55,11 +55,9 @@ class ImageNoise:
     """The two independent noise streams of one image (selection: n0 samples; estimation: n samples)."""
 
     def __init__(self, tower: SmoothedVisionTower, inputs: ImageInputs, seed: int):
-        image = tower.family.to_image(inputs)
-        fingerprint = image_fingerprint(image)
-        self.resolution = _resolution(image, inputs)
-        self.selection = SeededNoise(seed, fingerprint, "selection")
-        self.estimation = SeededNoise(seed, fingerprint, "estimation")
+        self.resolution = _resolution(tower.family.to_image(inputs), inputs)
+        self.selection = tower.noise_stream(inputs, seed, "selection")
+        self.estimation = tower.noise_stream(inputs, seed, "estimation")
 
 
 # ----- jobs: one image's sampling plan, fed by the batch runner ---------------------------------------------------

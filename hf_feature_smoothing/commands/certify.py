@@ -21,7 +21,7 @@ from ..certification.arguments import (
     check_sequential,
     target_score,
 )
-from ..certification.prototypes import PrototypeSpace, feature_width, load_prototype_space, load_prototypes
+from ..certification.prototypes import PrototypeSpace, feature_width, read_prototypes
 from ..runs import Run, Shard
 from ..runs.fingerprints import file_sha256
 from ..runs.report import RunGroup, plot_group, sequential_label, summary_lines
@@ -223,8 +223,7 @@ def run(args) -> int:
     prototypes = space = None
     if args.prototypes:
         try:
-            prototypes = load_prototypes(args.prototypes, name=f"--prototypes {args.prototypes}")
-            space = load_prototype_space(args.prototypes, name=f"--prototypes {args.prototypes}")
+            prototypes, space = read_prototypes(args.prototypes, name=f"--prototypes {args.prototypes}")
         except (TypeError, ValueError) as error:
             raise OptionError(str(error)) from None
     source = open_source(args)

@@ -8,7 +8,6 @@ from pathlib import Path
 
 from ..assets.labelled_images import ANSWER_SETS
 from ..assets.registry import LLAVA_NAME
-from ..certification import as_smoothed_tower
 from ..certification.arguments import ALPHA, CHUNK_SIZE, DEFAULTS, SAMPLES, SIGMA, TARGET_RADIUS
 from ..certification.certify import compute_dtype
 from ..models.answer_certificates import certify_answer
@@ -29,7 +28,7 @@ from .options import (
     check_vote_target,
     number,
 )
-from .running import first_bad_label, model_params, pending_images, run_info
+from .running import first_bad_label, model_params, pending_images, run_info, smoothed_tower
 
 
 BATCH_SIZE = 16  # noisy copies per forward pass, `certify_answer`'s default
@@ -116,8 +115,7 @@ def run(args) -> int:
     check_labels(source, len(texts), " ".join(args.candidates))
     shard = Shard.from_accelerate(args.device)
     model = load_model(args.model, args.booster).to(shard.device)
-    autocast_dtype = None if args.dtype == "float32" else args.dtype
-    tower = as_smoothed_tower(model, args.sigma, autocast_dtype)  # the model's own σ by default (else the config's)
+    tower = smoothed_tower(model, args)  # the model's own σ and dtype by default (else the config's)
     if tower.family.model_type not in LlavaTowerFamily.model_types:
         raise OptionError(f"--model {args.model}: a {tower.family.model_type} model; certify-answer needs a "
                           f"LLaVA-type MLLM (one image tensor per prompt; Qwen-VL's patch-flattened images are not "
@@ -150,7 +148,8 @@ def run(args) -> int:
             inputs = {key: inputs[key].to(shard.device) for key in ("input_ids", "attention_mask", "pixel_values")}
             cert = certify_answer(model, inputs, candidates, sigma=sigma, n0=args.n0, n=args.n, alpha=args.alpha,
                                   target_radius=args.target_radius, batch_size=batch_size, seed=seed,
-                                  pad_token_id=pad_token_id, autocast_dtype=autocast_dtype)
+                                  pad_token_id=pad_token_id,
+                                  autocast_dtype=tower.config.autocast_dtype)
             label = None if item.label is None else int(item.label)
             run.append({"key": item.key, "index": item.index, "status": "ok", "label": label,
                         "correct": None if label is None else cert.answer == label, **cert.to_dict(),

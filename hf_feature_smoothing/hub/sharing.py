@@ -69,7 +69,8 @@ def certificate_eval_results(certificates, dataset_name: str, dataset_type: str 
     kind = certificate_kind(first)
     args = {"sigma": first["sigma"], "n": first["n"], "alpha": first["alpha"], "bound": first["bound"],
             "noise_space": first["noise_space"], "num_images": len(rows)}
-    for key in ("seed", "dtype", "resolution", "centered"):  # each row's own; distinct values listed if they differ
+    args.update({key: first[key] for key in ("dtype", "centered") if key in first})  # one value: `_as_dicts`
+    for key in ("seed", "resolution"):  # each row's own; distinct values listed if they differ
         values = [r[key] for r in rows if key in r]
         if values:
             values = [list(v) if isinstance(v, tuple) else v for v in values]  # YAML-safe

@@ -224,9 +224,7 @@ def certify_answer(
     prefixed, positions = candidates.with_prefix(prompt, pad_token_id)
 
     def votes(source: SeededNoise, start: int, count: int) -> torch.Tensor:
-        copies = tower.family.noisy_copies(
-            image_inputs, count, tower.sigma,
-            lambda image: source.sample(start, count, tuple(image.shape), image.device))
+        copies = tower.add_noise(image_inputs, count, source=source, start=start)
         batch = {key: value.expand(count, -1) for key, value in prefixed.items()}
         with autocast:
             scores = candidates.scores(model, batch, positions.expand(count), copies.pixel_values)

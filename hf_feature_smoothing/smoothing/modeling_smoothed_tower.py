@@ -13,7 +13,7 @@ from .conditioning import noise_condition
 from .configuration_feature_smoothing import FeatureSmoothingConfig
 from .hub_io import hub_io
 from .mllm_hooks import EPS, MLLMHooksMixin, SmoothedCall
-from .noise import SeededNoise
+from .noise import SeededNoise, image_fingerprint
 from .towers import ImageInputs, TowerFamily, get_tower_family
 
 
@@ -113,6 +113,11 @@ class SmoothedVisionTower(MLLMHooksMixin, nn.Module):
         self.config.seed = check_seed(seed)
         self._generators.clear()
         return self
+
+    def noise_stream(self, inputs: ImageInputs, seed: int, stream: str) -> SeededNoise:
+        """The seeded noise stream `stream` of the one image in `inputs` (its samples depend on the seed, the image's
+        pixels and the stream's name only), to feed [`add_noise`]."""
+        return SeededNoise(seed, image_fingerprint(self.family.to_image(inputs)), stream)
 
     def add_noise(
         self,
