@@ -300,3 +300,16 @@ def test_builtin_dinov2_carries_its_processor_statistics(tmp_path, monkeypatch, 
     tower = as_smoothed_tower(load_model("dinov2-s14"))
     assert tower.family.image_mean == (0.485, 0.456, 0.406) and tower.family.image_std == (0.229, 0.224, 0.225)
     assert not [r for r in caplog.records if r.levelno >= logging.WARNING and "image_mean" in r.getMessage()]
+
+
+def test_the_header_records_the_dtype_a_model_runs_in_by_default(image_folder, tmp_path):
+    """Without --dtype a smoothed model runs in its own `autocast_dtype`: the run header says so, as its rows do."""
+    from hf_feature_smoothing.testing_utils import tiny_smoothed_model
+
+    folder = tmp_path / "bf16-model"
+    tiny_smoothed_model("llava", sigma=0.25, autocast_dtype="bfloat16").save_pretrained(folder)
+    out = tmp_path / "run.jsonl"
+    assert main(["certify", "--model", str(folder), "--n", "16", "--n0", "4", "--seed", "0", "--images",
+                 str(image_folder), "--output", str(out)]) == 0
+    header, *rows = _lines(out)
+    assert header["params"]["dtype"] == "bfloat16" and rows and all(r["dtype"] == "bfloat16" for r in rows)

@@ -303,3 +303,15 @@ def test_certify_answer_refuses_bad_arguments(models, change, error, match):
     arguments.update({k: v for k, v in change.items() if k not in ("images", "prompts")})
     with pytest.raises(error, match=match):
         hfs.certify_answer(model, inputs, **arguments)
+
+
+@pytest.mark.parametrize("sigma, target_radius", [(0.25, 0.3), (0.5, 0.5), (0.12, 0.1)])
+def test_a_certificate_stopped_at_its_target_is_counted_at_that_radius(sigma, target_radius):
+    """Stopped because p̲_A ≥ Φ(R/σ), the certificate states radius ≥ R exactly (not σΦ⁻¹(Φ(R/σ)) rounded below it)
+    and certified accuracy at r = R counts it (radius ≥ r, Cohen et al.'s convention)."""
+    from hf_feature_smoothing.statistics import certified_accuracy, certify_vote
+
+    result = certify_vote(torch.tensor([0, 16]), torch.ones(2000), sigma, 0.001, target_radius=target_radius)
+    assert result.stop == "target" and result.n_used < 2000 and result.radius >= target_radius
+    assert certified_accuracy([result.prediction], [1], [result.radius], [target_radius]) == {
+        f"certified_accuracy@{target_radius:g}": 1.0, "abstain_rate": 0.0}

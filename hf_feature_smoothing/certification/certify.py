@@ -393,7 +393,7 @@ def _certify_vote(tower: SmoothedVisionTower, images, prototypes: torch.Tensor, 
         run_jobs(tower, jobs, bar)
     results = []
     for index, job in enumerate(jobs):
-        vote = vote_result(job.top, job.bound, tower.sigma)
+        vote = vote_result(job.top, job.bound, tower.sigma, target_radius)
         label = None if labels is None else labels[index]
         results.append(PredictionCertificate(
             index=index, prediction=vote.prediction, radius=vote.radius, p_lower=vote.p_lower,

@@ -21,6 +21,7 @@ from ..certification.arguments import (
     check_sequential,
     target_score,
 )
+from ..certification.certify import compute_dtype
 from ..certification.prototypes import PrototypeSpace, feature_width, read_prototypes
 from ..runs import Run, Shard
 from ..runs.fingerprints import file_sha256
@@ -236,7 +237,7 @@ def run(args) -> int:
     check_model_options(args, tower, prototypes)
     params = {**model_params(args, model), "source": source.description, "sigma": tower.sigma,
               "n0": args.n0, "n": args.n, "alpha": args.alpha, "bound": args.bound, "seed": args.seed,
-              "dtype": args.dtype, "image_size": args.image_size, "device": shard.device.type,
+              "dtype": compute_dtype(tower), "image_size": args.image_size, "device": shard.device.type,
               "max_image_pixels": args.max_image_pixels}
     if prototypes is None:
         params.update(prototypes=None, epsilon=args.epsilon, tau=args.tau, reference=args.reference,

@@ -17,6 +17,7 @@ from tqdm.auto import tqdm
 from ..certification.arguments import DEFAULTS, SIGMA, TARGET_RADIUS, check_target
 from ..certification.certificates import NOISE_SPACE, strict_json, versions
 from ..certification.certify import as_smoothed_tower, compute_dtype
+from ..certification.inputs import tower_device
 from ..certification.sampling import ImageNoise
 from ..smoothing.conditioning import noise_condition
 from ..smoothing.modeling_smoothed_tower import SmoothedVisionTower
@@ -212,8 +213,10 @@ def certify_answer(
     target_radius = check_target("target_radius", target_radius, TARGET_RADIUS)
     tower = as_smoothed_tower(model, sigma, autocast_dtype)  # validates the dtype; the model is not modified
     dtype = compute_dtype(tower)
+    device = tower_device(tower)  # the noise is drawn, and autocast set, where the tower runs
+    inputs = {key: value.to(device) if torch.is_tensor(value) else value for key, value in inputs.items()}
     autocast = (contextlib.nullcontext() if tower.config.autocast_dtype is None
-                else torch.autocast(inputs["pixel_values"].device.type, dtype=getattr(torch, dtype)))
+                else torch.autocast(device.type, dtype=getattr(torch, dtype)))
     target = None if target_radius is None else vote_target(target_radius, tower.sigma)
     if pad_token_id is None:
         config = getattr(model.config, "text_config", model.config)
@@ -244,7 +247,7 @@ def certify_answer(
             bound.update(votes(noise.estimation, start, count) == top)
             start += count
             bar.update(count)
-    result = vote_result(top, bound, tower.sigma)
+    result = vote_result(top, bound, tower.sigma, target_radius)
     booster, booster_digest = booster_record(model)
     return AnswerCertificate(
         answer=result.prediction,

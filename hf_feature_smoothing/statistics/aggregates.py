@@ -32,7 +32,8 @@ def certified_cosine(score_lower: Sequence[float], sigma: Sequence[float], epsil
 
 def certified_accuracy(prediction: Sequence[int | None], label: Sequence[int], radius: Sequence[float],
                        radii: Sequence[float]) -> dict:
-    """Fraction of images predicted correctly with certified radius > r (r = 0: correct and not abstained;
+    """Fraction of images predicted correctly with certified radius ≥ r (Cohen et al.'s convention; r = 0: correct and
+    not abstained, a certified prediction has radius > 0;
     `prediction` [`ABSTAIN`] (None, as in `PredictionCertificate`) means abstain). Also `abstain_rate`."""
     if not prediction or not len(prediction) == len(label) == len(radius):
         raise ValueError(f"Need equally many predictions, labels and radii (≥ 1), got {len(prediction)}, {len(label)}, "
@@ -45,7 +46,7 @@ def certified_accuracy(prediction: Sequence[int | None], label: Sequence[int], r
     for r in radii:
         if not r >= 0:
             raise ValueError(f"`radii` must be ≥ 0, got {r}.")
-        hits = [p is not ABSTAIN and p == y and rad > r for p, y, rad in zip(prediction, label, radius)]
+        hits = [p is not ABSTAIN and p == y and rad >= r for p, y, rad in zip(prediction, label, radius)]
         result[f"certified_accuracy@{r:g}"] = sum(hits) / len(hits)
     result["abstain_rate"] = sum(p is ABSTAIN for p in prediction) / len(prediction)
     return result

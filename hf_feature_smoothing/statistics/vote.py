@@ -144,9 +144,12 @@ class VoteResult:
     stop: str
 
 
-def vote_result(top: int, bound: VoteBound, sigma: float) -> VoteResult:
-    """The certificate of ĉ_A = `top` once `bound` is done: abstain (None, radius 0) when p̲_A ≤ ½."""
+def vote_result(top: int, bound: VoteBound, sigma: float, target_radius: float | None = None) -> VoteResult:
+    """The certificate of ĉ_A = `top` once `bound` is done: abstain (None, radius 0) when p̲_A ≤ ½. Stopped at the
+    target (p̲_A ≥ Φ(R/σ), R = `target_radius`), the radius is at least R exactly (σΦ⁻¹(Φ(R/σ)) can round below R)."""
     radius = vote_radius(bound.p_lower, sigma)
+    if bound.stop == "target" and target_radius is not None:
+        radius = max(radius, float(target_radius))
     return VoteResult(top if radius > 0 else None, radius, bound.p_lower, bound.hits, bound.n_used, bound.stop or "n")
 
 
@@ -161,7 +164,7 @@ def certify_vote(selection_counts: torch.Tensor, hits: torch.Tensor, sigma: floa
     hits = torch.as_tensor(hits).flatten()
     bound = VoteBound(alpha, n or hits.numel(), None if target_radius is None else vote_target(target_radius, sigma))
     bound.update(hits)
-    return vote_result(top, bound, sigma)
+    return vote_result(top, bound, sigma, target_radius)
 
 
 __all__ = ["VOTE_GRID", "VOTE_GRID_STEP", "VOTE_STOPS", "VoteBound", "VoteResult", "certify_vote", "top_class",

@@ -17,7 +17,7 @@ Aggregates Feature-space Smoothing certificates (see `hf_feature_smoothing.certi
   FCSB(ε) = 2Φ(Φ⁻¹(S_low) − ε/σ) − 1, where an abstention (S_low ≤ 1/2) or a negative bound counts as 0, plus
   `abstain_rate`.
 * `"accuracy"`: inputs `prediction` (−1 = abstain), `label` and `radius` (certified ℓ2 radius) per image. Returns
-  `certified_accuracy@r`: the fraction of images predicted correctly with a certified radius > r (r = 0: correct
+  `certified_accuracy@r`: the fraction of images predicted correctly with a certified radius ≥ r (r = 0: correct
   and not abstained), plus `abstain_rate`. Prediction certificates (FS margin or vote) give `prediction`; answer
   certificates of an MLLM (`certify_answer`, `hf-fs certify-answer` rows) give the answer's index as `prediction`
   (`answer`, None → −1) and the candidate index of the reference answer as `label`.
@@ -28,7 +28,7 @@ Args (the names of `certify` / `certify_prediction` and of their certificates' f
     score_lower (`list[float]`), sigma (`list[float]`): for `"cosine"`.
     prediction (`list[int]`), label (`list[int]`), radius (`list[float]`): for `"accuracy"`.
     epsilon (`list[float]`, *optional*, defaults to `[0.0, 0.05, 0.1, 0.25, 0.5]`): ℓ2 budgets in [0, 1] pixel
-        units: FCSB(ε) for `"cosine"`, "correct with certified radius > ε" for `"accuracy"`. (`epsilons` / `radii`
+        units: FCSB(ε) for `"cosine"`, "correct with certified radius ≥ ε" for `"accuracy"`. (`epsilons` / `radii`
         are deprecated aliases.)
 Returns:
     `dict[str, float]`, e.g. `{"certified_cosine@0.1": 0.62, "abstain_rate": 0.1}`.
