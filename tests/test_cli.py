@@ -313,3 +313,31 @@ def test_the_header_records_the_dtype_a_model_runs_in_by_default(image_folder, t
                  str(image_folder), "--output", str(out)]) == 0
     header, *rows = _lines(out)
     assert header["params"]["dtype"] == "bfloat16" and rows and all(r["dtype"] == "bfloat16" for r in rows)
+
+
+@pytest.mark.parametrize("setting", ["feature_center", "image_mean"])
+def test_a_model_config_edited_between_pieces_of_a_run_is_refused_naming_the_setting(image_folder, tmp_path,
+                                                                                     capsys, setting):
+    """The weights fingerprint does not see the smoothing config: re-estimating the centre (or the processor's
+    statistics) and saving into the same folder changes the certified function, so the resumed run refuses."""
+    from hf_feature_smoothing.certification import estimate_feature_mean
+    from hf_feature_smoothing.testing_utils import tiny_smoothed_model
+
+    folder, out = tmp_path / "model", tmp_path / "run.jsonl"
+    model = tiny_smoothed_model("llava", sigma=0.25)
+    model.save_pretrained(folder)
+    first = sorted(image_folder.iterdir())
+    for extra in first[2:]:
+        extra.rename(tmp_path / extra.name)  # a first piece on two images
+    command = ["certify", "--model", str(folder), "--n", "16", "--n0", "4", "--seed", "0", "--images",
+               str(image_folder), "--output", str(out)]
+    assert main(command) == 0
+    before = out.read_bytes()
+    pixels = torch.rand(2, 3, 56, 56, generator=torch.Generator().manual_seed(0))
+    changed = (estimate_feature_mean(model, pixels, input_space="pixel") if setting == "feature_center" else [0.4, 0.4, 0.4])
+    tiny_smoothed_model("llava", sigma=0.25, **{setting: changed}).save_pretrained(folder)
+    for extra in first[2:]:
+        (tmp_path / extra.name).rename(extra)
+    assert main(command) == 1
+    assert f"smoothing.{setting}: run has " in capsys.readouterr().err
+    assert out.read_bytes() == before

@@ -110,6 +110,7 @@ def test_prototypes_carry_their_feature_space_and_certify_certifies_in_it(featur
     from hf_feature_smoothing.certification.prototypes import load_prototype_space, load_prototypes
     from hf_feature_smoothing.cli import main
     from hf_feature_smoothing.runs import read_run
+    from hf_feature_smoothing.runs.fingerprints import values_digest
     from hf_feature_smoothing.runs.images import LabelledImages
 
     protos = tmp_path / "centred.safetensors"
@@ -124,8 +125,9 @@ def test_prototypes_carry_their_feature_space_and_certify_certifies_in_it(featur
     assert main(["certify", "--model", "tiny-llava", "--images", "digits:test", "--limit", "2", "--prototypes",
                  str(protos), "--sigma", "0.25", "--n", "16", "--n0", "4", "--seed", "0", "--output", str(out)]) == 0
     run = read_run(out)
-    assert run.header["params"]["feature_center"] == width and all(r["centered"] for r in run.rows)
-    assert run.header["params"]["smoothed_features"] == features
+    smoothing = run.header["params"]["smoothing"]
+    assert smoothing["feature_center"] == {"values": width, "digest": values_digest(space.feature_center)}
+    assert smoothing["smoothed_features"] == features and all(r["centered"] for r in run.rows)
     config = FeatureSmoothingConfig(sigma=0.25, feature_center=space.feature_center, smoothed_features=features)
     tower = SmoothedVisionTower(resolve_model("tiny-llava"), config)
     images = [LabelledImages("digits:test").item(i).load() for i in range(2)]

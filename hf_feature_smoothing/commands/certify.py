@@ -42,7 +42,7 @@ from .options import (
     check_vote_target,
     number,
 )
-from .running import first_bad_label, model_params, pending_images, run_info, smoothed_tower
+from .running import first_bad_label, model_params, pending_images, run_info, smoothed_tower, smoothing_params
 
 
 OPTION_NAMES = {"target_cosine": "--target-cosine", "target_radius": "--target-radius", "epsilon": "--epsilon",
@@ -238,16 +238,12 @@ def run(args) -> int:
     params = {**model_params(args, model), "source": source.description, "sigma": tower.sigma,
               "n0": args.n0, "n": args.n, "alpha": args.alpha, "bound": args.bound, "seed": args.seed,
               "dtype": compute_dtype(tower), "image_size": args.image_size, "device": shard.device.type,
-              "max_image_pixels": args.max_image_pixels}
+              "max_image_pixels": args.max_image_pixels, "smoothing": smoothing_params(tower)}
     if prototypes is None:
         params.update(prototypes=None, epsilon=args.epsilon, tau=args.tau, reference=args.reference,
                       target_cosine=args.target_cosine, target_radius=args.target_radius)
     else:
         params.update(prototypes={"sha256": file_sha256(args.prototypes), "shape": list(prototypes.shape)})
-        if space.smoothed_features is not None:  # files from before it was saved keep their runs' header
-            params.update(smoothed_features=space.smoothed_features)
-        if space.feature_center is not None:  # the file's μ (its sha256 covers the values)
-            params.update(feature_center=len(space.feature_center))
         if args.method == "vote":  # margin runs, made before --method existed, keep their parameters
             params.update(method="vote", target_radius=args.target_radius)
     with Run(args.output, "certify", shard, overwrite=args.overwrite, repair=args.repair) as run:

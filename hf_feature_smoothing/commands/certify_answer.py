@@ -28,7 +28,7 @@ from .options import (
     check_vote_target,
     number,
 )
-from .running import first_bad_label, model_params, pending_images, run_info, smoothed_tower
+from .running import first_bad_label, model_params, pending_images, run_info, smoothed_tower, smoothing_params
 
 
 BATCH_SIZE = 16  # noisy copies per forward pass, `certify_answer`'s default
@@ -134,7 +134,7 @@ def run(args) -> int:
               "candidates": texts, "candidates_digest": candidates.digest(), "sigma": sigma, "n0": args.n0,
               "n": args.n, "alpha": args.alpha, "target_radius": args.target_radius, "bound": "betting",
               "method": "vote", "batch_size": batch_size, "seed": args.seed, "device": shard.device.type,
-              "max_image_pixels": args.max_image_pixels}
+              "max_image_pixels": args.max_image_pixels, "smoothing": smoothing_params(tower)}
     dtype = compute_dtype(tower)  # --dtype, else the model's own autocast or weights dtype: what the passes run in
     if dtype != "float32":  # runs made before --dtype (float32) keep their header
         params["dtype"] = dtype

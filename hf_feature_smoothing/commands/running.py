@@ -11,7 +11,7 @@ from tqdm.auto import tqdm
 
 from ..certification import as_smoothed_tower
 from ..runs import Run, Shard, UnreadableImage
-from ..runs.fingerprints import weights_fingerprint
+from ..runs.fingerprints import values_digest, weights_fingerprint
 from ..runs.images import printable_name
 from ..smoothing.modeling_smoothed_tower import SmoothedVisionTower
 from ..utils.logging import get_logger
@@ -48,6 +48,17 @@ def run_info(shard: Shard, expected_rows: int) -> dict:
 def model_params(args, model) -> dict:
     return {"model": args.model, "model_revision": getattr(getattr(model, "config", None), "_commit_hash", None),
             "booster": args.booster, "model_weights": weights_fingerprint(model)}
+
+
+def smoothing_params(tower: SmoothedVisionTower) -> dict:
+    """The tower's own settings that shape the certified function besides σ and the dtype (recorded on their own):
+    the smoothed site, the pixel statistics and processor geometry, and the feature centre (a digest of its
+    values). A config edited between two pieces of a run (a re-estimated centre saved into the same folder) then
+    makes the resumed run refuse, naming the setting, instead of mixing rows of two functions."""
+    config, center = tower.config, tower.config.feature_center
+    return {"smoothed_features": config.smoothed_features, "image_mean": list(tower.family.image_mean),
+            "image_std": list(tower.family.image_std), "image_processor": config.image_processor,
+            "feature_center": None if center is None else {"values": len(center), "digest": values_digest(center)}}
 
 
 def progress(shard: Shard, count: int, desc: str):

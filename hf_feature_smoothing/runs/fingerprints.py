@@ -1,6 +1,8 @@
-"""Identities of what a run depends on beyond its options: the model's weights and the prototype file."""
+"""Identities of what a run depends on beyond its options: the model's weights, its smoothing settings and the
+prototype file."""
 
 import hashlib
+import json
 import os
 
 import torch
@@ -30,3 +32,8 @@ def file_sha256(path: str | os.PathLike) -> str:
         for block in iter(lambda: f.read(1 << 20), b""):
             digest.update(block)
     return digest.hexdigest()
+
+
+def values_digest(values) -> str:
+    """16 hex digits of a JSON-serialisable value (e.g. a feature centre of thousands of floats) for a run header."""
+    return hashlib.sha256(json.dumps(values).encode()).hexdigest()[:16]

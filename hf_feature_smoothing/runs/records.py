@@ -50,10 +50,17 @@ def make_header(command: str, params: dict, info: dict | None = None) -> dict:
             "info": info or {}}
 
 
-def describe_differences(old: dict, new: dict) -> list[str]:
-    """`name: run has X, this command has Y` for each parameter that differs (missing ones included)."""
-    return [f"{name}: run has {dumps(old.get(name))}, this command has {dumps(new.get(name))}"
-            for name in sorted(set(old) | set(new)) if old.get(name) != new.get(name)]
+def describe_differences(old: dict, new: dict, prefix: str = "") -> list[str]:
+    """`name: run has X, this command has Y` for each parameter that differs (missing ones included); within a
+    parameter that is a dict on both sides, each entry that differs (`smoothing.feature_center: ...`)."""
+    lines = []
+    for name in sorted(set(old) | set(new)):
+        was, now = old.get(name), new.get(name)
+        if isinstance(was, dict) and isinstance(now, dict):
+            lines += describe_differences(was, now, f"{prefix}{name}.")
+        elif was != now:
+            lines.append(f"{prefix}{name}: run has {dumps(was)}, this command has {dumps(now)}")
+    return lines
 
 
 @dataclass
