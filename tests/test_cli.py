@@ -341,3 +341,23 @@ def test_a_model_config_edited_between_pieces_of_a_run_is_refused_naming_the_set
     assert main(command) == 1
     assert f"smoothing.{setting}: run has " in capsys.readouterr().err
     assert out.read_bytes() == before
+
+
+def test_dtype_float32_turns_a_models_own_autocast_off_and_half_weights_are_refused(image_folder, tmp_path, capsys):
+    """--dtype float32 means float32, also on a model saved with bf16 autocast; on bf16 weights it cannot, and says
+    so naming the option (instead of recording float32 over passes run in bf16)."""
+    from hf_feature_smoothing.testing_utils import tiny_smoothed_model
+
+    folder = tmp_path / "bf16-model"
+    model = tiny_smoothed_model("llava", sigma=0.25, autocast_dtype="bfloat16")
+    model.save_pretrained(folder)
+    out = tmp_path / "run.jsonl"
+    command = ["certify", "--model", str(folder), "--n", "16", "--n0", "4", "--seed", "0", "--images",
+               str(image_folder), "--limit", "1", "--dtype", "float32"]
+    assert main([*command, "--output", str(out)]) == 0
+    header, *rows = _lines(out)
+    assert header["params"]["dtype"] == "float32" and rows and all(r["dtype"] == "float32" for r in rows)
+    model.to(torch.bfloat16).save_pretrained(tmp_path / "bf16-weights")
+    command[2] = str(tmp_path / "bf16-weights")
+    assert main([*command, "--output", str(tmp_path / "half.jsonl")]) == 2
+    assert "--dtype float32: --model" in capsys.readouterr().err and not (tmp_path / "half.jsonl").exists()

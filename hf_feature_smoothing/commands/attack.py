@@ -10,6 +10,7 @@ from ..attacks.evaluation import attack_rows
 from ..attacks.feature import NOISE_DRAWS, STEPS
 from ..attacks.optim import ALGORITHMS, NORMS
 from ..certification.arguments import ALPHA, CHUNK_SIZE, DEFAULTS, EPSILON, SAMPLES, SIGMA
+from ..certification.certify import compute_dtype
 from ..runs import Run, Shard, UnreadableImage
 from ..runs.fingerprints import weights_fingerprint
 from ..runs.report import RunGroup, plot_group, summary_lines
@@ -74,7 +75,7 @@ def run(args) -> int:
         "source": source.description, "sigma": towers["smoothed"].sigma, "epsilon": args.epsilon,
         "norm": args.norm, "algorithm": args.algorithm, "steps": args.steps, "eot": args.eot,
         "eval_samples": args.eval_samples, "n": args.n, "alpha": args.alpha, "bound": args.bound,
-        "success_threshold": args.success_threshold, "seed": args.seed, "dtype": args.dtype,
+        "success_threshold": args.success_threshold, "seed": args.seed, "dtype": compute_dtype(towers["smoothed"]),
         "image_size": args.image_size, "chunk_size": towers["smoothed"].config.chunk_size,
         "device": shard.device.type, "max_image_pixels": args.max_image_pixels,
     })

@@ -124,9 +124,11 @@ def add_run(parser: argparse.ArgumentParser, output: str, chunk_size: Range,
     run.add_argument("--device", type=torch_device, default=None,
                      help="torch device; default: accelerate's device for this process (cuda:<local rank> on GPUs, "
                           "else cpu)")
-    run.add_argument("--dtype", default="float32", choices=DTYPES,
+    run.add_argument("--dtype", default=None, choices=DTYPES,
                      help=f"compute dtype of the {passes} (autocast); certificates then cover the model as computed "
-                          f"in that dtype (recorded). bfloat16 only where the CPU/GPU supports it (AVX512-BF16 / AMX, "
+                          f"in that dtype (recorded). Default: the model's own (a smoothed model's "
+                          f"`autocast_dtype`, else its weights' dtype); float32 turns a model's own autocast off. "
+                          f"bfloat16 only where the CPU/GPU supports it (AVX512-BF16 / AMX, "
                           f"2-3× faster there), float16 on CUDA")
     run.add_argument("--chunk-size", type=number(chunk_size), default=None,
                      help=chunk_help or f"noisy copies per tower call (memory vs speed; with a seed, certificates do "
@@ -191,10 +193,10 @@ def check_run_options(args) -> None:
             raise OptionError(f"--device {args.device}: this machine has {torch.cuda.device_count()} CUDA "
                               f"device(s).")
     on_cuda = device.type == "cuda" if device is not None else torch.cuda.is_available()
-    if getattr(args, "dtype", "float32") == "float16" and not on_cuda:
+    if getattr(args, "dtype", None) == "float16" and not on_cuda:
         raise OptionError("--dtype float16: only on CUDA devices; use --dtype float32 (or bfloat16 where "
                           "supported).")
-    if getattr(args, "dtype", "float32") == "bfloat16":
+    if getattr(args, "dtype", None) == "bfloat16":
         from ..utils.hardware import bf16_supported
 
         if not bf16_supported("cuda" if on_cuda else "cpu"):

@@ -16,17 +16,29 @@ from ..runs.images import printable_name
 from ..smoothing.modeling_smoothed_tower import SmoothedVisionTower
 from ..utils.logging import get_logger
 from ..utils.validation import is_class_index
+from .options import OptionError
 
 
 logger = get_logger("hf_feature_smoothing.cli")  # the name `hf-fs` messages have always had
 
 
 def smoothed_tower(model, args) -> SmoothedVisionTower:
-    """The model's smoothed tower at --sigma, --dtype and --chunk-size (each None / float32: the model's own); the
-    model's own tower is never modified (another setting gives a new tower over the same encoder)."""
-    tower = as_smoothed_tower(model, args.sigma, None if args.dtype == "float32" else args.dtype)
+    """The model's smoothed tower at --sigma, --dtype and --chunk-size (each None: the model's own; --dtype float32
+    turns the model's own autocast off); the model's own tower is never modified (another setting gives a new tower
+    over the same encoder)."""
+    tower = as_smoothed_tower(model, args.sigma, None if args.dtype in (None, "float32") else args.dtype)
+    changes = {}
+    if args.dtype == "float32" and tower.config.autocast_dtype is not None:
+        changes["autocast_dtype"] = None
     if args.chunk_size is not None and args.chunk_size != tower.config.chunk_size:
-        tower = SmoothedVisionTower(tower.encoder, dataclasses.replace(tower.config, chunk_size=args.chunk_size))
+        changes["chunk_size"] = args.chunk_size
+    if changes:
+        tower = SmoothedVisionTower(tower.encoder, dataclasses.replace(tower.config, **changes))
+    weights = next(tower.encoder.parameters(), torch.empty(0)).dtype
+    if args.dtype == "float32" and weights != torch.float32:
+        raise OptionError(f"--dtype float32: --model {args.model} has {str(weights).removeprefix('torch.')} "
+                          f"weights, so its passes cannot run in float32; load a float32 copy, or leave --dtype out "
+                          f"to run (and record) the model's own dtype.")
     return tower
 
 
