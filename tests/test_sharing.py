@@ -83,8 +83,9 @@ def test_mixed_settings_are_refused(certified):
     other = dict(certificates[0].to_dict(), sigma=0.5)
     with pytest.raises(ValueError, match="differ in σ"):
         build_model_card("org/x", certificates=[certificates[1], other])
-    for change in ({"dtype": "bfloat16"}, {"centered": True}):  # another model as computed: never pooled
-        with pytest.raises(ValueError, match="compute dtype, centring"):
+    for change in ({"dtype": "bfloat16"}, {"centered": True}, {"reference": "smoothed"},  # never pooled
+                   {"noise_space": "processed, l2"}):
+        with pytest.raises(ValueError, match="compute dtype, centring, reference"):
             build_model_card("org/x", certificates=[certificates[1], dict(certificates[0].to_dict(), **change)])
 
 

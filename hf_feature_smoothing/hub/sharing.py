@@ -39,10 +39,11 @@ def _as_dicts(certificates) -> list[dict]:
         raise ValueError(f"Mix of {' and '.join(sorted(kinds))} certificates: share one kind per call.")
     if len({(r["sigma"], r["n"], r.get("n0"), r["alpha"], r["bound"], r.get("target_cosine"), r.get("target_radius"),
              r.get("method"), r.get("candidates_digest"), r.get("prompt_digest"), r.get("booster_digest"),
-             r.get("model"), r.get("dtype"), r.get("centered")) for r in rows}) > 1:
+             r.get("model"), r.get("dtype"), r.get("centered"), r.get("reference"), r.get("alpha_split"),
+             r.get("noise_space")) for r in rows}) > 1:
         raise ValueError("Certificates differ in σ, n, n0, α, bound, method, sequential target, compute dtype, "
-                         "centring, or (answers) the candidates, prompt, model or booster: aggregate one setting at "
-                         "a time.")
+                         "centring, reference, α split, noise space, or (answers) the candidates, prompt, model or "
+                         "booster: aggregate one setting at a time.")
     if kinds & {"answer", "prediction"} and any(r.get("label") is None for r in rows):
         raise ValueError("Certified accuracy needs each certificate's reference label: add `label` (the index of the "
                          "correct class or candidate) to every certificate's dict (`hf-fs` rows carry it).")
