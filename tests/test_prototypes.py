@@ -16,7 +16,7 @@ from hf_feature_smoothing.certification.prototypes import (
     fit_prototypes,
     save_prototypes,
 )
-from hf_feature_smoothing.testing_utils import tiny_model
+from hf_feature_smoothing.testing_utils import tiny_model, tiny_smoothed_model
 
 
 def _images(count: int, seed: int) -> list:
@@ -25,8 +25,21 @@ def _images(count: int, seed: int) -> list:
             for _ in range(count)]
 
 
-def test_prototypes_are_normalised_class_means_of_unit_features(tmp_path):
+@pytest.mark.parametrize("boosted", [False, True])
+def test_prototypes_are_normalised_class_means_of_unit_features(tmp_path, boosted):
+    """Clean prototypes are class means of f(x) as the certificates' clean reference computes it (with a booster:
+    conditioned on σ, as `clean_unit_features` is)."""
     tower = SmoothedVisionTower(tiny_model("llava"), FeatureSmoothingConfig())
+    if boosted:
+        import hf_feature_smoothing as hfs
+
+        model = tiny_smoothed_model("llava", sigma=0.25)
+        booster = hfs.add_booster(model, hfs.GSBConfig(sigmas=[0.25]))
+        generator = torch.Generator().manual_seed(0)
+        for name, param in booster.named_parameters():
+            if "fs_booster_" in name:
+                param.data = torch.randn(param.shape, generator=generator) * 0.05
+        tower = model.smoothed_vision_tower
     images, labels = _images(6, 0), [0, 1, 2, 0, 1, 2]
     prototypes = class_prototypes(tower, images, labels, batch_size=4)
     assert prototypes.shape[0] == 3 and torch.allclose(prototypes.norm(dim=1), torch.ones(3))

@@ -30,8 +30,9 @@ def image_features(tower: SmoothedVisionTower, images: Sequence, *, image_size: 
     """
     `(N, F)` features of `images`, one row per image: with `num_samples` = k > 0 the smoothed feature f̂(x) at the
     tower's σ estimated from k noisy copies (the mean of their unit features, norm ≤ 1; a booster conditioned on σ;
-    noise from the tower's seed), with 0 the clean unit feature f(x) (no noise, a booster inactive); both centred by
-    the tower's `feature_center`, if any.
+    noise from the tower's seed), with 0 the clean unit feature f(x) (no noise; computed as the certificates' clean
+    reference is: a booster conditioned on σ, the tower's autocast dtype); both centred by the tower's
+    `feature_center`, if any.
     """
     if isinstance(num_samples, bool) or not isinstance(num_samples, int) or num_samples < 0:
         raise ValueError(f"`num_samples` must be an int ≥ 0 (0: clean features), got {num_samples!r}.")
@@ -44,8 +45,9 @@ def image_features(tower: SmoothedVisionTower, images: Sequence, *, image_size: 
             unit_sum, _ = tower.monte_carlo(inputs, num_samples)[-1]
             rows_per_image = tower.family.rows_per_image(inputs, unit_sum.shape[0])
             rows.append(torch.stack([part.flatten() / num_samples for part in unit_sum.split(rows_per_image)]).cpu())
-        else:
-            encoded = tower._center(tower.family.encode(inputs)[-1].float())  # in the tower's centred space
+        else:  # f(x) as the certificates' clean reference computes it: a booster conditioned on σ, the tower's dtype
+            with tower._compute_context(device):
+                encoded = tower._center(tower.family.encode(inputs)[-1].float())  # in the tower's centred space
             unit, _ = tower._unit_rows(encoded[None], inputs)
             rows.append(unit[0].reshape(inputs.num_images, -1).cpu())
     return torch.cat(rows)
@@ -93,7 +95,7 @@ def class_prototypes(tower: SmoothedVisionTower, images: Sequence, labels: Seque
         labels (`Sequence[int]`): their class indices.
         image_size (`int`, *optional*): resize/crop size; defaults to the model's resolution.
         num_samples (`int`, *optional*, defaults to 0): 0: the base features f(x) of the clean images (no noise, a
-            booster inactive); k > 0: the directions of the smoothed features f̂(x) at the tower's σ, estimated from
+            booster conditioned on σ as in the certificates' clean reference); k > 0: the directions of the smoothed features f̂(x) at the tower's σ, estimated from
             k noisy copies (a booster conditioned on σ; noise from the tower's seed).
     """
     _check_labels(labels, len(images), num_classes)
