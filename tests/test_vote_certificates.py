@@ -262,11 +262,12 @@ def _linear_output_dtypes(model) -> tuple[set, list]:
 
 def test_certify_answer_runs_in_the_autocast_dtype_it_records(models):
     """`autocast_dtype` (or a smoothed model's own) puts the model's matmuls in bf16 and the certificate says so;
-    float32 stays float32. The certificate is about the model as computed in the recorded dtype."""
+    float32 stays float32, also on a model whose own autocast is bf16. The certificate is about the model as computed in the recorded dtype."""
     stock, smoothed_bf16 = models["stock"], tiny_smoothed_model("llava", num_samples=1, seed=0,
                                                                 autocast_dtype="bfloat16")
     for model, autocast_dtype, expected in ((stock, None, torch.float32), (stock, "bfloat16", torch.bfloat16),
-                                            (smoothed_bf16, None, torch.bfloat16)):
+                                            (smoothed_bf16, None, torch.bfloat16),
+                                            (smoothed_bf16, "float32", torch.float32)):  # its own autocast off
         dtypes, handles = _linear_output_dtypes(model)
         try:
             record = hfs.certify_answer(model, tiny_inputs(model), CANDIDATES, sigma=0.25, n0=4, n=4, seed=0,

@@ -73,8 +73,9 @@ def as_smoothed_tower(
     model_or_tower: nn.Module, sigma: float | None = None, autocast_dtype: str | None = None
 ) -> SmoothedVisionTower:
     """A `SmoothedVisionTower` for a tower, a smoothed MLLM or a supported stock model, with noise level `sigma`
-    (default: the tower's own σ) and `autocast_dtype` (default: the tower's own). The tower of a smoothed model is
-    never modified: a different σ or dtype gives a new tower over the same encoder."""
+    (default: the tower's own σ) and `autocast_dtype` (default: the tower's own; `"float32"` turns its autocast
+    off). The tower of a smoothed model is never modified: a different σ or dtype gives a new tower over the same
+    encoder."""
     if isinstance(model_or_tower, SmoothedVisionTower):
         tower = model_or_tower
     elif isinstance(getattr(model_or_tower, "smoothed_vision_tower", None), SmoothedVisionTower):
@@ -87,6 +88,10 @@ def as_smoothed_tower(
     sigma = None if sigma is None else check_sigma(sigma)
     if sigma is not None and sigma != tower.sigma:
         changes["sigma"] = check_sigma(sigma)
+    if autocast_dtype == "float32":  # no autocast: the passes run in the weights' dtype
+        autocast_dtype = None
+        if tower.config.autocast_dtype is not None:
+            changes["autocast_dtype"] = None
     if autocast_dtype is not None and autocast_dtype != tower.config.autocast_dtype:
         changes["autocast_dtype"] = autocast_dtype
     if changes:
@@ -190,7 +195,8 @@ def certify(
             calls or on the chunk size. `None` draws a fresh seed from the OS, recorded in the certificate.
         autocast_dtype (`str`, *optional*): `"bfloat16"` / `"float16"` runs the tower passes under autocast; the
             certificate then covers the encoder *as computed in that dtype* (its f, recorded as `dtype`), not the
-            float32 encoder. On CPUs without native support it is emulated (a warning says so).
+            float32 encoder. On CPUs without native support it is emulated (a warning says so). Default: the
+            tower's own; `"float32"` turns a smoothed model's own autocast off.
         image_size (`int`, *optional*): resize/crop size for PIL images; defaults to the model's resolution.
         progress (`bool`, *optional*): show a progress bar over images.
     """

@@ -42,7 +42,15 @@ from .options import (
     check_vote_target,
     number,
 )
-from .running import first_bad_label, model_params, pending_images, run_info, smoothed_tower, smoothing_params
+from .running import (
+    NEWER_PARAMS,
+    first_bad_label,
+    model_params,
+    pending_images,
+    run_info,
+    smoothed_tower,
+    smoothing_params,
+)
 
 
 OPTION_NAMES = {"target_cosine": "--target-cosine", "target_radius": "--target-radius", "epsilon": "--epsilon",
@@ -244,11 +252,15 @@ def run(args) -> int:
                       target_cosine=args.target_cosine, target_radius=args.target_radius)
     else:
         params.update(prototypes={"sha256": file_sha256(args.prototypes), "shape": list(prototypes.shape)})
+        if space.smoothed_features is not None:  # as runs made before `smoothing` was recorded have it
+            params.update(smoothed_features=space.smoothed_features)
+        if space.feature_center is not None:  # the file's μ (its sha256 covers the values)
+            params.update(feature_center=len(space.feature_center))
         if args.method == "vote":  # margin runs, made before --method existed, keep their parameters
             params.update(method="vote", target_radius=args.target_radius)
     with Run(args.output, "certify", shard, overwrite=args.overwrite, repair=args.repair) as run:
         run.lock()
-        run.open(params, run_info(shard, len(source)), resolve={"seed": fresh_seed})
+        run.open(params, run_info(shard, len(source)), resolve={"seed": fresh_seed}, newer_params=NEWER_PARAMS)
         seed = run.params["seed"]
         common = dict(n0=args.n0, n=args.n, alpha=args.alpha, bound=args.bound, seed=seed, image_size=args.image_size)
         for item, image, start in pending_images(run, shard, source, "certify"):

@@ -28,7 +28,15 @@ from .options import (
     check_vote_target,
     number,
 )
-from .running import first_bad_label, model_params, pending_images, run_info, smoothed_tower, smoothing_params
+from .running import (
+    NEWER_PARAMS,
+    first_bad_label,
+    model_params,
+    pending_images,
+    run_info,
+    smoothed_tower,
+    smoothing_params,
+)
 
 
 BATCH_SIZE = 16  # noisy copies per forward pass, `certify_answer`'s default
@@ -141,7 +149,7 @@ def run(args) -> int:
     pad_token_id = processor.tokenizer.pad_token_id
     with Run(args.output, "certify-answer", shard, overwrite=args.overwrite, repair=args.repair) as run:
         run.lock()
-        run.open(params, run_info(shard, len(source)), resolve={"seed": fresh_seed})
+        run.open(params, run_info(shard, len(source)), resolve={"seed": fresh_seed}, newer_params=NEWER_PARAMS)
         seed = run.params["seed"]
         for item, image, start in pending_images(run, shard, source, "certify-answer"):
             inputs = processor(images=[image], text=[text], return_tensors="pt")
@@ -149,7 +157,7 @@ def run(args) -> int:
             cert = certify_answer(model, inputs, candidates, sigma=sigma, n0=args.n0, n=args.n, alpha=args.alpha,
                                   target_radius=args.target_radius, batch_size=batch_size, seed=seed,
                                   pad_token_id=pad_token_id,
-                                  autocast_dtype=tower.config.autocast_dtype)
+                                  autocast_dtype=tower.config.autocast_dtype or "float32")  # the tower's dtype
             label = None if item.label is None else int(item.label)
             run.append({"key": item.key, "index": item.index, "status": "ok", "label": label,
                         "correct": None if label is None else cert.answer == label, **cert.to_dict(),

@@ -194,14 +194,14 @@ def check_run_options(args) -> None:
                               f"device(s).")
     on_cuda = device.type == "cuda" if device is not None else torch.cuda.is_available()
     if getattr(args, "dtype", None) == "float16" and not on_cuda:
-        raise OptionError("--dtype float16: only on CUDA devices; use --dtype float32 (or bfloat16 where "
-                          "supported).")
+        raise OptionError("--dtype float16: only on CUDA devices; leave --dtype out (the model's own dtype), or "
+                          "use --dtype float32 (or bfloat16 where supported).")
     if getattr(args, "dtype", None) == "bfloat16":
         from ..utils.hardware import bf16_supported
 
         if not bf16_supported("cuda" if on_cuda else "cpu"):
-            raise OptionError(f"--dtype bfloat16: not supported on this {'GPU' if on_cuda else 'CPU'}; use --dtype "
-                              f"float32.")
+            raise OptionError(f"--dtype bfloat16: not supported on this {'GPU' if on_cuda else 'CPU'}; leave "
+                              f"--dtype out (the model's own dtype), or use --dtype float32.")
 
 
 def check_vote_target(target_radius: float, sigma: float) -> None:

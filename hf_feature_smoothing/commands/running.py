@@ -26,14 +26,9 @@ def smoothed_tower(model, args) -> SmoothedVisionTower:
     """The model's smoothed tower at --sigma, --dtype and --chunk-size (each None: the model's own; --dtype float32
     turns the model's own autocast off); the model's own tower is never modified (another setting gives a new tower
     over the same encoder)."""
-    tower = as_smoothed_tower(model, args.sigma, None if args.dtype in (None, "float32") else args.dtype)
-    changes = {}
-    if args.dtype == "float32" and tower.config.autocast_dtype is not None:
-        changes["autocast_dtype"] = None
+    tower = as_smoothed_tower(model, args.sigma, args.dtype)
     if args.chunk_size is not None and args.chunk_size != tower.config.chunk_size:
-        changes["chunk_size"] = args.chunk_size
-    if changes:
-        tower = SmoothedVisionTower(tower.encoder, dataclasses.replace(tower.config, **changes))
+        tower = SmoothedVisionTower(tower.encoder, dataclasses.replace(tower.config, chunk_size=args.chunk_size))
     weights = next(tower.encoder.parameters(), torch.empty(0)).dtype
     if args.dtype == "float32" and weights != torch.float32:
         raise OptionError(f"--dtype float32: --model {args.model} has {str(weights).removeprefix('torch.')} "
@@ -60,6 +55,9 @@ def run_info(shard: Shard, expected_rows: int) -> dict:
 def model_params(args, model) -> dict:
     return {"model": args.model, "model_revision": getattr(getattr(model, "config", None), "_commit_hash", None),
             "booster": args.booster, "model_weights": weights_fingerprint(model)}
+
+
+NEWER_PARAMS = ("smoothing",)  # recorded by certify / certify-answer since 0.2.0's runs; their files still resume
 
 
 def smoothing_params(tower: SmoothedVisionTower) -> dict:

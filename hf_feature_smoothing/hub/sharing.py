@@ -59,8 +59,8 @@ def certificate_eval_results(certificates, dataset_name: str, dataset_type: str 
     abstain rate), [`PredictionCertificate`] or [`AnswerCertificate`] (certified accuracy at each of `radii`; their
     default `task_type` is image classification, visual question answering for answers). Every entry's
     `metric_args` states σ, ε or r, n, α, the bound, the noise space and, where the certificates carry them, the seed,
-    compute dtype, resolution and centring; prediction and answer entries the method
-    (`"margin"` / `"vote"`) and n0, answer entries the candidate answers (texts and digest), the prompt digest and the
+    compute dtype, resolution and centring; feature entries the reference; prediction and answer entries the method
+    (`"margin"` / `"vote"`, margin entries the α split) and n0, answer entries the candidate answers (texts and digest), the prompt digest and the
     booster. Sequential certificates (stopped at `target_cosine` / `target_radius`) say so in every entry's name
     ("sequential, target …, n ≤ N") and `metric_args` (the targets, `n` as the most samples and the mean `n_used`)."""
     rows = _as_dicts(certificates)
@@ -80,6 +80,8 @@ def certificate_eval_results(certificates, dataset_name: str, dataset_type: str 
     setting = f"σ={first['sigma']}"
     if kind != "feature":
         args.update(method=first.get("method", "margin"), n0=first.get("n0"))
+        if args["method"] == "margin" and "alpha_split" in first:  # one value: `_as_dicts`
+            args["alpha_split"] = first["alpha_split"]
         setting += f", {args['method']}"
     if kind == "answer":
         args.update({key: first[key] for key in ("candidates", "candidates_digest", "prompt_digest", "booster_digest",

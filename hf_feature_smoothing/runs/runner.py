@@ -154,7 +154,8 @@ class Run:
                 os.replace(path, f"{path}.bak")
                 logger.warning(f"--overwrite: {path} is kept as {path}.bak; starting a new run.")
 
-    def _prepare(self, params: dict, info: dict, resolve: dict[str, Callable[[], object]]) -> None:
+    def _prepare(self, params: dict, info: dict, resolve: dict[str, Callable[[], object]],
+                 newer_params: tuple[str, ...] = ()) -> None:
         if self.overwrite:
             self._set_aside()
         main = self._merge_leftovers()
@@ -167,7 +168,13 @@ class Run:
                 params[name] = old[name] if name in old else draw()
         params = loads(dumps(params))  # compare as JSON (tuples are lists, ...)
         if main.header is not None:
-            differences = describe_differences(old, params)
+            unrecorded = [name for name in newer_params if name in params and name not in old]
+            differences = describe_differences(old, {k: v for k, v in params.items() if k not in unrecorded})
+            if unrecorded and not differences:
+                logger.warning(f"{self.output} was made before run headers recorded {', '.join(unrecorded)}: it is "
+                               f"continued as it is, but its rows cannot be checked against this command's "
+                               f"{'; '.join(f'{k} {dumps(params[k])}' for k in unrecorded)}. Use --overwrite to "
+                               f"start a run that records them (the old file is kept as {self.output}.bak).")
             if differences:
                 raise RunError(
                     f"{self.output} holds a run with other parameters, so its rows cannot be continued by this "
@@ -187,10 +194,12 @@ class Run:
         self._rewrite(encode_lines(main.header, main.rows))
 
     def open(self, params: dict, info: dict | None = None,
-             resolve: dict[str, Callable[[], object]] | None = None) -> "Run":
+             resolve: dict[str, Callable[[], object]] | None = None,
+             newer_params: tuple[str, ...] = ()) -> "Run":
         """Check or create the run header, then get ready to append. Returns `self`; `self.params` holds the run's
-        parameters (resolved ones included) on every rank."""
-        self._on_main(lambda: self._prepare(dict(params), info or {}, resolve or {}))
+        parameters (resolved ones included) on every rank. `newer_params`: parameters that headers written before
+        they were recorded lack; such a run is continued with its header as it is, and a warning names them."""
+        self._on_main(lambda: self._prepare(dict(params), info or {}, resolve or {}, tuple(newer_params)))
         for lock in self._locks:  # a repair may have rewritten the file (a new inode)
             lock.hold_identity()
         contents = read_run(self.output)
