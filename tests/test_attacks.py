@@ -113,3 +113,20 @@ def test_feature_attack_refuses_a_step_size_that_is_not_positive(step_size):
     with pytest.raises(ValueError, match="`step_size` must be a finite number > 0"):
         feature_attack(tower, inputs, reference, 0.5, algorithm="pgd", step_size=step_size, eot_samples=0,
                        eval_samples=0)
+
+
+def test_attack_cli_records_the_dtype_its_passes_run_in(image_folder, tmp_path):
+    """Without --dtype a model saved with bf16 autocast is attacked in bf16 and the header says so (it said float32);
+    --dtype float32 runs, and records, float32."""
+    from hf_feature_smoothing.testing_utils import tiny_smoothed_model
+
+    for extra in sorted(image_folder.iterdir())[1:]:
+        extra.unlink()
+    folder = tmp_path / "bf16-model"
+    tiny_smoothed_model("llava", sigma=0.25, autocast_dtype="bfloat16").save_pretrained(folder)
+    args = ["attack", "--model", str(folder), "--images", str(image_folder), "--epsilon", "0.1", "--steps", "1",
+            "--eot", "1", "--eval-samples", "4", "--n", "16", "--seed", "0"]
+    for dtype, expected in ((None, "bfloat16"), ("float32", "float32")):
+        output = tmp_path / f"attack-{expected}.jsonl"
+        assert main([*args, *(["--dtype", dtype] if dtype else []), "--output", str(output)]) == 0
+        assert read_run(output).header["params"]["dtype"] == expected
