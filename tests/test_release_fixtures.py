@@ -1,8 +1,8 @@
 """What 0.1.0 wrote still loads, unchanged: smoothed checkpoints with a booster (mapper; purifier + attention), their
 generated cards, a booster adapter folder and a stand-alone smoothed tower, all written by
 `tests/fixtures/make_release_fixtures.py` at commit 31b2e5c. Weights load bit-exact; outputs match what 0.1.0
-computed from the same checkpoints (bit-exact under the transformers version that wrote them, within float rounding
-of a newer transformers' kernels otherwise)."""
+computed from the same checkpoints (bit-exact under the transformers and torch versions and on the CPU that wrote
+them, within float rounding of other kernels otherwise: the manifest of 0.1.0's fixtures names no CPU)."""
 
 import hashlib
 import json
@@ -16,6 +16,8 @@ from safetensors.torch import load_file
 
 import hf_feature_smoothing as hfs
 
+from .fixtures.make_release_fixtures import cpu_signature
+
 
 RELEASE = Path(__file__).parent / "fixtures" / "release-0.1.0"
 MANIFEST = json.loads((RELEASE / "manifest.json").read_text())
@@ -24,7 +26,9 @@ INPUTS = {k.removeprefix("inputs."): v for k, v in EXPECTED.items() if k.startsw
 
 
 def _assert_same_output(actual: torch.Tensor, expected: torch.Tensor) -> None:
-    if tf.__version__ == MANIFEST["transformers"]:
+    same_kernels = (tf.__version__, torch.__version__, cpu_signature()) == (
+        MANIFEST["transformers"], MANIFEST["torch"], MANIFEST.get("cpu"))
+    if same_kernels:  # the versions and the machine that wrote them: bit-exact
         assert torch.equal(actual, expected)
     else:
         torch.testing.assert_close(actual, expected, rtol=1e-4, atol=1e-5)
