@@ -38,6 +38,7 @@ are separate files (`...-bfloat16.jsonl`), never mixed with float32 ones in a ta
 import argparse
 import json
 import math
+import statistics
 from pathlib import Path
 
 from safetensors import safe_open
@@ -120,7 +121,7 @@ def cells(args, every: bool = False):
 
 def summarise(args) -> list[dict]:
     """One summary per cell that has rows: certified accuracy per radius (95% Wilson intervals at r = 0.5, 1),
-    abstain rate, seconds per certificate and copies used."""
+    abstain rate, median seconds per certificate (a job paused or sharing its cores inflates a few) and copies used."""
     metric = metrics.load("certified_robustness", "accuracy")
     results, settings = [], set()
     for name, method, variant, sigma in cells(args, every=True):
@@ -137,7 +138,7 @@ def summarise(args) -> list[dict]:
                         "planned": args.limit[name], **scores,
                         **{f"interval@{r:g}": wilson_interval(round(scores[f"certified_accuracy@{r:g}"] * len(ok)),
                                                               len(ok)) for r in (0.5, 1.0)},
-                        "seconds_per_certificate": sum(r["elapsed_s"] for r in ok) / len(ok),
+                        "seconds_per_certificate": statistics.median(r["elapsed_s"] for r in ok),  # a paused job
                         "copies_per_image": sum(copies) / len(copies), "n0": ok[0]["n0"], "n": ok[0]["n"],
                         "alpha": ok[0]["alpha"], "dtype": ok[0]["dtype"]})
     if len(settings) > 1:  # side by side means the same budget, α and compute dtype in every cell
@@ -160,7 +161,7 @@ def write_table(args, results: list[dict]) -> str:
               f"the same predictor on single copies; vote-answers: Cohen's vote of the LLaVA's answers among the "
               f"class answers. Cells with fewer images than planned are unfinished (*)."), "",
              "| set | method | booster | σ | images | " + " | ".join(f"r = {r:g}" for r in RADII)
-             + " | abstain | s / certificate | copies / image |", "|" + "---|" * (8 + len(RADII))]
+             + " | abstain | s / certificate (median) | copies / image |", "|" + "---|" * (8 + len(RADII))]
     for s in results:
         def cell(r):
             value = f"{s[f'certified_accuracy@{r:g}']:.3f}"
