@@ -79,7 +79,7 @@ def _batches(tower, inputs_list: list[ImageInputs], num_samples: int, seed: int)
             yield from _same_layout_batches(inputs_list[start : start + chunk])
         return
     for inputs in inputs_list:
-        source = tower.noise_stream(inputs, seed, "feature-center")
+        (source,) = tower.noise_streams(inputs, seed, "feature-center")
         for start in range(0, num_samples, chunk):
             copies = min(chunk, num_samples - start)
             yield tower.add_noise(inputs, copies, source=source, start=start)

@@ -56,8 +56,7 @@ class ImageNoise:
 
     def __init__(self, tower: SmoothedVisionTower, inputs: ImageInputs, seed: int):
         self.resolution = _resolution(tower.family.to_image(inputs), inputs)
-        self.selection = tower.noise_stream(inputs, seed, "selection")
-        self.estimation = tower.noise_stream(inputs, seed, "estimation")
+        self.selection, self.estimation = tower.noise_streams(inputs, seed, "selection", "estimation")
 
 
 # ----- jobs: one image's sampling plan, fed by the batch runner ---------------------------------------------------

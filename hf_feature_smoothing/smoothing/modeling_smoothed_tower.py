@@ -114,10 +114,11 @@ class SmoothedVisionTower(MLLMHooksMixin, nn.Module):
         self._generators.clear()
         return self
 
-    def noise_stream(self, inputs: ImageInputs, seed: int, stream: str) -> SeededNoise:
-        """The seeded noise stream `stream` of the one image in `inputs` (its samples depend on the seed, the image's
-        pixels and the stream's name only), to feed [`add_noise`]."""
-        return SeededNoise(seed, image_fingerprint(self.family.to_image(inputs)), stream)
+    def noise_streams(self, inputs: ImageInputs, seed: int, *streams: str) -> list[SeededNoise]:
+        """The seeded noise streams named `streams` of the one image in `inputs` (their samples depend on the seed,
+        the image's pixels and the stream's name only; the image is fingerprinted once), to feed [`add_noise`]."""
+        fingerprint = image_fingerprint(self.family.to_image(inputs))
+        return [SeededNoise(seed, fingerprint, stream) for stream in streams]
 
     def add_noise(
         self,
