@@ -88,12 +88,10 @@ def as_smoothed_tower(
     sigma = None if sigma is None else check_sigma(sigma)
     if sigma is not None and sigma != tower.sigma:
         changes["sigma"] = check_sigma(sigma)
-    if autocast_dtype == "float32":  # no autocast: the passes run in the weights' dtype
-        autocast_dtype = None
-        if tower.config.autocast_dtype is not None:
-            changes["autocast_dtype"] = None
-    if autocast_dtype is not None and autocast_dtype != tower.config.autocast_dtype:
-        changes["autocast_dtype"] = autocast_dtype
+    if autocast_dtype is not None:  # "float32": no autocast, the passes run in the weights' dtype
+        wanted = None if autocast_dtype == "float32" else autocast_dtype
+        if wanted != tower.config.autocast_dtype:
+            changes["autocast_dtype"] = wanted
     if changes:
         tower = SmoothedVisionTower(tower.encoder, dataclasses.replace(tower.config, **changes))
     return tower

@@ -95,8 +95,9 @@ def class_prototypes(tower: SmoothedVisionTower, images: Sequence, labels: Seque
         labels (`Sequence[int]`): their class indices.
         image_size (`int`, *optional*): resize/crop size; defaults to the model's resolution.
         num_samples (`int`, *optional*, defaults to 0): 0: the base features f(x) of the clean images (no noise, a
-            booster conditioned on σ as in the certificates' clean reference); k > 0: the directions of the smoothed features f̂(x) at the tower's σ, estimated from
-            k noisy copies (a booster conditioned on σ; noise from the tower's seed).
+            booster conditioned on σ as in the certificates' clean reference); k > 0: the directions of the smoothed
+            features f̂(x) at the tower's σ, estimated from k noisy copies (a booster conditioned on σ; noise from
+            the tower's seed).
     """
     _check_labels(labels, len(images), num_classes)
     features = image_features(tower, images, image_size=image_size, batch_size=batch_size, num_samples=num_samples,
