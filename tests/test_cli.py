@@ -345,7 +345,8 @@ def test_a_model_config_edited_between_pieces_of_a_run_is_refused_naming_the_set
 
 def test_dtype_float32_turns_a_models_own_autocast_off_and_half_weights_are_refused(image_folder, tmp_path, capsys):
     """--dtype float32 means float32, also on a model saved with bf16 autocast; on bf16 weights it cannot, and says
-    so naming the option (instead of recording float32 over passes run in bf16)."""
+    so naming the option (instead of recording float32 over passes run in bf16). A run 0.1.0 made of the autocast
+    model (its header says float32, its passes ran bf16) is refused rather than continued in float32."""
     from hf_feature_smoothing.testing_utils import tiny_smoothed_model
 
     folder = tmp_path / "bf16-model"
@@ -357,6 +358,14 @@ def test_dtype_float32_turns_a_models_own_autocast_off_and_half_weights_are_refu
     assert main([*command, "--output", str(out)]) == 0
     header, *rows = _lines(out)
     assert header["params"]["dtype"] == "float32" and rows and all(r["dtype"] == "float32" for r in rows)
+    # 0.1.0 recorded float32 (the --dtype default) over this model's bf16 passes: such a run is refused, not mixed
+    del header["params"]["smoothing"]
+    header["info"]["versions"]["hf_feature_smoothing"] = "0.1.0"
+    old_run = tmp_path / "old.jsonl"
+    old_run.write_text("".join(json.dumps(line) + "\n" for line in (header, rows[0])))
+    before = old_run.read_bytes()
+    assert main([*command[:-2], "--limit", "2", "--dtype", "float32", "--output", str(old_run)]) == 1
+    assert "own bfloat16 autocast" in capsys.readouterr().err and old_run.read_bytes() == before
     model.to(torch.bfloat16).save_pretrained(tmp_path / "bf16-weights")
     command[2] = str(tmp_path / "bf16-weights")
     assert main([*command, "--output", str(tmp_path / "half.jsonl")]) == 2

@@ -103,13 +103,13 @@ def target_text_attack(
         raise ValueError(f"`inputs` must hold one image, got {image_inputs.num_images}.")
     image = adapter.to_image(image_inputs).detach()
     full = _with_target(inputs, target_ids)
-    start = inputs["input_ids"].shape[1] - 1
-    positions = slice(start, start + len(target_ids))
+    keep = len(target_ids) + 1  # the vocabulary projection only where the target is predicted
+    positions = slice(0, len(target_ids))
     target = target_ids.to(image.device)
 
     def logits_at(delta: torch.Tensor) -> torch.Tensor:
         pixel_values = adapter.from_image(image + delta, image_inputs)
-        return model(**{**full, "pixel_values": pixel_values}).logits[0, positions].float()
+        return model(**{**full, "pixel_values": pixel_values}, logits_to_keep=keep).logits[0, positions].float()
 
     def loss_and_grad(delta: torch.Tensor) -> tuple[float, torch.Tensor]:
         delta = delta.detach().requires_grad_(True)
@@ -164,7 +164,9 @@ def _given_delta(delta: torch.Tensor, images: torch.Tensor, epsilon: float, norm
 
 
 def _answer_batch(inputs: dict, answers: list[list[int]], pad_id: int) -> tuple[dict, list[slice]]:
-    """Right-padded prompt + answer sequences, and for each row the logit positions predicting its answer."""
+    """Right-padded prompt + answer sequences with `logits_to_keep` (the vocabulary projection only from the first
+    position that predicts an answer token on), and for each row the positions of the kept logits predicting its
+    answer."""
     ids, mask = inputs["input_ids"], inputs.get("attention_mask", torch.ones_like(inputs["input_ids"]))
     rows, positions = [], []
     for row, answer in enumerate(answers):
@@ -177,7 +179,10 @@ def _answer_batch(inputs: dict, answers: list[list[int]], pad_id: int) -> tuple[
     for row, tokens in enumerate(rows):
         full_ids[row, : len(tokens)] = torch.tensor(tokens)
         full_mask[row, : len(tokens)] = 1
-    return {"input_ids": full_ids.to(ids.device), "attention_mask": full_mask.to(ids.device)}, positions
+    first = min(p.start for p in positions)
+    positions = [slice(p.start - first, p.stop - first) for p in positions]
+    return {"input_ids": full_ids.to(ids.device), "attention_mask": full_mask.to(ids.device),
+            "logits_to_keep": length - first}, positions
 
 
 def answer_attack(
@@ -253,7 +258,8 @@ def answer_attack(
 
     def logits(delta: torch.Tensor, batch_inputs: dict, rows: torch.Tensor = everyone) -> torch.Tensor:
         pixels = adapter.from_image(images[rows] + delta, ImageInputs(pixel_values[rows]))
-        rows_inputs = {key: value[rows.to(value.device)] for key, value in batch_inputs.items()}
+        rows_inputs = {key: value[rows.to(value.device)] if torch.is_tensor(value) else value
+                       for key, value in batch_inputs.items()}
         return model(**rows_inputs, pixel_values=pixels).logits.float()
 
     def row_losses(all_logits: torch.Tensor, positions: list[slice], answers: list[list[int]],

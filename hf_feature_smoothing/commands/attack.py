@@ -19,7 +19,7 @@ from ..smoothing.noise import fresh_seed
 from ..statistics.bounds import CONFIDENCE_BOUNDS
 from .loading import load_model, open_source
 from .options import HelpFormatter, add_images, add_model, add_run, check_run_options, number
-from .running import model_params, progress, run_info, skip_row, smoothed_tower
+from .running import model_params, progress, refuse_mislabelled_dtype, run_info, skip_row, smoothed_tower
 
 
 ATTACK_DEFAULTS = {name: p.default for name, p in inspect.signature(attack_rows).parameters.items()}
@@ -83,7 +83,7 @@ def run(args) -> int:
         run.lock()
         # one row per (image, variant); an unreadable image is one `skipped` row for all its variants
         info = {**run_info(shard, len(source) * len(variants)), "rows_per_image": len(variants)}
-        run.open(params, info, resolve={"seed": fresh_seed})
+        run.open(params, info, resolve={"seed": fresh_seed}, check_resumed=refuse_mislabelled_dtype(model))
         seed = run.params["seed"]
         indices = shard.indices(len(source))
         with progress(shard, len(indices), "attack") as bar:

@@ -47,6 +47,7 @@ from .running import (
     first_bad_label,
     model_params,
     pending_images,
+    refuse_mislabelled_dtype,
     run_info,
     smoothed_tower,
     smoothing_params,
@@ -260,7 +261,8 @@ def run(args) -> int:
             params.update(method="vote", target_radius=args.target_radius)
     with Run(args.output, "certify", shard, overwrite=args.overwrite, repair=args.repair) as run:
         run.lock()
-        run.open(params, run_info(shard, len(source)), resolve={"seed": fresh_seed}, newer_params=NEWER_PARAMS)
+        run.open(params, run_info(shard, len(source)), resolve={"seed": fresh_seed}, newer_params=NEWER_PARAMS,
+                 check_resumed=refuse_mislabelled_dtype(model))
         seed = run.params["seed"]
         common = dict(n0=args.n0, n=args.n, alpha=args.alpha, bound=args.bound, seed=seed, image_size=args.image_size)
         for item, image, start in pending_images(run, shard, source, "certify"):

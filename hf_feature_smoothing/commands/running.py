@@ -7,10 +7,11 @@ import sys
 import time
 
 import torch
+from packaging.version import InvalidVersion, Version
 from tqdm.auto import tqdm
 
 from ..certification import as_smoothed_tower
-from ..runs import Run, Shard, UnreadableImage
+from ..runs import Run, RunError, Shard, UnreadableImage
 from ..runs.fingerprints import values_digest, weights_fingerprint
 from ..runs.images import printable_name
 from ..smoothing.modeling_smoothed_tower import SmoothedVisionTower
@@ -69,6 +70,29 @@ def smoothing_params(tower: SmoothedVisionTower) -> dict:
     return {"smoothed_features": config.smoothed_features, "image_mean": list(tower.family.image_mean),
             "image_std": list(tower.family.image_std), "image_processor": config.image_processor,
             "feature_center": None if center is None else {"values": len(center), "digest": values_digest(center)}}
+
+
+def refuse_mislabelled_dtype(model, option: str = "--model"):
+    """`Run.open(check_resumed=...)` for runs of `model`: before 0.2.0, `certify` and `attack` recorded
+    `dtype: float32` (the `--dtype` default) while a model saved with its own autocast (`autocast_dtype` in its
+    smoothing config) ran its passes in that dtype. Such a run's rows cannot be told apart from float32 ones, so it is
+    refused rather than continued in either dtype."""
+    own = as_smoothed_tower(model).config.autocast_dtype
+
+    def check(header: dict) -> None:
+        made_by = header.get("info", {}).get("versions", {}).get("hf_feature_smoothing", "0")
+        try:
+            old = Version(made_by) < Version("0.2.0")
+        except InvalidVersion:
+            old = True
+        if own is not None and old and header["params"].get("dtype") == "float32":
+            raise RunError(
+                f"the run in this output was made by hf_feature_smoothing {made_by}, which recorded `dtype: float32` "
+                f"while {option} {header['params'].get('model')} ran its passes in its own {own} autocast: its rows "
+                f"cannot be continued in either dtype. Read them as {own} results, and start a new run with "
+                f"--overwrite (the old file is kept as .bak) or another --output.")
+
+    return check
 
 
 def progress(shard: Shard, count: int, desc: str):

@@ -155,13 +155,15 @@ class Run:
                 logger.warning(f"--overwrite: {path} is kept as {path}.bak; starting a new run.")
 
     def _prepare(self, params: dict, info: dict, resolve: dict[str, Callable[[], object]],
-                 newer_params: tuple[str, ...] = ()) -> None:
+                 newer_params: tuple[str, ...] = (), check_resumed: Callable[[dict], None] | None = None) -> None:
         if self.overwrite:
             self._set_aside()
         main = self._merge_leftovers()
         if main.header is not None and main.header["command"] != self.command:
             raise RunError(f"{self.output} holds a `{main.header['command']}` run, not `{self.command}`: choose "
                            f"another --output, or --overwrite (the old file is kept as {self.output}.bak).")
+        if main.header is not None and check_resumed is not None:
+            check_resumed(main.header)
         old = main.header["params"] if main.header is not None else {}
         for name, draw in resolve.items():
             if params.get(name) is None:
@@ -195,11 +197,14 @@ class Run:
 
     def open(self, params: dict, info: dict | None = None,
              resolve: dict[str, Callable[[], object]] | None = None,
-             newer_params: tuple[str, ...] = ()) -> "Run":
+             newer_params: tuple[str, ...] = (), check_resumed: Callable[[dict], None] | None = None) -> "Run":
         """Check or create the run header, then get ready to append. Returns `self`; `self.params` holds the run's
         parameters (resolved ones included) on every rank. `newer_params`: parameters that headers written before
-        they were recorded lack; such a run is continued with its header as it is, and a warning names them."""
-        self._on_main(lambda: self._prepare(dict(params), info or {}, resolve or {}, tuple(newer_params)))
+        they were recorded lack; such a run is continued with its header as it is, and a warning names them.
+        `check_resumed(header)`: called with the header of a run about to be continued; it raises (`RunError`) when
+        the rows cannot be continued for a reason the parameters alone do not show."""
+        self._on_main(lambda: self._prepare(dict(params), info or {}, resolve or {}, tuple(newer_params),
+                                            check_resumed))
         for lock in self._locks:  # a repair may have rewritten the file (a new inode)
             lock.hold_identity()
         contents = read_run(self.output)
