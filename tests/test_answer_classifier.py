@@ -27,11 +27,20 @@ def test_candidates_share_a_prefix_and_branch_at_one_token():
 MULTI = CandidateAnswers(((20, 21, 30, 40), (20, 22, 31, 41, 42), (20, 22, 32, 41, 42)), ("is", "has a", "has b"))
 
 
-def test_answers_that_branch_twice_are_scored_by_their_teacher_forced_log_likelihood():
+@pytest.mark.parametrize("padded", [True, False])
+def test_answers_that_branch_twice_are_scored_by_their_teacher_forced_log_likelihood(padded):
+    """Prompts of one length share the prompt's key/value cache across candidates; prompts of different lengths run
+    prompt + candidate for every pair: both give each candidate's teacher-forced log-likelihood."""
     model = tiny_model("llava")
     inputs = tiny_inputs(model, num_images=2)
-    inputs["attention_mask"][1, :1] = 0  # prompts of different lengths: the second is one token shorter
+    if padded:
+        inputs["attention_mask"][1, :1] = 0  # prompts of different lengths: the second is one token shorter
     prefixed, positions = MULTI.with_prefix(inputs, pad_token_id=0)
+    if not padded:
+        with torch.no_grad():
+            torch.testing.assert_close(MULTI._cached_log_likelihoods(model, prefixed, inputs["pixel_values"]),
+                                       MULTI._repeated_log_likelihoods(model, prefixed, positions,
+                                                                       inputs["pixel_values"]), rtol=1e-4, atol=1e-4)
     pixels = inputs["pixel_values"].clone().requires_grad_(True)
     scores = MULTI.scores(model, prefixed, positions, pixels)
     scores[:, 1].sum().backward()  # differentiable in the pixels (attacks use it)

@@ -2,14 +2,22 @@
 "The textile is nominal." / "The textile has a local defect." / …). Answers that share a prefix and then differ at
 one token are scored by that token's logit: one teacher-forced forward pass of prompt + prefix scores every candidate
 (what greedy decoding picks once it has emitted the prefix). Other sets are scored by each answer's teacher-forced
-log-likelihood after the shared prefix (one forward pass of prompt + answer per candidate, batched)."""
+log-likelihood after the shared prefix: prompt + prefix runs once and its key/value cache scores every candidate's
+remaining tokens (prompts of different lengths: one batched pass of prompt + answer per candidate)."""
 
 import hashlib
+import inspect
 import json
 from dataclasses import dataclass
 
 import torch
 from torch import nn
+
+
+def _cache_name(model: nn.Module) -> str:
+    """The forward's key/value cache argument (and output): `cache` since transformers 5.25, `past_key_values`
+    before (the old name warns there and goes in 5.40)."""
+    return "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
 
 
 @dataclass(frozen=True)
@@ -107,8 +115,9 @@ class CandidateAnswers:
 
     def scores(self, model: nn.Module, prefixed: dict, positions: torch.Tensor, pixel_values: torch.Tensor) -> torch.Tensor:
         """`(B, C)` float32 scores of the candidates on the inputs of [`with_prefix`]: the logits of each candidate's
-        branch token (`single_branch`), else each candidate's log-likelihood of its tokens from `branch` on (the B
-        prompts × C candidates in one batched forward pass). Their argmax is the model's answer among the candidates.
+        branch token (`single_branch`), else each candidate's log-likelihood of its tokens from `branch` on (prompt +
+        prefix once, its cache repeated per candidate; prompts of different lengths: the B prompts × C candidates in
+        one batched pass). Their argmax is the model's answer among the candidates.
         Differentiable in `pixel_values`."""
         if self.single_branch:
             length = prefixed["input_ids"].shape[1]
@@ -118,15 +127,50 @@ class CandidateAnswers:
             return logits[rows, positions.to(logits.device) - (length - keep)][:, self.branch_tokens].float()
         return self._log_likelihoods(model, prefixed, positions, pixel_values)
 
+    def _remainders(self, device) -> tuple[torch.Tensor, torch.Tensor]:
+        """`(C, T)` each candidate's tokens from `branch` on (0-padded) and where they are real."""
+        steps = max(len(t) for t in self.token_ids) - self.branch
+        rests = torch.zeros((len(self.token_ids), steps), dtype=torch.long)
+        valid = torch.zeros((len(self.token_ids), steps), dtype=torch.bool)
+        for c, tokens in enumerate(self.token_ids):
+            rests[c, : len(tokens) - self.branch] = torch.tensor(tokens[self.branch :])
+            valid[c, : len(tokens) - self.branch] = True
+        return rests.to(device), valid.to(device)
+
     def _log_likelihoods(self, model: nn.Module, prefixed: dict, positions: torch.Tensor,
                          pixel_values: torch.Tensor) -> torch.Tensor:
+        ids = prefixed["input_ids"]
+        if bool((positions == ids.shape[1] - 1).all()):  # no row padded (copies of one prompt): share its cache
+            return self._cached_log_likelihoods(model, prefixed, pixel_values)
+        return self._repeated_log_likelihoods(model, prefixed, positions, pixel_values)
+
+    def _cached_log_likelihoods(self, model: nn.Module, prefixed: dict, pixel_values: torch.Tensor) -> torch.Tensor:
+        """Prompts of one length: prompt + prefix (the image included) runs once, and its key/value cache, repeated
+        per candidate, scores the candidates' remainders, so C candidates cost little more than one."""
         ids, mask = prefixed["input_ids"], prefixed["attention_mask"]
-        count, steps = len(self.token_ids), max(len(t) for t in self.token_ids) - self.branch
-        rests = torch.zeros((count, steps), dtype=ids.dtype)  # candidate c's tokens from `branch` on, 0-padded
-        valid = torch.zeros((count, steps), dtype=torch.bool)
-        for c, tokens in enumerate(self.token_ids):
-            rests[c, : len(tokens) - self.branch] = torch.tensor(tokens[self.branch :], dtype=ids.dtype)
-            valid[c, : len(tokens) - self.branch] = True
+        count, batch = len(self.token_ids), len(ids)
+        rests, valid = self._remainders(ids.device)
+        targets, keep = rests.repeat(batch, 1), valid.repeat(batch, 1)  # row b·C + c: prompt b, candidate c
+        out = model(input_ids=ids, attention_mask=mask, pixel_values=pixel_values, use_cache=True, logits_to_keep=1)
+        first = out.logits[:, -1].float().log_softmax(-1).repeat_interleave(count, dim=0)
+        picked = [first.gather(-1, targets[:, :1])]
+        if targets.shape[1] > 1:  # teacher-force the rest after the cached prompt (a pad after a short answer: unread)
+            name = _cache_name(model)
+            cache = getattr(out, name)
+            cache.batch_repeat_interleave(count)
+            follow_mask = torch.cat([mask.repeat_interleave(count, dim=0), keep[:, :-1].to(mask.dtype)], dim=1)
+            logits = model(input_ids=targets[:, :-1].to(ids.dtype), attention_mask=follow_mask, use_cache=True,
+                           **{name: cache}).logits
+            picked.append(logits.float().log_softmax(-1).gather(-1, targets[:, 1:, None])[..., 0])
+        return torch.cat(picked, dim=1).masked_fill(~keep, 0.0).sum(-1).view(batch, count)
+
+    def _repeated_log_likelihoods(self, model: nn.Module, prefixed: dict, positions: torch.Tensor,
+                                  pixel_values: torch.Tensor) -> torch.Tensor:
+        """Prompts of different lengths (right-padded): prompt + prefix + candidate for every pair, batched."""
+        ids, mask = prefixed["input_ids"], prefixed["attention_mask"]
+        count = len(self.token_ids)
+        rests, valid = self._remainders(ids.device)
+        steps = rests.shape[1]
         ends = positions.to(ids.device).repeat_interleave(count)  # row b·C + c: prompt b + prefix + candidate c
         rows = torch.arange(len(ends), device=ids.device)
         span = ends[:, None] + 1 + torch.arange(steps, device=ids.device)  # where each remainder token goes
@@ -134,7 +178,7 @@ class CandidateAnswers:
                               torch.zeros((len(ends), steps), dtype=ids.dtype, device=ids.device)], dim=1)
         full_mask = torch.cat([mask.repeat_interleave(count, dim=0),
                                torch.zeros((len(ends), steps), dtype=mask.dtype, device=mask.device)], dim=1)
-        targets, keep = rests.to(ids.device).repeat(len(positions), 1), valid.to(ids.device).repeat(len(positions), 1)
+        targets, keep = rests.to(ids.dtype).repeat(len(positions), 1), valid.repeat(len(positions), 1)
         full_ids[rows[:, None], span] = torch.where(keep, targets, full_ids[rows[:, None], span])
         full_mask[rows[:, None], span] = keep.to(mask.dtype)
         skipped = int(ends.min())  # the vocabulary projection only from the first scored position on
