@@ -25,7 +25,7 @@ import json
 from pathlib import Path
 
 from hf_feature_smoothing import FeatureSmoothingConfig
-from hf_feature_smoothing.assets.llava_dinov2_smollm2 import REPO_ID
+from hf_feature_smoothing.assets.llava_dinov2_smollm2 import REPO_ID, llava_checkpoint
 from hf_feature_smoothing.hub.sharing import (
     attack_eval_results,
     build_model_card,
@@ -103,8 +103,9 @@ def main() -> None:
     num_samples = {r["num_samples"] for r in smoothed}
     if len(num_samples) != 1:
         raise SystemExit(f"The `{variant}` attack rows mix n = {sorted(num_samples)}; the card describes one smoothing.")
+    weights = json.loads((Path(llava_checkpoint()) / "config.json").read_text()).get("dtype", "float32")
     smoothing = FeatureSmoothingConfig(sigma=params["sigma"], num_samples=num_samples.pop(), booster=booster,
-                                       autocast_dtype=None if params["dtype"] == "float32" else params["dtype"])
+                                       autocast_dtype=None if params["dtype"] == weights else params["dtype"])
     extra = [result for run_id in dict.fromkeys(r["run"] for r in attacks)
              for result in attack_eval_results([r for r in attacks if r["run"] == run_id], run_params[run_id],
                                                "sklearn-digits")]
