@@ -72,12 +72,13 @@ def smoothing_params(tower: SmoothedVisionTower) -> dict:
             "feature_center": None if center is None else {"values": len(center), "digest": values_digest(center)}}
 
 
-def refuse_mislabelled_dtype(model, option: str = "--model"):
+def refuse_mislabelled_dtype(model):
     """`Run.open(check_resumed=...)` for runs of `model`: before 0.2.0, `certify` and `attack` recorded
     `dtype: float32` (the `--dtype` default) while a model saved with its own autocast (`autocast_dtype` in its
     smoothing config) ran its passes in that dtype. Such a run's rows cannot be told apart from float32 ones, so it is
     refused rather than continued in either dtype."""
-    own = as_smoothed_tower(model).config.autocast_dtype
+    tower = getattr(model, "smoothed_vision_tower", None)  # a stock model has no autocast of its own
+    own = tower.config.autocast_dtype if isinstance(tower, SmoothedVisionTower) else None
 
     def check(header: dict) -> None:
         made_by = header.get("info", {}).get("versions", {}).get("hf_feature_smoothing", "0")
@@ -88,7 +89,7 @@ def refuse_mislabelled_dtype(model, option: str = "--model"):
         if own is not None and old and header["params"].get("dtype") == "float32":
             raise RunError(
                 f"the run in this output was made by hf_feature_smoothing {made_by}, which recorded `dtype: float32` "
-                f"while {option} {header['params'].get('model')} ran its passes in its own {own} autocast: its rows "
+                f"while --model {header['params'].get('model')} ran its passes in its own {own} autocast: its rows "
                 f"cannot be continued in either dtype. Read them as {own} results, and start a new run with "
                 f"--overwrite (the old file is kept as .bak) or another --output.")
 
