@@ -61,8 +61,9 @@ def certificate_eval_results(certificates, dataset_name: str, dataset_type: str 
     `metric_args` states σ, ε or r, n, α, the bound, the noise space and, where the certificates carry them, the seed,
     compute dtype, resolution and centring; feature entries the reference; prediction and answer entries the method
     (`"margin"` / `"vote"`, margin entries the α split) and n0, answer entries the candidate answers (texts and
-    digest), the prompt digest and the booster. Sequential certificates (stopped at `target_cosine` / `target_radius`) say so in every entry's name
-    ("sequential, target …, n ≤ N") and `metric_args` (the targets, `n` as the most samples and the mean `n_used`)."""
+    digest), the prompt digest and the booster. Sequential certificates (stopped at `target_cosine` /
+    `target_radius`) say so in every entry's name ("sequential, target …, n ≤ N") and `metric_args` (the targets,
+    `n` as the most samples and the mean `n_used`)."""
     rows = _as_dicts(certificates)
     if not rows:
         return []

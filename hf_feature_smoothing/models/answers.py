@@ -152,8 +152,8 @@ class CandidateAnswers:
         rests, valid = self._remainders(ids.device)
         targets, keep = rests.repeat(batch, 1), valid.repeat(batch, 1)  # row b·C + c: prompt b, candidate c
         out = model(input_ids=ids, attention_mask=mask, pixel_values=pixel_values, use_cache=True, logits_to_keep=1)
-        first = out.logits[:, -1].float().log_softmax(-1).repeat_interleave(count, dim=0)
-        picked = [first.gather(-1, targets[:, :1])]
+        first = out.logits[:, -1].float().log_softmax(-1)[:, rests[:, 0]]  # (B, C): each candidate's first token
+        picked = [first.reshape(-1, 1)]
         if targets.shape[1] > 1:  # teacher-force the rest after the cached prompt (a pad after a short answer: unread)
             name = _cache_name(model)
             cache = getattr(out, name)
