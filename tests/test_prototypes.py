@@ -4,6 +4,7 @@ import json
 
 import pytest
 import torch
+import yaml
 from PIL import Image
 from safetensors import safe_open
 
@@ -68,6 +69,7 @@ def test_prototypes_refuse_bad_labels():
 def test_prototypes_cli_on_a_built_in_labelled_set_then_certify_predictions(tmp_path):
     from hf_feature_smoothing.assets.labelled_images import DIGITS_TRAIN
     from hf_feature_smoothing.cli import main
+    from hf_feature_smoothing.runs.report import write_report
 
     protos = tmp_path / "digits.safetensors"
     assert main(["prototypes", "--model", "tiny-llava", "--images", "digits:train", "--shots", "2",
@@ -83,6 +85,22 @@ def test_prototypes_cli_on_a_built_in_labelled_set_then_certify_predictions(tmp_
     rows = [json.loads(line) for line in out.read_text().splitlines()[1:]]
     assert [r["key"] for r in rows] == [f"digits/{i}" for i in range(DIGITS_TRAIN, DIGITS_TRAIN + 5)]
     assert all(r["label"] in range(10) for r in rows)
+    # `hf-fs report --radii`: certified accuracy at the radii asked for, in the summary and in model-index
+    report = tmp_path / "report"
+    assert main(["report", str(out), "--output-dir", str(report), "--radii", "1", "0", "0.01", "1"]) == 0
+    header = (report / "summary.md").read_text().split("\n| ", 1)[1].split("\n")[0]
+    assert header.startswith("certified accuracy r=0 | certified accuracy r=0.01 | certified accuracy r=1 |")
+    (entry,) = yaml.safe_load((report / "model-index.yaml").read_text())["model-index"]
+    values = {m["args"]["radius"]: m["value"] for result in entry["results"] for m in result["metrics"]
+              if "radius" in m.get("args", {})}
+    assert values == {r: sum(row["correct"] and row["radius"] >= r and (r > 0 or row["prediction"] is not None)
+                             for row in rows) / 5 for r in (0, 0.01, 1)}
+    for bad in ("-0.5", "nan", "x"):
+        with pytest.raises(SystemExit) as exit_info:
+            main(["report", str(out), "--output-dir", str(report), "--radii", bad])
+        assert exit_info.value.code == 2
+    with pytest.raises(ValueError, match="radii"):
+        write_report([out], report, radii=[0.1, float("inf")])
 
 
 def test_smoothed_prototypes_are_the_directions_of_the_smoothed_features():

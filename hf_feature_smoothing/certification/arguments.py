@@ -25,8 +25,8 @@ from ..utils.validation import (
 
 
 __all__ = [
-    "ALPHA", "ALPHA_SPLITS", "CHUNK_SIZE", "CONFIDENCE_BOUNDS", "DEFAULTS", "EPSILON", "POSITIVE_INT", "PREDICTION_METHODS", "REFERENCES",
-    "SAMPLES", "SEED", "SEQUENTIAL_BOUNDS", "SIGMA", "TARGET_COSINE", "TARGET_RADIUS", "TAU", "check_alpha",
+    "ALPHA", "ALPHA_SPLITS", "CHUNK_SIZE", "CONFIDENCE_BOUNDS", "DEFAULTS", "EPSILON", "POSITIVE_INT", "PREDICTION_METHODS",
+    "RADIUS", "REFERENCES", "SAMPLES", "SEED", "SEQUENTIAL_BOUNDS", "SIGMA", "TARGET_COSINE", "TARGET_RADIUS", "TAU", "check_alpha",
     "check_bound", "check_chunk_size", "check_labels", "check_prototypes", "check_reference", "check_sampling",
     "check_seed", "check_sequential", "check_target", "check_values", "target_score",
 ]
@@ -46,6 +46,7 @@ SIGMA = Range(float, 0, low_open=True, why="σ is the noise std in [0, 1] pixel 
 SAMPLES = Range(int, 1, why="a number of noise samples.")
 CHUNK_SIZE = Range(int, 1, why="noisy copies per tower call (memory vs speed; certificates do not depend on it).")
 EPSILON = Range(float, 0, why="ℓ2 budgets in [0, 1] pixel units, e.g. 0.25.")
+RADIUS = Range(float, 0, why="ℓ2 radii in [0, 1] pixel units, e.g. 0.5.")
 TAU = Range(float, 0, 1, high_open=True, why="cosine thresholds of the certified radii, e.g. 0.5.")
 TARGET_COSINE = Range(float, 0, 1, low_open=True, high_open=True,
                       why="the certified cosine FCSB(ε) to reach: a target ≤ 0 needs no certificate and 1 is never "

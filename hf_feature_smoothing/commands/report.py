@@ -3,8 +3,10 @@ recomputed)."""
 
 from pathlib import Path
 
+from ..certification.arguments import RADIUS
 from ..runs.report import write_report
-from .options import HelpFormatter, add_verbosity
+from ..statistics.aggregates import REPORT_RADII
+from .options import HelpFormatter, add_verbosity, number
 
 
 def register_subcommand(subparsers) -> None:
@@ -21,6 +23,9 @@ def register_subcommand(subparsers) -> None:
                    help="one aggregate per parameter set instead of refusing runs with different parameters")
     r.add_argument("--dataset-name", default=None, help="dataset name in model-index; default: from the runs' source")
     r.add_argument("--model-name", default=None, help="model name in model-index; default: from the runs' --model")
+    r.add_argument("--radii", type=number(RADIUS), nargs="+", default=list(REPORT_RADII),
+                   help="ℓ2 radii (pixel [0, 1] units) at which prediction and answer runs report certified accuracy, "
+                        "in the summary and model-index (feature runs: certified cosine at their own --epsilon)")
     add_verbosity(r)
     r.set_defaults(func=run)
 
@@ -28,5 +33,5 @@ def register_subcommand(subparsers) -> None:
 def run(args) -> int:
     output_dir = args.output_dir or str(Path(args.runs[0]).with_suffix("")) + "-report"
     print(write_report(args.runs, output_dir, group_by_params=args.group_by_params, dataset_name=args.dataset_name,
-                       model_name=args.model_name))
+                       model_name=args.model_name, radii=args.radii))
     return 0

@@ -16,7 +16,7 @@ from ..smoothing.configuration_feature_smoothing import FeatureSmoothingConfig
 from ..smoothing.hub_io import register_hub_io
 from ..smoothing.modeling_smoothed_tower import SmoothedVisionTower
 from ..statistics.advisories import advisories_for
-from ..statistics.aggregates import certified_accuracy, certified_cosine
+from ..statistics.aggregates import REPORT_RADII, certified_accuracy, certified_cosine
 from ..utils.atomic import atomic_directory, write_atomically
 from ..utils.logging import get_logger
 from ..version import __version__
@@ -54,7 +54,7 @@ def _as_dicts(certificates) -> list[dict]:
 
 def certificate_eval_results(certificates, dataset_name: str, dataset_type: str | None = None,
                              task_type: str = "image-feature-extraction",
-                             radii: Sequence[float] = (0.0, 0.05, 0.1, 0.25, 0.5)) -> list[EvalResult]:
+                             radii: Sequence[float] = REPORT_RADII) -> list[EvalResult]:
     """`model-index` entries for a list of [`FeatureCertificate`] (certified cosine at each of their ε, mean S_low,
     abstain rate), [`PredictionCertificate`] or [`AnswerCertificate`] (certified accuracy at each of `radii`; their
     default `task_type` is image classification, visual question answering for answers). Every entry's

@@ -2,14 +2,16 @@
 (finished, stopped, torn, running) and its rows done / expected are part of every report; only finished runs give
 card-ready metrics."""
 
+import math
 import os
 from collections import Counter
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from ..certification.certificates import target_label
 from ..statistics.advisories import advisories_for
-from ..statistics.aggregates import certified_accuracy, certified_cosine
+from ..statistics.aggregates import REPORT_RADII, certified_accuracy, certified_cosine
 from ..utils.atomic import write_atomically
 from ..utils.errors import RunError
 from ..utils.locking import RunLock
@@ -199,7 +201,7 @@ def _sequential_note(params: dict, rows: list[dict]) -> list[str]:
     return [note]
 
 
-def summary_lines(group: RunGroup, radii: tuple[float, ...] = (0.0, 0.05, 0.1, 0.25, 0.5)) -> list[str]:
+def summary_lines(group: RunGroup, radii: Sequence[float] = REPORT_RADII) -> list[str]:
     """A markdown table of the group's aggregates (abstentions and negative bounds count as 0)."""
     rows, p = group.rows, group.params
     images = len({(dumps(r.get("source")), r.get("image", r["key"])) for r in rows})
@@ -259,7 +261,7 @@ def plot_group(group: RunGroup, path: str | os.PathLike) -> bool:
     return True
 
 
-def eval_results(group: RunGroup, dataset_name: str | None = None, radii=(0.0, 0.05, 0.1, 0.25, 0.5)) -> list:
+def eval_results(group: RunGroup, dataset_name: str | None = None, radii: Sequence[float] = REPORT_RADII) -> list:
     """`model-index` entries (`huggingface_hub.EvalResult`) of a certify group; attack groups have none."""
     from ..hub.sharing import certificate_eval_results
 
@@ -283,7 +285,8 @@ def _dataset_name(group: RunGroup) -> str:
 
 
 def write_report(paths: list[str | os.PathLike], output_dir: str | os.PathLike, *, group_by_params: bool = False,
-                 dataset_name: str | None = None, model_name: str | None = None) -> str:
+                 dataset_name: str | None = None, model_name: str | None = None,
+                 radii: Sequence[float] = REPORT_RADII) -> str:
     """Write `summary.md`, one plot per group (`group{i}.png`) and `model-index.yaml` (card metadata with every
     certify group's metrics) into `output_dir`; returns the summary text. Only the rows are read: nothing is
     certified or attacked again.
@@ -299,9 +302,15 @@ def write_report(paths: list[str | os.PathLike], output_dir: str | os.PathLike, 
             Dataset name in `model-index`; defaults to the runs' image source.
         model_name (`str`, *optional*):
             Model name in `model-index`; defaults to the runs' `--model`.
+        radii (`Sequence[float]`, *optional*, defaults to `REPORT_RADII`):
+            ℓ2 radii (pixel [0, 1] units) at which prediction and answer runs report certified accuracy, in the
+            summary and in `model-index` (feature runs report certified cosine at their own ε).
     """
     from huggingface_hub import ModelCardData
 
+    radii = sorted(set(radii))
+    if not radii or not all(math.isfinite(r) and r >= 0 for r in radii):
+        raise ValueError(f"`radii` must be finite ℓ2 radii ≥ 0 (at least one), got {radii!r}; e.g. `(0, 0.25, 0.5)`.")
     groups = group_runs(paths, group_by_params)
     output_dir = Path(output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
@@ -311,12 +320,12 @@ def write_report(paths: list[str | os.PathLike], output_dir: str | os.PathLike, 
             logger.warning(f"{', '.join(map(str, group.paths))}: {line}")
         if not group.finished:
             logger.warning(f"{state_lines(group)[0]}")
-        lines += summary_lines(group)
+        lines += summary_lines(group, radii)
         plot = output_dir / f"group{i}.png"
         if plot_group(group, plot):
             lines.append(f"\nplot: {plot}")
         if group.finished:
-            results += eval_results(group, dataset_name)
+            results += eval_results(group, dataset_name, radii)
         elif group.kind != "attack":
             lines.append(f"\nmodel-index: group {i} left out (unfinished runs give no card-ready metrics).")
         lines.append("")

@@ -6,7 +6,7 @@ import warnings
 import datasets
 import evaluate
 
-from hf_feature_smoothing.statistics.aggregates import ABSTAIN, certified_accuracy, certified_cosine
+from hf_feature_smoothing.statistics.aggregates import ABSTAIN, REPORT_RADII, certified_accuracy, certified_cosine
 
 
 _DESCRIPTION = """
@@ -39,7 +39,7 @@ Examples:
 """
 
 _CITATION = "Feature-space Smoothing: certified robustness of multimodal LLM vision features (FS / GSB)."
-DEFAULT_BUDGETS = [0.0, 0.05, 0.1, 0.25, 0.5]
+DEFAULT_BUDGETS = list(REPORT_RADII)
 
 
 @evaluate.utils.file_utils.add_start_docstrings(_DESCRIPTION, _KWARGS_DESCRIPTION)
