@@ -69,6 +69,7 @@ def test_prototypes_refuse_bad_labels():
 def test_prototypes_cli_on_a_built_in_labelled_set_then_certify_predictions(tmp_path):
     from hf_feature_smoothing.assets.labelled_images import DIGITS_TRAIN
     from hf_feature_smoothing.cli import main
+    from hf_feature_smoothing.runs.fingerprints import file_sha256
     from hf_feature_smoothing.runs.report import write_report
 
     protos = tmp_path / "digits.safetensors"
@@ -91,8 +92,10 @@ def test_prototypes_cli_on_a_built_in_labelled_set_then_certify_predictions(tmp_
     header = (report / "summary.md").read_text().split("\n| ", 1)[1].split("\n")[0]
     assert header.startswith("certified accuracy r=0 | certified accuracy r=0.01 | certified accuracy r=1 |")
     (entry,) = yaml.safe_load((report / "model-index.yaml").read_text())["model-index"]
-    values = {m["args"]["radius"]: m["value"] for result in entry["results"] for m in result["metrics"]
-              if "radius" in m.get("args", {})}
+    metrics = [m for result in entry["results"] for m in result["metrics"]]
+    values = {m["args"]["radius"]: m["value"] for m in metrics if "radius" in m["args"]}
+    digest = file_sha256(protos)  # every entry names the predictor's prototypes (fitted and class-mean ones differ)
+    assert all(m["args"]["prototypes_sha256"] == digest and f"prototypes {digest[:8]}" in m["name"] for m in metrics)
     assert values == {r: sum(row["correct"] and row["radius"] >= r and (r > 0 or row["prediction"] is not None)
                              for row in rows) / 5 for r in (0, 0.01, 1)}
     for bad in ("-0.5", "nan", "x"):

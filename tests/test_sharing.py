@@ -76,6 +76,9 @@ def test_answer_and_vote_certificates_name_their_method_candidates_and_targets()
     assert vote.task_type == "image-classification" and vote.metric_value == 0.5
     with pytest.raises(ValueError, match="Mix of answer and prediction"):
         certificate_eval_results([answers[0], votes[1]], "d")
+    with pytest.raises(ValueError, match="prototypes"):  # two predictors are never pooled into one entry
+        certificate_eval_results([{**votes[0], "prototypes_sha256": "a" * 64}, {**votes[1], "prototypes_sha256": "b" * 64}],
+                                 "d")
 
 
 def test_mixed_settings_are_refused(certified):

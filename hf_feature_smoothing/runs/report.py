@@ -118,7 +118,8 @@ def group_runs(paths: list[str | os.PathLike], group_by_params: bool = False) ->
     """
     Read run files and pool their rows: runs with the same command and parameters (outside [`POOLABLE`]) form one
     group; runs with other parameters raise a [`RunError`] naming the differences, unless `group_by_params`,
-    which makes one group per parameter set. An image (source and key) in several pooled runs counts once.
+    which makes one group per parameter set. An image (source and key) in several pooled runs counts once. Rows
+    carry their run's image `source` and, for prediction runs, `prototypes_sha256` (the predictor they certify).
     """
     groups: list[RunGroup] = []
     for path in map(Path, paths):
@@ -148,13 +149,15 @@ def group_runs(paths: list[str | os.PathLike], group_by_params: bool = False) ->
         group.states.append(run_state(contents))
         seen = {(dumps(r.get("source")), r["key"]) for r in group.rows + group.skipped}
         source = header["params"].get("source")
+        prototypes = header["params"].get("prototypes") or {}  # prediction runs: the predictor's prototypes file
+        stated = {"source": source, **({"prototypes_sha256": prototypes["sha256"]} if "sha256" in prototypes else {})}
         for row in contents.rows:
             identity = (dumps(source), row["key"])
             if identity in seen:
                 logger.warning(f"{path}: {row['key']!r} is already in an earlier run of this group; counted once.")
                 continue
             seen.add(identity)
-            (group.rows if row["status"] == "ok" else group.skipped).append({**row, "source": source})
+            (group.rows if row["status"] == "ok" else group.skipped).append({**row, **stated})
             if row["status"] == "ok":
                 _note_advisories(group, header, row)
     return groups
