@@ -25,10 +25,11 @@ from ..utils.validation import (
 
 
 __all__ = [
-    "ALPHA", "ALPHA_SPLITS", "CHUNK_SIZE", "CONFIDENCE_BOUNDS", "DEFAULTS", "EPSILON", "POSITIVE_INT", "PREDICTION_METHODS",
-    "RADIUS", "REFERENCES", "SAMPLES", "SEED", "SEQUENTIAL_BOUNDS", "SIGMA", "TARGET_COSINE", "TARGET_RADIUS", "TAU", "check_alpha",
-    "check_bound", "check_chunk_size", "check_labels", "check_prototypes", "check_reference", "check_sampling",
-    "check_seed", "check_sequential", "check_target", "check_values", "target_score",
+    "ALPHA", "ALPHA_SPLITS", "CHUNK_SIZE", "CONFIDENCE_BOUNDS", "DEFAULTS", "EPSILON", "POSITIVE_INT",
+    "PREDICTION_METHODS", "RADIUS", "REFERENCES", "SAMPLES", "SEED", "SEQUENTIAL_BOUNDS", "SIGMA", "TARGET_COSINE",
+    "TARGET_RADIUS", "TAU", "check_alpha", "check_bound", "check_chunk_size", "check_labels", "check_prototypes",
+    "check_reference", "check_sampling", "check_seed", "check_sequential", "check_target", "check_values",
+    "target_score",
 ]
 
 REFERENCES = ("smoothed", "clean")
