@@ -95,6 +95,7 @@ def test_prototypes_cli_on_a_built_in_labelled_set_then_certify_predictions(tmp_
     metrics = [m for result in entry["results"] for m in result["metrics"]]
     values = {m["args"]["radius"]: m["value"] for m in metrics if "radius" in m["args"]}
     digest = file_sha256(protos)  # every entry names the predictor's prototypes (fitted and class-mean ones differ)
+    assert f"**certify tiny-llava vote, prototypes {digest[:8]} σ=" in (report / "summary.md").read_text()
     assert all(m["args"]["prototypes_sha256"] == digest and f"prototypes {digest[:8]}" in m["name"] for m in metrics)
     assert values == {r: sum(row["correct"] and row["radius"] >= r and (r > 0 or row["prediction"] is not None)
                              for row in rows) / 5 for r in (0, 0.01, 1)}

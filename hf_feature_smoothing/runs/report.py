@@ -105,9 +105,15 @@ class RunGroup:
 
     @property
     def label(self) -> str:
+        """`certify <model> σ=… n=… α=…`, with the method and the prototypes' digest for prediction runs (two
+        predictors of one model read apart in a report or card)."""
         p = self.params
         n = f"({sequential_label(p)})" if sequential_label(p) else f"n={p.get('n')}"
-        return f"{self.command} {p.get('model')} σ={p.get('sigma')} {n} α={p.get('alpha')}"
+        predictor = ""
+        if self.kind == "prediction":
+            digest = (p.get("prototypes") or {}).get("sha256")
+            predictor = f" {p.get('method', 'margin')}" + (f", prototypes {digest[:8]}" if digest else "")
+        return f"{self.command} {p.get('model')}{predictor} σ={p.get('sigma')} {n} α={p.get('alpha')}"
 
 
 def _aggregate_params(header: dict) -> dict:
