@@ -2,13 +2,13 @@
 (finished, stopped, torn, running) and its rows done / expected are part of every report; only finished runs give
 card-ready metrics."""
 
-import math
 import os
 from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from ..certification.arguments import RADIUS, check_values
 from ..certification.certificates import target_label
 from ..statistics.advisories import advisories_for
 from ..statistics.aggregates import REPORT_RADII, certified_accuracy, certified_cosine
@@ -317,9 +317,9 @@ def write_report(paths: list[str | os.PathLike], output_dir: str | os.PathLike, 
     """
     from huggingface_hub import ModelCardData
 
-    radii = sorted(set(radii))
-    if not radii or not all(math.isfinite(r) and r >= 0 for r in radii):
-        raise ValueError(f"`radii` must be finite ℓ2 radii ≥ 0 (at least one), got {radii!r}; e.g. `(0, 0.25, 0.5)`.")
+    radii = sorted(set(check_values("radii", radii, RADIUS)))  # the range `hf-fs report --radii` checks
+    if not radii:
+        raise ValueError("`radii` must hold at least one ℓ2 radius ≥ 0, e.g. `(0, 0.25, 0.5)`.")
     groups = group_runs(paths, group_by_params)
     output_dir = Path(output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
