@@ -18,6 +18,11 @@ def versions() -> dict[str, str]:
     return {"hf_feature_smoothing": __version__, "transformers": transformers.__version__, "torch": torch.__version__}
 
 
+def prototypes_label(sha256: str) -> str:
+    """`"prototypes 2112b455"`: the predictor of a prediction certificate, named by its prototypes file's digest."""
+    return f"prototypes {sha256[:8]}"
+
+
 def target_label(record: dict) -> str:
     """The sequential targets of a certificate or a run's parameters: `"target FCSB ≥ 0.9"`, `"target R_τ ≥ 0.1"`
     (a vote's radius has no τ: `"target radius ≥ 0.5"`), comma-joined; `""` at a fixed n."""

@@ -11,7 +11,7 @@ from huggingface_hub import EvalResult, HfApi, ModelCard, ModelCardData
 
 from ..booster.layer import booster_layers
 from ..booster.loading import record_smoothing, save_booster_adapter
-from ..certification.certificates import target_label
+from ..certification.certificates import prototypes_label, target_label
 from ..smoothing.configuration_feature_smoothing import FeatureSmoothingConfig
 from ..smoothing.hub_io import register_hub_io
 from ..smoothing.modeling_smoothed_tower import SmoothedVisionTower
@@ -88,7 +88,7 @@ def certificate_eval_results(certificates, dataset_name: str, dataset_type: str 
         setting += f", {args['method']}"
         if first.get("prototypes_sha256"):  # one value: `_as_dicts`; two predictors' entries never share a name
             args["prototypes_sha256"] = first["prototypes_sha256"]
-            setting += f", prototypes {first['prototypes_sha256'][:8]}"
+            setting += f", {prototypes_label(first['prototypes_sha256'])}"
     if kind == "answer":
         args.update({key: first[key] for key in ("candidates", "candidates_digest", "prompt_digest", "booster_digest",
                                                  "base_classifier")})

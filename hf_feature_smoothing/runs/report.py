@@ -9,7 +9,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from ..certification.arguments import RADIUS, check_values
-from ..certification.certificates import target_label
+from ..certification.certificates import prototypes_label, target_label
 from ..statistics.advisories import advisories_for
 from ..statistics.aggregates import REPORT_RADII, certified_accuracy, certified_cosine
 from ..utils.atomic import write_atomically
@@ -111,9 +111,14 @@ class RunGroup:
         n = f"({sequential_label(p)})" if sequential_label(p) else f"n={p.get('n')}"
         predictor = ""
         if self.kind == "prediction":
-            digest = (p.get("prototypes") or {}).get("sha256")
-            predictor = f" {p.get('method', 'margin')}" + (f", prototypes {digest[:8]}" if digest else "")
+            digest = _prototypes_sha256(p)
+            predictor = f" {p.get('method', 'margin')}" + (f", {prototypes_label(digest)}" if digest else "")
         return f"{self.command} {p.get('model')}{predictor} σ={p.get('sigma')} {n} α={p.get('alpha')}"
+
+
+def _prototypes_sha256(params: dict) -> str | None:
+    """The digest of a prediction run's `--prototypes` file (its predictor), from the run's parameters."""
+    return (params.get("prototypes") or {}).get("sha256")
 
 
 def _aggregate_params(header: dict) -> dict:
@@ -155,8 +160,8 @@ def group_runs(paths: list[str | os.PathLike], group_by_params: bool = False) ->
         group.states.append(run_state(contents))
         seen = {(dumps(r.get("source")), r["key"]) for r in group.rows + group.skipped}
         source = header["params"].get("source")
-        prototypes = header["params"].get("prototypes") or {}  # prediction runs: the predictor's prototypes file
-        stated = {"source": source, **({"prototypes_sha256": prototypes["sha256"]} if "sha256" in prototypes else {})}
+        digest = _prototypes_sha256(header["params"])  # prediction runs: the predictor they certify
+        stated = {"source": source, **({"prototypes_sha256": digest} if digest else {})}
         for row in contents.rows:
             identity = (dumps(source), row["key"])
             if identity in seen:
