@@ -6,6 +6,7 @@ import torch
 
 from hf_feature_smoothing.attacks.classifier import AnswerClassifier
 from hf_feature_smoothing.models.answers import CandidateAnswers
+from hf_feature_smoothing.smoothing.towers import ImageInputs
 from hf_feature_smoothing.testing_utils import tiny_inputs, tiny_model, tiny_smoothed_model
 
 
@@ -40,7 +41,7 @@ def test_answers_that_branch_twice_are_scored_by_their_teacher_forced_log_likeli
         with torch.no_grad():
             torch.testing.assert_close(MULTI._cached_log_likelihoods(model, prefixed, inputs["pixel_values"]),
                                        MULTI._repeated_log_likelihoods(model, prefixed, positions,
-                                                                       inputs["pixel_values"]), rtol=1e-4, atol=1e-4)
+                                                                       ImageInputs(inputs["pixel_values"])), rtol=1e-4, atol=1e-4)
     pixels = inputs["pixel_values"].clone().requires_grad_(True)
     scores = MULTI.scores(model, prefixed, positions, pixels)
     scores[:, 1].sum().backward()  # differentiable in the pixels (attacks use it)
@@ -83,3 +84,44 @@ def test_answer_classifier_maps_images_to_candidate_logits_with_gradients(smooth
     assert grad.abs().sum() > 0
     with pytest.raises(ValueError, match="one prompt"):
         AnswerClassifier(model, tiny_inputs(model, num_images=2), CANDIDATES)
+
+
+
+def _teacher_forced_logits(model, inputs: dict, answer: tuple[int, ...]) -> torch.Tensor:
+    """Logits of one prompt (one image) followed by `answer`; token-aligned inputs are extended with 0 (mask: 1)."""
+    extra = torch.tensor([answer])
+    full = {key: torch.cat([value, extra if key == "input_ids" else torch.full_like(extra, int(key == "attention_mask"))],
+                           dim=1)
+            for key, value in inputs.items() if key not in ("pixel_values", "image_grid_thw")}
+    return model(**full, pixel_values=inputs["pixel_values"], image_grid_thw=inputs["image_grid_thw"]).logits[0].float()
+
+
+@pytest.mark.parametrize("family", ["qwen2_vl", "qwen3_vl"])
+def test_qwen_vl_answers_are_scored_with_their_grid_and_token_types(family):
+    """Patch-flattened Qwen-VL inputs: the prefixed prompt keeps `mm_token_type_ids` (0 on the answer), and both scorings
+    (branch-token logits; log-likelihoods, batched without a cache under M-RoPE) equal teacher-forced decoding of
+    prompt + candidate, for several images (one per prompt) in one pass."""
+    model = tiny_model(family)
+    inputs = tiny_inputs(model)
+    copies, rows = 2, len(inputs["pixel_values"])
+    pixels = torch.cat([inputs["pixel_values"], inputs["pixel_values"].flip(0)])  # two different images
+    grid = inputs["image_grid_thw"].repeat(copies, 1)
+    for candidates in (CANDIDATES, MULTI):
+        prefixed, positions = candidates.with_prefix(inputs, pad_token_id=0)
+        assert set(prefixed) == {"input_ids", "attention_mask", "mm_token_type_ids"}
+        assert prefixed["mm_token_type_ids"][0, -len(candidates.prefix):].eq(0).all()
+        batch = {key: value.expand(copies, -1) for key, value in prefixed.items()}
+        with torch.no_grad():
+            scores = candidates.scores(model, batch, positions.expand(copies), pixels, grid)
+            for b in range(copies):
+                single = dict(inputs, pixel_values=pixels[b * rows : (b + 1) * rows])
+                for k, ids in enumerate(candidates.token_ids):
+                    logits = _teacher_forced_logits(model, single, ids)
+                    start = inputs["input_ids"].shape[1] + candidates.branch  # the first distinct token
+                    if candidates.single_branch:
+                        expected = logits[start - 1, ids[candidates.branch]]
+                    else:
+                        log_probs = logits.log_softmax(-1)
+                        expected = sum(log_probs[start + j - 1, ids[candidates.branch + j]]
+                                       for j in range(len(ids) - candidates.branch))
+                    torch.testing.assert_close(scores[b, k], expected, rtol=1e-4, atol=1e-4)

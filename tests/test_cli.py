@@ -392,3 +392,51 @@ def test_a_run_made_before_the_smoothing_settings_were_recorded_still_resumes(im
     assert "made before run headers recorded smoothing" in caplog.text
     resumed, *all_rows = _lines(out)
     assert resumed["params"] == header["params"] and len(all_rows) == 4
+
+
+def _tiny_qwen2_vl_processor():
+    """The real `Qwen2VLProcessor` (its token expansion, `mm_token_type_ids` and grid), over a word-level tokenizer
+    with the tiny model's vision token ids and a 56 × 56 image grid. Built without its video processor, which needs
+    torchvision (never installed here): the class check of the processor's parts is skipped for that."""
+    from unittest import mock
+
+    import transformers as tf
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
+
+    from hf_feature_smoothing.testing_utils import IMAGE_TOKEN_ID, VIDEO_TOKEN_ID, VISION_END_ID, VISION_START_ID
+
+    words = ["<pad>", "<s>", "</s>", "<unk>", "Which", "digit", "is", "this", "?", "The", ".", "Answer", ":",
+             *map(str, range(10))]
+    special = {"<|vision_start|>": VISION_START_ID, "<|vision_end|>": VISION_END_ID, "<|image_pad|>": IMAGE_TOKEN_ID,
+               "<|video_pad|>": VIDEO_TOKEN_ID}
+    tokenizer = Tokenizer(models.WordLevel({**{w: i for i, w in enumerate(words)}, **special}, unk_token="<unk>"))
+    tokenizer.pre_tokenizer = pre_tokenizers.Sequence([pre_tokenizers.WhitespaceSplit(), pre_tokenizers.Punctuation()])
+    fast = tf.PreTrainedTokenizerFast(tokenizer_object=tokenizer, pad_token="<pad>", bos_token="<s>", eos_token="</s>",
+                                      unk_token="<unk>", additional_special_tokens=list(special))
+    template = ("{% for message in messages %}{% for part in message['content'] %}{% if part['type'] == 'image' %}"
+                "<|vision_start|><|image_pad|><|vision_end|>{% else %}{{ part['text'] }}{% endif %}{% endfor %}"
+                "{% endfor %}{% if add_generation_prompt %} Answer :{% endif %}")
+    images = Qwen2VLImageProcessorPil(min_pixels=56 * 56, max_pixels=56 * 56, patch_size=14, merge_size=2,
+                                      temporal_patch_size=2)
+    with mock.patch.object(tf.ProcessorMixin, "check_argument_for_proper_class", lambda *args, **kwargs: None):
+        return tf.Qwen2VLProcessor(image_processor=images, tokenizer=fast, video_processor=None,
+                                   chat_template=template)
+
+
+def test_certify_answer_runs_on_a_qwen_vl_model_with_its_processor(tmp_path, monkeypatch, capsys):
+    """`hf-fs certify-answer` on a (tiny) Qwen2-VL: the processor's patch-flattened pixels, `image_grid_thw` and
+    `mm_token_type_ids` reach `certify_answer`; rows carry the certificate and its parameters."""
+    from hf_feature_smoothing.commands import certify_answer
+
+    processor = _tiny_qwen2_vl_processor()
+    monkeypatch.setattr(certify_answer, "load_processor", lambda name, model: processor)
+    out = tmp_path / "answers.jsonl"
+    assert main(["certify-answer", "--model", "tiny-qwen2_vl", "--images", "digits:test", "--limit", "2",
+                 "--sigma", "0.25", "--n0", "4", "--n", "8", "--seed", "0", "--output", str(out)]) == 0
+    header, *rows = _lines(out)
+    assert header["params"]["model"] == "tiny-qwen2_vl" and header["params"]["prompt"].endswith("Answer :")
+    assert len(rows) == 2 and all(r["status"] == "ok" and r["resolution"] == [56, 56] and sum(r["counts"]) == 4
+                                  and r["n_used"] == 8 and r["candidates_digest"] == header["params"]["candidates_digest"]
+                                  for r in rows)
+    assert "certified" in capsys.readouterr().out

@@ -109,7 +109,6 @@ BAD_CERTIFY_ANSWER = {  # name -> (args, needles of the one error line); each is
     "labels beyond the candidates": (["--candidates", "yes", "no", "--question", "Q?", "--limit", "5"],
                                      ["--candidates yes no", "2 answers", "label"]),
     "a stand-alone encoder": (["--model", "dinov2-s14", "--images", "skimage"], ["--model dinov2-s14", "LLaVA"]),
-    "a Qwen-VL model": (["--model", "tiny-qwen2_vl", "--images", "skimage"], ["--model tiny-qwen2_vl", "Qwen-VL"]),
     "a target out of reach": (["--model", "tiny-llava", "--images", "skimage", "--sigma", "0.01", "--target-radius",
                                "5"], ["--target-radius 5", "out of reach"]),
     "a model without a processor": (["--model", "tiny-llava", "--images", "skimage"],

@@ -1,6 +1,7 @@
 """Cohen et al.'s vote certificate with an anytime-valid bound: coverage with a known p_A (fixed n and stopped early at a
 target radius), invalid bounds failing the same check, `certify_prediction(method="vote")` against a closed form, and
-`certify_answer` on tiny random LLaVA models (stock with σ, smoothed with `num_samples=1`, with a booster)."""
+`certify_answer` on tiny random LLaVA and Qwen-VL models (stock with σ, smoothed with `num_samples=1`, with a
+booster)."""
 
 import math
 
@@ -223,21 +224,49 @@ def test_certify_answer_batches_copies_is_reproducible_and_records_everything(mo
     assert isinstance(fresh.seed, int)  # unseeded: a fresh seed, recorded
 
 
-def test_the_base_classifier_is_the_smoothed_model_with_one_sample(models):
+@pytest.mark.parametrize("family", ["llava", "qwen2_vl"])
+def test_the_base_classifier_is_the_smoothed_model_with_one_sample(family):
     """A smoothed model with `num_samples=1` answers from one noisy copy drawn by its tower; the base classifier of
     `certify_answer` given the same copy gives the same candidate logits."""
-    model = tiny_smoothed_model("llava", num_samples=1, seed=11)
+    model = tiny_smoothed_model(family, num_samples=1, seed=11)
     inputs = tiny_inputs(model)
     prefixed, positions = CANDIDATES.with_prefix(inputs, 0)
     tower = model.smoothed_vision_tower
+    images = hfs.ImageInputs(inputs["pixel_values"], inputs.get("image_grid_thw"))
     with torch.no_grad():
-        smoothed = CANDIDATES.scores(model, prefixed, positions, inputs["pixel_values"])
-        clean = tower.family.to_image(hfs.ImageInputs(inputs["pixel_values"]))
+        smoothed = CANDIDATES.scores(model, prefixed, positions, images.pixel_values, images.image_grid_thw)
+        clean = tower.family.to_image(images)
         noise = torch.randn((1, *clean.shape), generator=torch.Generator().manual_seed(11))
-        copy = tower.family.noisy_copies(hfs.ImageInputs(inputs["pixel_values"]), 1, tower.sigma, lambda _: noise)
+        copy = tower.family.noisy_copies(images, 1, tower.sigma, lambda _: noise)
         with _base_classifier(model, tower):
-            base = CANDIDATES.scores(model, prefixed, positions, copy.pixel_values)
+            base = CANDIDATES.scores(model, prefixed, positions, copy.pixel_values, copy.image_grid_thw)
     torch.testing.assert_close(base, smoothed, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("family", ["qwen2_vl", "qwen3_vl"])
+def test_certify_answer_on_qwen_vl_batches_patch_flattened_copies(family):
+    """Qwen-VL inputs (patch-flattened pixels, `image_grid_thw`, `mm_token_type_ids`): copies are batched, the vote
+    does not depend on the batch size, the certificate records the image's resolution; malformed inputs are
+    refused with the argument named."""
+    model = tiny_smoothed_model(family, num_samples=1, seed=0)
+    inputs = tiny_inputs(model)
+    sizes, handle = _forward_batches(model)
+    try:
+        certificate = hfs.certify_answer(model, inputs, CANDIDATES, n0=6, n=10, alpha=0.01, seed=3, batch_size=4)
+    finally:
+        handle.remove()
+    assert sizes == [4, 2, 4, 4, 2]
+    again = hfs.certify_answer(model, inputs, CANDIDATES, n0=6, n=10, alpha=0.01, seed=3, batch_size=16)
+    assert (again.counts, again.hits, again.p_lower) == (certificate.counts, certificate.hits, certificate.p_lower)
+    record = certificate.to_dict()
+    patch = model.config.vision_config.patch_size
+    assert record["resolution"] == [4 * patch, 4 * patch] and record["smoothed"] and record["sigma"] == 0.25
+    assert sum(record["counts"]) == 6 and record["n_used"] == 10
+    two = tiny_inputs(model, num_images=2)
+    with pytest.raises(ValueError, match="image_grid_thw"):
+        hfs.certify_answer(model, two, CANDIDATES, n0=2, n=2, seed=0)
+    with pytest.raises(ValueError, match="patch rows"):
+        hfs.certify_answer(model, dict(inputs, pixel_values=inputs["pixel_values"][:-1]), CANDIDATES, n0=2, n=2)
 
 
 def test_certify_answer_stops_early_and_records_the_booster(models):

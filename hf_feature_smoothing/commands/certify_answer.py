@@ -10,13 +10,13 @@ from ..assets.labelled_images import ANSWER_SETS
 from ..assets.registry import LLAVA_NAME
 from ..certification.arguments import ALPHA, CHUNK_SIZE, DEFAULTS, SAMPLES, SIGMA, TARGET_RADIUS
 from ..certification.certify import compute_dtype
+from ..models import SMOOTHED_MODEL_CLASSES
 from ..models.answer_certificates import certify_answer
 from ..models.answers import CandidateAnswers
 from ..runs import Run, Shard
 from ..runs.report import RunGroup, plot_group, summary_lines
 from ..smoothing.configuration_feature_smoothing import FeatureSmoothingConfig
 from ..smoothing.noise import fresh_seed
-from ..smoothing.towers.llava import LlavaTowerFamily
 from .loading import load_model, load_processor, open_source
 from .options import (
     HelpFormatter,
@@ -46,7 +46,7 @@ def register_subcommand(subparsers) -> None:
     c = subparsers.add_parser(
         "certify-answer", formatter_class=HelpFormatter,
         help="certify an MLLM's answers among candidate answers (vote certificate); resumable run file + plot",
-        description="Certify the answer of a LLaVA-type MLLM to one question about every image, among candidate "
+        description="Certify the answer of a LLaVA-type or Qwen-VL MLLM to one question about every image, among candidate "
                     "answers: the vote of the model's answers on noisy copies x + δ (Cohen et al.), certified "
                     "within ℓ2 radius σ Φ⁻¹(p̲_A) with probability ≥ 1 − α; one JSONL row per image.")
     add_model(c, "booster adapter folder or Hub repo id, loaded into the model (conditioned on σ)")
@@ -124,10 +124,10 @@ def run(args) -> int:
     shard = Shard.from_accelerate(args.device)
     model = load_model(args.model, args.booster).to(shard.device)
     tower = smoothed_tower(model, args)  # the model's own σ and dtype by default (else the config's)
-    if tower.family.model_type not in LlavaTowerFamily.model_types:
-        raise OptionError(f"--model {args.model}: a {tower.family.model_type} model; certify-answer needs a "
-                          f"LLaVA-type MLLM (one image tensor per prompt; Qwen-VL's patch-flattened images are not "
-                          f"supported yet), e.g. --model {LLAVA_NAME}.")
+    if tower.family.model_type not in SMOOTHED_MODEL_CLASSES:
+        raise OptionError(f"--model {args.model}: a {tower.family.model_type} model, which does not answer in text; "
+                          f"certify-answer needs a LLaVA or Qwen-VL MLLM ({', '.join(SMOOTHED_MODEL_CLASSES)}), "
+                          f"e.g. --model {LLAVA_NAME}.")
     if args.target_radius is not None:
         check_vote_target(args.target_radius, tower.sigma)
     processor = load_processor(args.model, model)
@@ -153,7 +153,7 @@ def run(args) -> int:
         seed = run.params["seed"]
         for item, image, start in pending_images(run, shard, source, "certify-answer"):
             inputs = processor(images=[image], text=[text], return_tensors="pt")
-            inputs = {key: inputs[key].to(shard.device) for key in ("input_ids", "attention_mask", "pixel_values")}
+            inputs = {key: value.to(shard.device) for key, value in inputs.items()}  # Qwen-VL: + grid, token types
             cert = certify_answer(model, inputs, candidates, sigma=sigma, n0=args.n0, n=args.n, alpha=args.alpha,
                                   target_radius=args.target_radius, batch_size=batch_size, seed=seed,
                                   pad_token_id=pad_token_id,

@@ -1,5 +1,5 @@
-"""Certified answers of an MLLM: Cohen et al.'s CERTIFY (see [`~statistics.vote`]) for the answer a LLaVA-type model
-chooses among [`CandidateAnswers`], on one prompt and one image. The base classifier is the model's candidate choice
+"""Certified answers of an MLLM: Cohen et al.'s CERTIFY (see [`~statistics.vote`]) for the answer a LLaVA-type or
+Qwen-VL model chooses among [`CandidateAnswers`], on one prompt and one image. The base classifier is the model's candidate choice
 on **one** noisy copy x + δ of the image ([0, 1] pixel space, δ ~ N(0, σ²I), no clipping): what a smoothed model with
 `num_samples=1` answers (its booster, if any, conditioned on σ). The certified answer is the vote over copies."""
 
@@ -136,13 +136,22 @@ def _check_inputs(model: nn.Module, inputs: dict, candidates: CandidateAnswers) 
                          "`attention_mask`, `pixel_values`).")
     if inputs["input_ids"].ndim != 2 or inputs["input_ids"].shape[0] != 1:
         raise ValueError(f"`inputs` must hold one prompt, got `input_ids` of shape {tuple(inputs['input_ids'].shape)}.")
-    pixels = inputs["pixel_values"]
-    if "image_grid_thw" in inputs or not torch.is_tensor(pixels) or pixels.ndim != 4:
-        raise ValueError("`inputs['pixel_values']` must be `(1, 3, H, W)` (a LLaVA-type model); patch-flattened "
-                         "Qwen-VL inputs are not supported by `certify_answer`.")
-    if pixels.shape[0] != 1:
-        raise ValueError(f"`inputs['pixel_values']` must hold one image, got {pixels.shape[0]}: certify one image "
+    pixels, grid = inputs["pixel_values"], inputs.get("image_grid_thw")
+    if grid is None:
+        if not torch.is_tensor(pixels) or pixels.ndim != 4:
+            raise ValueError("`inputs['pixel_values']` must be `(1, 3, H, W)` (a LLaVA-type model), or patch-flattened "
+                             "pixels with their `image_grid_thw` (Qwen-VL), as the processor returns them.")
+        if pixels.shape[0] != 1:
+            raise ValueError(f"`inputs['pixel_values']` must hold one image, got {pixels.shape[0]}: certify one image "
+                             "per call.")
+        return
+    if not torch.is_tensor(grid) or grid.ndim != 2 or grid.shape[0] != 1:
+        raise ValueError(f"`inputs['image_grid_thw']` must hold one image's `(t, h, w)`, got "
+                         f"{tuple(grid.shape) if torch.is_tensor(grid) else type(grid).__name__}: certify one image "
                          "per call.")
+    if not torch.is_tensor(pixels) or pixels.ndim != 2 or pixels.shape[0] != int(grid.prod()):
+        raise ValueError(f"`inputs['pixel_values']` must be the {int(grid.prod())} patch rows of the image of "
+                         f"`image_grid_thw` {grid.tolist()}, as the processor returns them.")
 
 
 @torch.no_grad()
@@ -163,7 +172,7 @@ def certify_answer(
     progress: bool = False,
 ) -> AnswerCertificate:
     """
-    Certify a LLaVA-type MLLM's answer to one prompt about one image, among `candidates` (Cohen et al.'s CERTIFY).
+    Certify a LLaVA-type or Qwen-VL MLLM's answer to one prompt about one image, among `candidates` (Cohen et al.'s CERTIFY).
 
     The base classifier is the model's choice among the candidates ([`CandidateAnswers.scores`]: one forward pass
     per batch of copies scores them all) on one noisy copy x + δ, δ ~ N(0, σ²I) in [0, 1] pixel space (no clipping), the booster (if
@@ -178,10 +187,11 @@ def certify_answer(
     kernels); `None` draws a fresh seed, recorded.
 
     Args:
-        model (`nn.Module`): a LLaVA-type MLLM: stock (then `sigma` is required), smoothed, or smoothed with a
-            booster (its smoothing hooks are bypassed: each copy is one forward pass).
+        model (`nn.Module`): a LLaVA-type or Qwen-VL MLLM: stock (then `sigma` is required), smoothed, or smoothed
+            with a booster (its smoothing hooks are bypassed: each copy is one forward pass).
         inputs (`dict`): processor outputs of **one** prompt with **one** image (`input_ids`, `attention_mask`,
-            `pixel_values` `(1, 3, H, W)`); the prompt ends where the answer starts.
+            `pixel_values` `(1, 3, H, W)`; Qwen-VL: patch-flattened `pixel_values`, `image_grid_thw` and
+            `mm_token_type_ids`); the prompt ends where the answer starts.
         candidates ([`CandidateAnswers`]): the answers (scored by their branch token's logit when they differ at
             one token, else by their teacher-forced log-likelihood; `candidates.base_classifier` says which).
         sigma (`float`, *optional*): noise level in [0, 1] pixel units; defaults to a smoothed model's σ.
@@ -222,16 +232,17 @@ def certify_answer(
     if pad_token_id is None:
         config = getattr(model.config, "text_config", model.config)
         pad_token_id = getattr(config, "pad_token_id", None) or 0
-    image_inputs = ImageInputs(inputs["pixel_values"])
+    image_inputs = ImageInputs(inputs["pixel_values"], inputs.get("image_grid_thw"))
     noise = ImageNoise(tower, image_inputs, seed)
-    prompt = {key: inputs[key] for key in ("input_ids", "attention_mask") if inputs.get(key) is not None}
-    prefixed, positions = candidates.with_prefix(prompt, pad_token_id)
+    prompt = {key: value for key, value in inputs.items() if key not in ("pixel_values", "image_grid_thw")}
+    prefixed, positions = candidates.with_prefix(prompt, pad_token_id)  # with token-aligned ids (mm_token_type_ids)
 
     def votes(source: SeededNoise, start: int, count: int) -> torch.Tensor:
         copies = tower.add_noise(image_inputs, count, source=source, start=start)
         batch = {key: value.expand(count, -1) for key, value in prefixed.items()}
         with autocast:
-            scores = candidates.scores(model, batch, positions.expand(count), copies.pixel_values)
+            scores = candidates.scores(model, batch, positions.expand(count), copies.pixel_values,
+                                       copies.image_grid_thw)
         return scores.argmax(1).cpu()
 
     counts = torch.zeros(len(candidates.texts), dtype=torch.long)

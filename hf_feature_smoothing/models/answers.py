@@ -3,7 +3,8 @@
 one token are scored by that token's logit: one teacher-forced forward pass of prompt + prefix scores every candidate
 (what greedy decoding picks once it has emitted the prefix). Other sets are scored by each answer's teacher-forced
 log-likelihood after the shared prefix: prompt + prefix runs once and its key/value cache scores every candidate's
-remaining tokens (prompts of different lengths: one batched pass of prompt + answer per candidate)."""
+remaining tokens (prompts of different lengths, or Qwen-VL's M-RoPE prompts: one batched pass of prompt + answer per
+candidate). LLaVA-type models take `(B, 3, H, W)` pixels, Qwen-VL patch-flattened pixels with `image_grid_thw`."""
 
 import hashlib
 import inspect
@@ -12,6 +13,8 @@ from dataclasses import dataclass
 
 import torch
 from torch import nn
+
+from ..smoothing.towers import ImageInputs
 
 
 def _cache_name(model: nn.Module) -> str:
@@ -99,33 +102,47 @@ class CandidateAnswers:
         return next((k for k, ids in enumerate(self.token_ids) if list(ids) == list(answer_ids)), None)
 
     def with_prefix(self, inputs: dict, pad_token_id: int) -> tuple[dict, torch.Tensor]:
-        """`input_ids` / `attention_mask` of each prompt followed by the shared prefix (right-padded), and the position
-        of each row's last token (whose logits score the branch token)."""
+        """`input_ids` / `attention_mask` of each prompt followed by the shared prefix (right-padded), every other
+        token-aligned tensor of `inputs` (e.g. Qwen-VL's `mm_token_type_ids`) carried along with 0 on the prefix and
+        the padding, and the position of each row's last token (whose logits score the branch token)."""
         ids = inputs["input_ids"]
         mask = inputs.get("attention_mask", torch.ones_like(ids))
-        rows = [ids[row][mask[row].bool()].tolist() + self.prefix for row in range(len(ids))]
+        kept = [mask[row].bool() for row in range(len(ids))]
+        rows = [ids[row][kept[row]].tolist() + self.prefix for row in range(len(ids))]
         length = max(len(r) for r in rows)
         full_ids = torch.full((len(rows), length), pad_token_id, dtype=ids.dtype)
         full_mask = torch.zeros((len(rows), length), dtype=mask.dtype)
         for row, tokens in enumerate(rows):
             full_ids[row, : len(tokens)] = torch.tensor(tokens, dtype=ids.dtype)
             full_mask[row, : len(tokens)] = 1
+        prefixed = {"input_ids": full_ids.to(ids.device), "attention_mask": full_mask.to(ids.device)}
+        for key, value in inputs.items():
+            if key in prefixed or key == "pixel_values" or not torch.is_tensor(value) or value.shape != ids.shape:
+                continue
+            aligned = torch.zeros((len(rows), length), dtype=value.dtype)
+            for row in range(len(rows)):
+                values = value[row][kept[row]].cpu()
+                aligned[row, : len(values)] = values
+            prefixed[key] = aligned.to(value.device)
         positions = torch.tensor([len(r) - 1 for r in rows])
-        return {"input_ids": full_ids.to(ids.device), "attention_mask": full_mask.to(ids.device)}, positions
+        return prefixed, positions
 
-    def scores(self, model: nn.Module, prefixed: dict, positions: torch.Tensor, pixel_values: torch.Tensor) -> torch.Tensor:
+    def scores(self, model: nn.Module, prefixed: dict, positions: torch.Tensor, pixel_values: torch.Tensor,
+               image_grid_thw: torch.Tensor | None = None) -> torch.Tensor:
         """`(B, C)` float32 scores of the candidates on the inputs of [`with_prefix`]: the logits of each candidate's
         branch token (`single_branch`), else each candidate's log-likelihood of its tokens from `branch` on (prompt +
-        prefix once, its cache repeated per candidate; prompts of different lengths: the B prompts × C candidates in
-        one batched pass). Their argmax is the model's answer among the candidates.
+        prefix once, its cache repeated per candidate; prompts of different lengths and Qwen-VL's M-RoPE prompts: the
+        B prompts × C candidates in one batched pass). Their argmax is the model's answer among the candidates.
+        `pixel_values` (and `image_grid_thw`, Qwen-VL) hold the images of the B prompts, in order.
         Differentiable in `pixel_values`."""
+        images = ImageInputs(pixel_values, image_grid_thw)
         if self.single_branch:
             length = prefixed["input_ids"].shape[1]
             keep = length - int(positions.min())  # the vocabulary projection only where a score is read
-            logits = model(**prefixed, pixel_values=pixel_values, logits_to_keep=keep).logits
+            logits = model(**prefixed, **_image_kwargs(images), logits_to_keep=keep).logits
             rows = torch.arange(len(positions), device=logits.device)
             return logits[rows, positions.to(logits.device) - (length - keep)][:, self.branch_tokens].float()
-        return self._log_likelihoods(model, prefixed, positions, pixel_values)
+        return self._log_likelihoods(model, prefixed, positions, images)
 
     def _remainders(self, device) -> tuple[torch.Tensor, torch.Tensor]:
         """`(C, T)` each candidate's tokens from `branch` on (0-padded) and where they are real."""
@@ -138,11 +155,13 @@ class CandidateAnswers:
         return rests.to(device), valid.to(device)
 
     def _log_likelihoods(self, model: nn.Module, prefixed: dict, positions: torch.Tensor,
-                         pixel_values: torch.Tensor) -> torch.Tensor:
+                         images: ImageInputs) -> torch.Tensor:
         ids = prefixed["input_ids"]
-        if bool((positions == ids.shape[1] - 1).all()):  # no row padded (copies of one prompt): share its cache
-            return self._cached_log_likelihoods(model, prefixed, pixel_values)
-        return self._repeated_log_likelihoods(model, prefixed, positions, pixel_values)
+        # no row padded (copies of one prompt): share its cache. Not with M-RoPE (Qwen-VL): positions after a cached
+        # multimodal prompt hang on the rope deltas the model stores between calls; a whole row needs no such state
+        if images.image_grid_thw is None and bool((positions == ids.shape[1] - 1).all()):
+            return self._cached_log_likelihoods(model, prefixed, images.pixel_values)
+        return self._repeated_log_likelihoods(model, prefixed, positions, images)
 
     def _cached_log_likelihoods(self, model: nn.Module, prefixed: dict, pixel_values: torch.Tensor) -> torch.Tensor:
         """Prompts of one length: prompt + prefix (the image included) runs once, and its key/value cache, repeated
@@ -165,8 +184,9 @@ class CandidateAnswers:
         return torch.cat(picked, dim=1).masked_fill(~keep, 0.0).sum(-1).view(batch, count)
 
     def _repeated_log_likelihoods(self, model: nn.Module, prefixed: dict, positions: torch.Tensor,
-                                  pixel_values: torch.Tensor) -> torch.Tensor:
-        """Prompts of different lengths (right-padded): prompt + prefix + candidate for every pair, batched."""
+                                  images: ImageInputs) -> torch.Tensor:
+        """Prompt + prefix + candidate for every pair, batched (right-padded; token-aligned inputs such as
+        `mm_token_type_ids` are 0 on the candidate tokens)."""
         ids, mask = prefixed["input_ids"], prefixed["attention_mask"]
         count = len(self.token_ids)
         rests, valid = self._remainders(ids.device)
@@ -174,20 +194,39 @@ class CandidateAnswers:
         ends = positions.to(ids.device).repeat_interleave(count)  # row b·C + c: prompt b + prefix + candidate c
         rows = torch.arange(len(ends), device=ids.device)
         span = ends[:, None] + 1 + torch.arange(steps, device=ids.device)  # where each remainder token goes
-        full_ids = torch.cat([ids.repeat_interleave(count, dim=0),
-                              torch.zeros((len(ends), steps), dtype=ids.dtype, device=ids.device)], dim=1)
-        full_mask = torch.cat([mask.repeat_interleave(count, dim=0),
-                               torch.zeros((len(ends), steps), dtype=mask.dtype, device=mask.device)], dim=1)
+        full = {key: torch.cat([value.repeat_interleave(count, dim=0),
+                                torch.zeros((len(ends), steps), dtype=value.dtype, device=value.device)], dim=1)
+                for key, value in prefixed.items()}
         targets, keep = rests.to(ids.dtype).repeat(len(positions), 1), valid.repeat(len(positions), 1)
-        full_ids[rows[:, None], span] = torch.where(keep, targets, full_ids[rows[:, None], span])
-        full_mask[rows[:, None], span] = keep.to(mask.dtype)
+        full["input_ids"][rows[:, None], span] = torch.where(keep, targets, full["input_ids"][rows[:, None], span])
+        full["attention_mask"][rows[:, None], span] = keep.to(mask.dtype)
         skipped = int(ends.min())  # the vocabulary projection only from the first scored position on
-        logits = model(input_ids=full_ids, attention_mask=full_mask, logits_to_keep=full_ids.shape[1] - skipped,
-                       pixel_values=pixel_values.repeat_interleave(count, dim=0)).logits
+        logits = model(**full, **_image_kwargs(_repeat_each(images, len(positions), count)),
+                       logits_to_keep=full["input_ids"].shape[1] - skipped).logits
         # the logits that predict each remainder token sit one position before it; log-softmax only there
         log_probs = logits[rows[:, None], span - 1 - skipped].float().log_softmax(-1)
         picked = log_probs.gather(-1, targets[..., None].to(log_probs.device))[..., 0]
         return picked.masked_fill(~keep, 0.0).sum(-1).view(len(positions), count)  # padding: 0, never −inf · 0
+
+
+def _image_kwargs(images: ImageInputs) -> dict:
+    """The model's image arguments: `pixel_values`, and `image_grid_thw` for patch-flattened (Qwen-VL) inputs."""
+    if images.image_grid_thw is None:
+        return {"pixel_values": images.pixel_values}
+    return {"pixel_values": images.pixel_values, "image_grid_thw": images.image_grid_thw}
+
+
+def _repeat_each(images: ImageInputs, prompts: int, count: int) -> ImageInputs:
+    """The images of each of `prompts` prompts, `count` times in a row (prompt-major, as the repeated rows)."""
+    if images.image_grid_thw is None:
+        return ImageInputs(images.pixel_values.repeat_interleave(count, dim=0))
+    grid = images.image_grid_thw
+    if len(grid) % prompts:
+        raise ValueError(f"`image_grid_thw` holds {len(grid)} images for {prompts} prompts; give each prompt as many.")
+    per_prompt = grid.view(prompts, -1, grid.shape[-1])
+    blocks = images.pixel_values.split(per_prompt.prod(-1).sum(-1).tolist())
+    return ImageInputs(torch.cat([block for block in blocks for _ in range(count)]),
+                       per_prompt.repeat_interleave(count, dim=0).reshape(-1, grid.shape[-1]))
 
 
 __all__ = ["CandidateAnswers"]
