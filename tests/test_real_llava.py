@@ -105,7 +105,10 @@ def test_certify_answer_cli_certifies_and_reports_answer_accuracy(tmp_path):
     (entry,) = yaml.safe_load((tmp_path / "report" / "model-index.yaml").read_text())["model-index"]
     metrics = {m["name"]: m for result in entry["results"] for m in result["metrics"]}
     assert {result["task"]["type"] for result in entry["results"]} == {"visual-question-answering"}
-    metric = metrics["certified answer accuracy @ r=0.5 (σ=0.5, vote)"]
+    digests = f"answers {rows[0]['candidates_digest'][:8]}, booster {rows[0]['booster_digest'][:8]}"
+    summary = (tmp_path / "report" / "summary.md").read_text()  # the run's title names booster and candidates
+    assert f"certify-answer llava-dinov2-smollm2 + llava-dinov2-smollm2-gsb vote, answers {digests[8:16]} σ=0.5" in summary
+    metric = metrics[f"certified answer accuracy @ r=0.5 (σ=0.5, vote, {digests})"]
     assert metric["value"] == sum(r["correct"] and r["radius"] >= 0.5 for r in rows) / 2  # certified to r
     assert {k: metric["args"][k] for k in ("sigma", "n", "n0", "alpha", "method", "candidates_digest", "radius")} == {
         "sigma": 0.5, "n": 12, "n0": 4, "alpha": 0.1, "method": "vote", "candidates_digest": rows[0]["candidates_digest"],

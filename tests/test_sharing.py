@@ -64,11 +64,15 @@ def test_answer_and_vote_certificates_name_their_method_candidates_and_targets()
                 "booster_digest": "b" * 16, "base_classifier": "argmax", "n_used": 200}]
     results = certificate_eval_results(answers, "digits", radii=(0.5, 1.0))
     by_name = {r.metric_name: r for r in results}
-    at_half = by_name["certified answer accuracy @ r=0.5 (σ=0.5, vote, sequential, target radius ≥ 0.5, n ≤ 200)"]
+    setting = "σ=0.5, vote, answers cccccccc, booster bbbbbbbb, sequential, target radius ≥ 0.5, n ≤ 200"
+    at_half = by_name[f"certified answer accuracy @ r=0.5 ({setting})"]
     assert at_half.metric_value == 0.5 and at_half.task_type == "visual-question-answering"
     assert at_half.metric_args["candidates"] == ["A 3", "A 4"] and at_half.metric_args["booster"] == "gsb"
     assert at_half.metric_args["mean_n_used"] == 160 and at_half.metric_args["n0"] == 16
-    assert by_name["abstain rate (σ=0.5, vote, sequential, target radius ≥ 0.5, n ≤ 200)"].metric_value == 0.5
+    assert by_name[f"abstain rate ({setting})"].metric_value == 0.5
+    plain = [{**a, "booster": None, "booster_digest": None} for a in answers]  # the same answers without a booster
+    assert certificate_eval_results(plain, "digits", radii=(0.5,))[0].metric_name == (
+        f"certified answer accuracy @ r=0.5 ({setting.replace('booster bbbbbbbb', 'no booster')})")
     votes = [{k: v for k, v in a.items() if k not in ("answer", "candidates_digest")} | {"prediction": a["answer"]}
              for a in answers]
     (vote, _) = certificate_eval_results(votes, "d", radii=(0.5,))

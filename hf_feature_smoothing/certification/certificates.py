@@ -23,6 +23,13 @@ def prototypes_label(sha256: str) -> str:
     return f"prototypes {sha256[:8]}"
 
 
+def answers_label(record: dict) -> str:
+    """`"answers 5cf255d0, booster 14b2eb8a"` (`", no booster"`): the candidate set and booster of an answer
+    certificate, named by their digests (two answer settings of one model read apart in reports and cards)."""
+    booster = record.get("booster_digest")
+    return f"answers {record['candidates_digest'][:8]}, " + (f"booster {booster[:8]}" if booster else "no booster")
+
+
 def target_label(record: dict) -> str:
     """The sequential targets of a certificate or a run's parameters: `"target FCSB ≥ 0.9"`, `"target R_τ ≥ 0.1"`
     (a vote's radius has no τ: `"target radius ≥ 0.5"`), comma-joined; `""` at a fixed n."""

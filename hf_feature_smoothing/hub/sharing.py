@@ -11,7 +11,7 @@ from huggingface_hub import EvalResult, HfApi, ModelCard, ModelCardData
 
 from ..booster.layer import booster_layers
 from ..booster.loading import record_smoothing, save_booster_adapter
-from ..certification.certificates import prototypes_label, target_label
+from ..certification.certificates import answers_label, prototypes_label, target_label
 from ..smoothing.configuration_feature_smoothing import FeatureSmoothingConfig
 from ..smoothing.hub_io import register_hub_io
 from ..smoothing.modeling_smoothed_tower import SmoothedVisionTower
@@ -61,7 +61,7 @@ def certificate_eval_results(certificates, dataset_name: str, dataset_type: str 
     `metric_args` states σ, ε or r, n, α, the bound, the noise space and, where the certificates carry them, the seed,
     compute dtype, resolution and centring; feature entries the reference; prediction and answer entries the method
     (`"margin"` / `"vote"`, margin entries the α split) and n0, answer entries the candidate answers (texts and
-    digest), the prompt digest and the booster; prediction entries whose certificates carry `prototypes_sha256` (rows
+    digest), the prompt digest and the booster, and name the candidates' and booster's digests; prediction entries whose certificates carry `prototypes_sha256` (rows
     read by [`group_runs`]: the digest of the `--prototypes` file in their run's header) state it in the arguments
     and, shortened, in the name. Sequential certificates (stopped at `target_cosine` /
     `target_radius`) say so in every entry's name ("sequential, target …, n ≤ N") and `metric_args` (the targets,
@@ -95,6 +95,7 @@ def certificate_eval_results(certificates, dataset_name: str, dataset_type: str 
         # a local booster folder is named by its last part (the digest identifies the weights): no machine paths
         booster = first["booster"]
         args["booster"] = Path(booster).name if booster and os.path.isabs(booster) else booster
+        setting += f", {answers_label(first)}"  # one value each: `_as_dicts`
     if task_type == "image-feature-extraction" and kind != "feature":  # the default names the feature task
         task_type = "visual-question-answering" if kind == "answer" else "image-classification"
     targets = target_label(first)

@@ -105,14 +105,18 @@ class RunGroup:
 
     @property
     def label(self) -> str:
-        """`certify <model> σ=… n=… α=…`, with the method and the prototypes' digest for prediction runs (two
-        predictors of one model read apart in a report or card)."""
+        """`certify <model> σ=… n=… α=…`, with the method and the prototypes' digest for prediction runs, the booster
+        and the candidates' digest for answer runs (two predictors or answer settings of one model read apart in a
+        report or card)."""
         p = self.params
         n = f"({sequential_label(p)})" if sequential_label(p) else f"n={p.get('n')}"
         predictor = ""
         if self.kind == "prediction":
             digest = _prototypes_sha256(p)
             predictor = f" {p.get('method', 'margin')}" + (f", {prototypes_label(digest)}" if digest else "")
+        elif self.kind == "answer":
+            booster = f" + {Path(p['booster']).name}" if p.get("booster") else ""
+            predictor = f"{booster} vote, answers {str(p.get('candidates_digest'))[:8]}"
         return f"{self.command} {p.get('model')}{predictor} σ={p.get('sigma')} {n} α={p.get('alpha')}"
 
 
