@@ -24,6 +24,8 @@ import argparse
 import json
 from pathlib import Path
 
+from prediction_certificates import RADII  # the benchmark table's radii (this folder)
+
 from hf_feature_smoothing import FeatureSmoothingConfig
 from hf_feature_smoothing.assets.llava_dinov2_smollm2 import REPO_ID, llava_checkpoint
 from hf_feature_smoothing.hub.sharing import (
@@ -65,8 +67,8 @@ def prediction_results(paths: list[str], card_params: dict) -> tuple[list, list[
         dataset = f"{source.get('name', 'images')}, {source.get('split', '')} ({len(group.rows)} images)"
         results += certificate_eval_results([r for r in group.rows if r.get("label") is not None], dataset,
                                             dataset_type=DATASET_TYPES.get(source.get("name"), "images"),
-                                            task_type=task, radii=(0.0, 0.1, 0.25, 0.5, 1.0))
-        tables.append("\n".join(summary_lines(group, radii=(0.0, 0.1, 0.25, 0.5, 1.0))))
+                                            task_type=task, radii=RADII)
+        tables.append("\n".join(summary_lines(group, radii=RADII)))
     return results, tables
 
 

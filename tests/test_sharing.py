@@ -50,7 +50,7 @@ def test_prediction_certificates_become_certified_accuracy():
              "bound": "bernstein", "noise_space": "pixel [0,1], l2"}]
     results = {r.metric_args.get("radius"): r.metric_value for r in certificate_eval_results(rows, "toy")
                if r.metric_type == "certified_accuracy"}
-    assert results == {0.0: 0.5, 0.05: 0.5, 0.1: 0.5, 0.25: 0.5, 0.5: 0.0}
+    assert results == {0.0: 0.5, 0.05: 0.5, 0.1: 0.5, 0.25: 0.5, 0.5: 0.0, 1.0: 0.0}
 
 
 def test_answer_and_vote_certificates_name_their_method_candidates_and_targets():

@@ -173,7 +173,7 @@ def run(args) -> int:
     print(f"{args.model}{f' + {args.booster}' if args.booster else ''}: {question!r} among {len(texts)} answers "
           f"(digest {params['candidates_digest']}); σ={sigma} (pixel [0,1]), n0={args.n0}, n={args.n}{target}, "
           f"α={args.alpha}, seed={params['seed']}")
-    print("\n".join(summary_lines(group, radii=(0.0, 0.1, 0.25, 0.5, 1.0))))
+    print("\n".join(summary_lines(group)))
     for r in group.skipped:
         print(f"skipped {r['key']}: {r['reason']}")
     print(f"rows: {args.output}" + (f"  plot: {args.plot}" if plotted else ""))

@@ -9,7 +9,7 @@ from .bounds import fcsb, normal_ppf
 
 
 ABSTAIN = None  # the one encoding of "no certified prediction" (`PredictionCertificate.prediction`)
-REPORT_RADII = (0.0, 0.05, 0.1, 0.25, 0.5)  # ℓ2 radii (pixel [0, 1] units) certified accuracy is reported at by default
+REPORT_RADII = (0.0, 0.05, 0.1, 0.25, 0.5, 1.0)  # ℓ2 radii (pixel [0, 1] units) certified accuracy is reported at by default
 
 
 def certified_cosine(score_lower: Sequence[float], sigma: Sequence[float], epsilons: Sequence[float]) -> dict:

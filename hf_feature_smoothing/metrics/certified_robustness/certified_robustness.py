@@ -27,7 +27,7 @@ _KWARGS_DESCRIPTION = """
 Args (the names of `certify` / `certify_prediction` and of their certificates' fields):
     score_lower (`list[float]`), sigma (`list[float]`): for `"cosine"`.
     prediction (`list[int]`), label (`list[int]`), radius (`list[float]`): for `"accuracy"`.
-    epsilon (`list[float]`, *optional*, defaults to `[0.0, 0.05, 0.1, 0.25, 0.5]`): ℓ2 budgets in [0, 1] pixel
+    epsilon (`list[float]`, *optional*, defaults to `[0.0, 0.05, 0.1, 0.25, 0.5, 1.0]`): ℓ2 budgets in [0, 1] pixel
         units: FCSB(ε) for `"cosine"`, "correct with certified radius ≥ ε" for `"accuracy"`. (`epsilons` / `radii`
         are deprecated aliases.)
 Returns:
