@@ -71,7 +71,7 @@ def register_subcommand(subparsers) -> None:
     c.add_argument("--method", default=None, choices=list(PREDICTION_METHODS),
                    help=f"prediction certificates (--prototypes): `margin` certifies the prediction of the smoothed "
                         f"feature (FS margin), `vote` the vote of single-copy predictions (Cohen et al.; with "
-                        f"--target-radius it stops sampling early; it certifies more at every radius on the "
+                        f"--target-radius it stops sampling early; it certifies more at every radius r > 0 on the "
                         f"benchmark); default with --prototypes: {DEFAULTS['method']}")
     c.add_argument("--sigma", type=number(SIGMA), default=None,
                    help=f"noise std in [0, 1] pixel units; default: the model's own (a smoothed model's "
