@@ -211,6 +211,7 @@ def test_certify_answer_batches_copies_is_reproducible_and_records_everything(mo
     record = certificate.to_dict()
     assert record["smoothed"] == (kind == "smoothed") and record["booster"] is None and record["booster_digest"] is None
     assert record["dtype"] == "float32" and record["method"] == "vote" and record["target_radius"] is None
+    assert record["batch_size"] == 8 and record["base_classifier"].endswith("on one noisy copy x + δ")
     assert {k: record[k] for k in ("n0", "n", "alpha", "sigma", "seed", "resolution", "noise_space")} == {
         "n0": 10, "n": 20, "alpha": 0.01, "sigma": 0.25, "seed": 3, "resolution": [56, 56],
         "noise_space": "pixel [0,1], l2"}
@@ -280,6 +281,7 @@ def test_certify_answer_stops_early_and_records_the_booster(models):
     boosted = hfs.add_booster(tiny_smoothed_model("llava", num_samples=1, seed=0), hfs.GSBConfig(sigmas=[0.25]))
     record = hfs.certify_answer(boosted, tiny_inputs(boosted), CANDIDATES, n0=4, n=4, seed=1).to_dict()
     assert record["booster"] == "default" and len(record["booster_digest"]) == 16 and record["sigma"] == 0.25
+    assert record["base_classifier"].endswith("on one noisy copy x + δ, the booster conditioned on σ")
 
 
 def _linear_output_dtypes(model) -> tuple[set, list]:

@@ -30,6 +30,7 @@ from .booster_support import booster_support
 
 
 ON_ONE_COPY = " on one noisy copy x + δ"
+CONDITIONED = ", the booster conditioned on σ"
 BASE_CLASSIFIER = "argmax of the candidates' branch-token logits" + ON_ONE_COPY
 
 
@@ -47,7 +48,9 @@ class AnswerCertificate:
     the prompt (`prompt_digest`, SHA-256 of its token ids), the image (`resolution`), the model (`model`, its
     `_name_or_path` when loaded from a checkpoint; `smoothed`; `dtype`, the dtype its passes ran in: the autocast
     dtype, else its weights'; the booster `booster` and the SHA-256 of its weights `booster_digest`, None without
-    one) and the noise (`sigma`, `seed`, `noise_space`). `to_dict()` is strict JSON.
+    one), the base classifier in words (`base_classifier`), the noise (`sigma`, `seed`, `noise_space`) and
+    `batch_size`, the copies per forward pass (with the seed, what reproduces the votes: kernels may round
+    differently in other batch sizes). `to_dict()` is strict JSON.
     """
 
     answer: int | None
@@ -76,6 +79,7 @@ class AnswerCertificate:
     method: str = "vote"
     bound: str = "betting"
     base_classifier: str = BASE_CLASSIFIER
+    batch_size: int | None = None
     noise_space: str = NOISE_SPACE
     versions: dict[str, str] = field(default_factory=versions)
 
@@ -270,7 +274,8 @@ def certify_answer(
         prompt_digest=prompt_digest(inputs["input_ids"], inputs.get("attention_mask")), resolution=noise.resolution,
         smoothed=smoothed, model=getattr(model.config, "_name_or_path", None) or None,
         dtype=dtype, booster=booster,
-        booster_digest=booster_digest, base_classifier=candidates.base_classifier + ON_ONE_COPY,
+        booster_digest=booster_digest, batch_size=batch_size,
+        base_classifier=candidates.base_classifier + ON_ONE_COPY + (CONDITIONED if booster_digest else ""),
     )
 
 
