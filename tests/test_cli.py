@@ -440,3 +440,11 @@ def test_certify_answer_runs_on_a_qwen_vl_model_with_its_processor(tmp_path, mon
                                   and r["n_used"] == 8 and r["candidates_digest"] == header["params"]["candidates_digest"]
                                   for r in rows)
     assert "certified" in capsys.readouterr().out
+    from hf_feature_smoothing.testing_utils import tiny_model
+
+    tiny_model("qwen2_vl").to(torch.bfloat16).save_pretrained(tmp_path / "bf16")  # half weights, no --dtype: their
+    half = tmp_path / "half.jsonl"                                                  # own dtype, run and recorded
+    assert main(["certify-answer", "--model", str(tmp_path / "bf16"), "--images", "digits:test", "--limit", "1",
+                 "--sigma", "0.25", "--n0", "2", "--n", "2", "--seed", "0", "--output", str(half)]) == 0
+    header, row = _lines(half)
+    assert header["params"]["dtype"] == row["dtype"] == "bfloat16"

@@ -309,6 +309,11 @@ def test_certify_answer_runs_in_the_autocast_dtype_it_records(models):
         assert dtypes == {expected} and record["dtype"] == str(expected).removeprefix("torch.")
     with pytest.raises(ValueError, match="autocast_dtype"):
         hfs.certify_answer(stock, tiny_inputs(stock), CANDIDATES, sigma=0.25, n0=4, n=4, autocast_dtype="int8")
+    half = tiny_model("llava").to(torch.bfloat16)  # float32 passes are impossible: refused, never recorded
+    with pytest.raises(ValueError, match="autocast_dtype='float32'.*bfloat16 weights"):
+        hfs.certify_answer(half, tiny_inputs(half), CANDIDATES, sigma=0.25, n0=4, n=4, autocast_dtype="float32")
+    with pytest.raises(ValueError, match="autocast_dtype='float32'.*bfloat16 weights"):
+        hfs.certify(half, tiny_inputs(half)["pixel_values"], sigma=0.25, n0=4, n=4, autocast_dtype="float32")
 
 
 @pytest.mark.parametrize("change, error, match", [

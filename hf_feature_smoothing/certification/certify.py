@@ -74,8 +74,8 @@ def as_smoothed_tower(
 ) -> SmoothedVisionTower:
     """A `SmoothedVisionTower` for a tower, a smoothed MLLM or a supported stock model, with noise level `sigma`
     (default: the tower's own σ) and `autocast_dtype` (default: the tower's own; `"float32"` turns its autocast
-    off). The tower of a smoothed model is never modified: a different σ or dtype gives a new tower over the same
-    encoder."""
+    off; refused on half-precision weights). The tower of a smoothed model is never modified: a different σ or dtype
+    gives a new tower over the same encoder."""
     if isinstance(model_or_tower, SmoothedVisionTower):
         tower = model_or_tower
     elif isinstance(getattr(model_or_tower, "smoothed_vision_tower", None), SmoothedVisionTower):
@@ -89,6 +89,11 @@ def as_smoothed_tower(
     if sigma is not None and sigma != tower.sigma:
         changes["sigma"] = check_sigma(sigma)
     if autocast_dtype is not None:  # "float32": no autocast, the passes run in the weights' dtype
+        weights = next(tower.encoder.parameters(), torch.empty(0)).dtype
+        if autocast_dtype == "float32" and weights != torch.float32:  # never record float32 for half passes
+            raise ValueError(f"`autocast_dtype='float32'`: the model has {str(weights).removeprefix('torch.')} "
+                             "weights, so its passes cannot run in float32; load a float32 copy (`model.float()`), "
+                             "or leave `autocast_dtype` out to run (and record) the weights' dtype.")
         wanted = None if autocast_dtype == "float32" else autocast_dtype
         if wanted != tower.config.autocast_dtype:
             changes["autocast_dtype"] = wanted

@@ -144,6 +144,9 @@ def run(args) -> int:
               "method": "vote", "batch_size": batch_size, "seed": args.seed, "device": shard.device.type,
               "max_image_pixels": args.max_image_pixels, "smoothing": smoothing_params(tower)}
     dtype = compute_dtype(tower)  # --dtype, else the model's own autocast or weights dtype: what the passes run in
+    # the tower's dtype for certify_answer: its autocast, else "float32" to turn a model's own autocast off (float32
+    # weights), else none (half weights: no autocast of the model's own, or the tower would have it)
+    own_dtype = tower.config.autocast_dtype or ("float32" if dtype == "float32" else None)
     if dtype != "float32":  # runs made before --dtype (float32) keep their header
         params["dtype"] = dtype
     pad_token_id = processor.tokenizer.pad_token_id
@@ -157,7 +160,7 @@ def run(args) -> int:
             cert = certify_answer(model, inputs, candidates, sigma=sigma, n0=args.n0, n=args.n, alpha=args.alpha,
                                   target_radius=args.target_radius, batch_size=batch_size, seed=seed,
                                   pad_token_id=pad_token_id,
-                                  autocast_dtype=tower.config.autocast_dtype or "float32")  # the tower's dtype
+                                  autocast_dtype=own_dtype)
             label = None if item.label is None else int(item.label)
             run.append({"key": item.key, "index": item.index, "status": "ok", "label": label,
                         "correct": None if label is None else cert.answer == label, **cert.to_dict(),

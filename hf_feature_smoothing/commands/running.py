@@ -27,14 +27,15 @@ def smoothed_tower(model, args) -> SmoothedVisionTower:
     """The model's smoothed tower at --sigma, --dtype and --chunk-size (each None: the model's own; --dtype float32
     turns the model's own autocast off); the model's own tower is never modified (another setting gives a new tower
     over the same encoder)."""
-    tower = as_smoothed_tower(model, args.sigma, args.dtype)
-    if args.chunk_size is not None and args.chunk_size != tower.config.chunk_size:
-        tower = SmoothedVisionTower(tower.encoder, dataclasses.replace(tower.config, chunk_size=args.chunk_size))
+    tower = as_smoothed_tower(model, args.sigma)
     weights = next(tower.encoder.parameters(), torch.empty(0)).dtype
-    if args.dtype == "float32" and weights != torch.float32:
+    if args.dtype == "float32" and weights != torch.float32:  # as `as_smoothed_tower` refuses, naming the option
         raise OptionError(f"--dtype float32: --model {args.model} has {str(weights).removeprefix('torch.')} "
                           f"weights, so its passes cannot run in float32; load a float32 copy, or leave --dtype out "
                           f"to run (and record) the model's own dtype.")
+    tower = as_smoothed_tower(tower, None, args.dtype)
+    if args.chunk_size is not None and args.chunk_size != tower.config.chunk_size:
+        tower = SmoothedVisionTower(tower.encoder, dataclasses.replace(tower.config, chunk_size=args.chunk_size))
     return tower
 
 
