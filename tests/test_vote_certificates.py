@@ -43,8 +43,8 @@ def one_thread():
 
 @pytest.fixture
 def coarse_grid(monkeypatch):
-    """A 10× coarser grid of candidate p_A (the bound's validity holds for any grid fixed in advance): the coverage
-    runs then take seconds, not minutes."""
+    """A 10× coarser grid of candidate p_A (the bound's validity holds for any grid fixed in advance), for the
+    coverage runs through `certify_prediction`; the statistics' own coverage runs use the shipped grid."""
     monkeypatch.setattr(vote, "VOTE_GRID_STEP", 0.1)
 
 
@@ -101,15 +101,15 @@ def _vote_misses(p: float, n: int, target_radius: float | None, trials: int = TR
     return misses, stops
 
 
-def test_vote_bound_covers_at_fixed_n(coarse_grid):
+def test_vote_bound_covers_at_fixed_n():  # the shipped grid (VOTE_GRID_STEP = 0.01)
     misses, _ = _vote_misses(0.8, 64, None)
     print(f"vote bound, fixed n = 64: {misses} misses / {TRIALS} (α = {ALPHA})")
     assert _within_level(misses, TRIALS, ALPHA)
 
 
-def test_vote_bound_covers_when_stopped_early_at_a_target_radius(coarse_grid):
+def test_vote_bound_covers_when_stopped_early_at_a_target_radius():
     """The target needs p̲_A ≥ 0.82 > p_A = 0.8: every early stop is a miss, so the bound is tested where optional
-    stopping hurts most."""
+    stopping hurts most (the shipped grid, as in the fixed-n test)."""
     p, target = 0.8, SIGMA * normal_ppf(0.82)
     misses, stops = _vote_misses(p, 100, target)
     print(f"vote bound, early stop at R = {target:.3f}, n ≤ 100: {misses} misses / {TRIALS}, {stops} stops at the target")
