@@ -1,6 +1,7 @@
 """Class prototypes of a nearest-class-mean cosine predictor, saved for `hf-fs certify --prototypes`."""
 
 import json
+import logging
 
 import pytest
 import torch
@@ -122,7 +123,7 @@ def test_smoothed_prototypes_are_the_directions_of_the_smoothed_features():
         class_prototypes(tower, images, labels, num_samples=-1)
 
 
-def test_prototypes_cli_smoothed_options_are_recorded_and_checked(tmp_path):
+def test_prototypes_cli_smoothed_options_are_recorded_and_checked(tmp_path, caplog):
     from hf_feature_smoothing.cli import main
 
     protos = tmp_path / "smoothed.safetensors"
@@ -133,6 +134,13 @@ def test_prototypes_cli_smoothed_options_are_recorded_and_checked(tmp_path):
     assert (meta["sigma"], meta["num_samples"], meta["seed"]) == (0.25, 2, 0)
     assert main([*command, "--num-samples", "2", "--output", str(tmp_path / "x.safetensors")]) == 2  # no --sigma
     assert not (tmp_path / "x.safetensors").exists()
+    certify = ["certify", "--model", "tiny-llava", "--images", "digits:test", "--limit", "1", "--prototypes",
+               str(protos), "--n", "4", "--n0", "2"]
+    with caplog.at_level(logging.WARNING):  # certified at the σ they were made for: no word; at another: a warning
+        assert main([*certify, "--sigma", "0.25", "--output", str(tmp_path / "same.jsonl")]) == 0
+        assert "made with" not in caplog.text
+        assert main([*certify, "--sigma", "0.5", "--output", str(tmp_path / "other.jsonl")]) == 0
+    assert f"--prototypes {protos}: made with σ 0.25 (this run: 0.5)" in caplog.text
 
 
 @pytest.mark.parametrize("features", ["vision", "projected"])

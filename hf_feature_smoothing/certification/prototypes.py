@@ -6,7 +6,7 @@ import json
 import math
 import os
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 from safetensors import safe_open
@@ -22,6 +22,7 @@ from .arguments import check_prototypes
 
 PROTOTYPES_KEY = "prototypes"
 CENTER_KEY = "feature_center"
+MADE_WITH = ("model", "booster", "sigma")  # the setting a prototypes file records it was made for
 
 
 @torch.inference_mode()
@@ -169,10 +170,12 @@ def save_prototypes(prototypes: torch.Tensor, path: str | os.PathLike, *, class_
 @dataclass(frozen=True)
 class PrototypeSpace:
     """The feature space a prototypes file was made in: the tower's `smoothed_features` site and `feature_center`
-    (None: not recorded, e.g. a file from before these were saved, or no centre)."""
+    (None: not recorded, e.g. a file from before these were saved, or no centre), and `made_with`: the `model`,
+    `booster` and `sigma` its metadata records (`hf-fs prototypes`; only those present)."""
 
     smoothed_features: str | None = None
     feature_center: list[float] | None = None
+    made_with: dict = field(default_factory=dict)
 
 
 def read_prototypes(path: str | os.PathLike, name: str | None = None,
@@ -204,7 +207,14 @@ def read_prototypes(path: str | os.PathLike, name: str | None = None,
     if center is not None and (center.ndim != 1 or not center.numel() or not torch.isfinite(center).all()):
         raise ValueError(f"{name}: its `{CENTER_KEY}` must be a non-empty, finite 1-d tensor (got shape "
                          f"{tuple(center.shape)}); recompute the prototypes with `hf-fs prototypes --center`.")
-    return prototypes, PrototypeSpace(site, None if center is None else center.tolist())
+    made_with = {}
+    for key in MADE_WITH:
+        if key in metadata:
+            try:
+                made_with[key] = json.loads(metadata[key])
+            except json.JSONDecodeError:
+                made_with[key] = metadata[key]
+    return prototypes, PrototypeSpace(site, None if center is None else center.tolist(), made_with)
 
 
 def load_prototypes(path: str | os.PathLike, name: str | None = None, width: int | None = None) -> torch.Tensor:

@@ -45,6 +45,7 @@ from .options import (
 from .running import (
     NEWER_PARAMS,
     first_bad_label,
+    logger,
     model_params,
     pending_images,
     refuse_mislabelled_dtype,
@@ -159,6 +160,19 @@ def prototype_tower(args, tower: SmoothedVisionTower, space: PrototypeSpace) -> 
     return SmoothedVisionTower(tower.encoder, dataclasses.replace(tower.config, **changes)) if changes else tower
 
 
+def warn_other_setting(args, tower: SmoothedVisionTower, space: PrototypeSpace) -> None:
+    """A warning when the prototypes were made for another model, booster or σ than this run's (as their file
+    records): sound still (they are fixed before sampling), but not the predictor made for this setting."""
+    ours = {"model": args.model, "booster": args.booster, "sigma": tower.sigma}
+    made = {key: value for key, value in space.made_with.items() if not (key == "sigma" and value is None)}
+    other = [f"{'σ' if key == 'sigma' else '--' + key} {made[key]} (this run: {ours[key]})" for key in made
+             if made[key] != ours[key]]
+    if other:
+        logger.warning(f"--prototypes {args.prototypes}: made with {', '.join(other)}. The certificates stay sound "
+                       f"(the prototypes are fixed before sampling), but the predictor was not made for this setting; "
+                       f"`hf-fs prototypes` with this run's --model, --booster and --sigma makes one that is.")
+
+
 def check_model_options(args, tower, prototypes) -> None:
     """Checks that need the loaded model: a target within reach at its σ, prototypes of its feature width."""
     if prototypes is None and (args.target_cosine is not None or args.target_radius is not None):
@@ -243,6 +257,7 @@ def run(args) -> int:
     tower = smoothed_tower(model, args)
     if space is not None:
         tower = prototype_tower(args, tower, space)
+        warn_other_setting(args, tower, space)
     check_model_options(args, tower, prototypes)
     params = {**model_params(args, model), "source": source.description, "sigma": tower.sigma,
               "n0": args.n0, "n": args.n, "alpha": args.alpha, "bound": args.bound, "seed": args.seed,
