@@ -111,3 +111,20 @@ def test_advisories_read_the_certificate_record():
     assert advisories_for({**record, "versions": {"hf_feature_smoothing": "0.2.0"}}) == []
     prediction = {"versions": {"hf_feature_smoothing": "0.1.0"}, "bound": "betting", "n": 5000}  # no n_used
     assert advisories_for(prediction) == [BETTING_CARRY]
+
+
+def test_accuracy_plot_and_summary_count_the_same_labelled_rows(tmp_path, monkeypatch):
+    """An unlabelled row is left out of certified accuracy, in the summary and in the plot alike (it is neither right
+    nor wrong)."""
+    import hf_feature_smoothing.runs.plotting as plotting
+    from hf_feature_smoothing.runs.report import RunGroup, plot_group, summary_lines
+
+    base = {"sigma": 0.25, "n": 10, "alpha": 0.01, "status": "ok", "source": None}
+    rows = [{**base, "key": "a", "prediction": 1, "label": 1, "correct": True, "radius": 0.3},
+            {**base, "key": "b", "prediction": 0, "label": None, "correct": None, "radius": 0.4}]
+    group = RunGroup("certify", {"prototypes": {"sha256": "f" * 64}, "n": 10, "sigma": 0.25}, [tmp_path], rows)
+    plotted = []
+    monkeypatch.setattr(plotting, "plot_certified_accuracy", lambda rows, path: plotted.append(rows))
+    assert plot_group(group, tmp_path / "plot.png") and plotted == [rows[:1]]
+    table = summary_lines(group, radii=(0.25,))
+    assert "1 labelled" in table[0] and table[-1] == "| 1.0000 | 0.0000 |"

@@ -48,7 +48,7 @@ def plot_certified_cosine(rows: list[dict], path: str | os.PathLike, max_epsilon
 
 
 def plot_certified_accuracy(rows: list[dict], path: str | os.PathLike) -> None:
-    """Fraction of images whose prediction is certified correct within radius r, vs r."""
+    """Fraction of images whose prediction is certified correct within radius r, vs r (labelled rows only)."""
     import matplotlib
 
     matplotlib.use("Agg")

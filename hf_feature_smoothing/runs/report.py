@@ -271,9 +271,10 @@ def plot_group(group: RunGroup, path: str | os.PathLike) -> bool:
     if group.kind == "feature":
         plot_certified_cosine(group.rows, path)
     elif group.kind in ("prediction", "answer"):
-        if not any(r.get("label") is not None for r in group.rows):
+        labelled = [r for r in group.rows if r.get("label") is not None]  # as the summary: accuracy needs labels
+        if not labelled:
             return False
-        plot_certified_accuracy(group.rows, path)
+        plot_certified_accuracy(labelled, path)
     else:
         plot_attack(group.rows, path)
     return True
