@@ -12,10 +12,12 @@ from huggingface_hub import ModelCard
 from huggingface_hub.hf_api import RepoUrl
 
 import hf_feature_smoothing as hfs
-from hf_feature_smoothing.certification import certify
+from hf_feature_smoothing.certification import certify, certify_prediction
 from hf_feature_smoothing.hub.sharing import build_model_card, certificate_eval_results
 from hf_feature_smoothing.statistics.aggregates import certified_accuracy, certified_cosine
 from hf_feature_smoothing.testing_utils import tiny_inputs, tiny_smoothed_model
+
+from .toy_encoders import ToyEncoder, toy_images
 
 
 @pytest.fixture(scope="module")
@@ -83,6 +85,25 @@ def test_answer_and_vote_certificates_name_their_method_candidates_and_targets()
     with pytest.raises(ValueError, match="prototypes"):  # two predictors are never pooled into one entry
         certificate_eval_results([{**votes[0], "prototypes_sha256": "a" * 64}, {**votes[1], "prototypes_sha256": "b" * 64}],
                                  "d")
+    with pytest.raises(ValueError, match="prototypes"):  # the API's certificates name their prototypes tensor
+        certificate_eval_results([{**votes[0], "prototypes_digest": "a" * 16}, {**votes[1], "prototypes_digest": "b" * 16}],
+                                 "d")
+    (named, _) = certificate_eval_results([votes[0], {**votes[1], "prototypes_digest": "a" * 16}], "d", radii=(0.5,))
+    assert "prototypes aaaaaaaa" in named.metric_name and named.metric_args["prototypes_digest"] == "a" * 16
+
+
+def test_certify_prediction_names_its_prototypes():
+    """The digest of the prototypes tensor (shape and values) is in every prediction certificate, so two predictors'
+    certificates made through the API are never pooled."""
+    encoder = ToyEncoder("sign")
+    tower = hfs.SmoothedVisionTower(encoder, hfs.FeatureSmoothingConfig(sigma=0.25))
+    prototypes = torch.stack([encoder.u.data, -encoder.u.data])
+    digests = {method: {c.prototypes_digest for c in certify_prediction(tower, toy_images([0.1, 0.2]), prototypes,
+                                                                          n0=4, n=8, seed=0, method=method)}
+               for method in ("vote", "margin")}
+    assert digests["vote"] == digests["margin"] and len(digests["vote"]) == 1 and None not in digests["vote"]
+    (other,) = certify_prediction(tower, toy_images([0.1]), prototypes.flip(0), n0=4, n=8, seed=0)
+    assert {other.prototypes_digest} != digests["vote"]
 
 
 def test_mixed_settings_are_refused(certified):

@@ -116,7 +116,8 @@ class PredictionCertificate:
       `p_upper_runner_up` is 1 − `p_lower`, `hits` the votes for the prediction among `n_used` estimation samples,
       `stop` why sampling stopped (`"target"`: `target_radius` certified early; anytime-valid bound).
 
-    `prediction` is None (abstain) when the radius is 0. `to_dict()` is strict JSON.
+    `prediction` is None (abstain) when the radius is 0. `prototypes_digest` names the predictor: SHA-256 (16 hex
+    digits) of the prototypes' shape and values. `to_dict()` is strict JSON.
     """
 
     index: int
@@ -144,6 +145,7 @@ class PredictionCertificate:
     hits: int | None = None
     stop: str = "n"
     target_radius: float | None = None
+    prototypes_digest: str | None = None
 
     def to_dict(self) -> dict:
         return strict_json(dataclasses.asdict(self))

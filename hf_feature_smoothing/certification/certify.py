@@ -27,6 +27,7 @@ from ..statistics.bounds import (
 )
 from ..statistics.vote import VoteBound, vote_result, vote_target
 from ..utils.logging import get_logger
+from ..utils.tensors import tensors_digest
 from ..utils.validation import check_alpha, check_positive_int, check_sigma
 from .arguments import (
     ALPHA_SPLITS,
@@ -335,11 +336,13 @@ def certify_prediction(
                          f"`bound={bound!r}`. Use `bound='betting'` (the default).")
     prototypes = check_prototypes(prototypes)
     num_classes = prototypes.shape[0]
+    digest = tensors_digest({"prototypes": prototypes, "shape": torch.tensor(prototypes.shape)})  # the predictor
     tower = as_smoothed_tower(model_or_tower, sigma, autocast_dtype)
     if method == "vote":
-        return _certify_vote(tower, images, prototypes, labels, n0=n0, n=n, alpha=alpha, seed=seed,
-                             target_radius=target_radius, input_space=input_space, image_grid_thw=image_grid_thw,
-                             image_size=image_size, progress=progress)
+        certificates = _certify_vote(tower, images, prototypes, labels, n0=n0, n=n, alpha=alpha, seed=seed,
+                                     target_radius=target_radius, input_space=input_space,
+                                     image_grid_thw=image_grid_thw, image_size=image_size, progress=progress)
+        return [dataclasses.replace(c, prototypes_digest=digest) for c in certificates]
     dtype = compute_dtype(tower)
     inputs_list = to_image_inputs(tower, images, input_space=input_space, image_grid_thw=image_grid_thw, image_size=image_size)
     labels = check_labels(labels, len(inputs_list), num_classes)
@@ -377,7 +380,7 @@ def certify_prediction(
             label=label, correct=None if label is None else prediction == label, sigma=tower.sigma, n0=n0, n=n,
             alpha=alpha, bound=bound, alpha_split=alpha_split, runner_ups=others,
             centered=tower.config.feature_center is not None, seed=seed, dtype=dtype,
-            resolution=job.noise.resolution,
+            resolution=job.noise.resolution, prototypes_digest=digest,
         ))
     return results
 

@@ -40,7 +40,8 @@ def _as_dicts(certificates) -> list[dict]:
     if len({(r["sigma"], r["n"], r.get("n0"), r["alpha"], r["bound"], r.get("target_cosine"), r.get("target_radius"),
              r.get("method"), r.get("candidates_digest"), r.get("prompt_digest"), r.get("booster_digest"),
              r.get("model"), r.get("dtype"), r.get("centered"), r.get("reference"), r.get("alpha_split"),
-             r.get("noise_space"), r.get("prototypes_sha256")) for r in rows}) > 1:
+             r.get("noise_space"), r.get("prototypes_sha256")) for r in rows}) > 1 or len(
+            {r["prototypes_digest"] for r in rows if r.get("prototypes_digest")}) > 1:  # older rows have none
         raise ValueError("Certificates differ in σ, n, n0, α, bound, method, sequential target, compute dtype, "
                          "centring, reference, α split, noise space, prototypes, or (answers) the candidates, prompt, "
                          "model or booster: aggregate one setting at a time.")
@@ -61,9 +62,10 @@ def certificate_eval_results(certificates, dataset_name: str, dataset_type: str 
     `metric_args` states σ, ε or r, n, α, the bound, the noise space and, where the certificates carry them, the seed,
     compute dtype, resolution and centring; feature entries the reference; prediction and answer entries the method
     (`"margin"` / `"vote"`, margin entries the α split) and n0, answer entries the candidate answers (texts and
-    digest), the prompt digest and the booster, and name the candidates' and booster's digests; prediction entries whose certificates carry `prototypes_sha256` (rows
-    read by [`group_runs`]: the digest of the `--prototypes` file in their run's header) state it in the arguments
-    and, shortened, in the name. Sequential certificates (stopped at `target_cosine` /
+    digest), the prompt digest and the booster, and name the candidates' and booster's digests; prediction entries
+    state the predictor's `prototypes_digest` (of the prototypes tensor) and, for rows read by [`group_runs`],
+    `prototypes_sha256` (of the `--prototypes` file in their run's header), and name it shortened (the file's digest
+    where there is one). Sequential certificates (stopped at `target_cosine` /
     `target_radius`) say so in every entry's name ("sequential, target …, n ≤ N") and `metric_args` (the targets,
     `n` as the most samples and the mean `n_used`)."""
     rows = _as_dicts(certificates)
@@ -86,9 +88,14 @@ def certificate_eval_results(certificates, dataset_name: str, dataset_type: str 
         if args["method"] == "margin" and "alpha_split" in first:  # one value: `_as_dicts`
             args["alpha_split"] = first["alpha_split"]
         setting += f", {args['method']}"
+        digest = next((r["prototypes_digest"] for r in rows if r.get("prototypes_digest")), None)  # one: `_as_dicts`
+        if digest:
+            args["prototypes_digest"] = digest
         if first.get("prototypes_sha256"):  # one value: `_as_dicts`; two predictors' entries never share a name
             args["prototypes_sha256"] = first["prototypes_sha256"]
-            setting += f", {prototypes_label(first['prototypes_sha256'])}"
+        named = first.get("prototypes_sha256") or digest  # the prototypes file's digest, else the tensor's
+        if named:
+            setting += f", {prototypes_label(named)}"
     if kind == "answer":
         args.update({key: first[key] for key in ("candidates", "candidates_digest", "prompt_digest", "booster_digest",
                                                  "base_classifier")})

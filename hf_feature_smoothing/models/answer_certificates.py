@@ -24,6 +24,7 @@ from ..smoothing.modeling_smoothed_tower import SmoothedVisionTower
 from ..smoothing.noise import SeededNoise, fresh_seed
 from ..smoothing.towers import ImageInputs
 from ..statistics.vote import VoteBound, top_class, vote_result, vote_target
+from ..utils.tensors import tensors_digest
 from ..utils.validation import check_alpha, check_positive_int, check_seed
 from .answers import CandidateAnswers
 from .booster_support import booster_support
@@ -103,12 +104,7 @@ def booster_record(model: nn.Module) -> tuple[str | None, str | None]:
         return None, None
     tower = getattr(model, "smoothed_vision_tower", None)
     name = getattr(getattr(tower, "config", None), "booster", None) or ",".join(support.names(model)) or None
-    digest = hashlib.sha256()
-    for key in sorted(state):
-        tensor = state[key].detach().to("cpu").reshape(-1).contiguous()
-        digest.update(f"{key}|{tuple(tensor.shape)}|{tensor.dtype}|".encode())
-        digest.update(tensor.view(torch.uint8).numpy().tobytes() if tensor.numel() else b"")
-    return name, digest.hexdigest()[:16]
+    return name, tensors_digest(state)
 
 
 @contextlib.contextmanager

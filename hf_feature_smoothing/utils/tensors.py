@@ -1,12 +1,24 @@
-"""Checks on loaded tensors and the files they come from."""
+"""Checks on loaded tensors and the files they come from, and the digest that names a set of tensors."""
 
 import contextlib
+import hashlib
 import os
 from collections.abc import Iterator
 from pathlib import Path
 
 import torch
 from safetensors import SafetensorError, safe_open
+
+
+def tensors_digest(tensors: dict[str, torch.Tensor]) -> str:
+    """SHA-256 (16 hex digits) of named tensors: every name, size, dtype and value byte, in name order (the format
+    of the booster digests certificates have carried since 0.2.0). Names a booster's weights or prototypes exactly."""
+    digest = hashlib.sha256()
+    for name in sorted(tensors):
+        tensor = tensors[name].detach().to("cpu").reshape(-1).contiguous()
+        digest.update(f"{name}|{tuple(tensor.shape)}|{tensor.dtype}|".encode())
+        digest.update(tensor.view(torch.uint8).numpy().tobytes() if tensor.numel() else b"")
+    return digest.hexdigest()[:16]
 
 
 def check_finite(tensors: dict[str, torch.Tensor], source: str) -> None:
