@@ -129,9 +129,7 @@ def summarise(args) -> list[dict]:
         ok = [r for r in read_run(path).rows if r["status"] == "ok"]
         if not ok:
             continue
-        predicted = [r.get("answer", r.get("prediction")) for r in ok]
-        scores = metric.compute(prediction=[-1 if p is None else p for p in predicted],
-                                label=[r["label"] for r in ok], radius=[r["radius"] for r in ok], epsilon=list(RADII))
+        scores = metric.compute(**metrics.accuracy_inputs(ok), epsilon=list(RADII))
         settings.update((r["n0"], r["n"], r["alpha"], r["dtype"]) for r in ok)
         copies = [r["n0"] + (r.get("n_used") or r["n"]) for r in ok]
         results.append({"set": name, "method": method, "booster": variant, "sigma": sigma, "images": len(ok),

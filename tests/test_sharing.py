@@ -172,17 +172,28 @@ def test_evaluate_metric_loads_offline_and_matches_summary(tmp_path):
         "c.add_batch(score_lower=[0.9, 0.4, 0.7], sigma=[0.25, 0.25, 0.5])\n"
         "a = m.load('certified_robustness', 'accuracy')\n"
         "print(json.dumps([c.compute(epsilons=[0.0, 0.1]), a.compute(prediction=[1, -1], label=[1, 0], radius=[0.2, 0.0],"
-        " radii=[0.0, 0.3])]))\n"
+        " radii=[0.0, 0.3]), m.accuracy_inputs([{'answer': 1, 'label': 1, 'radius': 0.2},"
+        " {'answer': None, 'label': 0, 'radius': 0.0}])]))\n"
     )
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "HF_EVALUATE_OFFLINE": "1",
            "HF_HOME": str(tmp_path / "home")}
     result = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True)
     assert result.returncode == 0, result.stderr[-3000:]
-    cosine, accuracy = json.loads(result.stdout.strip().splitlines()[-1])
+    cosine, accuracy, answers = json.loads(result.stdout.strip().splitlines()[-1])
+    assert answers == {"prediction": [1, -1], "label": [1, 0], "radius": [0.2, 0.0]}  # answer rows, as the metric reads
     assert cosine == certified_cosine([0.9, 0.4, 0.7], [0.25, 0.25, 0.5], [0.0, 0.1])
     assert cosine["certified_cosine@0"] == pytest.approx((0.8 + 0.0 + 0.4) / 3)
     assert accuracy == certified_accuracy([1, None], [1, 0], [0.2, 0.0], [0.0, 0.3]) == {
         "certified_accuracy@0": 0.5, "certified_accuracy@0.3": 0.0, "abstain_rate": 0.5}
+
+
+def test_accuracy_inputs_refuse_what_has_no_accuracy():
+    from hf_feature_smoothing.metrics import accuracy_inputs
+
+    with pytest.raises(ValueError, match="certificate 1 has no `label`"):
+        accuracy_inputs([{"prediction": 0, "label": 0, "radius": 0.1}, {"prediction": 1, "label": None, "radius": 0}])
+    with pytest.raises(ValueError, match="feature certificate"):
+        accuracy_inputs([{"score_lower": 0.9, "sigma": 0.25}])
 
 
 def test_no_pickle_loading_in_the_package():
