@@ -203,11 +203,12 @@ def certify_answer(
         batch_size (`int`, *optional*, defaults to 16): noisy copies per forward pass.
         seed (`int`, *optional*): the noise seed.
         pad_token_id (`int`, *optional*): padding id (defaults to the model config's, else 0).
-        autocast_dtype (`str`, *optional*): `"bfloat16"` / `"float16"` runs the forward passes under autocast
-            (default: a smoothed model's own `autocast_dtype`, else the weights' dtype; `"float32"` turns a smoothed
-            model's own autocast off); the certificate then covers
-            the model *as computed in that dtype* (recorded as `dtype`). bfloat16 is 2–3× faster on CPUs with AMX
-            and on GPUs, and much slower where it is emulated (a warning says so).
+        autocast_dtype (`str`, *optional*): `"bfloat16"` / `"float16"` runs the whole forward passes (tower and
+            language model) under autocast (default: a smoothed model's own `autocast_dtype`, which in the model
+            itself covers only its tower passes; else the weights' dtype; `"float32"` turns a smoothed model's own
+            autocast off; refused on half-precision weights); the certificate then covers the model *as computed
+            in that dtype* (recorded as `dtype`). bfloat16 is 2–3× faster on CPUs with AMX and on GPUs, and much
+            slower where it is emulated (a warning says so).
         progress (`bool`, *optional*): show a progress bar over copies.
     """
     _check_inputs(model, inputs, candidates)
