@@ -24,9 +24,10 @@ from hf_feature_smoothing.assets.labelled_images import digit_examples
 from hf_feature_smoothing.assets.llava_dinov2_smollm2 import llava_checkpoint
 from hf_feature_smoothing.assets.registry import resolve_booster_path
 from hf_feature_smoothing.attacks.classifier import AnswerClassifier, classifier_attack
+from hf_feature_smoothing.commands.running import run_info
 from hf_feature_smoothing.models.answer_certificates import booster_record, prompt_digest
 from hf_feature_smoothing.runs import read_run
-from hf_feature_smoothing.runs.fingerprints import file_sha256
+from hf_feature_smoothing.runs.fingerprints import file_sha256, weights_fingerprint
 from hf_feature_smoothing.runs.runner import Run
 from hf_feature_smoothing.runs.sharding import Shard
 from hf_feature_smoothing.smoothing.towers import ImageInputs
@@ -66,6 +67,9 @@ class Target:
         self.dtype = getattr(torch, params.get("dtype", "float32"))
         self.digests = {"candidates_digest": self.candidates.digest(),
                         "booster_digest": booster_record(self.model)[1]}
+        if weights_fingerprint(self.model) != params["model_weights"]:  # the checkpoint (and booster) certified
+            raise SystemExit(f"the run certified weights {params['model_weights']}, the rebuilt model has "
+                             f"{weights_fingerprint(self.model)}: it was made with another checkpoint or booster.")
 
     def classifier(self, row: dict, image) -> tuple[AnswerClassifier, torch.Tensor]:
         """The base classifier of `row`'s certificate on `image` (its digests checked) and the [0, 1] image."""
@@ -153,12 +157,14 @@ def main() -> None:
         parser.error(f"--run {args.run}: no certified-correct row with radius ≥ {args.min_radius}.")
     params = {"run": args.run, "run_sha256": file_sha256(args.run), "images": args.images,
               "min_radius": args.min_radius, "steps": args.steps, "eot": args.eot, "votes": args.votes,
-              "seed": args.seed, "dtype": run_file.header["params"].get("dtype", "float32"), "norm": "l2",
+              "batch": args.batch, "seed": args.seed, "dtype": run_file.header["params"].get("dtype", "float32"),
+              "norm": "l2",
               "attack": "apgd-ce (untargeted, certified answer)", "level": LEVEL}
     target = Target(run_file.header["params"])
     examples = {e.key: e for e in digit_examples("test")}
-    with Run(args.output, "answer-certificate-attack", Shard.from_accelerate()).lock() as run:
-        run.open(params)
+    shard = Shard.from_accelerate()
+    with Run(args.output, "answer-certificate-attack", shard).lock() as run:
+        run.open(params, run_info(shard, len(rows) * len(args.fractions)), newer_params=("batch",))
         for row in rows:
             for fraction in args.fractions:
                 if f"{row['key']}|{fraction:g}" in run.done:

@@ -194,6 +194,8 @@ def test_accuracy_inputs_refuse_what_has_no_accuracy():
         accuracy_inputs([{"prediction": 0, "label": 0, "radius": 0.1}, {"prediction": 1, "label": None, "radius": 0}])
     with pytest.raises(ValueError, match="feature certificate"):
         accuracy_inputs([{"score_lower": 0.9, "sigma": 0.25}])
+    with pytest.raises(ValueError, match="row 0 .* is `skipped`"):
+        accuracy_inputs([{"key": "a.png", "status": "skipped", "reason": "not an image"}])
 
 
 def test_no_pickle_loading_in_the_package():

@@ -11,13 +11,13 @@ import torch
 import hf_feature_smoothing as hfs
 from hf_feature_smoothing import FeatureSmoothingConfig, SmoothedVisionTower
 from hf_feature_smoothing.certification import certify_prediction
-from hf_feature_smoothing.models.answer_certificates import _base_classifier
+from hf_feature_smoothing.models.answer_certificates import _base_classifier, prompt_digest
 from hf_feature_smoothing.models.answers import CandidateAnswers
 from hf_feature_smoothing.statistics import vote
 from hf_feature_smoothing.statistics.betting import betting_lower_bound
 from hf_feature_smoothing.statistics.bounds import normal_cdf, normal_ppf
 from hf_feature_smoothing.statistics.vote import VoteBound, certify_vote, top_class, vote_radius, vote_target
-from hf_feature_smoothing.testing_utils import tiny_inputs, tiny_model, tiny_smoothed_model
+from hf_feature_smoothing.testing_utils import IMAGE_TOKEN_ID, tiny_inputs, tiny_model, tiny_smoothed_model
 
 from .toy_encoders import ToyEncoder, toy_images
 
@@ -263,6 +263,15 @@ def test_certify_answer_on_qwen_vl_batches_patch_flattened_copies(family):
     patch = model.config.vision_config.patch_size
     assert record["resolution"] == [4 * patch, 4 * patch] and record["smoothed"] and record["sigma"] == 0.25
     assert sum(record["counts"]) == 6 and record["n_used"] == 10
+    # one prompt, one digest, whatever the image's size (Qwen's processor gives a bigger image more image tokens)
+    ids = inputs["input_ids"][0].tolist()
+    start = ids.index(IMAGE_TOKEN_ID)
+    bigger = torch.tensor([ids[:start] + [IMAGE_TOKEN_ID] * 5 + ids[start:]])
+    image_token = model.config.image_token_id
+    assert prompt_digest(bigger, image_token_id=image_token) == prompt_digest(inputs["input_ids"],
+                                                                             image_token_id=image_token)
+    assert record["prompt_digest"] == prompt_digest(inputs["input_ids"], image_token_id=image_token)
+    assert prompt_digest(bigger) != prompt_digest(inputs["input_ids"])  # LLaVA's digest: every token, as before
     two = tiny_inputs(model, num_images=2)
     with pytest.raises(ValueError, match="image_grid_thw"):
         hfs.certify_answer(model, two, CANDIDATES, n0=2, n=2, seed=0)

@@ -27,6 +27,9 @@ def accuracy_inputs(certificates) -> dict[str, list]:
     rows = [c if isinstance(c, dict) else c.to_dict() for c in certificates]
     inputs = {"prediction": [], "label": [], "radius": []}
     for i, row in enumerate(rows):
+        if row.get("status", "ok") != "ok":
+            raise ValueError(f"row {i} ({row.get('key')}) is `{row['status']}`, not a certificate: pass the rows whose "
+                             "`status` is `ok` (a skipped image has no certified prediction).")
         kind = certificate_kind(row)
         if kind == "feature":
             raise ValueError(f"certificate {i} is a feature certificate: certified accuracy needs prediction or answer "

@@ -88,11 +88,17 @@ class AnswerCertificate:
         return strict_json(dataclasses.asdict(self))
 
 
-def prompt_digest(input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> str:
-    """SHA-256 (16 hex digits) of a prompt's token ids (the attended ones)."""
+def prompt_digest(input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
+                  image_token_id: int | None = None) -> str:
+    """SHA-256 (16 hex digits) of a prompt's token ids (the attended ones). With `image_token_id` (Qwen-VL, whose
+    processor gives an image as many of these tokens as its size asks), each run of it counts as one token, so
+    one prompt has one digest whatever the image sizes; LLaVA prompts (a fixed run per image) are hashed as they are."""
     ids = input_ids.reshape(-1)
     if attention_mask is not None:
         ids = ids[attention_mask.reshape(-1).bool()]
+    if image_token_id is not None and len(ids):
+        repeated = torch.cat([torch.zeros(1, dtype=torch.bool, device=ids.device), ids[1:] == ids[:-1]])
+        ids = ids[~(repeated & (ids == image_token_id))]
     return hashlib.sha256(json.dumps(ids.tolist()).encode()).hexdigest()[:16]
 
 
@@ -235,8 +241,7 @@ def certify_answer(
         pad_token_id = getattr(config, "pad_token_id", None) or 0
     image_inputs = ImageInputs(inputs["pixel_values"], inputs.get("image_grid_thw"))
     noise = ImageNoise(tower, image_inputs, seed)
-    prompt = {key: value for key, value in inputs.items() if key not in ("pixel_values", "image_grid_thw")}
-    prefixed, positions = candidates.with_prefix(prompt, pad_token_id)  # with token-aligned ids (mm_token_type_ids)
+    prefixed, positions = candidates.with_prefix(inputs, pad_token_id)  # with Qwen-VL's mm_token_type_ids
 
     def votes(source: SeededNoise, start: int, count: int) -> torch.Tensor:
         copies = tower.add_noise(image_inputs, count, source=source, start=start)
@@ -268,7 +273,9 @@ def certify_answer(
         radius=result.radius, p_lower=result.p_lower, counts=counts.tolist(), hits=result.hits, n0=n0, n=n,
         n_used=result.n_used, stop=result.stop, alpha=alpha, sigma=tower.sigma, seed=seed, target_radius=target_radius,
         candidates=list(candidates.texts), candidates_digest=candidates.digest(),
-        prompt_digest=prompt_digest(inputs["input_ids"], inputs.get("attention_mask")), resolution=noise.resolution,
+        prompt_digest=prompt_digest(inputs["input_ids"], inputs.get("attention_mask"),
+                                    None if image_inputs.image_grid_thw is None else model.config.image_token_id),
+        resolution=noise.resolution,
         smoothed=smoothed, model=getattr(model.config, "_name_or_path", None) or None,
         dtype=dtype, booster=booster,
         booster_digest=booster_digest, batch_size=batch_size,

@@ -17,6 +17,9 @@ from torch import nn
 from ..smoothing.towers import ImageInputs
 
 
+TOKEN_TYPE_KEYS = ("mm_token_type_ids",)  # per-token inputs a prompt carries besides its ids (Qwen-VL's M-RoPE)
+
+
 def _cache_name(model: nn.Module) -> str:
     """The forward's key/value cache argument (and output): `cache` since transformers 5.25, `past_key_values`
     before (the old name warns there and goes in 5.40)."""
@@ -102,9 +105,10 @@ class CandidateAnswers:
         return next((k for k, ids in enumerate(self.token_ids) if list(ids) == list(answer_ids)), None)
 
     def with_prefix(self, inputs: dict, pad_token_id: int) -> tuple[dict, torch.Tensor]:
-        """`input_ids` / `attention_mask` of each prompt followed by the shared prefix (right-padded), every other
-        token-aligned tensor of `inputs` (e.g. Qwen-VL's `mm_token_type_ids`) carried along with 0 on the prefix and
-        the padding, and the position of each row's last token (whose logits score the branch token)."""
+        """`input_ids` / `attention_mask` of each prompt followed by the shared prefix (right-padded), the token type
+        ids of `inputs` (`TOKEN_TYPE_KEYS`: Qwen-VL's `mm_token_type_ids`) carried along with 0 (text) on the prefix
+        and the padding, and the position of each row's last token (whose logits score the branch token). Other
+        entries of `inputs` (the pixels) are not part of the prompt."""
         ids = inputs["input_ids"]
         mask = inputs.get("attention_mask", torch.ones_like(ids))
         kept = [mask[row].bool() for row in range(len(ids))]
@@ -116,9 +120,13 @@ class CandidateAnswers:
             full_ids[row, : len(tokens)] = torch.tensor(tokens, dtype=ids.dtype)
             full_mask[row, : len(tokens)] = 1
         prefixed = {"input_ids": full_ids.to(ids.device), "attention_mask": full_mask.to(ids.device)}
-        for key, value in inputs.items():
-            if key in prefixed or key == "pixel_values" or not torch.is_tensor(value) or value.shape != ids.shape:
+        for key in TOKEN_TYPE_KEYS:
+            value = inputs.get(key)
+            if value is None:
                 continue
+            if not torch.is_tensor(value) or value.shape != ids.shape:
+                raise ValueError(f"`{key}` must have the shape of `input_ids` {tuple(ids.shape)}, got "
+                                 f"{tuple(value.shape) if torch.is_tensor(value) else type(value).__name__}.")
             aligned = torch.zeros((len(rows), length), dtype=value.dtype)
             for row in range(len(rows)):
                 values = value[row][kept[row]].cpu()
@@ -201,7 +209,7 @@ class CandidateAnswers:
         full["input_ids"][rows[:, None], span] = torch.where(keep, targets, full["input_ids"][rows[:, None], span])
         full["attention_mask"][rows[:, None], span] = keep.to(mask.dtype)
         skipped = int(ends.min())  # the vocabulary projection only from the first scored position on
-        logits = model(**full, **_image_kwargs(_repeat_each(images, len(positions), count)),
+        logits = model(**full, **_image_kwargs(_repeat_each(images, len(positions), count)), use_cache=False,
                        logits_to_keep=full["input_ids"].shape[1] - skipped).logits
         # the logits that predict each remainder token sit one position before it; log-softmax only there
         log_probs = logits[rows[:, None], span - 1 - skipped].float().log_softmax(-1)
