@@ -97,9 +97,7 @@ class GSBCollator:
         if "prompt" in rows[0] or "answer" in rows[0]:
             return self._prompt_answer(rows, images)
         inputs = self.family.preprocess(images, self.image_size)
-        batch = {"pixel_values": inputs.pixel_values}
-        if inputs.image_grid_thw is not None:
-            batch["image_grid_thw"] = inputs.image_grid_thw
+        batch = inputs.model_kwargs()
         if "input_ids" in rows[0]:
             batch.update(self._tokenised(rows))
         return batch

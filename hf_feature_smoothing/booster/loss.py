@@ -141,10 +141,7 @@ class GSBLoss(nn.Module):
         mask = answer[:, positions].float()
 
         def logits(inputs: ImageInputs) -> torch.Tensor:
-            pixels = {"pixel_values": inputs.pixel_values}
-            if inputs.image_grid_thw is not None:
-                pixels["image_grid_thw"] = inputs.image_grid_thw
-            return self.model(**text_inputs, **pixels, logits_to_keep=positions).logits.float()
+            return self.model(**text_inputs, **inputs.model_kwargs(), logits_to_keep=positions).logits.float()
 
         with smoothing_disabled(self.model):
             with torch.no_grad(), booster_noise_level(self.model, 0.0):

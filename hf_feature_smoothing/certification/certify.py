@@ -48,7 +48,7 @@ from .arguments import (
     target_score,
 )
 from .certificates import NOISE_SPACE, FeatureCertificate, PredictionCertificate
-from .inputs import to_image_inputs, tower_device
+from .inputs import pass_dtype, to_image_inputs, tower_device, weights_dtype
 from .sampling import CleanJob, FeatureJob, ImageNoise, PredictionJob, VoteJob, blank_features, run_jobs
 
 
@@ -90,7 +90,7 @@ def as_smoothed_tower(
     if sigma is not None and sigma != tower.sigma:
         changes["sigma"] = check_sigma(sigma)
     if autocast_dtype is not None:  # "float32": no autocast, the passes run in the weights' dtype
-        weights = next(tower.encoder.parameters(), torch.empty(0)).dtype
+        weights = weights_dtype(tower)
         if autocast_dtype == "float32" and weights != torch.float32:  # never record float32 for half passes
             raise ValueError(f"`autocast_dtype='float32'`: the model has {str(weights).removeprefix('torch.')} "
                              "weights, so its passes cannot run in float32; load a float32 copy (`model.float()`), "
@@ -105,8 +105,7 @@ def as_smoothed_tower(
 
 def compute_dtype(tower: SmoothedVisionTower) -> str:
     """The dtype the tower passes run in (recorded in certificates); warns when the CPU emulates it."""
-    param = next(tower.encoder.parameters(), None)
-    dtype = tower.config.autocast_dtype or (str(param.dtype).removeprefix("torch.") if param is not None else "float32")
+    dtype = pass_dtype(tower)
     device = tower_device(tower)
     if device.type == "cpu" and dtype in ("bfloat16", "float16"):
         probe = getattr(torch.ops.mkldnn, f"_is_mkldnn_{'bf16' if dtype == 'bfloat16' else 'fp16'}_supported", None)

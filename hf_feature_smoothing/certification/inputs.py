@@ -84,6 +84,17 @@ def tower_device(tower: SmoothedVisionTower) -> torch.device:
     return param.device if param is not None else torch.device("cpu")
 
 
+def weights_dtype(tower: SmoothedVisionTower) -> torch.dtype:
+    """The dtype of the tower's weights (float32 for a weightless encoder)."""
+    param = next(tower.encoder.parameters(), None)
+    return param.dtype if param is not None else torch.float32
+
+
+def pass_dtype(tower: SmoothedVisionTower) -> str:
+    """The dtype the tower's passes run in, by name: its autocast dtype, else its weights'."""
+    return tower.config.autocast_dtype or str(weights_dtype(tower)).removeprefix("torch.")
+
+
 def to_image_inputs(
     tower: SmoothedVisionTower,
     images,

@@ -178,6 +178,16 @@ class PrototypeSpace:
     made_with: dict = field(default_factory=dict)
 
 
+def _metadata_value(metadata: dict[str, str], key: str):
+    """A safetensors metadata value as [`save_prototypes`] writes it (JSON), else the raw string; None if absent."""
+    if key not in metadata:
+        return None
+    try:
+        return json.loads(metadata[key])
+    except json.JSONDecodeError:
+        return metadata[key]
+
+
 def read_prototypes(path: str | os.PathLike, name: str | None = None,
                     width: int | None = None) -> tuple[torch.Tensor, PrototypeSpace]:
     """The `(K, F)` prototypes of a file written by [`save_prototypes`] (any safetensors file with a `prototypes`
@@ -197,23 +207,14 @@ def read_prototypes(path: str | os.PathLike, name: str | None = None,
         raise ValueError(f"{name}: no `{PROTOTYPES_KEY}` tensor (found {sorted(keys)}); save the (K, F) class "
                          f"prototypes under that name.")
     check_prototypes(prototypes, name, width)
-    try:
-        site = json.loads(metadata.get("smoothed_features", "null"))
-    except json.JSONDecodeError:
-        site = metadata["smoothed_features"]
+    site = _metadata_value(metadata, "smoothed_features")
     if site is not None and site not in SMOOTHED_FEATURES:
         raise ValueError(f"{name}: `smoothed_features` {site!r} in its metadata is not one of {SMOOTHED_FEATURES}; "
                          f"recompute the prototypes with `hf-fs prototypes`.")
     if center is not None and (center.ndim != 1 or not center.numel() or not torch.isfinite(center).all()):
         raise ValueError(f"{name}: its `{CENTER_KEY}` must be a non-empty, finite 1-d tensor (got shape "
                          f"{tuple(center.shape)}); recompute the prototypes with `hf-fs prototypes --center`.")
-    made_with = {}
-    for key in MADE_WITH:
-        if key in metadata:
-            try:
-                made_with[key] = json.loads(metadata[key])
-            except json.JSONDecodeError:
-                made_with[key] = metadata[key]
+    made_with = {key: _metadata_value(metadata, key) for key in MADE_WITH if key in metadata}
     return prototypes, PrototypeSpace(site, None if center is None else center.tolist(), made_with)
 
 

@@ -13,6 +13,7 @@ from ..smoothing.noise import BLOCK
 from ..smoothing.towers import ImageInputs
 from ..statistics.betting import BettingTest
 from ..statistics.vote import VoteBound, top_class
+from .inputs import pass_dtype
 
 
 # ----- streaming reductions -------------------------------------------------------------------------------------
@@ -194,8 +195,7 @@ def check_finite_features(tower: SmoothedVisionTower, sites: list[torch.Tensor])
     reach a certificate."""
     if all(torch.isfinite(features).all() for features in sites):
         return
-    param = next(tower.encoder.parameters(), None)
-    dtype = tower.config.autocast_dtype or (str(param.dtype).removeprefix("torch.") if param is not None else "float32")
+    dtype = pass_dtype(tower)
     raise ValueError(
         f"The tower returned NaN or inf features for noisy copies at σ={tower.sigma:g} ({dtype}), so no certificate "
         "can be computed. Likely causes: noise too large for the tower's arithmetic (σ is in [0, 1] pixel units, "

@@ -11,6 +11,7 @@ from packaging.version import InvalidVersion, Version
 from tqdm.auto import tqdm
 
 from ..certification import as_smoothed_tower
+from ..certification.inputs import weights_dtype
 from ..runs import Run, RunError, Shard, UnreadableImage
 from ..runs.fingerprints import values_digest, weights_fingerprint
 from ..runs.images import printable_name
@@ -28,7 +29,7 @@ def smoothed_tower(model, args) -> SmoothedVisionTower:
     turns the model's own autocast off); the model's own tower is never modified (another setting gives a new tower
     over the same encoder)."""
     tower = as_smoothed_tower(model, args.sigma)
-    weights = next(tower.encoder.parameters(), torch.empty(0)).dtype
+    weights = weights_dtype(tower)
     if args.dtype == "float32" and weights != torch.float32:  # as `as_smoothed_tower` refuses, naming the option
         raise OptionError(f"--dtype float32: --model {args.model} has {str(weights).removeprefix('torch.')} "
                           f"weights, so its passes cannot run in float32; load a float32 copy, or leave --dtype out "

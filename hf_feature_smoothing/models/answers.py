@@ -147,7 +147,7 @@ class CandidateAnswers:
         if self.single_branch:
             length = prefixed["input_ids"].shape[1]
             keep = length - int(positions.min())  # the vocabulary projection only where a score is read
-            logits = model(**prefixed, **_image_kwargs(images), logits_to_keep=keep).logits
+            logits = model(**prefixed, **images.model_kwargs(), logits_to_keep=keep).logits
             rows = torch.arange(len(positions), device=logits.device)
             return logits[rows, positions.to(logits.device) - (length - keep)][:, self.branch_tokens].float()
         return self._log_likelihoods(model, prefixed, positions, images)
@@ -209,19 +209,12 @@ class CandidateAnswers:
         full["input_ids"][rows[:, None], span] = torch.where(keep, targets, full["input_ids"][rows[:, None], span])
         full["attention_mask"][rows[:, None], span] = keep.to(mask.dtype)
         skipped = int(ends.min())  # the vocabulary projection only from the first scored position on
-        logits = model(**full, **_image_kwargs(_repeat_each(images, len(positions), count)), use_cache=False,
+        logits = model(**full, **_repeat_each(images, len(positions), count).model_kwargs(), use_cache=False,
                        logits_to_keep=full["input_ids"].shape[1] - skipped).logits
         # the logits that predict each remainder token sit one position before it; log-softmax only there
         log_probs = logits[rows[:, None], span - 1 - skipped].float().log_softmax(-1)
         picked = log_probs.gather(-1, targets[..., None].to(log_probs.device))[..., 0]
         return picked.masked_fill(~keep, 0.0).sum(-1).view(len(positions), count)  # padding: 0, never −inf · 0
-
-
-def _image_kwargs(images: ImageInputs) -> dict:
-    """The model's image arguments: `pixel_values`, and `image_grid_thw` for patch-flattened (Qwen-VL) inputs."""
-    if images.image_grid_thw is None:
-        return {"pixel_values": images.pixel_values}
-    return {"pixel_values": images.pixel_values, "image_grid_thw": images.image_grid_thw}
 
 
 def _repeat_each(images: ImageInputs, prompts: int, count: int) -> ImageInputs:

@@ -31,6 +31,12 @@ class ImageInputs:
     def with_pixels(self, pixel_values: torch.Tensor) -> "ImageInputs":
         return replace(self, pixel_values=pixel_values)
 
+    def model_kwargs(self) -> dict:
+        """The model's image arguments: `pixel_values`, and `image_grid_thw` for patch-flattened (Qwen-VL) inputs."""
+        if self.image_grid_thw is None:
+            return {"pixel_values": self.pixel_values}
+        return {"pixel_values": self.pixel_values, "image_grid_thw": self.image_grid_thw}
+
 
 def center_crop(image, height: int, width: int):
     """Resize (bicubic) so the image covers `height × width`, then centre-crop; returns an RGB PIL image."""
