@@ -13,7 +13,7 @@ from tqdm.auto import tqdm
 
 from ..smoothing.configuration_feature_smoothing import FeatureSmoothingConfig
 from ..smoothing.modeling_smoothed_tower import SmoothedVisionTower
-from ..smoothing.towers import TOWER_FAMILIES
+from ..smoothing.towers import TOWER_FAMILIES, ImageInputs
 from ..smoothing.towers.processor import resolve_pixel_stats
 from ..statistics.betting import BettingTest
 from ..statistics.bounds import (
@@ -337,18 +337,13 @@ def certify_prediction(
     num_classes = prototypes.shape[0]
     digest = tensors_digest({"prototypes": prototypes, "shape": torch.tensor(prototypes.shape)})  # the predictor
     tower = as_smoothed_tower(model_or_tower, sigma, autocast_dtype)
-    if method == "vote":
-        certificates = _certify_vote(tower, images, prototypes, labels, n0=n0, n=n, alpha=alpha, seed=seed,
-                                     target_radius=target_radius, input_space=input_space,
-                                     image_grid_thw=image_grid_thw, image_size=image_size, progress=progress)
-        return [dataclasses.replace(c, prototypes_digest=digest) for c in certificates]
-    dtype = compute_dtype(tower)
     inputs_list = to_image_inputs(tower, images, input_space=input_space, image_grid_thw=image_grid_thw, image_size=image_size)
     labels = check_labels(labels, len(inputs_list), num_classes)
-    blanks = blank_features(tower, inputs_list)  # one clean pass: checks the feature width before any noise
-    if any(b.numel() != prototypes.shape[1] for b in blanks):
-        raise ValueError(f"`prototypes` have dim {prototypes.shape[1]}, the features have "
-                         f"{sorted({b.numel() for b in blanks})}.")
+    _check_feature_width(tower, inputs_list, prototypes)
+    if method == "vote":
+        return _certify_vote(tower, inputs_list, prototypes, labels, digest, n0=n0, n=n, alpha=alpha, seed=seed,
+                             target_radius=target_radius, progress=progress)
+    dtype = compute_dtype(tower)
     runner_ups = min(RUNNER_UPS, num_classes - 1)
     alpha_y, alpha_runner_up, alpha_rest = prediction_alphas(num_classes, runner_ups, alpha, alpha_split)
     jobs = [PredictionJob(inputs, ImageNoise(tower, inputs, seed), prototypes, n0, n, runner_ups,
@@ -384,20 +379,20 @@ def certify_prediction(
     return results
 
 
-def _certify_vote(tower: SmoothedVisionTower, images, prototypes: torch.Tensor, labels, *, n0: int, n: int,
-                  alpha: float, seed: int, target_radius: float | None, input_space: str | None,
-                  image_grid_thw: torch.Tensor | None, image_size: int | None, progress: bool
-                  ) -> list[PredictionCertificate]:
-    """`certify_prediction(method="vote")` once the arguments are checked (see there)."""
-    dtype = compute_dtype(tower)
-    target = None if target_radius is None else vote_target(target_radius, tower.sigma)
-    inputs_list = to_image_inputs(tower, images, input_space=input_space, image_grid_thw=image_grid_thw,
-                                  image_size=image_size)
-    labels = check_labels(labels, len(inputs_list), prototypes.shape[0])
-    blanks = blank_features(tower, inputs_list)  # one clean pass: checks the feature width before any noise
+def _check_feature_width(tower: SmoothedVisionTower, inputs_list: list[ImageInputs], prototypes: torch.Tensor) -> None:
+    """One clean pass: the features must have the prototypes' width, checked before any noise is drawn."""
+    blanks = blank_features(tower, inputs_list)
     if any(b.numel() != prototypes.shape[1] for b in blanks):
         raise ValueError(f"`prototypes` have dim {prototypes.shape[1]}, the features have "
                          f"{sorted({b.numel() for b in blanks})}.")
+
+
+def _certify_vote(tower: SmoothedVisionTower, inputs_list: list[ImageInputs], prototypes: torch.Tensor, labels,
+                  prototypes_digest: str, *, n0: int, n: int, alpha: float, seed: int, target_radius: float | None,
+                  progress: bool) -> list[PredictionCertificate]:
+    """`certify_prediction(method="vote")` once the arguments are checked (see there)."""
+    dtype = compute_dtype(tower)
+    target = None if target_radius is None else vote_target(target_radius, tower.sigma)
     jobs = [VoteJob(inputs, ImageNoise(tower, inputs, seed), prototypes, n0, VoteBound(alpha, n, target))
             for inputs in inputs_list]
     with tqdm(total=len(jobs), desc="certify", disable=not progress) as bar:
@@ -412,6 +407,6 @@ def _certify_vote(tower: SmoothedVisionTower, images, prototypes: torch.Tensor, 
             correct=None if label is None else vote.prediction == label, sigma=tower.sigma, n0=n0, n=n, alpha=alpha,
             bound="betting", alpha_split="none", runner_ups=[], centered=tower.config.feature_center is not None,
             seed=seed, dtype=dtype, resolution=job.noise.resolution, method="vote", n_used=vote.n_used,
-            hits=vote.hits, stop=vote.stop, target_radius=target_radius,
+            hits=vote.hits, stop=vote.stop, target_radius=target_radius, prototypes_digest=prototypes_digest,
         ))
     return results
