@@ -21,6 +21,11 @@ puts class means at cosine ≈ 0.9 and leaves the FS margin vacuous beyond r = 0
 prototypes are the smoothed (+ boosted) features of `--shots` training images per class at the certified σ. Certified accuracy at ℓ2 radius r ∈ {0, 0.1, 0.25, 0.5, 1} (pixel [0, 1] units), the
 abstain rate, seconds per certificate and noisy copies used per image (n0 + n).
 
+CLS-only features: `--model dinov2-s14 --features vision --variants none` runs the cosine cells on the stand-alone
+DINOv2-S/14 (the LLaVA's tower weights), whose feature is its pooled CLS token (no booster: the shipped one is
+trained for the LLaVA's feature site); give it its own `--output-dir`, `--table` and `--plot`
+(`benchmarks/prediction_runs_cls/`, `benchmarks/prediction_certificates_cls.md`).
+
 Every cell is one resumable, locked run file in `--output-dir`; re-running continues where it stopped, so the
 benchmark runs in pieces in the background (`--sets`, `--methods`, `--variants`, `--sigmas` choose cells; the cheap
 cosine cells take seconds per image on 2 CPU threads, the LLaVA answers about 0.2 s per noisy copy). The table
