@@ -18,6 +18,7 @@ from ..smoothing.configuration_feature_smoothing import SMOOTHED_FEATURES
 from ..smoothing.modeling_smoothed_tower import SmoothedVisionTower
 from ..utils.atomic import atomic_path
 from .arguments import check_prototypes
+from .inputs import tower_device
 
 
 PROTOTYPES_KEY = "prototypes"
@@ -37,10 +38,9 @@ def image_features(tower: SmoothedVisionTower, images: Sequence, *, image_size: 
     """
     if isinstance(num_samples, bool) or not isinstance(num_samples, int) or num_samples < 0:
         raise ValueError(f"`num_samples` must be an int ≥ 0 (0: clean features), got {num_samples!r}.")
-    rows = []
+    rows, device = [], tower_device(tower)
     for start in tqdm(range(0, len(images), batch_size), desc="features", disable=not progress):
         inputs = tower.family.preprocess(list(images[start : start + batch_size]), image_size)
-        device = next(tower.encoder.parameters()).device
         inputs = inputs.with_pixels(inputs.pixel_values.to(device))
         if num_samples:
             unit_sum, _ = tower.monte_carlo(inputs, num_samples)[-1]
@@ -235,6 +235,6 @@ def feature_width(tower: SmoothedVisionTower, image_size: int | None = None) -> 
 
     size = image_size or tower.family.default_image_size()
     inputs = tower.family.preprocess([Image.new("RGB", (size, size), (128, 128, 128))], image_size)
-    device = next(tower.encoder.parameters()).device
+    device = tower_device(tower)
     with torch.no_grad():
         return tower.clean_unit_features(inputs.with_pixels(inputs.pixel_values.to(device)))[-1].numel()
