@@ -1,7 +1,8 @@
 """Early stopping of answer certificates on real data: a sequential `hf-fs certify-answer` run (`--target-radius`)
-against the fixed-n run of the same images, model, booster, σ, n0, n, α and seed. The sequential run stops an image's
-sampling once its anytime-valid bound certifies the target radius ("target") or can no longer reach it
-("unreachable"); the table compares certified accuracy at the target, the copies drawn and the seconds spent.
+against the fixed-n run of the same images, model, booster, σ, n0, α and seed (at the same n, or a larger n for a
+larger target). The sequential run stops an image's sampling once its anytime-valid bound certifies the target radius
+("target") or can no longer reach it within n ("unreachable"); the table compares certified accuracy at the target,
+the copies drawn and the seconds spent.
 
     hf-fs certify-answer --model llava-dinov2-smollm2 --candidates digits --dtype bfloat16 \\
         --booster llava-dinov2-smollm2-gsb --images digits:test --limit 100 --sigma 0.5 --n 500 --n0 16 \\
@@ -23,8 +24,8 @@ from hf_feature_smoothing.utils.atomic import write_atomically
 
 SEQUENTIAL = "benchmarks/early_stopping/digits-answers-gsb-sigma0.5-target0.5-bfloat16.jsonl"
 FIXED = "benchmarks/prediction_runs/digits-vote-answers-gsb-sigma0.5-bfloat16.jsonl"
-SHARED = ("model", "booster", "model_weights", "candidates_digest", "sigma", "n0", "n", "alpha", "seed", "dtype",
-          "bound", "method")  # what both runs must share for the comparison to mean anything
+SHARED = ("model", "booster", "model_weights", "candidates_digest", "sigma", "n0", "alpha", "seed", "dtype", "bound",
+          "method")  # what both runs must share for the comparison to mean anything (n, the budget, may differ)
 
 
 def certified(row: dict, radius: float) -> bool:
@@ -53,6 +54,7 @@ def compare(sequential: dict, fixed: dict) -> dict:
     for name, rows in (("sequential", [s for s, _ in pairs]), ("fixed", [f for _, f in pairs])):
         hits = sum(certified(r, target) for r in rows)
         result[name] = {
+            "n": rows[0]["n"],
             "certified_at_target": hits / len(rows),
             "interval": wilson_interval(hits, len(rows)),
             "copies_mean": statistics.fmean(copies(r) for r in rows),
@@ -71,16 +73,16 @@ def compare(sequential: dict, fixed: dict) -> dict:
 def table(result: dict, sequential: str, fixed: str) -> str:
     p = result["params"]
     title = (f"Early stopping at target radius {result['target_radius']:g}: `{p['model']}` + `{p['booster']}`, "
-             f"σ = {p['sigma']}, n0 = {p['n0']} + n ≤ {p['n']}, α = {p['alpha']}, seed {p['seed']}, {p['bound']} "
+             f"σ = {p['sigma']}, n0 = {p['n0']}, α = {p['alpha']}, seed {p['seed']}, {p['bound']} "
              f"bound, {p['dtype']}; {result['images']} images in both runs (`{sequential}` against `{fixed}`).")
-    head = ("| run | certified correct at r = target (95% Wilson) | copies / image (mean, median) "
+    head = ("| run | n (most estimation copies) | certified correct at r = target (95% Wilson) | copies / image (mean, median) "
             "| s / certificate (median) | stops |")
-    lines = [title, "", head, "|---|---|---|---|---|"]
+    lines = [title, "", head, "|---|---|---|---|---|---|"]
     for name in ("sequential", "fixed"):
         r = result[name]
         low, high = r["interval"]
         stops = ", ".join(f"{stop}: {count}" for stop, count in r["stops"].items())
-        lines.append(f"| {name} | {r['certified_at_target']:.2f} [{low:.2f}, {high:.2f}] | {r['copies_mean']:.0f}, "
+        lines.append(f"| {name} | {r['n']} | {r['certified_at_target']:.2f} [{low:.2f}, {high:.2f}] | {r['copies_mean']:.0f}, "
                      f"{r['copies_median']:.0f} | {r['seconds_median']:.1f} | {stops} |")
     per_stop = ", ".join(f"{k.removeprefix('copies_median_')}: {v:.0f}" for k, v in result["sequential"].items()
                          if k.startswith("copies_median_"))
