@@ -51,7 +51,8 @@ def compare(sequential: dict, fixed: dict) -> dict:
     if not pairs:
         raise SystemExit("the runs share no image.")
     result = {"params": {k: seq_params[k] for k in SHARED}, "target_radius": target, "images": len(pairs)}
-    for name, rows in (("sequential", [s for s, _ in pairs]), ("fixed", [f for _, f in pairs])):
+    for name, run, rows in (("sequential", sequential, [s for s, _ in pairs]), ("fixed", fixed, [f for _, f in pairs])):
+        hardware = run.header.get("info", {}).get("hardware")  # recorded since this benchmark; seconds need it
         hits = sum(certified(r, target) for r in rows)
         result[name] = {
             "n": rows[0]["n"],
@@ -60,6 +61,7 @@ def compare(sequential: dict, fixed: dict) -> dict:
             "copies_mean": statistics.fmean(copies(r) for r in rows),
             "copies_median": statistics.median(copies(r) for r in rows),
             "seconds_median": statistics.median(r["elapsed_s"] for r in rows),
+            "measured_on": f"{hardware['cpu']}, {hardware['threads']} threads" if hardware else "not recorded",
             "stops": {stop: sum(r.get("stop") == stop for r in rows) for stop in sorted({r.get("stop") for r in rows})},
         }
     for stop in result["sequential"]["stops"]:
@@ -75,20 +77,22 @@ def table(result: dict, sequential: str, fixed: str) -> str:
     title = (f"Early stopping at target radius {result['target_radius']:g}: `{p['model']}` + `{p['booster']}`, "
              f"σ = {p['sigma']}, n0 = {p['n0']}, α = {p['alpha']}, seed {p['seed']}, {p['bound']} "
              f"bound, {p['dtype']}; {result['images']} images in both runs (`{sequential}` against `{fixed}`).")
-    head = ("| run | n (most estimation copies) | certified correct at r = target (95% Wilson) | copies / image (mean, median) "
-            "| s / certificate (median) | stops |")
-    lines = [title, "", head, "|---|---|---|---|---|---|"]
+    head = ("| run | n (most estimation copies) | certified correct at r = target (95% Wilson) "
+            "| copies / image (mean, median) | s / certificate (median) | measured on | stops |")
+    lines = [title, "", head, "|---|---|---|---|---|---|---|"]
     for name in ("sequential", "fixed"):
         r = result[name]
         low, high = r["interval"]
         stops = ", ".join(f"{stop}: {count}" for stop, count in r["stops"].items())
-        lines.append(f"| {name} | {r['n']} | {r['certified_at_target']:.2f} [{low:.2f}, {high:.2f}] | {r['copies_mean']:.0f}, "
-                     f"{r['copies_median']:.0f} | {r['seconds_median']:.1f} | {stops} |")
+        lines.append(f"| {name} | {r['n']} | {r['certified_at_target']:.2f} [{low:.2f}, {high:.2f}] "
+                     f"| {r['copies_mean']:.0f}, {r['copies_median']:.0f} | {r['seconds_median']:.1f} "
+                     f"| {r['measured_on']} | {stops} |")
     per_stop = ", ".join(f"{k.removeprefix('copies_median_')}: {v:.0f}" for k, v in result["sequential"].items()
                          if k.startswith("copies_median_"))
     footer = (f"Sequential copies per image (median) by stop: {per_stop}. Certified at the target by one run only: "
               f"{result['only_sequential']} (sequential), {result['only_fixed']} (fixed). Seconds are wall time per "
-              "row (a row that ran while the job was paused counts the pause: medians only).")
+              "row (a row that ran while the job was paused counts the pause: medians only); copies do not depend on the machine, "
+              "seconds do.")
     return "\n".join([*lines, "", footer]) + "\n"
 
 

@@ -31,6 +31,8 @@ def test_certify_folder_writes_header_rows_and_plot(image_folder, tmp_path, caps
     params = header["params"]
     assert params["sigma"] == 0.12 and params["n"] == 32 and params["seed"] == 0 and params["model"] == "tiny-llava"
     assert params["source"] == {"kind": "folder", "path": str(image_folder.resolve())}
+    hardware = header["info"]["hardware"]  # what the rows' seconds were measured on
+    assert hardware["device"] == "cpu" and hardware["threads"] == torch.get_num_threads() and hardware["cpu"]
     assert [r["key"] for r in rows] == [f"img{i}.png" for i in range(4)]
     assert [r["index"] for r in rows] == [0, 1, 2, 3]  # the running index in the source (was 0 for every row)
     assert all(r["run"] == header["run"] and r["status"] == "ok" and r["sigma"] == 0.12 and r["seed"] == 0

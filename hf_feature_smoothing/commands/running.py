@@ -16,6 +16,7 @@ from ..runs import Run, RunError, Shard, UnreadableImage
 from ..runs.fingerprints import values_digest, weights_fingerprint
 from ..runs.images import printable_name
 from ..smoothing.modeling_smoothed_tower import SmoothedVisionTower
+from ..utils.hardware import describe
 from ..utils.logging import get_logger
 from ..utils.validation import is_class_index
 from .options import OptionError
@@ -41,18 +42,19 @@ def smoothed_tower(model, args) -> SmoothedVisionTower:
 
 
 def run_info(shard: Shard, expected_rows: int) -> dict:
-    """The run header's `info`: when and where it was made, the versions, and the rows the source should give (the
-    report's rows done / expected)."""
+    """The run header's `info`: when and where it was made (the hardware its rows' seconds were measured on), the
+    versions, and the rows the source should give (the report's rows done / expected)."""
     import accelerate
     import transformers
 
     from ..version import __version__
 
+    versions = {"hf_feature_smoothing": __version__, "torch": torch.__version__,
+                "transformers": transformers.__version__, "accelerate": accelerate.__version__}
     return {"created": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "host": socket.gethostname(),
             "argv": [printable_name(arg) for arg in sys.argv],  # a path argument may not be UTF-8
-            "processes": shard.world, "expected_rows": expected_rows, "versions": {"hf_feature_smoothing": __version__, "torch": torch.__version__,
-                                                   "transformers": transformers.__version__,
-                                                   "accelerate": accelerate.__version__}}
+            "processes": shard.world, "hardware": describe(shard.device), "expected_rows": expected_rows,
+            "versions": versions}
 
 
 def model_params(args, model) -> dict:

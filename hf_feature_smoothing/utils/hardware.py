@@ -1,19 +1,25 @@
 """What the hardware does fast: bf16 only where it is native (on AVX2-only CPUs bf16 autocast is ~7× slower)."""
 
 import functools
+import platform
 from pathlib import Path
 
 import torch
 
 
 @functools.cache
-def _cpu_flags() -> frozenset[str]:
+def _cpuinfo(field: str) -> str:
+    """The first `field : value` of /proc/cpuinfo ("" where there is none, or no such file)."""
     try:
         text = Path("/proc/cpuinfo").read_text()
     except OSError:
-        return frozenset()
-    line = next((line for line in text.splitlines() if line.startswith("flags")), "")
-    return frozenset(line.partition(":")[2].split())
+        return ""
+    line = next((line for line in text.splitlines() if line.partition(":")[0].strip() == field), "")
+    return line.partition(":")[2].strip()
+
+
+def _cpu_flags() -> frozenset[str]:
+    return frozenset(_cpuinfo("flags").split())
 
 
 def bf16_supported(device: str | torch.device = "cpu") -> bool:
@@ -24,3 +30,14 @@ def bf16_supported(device: str | torch.device = "cpu") -> bool:
     if device.type == "cpu":
         return bool({"avx512_bf16", "amx_bf16"} & _cpu_flags())
     return False
+
+
+def describe(device: str | torch.device = "cpu") -> dict:
+    """Where timings are measured (recorded in run headers beside their seconds): the CPU model, torch's CPU threads
+    and, when `device` is an accelerator, its name."""
+    device = torch.device(device)
+    described = {"cpu": _cpuinfo("model name") or platform.processor() or platform.machine(),
+                 "threads": torch.get_num_threads(), "device": device.type}
+    if device.type == "cuda" and torch.cuda.is_available():
+        described["device"] = torch.cuda.get_device_name(device)
+    return described
