@@ -7,6 +7,7 @@ import math
 
 import pytest
 import torch
+from transformers import BatchFeature
 
 import hf_feature_smoothing as hfs
 from hf_feature_smoothing import FeatureSmoothingConfig, SmoothedVisionTower
@@ -205,6 +206,11 @@ def test_certify_answer_batches_copies_is_reproducible_and_records_everything(mo
     assert sizes == [8, 2, 8, 8, 4]  # n0 = 10 and n = 20 copies, 8 per forward pass
     again = hfs.certify_answer(model, inputs, CANDIDATES, sigma=0.25, n0=10, n=20, alpha=0.01, seed=3, batch_size=8)
     assert again.to_dict() == certificate.to_dict()  # bit-identical
+    as_returned = BatchFeature(dict(inputs), tensor_type="pt")  # what a processor returns (a UserDict, not a dict)
+    assert hfs.certify_answer(model, as_returned, CANDIDATES, sigma=0.25, n0=10, n=20, alpha=0.01, seed=3,
+                              batch_size=8).to_dict() == certificate.to_dict()
+    with pytest.raises(ValueError, match=r"got the keys \['input_ids'\]"):
+        hfs.certify_answer(model, {"input_ids": inputs["input_ids"]}, CANDIDATES, sigma=0.25, n0=2, n=2)
     other_batches = hfs.certify_answer(model, inputs, CANDIDATES, sigma=0.25, n0=10, n=20, alpha=0.01, seed=3,
                                        batch_size=5)
     assert other_batches.counts == certificate.counts and other_batches.hits == certificate.hits

@@ -7,7 +7,7 @@ import contextlib
 import dataclasses
 import hashlib
 import json
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 
 import torch
@@ -129,6 +129,12 @@ def _base_classifier(model: nn.Module, tower: SmoothedVisionTower) -> Iterator[N
             hooked.enabled = enabled
 
 
+def _described(inputs) -> str:
+    if isinstance(inputs, Mapping):
+        return f"the keys {sorted(map(str, inputs))}"
+    return f"a {type(inputs).__name__}"
+
+
 def _check_inputs(model: nn.Module, inputs: dict, candidates: CandidateAnswers) -> None:
     if not isinstance(candidates, CandidateAnswers):
         raise TypeError(f"`candidates` must be a `CandidateAnswers` (e.g. `CandidateAnswers.from_texts(tokenizer, "
@@ -137,9 +143,9 @@ def _check_inputs(model: nn.Module, inputs: dict, candidates: CandidateAnswers) 
     if vocab is not None and any(not 0 <= t < vocab for ids in candidates.token_ids for t in ids):
         raise ValueError(f"`candidates` hold token ids outside this model's vocabulary [0, {vocab}): they were "
                          "tokenised for another model; build them with this model's tokenizer.")
-    if not isinstance(inputs, dict) or "input_ids" not in inputs or "pixel_values" not in inputs:
+    if not isinstance(inputs, Mapping) or "input_ids" not in inputs or "pixel_values" not in inputs:  # BatchFeature too
         raise ValueError("`inputs` must be the processor's outputs of one prompt with one image (`input_ids`, "
-                         "`attention_mask`, `pixel_values`).")
+                         f"`attention_mask`, `pixel_values`), got {_described(inputs)}.")
     if inputs["input_ids"].ndim != 2 or inputs["input_ids"].shape[0] != 1:
         raise ValueError(f"`inputs` must hold one prompt, got `input_ids` of shape {tuple(inputs['input_ids'].shape)}.")
     pixels, grid = inputs["pixel_values"], inputs.get("image_grid_thw")
