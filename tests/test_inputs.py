@@ -9,6 +9,7 @@ import sys
 import pytest
 import torch
 from PIL import Image
+from transformers import BatchFeature
 
 from hf_feature_smoothing import FeatureSmoothingConfig, SmoothedVisionTower
 from hf_feature_smoothing.attacks import AttackResult, feature_attack
@@ -45,6 +46,29 @@ def test_pixel_tensors_need_input_space_and_then_match_processed_inputs(llava):
     assert [c.score_lower for c in from_pixels] == [c.score_lower for c in from_processed]
     pil = [Image.fromarray((p.permute(1, 2, 0) * 255).round().to(torch.uint8).numpy()) for p in pixels]
     assert len(certify(tower, pil, n=4, n0=4, seed=0)) == 2 and len(certify(tower, pil[0], n=4, n0=4, seed=0)) == 1
+
+
+def test_image_processor_outputs_are_processed_inputs(llava):
+    """`certify(model, image_processor(images, return_tensors="pt"))`: a BatchFeature (a Mapping, not a dict) with
+    `pixel_values` (and Qwen-VL's `image_grid_thw`) is read as processed inputs, the same certificates as its tensors."""
+    model, tower, pixels = llava
+    processed = tower.family.from_image(pixels, to_image_inputs(tower, pixels, input_space="pixel")[0])
+    outputs = BatchFeature({"pixel_values": processed}, tensor_type="pt")
+    expected = [c.score_lower for c in certify(tower, processed, n=8, n0=4, seed=0)]
+    assert [c.score_lower for c in certify(tower, outputs, n=8, n0=4, seed=0)] == expected
+    with pytest.raises(ValueError, match="processor outputs.*input_space='pixel'"):
+        certify(tower, outputs, input_space="pixel", n=4)
+    with pytest.raises(TypeError, match="return_tensors='pt'"):
+        certify(tower, {"pixel_values": processed.tolist()}, n=4)
+    qwen = tiny_model("qwen2_vl")
+    inputs = tiny_inputs(qwen)
+    as_returned = BatchFeature(dict(inputs), tensor_type="pt")
+    expected = certify(qwen, inputs["pixel_values"], image_grid_thw=inputs["image_grid_thw"], input_space="processed",
+                       sigma=0.25, n=8, n0=4, seed=0)
+    got = certify(qwen, as_returned, sigma=0.25, n=8, n0=4, seed=0)
+    assert [c.score_lower for c in got] == [c.score_lower for c in expected]
+    with pytest.raises(ValueError, match="drop `image_grid_thw`"):
+        certify(qwen, as_returned, image_grid_thw=inputs["image_grid_thw"], sigma=0.25, n=4)
 
 
 @pytest.mark.parametrize("space, transform, match", [

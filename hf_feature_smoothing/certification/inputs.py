@@ -1,6 +1,9 @@
-"""Turn what users pass as images (processed `pixel_values`, [0, 1] pixel tensors, `ImageInputs`, PIL images) into
+"""Turn what users pass as images (processed `pixel_values`, an image processor's outputs, [0, 1] pixel tensors,
+`ImageInputs`, PIL images) into
 one `ImageInputs` per image, refusing tensors whose space is ambiguous or impossible instead of certifying the wrong
 input. Shared by certification, attacks and feature centring."""
+
+from collections.abc import Mapping
 
 import torch
 
@@ -110,7 +113,8 @@ def to_image_inputs(
     Args:
         tower (`SmoothedVisionTower`): the tower whose processor conventions apply.
         images: a PIL image or a list of them (resized/cropped to `image_size`, default the model's resolution), an
-            `ImageInputs` (processed), or a tensor: `(B, 3, H, W)` images, or Qwen-VL's
+            `ImageInputs` or the image processor's outputs (a `BatchFeature` or mapping with `pixel_values`, and
+            `image_grid_thw` for Qwen-VL: processed), or a tensor: `(B, 3, H, W)` images, or Qwen-VL's
             patch-flattened `pixel_values` with `image_grid_thw`.
         input_space (`str`, *optional*): for tensors, `"processed"` (the image processor's normalised output) or
             `"pixel"` ([0, 1] intensities). `None` accepts a tensor only when its values allow one reading;
@@ -128,10 +132,17 @@ def _split_inputs(tower, images, input_space, image_grid_thw, image_size, name) 
     pil = _pil_types()
     if pil and isinstance(images, pil):
         images = [images]
+    if isinstance(images, Mapping) and "pixel_values" in images:  # processor outputs (a BatchFeature is no dict)
+        if image_grid_thw is not None:
+            raise ValueError(f"`{name}` carries its own `image_grid_thw` (processor outputs); drop `image_grid_thw`.")
+        if not torch.is_tensor(images["pixel_values"]):
+            raise TypeError(f"`{name}['pixel_values']` is a {type(images['pixel_values']).__name__}; call the "
+                            "processor with `return_tensors='pt'`.")
+        images = ImageInputs(images["pixel_values"], images.get("image_grid_thw"))
     if isinstance(images, ImageInputs):
         if input_space == "pixel":
-            raise ValueError(f"`{name}` is an `ImageInputs` (processed pixel values) but `input_space='pixel'`; "
-                             "drop `input_space` or pass the [0, 1] tensor itself.")
+            raise ValueError(f"`{name}` holds processed pixel values (an `ImageInputs` or processor outputs) but "
+                             "`input_space='pixel'`; drop `input_space` or pass the [0, 1] tensor itself.")
         return tower.family.split(_from_tensor(tower, images.pixel_values, "processed", images.image_grid_thw,
                                                 f"{name}.pixel_values"))
     if isinstance(images, torch.Tensor):
@@ -144,7 +155,6 @@ def _split_inputs(tower, images, input_space, image_grid_thw, image_size, name) 
         raise ValueError(f"`{name}` is empty; pass at least one image.")
     raise TypeError(
         f"`{name}` must be a torch.Tensor (processed `pixel_values` or [0, 1] pixels, see `input_space`), an "
-        "`ImageInputs`, "
-        f"a PIL image or a list of PIL images, got {type(images).__name__}; convert arrays with `torch.from_numpy` "
-        "or `PIL.Image.fromarray`."
+        "`ImageInputs` or the image processor's outputs (with `pixel_values`), a PIL image or a list of PIL images, "
+        f"got {type(images).__name__}; convert arrays with `torch.from_numpy` or `PIL.Image.fromarray`."
     )
