@@ -128,3 +128,23 @@ def test_accuracy_plot_and_summary_count_the_same_labelled_rows(tmp_path, monkey
     assert plot_group(group, tmp_path / "plot.png") and plotted == [rows[:1]]
     table = summary_lines(group, radii=(0.25,))
     assert "1 labelled" in table[0] and table[-1] == "| 1.0000 | 0.0000 |"
+
+
+def test_a_sequential_run_reports_no_accuracy_beyond_its_target_radius(tmp_path):
+    """A certificate that stopped at its target radius certifies at least the target, no more was sampled: accuracy
+    past the target would count those stops as failures, so the summary leaves those radii out and says why."""
+    from hf_feature_smoothing.runs.report import RunGroup, summary_lines
+
+    params = {"n": 200, "n0": 16, "sigma": 0.5, "method": "vote", "target_radius": 0.5}
+    base = {"sigma": 0.5, "n": 200, "alpha": 0.01, "status": "ok", "source": None}
+    rows = [{**base, "key": "a", "answer": 1, "label": 1, "correct": True, "radius": 0.52, "stop": "target",
+             "n_used": 60},
+            {**base, "key": "b", "answer": 0, "label": 0, "correct": True, "radius": 0.3, "stop": "unreachable",
+             "n_used": 150}]
+    group = RunGroup("certify-answer", params, [tmp_path], rows)
+    lines = summary_lines(group, radii=(0.25, 0.5, 1.0))
+    assert lines[2] == "| certified accuracy r=0.25 | certified accuracy r=0.5 | abstain rate |"
+    assert lines[4] == "| 1.0000 | 0.5000 | 0.0000 |"
+    assert lines[-1] == "\nNot reported at r = 1: beyond the target radius 0.5, where sampling stopped."
+    fixed = RunGroup("certify-answer", {**params, "target_radius": None}, [tmp_path], rows)
+    assert "certified accuracy r=1 |" in summary_lines(fixed, radii=(0.25, 0.5, 1.0))[2]

@@ -68,6 +68,8 @@ def test_answer_and_vote_certificates_name_their_method_candidates_and_targets()
     by_name = {r.metric_name: r for r in results}
     setting = "σ=0.5, vote, answers cccccccc, booster bbbbbbbb, sequential, target radius ≥ 0.5, n ≤ 200"
     at_half = by_name[f"certified answer accuracy @ r=0.5 ({setting})"]
+    # past the target radius sampling stopped: no accuracy is reported there (it would count those stops as failures)
+    assert [r.metric_args.get("radius") for r in results if r.metric_type == "certified_accuracy"] == [0.5]
     assert at_half.metric_value == 0.5 and at_half.task_type == "visual-question-answering"
     assert at_half.metric_args["candidates"] == ["A 3", "A 4"] and at_half.metric_args["booster"] == "gsb"
     assert at_half.metric_args["mean_n_used"] == 160 and at_half.metric_args["n0"] == 16

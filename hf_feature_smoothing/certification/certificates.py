@@ -39,6 +39,15 @@ def target_label(record: dict) -> str:
                      if record.get(key) is not None)
 
 
+def measured_radii(record: dict, radii) -> list[float]:
+    """The radii of `radii` at which prediction or answer certificates like `record` (a certificate or a run's
+    parameters) measure certified accuracy: all of them at a fixed n; with a `target_radius`, those up to it. A
+    certificate that stopped at its target certifies at least the target; how far beyond it would have reached was
+    not sampled, so an accuracy at a larger radius would count those stops as failures."""
+    target = record.get("target_radius")
+    return [r for r in radii if target is None or r <= target]
+
+
 def strict_json(value):
     """`value` with every non-finite float (NaN, ±inf) replaced by None, recursively: `json.dumps` then writes strict
     JSON (no bare `NaN` / `Infinity` tokens)."""

@@ -25,7 +25,8 @@ def register_subcommand(subparsers) -> None:
     r.add_argument("--model-name", default=None, help="model name in model-index; default: from the runs' --model")
     r.add_argument("--radii", type=number(RADIUS), nargs="+", default=list(REPORT_RADII),
                    help="ℓ2 radii (pixel [0, 1] units) at which prediction and answer runs report certified accuracy, "
-                        "in the summary and model-index (feature runs: certified cosine at their own --epsilon)")
+                        "in the summary and model-index, up to the target radius of sequential runs (feature runs: "
+                        "certified cosine at their own --epsilon)")
     add_verbosity(r)
     r.set_defaults(func=run)
 

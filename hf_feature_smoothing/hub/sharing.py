@@ -11,7 +11,7 @@ from huggingface_hub import EvalResult, HfApi, ModelCard, ModelCardData
 
 from ..booster.layer import booster_layers
 from ..booster.loading import record_smoothing, save_booster_adapter
-from ..certification.certificates import answers_label, prototypes_label, target_label
+from ..certification.certificates import answers_label, measured_radii, prototypes_label, target_label
 from ..smoothing.configuration_feature_smoothing import FeatureSmoothingConfig
 from ..smoothing.hub_io import register_hub_io
 from ..smoothing.modeling_smoothed_tower import SmoothedVisionTower
@@ -57,8 +57,9 @@ def certificate_eval_results(certificates, dataset_name: str, dataset_type: str 
                              task_type: str = "image-feature-extraction",
                              radii: Sequence[float] = REPORT_RADII) -> list[EvalResult]:
     """`model-index` entries for a list of [`FeatureCertificate`] (certified cosine at each of their ε, mean S_low,
-    abstain rate), [`PredictionCertificate`] or [`AnswerCertificate`] (certified accuracy at each of `radii`; their
-    default `task_type` is image classification, visual question answering for answers). Every entry's
+    abstain rate), [`PredictionCertificate`] or [`AnswerCertificate`] (certified accuracy at each of `radii`, up to the
+    target radius of sequential ones; their default `task_type` is image classification, visual question answering
+    for answers). Every entry's
     `metric_args` states σ, ε or r, n, α, the bound, the noise space and, where the certificates carry them, the seed,
     compute dtype, resolution and centring; feature entries the reference; prediction and answer entries the method
     (`"margin"` / `"vote"`, margin entries the α split) and n0, answer entries the candidate answers (texts and
@@ -114,6 +115,7 @@ def certificate_eval_results(certificates, dataset_name: str, dataset_type: str 
     common = dict(task_type=task_type, dataset_type=dataset_type or dataset_name, dataset_name=dataset_name)
     results = []
     if kind != "feature":
+        radii = measured_radii(first, radii)  # a sequential run's: up to its target radius
         accuracy = certified_accuracy([r[kind] for r in rows], [r["label"] for r in rows],
                                       [r["radius"] for r in rows], radii)
         what = "certified answer accuracy" if kind == "answer" else "certified accuracy"

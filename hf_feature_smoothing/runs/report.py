@@ -9,7 +9,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from ..certification.arguments import RADIUS, check_values
-from ..certification.certificates import prototypes_label, target_label
+from ..certification.certificates import measured_radii, prototypes_label, target_label
 from ..statistics.advisories import advisories_for
 from ..statistics.aggregates import REPORT_RADII, certified_accuracy, certified_cosine
 from ..utils.atomic import write_atomically
@@ -243,13 +243,18 @@ def summary_lines(group: RunGroup, radii: Sequence[float] = REPORT_RADII) -> lis
             abstain = _mean(r[predicted] is None for r in rows)
             note = f"no labels (pass --label-column): certified accuracy needs them; abstain rate {abstain:.4f}."
             return [head, "", note]
+        measured = measured_radii(p, radii)
         accuracy = certified_accuracy([r[predicted] for r in labelled], [r["label"] for r in labelled],
-                                      [r["radius"] for r in labelled], radii)
-        cells = [(f"certified accuracy r={r:g}", accuracy[f"certified_accuracy@{r:g}"]) for r in radii]
+                                      [r["radius"] for r in labelled], measured)
+        cells = [(f"certified accuracy r={r:g}", accuracy[f"certified_accuracy@{r:g}"]) for r in measured]
         cells.append(("abstain rate", accuracy["abstain_rate"]))
+        beyond = ", ".join(f"{r:g}" for r in radii if r not in measured)
+        target = p.get("target_radius")
+        note = [f"\nNot reported at r = {beyond}: beyond the target radius {target}, where sampling stopped."]
+        note = note if beyond else []
         return [head + f", {len(labelled)} labelled", "", "| " + " | ".join(c[0] for c in cells) + " |",
                 "|" + "---|" * len(cells), "| " + " | ".join(f"{c[1]:.4f}" for c in cells) + " |",
-                *_sequential_note(p, rows)]
+                *_sequential_note(p, rows), *note]
     from ..attacks.evaluation import summarize
 
     lines = [head, "", "| variant | ε | clean cos | attacked cos | success | FCSB | violations |",
