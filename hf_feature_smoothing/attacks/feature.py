@@ -133,8 +133,8 @@ def feature_attack(
     Args:
         model_or_tower (`nn.Module`): a `SmoothedVisionTower`, a smoothed MLLM or a supported stock model.
         images: the same inputs as [`~certification.certify`]: PIL image(s), an `ImageInputs`, the image
-            processor's outputs, or a tensor of
-            processed `pixel_values` / [0, 1] pixels (say which with `input_space`; `image_grid_thw` for Qwen-VL).
+            processor's outputs, or a tensor of processed `pixel_values` / [0, 1] pixels (say which with
+            `input_space`; `image_grid_thw` for Qwen-VL).
             One image (an `ImageInputs` of one image, or one PIL image) gives one `AttackResult`; a batch gives a
             list, one per image.
         reference (`torch.Tensor`, *optional*): the feature to move away from: None = the clean unit feature f(x)

@@ -165,8 +165,8 @@ def certify(
     Args:
         model_or_tower (`nn.Module`): a `SmoothedVisionTower`, a smoothed MLLM or a supported stock model.
         images: PIL image(s), an `ImageInputs`, the image processor's outputs (`BatchFeature`), or a tensor:
-            processed `pixel_values` (plus `image_grid_thw` for
-            Qwen-VL) or `(B, 3, H, W)` [0, 1] pixels; say which with `input_space`.
+            processed `pixel_values` (plus `image_grid_thw` for Qwen-VL) or `(B, 3, H, W)` [0, 1] pixels; say which
+            with `input_space`.
         epsilon (`float` or list): ℓ2 budgets in [0, 1] pixel units (finite, ≥ 0).
         sigma (`float`, *optional*): noise level; defaults to the tower's σ.
         n0 (`int`, *optional*, defaults to 64): samples that choose the reference direction (`reference="smoothed"`

@@ -1,7 +1,6 @@
 """Turn what users pass as images (processed `pixel_values`, an image processor's outputs, [0, 1] pixel tensors,
-`ImageInputs`, PIL images) into
-one `ImageInputs` per image, refusing tensors whose space is ambiguous or impossible instead of certifying the wrong
-input. Shared by certification, attacks and feature centring."""
+`ImageInputs`, PIL images) into one `ImageInputs` per image, refusing tensors whose space is ambiguous or impossible
+instead of certifying the wrong input. Shared by certification, attacks and feature centring."""
 
 from collections.abc import Mapping
 

@@ -58,17 +58,16 @@ def certificate_eval_results(certificates, dataset_name: str, dataset_type: str 
                              radii: Sequence[float] = REPORT_RADII) -> list[EvalResult]:
     """`model-index` entries for a list of [`FeatureCertificate`] (certified cosine at each of their ε, mean S_low,
     abstain rate), [`PredictionCertificate`] or [`AnswerCertificate`] (certified accuracy at each of `radii`, up to the
-    target radius of sequential ones; their default `task_type` is image classification, visual question answering
-    for answers). Every entry's
-    `metric_args` states σ, ε or r, n, α, the bound, the noise space and, where the certificates carry them, the seed,
-    compute dtype, resolution and centring; feature entries the reference; prediction and answer entries the method
-    (`"margin"` / `"vote"`, margin entries the α split) and n0, answer entries the candidate answers (texts and
-    digest), the prompt digest and the booster, and name the candidates' and booster's digests; prediction entries
-    state the predictor's `prototypes_digest` (of the prototypes tensor) and, for rows read by [`group_runs`],
-    `prototypes_sha256` (of the `--prototypes` file in their run's header), and name it shortened (the file's digest
-    where there is one). Sequential certificates (stopped at `target_cosine` /
-    `target_radius`) say so in every entry's name ("sequential, target …, n ≤ N") and `metric_args` (the targets,
-    `n` as the most samples and the mean `n_used`)."""
+    target radius of sequential ones; their default `task_type` is image classification, visual question answering for
+    answers). Every entry's `metric_args` states σ, ε or r, n, α, the bound, the noise space and, where the
+    certificates carry them, the seed, compute dtype, resolution and centring; feature entries the reference;
+    prediction and answer entries the method (`"margin"` / `"vote"`, margin entries the α split) and n0, answer entries
+    the candidate answers (texts and digest), the prompt digest and the booster, and name the candidates' and booster's
+    digests; prediction entries state the predictor's `prototypes_digest` (of the prototypes tensor) and, for rows read
+    by [`group_runs`], `prototypes_sha256` (of the `--prototypes` file in their run's header), and name it shortened
+    (the file's digest where there is one). Sequential certificates (stopped at `target_cosine` / `target_radius`) say
+    so in every entry's name ("sequential, target …, n ≤ N") and `metric_args` (the targets, `n` as the most samples
+    and the mean `n_used`)."""
     rows = _as_dicts(certificates)
     if not rows:
         return []

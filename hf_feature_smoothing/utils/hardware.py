@@ -1,4 +1,5 @@
-"""What the hardware does fast: bf16 only where it is native (on AVX2-only CPUs bf16 autocast is ~7× slower)."""
+"""What the hardware does fast (bf16 only where it is native: on AVX2-only CPUs bf16 autocast is ~7× slower) and what
+it is (recorded beside the seconds of run rows)."""
 
 import functools
 import platform
