@@ -177,6 +177,17 @@ def test_prototypes_carry_their_feature_space_and_certify_certifies_in_it(featur
     expected = certify_prediction(tower, images, load_prototypes(protos), [r["label"] for r in run.rows], n=16, n0=4,
                                   seed=0)
     assert [(r["p_lower"], r["radius"]) for r in run.rows] == [(c.p_lower, c.radius) for c in expected]
+    # the API given the file's path certifies in its space too; given the tensor alone, in the tower's own
+    plain = SmoothedVisionTower(resolve_model("tiny-llava"), FeatureSmoothingConfig(sigma=0.25))
+    labels = [r["label"] for r in run.rows]
+    from_path = certify_prediction(plain, images, protos, labels, n=16, n0=4, seed=0)
+    assert [c.to_dict() for c in from_path] == [c.to_dict() for c in expected] and all(c.centered for c in from_path)
+    assert not any(c.centered for c in certify_prediction(plain, images, load_prototypes(protos), labels, n=4, n0=4,
+                                                          seed=0))
+    centred_otherwise = SmoothedVisionTower(plain.encoder, FeatureSmoothingConfig(
+        sigma=0.25, smoothed_features=features, feature_center=[c + 1.0 for c in space.feature_center]))
+    with pytest.raises(ValueError, match=f"prototypes file {protos}: made with a feature centre of {width} values"):
+        certify_prediction(centred_otherwise, images, protos, labels, n=4, n0=4)
     capsys.readouterr()
     other = tmp_path / "other.safetensors"  # a centre made for another tower: not a divisor of the row width
     save_prototypes(load_prototypes(protos), other, feature_center=[0.0] * (width - 1))

@@ -5,6 +5,7 @@ and prediction certificates for cosine-similarity predictors; the sampling itsel
 
 import dataclasses
 import math
+import os
 from collections.abc import Sequence
 
 import torch
@@ -49,6 +50,7 @@ from .arguments import (
 )
 from .certificates import NOISE_SPACE, FeatureCertificate, PredictionCertificate
 from .inputs import pass_dtype, to_image_inputs, tower_device, weights_dtype
+from .prototypes import read_prototypes, tower_in_space
 from .sampling import CleanJob, FeatureJob, ImageNoise, PredictionJob, VoteJob, blank_features, run_jobs
 
 
@@ -260,7 +262,7 @@ def certify(
 def certify_prediction(
     model_or_tower: nn.Module,
     images,
-    prototypes: torch.Tensor,
+    prototypes: torch.Tensor | str | os.PathLike,
     labels: Sequence[int] | None = None,
     *,
     sigma: float | None = None,
@@ -315,9 +317,11 @@ def certify_prediction(
     [0, 1] score per sample), so the radius barely shrinks with K. `"flat"`: α/K per class (the other classes then
     use a bound from streaming moments: Hoeffding, or the smaller of Maurer–Pontil and Hoeffding). Memory does not
     grow with n · K. R holds with probability ≥ 1 − α; abstains (prediction None) when R = 0. Arguments as for
-    [`certify`]; `prototypes` `(K, F)` must be finite with no zero row, `labels` class indices in [0, K);
-    `method` `"vote"` (default) or `"margin"`; `target_radius` (vote only) stops sampling once that radius is
-    certified (or can no longer be within `n`).
+    [`certify`]; `prototypes` `(K, F)` must be finite with no zero row, or be the path of a prototypes file
+    (`hf-fs prototypes`, [`save_prototypes`]), whose feature space (site and centre μ, e.g. `--center position`) the
+    certificates are then made in ([`tower_in_space`]; a tensor alone carries no space); `labels` class indices in
+    [0, K); `method` `"vote"` (default) or `"margin"`; `target_radius` (vote only) stops sampling once that radius
+    is certified (or can no longer be within `n`).
     """
     seed = check_sampling(n0, n, alpha, bound, seed)
     # as Python numbers (a 0-d tensor or numpy scalar is accepted), so certificates stay JSON-serialisable
@@ -334,10 +338,16 @@ def certify_prediction(
     if method == "vote" and bound != "betting":
         raise ValueError(f"`method='vote'` bounds p_A with the anytime-valid betting confidence sequence; got "
                          f"`bound={bound!r}`. Use `bound='betting'` (the default).")
+    space = None
+    if isinstance(prototypes, (str, os.PathLike)):  # a prototypes file: its tensor and the feature space it lives in
+        name = f"prototypes file {os.fspath(prototypes)}"
+        prototypes, space = read_prototypes(prototypes, name)
     prototypes = check_prototypes(prototypes)
     num_classes = prototypes.shape[0]
     digest = tensors_digest({"prototypes": prototypes, "shape": torch.tensor(prototypes.shape)})  # the predictor
     tower = as_smoothed_tower(model_or_tower, sigma, autocast_dtype)
+    if space is not None:
+        tower = tower_in_space(tower, space, name)
     inputs_list = to_image_inputs(tower, images, input_space=input_space, image_grid_thw=image_grid_thw, image_size=image_size)
     labels = check_labels(labels, len(inputs_list), num_classes)
     _check_feature_width(tower, inputs_list, prototypes)

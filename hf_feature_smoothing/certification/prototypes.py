@@ -2,6 +2,7 @@
 nearest-class-mean classifier (t_k the normalised mean unit feature of class k's training images) and prototypes
 fitted to the FS margin certificate on smoothed training features."""
 
+import dataclasses
 import json
 import math
 import os
@@ -219,8 +220,33 @@ def read_prototypes(path: str | os.PathLike, name: str | None = None,
 
 
 def load_prototypes(path: str | os.PathLike, name: str | None = None, width: int | None = None) -> torch.Tensor:
-    """The checked `(K, F)` prototypes of a prototypes file (see [`read_prototypes`])."""
+    """The checked `(K, F)` prototypes of a prototypes file (see [`read_prototypes`]): the tensor alone. A file made
+    with `hf-fs prototypes --center` or `--features` lives in that feature space; pass its path to
+    [`certify_prediction`], which certifies in it (or put a tower in it with [`tower_in_space`])."""
     return read_prototypes(path, name, width)[0]
+
+
+def tower_in_space(tower: SmoothedVisionTower, space: PrototypeSpace, name: str = "prototypes") -> SmoothedVisionTower:
+    """
+    `tower` in the feature space prototypes were made in (their file's [`PrototypeSpace`]: the `smoothed_features`
+    site and the `feature_center` μ), so a prediction compares like with like: the tower itself where it already is,
+    else a tower over the same encoder with that site and centre. A tower whose own centre contradicts the file's
+    (another μ, or centred features for prototypes made uncentred) is refused, naming `name` (e.g. the file).
+    """
+    changes = {}
+    if space.smoothed_features not in (None, tower.config.smoothed_features):
+        changes["smoothed_features"] = space.smoothed_features
+    own = tower.config.feature_center
+    if space.feature_center is None and space.smoothed_features is not None and own:
+        raise ValueError(f"{name}: made on uncentred features, but the model centres its features (`feature_center` "
+                         "in its smoothing config); make the prototypes with this model (`hf-fs prototypes`).")
+    if space.feature_center is not None:
+        if own is not None and own != space.feature_center:
+            raise ValueError(f"{name}: made with a feature centre of {len(space.feature_center)} values, but the "
+                             f"model centres its features with another ({len(own)} values); use prototypes made with "
+                             "this model (`hf-fs prototypes` without --center).")
+        changes["feature_center"] = space.feature_center
+    return SmoothedVisionTower(tower.encoder, dataclasses.replace(tower.config, **changes)) if changes else tower
 
 
 def load_prototype_space(path: str | os.PathLike, name: str | None = None) -> PrototypeSpace:

@@ -2,7 +2,6 @@
 --prototypes) in a resumable, locked run file, then plot and summarise it. Defaults, ranges and checks are the API's
 (`certification.arguments`); every value is checked before the run file, its header or its lock is written."""
 
-import dataclasses
 import time
 from pathlib import Path
 
@@ -22,7 +21,7 @@ from ..certification.arguments import (
     target_score,
 )
 from ..certification.certify import compute_dtype
-from ..certification.prototypes import PrototypeSpace, feature_width, read_prototypes
+from ..certification.prototypes import PrototypeSpace, feature_width, read_prototypes, tower_in_space
 from ..runs import Run, Shard
 from ..runs.fingerprints import file_sha256
 from ..runs.report import RunGroup, plot_group, sequential_label, summary_lines
@@ -140,26 +139,6 @@ def check_options(args) -> None:
         raise OptionError(str(error)) from None
 
 
-def prototype_tower(args, tower: SmoothedVisionTower, space: PrototypeSpace) -> SmoothedVisionTower:
-    """The tower in the feature space the prototypes were made in (`hf-fs prototypes --features / --center`)."""
-    changes = {}
-    if space.smoothed_features not in (None, tower.config.smoothed_features):
-        changes["smoothed_features"] = space.smoothed_features
-    if space.feature_center is None and space.smoothed_features is not None and tower.config.feature_center:
-        raise OptionError(f"--prototypes {args.prototypes}: made on uncentred features, but --model {args.model} "
-                          f"centres its features (`feature_center` in its smoothing config); make the prototypes "
-                          f"with this model (`hf-fs prototypes --model {args.model}`).")
-    if space.feature_center is not None:
-        own = tower.config.feature_center
-        if own is not None and own != space.feature_center:
-            raise OptionError(f"--prototypes {args.prototypes}: made with a feature centre of "
-                              f"{len(space.feature_center)} values, but --model {args.model} centres its features "
-                              f"with another ({len(own)} values); use prototypes made with this model (`hf-fs "
-                              f"prototypes` without --center).")
-        changes["feature_center"] = space.feature_center
-    return SmoothedVisionTower(tower.encoder, dataclasses.replace(tower.config, **changes)) if changes else tower
-
-
 def warn_other_setting(args, tower: SmoothedVisionTower, space: PrototypeSpace) -> None:
     """A warning when the prototypes were made for another model, booster or σ than this run's (as their file
     records): sound still (they are fixed before sampling), but not the predictor made for this setting."""
@@ -256,7 +235,10 @@ def run(args) -> int:
     model = load_model(args.model, args.booster).to(shard.device)
     tower = smoothed_tower(model, args)
     if space is not None:
-        tower = prototype_tower(args, tower, space)
+        try:
+            tower = tower_in_space(tower, space, name=f"--prototypes {args.prototypes} (--model {args.model})")
+        except ValueError as error:
+            raise OptionError(str(error)) from None
         warn_other_setting(args, tower, space)
     check_model_options(args, tower, prototypes)
     params = {**model_params(args, model), "source": source.description, "sigma": tower.sigma,
