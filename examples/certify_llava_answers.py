@@ -21,6 +21,7 @@ from hf_feature_smoothing.assets.llava_dinov2_smollm2 import (  # noqa: E402
     llava_checkpoint,
 )
 from hf_feature_smoothing.assets.registry import SHIPPED_BOOSTER, resolve_booster_path, resolve_model  # noqa: E402
+from hf_feature_smoothing.hub.sharing import certificate_eval_results  # noqa: E402
 from hf_feature_smoothing.utils.hardware import bf16_supported  # noqa: E402
 
 
@@ -34,12 +35,19 @@ prompt = processor.apply_chat_template(conversation, add_generation_prompt=True)
 dtype = "bfloat16" if bf16_supported() else None  # bf16 only where it is native: emulated it is ~7× slower
 
 print(f"{question!r} among {len(answers)} answers; σ = {model.smoothing_config.sigma}, booster {SHIPPED_BOOSTER}")
+certificates = []
 for example in digit_examples("test", limit=4):  # held-out digits
     inputs = processor(images=[example.image], text=[prompt], return_tensors="pt")
     certificate = hfs.certify_answer(model, inputs, candidates, n0=16, n=500, alpha=0.001, target_radius=0.5,
-                                     seed=0, autocast_dtype=dtype)
+                                     seed=0, autocast_dtype=dtype, label=example.label)
+    certificates.append(certificate)
     verdict = "abstains" if certificate.answer is None else (
-        f"{certificate.answer_text!r} certified within ℓ2 radius {certificate.radius:.3f}")
+        f"{certificate.answer_text!r} ({'right' if certificate.correct else 'wrong'}) certified within ℓ2 radius "
+        f"{certificate.radius:.3f}")
     print(f"{example.answer!r:>18}: {verdict} (p_A ≥ {certificate.p_lower:.3f}, {certificate.n_used} of "
           f"≤ {certificate.n} copies, stopped: {certificate.stop}, {certificate.dtype})")
 print("Every certificate names what it covers:", sorted(certificate.to_dict()))
+# with their labels they are certified answer accuracy per radius in a model card's model-index (`save_certified(model,
+# folder, certificates=certificates)` writes the card with the weights); the entries alone:
+for result in certificate_eval_results(certificates, "digits", radii=(0.0, 0.25, 0.5)):
+    print(f"{result.metric_name}: {result.metric_value:.2f}")

@@ -12,6 +12,7 @@ from transformers import BatchFeature
 import hf_feature_smoothing as hfs
 from hf_feature_smoothing import FeatureSmoothingConfig, SmoothedVisionTower
 from hf_feature_smoothing.certification import certify_prediction
+from hf_feature_smoothing.hub.sharing import certificate_eval_results
 from hf_feature_smoothing.models.answer_certificates import _base_classifier, prompt_digest
 from hf_feature_smoothing.models.answers import CandidateAnswers
 from hf_feature_smoothing.statistics import vote
@@ -292,7 +293,18 @@ def test_certify_answer_stops_early_and_records_the_booster(models):
                                      target_radius=0.01)
     assert certificate.stop == "target" and certificate.n_used < 300 and certificate.radius >= 0.01
     assert certificate.answer is not None and certificate.answer_text == CANDIDATES.texts[certificate.answer]
-    assert certificate.target_radius == 0.01
+    assert certificate.target_radius == 0.01 and certificate.label is None and certificate.correct is None
+    # with the right candidate's index the certificate says whether it is right, and a model card can count it
+    wrong = (certificate.answer + 1) % len(CANDIDATES.texts)
+    labelled = [hfs.certify_answer(model, inputs, CANDIDATES, sigma=0.02, n0=16, n=300, alpha=0.01, seed=3,
+                                   target_radius=0.01, label=label) for label in (certificate.answer, wrong)]
+    assert [(c.label, c.correct) for c in labelled] == [(certificate.answer, True), (wrong, False)]
+    assert labelled[0].to_dict() == {**certificate.to_dict(), "label": certificate.answer, "correct": True}
+    (accuracy, *_) = certificate_eval_results(labelled, "toy", radii=(0.01,))
+    assert accuracy.metric_type == "certified_accuracy" and accuracy.metric_value == 0.5
+    for bad in (len(CANDIDATES.texts), -1, True, 1.0):
+        with pytest.raises(ValueError, match="`label` must be the index of the right candidate"):
+            hfs.certify_answer(model, inputs, CANDIDATES, sigma=0.02, n0=2, n=2, label=bad)
     boosted = hfs.add_booster(tiny_smoothed_model("llava", num_samples=1, seed=0), hfs.GSBConfig(sigmas=[0.25]))
     record = hfs.certify_answer(boosted, tiny_inputs(boosted), CANDIDATES, n0=4, n=4, seed=1).to_dict()
     assert record["booster"] == "default" and len(record["booster_digest"]) == 16 and record["sigma"] == 0.25

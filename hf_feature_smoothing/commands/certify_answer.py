@@ -157,14 +157,13 @@ def run(args) -> int:
         for item, image, start in pending_images(run, shard, source, "certify-answer"):
             inputs = processor(images=[image], text=[text], return_tensors="pt")
             inputs = {key: value.to(shard.device) for key, value in inputs.items()}  # Qwen-VL: + grid, token types
+            label = None if item.label is None else int(item.label)
             cert = certify_answer(model, inputs, candidates, sigma=sigma, n0=args.n0, n=args.n, alpha=args.alpha,
                                   target_radius=args.target_radius, batch_size=batch_size, seed=seed,
-                                  pad_token_id=pad_token_id,
-                                  autocast_dtype=own_dtype)
-            label = None if item.label is None else int(item.label)
-            run.append({"key": item.key, "index": item.index, "status": "ok", "label": label,
-                        "correct": None if label is None else cert.answer == label, **cert.to_dict(),
-                        "elapsed_s": round(time.perf_counter() - start, 4)})
+                                  pad_token_id=pad_token_id, autocast_dtype=own_dtype, label=label)
+            record = cert.to_dict()  # label and correct lead the row, as in the rows of earlier runs
+            run.append({"key": item.key, "index": item.index, "status": "ok", "label": record.pop("label"),
+                        "correct": record.pop("correct"), **record, "elapsed_s": round(time.perf_counter() - start, 4)})
         rows = run.finish()
         params = run.params
     if rows is None:  # not rank 0

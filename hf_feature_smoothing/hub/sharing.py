@@ -46,7 +46,8 @@ def _as_dicts(certificates) -> list[dict]:
                          "centring, reference, α split, noise space, prototypes, or (answers) the candidates, prompt, "
                          "model or booster: aggregate one setting at a time.")
     if kinds & {"answer", "prediction"} and any(r.get("label") is None for r in rows):
-        raise ValueError("Certified accuracy needs each certificate's reference label: add `label` (the index of the "
+        raise ValueError("Certified accuracy needs each certificate's reference label: pass `labels=` to "
+                         "`certify_prediction` or `label=` to `certify_answer`, or add `label` (the index of the "
                          "correct class or candidate) to every certificate's dict (`hf-fs` rows carry it).")
     for advisory, count in Counter(a for r in rows for a in advisories_for(r)).items():
         logger.warning(f"{count} of {len(rows)} certificates are affected by `{advisory.name}`: {advisory.summary}")

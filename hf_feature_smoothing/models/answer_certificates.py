@@ -25,7 +25,7 @@ from ..smoothing.noise import SeededNoise, fresh_seed
 from ..smoothing.towers import ImageInputs
 from ..statistics.vote import VoteBound, top_class, vote_result, vote_target
 from ..utils.tensors import tensors_digest
-from ..utils.validation import check_alpha, check_positive_int, check_seed
+from ..utils.validation import check_alpha, check_positive_int, check_seed, is_class_index
 from .answers import CandidateAnswers
 from .booster_support import booster_support
 
@@ -51,7 +51,8 @@ class AnswerCertificate:
     dtype, else its weights'; the booster `booster` and the SHA-256 of its weights `booster_digest`, None without
     one), the base classifier in words (`base_classifier`), the noise (`sigma`, `seed`, `noise_space`) and
     `batch_size`, the copies per forward pass (with the seed, what reproduces the votes: kernels may round
-    differently in other batch sizes). `to_dict()` is strict JSON.
+    differently in other batch sizes). `label` (the right candidate's index, when given) and `correct` are what
+    certified accuracy counts in reports and model cards. `to_dict()` is strict JSON.
     """
 
     answer: int | None
@@ -83,6 +84,8 @@ class AnswerCertificate:
     batch_size: int | None = None
     noise_space: str = NOISE_SPACE
     versions: dict[str, str] = field(default_factory=versions)
+    label: int | None = None
+    correct: bool | None = None
 
     def to_dict(self) -> dict:
         return strict_json(dataclasses.asdict(self))
@@ -182,6 +185,7 @@ def certify_answer(
     pad_token_id: int | None = None,
     autocast_dtype: str | None = None,
     progress: bool = False,
+    label: int | None = None,
 ) -> AnswerCertificate:
     """
     Certify a LLaVA-type or Qwen-VL MLLM's answer to one prompt about one image, among `candidates` (Cohen et al.'s CERTIFY).
@@ -222,8 +226,13 @@ def certify_answer(
             in that dtype* (recorded as `dtype`). bfloat16 is 2–3× faster on CPUs with AMX and on GPUs, and much
             slower where it is emulated (a warning says so).
         progress (`bool`, *optional*): show a progress bar over copies.
+        label (`int`, *optional*): the index of the right candidate, recorded with `correct` (whether the certified
+            answer is it): what certified accuracy in reports and model cards counts.
     """
     _check_inputs(model, inputs, candidates)
+    if label is not None and not is_class_index(label, len(candidates.texts)):
+        raise ValueError(f"`label` must be the index of the right candidate, an integer in [0, "
+                         f"{len(candidates.texts)}), got {label!r}.")
     n0, n, alpha = check_positive_int("n0", n0), check_positive_int("n", n), check_alpha(alpha)
     batch_size = check_positive_int("batch_size", batch_size)
     seed = check_seed(seed)
@@ -286,6 +295,7 @@ def certify_answer(
         dtype=dtype, booster=booster,
         booster_digest=booster_digest, batch_size=batch_size,
         base_classifier=candidates.base_classifier + ON_ONE_COPY + (CONDITIONED if booster_digest else ""),
+        label=None if label is None else int(label), correct=None if label is None else result.prediction == label,
     )
 
 
