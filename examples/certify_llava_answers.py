@@ -10,24 +10,20 @@ import os
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # everything is local: never wait on the network
 
-from transformers import AutoProcessor  # noqa: E402
+from transformers import AutoModelForImageTextToText, AutoProcessor  # noqa: E402
 
-import hf_feature_smoothing as hfs  # noqa: E402
+import hf_feature_smoothing as hfs  # noqa: E402  (registers the smoothed models with the Auto classes)
 from hf_feature_smoothing.assets.labelled_images import ANSWER_SETS, digit_examples  # noqa: E402
-from hf_feature_smoothing.assets.llava_dinov2_smollm2 import (  # noqa: E402
-    MODEL_NAME,
-    REPO_ID,
-    install_in_hub_cache,
-    llava_checkpoint,
-)
-from hf_feature_smoothing.assets.registry import SHIPPED_BOOSTER, resolve_booster_path, resolve_model  # noqa: E402
+from hf_feature_smoothing.assets.llava_dinov2_smollm2 import REPO_ID, install_in_hub_cache, llava_checkpoint  # noqa: E402
+from hf_feature_smoothing.assets.registry import SHIPPED_BOOSTER, resolve_booster_path  # noqa: E402
 from hf_feature_smoothing.hub.sharing import certificate_eval_results  # noqa: E402
 from hf_feature_smoothing.utils.hardware import bf16_supported  # noqa: E402
 
 
-install_in_hub_cache(llava_checkpoint())  # assembled offline once, then a checkpoint like any other
+install_in_hub_cache(llava_checkpoint())  # the real weights, assembled offline into the Hub cache once
 processor = AutoProcessor.from_pretrained(REPO_ID)
-model = resolve_model(MODEL_NAME, smoothing_config={"sigma": 0.5, "booster": resolve_booster_path(SHIPPED_BOOSTER)})
+smoothing = {"sigma": 0.5, "booster": resolve_booster_path(SHIPPED_BOOSTER)}  # the booster: a folder or a Hub repo
+model = AutoModelForImageTextToText.from_pretrained(REPO_ID, smoothing_config=smoothing)
 question, answers = ANSWER_SETS["digits"]
 candidates = hfs.CandidateAnswers.from_texts(processor.tokenizer, list(answers))
 conversation = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": question}]}]
