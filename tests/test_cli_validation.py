@@ -1,6 +1,8 @@
 """`hf-fs` refuses a bad value before anything is written: exit status 2, one message naming the option, the value,
 the cause and the fix, no run file / lock / folder left behind, no traceback; and the one seed rule of the API."""
 
+import json
+
 import numpy as np
 import pytest
 import torch
@@ -49,10 +51,15 @@ def test_target_cosine_out_of_the_api_range(tmp_path, capsys, value):
 def test_target_radius_beyond_reach_then_a_corrected_command_starts(image_folder, tmp_path, capsys):
     _refused(tmp_path, capsys, ["--images", str(image_folder), "--sigma", "0.01", "--target-radius", "5"],
              "--target-radius 5", "unreachable at σ=0.01", "raise --sigma")
+    # within reach at σ, not with 8 samples: every certificate would stop after one sample and certify nothing
+    _refused(tmp_path, capsys, ["--images", str(image_folder), "--sigma", "0.01", "--target-radius", "0.001"],
+             "--target-radius 0.001", "out of reach with --n 8", "S ≥ 0.916445", "Raise --n (to 91)")
     out = tmp_path / "out" / "run.jsonl"
-    assert main(["certify", *TINY, "--images", str(image_folder), "--sigma", "0.01", "--target-radius", "0.001",
-                 "--output", str(out)]) == 0
+    assert main(["certify", *TINY, "--n", "91", "--images", str(image_folder), "--sigma", "0.01", "--target-radius",
+                 "0.001", "--output", str(out)]) == 0
     assert out.exists() and not (tmp_path / "out" / "run.jsonl.bak").exists()
+    rows = [json.loads(line) for line in out.read_text().splitlines()[1:]]
+    assert rows and all(r["n_used"] > 1 for r in rows)  # sampled, not stopped at once
 
 
 def test_target_with_a_fixed_n_bound(tmp_path, capsys):

@@ -277,9 +277,11 @@ def test_scalars_of_any_kind_are_numbers_and_stay_json(llava):
     for bad in (np.bool_(True), torch.tensor(True), torch.tensor([0.001, 0.002])):
         with pytest.raises((TypeError, ValueError), match="`alpha` must be"):
             certify(tower, good, alpha=bad, n=2, n0=1)
-    (certificate,) = certify(tower, good, epsilon=[np.float32(0.5), torch.tensor(0.25)], tau=np.float64(0.5),
-                             target_cosine=torch.tensor(0.5), n=2, n0=1, seed=0, input_space="processed")
-    assert certificate.epsilon == [0.5, 0.25] and certificate.tau == [0.5] and type(certificate.target_cosine) is float
+    # a target within reach of n = 64 samples at the tower's σ (with n = 2 none is: refused before sampling)
+    (certificate,) = certify(tower, good, epsilon=[np.float32(0.0625), torch.tensor(0.03125)], tau=np.float64(0.5),
+                             target_cosine=torch.tensor(0.25), n=np.int64(64), n0=1, seed=0, input_space="processed")
+    assert certificate.epsilon == [0.0625, 0.03125] and certificate.tau == [0.5]
+    assert type(certificate.target_cosine) is float and certificate.target_cosine == 0.25
     for bad in (True, [0.1, True], np.bool_(True), torch.tensor(True)):
         with pytest.raises(TypeError, match="`epsilon` must be a number or a list of numbers"):
             certify(tower, good, epsilon=bad, n=2, n0=1)

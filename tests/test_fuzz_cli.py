@@ -273,23 +273,23 @@ def test_report_of_an_unfinished_run_says_so_and_gives_no_card_metrics(finished_
 def test_sequential_runs_are_labelled_in_summary_table_card_and_model_index(image_folder, tmp_path, capsys):
     out = tmp_path / "seq.jsonl"
     status, printed, err = _run(_certify(image_folder, out, "--epsilon", "0", "--target-cosine", "0.5",
-                                         "--sigma", "0.5"), capsys)
+                                         "--sigma", "0.5", "--n", "32"), capsys)  # 8 cannot reach S ≥ 0.75
     assert status == 0, err
     rows = read_run(out).rows
-    assert "sequential, target FCSB ≥ 0.5, n ≤ 8" in printed and "n used" in printed
+    assert "sequential, target FCSB ≥ 0.5, n ≤ 32" in printed and "n used" in printed
     for row in rows:  # the n each row actually used is printed, not the most allowed
         line = next(line for line in printed.splitlines() if line.startswith(row["key"]))
         assert f" {row['n_used']} " in line and row["stop"] in line
     printed, summary, index = _report(out, capsys)
-    assert "sequential, target FCSB ≥ 0.5, n ≤ 8" in summary and "mean n used" in summary
+    assert "sequential, target FCSB ≥ 0.5, n ≤ 32" in summary and "mean n used" in summary
     results = index["model-index"][0]["results"]
     for result in results:
         metric = result["metrics"][0]
-        assert "sequential, target FCSB ≥ 0.5, n ≤ 8" in metric["name"]
+        assert "sequential, target FCSB ≥ 0.5, n ≤ 32" in metric["name"]
         assert metric["args"]["sequential"] is True and metric["args"]["target_cosine"] == 0.5
     from hf_feature_smoothing.hub.sharing import _results_table, certificate_eval_results
 
-    assert "≤ 8 (sequential)" in _results_table(certificate_eval_results(rows, "images"))
+    assert "≤ 32 (sequential)" in _results_table(certificate_eval_results(rows, "images"))
 
 
 # ----- 4. locks hold on the file, not the name --------------------------------------------------------------------

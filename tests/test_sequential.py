@@ -59,6 +59,44 @@ def test_sequential_arguments_are_checked(kwargs, match):
         certify(ToyEncoder("angle"), toy_image(0.3), **kwargs)
 
 
+def test_a_target_that_n_samples_cannot_reach_is_refused_with_the_n_that_can():
+    """Within reach at σ but not with `n` samples, even if every score were 1: sampling would stop after one sample
+    with a vacuous certificate. The feature and vote paths refuse it before sampling, naming an n that works; with
+    that n the bound does reach the target on all-1 scores, and nothing reaches it sooner than all-1 scores do."""
+    import re
+
+    import torch
+
+    from hf_feature_smoothing.statistics.betting import BettingTest, best_case_reach
+    from hf_feature_smoothing.statistics.vote import VoteBound, certify_vote, vote_target
+
+    def named_n(error) -> int:
+        return int(re.search(r"Raise `n` \(to (\d+)\)", str(error.value)).group(1))
+
+    tower = SmoothedVisionTower(ToyEncoder("angle"), FeatureSmoothingConfig(sigma=0.25))
+    with pytest.raises(ValueError, match=r"out of reach with `n` 64 at σ=0.25 and α=0.001: it needs S ≥") as error:
+        certify(tower, toy_image(0.3), epsilon=0.1, target_cosine=0.97, n=64, alpha=0.001)
+    enough = named_n(error)
+    (certificate,) = certify(tower, toy_image(0.3), epsilon=0.1, target_cosine=0.97, n=enough, alpha=0.001, seed=0)
+    assert certificate.n_used > 1
+    with pytest.raises(ValueError, match=r"out of reach with `n` 500 at σ=0.12 .* the radius is 0.258") as error:
+        certify_vote(torch.tensor([0, 9]), torch.ones(500), sigma=0.12, alpha=0.001, target_radius=0.5)
+    target = vote_target(0.5, 0.12)
+    enough = named_n(error)
+    assert best_case_reach(target, 0.001, enough) is not None and best_case_reach(target, 0.001, enough // 2) is None
+    bound = VoteBound(0.001, 500, vote_target(0.5, 0.5))  # reachable: all hits stop at the predicted sample
+    bound.update(torch.ones(500))
+    assert bound.stop == "target" and bound.n_used == best_case_reach(vote_target(0.5, 0.5), 0.001, 500) == 51
+    generator = torch.Generator().manual_seed(0)
+    for mean in (0.6, 0.9, 0.99):  # scores in [0, 1], near 1 or hits: never sooner than the best case
+        first = best_case_reach(mean, 0.01, 2000)
+        for _ in range(20):
+            scores = torch.where(torch.rand(2000, generator=generator) < 0.98, 1.0,
+                                 torch.rand(2000, generator=generator))
+            reached, _ = BettingTest(mean, 0.01, 2000).update(scores)
+            assert reached is None or reached >= first
+
+
 def test_cli_certifies_sequentially_in_the_fastest_supported_dtype(image_folder, tmp_path):
     from hf_feature_smoothing.cli import main
     from hf_feature_smoothing.runs.records import read_run

@@ -10,6 +10,7 @@ import torch
 from torch import nn
 
 from ..smoothing.noise import fresh_seed
+from ..statistics.betting import REACH_LIMIT, best_case_reach, samples_to_reach
 from ..statistics.bounds import CONFIDENCE_BOUNDS, score_for_certificate
 from ..utils.validation import (
     ALPHA,
@@ -115,7 +116,7 @@ def check_target(name: str, value: object, spec: Range) -> float | None:
 
 def _names(names: dict[str, str] | None) -> dict[str, str]:
     return {key: _label((names or {}).get(key, key)) for key in
-            ("target_cosine", "target_radius", "epsilon", "tau", "bound", "sigma")}
+            ("target_cosine", "target_radius", "epsilon", "tau", "bound", "sigma", "n")}
 
 
 def _given(target_cosine, target_radius, names: dict[str, str]) -> str:
@@ -143,9 +144,12 @@ def check_sequential(target_cosine: float | None, target_radius: float | None, e
 
 
 def target_score(target_cosine: float | None, target_radius: float | None, epsilons: list[float],
-                 taus: list[float], sigma: float, bound: str, *, names: dict[str, str] | None = None) -> float | None:
+                 taus: list[float], sigma: float, bound: str, *, n: int | None = None, alpha: float | None = None,
+                 names: dict[str, str] | None = None) -> float | None:
     """The score S a sequential certificate has to certify for (range-checked) targets at noise level `sigma`, or
-    None without a target; refuses what [`check_sequential`] refuses and a target that needs S = 1 (out of reach)."""
+    None without a target; refuses what [`check_sequential`] refuses, a target that needs S = 1 and, given `n` and
+    `alpha`, one that `n` samples cannot certify even if every score is 1 (out of reach: sampling would stop after
+    one sample)."""
     if target_cosine is None and target_radius is None:
         return None
     check_sequential(target_cosine, target_radius, epsilons, taus, bound, names=names)
@@ -158,6 +162,12 @@ def target_score(target_cosine: float | None, target_radius: float | None, epsil
         raise ValueError(f"{_given(target_cosine, target_radius, names)}: unreachable at σ={sigma:g} (it needs the "
                          f"score S = 1, i.e. every noisy feature equal to the reference); lower the target, lower the "
                          f"largest {names['epsilon']} / {names['tau']}, or raise {names['sigma']}.")
+    if n is not None and alpha is not None and best_case_reach(score, alpha, n) is None:
+        enough = samples_to_reach(score, alpha, n)
+        raise ValueError(f"{_given(target_cosine, target_radius, names)}: out of reach with {names['n']} {n} at "
+                         f"σ={sigma:g} and α={alpha:g}: it needs S ≥ {score:.6g}, which {n} samples cannot certify "
+                         f"even if every noisy feature equals the reference. Raise {names['n']} (to "
+                         f"{enough if enough else f'more than {REACH_LIMIT}'}) or lower the target.")
     return score
 
 

@@ -188,7 +188,9 @@ def certify(
         target_cosine (`float`, *optional*): sequential certification: stop as soon as FCSB(ε) ≥ `target_cosine`
             is certified for every ε in `epsilon` (or as soon as that can no longer happen within `n` samples, even
             if every remaining score were 1). Needs `bound="betting"`: its confidence sequence is valid at every
-            sample, so stopping early costs nothing in validity. The certificate reports `n_used` and `stop`.
+            sample, so stopping early costs nothing in validity. The certificate reports `n_used` and `stop`. A
+            target that `n` samples cannot certify even if every score is 1 is refused before sampling, with an `n`
+            that can (it would stop every certificate after one sample).
         target_radius (`float`, *optional*): sequential certification until R_τ ≥ `target_radius` for every τ in
             `tau` (same rules; combined with `target_cosine`, both must be reached).
         input_space (`str`, *optional*): for tensor `images`, `"processed"` or `"pixel"`; required when the values
@@ -215,7 +217,7 @@ def certify(
     target_cosine = check_target("target_cosine", target_cosine, TARGET_COSINE)
     target_radius = check_target("target_radius", target_radius, TARGET_RADIUS)
     tower = as_smoothed_tower(model_or_tower, sigma, autocast_dtype)
-    target = target_score(target_cosine, target_radius, epsilons, taus, tower.sigma, bound)
+    target = target_score(target_cosine, target_radius, epsilons, taus, tower.sigma, bound, n=n, alpha=alpha)
     dtype = compute_dtype(tower)
     inputs_list = to_image_inputs(tower, images, input_space=input_space, image_grid_thw=image_grid_thw, image_size=image_size)
     unrelated = None
@@ -403,7 +405,7 @@ def _certify_vote(tower: SmoothedVisionTower, inputs_list: list[ImageInputs], pr
                   progress: bool) -> list[PredictionCertificate]:
     """`certify_prediction(method="vote")` once the arguments are checked (see there)."""
     dtype = compute_dtype(tower)
-    target = None if target_radius is None else vote_target(target_radius, tower.sigma)
+    target = None if target_radius is None else vote_target(target_radius, tower.sigma, alpha, n)
     jobs = [VoteJob(inputs, ImageNoise(tower, inputs, seed), prototypes, n0, VoteBound(alpha, n, target))
             for inputs in inputs_list]
     with tqdm(total=len(jobs), desc="certify", disable=not progress) as bar:

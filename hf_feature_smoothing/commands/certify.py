@@ -55,7 +55,7 @@ from .running import (
 
 
 OPTION_NAMES = {"target_cosine": "--target-cosine", "target_radius": "--target-radius", "epsilon": "--epsilon",
-                "tau": "--tau", "bound": "--bound", "sigma": "--sigma"}
+                "tau": "--tau", "bound": "--bound", "sigma": "--sigma", "n": "--n"}
 
 
 def register_subcommand(subparsers) -> None:
@@ -157,11 +157,11 @@ def check_model_options(args, tower, prototypes) -> None:
     if prototypes is None and (args.target_cosine is not None or args.target_radius is not None):
         try:
             target_score(args.target_cosine, args.target_radius, args.epsilon, args.tau, tower.sigma, args.bound,
-                         names=OPTION_NAMES)
+                         n=args.n, alpha=args.alpha, names=OPTION_NAMES)
         except ValueError as error:
             raise OptionError(str(error)) from None
     if prototypes is not None and args.method == "vote" and args.target_radius is not None:
-        check_vote_target(args.target_radius, tower.sigma)
+        check_vote_target(args.target_radius, tower.sigma, args.alpha, args.n)
     if prototypes is not None:
         try:
             width = feature_width(tower, args.image_size)

@@ -129,7 +129,7 @@ def run(args) -> int:
                           f"certify-answer needs a LLaVA or Qwen-VL MLLM ({', '.join(SMOOTHED_MODEL_CLASSES)}), "
                           f"e.g. --model {LLAVA_NAME}.")
     if args.target_radius is not None:
-        check_vote_target(args.target_radius, tower.sigma)
+        check_vote_target(args.target_radius, tower.sigma, args.alpha, args.n)
     processor = load_processor(args.model, model)
     text = prompt(processor, question, args.model)
     try:

@@ -204,9 +204,10 @@ def check_run_options(args) -> None:
                               f"--dtype out (the model's own dtype), or use --dtype float32.")
 
 
-def check_vote_target(target_radius: float, sigma: float) -> None:
-    """--target-radius of a vote certificate is within reach at the model's σ (an [`OptionError`] otherwise)."""
+def check_vote_target(target_radius: float, sigma: float, alpha: float, n: int) -> None:
+    """--target-radius of a vote certificate is within reach at the model's σ with --n samples at --alpha (an
+    [`OptionError`] otherwise)."""
     try:
-        vote_target(target_radius, sigma)
+        vote_target(target_radius, sigma, alpha, n, n_name="--n")
     except ValueError as error:
         raise OptionError(f"--target-radius {target_radius:g}: {error}") from None

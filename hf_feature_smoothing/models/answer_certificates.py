@@ -250,7 +250,7 @@ def certify_answer(
     inputs = {key: value.to(device) if torch.is_tensor(value) else value for key, value in inputs.items()}
     autocast = (contextlib.nullcontext() if tower.config.autocast_dtype is None
                 else torch.autocast(device.type, dtype=getattr(torch, dtype)))
-    target = None if target_radius is None else vote_target(target_radius, tower.sigma)
+    target = None if target_radius is None else vote_target(target_radius, tower.sigma, alpha, n)
     if pad_token_id is None:
         config = getattr(model.config, "text_config", model.config)
         pad_token_id = getattr(config, "pad_token_id", None) or 0

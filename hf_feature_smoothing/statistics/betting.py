@@ -272,6 +272,38 @@ class BettingTest:
         return _first_all(running >= self.threshold, start), _first_all(hopeless, start)
 
 
+REACH_LIMIT = 2**22  # the most samples [`samples_to_reach`] looks at
+
+
+def best_case_reach(mean: float, alpha: float, horizon: int) -> int | None:
+    """
+    The sample at which [`BettingTest`]`(mean, alpha, horizon)` first rejects H₀: E[X] ≤ `mean` when every score is 1
+    (the largest factors and, at the smallest variance, the boldest bets: no scores reach it much sooner), or None
+    when even that does not happen within `horizon` samples. A sequential target that needs the bound to reach
+    `mean` is then out of reach at this sample size, whatever the scores: sampling would stop after one sample.
+    """
+    test, done = BettingTest(mean, alpha, horizon), 0
+    while done < horizon:
+        count = min(16 * _TIME_BLOCK, horizon - done)
+        reached, _ = test.update_all(torch.ones(count, dtype=torch.float64), hopeless=False)
+        if reached[0]:
+            return int(reached[0])
+        done += count
+    return None
+
+
+def samples_to_reach(mean: float, alpha: float, start: int = 1) -> int | None:
+    """About the fewest samples n ≥ `start` with which the betting bound can reach `mean` ([`best_case_reach`] with
+    horizon n, n doubled from `start`), or None beyond [`REACH_LIMIT`]."""
+    horizon = max(int(start), 1)
+    while horizon <= REACH_LIMIT:
+        reached = best_case_reach(mean, alpha, horizon)
+        if reached is not None:
+            return max(reached, int(start))
+        horizon *= 2
+    return None
+
+
 def _first_all(mask: torch.Tensor, offset: int) -> torch.Tensor:
     """Per column of a `(T, G)` mask, the 1-based sample count of its first True, shifted by `offset`; 0 when none."""
     found = mask.any(0)

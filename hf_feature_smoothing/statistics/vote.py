@@ -17,7 +17,7 @@ from dataclasses import dataclass
 
 import torch
 
-from .betting import TRUNCATIONS, BettingTest
+from .betting import REACH_LIMIT, TRUNCATIONS, BettingTest, best_case_reach, samples_to_reach
 from .bounds import normal_cdf, normal_ppf
 
 
@@ -52,8 +52,11 @@ def vote_radius(p_lower: float, sigma: float) -> float:
     return sigma * normal_ppf(p_lower) if p_lower > 0.5 else 0.0
 
 
-def vote_target(target_radius: float, sigma: float) -> float:
-    """The p̲_A a certificate of radius `target_radius` needs: Φ(R/σ) (so that σ Φ⁻¹(p̲_A) ≥ R)."""
+def vote_target(target_radius: float, sigma: float, alpha: float | None = None, n: int | None = None,
+                n_name: str = "`n`") -> float:
+    """The p̲_A a certificate of radius `target_radius` needs: Φ(R/σ) (so that σ Φ⁻¹(p̲_A) ≥ R). With `alpha` and
+    `n`, a target that `n` samples cannot certify even if every one votes for the top class is refused, with the n
+    that can (else every certificate would stop, out of reach, after one sample)."""
     if not target_radius > 0 or not sigma > 0 or not math.isfinite(target_radius):
         raise ValueError(f"Need `target_radius` > 0 and `sigma` > 0, got target_radius={target_radius!r}, "
                          f"sigma={sigma!r}.")
@@ -62,6 +65,14 @@ def vote_target(target_radius: float, sigma: float) -> float:
         raise ValueError(f"`target_radius` {target_radius:g} is out of reach at σ={sigma:g}: it needs p̲_A ≥ "
                          f"Φ({target_radius / sigma:.3g}), beyond what any sample size certifies here (Φ⁻¹(p̲_A) ≤ "
                          f"{VOTE_GRID_TOP:g}); lower the target or raise σ.")
+    if alpha is not None and n is not None and best_case_reach(target, alpha, n) is None:
+        best = VoteBound(alpha, n)
+        best.update(torch.ones(n))
+        enough = samples_to_reach(target, alpha, n)
+        raise ValueError(f"`target_radius` {target_radius:g} is out of reach with {n_name} {n} at σ={sigma:g} and "
+                         f"α={alpha:g}: it needs p̲_A ≥ {target:.6g}, and even if all {n} samples vote for the top "
+                         f"class the radius is {vote_radius(best.p_lower, sigma):.4g}. Raise {n_name} (to "
+                         f"{enough if enough else f'more than {REACH_LIMIT}'}) or lower the target.")
     return target
 
 
@@ -162,7 +173,8 @@ def certify_vote(selection_counts: torch.Tensor, hits: torch.Tensor, sigma: floa
     """
     top = top_class(selection_counts)
     hits = torch.as_tensor(hits).flatten()
-    bound = VoteBound(alpha, n or hits.numel(), None if target_radius is None else vote_target(target_radius, sigma))
+    n = n or hits.numel()
+    bound = VoteBound(alpha, n, None if target_radius is None else vote_target(target_radius, sigma, alpha, n))
     bound.update(hits)
     return vote_result(top, bound, sigma, target_radius)
 
