@@ -3,6 +3,7 @@ target radius), invalid bounds failing the same check, `certify_prediction(metho
 `certify_answer` on tiny random LLaVA and Qwen-VL models (stock with σ, smoothed with `num_samples=1`, with a
 booster)."""
 
+import logging
 import math
 
 import pytest
@@ -284,6 +285,23 @@ def test_certify_answer_on_qwen_vl_batches_patch_flattened_copies(family):
         hfs.certify_answer(model, two, CANDIDATES, n0=2, n=2, seed=0)
     with pytest.raises(ValueError, match="patch rows"):
         hfs.certify_answer(model, dict(inputs, pixel_values=inputs["pixel_values"][:-1]), CANDIDATES, n0=2, n=2)
+
+
+def test_certifying_a_booster_at_a_sigma_it_was_not_trained_for_says_so(caplog):
+    """Sound still (the certificate is about the model as conditioned), but not the booster's measured regime: an
+    override of σ outside the booster's `sigmas` logs a warning naming both; its own σ or a trained one, none."""
+    boosted = hfs.add_booster(tiny_smoothed_model("llava", num_samples=1, seed=0), hfs.GSBConfig(sigmas=[0.25, 0.5]))
+    inputs = tiny_inputs(boosted)
+    for sigma, warned in ((0.3, True), (0.5, False), (None, False)):
+        caplog.clear()
+        with caplog.at_level(logging.WARNING):
+            certificate = hfs.certify_answer(boosted, inputs, CANDIDATES, sigma=sigma, n0=2, n=2, seed=1)
+        message = "`sigma`=0.3: the model's booster was trained for σ in [0.25, 0.5]"
+        assert (message in caplog.text) == warned and certificate.sigma == (sigma or 0.25)
+    caplog.clear()
+    with caplog.at_level(logging.WARNING):
+        hfs.certify(boosted, inputs["pixel_values"], sigma=0.3, n=4, n0=2, seed=0, input_space="processed")
+    assert "never saw" in caplog.text  # the feature certificate's path says it too
 
 
 def test_certify_answer_stops_early_and_records_the_booster(models):

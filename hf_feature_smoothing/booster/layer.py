@@ -43,6 +43,7 @@ class GSBLayer(nn.Module, BaseTunerLayer, NoiseConditioned):
         self.probe: GridProbe | None = None
         self._active_adapter = adapter_name
         self.merged_adapters = []
+        self.trained_sigmas: dict[str, tuple[float, ...]] = {}  # per adapter: its config's `sigmas`
         self.update_layer(adapter_name, config)
 
     def __getattr__(self, name: str):
@@ -63,6 +64,13 @@ class GSBLayer(nn.Module, BaseTunerLayer, NoiseConditioned):
         if self.disable_adapters:
             return []
         return [n for n in self.active_adapters if n in container]
+
+    def trained_noise_levels(self) -> tuple[float, ...] | None:
+        """The σ the active boosters were trained for (their configs' `sigmas`); None when none is active."""
+        if self.disable_adapters:
+            return None
+        levels = {sigma for name in self.active_adapters for sigma in self.trained_sigmas.get(name, ())}
+        return tuple(sorted(levels)) or None
 
     def adapter_parameters(self, adapter_name: str) -> Iterator[nn.Parameter]:
         for name in self.adapter_layer_names:
@@ -95,6 +103,7 @@ class GSBMapperLayer(GSBLayer):
                            config.mixing_kernel_size)
         self.fs_booster_mapper[adapter_name] = self._place(mapper)
         self.position[adapter_name] = config.position
+        self.trained_sigmas[adapter_name] = tuple(float(sigma) for sigma in config.sigmas)
         if config.mapper_mixing is not None:
             if self.geometry is None:
                 raise ValueError("A token-mixing mapper needs the tower's geometry.")
@@ -140,6 +149,7 @@ class GSBPurifierLayer(GSBLayer):
         options = config.purifier
         channels = self.geometry.channels if self.geometry is not None else 3
         self.fs_booster_purifier[adapter_name] = self._place(GSBPurifier(channels, **options))
+        self.trained_sigmas[adapter_name] = tuple(float(sigma) for sigma in config.sigmas)
         if self.geometry is not None and self.geometry.patch_flattened:
             self.probe = self.probe or GridProbe(self.geometry)
         self.set_adapter(adapter_name, inference_mode=config.inference_mode)

@@ -12,6 +12,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
+from ..smoothing.conditioning import untrained_noise_level
 from ..smoothing.configuration_feature_smoothing import FeatureSmoothingConfig
 from ..smoothing.modeling_smoothed_tower import SmoothedVisionTower
 from ..smoothing.towers import TOWER_FAMILIES, ImageInputs
@@ -78,7 +79,7 @@ def as_smoothed_tower(
     """A `SmoothedVisionTower` for a tower, a smoothed MLLM or a supported stock model, with noise level `sigma`
     (default: the tower's own σ) and `autocast_dtype` (default: the tower's own; `"float32"` turns its autocast
     off; refused on half-precision weights). The tower of a smoothed model is never modified: a different σ or dtype
-    gives a new tower over the same encoder."""
+    gives a new tower over the same encoder. A σ that a booster of the model was not trained for logs a warning."""
     if isinstance(model_or_tower, SmoothedVisionTower):
         tower = model_or_tower
     elif isinstance(getattr(model_or_tower, "smoothed_vision_tower", None), SmoothedVisionTower):
@@ -102,6 +103,11 @@ def as_smoothed_tower(
             changes["autocast_dtype"] = wanted
     if changes:
         tower = SmoothedVisionTower(tower.encoder, dataclasses.replace(tower.config, **changes))
+    trained = untrained_noise_level(tower.encoder, tower.sigma) if "sigma" in changes else None
+    if trained:  # sound still (the certificate is about the model as conditioned), but not what was trained
+        logger.warning(f"`sigma`={tower.sigma:g}: the model's booster was trained for σ in {list(trained)}, so it is "
+                       "certified conditioned on a noise level it never saw; the certificate holds for the model as "
+                       f"it is, but pick one of {list(trained)} for the booster's measured robustness.")
     return tower
 
 

@@ -4,6 +4,7 @@ level σ (pixel [0, 1] units) and the processor's pixel statistics around each t
 module is. This keeps the smoothing core free of any booster import."""
 
 import contextlib
+import math
 from collections.abc import Iterator, Sequence
 
 from torch import nn
@@ -20,6 +21,10 @@ class NoiseConditioned:
     noise_level: float = 0.0
     pixel_stats: PixelStats | None = None
 
+    def trained_noise_levels(self) -> tuple[float, ...] | None:
+        """The noise levels σ the module was trained for (None: any)."""
+        return None
+
 
 ConditionState = list[tuple[NoiseConditioned, float, PixelStats | None]]
 
@@ -27,6 +32,13 @@ ConditionState = list[tuple[NoiseConditioned, float, PixelStats | None]]
 def conditioned_modules(model: nn.Module) -> list[NoiseConditioned]:
     """Every [`NoiseConditioned`] module of `model`."""
     return [m for m in model.modules() if isinstance(m, NoiseConditioned)]
+
+
+def untrained_noise_level(model: nn.Module, sigma: float) -> tuple[float, ...] | None:
+    """The noise levels the [`NoiseConditioned`] modules of `model` were trained for, when `sigma` is none of them
+    (a booster conditioned on a σ it never saw); None when it is one, or when no module says."""
+    levels = sorted({level for module in conditioned_modules(model) for level in module.trained_noise_levels() or ()})
+    return tuple(levels) if levels and not any(math.isclose(sigma, level) for level in levels) else None
 
 
 def set_noise_condition(model: nn.Module, sigma: float, image_mean: Sequence[float] | None = None,
@@ -58,4 +70,4 @@ def noise_condition(model: nn.Module, sigma: float, image_mean: Sequence[float] 
 
 
 __all__ = ["ConditionState", "NoiseConditioned", "PixelStats", "conditioned_modules", "noise_condition",
-           "restore_noise_condition", "set_noise_condition"]
+           "restore_noise_condition", "set_noise_condition", "untrained_noise_level"]
