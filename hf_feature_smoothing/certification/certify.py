@@ -105,9 +105,9 @@ def as_smoothed_tower(
         tower = SmoothedVisionTower(tower.encoder, dataclasses.replace(tower.config, **changes))
     trained = untrained_noise_level(tower.encoder, tower.sigma) if "sigma" in changes else None
     if trained:  # sound still (the certificate is about the model as conditioned), but not what was trained
-        logger.warning(f"`sigma`={tower.sigma:g}: the model's booster was trained for σ in {list(trained)}, so it is "
-                       "certified conditioned on a noise level it never saw; the certificate holds for the model as "
-                       f"it is, but pick one of {list(trained)} for the booster's measured robustness.")
+        logger.warning_once(f"`sigma`={tower.sigma:g}: the model's booster was trained for σ in {list(trained)}, so "
+                            "it is certified conditioned on a noise level it never saw; the certificate holds for the "
+                            f"model as it is, but pick one of {list(trained)} for the booster's measured robustness.")
     return tower
 
 
