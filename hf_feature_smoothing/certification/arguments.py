@@ -10,7 +10,7 @@ import torch
 from torch import nn
 
 from ..smoothing.noise import fresh_seed
-from ..statistics.betting import REACH_LIMIT, best_case_reach, samples_to_reach
+from ..statistics.betting import reach_shortfall
 from ..statistics.bounds import CONFIDENCE_BOUNDS, score_for_certificate
 from ..utils.validation import (
     ALPHA,
@@ -162,12 +162,12 @@ def target_score(target_cosine: float | None, target_radius: float | None, epsil
         raise ValueError(f"{_given(target_cosine, target_radius, names)}: unreachable at σ={sigma:g} (it needs the "
                          f"score S = 1, i.e. every noisy feature equal to the reference); lower the target, lower the "
                          f"largest {names['epsilon']} / {names['tau']}, or raise {names['sigma']}.")
-    if n is not None and alpha is not None and best_case_reach(score, alpha, n) is None:
-        enough = samples_to_reach(score, alpha, n)
+    shortfall = None if n is None or alpha is None else reach_shortfall(score, alpha, n)
+    if shortfall:
         raise ValueError(f"{_given(target_cosine, target_radius, names)}: out of reach with {names['n']} {n} at "
                          f"σ={sigma:g} and α={alpha:g}: it needs S ≥ {score:.6g}, which {n} samples cannot certify "
-                         f"even if every noisy feature equals the reference. Raise {names['n']} (to "
-                         f"{enough if enough else f'more than {REACH_LIMIT}'}) or lower the target.")
+                         f"even if every noisy feature equals the reference. Raise {names['n']} ({shortfall}) or "
+                         "lower the target.")
     return score
 
 

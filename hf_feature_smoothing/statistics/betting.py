@@ -304,6 +304,15 @@ def samples_to_reach(mean: float, alpha: float, start: int = 1) -> int | None:
     return None
 
 
+def reach_shortfall(mean: float, alpha: float, n: int) -> str | None:
+    """None when `n` samples can bring the betting bound to `mean` ([`best_case_reach`]); else the advice on n for an
+    error message: "to N" (an n that can, [`samples_to_reach`]) or "to more than REACH_LIMIT"."""
+    if best_case_reach(mean, alpha, n) is not None:
+        return None
+    enough = samples_to_reach(mean, alpha, n)
+    return f"to {enough}" if enough else f"to more than {REACH_LIMIT}"
+
+
 def _first_all(mask: torch.Tensor, offset: int) -> torch.Tensor:
     """Per column of a `(T, G)` mask, the 1-based sample count of its first True, shifted by `offset`; 0 when none."""
     found = mask.any(0)

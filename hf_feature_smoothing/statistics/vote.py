@@ -17,7 +17,7 @@ from dataclasses import dataclass
 
 import torch
 
-from .betting import REACH_LIMIT, TRUNCATIONS, BettingTest, best_case_reach, samples_to_reach
+from .betting import TRUNCATIONS, BettingTest, reach_shortfall
 from .bounds import normal_cdf, normal_ppf
 
 
@@ -65,14 +65,14 @@ def vote_target(target_radius: float, sigma: float, alpha: float | None = None, 
         raise ValueError(f"`target_radius` {target_radius:g} is out of reach at σ={sigma:g}: it needs p̲_A ≥ "
                          f"Φ({target_radius / sigma:.3g}), beyond what any sample size certifies here (Φ⁻¹(p̲_A) ≤ "
                          f"{VOTE_GRID_TOP:g}); lower the target or raise σ.")
-    if alpha is not None and n is not None and best_case_reach(target, alpha, n) is None:
+    shortfall = None if alpha is None or n is None else reach_shortfall(target, alpha, n)
+    if shortfall:
         best = VoteBound(alpha, n)
         best.update(torch.ones(n))
-        enough = samples_to_reach(target, alpha, n)
         raise ValueError(f"`target_radius` {target_radius:g} is out of reach with {n_name} {n} at σ={sigma:g} and "
                          f"α={alpha:g}: it needs p̲_A ≥ {target:.6g}, and even if all {n} samples vote for the top "
-                         f"class the radius is {vote_radius(best.p_lower, sigma):.4g}. Raise {n_name} (to "
-                         f"{enough if enough else f'more than {REACH_LIMIT}'}) or lower the target.")
+                         f"class the radius is {vote_radius(best.p_lower, sigma):.4g}. Raise {n_name} ({shortfall}) "
+                         "or lower the target.")
     return target
 
 
