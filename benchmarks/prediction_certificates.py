@@ -36,8 +36,10 @@ unfinished cells marked as such:
     python benchmarks/prediction_certificates.py --table-only
 
 `--dtype bfloat16` runs every forward pass under bf16 autocast (2-3× faster on CPUs with AMX, e.g. 2.6× for the
-LLaVA's passes on one core of a Xeon with AMX); the certificates then cover the models as computed in bf16, and its cells
-are separate files (`...-bfloat16.jsonl`), never mixed with float32 ones in a table.
+LLaVA's passes on one core of a Xeon with AMX; refused where bf16 is emulated, ~7× slower); the certificates then cover
+the models as computed in bf16, and its cells are separate files (`...-bfloat16.jsonl`). A cell is made in one dtype
+(starting it in another is refused); the table reads each cell in whichever dtype it was made and names the dtype and
+the CPU of every row, since the machines that run the pieces differ.
 """
 
 import argparse
@@ -62,9 +64,24 @@ METHODS = ("margin-means", "margin-fitted", "vote-cosine", "vote-answers")
 VARIANTS = ("none", "gsb")
 
 
-def cell_name(args, name: str, method: str, variant: str, sigma: float) -> str:
-    return (f"{name}-{method}-{variant}-sigma{sigma}" + ("" if args.dtype == "float32" else f"-{args.dtype}")
+DTYPES = ("float32", "bfloat16")
+
+
+def cell_name(args, name: str, method: str, variant: str, sigma: float, dtype: str | None = None) -> str:
+    dtype = dtype or args.dtype
+    return (f"{name}-{method}-{variant}-sigma{sigma}" + ("" if dtype == "float32" else f"-{dtype}")
             + ("" if method == "vote-answers" else space_tag(args)))  # the answers do not use the prototypes' space
+
+
+def cell_file(args, name: str, method: str, variant: str, sigma: float) -> tuple[str, Path] | None:
+    """(dtype, run file) of a cell, in whichever compute dtype it was made; None before it starts. A cell holds one
+    dtype: files of two are refused (which one would the table show?)."""
+    found = [(dtype, path) for dtype in DTYPES
+             if (path := Path(args.output_dir) / f"{cell_name(args, name, method, variant, sigma, dtype)}.jsonl").exists()]
+    if len(found) > 1:
+        raise SystemExit(f"cell {name} {method} {variant} σ={sigma} has run files in two compute dtypes "
+                         f"({', '.join(str(path) for _, path in found)}); keep the one to report, move the other away.")
+    return found[0] if found else None
 
 
 def space_tag(args) -> str:
@@ -101,6 +118,10 @@ def booster_args(args, variant: str) -> list[str]:
 
 
 def run_cell(args, name: str, method: str, variant: str, sigma: float) -> None:
+    made = cell_file(args, name, method, variant, sigma)
+    if made and made[0] != args.dtype:
+        raise SystemExit(f"cell {name} {method} {variant} σ={sigma} was started in {made[0]} ({made[1]}); finish it "
+                         f"with --dtype {made[0]}, or move its file away to make it in {args.dtype}.")
     rows = Path(args.output_dir) / f"{cell_name(args, name, method, variant, sigma)}.jsonl"
     common = ["--dtype", args.dtype, *booster_args(args, variant), "--images", SETS[name][1], "--limit", str(args.limit[name]), "--sigma",
               str(sigma), "--n", str(args.n), "--n0", str(args.n0), "--alpha", str(args.alpha), "--seed", "0",
@@ -126,16 +147,21 @@ def cells(args, every: bool = False):
 
 def summarise(args) -> list[dict]:
     """One summary per cell that has rows: certified accuracy per radius (95% Wilson intervals at r = 0.5, 1),
-    abstain rate, median seconds per certificate (a job paused or sharing its cores inflates a few) and copies used."""
+    abstain rate, median seconds per certificate (a job paused or sharing its cores inflates a few), copies used, and
+    the compute dtype and CPU of the cell."""
     metric = metrics.load("certified_robustness", "accuracy")
     results, settings = [], set()
     for name, method, variant, sigma in cells(args, every=True):
-        path = Path(args.output_dir) / f"{cell_name(args, name, method, variant, sigma)}.jsonl"
-        ok = [r for r in read_run(path).rows if r["status"] == "ok"]
+        made = cell_file(args, name, method, variant, sigma)
+        run = read_run(made[1]) if made else None
+        ok = [r for r in run.rows if r["status"] == "ok"] if run else []
         if not ok:
             continue
         scores = metric.compute(**metrics.accuracy_inputs(ok), epsilon=list(RADII))
-        settings.update((r["n0"], r["n"], r["alpha"], r["dtype"]) for r in ok)
+        settings.update((r["n0"], r["n"], r["alpha"]) for r in ok)
+        if {r["dtype"] for r in ok} != {made[0]}:
+            raise SystemExit(f"{made[1]}: rows in {sorted({r['dtype'] for r in ok})}, its name says {made[0]}.")
+        hardware = run.header["info"].get("hardware") or {}
         copies = [r["n0"] + (r.get("n_used") or r["n"]) for r in ok]
         results.append({"set": name, "method": method, "booster": variant, "sigma": sigma, "images": len(ok),
                         "planned": args.limit[name], **scores,
@@ -143,9 +169,11 @@ def summarise(args) -> list[dict]:
                                                               len(ok)) for r in (0.5, 1.0)},
                         "seconds_per_certificate": statistics.median(r["elapsed_s"] for r in ok),  # a paused job
                         "copies_per_image": sum(copies) / len(copies), "n0": ok[0]["n0"], "n": ok[0]["n"],
-                        "alpha": ok[0]["alpha"], "dtype": ok[0]["dtype"]})
-    if len(settings) > 1:  # side by side means the same budget, α and compute dtype in every cell
-        raise SystemExit(f"cells in {args.output_dir} were made with different (n0, n, α, dtype): {sorted(settings)}; "
+                        "alpha": ok[0]["alpha"], "dtype": made[0],
+                        "cpu": " ".join(str(hardware[k]) for k in ("cpu", "cpu_capability") if hardware.get(k))
+                        or "not recorded"})
+    if len(settings) > 1:  # side by side means the same budget and α in every cell
+        raise SystemExit(f"cells in {args.output_dir} were made with different (n0, n, α): {sorted(settings)}; "
                          f"rerun them with one setting or use another --output-dir.")
     return results
 
@@ -154,7 +182,8 @@ def write_table(args, results: list[dict]) -> str:
     n0, n, alpha = (results[0]["n0"], results[0]["n"], results[0]["alpha"]) if results else (args.n0, args.n, args.alpha)
     lines = [(f"`{args.model}`; same held-out images, n0 = {n0} "
               f"selection + n = {n} estimation noisy copies per image, α = {alpha}, seed 0, betting bounds, every "
-              f"forward pass in {args.dtype} (the certificates cover the models as computed in it); "
+              f"forward pass of a cell in its dtype (the certificates cover the models as computed in it: bfloat16 "
+              f"where the CPU has it natively, float32 elsewhere), seconds on its CPU (2 threads); "
               f"certified accuracy at ℓ2 radius r (pixel [0, 1] units), 95% Wilson intervals over images at r = 0.5 "
               f"and 1; booster `gsb` = `{args.booster}`. margin-means: FS margin of the nearest-class-mean cosine "
               f"predictor ({args.shots} shots per class, prototypes = smoothed features at σ from "
@@ -164,7 +193,7 @@ def write_table(args, results: list[dict]) -> str:
               f"the same predictor on single copies; vote-answers: Cohen's vote of the LLaVA's answers among the "
               f"class answers. Cells with fewer images than planned are unfinished (*)."), "",
              "| set | method | booster | σ | images | " + " | ".join(f"r = {r:g}" for r in RADII)
-             + " | abstain | s / certificate (median) | copies / image |", "|" + "---|" * (8 + len(RADII))]
+             + " | abstain | s / certificate (median) | copies / image | dtype, CPU |", "|" + "---|" * (9 + len(RADII))]
     for s in results:
         def cell(r):
             value = f"{s[f'certified_accuracy@{r:g}']:.3f}"
@@ -177,7 +206,7 @@ def write_table(args, results: list[dict]) -> str:
         lines.append(f"| {s['set']} | {s['method']} | {s['booster']} | {s['sigma']} | {images} | "
                      + " | ".join(cell(r) for r in RADII)
                      + f" | {s['abstain_rate']:.3f} | {s['seconds_per_certificate']:.1f} | "
-                       f"{s['copies_per_image']:.0f} |")
+                       f"{s['copies_per_image']:.0f} | {s['dtype']}, {s['cpu']} |")
     return "\n".join(lines) + "\n"
 
 

@@ -33,6 +33,7 @@ def test_certify_folder_writes_header_rows_and_plot(image_folder, tmp_path, caps
     assert params["source"] == {"kind": "folder", "path": str(image_folder.resolve())}
     hardware = header["info"]["hardware"]  # what the rows' seconds were measured on
     assert hardware["device"] == "cpu" and hardware["threads"] == torch.get_num_threads() and hardware["cpu"]
+    assert hardware["cpu_capability"] == torch.backends.cpu.get_cpu_capability() and isinstance(hardware["cpu_bf16"], bool)
     assert [r["key"] for r in rows] == [f"img{i}.png" for i in range(4)]
     assert [r["index"] for r in rows] == [0, 1, 2, 3]  # the running index in the source (was 0 for every row)
     assert all(r["run"] == header["run"] and r["status"] == "ok" and r["sigma"] == 0.12 and r["seed"] == 0
@@ -63,6 +64,20 @@ def test_vote_prediction_certificates_stop_at_their_target_and_say_so(image_fold
     assert all(r["method"] == "vote" and r["target_radius"] == 0.01 and r["n_used"] <= 400 for r in rows)
     assert any(r["stop"] == "target" and r["radius"] >= 0.01 and r["n_used"] < 400 for r in rows)
     assert "sequential, target radius ≥ 0.01, n ≤ 400" in capsys.readouterr().out
+    # --futility: recorded; a radius out of reach at this σ stops each image long before n, and the summary says so
+    futile = tmp_path / "futile.jsonl"
+    assert main(["certify", *TINY, "--images", str(image_folder), "--prototypes", str(prototypes), "--method", "vote",
+                 "--sigma", "1.0", "--n0", "8", "--n", "400", "--target-radius", "1.5", "--futility",
+                 "--output", str(futile)]) == 0
+    header, *rows = _lines(futile)
+    assert header["params"]["futility"] is True and all(r["futility"] is True for r in rows)
+    assert any(r["stop"] == "futile" and r["n_used"] < 400 and r["radius"] < 1.5 for r in rows)
+    out_text = capsys.readouterr().out
+    assert "sequential, target radius ≥ 1.5, futility stop, n ≤ 400" in out_text and "futile " in out_text
+    assert main(["certify", *TINY, "--images", str(image_folder), "--prototypes", str(prototypes), "--method", "vote",
+                 "--sigma", "1.0", "--n0", "8", "--n", "400", "--target-radius", "1.5",
+                 "--output", str(futile)]) == 1  # resuming without it would mix two stopping rules: refused
+    assert "futility" in capsys.readouterr().err
 
 
 @pytest.mark.parametrize("change, named", [

@@ -74,6 +74,14 @@ def test_target_with_prototypes_is_not_applicable(tmp_path, capsys):
              "--target-radius 0.1", f"--prototypes {path}", "not to margin prediction certificates", "--method vote")
 
 
+def test_futility_needs_a_vote_with_a_target_radius(tmp_path, capsys):
+    path = tmp_path / "p.safetensors"
+    save_file({"prototypes": torch.randn(3, WIDTH)}, path)
+    _refused(tmp_path, capsys, ["--futility", "--target-cosine", "0.5"], "--futility",
+             "give --target-radius with --prototypes (--method vote)")  # feature certificates have no futility stop
+    _refused(tmp_path, capsys, ["--prototypes", str(path), "--futility"], "--futility", "give --target-radius")
+
+
 @pytest.mark.parametrize("tensor, needles", [
     (torch.randn(3, 100), ("100 features per class", f"gives {WIDTH}", "recompute them")),
     (torch.randn(1, WIDTH), ("(K ≥ 2, F)", "at least two classes", "hf-fs prototypes")),

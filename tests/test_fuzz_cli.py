@@ -111,6 +111,7 @@ BAD_CERTIFY_ANSWER = {  # name -> (args, needles of the one error line); each is
     "a stand-alone encoder": (["--model", "dinov2-s14", "--images", "skimage"], ["--model dinov2-s14", "LLaVA"]),
     "a target out of reach": (["--model", "tiny-llava", "--images", "skimage", "--sigma", "0.01", "--target-radius",
                                "5"], ["--target-radius 5", "out of reach"]),
+    "--futility without a target": (["--futility"], ["--futility", "give --target-radius"]),
     "a model without a processor": (["--model", "tiny-llava", "--images", "skimage"],
                                     ["--model tiny-llava", "no processor"]),
     "--image-size (the processor's)": (["--image-size", "64"], ["--image-size"]),

@@ -94,11 +94,13 @@ def test_streamed_bound_is_the_one_shot_bound_and_a_grid_point_below_the_exact_b
     assert vote_radius(results[0][0], SIGMA) >= 0.2
 
 
-def _vote_misses(p: float, n: int, target_radius: float | None, trials: int = TRIALS) -> tuple[int, int]:
+def _vote_misses(p: float, n: int, target_radius: float | None, trials: int = TRIALS,
+                 futility: bool = False) -> tuple[int, int]:
     """(misses: p̲_A above the true p, early stops) of `certify_vote` over `trials` Bernoulli(p) hit sequences."""
     misses = stops = 0
     for row in _hits(p, n, seed=n + round(1000 * p))[:trials]:
-        result = certify_vote(torch.tensor([1, 5]), row, SIGMA, ALPHA, n=n, target_radius=target_radius)
+        result = certify_vote(torch.tensor([1, 5]), row, SIGMA, ALPHA, n=n, target_radius=target_radius,
+                              futility=futility)
         misses += result.p_lower > p
         stops += result.stop == "target"
     return misses, stops
@@ -119,6 +121,38 @@ def test_vote_bound_covers_when_stopped_early_at_a_target_radius():
     assert _within_level(misses, TRIALS, ALPHA)
     reachable, early = _vote_misses(0.95, 100, target, trials=200)  # a reachable target does stop early
     assert early > 100 and _within_level(reachable, 200, ALPHA)
+
+
+def test_futility_stops_keep_the_bound_valid_and_rarely_give_up_on_a_reachable_target():
+    """With `futility`, sampling also stops once p_A < Φ(R/σ) is established by an upper confidence sequence: the
+    lower bound still covers at any such stop; with p_A at the target itself (the hardest case) the sequence gives
+    up with probability ≤ α, while an uncorrected upper Clopper–Pearson bound re-checked after every sample gives up
+    far more often; and hopeless images stop long before n."""
+    stats = pytest.importorskip("scipy.stats")
+    p, target = 0.8, SIGMA * normal_ppf(0.82)
+    misses, _ = _vote_misses(p, 100, target, futility=True)
+    print(f"vote bound with futility stops, R = {target:.3f}, n ≤ 100: {misses} misses / {TRIALS}")
+    assert _within_level(misses, TRIALS, ALPHA)
+
+    goal, n = 0.82, 200
+    hits = _hits(goal, n, seed=7)
+    # the upper sequence alone (a futility stop needs its rejection; a target stop before it only lowers the count)
+    gave_up = sum(bool(VoteBound(ALPHA, n, goal, futility=True).upper.update_all(1.0 - row, hopeless=False)[0][0])
+                  for row in hits)
+    successes = hits.numpy().cumsum(1)
+    t = torch.arange(1, n + 1).double().numpy()
+    uppers = stats.beta.ppf(1 - ALPHA, successes + 1, t - successes)  # one-sided CP upper bound after each sample
+    uppers[successes == t] = 1.0
+    naive = int((uppers < goal).any(1).sum())
+    print(f"p_A = target = {goal}, n ≤ {n}: futility stops {gave_up} / {TRIALS}, re-checked Clopper–Pearson {naive}")
+    assert _within_level(gave_up, TRIALS, ALPHA) and not _within_level(naive, TRIALS, ALPHA)
+
+    hopeless = [VoteBound(ALPHA, 2000, goal, futility=futility) for futility in (True, False)]
+    for bound in hopeless:
+        bound.update(_hits(0.5, 2000, seed=8)[0])
+    assert hopeless[0].stop == "futile" and hopeless[0].n_used < 60 < hopeless[1].n_used
+    with pytest.raises(ValueError, match="needs a `target`"):
+        VoteBound(ALPHA, n, futility=True)
 
 
 def test_invalid_bounds_fail_the_same_checks():
@@ -324,6 +358,21 @@ def test_certify_answer_stops_early_and_records_the_booster(models):
     for bad in (len(CANDIDATES.texts), -1, True, 1.0):
         with pytest.raises(ValueError, match="`label` must be the index of the right candidate"):
             hfs.certify_answer(model, inputs, CANDIDATES, sigma=0.02, n0=2, n=2, label=bad)
+    # futility: the same copies and hits until a stop; an answer that reaches the target stops there as before
+    futile = hfs.certify_answer(model, inputs, CANDIDATES, sigma=0.02, n0=16, n=300, alpha=0.01, seed=3,
+                                target_radius=0.01, futility=True)
+    assert futile.to_dict() == {**certificate.to_dict(), "futility": True} and not certificate.futility
+    far = hfs.certify_answer(model, inputs, CANDIDATES, sigma=2.0, n0=16, n=300, alpha=0.01, seed=3,
+                             target_radius=1.0, futility=True)  # at σ = 2 the tiny model's answers scatter
+    assert far.stop == "futile" and far.n_used < 300 and far.radius < 1.0
+    futile_labelled = hfs.certify_answer(model, inputs, CANDIDATES, sigma=0.02, n0=16, n=300, alpha=0.01, seed=3,
+                                         target_radius=0.01, futility=True, label=certificate.answer)
+    (entry, *_) = certificate_eval_results([futile_labelled], "toy", radii=(0.01,))
+    assert "futility stop" in entry.metric_name and entry.metric_args["futility"] is True
+    with pytest.raises(ValueError, match="futility stop"):  # two stopping rules are two settings
+        certificate_eval_results([futile_labelled, labelled[0]], "toy")
+    with pytest.raises(ValueError, match="`futility=True`.*give a `target_radius`"):
+        hfs.certify_answer(model, inputs, CANDIDATES, sigma=0.02, n0=2, n=2, futility=True)
     boosted = hfs.add_booster(tiny_smoothed_model("llava", num_samples=1, seed=0), hfs.GSBConfig(sigmas=[0.25]))
     record = hfs.certify_answer(boosted, tiny_inputs(boosted), CANDIDATES, n0=4, n=4, seed=1).to_dict()
     assert record["booster"] == "default" and len(record["booster_digest"]) == 16 and record["sigma"] == 0.25

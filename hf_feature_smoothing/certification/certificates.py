@@ -11,7 +11,7 @@ from ..version import __version__
 
 
 NOISE_SPACE = "pixel [0,1], l2"
-STOP_REASONS = ("n", "target", "unreachable")
+STOP_REASONS = ("n", "target", "unreachable", "futile")
 
 
 def versions() -> dict[str, str]:
@@ -123,7 +123,8 @@ class PredictionCertificate:
     - `"vote"`: Cohen et al.'s smoothed classifier g(x) = argmax_c P(argmax_k cos(f(x + δ), t_k) = c). With
       probability ≥ 1 − `alpha`, g(x') = `prediction` for every ‖x' − x‖₂ < `radius` = σ Φ⁻¹(`p_lower`);
       `p_upper_runner_up` is 1 − `p_lower`, `hits` the votes for the prediction among `n_used` estimation samples,
-      `stop` why sampling stopped (`"target"`: `target_radius` certified early; anytime-valid bound).
+      `stop` why sampling stopped (`"target"`: `target_radius` certified early; anytime-valid bound; `"futile"`:
+      with `futility`, p_A below what the target needs was established, [`~statistics.vote.VoteBound`]).
 
     `prediction` is None (abstain) when the radius is 0. `prototypes_digest` names the predictor: SHA-256 (16 hex
     digits) of the prototypes' shape and values. `to_dict()` is strict JSON.
@@ -155,6 +156,7 @@ class PredictionCertificate:
     stop: str = "n"
     target_radius: float | None = None
     prototypes_digest: str | None = None
+    futility: bool = False
 
     def to_dict(self) -> dict:
         return strict_json(dataclasses.asdict(self))

@@ -287,6 +287,7 @@ def certify_prediction(
     progress: bool = False,
     method: str = DEFAULTS["method"],
     target_radius: float | None = None,
+    futility: bool = False,
 ) -> list[PredictionCertificate]:
     """
     Certify a prediction among K prototypes t_k (zero-shot classification, retrieval), by one of two methods. The
@@ -329,7 +330,9 @@ def certify_prediction(
     (`hf-fs prototypes`, [`save_prototypes`]), whose feature space (site and centre μ, e.g. `--center position`) the
     certificates are then made in ([`tower_in_space`]; a tensor alone carries no space); `labels` class indices in
     [0, K); `method` `"vote"` (default) or `"margin"`; `target_radius` (vote only) stops sampling once that radius
-    is certified (or can no longer be within `n`).
+    is certified (or can no longer be within `n`), and `futility` also once p_A < Φ(R/σ) is established (an upper
+    confidence sequence at level α: fewer copies on images that will not reach R; their certificates stay valid,
+    with the radius the copies drawn so far certify).
     """
     seed = check_sampling(n0, n, alpha, bound, seed)
     # as Python numbers (a 0-d tensor or numpy scalar is accepted), so certificates stay JSON-serialisable
@@ -343,6 +346,9 @@ def certify_prediction(
     target_radius = check_target("target_radius", target_radius, TARGET_RADIUS)
     if method == "margin" and target_radius is not None:
         raise ValueError("`target_radius` (sequential certification) is available with `method='vote'` only.")
+    if futility and target_radius is None:
+        raise ValueError("`futility=True` stops sampling once `target_radius` is out of reach: give a "
+                         "`target_radius` (with `method='vote'`), or leave `futility` False.")
     if method == "vote" and bound != "betting":
         raise ValueError(f"`method='vote'` bounds p_A with the anytime-valid betting confidence sequence; got "
                          f"`bound={bound!r}`. Use `bound='betting'` (the default).")
@@ -361,7 +367,7 @@ def certify_prediction(
     _check_feature_width(tower, inputs_list, prototypes)
     if method == "vote":
         return _certify_vote(tower, inputs_list, prototypes, labels, digest, n0=n0, n=n, alpha=alpha, seed=seed,
-                             target_radius=target_radius, progress=progress)
+                             target_radius=target_radius, futility=futility, progress=progress)
     dtype = compute_dtype(tower)
     runner_ups = min(RUNNER_UPS, num_classes - 1)
     alpha_y, alpha_runner_up, alpha_rest = prediction_alphas(num_classes, runner_ups, alpha, alpha_split)
@@ -408,11 +414,11 @@ def _check_feature_width(tower: SmoothedVisionTower, inputs_list: list[ImageInpu
 
 def _certify_vote(tower: SmoothedVisionTower, inputs_list: list[ImageInputs], prototypes: torch.Tensor, labels,
                   prototypes_digest: str, *, n0: int, n: int, alpha: float, seed: int, target_radius: float | None,
-                  progress: bool) -> list[PredictionCertificate]:
+                  futility: bool, progress: bool) -> list[PredictionCertificate]:
     """`certify_prediction(method="vote")` once the arguments are checked (see there)."""
     dtype = compute_dtype(tower)
     target = None if target_radius is None else vote_target(target_radius, tower.sigma, alpha, n)
-    jobs = [VoteJob(inputs, ImageNoise(tower, inputs, seed), prototypes, n0, VoteBound(alpha, n, target))
+    jobs = [VoteJob(inputs, ImageNoise(tower, inputs, seed), prototypes, n0, VoteBound(alpha, n, target, futility))
             for inputs in inputs_list]
     with tqdm(total=len(jobs), desc="certify", disable=not progress) as bar:
         run_jobs(tower, jobs, bar)
@@ -427,5 +433,6 @@ def _certify_vote(tower: SmoothedVisionTower, inputs_list: list[ImageInputs], pr
             bound="betting", alpha_split="none", runner_ups=[], centered=tower.config.feature_center is not None,
             seed=seed, dtype=dtype, resolution=job.noise.resolution, method="vote", n_used=vote.n_used,
             hits=vote.hits, stop=vote.stop, target_radius=target_radius, prototypes_digest=prototypes_digest,
+            futility=futility,
         ))
     return results

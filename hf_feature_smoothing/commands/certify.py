@@ -34,9 +34,11 @@ from .loading import load_model, open_source
 from .options import (
     HelpFormatter,
     OptionError,
+    add_futility,
     add_images,
     add_model,
     add_run,
+    check_futility,
     check_run_options,
     check_vote_target,
     number,
@@ -95,6 +97,7 @@ def register_subcommand(subparsers) -> None:
     c.add_argument("--target-radius", type=number(TARGET_RADIUS), default=None,
                    help="sequential certification: stop sampling once R_τ ≥ this at every --tau (betting bound); "
                         "with --prototypes --method vote, once the vote's radius is ≥ this")
+    add_futility(c)
     add_run(c, "outputs/certify.jsonl", CHUNK_SIZE)
     c.set_defaults(func=run)
 
@@ -111,6 +114,7 @@ def check_options(args) -> None:
                           f"prototypes from `hf-fs prototypes`), or drop --method to certify features.")
     chosen, args.method = args.method, args.method or (DEFAULTS["method"] if args.prototypes else None)
     vote = args.method == "vote"
+    check_futility(args, vote)
     if vote and args.bound != "betting":
         raise OptionError(f"--bound {args.bound}: --method vote{'' if chosen else ' (the default with --prototypes)'} "
                           f"bounds the vote with the anytime-valid betting confidence sequence; use --bound betting "
@@ -256,6 +260,8 @@ def run(args) -> int:
             params.update(feature_center=len(space.feature_center))
         if args.method == "vote":  # margin runs, made before --method existed, keep their parameters
             params.update(method="vote", target_radius=args.target_radius)
+            if args.futility:  # runs made before --futility keep their parameters
+                params.update(futility=True)
     with Run(args.output, "certify", shard, overwrite=args.overwrite, repair=args.repair) as run:
         run.lock()
         run.open(params, run_info(shard, len(source)), resolve={"seed": fresh_seed}, newer_params=NEWER_PARAMS,
@@ -268,7 +274,8 @@ def run(args) -> int:
                                   target_cosine=args.target_cosine, target_radius=args.target_radius, **common)
             else:
                 label = _check_label(item, prototypes, getattr(source, "label_column", None))
-                vote = {"target_radius": args.target_radius} if args.method == "vote" else {}
+                vote = ({"target_radius": args.target_radius, "futility": args.futility} if args.method == "vote"
+                        else {})
                 (cert,) = certify_prediction(tower, [image], prototypes, None if label is None else [label],
                                              method=args.method, **common, **vote)
             values = {k: v for k, v in cert.to_dict().items() if k != "index"}

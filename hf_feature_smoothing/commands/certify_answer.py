@@ -21,9 +21,11 @@ from .loading import load_model, load_processor, open_source
 from .options import (
     HelpFormatter,
     OptionError,
+    add_futility,
     add_images,
     add_model,
     add_run,
+    check_futility,
     check_run_options,
     check_vote_target,
     number,
@@ -74,6 +76,7 @@ def register_subcommand(subparsers) -> None:
     c.add_argument("--target-radius", type=number(TARGET_RADIUS), default=None,
                    help="sequential certification: stop sampling once this ℓ2 radius is certified (or can no longer "
                         "be within --n); anytime-valid betting bound")
+    add_futility(c)
     add_run(c, "outputs/certify-answer.jsonl", CHUNK_SIZE, passes="model's forward passes",
             chunk_help=f"noisy copies per forward pass, each scoring every candidate (memory vs speed; recorded: "
                        f"the model's kernels may round differently in other batch sizes); default {BATCH_SIZE}")
@@ -96,6 +99,7 @@ def candidate_texts(args) -> tuple[str, list[str]]:
 def check_options(args) -> None:
     """Checks between options that need no model."""
     check_run_options(args)
+    check_futility(args)
     candidate_texts(args)
 
 
@@ -149,6 +153,8 @@ def run(args) -> int:
     own_dtype = tower.config.autocast_dtype or ("float32" if dtype == "float32" else None)
     if dtype != "float32":  # runs made before --dtype (float32) keep their header
         params["dtype"] = dtype
+    if args.futility:  # and those made before --futility theirs
+        params["futility"] = True
     pad_token_id = processor.tokenizer.pad_token_id
     with Run(args.output, "certify-answer", shard, overwrite=args.overwrite, repair=args.repair) as run:
         run.lock()
@@ -160,7 +166,8 @@ def run(args) -> int:
             label = None if item.label is None else int(item.label)
             cert = certify_answer(model, inputs, candidates, sigma=sigma, n0=args.n0, n=args.n, alpha=args.alpha,
                                   target_radius=args.target_radius, batch_size=batch_size, seed=seed,
-                                  pad_token_id=pad_token_id, autocast_dtype=own_dtype, label=label)
+                                  pad_token_id=pad_token_id, autocast_dtype=own_dtype, label=label,
+                                  futility=args.futility)
             record = cert.to_dict()  # label and correct lead the row, as in the rows of earlier runs
             run.append({"key": item.key, "index": item.index, "status": "ok", "label": record.pop("label"),
                         "correct": record.pop("correct"), **record, "elapsed_s": round(time.perf_counter() - start, 4)})
@@ -171,7 +178,8 @@ def run(args) -> int:
     ok = [r for r in rows if r["status"] == "ok"]
     group = RunGroup("certify-answer", params, [Path(args.output)], ok, [r for r in rows if r["status"] == "skipped"])
     plotted = plot_group(group, args.plot)
-    target = f", target r ≥ {args.target_radius:g} (sequential)" if args.target_radius else ""
+    target = (f", target r ≥ {args.target_radius:g} (sequential{', futility stop' if args.futility else ''})"
+              if args.target_radius else "")
     print(f"{args.model}{f' + {args.booster}' if args.booster else ''}: {question!r} among {len(texts)} answers "
           f"(digest {params['candidates_digest']}); σ={sigma} (pixel [0,1]), n0={args.n0}, n={args.n}{target}, "
           f"α={args.alpha}, seed={params['seed']}")

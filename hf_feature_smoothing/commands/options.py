@@ -204,6 +204,22 @@ def check_run_options(args) -> None:
                               f"--dtype out (the model's own dtype), or use --dtype float32.")
 
 
+def add_futility(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--futility", action="store_true",
+                        help="with --target-radius, also stop sampling an image once its vote share is shown (upper "
+                             "confidence sequence, level --alpha) to be below what the target needs: fewer copies on "
+                             "images that will not reach it; their certificates stay valid, with the radius the "
+                             "copies so far certify (recorded in the run)")
+
+
+def check_futility(args, vote: bool = True) -> None:
+    """--futility needs a vote certificate with --target-radius (an [`OptionError`] otherwise)."""
+    if args.futility and (not vote or args.target_radius is None):
+        raise OptionError("--futility: stops a vote certificate's sampling once --target-radius is out of reach; "
+                          "give --target-radius" + ("" if vote else " with --prototypes (--method vote)")
+                          + ", or drop --futility.")
+
+
 def check_vote_target(target_radius: float, sigma: float, alpha: float, n: int) -> None:
     """--target-radius of a vote certificate is within reach at the model's σ with --n samples at --alpha (an
     [`OptionError`] otherwise)."""

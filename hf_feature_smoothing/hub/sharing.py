@@ -40,11 +40,11 @@ def _as_dicts(certificates) -> list[dict]:
     if len({(r["sigma"], r["n"], r.get("n0"), r["alpha"], r["bound"], r.get("target_cosine"), r.get("target_radius"),
              r.get("method"), r.get("candidates_digest"), r.get("prompt_digest"), r.get("booster_digest"),
              r.get("model"), r.get("dtype"), r.get("centered"), r.get("reference"), r.get("alpha_split"),
-             r.get("noise_space"), r.get("prototypes_sha256")) for r in rows}) > 1 or len(
+             r.get("noise_space"), r.get("prototypes_sha256"), bool(r.get("futility"))) for r in rows}) > 1 or len(
             {r["prototypes_digest"] for r in rows if r.get("prototypes_digest")}) > 1:  # older rows have none
-        raise ValueError("Certificates differ in σ, n, n0, α, bound, method, sequential target, compute dtype, "
-                         "centring, reference, α split, noise space, prototypes, or (answers) the candidates, prompt, "
-                         "model or booster: aggregate one setting at a time.")
+        raise ValueError("Certificates differ in σ, n, n0, α, bound, method, sequential target or futility stop, "
+                         "compute dtype, centring, reference, α split, noise space, prototypes, or (answers) the "
+                         "candidates, prompt, model or booster: aggregate one setting at a time.")
     if kinds & {"answer", "prediction"} and any(r.get("label") is None for r in rows):
         raise ValueError("Certified accuracy needs each certificate's reference label: pass `labels=` to "
                          "`certify_prediction` or `label=` to `certify_answer`, or add `label` (the index of the "
@@ -67,8 +67,8 @@ def certificate_eval_results(certificates, dataset_name: str, dataset_type: str 
     digests; prediction entries state the predictor's `prototypes_digest` (of the prototypes tensor) and, for rows read
     by [`group_runs`], `prototypes_sha256` (of the `--prototypes` file in their run's header), and name it shortened
     (the file's digest where there is one). Sequential certificates (stopped at `target_cosine` / `target_radius`) say
-    so in every entry's name ("sequential, target …, n ≤ N") and `metric_args` (the targets, `n` as the most samples
-    and the mean `n_used`)."""
+    so in every entry's name ("sequential, target …, n ≤ N"; ", futility stop" with `futility`) and `metric_args`
+    (the targets, `futility`, `n` as the most samples and the mean `n_used`)."""
     rows = _as_dicts(certificates)
     if not rows:
         return []
@@ -109,9 +109,9 @@ def certificate_eval_results(certificates, dataset_name: str, dataset_type: str 
     targets = target_label(first)
     if targets:
         args.update(sequential=True, target_cosine=first.get("target_cosine"),
-                    target_radius=first.get("target_radius"),
+                    target_radius=first.get("target_radius"), futility=bool(first.get("futility")),
                     mean_n_used=sum(r.get("n_used") or r["n"] for r in rows) / len(rows))
-        setting += f", sequential, {targets}, n ≤ {first['n']}"
+        setting += f", sequential, {targets}{', futility stop' if first.get('futility') else ''}, n ≤ {first['n']}"
     common = dict(task_type=task_type, dataset_type=dataset_type or dataset_name, dataset_name=dataset_name)
     results = []
     if kind != "feature":

@@ -44,8 +44,9 @@ class AnswerCertificate:
     is None (abstain) when p̲_A = `p_lower` ≤ ½.
 
     `counts` are the votes of the `n0` selection samples (they chose the answer), `hits` the votes for it among the
-    `n_used` estimation samples (at most `n`; fewer when `stop="target"`: `target_radius` was certified early, or
-    `"unreachable"`). The certificate names what it is about: the candidates (`candidates`, `candidates_digest`),
+    `n_used` estimation samples (at most `n`; fewer when `stop="target"`: `target_radius` was certified early,
+    `"unreachable"`, or `"futile"`: with `futility`, p_A below what the target needs was established). The
+    certificate names what it is about: the candidates (`candidates`, `candidates_digest`),
     the prompt (`prompt_digest`, SHA-256 of its token ids), the image (`resolution`), the model (`model`, its
     `_name_or_path` when loaded from a checkpoint; `smoothed`; `dtype`, the dtype its passes ran in: the autocast
     dtype, else its weights'; the booster `booster` and the SHA-256 of its weights `booster_digest`, None without
@@ -86,6 +87,7 @@ class AnswerCertificate:
     versions: dict[str, str] = field(default_factory=versions)
     label: int | None = None
     correct: bool | None = None
+    futility: bool = False
 
     def to_dict(self) -> dict:
         return strict_json(dataclasses.asdict(self))
@@ -186,6 +188,7 @@ def certify_answer(
     autocast_dtype: str | None = None,
     progress: bool = False,
     label: int | None = None,
+    futility: bool = False,
 ) -> AnswerCertificate:
     """
     Certify a LLaVA-type or Qwen-VL MLLM's answer to one prompt about one image, among `candidates` (Cohen et al.'s CERTIFY).
@@ -216,6 +219,10 @@ def certify_answer(
         alpha (`float`, *optional*, defaults to 0.001): failure probability of the certificate.
         target_radius (`float`, *optional*): stop as soon as this radius ([0, 1] pixel ℓ2) is certified, or can
             no longer be within `n`.
+        futility (`bool`, *optional*, defaults to `False`): with `target_radius`, also stop as soon as p_A < Φ(R/σ)
+            is established at level α (an upper confidence sequence, [`~statistics.vote.VoteBound`]): copies are no
+            longer spent on answers that will not reach the target. The certificate stays valid; its radius is then
+            what the copies drawn so far certify, below the target (smaller than `n` copies would give).
         batch_size (`int`, *optional*, defaults to 16): noisy copies per forward pass.
         seed (`int`, *optional*): the noise seed.
         pad_token_id (`int`, *optional*): padding id (defaults to the model config's, else 0).
@@ -251,6 +258,9 @@ def certify_answer(
     autocast = (contextlib.nullcontext() if tower.config.autocast_dtype is None
                 else torch.autocast(device.type, dtype=getattr(torch, dtype)))
     target = None if target_radius is None else vote_target(target_radius, tower.sigma, alpha, n)
+    if futility and target is None:
+        raise ValueError("`futility=True` stops sampling once `target_radius` is out of reach: give a "
+                         "`target_radius`, or leave `futility` False.")
     if pad_token_id is None:
         config = getattr(model.config, "text_config", model.config)
         pad_token_id = getattr(config, "pad_token_id", None) or 0
@@ -267,7 +277,7 @@ def certify_answer(
         return scores.argmax(1).cpu()
 
     counts = torch.zeros(len(candidates.texts), dtype=torch.long)
-    bound = VoteBound(alpha, n, target)
+    bound = VoteBound(alpha, n, target, futility)
     with tqdm(total=n0 + n, desc="certify_answer", disable=not progress) as bar, _base_classifier(model, tower):
         for start in range(0, n0, batch_size):
             count = min(batch_size, n0 - start)
@@ -296,6 +306,7 @@ def certify_answer(
         booster_digest=booster_digest, batch_size=batch_size,
         base_classifier=candidates.base_classifier + ON_ONE_COPY + (CONDITIONED if booster_digest else ""),
         label=None if label is None else int(label), correct=None if label is None else result.prediction == label,
+        futility=futility,
     )
 
 

@@ -71,7 +71,8 @@ def run_state(contents: RunContents) -> RunState:
 def sequential_label(params: dict) -> str | None:
     """`"sequential, target FCSB ≥ 0.9, n ≤ 256"` for a run that stops sampling at a target; `None` otherwise."""
     targets = target_label(params)
-    return f"sequential, {targets}, n ≤ {params.get('n')}" if targets else None
+    futility = ", futility stop" if params.get("futility") else ""
+    return f"sequential, {targets}{futility}, n ≤ {params.get('n')}" if targets else None
 
 
 def run_kind(header: dict) -> str:
@@ -214,8 +215,12 @@ def _sequential_note(params: dict, rows: list[dict]) -> list[str]:
         return []
     stops = Counter(r.get("stop", "n") for r in rows)
     used = _mean(r.get("n_used") or params["n"] for r in rows)
+    futile = f", futile {stops['futile']}" if params.get("futility") else ""
     note = (f"\n{label}: mean n used {used:.1f}; stopped at the target {stops['target']}, unreachable "
-            f"{stops['unreachable']}, at n {stops['n']} (of {len(rows)}).")
+            f"{stops['unreachable']}{futile}, at n {stops['n']} (of {len(rows)}).")
+    if params.get("futility"):
+        note += (" Futility stops end an image's sampling once it is shown to fall short of the target: below the "
+                 "target its radius is what those copies certify, less than n copies would.")
     return [note]
 
 
@@ -242,7 +247,7 @@ def summary_lines(group: RunGroup, radii: Sequence[float] = REPORT_RADII) -> lis
         if not labelled:
             abstain = _mean(r[predicted] is None for r in rows)
             note = f"no labels (pass --label-column): certified accuracy needs them; abstain rate {abstain:.4f}."
-            return [head, "", note]
+            return [head, "", note, *_sequential_note(p, rows)]
         measured = measured_radii(p, radii)
         accuracy = certified_accuracy([r[predicted] for r in labelled], [r["label"] for r in labelled],
                                       [r["radius"] for r in labelled], measured)

@@ -12,6 +12,7 @@ holds **simultaneously for every t** (a confidence sequence): stopping at a data
 """
 
 import contextlib
+import functools
 import math
 from collections.abc import Sequence
 
@@ -275,6 +276,7 @@ class BettingTest:
 REACH_LIMIT = 2**22  # the most samples [`samples_to_reach`] looks at
 
 
+@functools.lru_cache(maxsize=256)  # pure; asked once per certificate of a sequential run
 def best_case_reach(mean: float, alpha: float, horizon: int) -> int | None:
     """
     The sample at which [`BettingTest`]`(mean, alpha, horizon)` first rejects H₀: E[X] ≤ `mean` when every score is 1

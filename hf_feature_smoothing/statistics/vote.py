@@ -9,7 +9,11 @@ g(x + e) = ĉ_A for every ‖e‖₂ < R = σ Φ⁻¹(p̲_A) ([`vote_radius`]); 
 The paper bounds p_A with Clopper–Pearson at a fixed n. Here p̲_A comes from the project's betting confidence sequence
 (Waudby-Smith & Ramdas, [`BettingTest`] run at a fixed grid of candidate means, [`VOTE_GRID`]): it holds at every
 sample at once, so sampling may stop as soon as a `target_radius` is certified ([`VoteBound`]), and the state is O(grid)
-whatever n (hits are counted, never stored). The grid costs at most σ·`VOTE_GRID_STEP` of radius (0.0025 at σ = 0.25).
+whatever n (hits are counted, never stored). With `futility`, an upper confidence sequence (the same test on the
+misses) also stops sampling once p_A < Φ(R/σ) is established: the target is then out of reach whatever n (Voráček,
+NeurIPS 2024, "Treatment of statistical estimation problems in randomized smoothing", decides a radius from both sides
+the same way). The lower sequence holds at any stopping time, so the certificate stays valid; its radius is what the
+copies drawn so far certify, below the target. The grid costs at most σ·`VOTE_GRID_STEP` of radius (0.0025 at σ = 0.25).
 """
 
 import math
@@ -17,13 +21,13 @@ from dataclasses import dataclass
 
 import torch
 
-from .betting import TRUNCATIONS, BettingTest, reach_shortfall
+from .betting import TRUNCATIONS, BettingTest, best_case_reach, reach_shortfall
 from .bounds import normal_cdf, normal_ppf
 
 
 VOTE_GRID_STEP = 0.01  # spacing of the grid in Φ⁻¹(p) units above p = ½ (radius resolution σ·step)
 VOTE_GRID_TOP = 6.0  # the largest Φ⁻¹(p) on the grid (p ≈ 1 − 1e-9)
-VOTE_STOPS = ("n", "target", "unreachable")
+VOTE_STOPS = ("n", "target", "unreachable", "futile")
 
 
 def vote_grid(target: float | None = None) -> list[float]:
@@ -79,25 +83,34 @@ def vote_target(target_radius: float, sigma: float, alpha: float | None = None, 
 class VoteBound:
     """
     Streaming lower confidence sequence for p_A from Bernoulli hits (1: the base classifier chose ĉ_A), valid at every
-    sample: feed hits chunk by chunk with [`update`] until it returns True (`n` hits, the target reached, or the
-    target out of reach within `n`). `p_lower` is then the largest candidate value of [`vote_grid`] whose test
-    H₀: p_A ≤ p rejected by the stopping sample; with probability ≥ 1 − α it is ≤ p_A, whatever the stopping rule.
+    sample: feed hits chunk by chunk with [`update`] until it returns True (`n` hits, the target reached, the
+    target out of reach within `n`, or, with `futility`, p_A < target established). `p_lower` is then the largest
+    candidate value of [`vote_grid`] whose test H₀: p_A ≤ p rejected by the stopping sample; with probability ≥ 1 − α
+    it is ≤ p_A, whatever the stopping rule.
 
     Args:
         alpha (`float`): failure probability.
         n (`int`): the most hits that may be fed (the bets are tuned for it).
         target (`float`, *optional*): stop once p̲_A ≥ `target` (see [`vote_target`]), or once that has become
-            impossible within `n`.
+            impossible within `n` (`stop="unreachable"`).
+        futility (`bool`, *optional*, defaults to `False`): also stop (`stop="futile"`) once the betting test of
+            H₀: p_A ≥ `target` on the misses rejects at level α, i.e. once p_A < `target` is established: with
+            probability ≥ 1 − α a p_A ≥ `target` never stops this way. Needs `target`. Its bets are tuned for the
+            copies all-hit votes need to reach `target`.
     """
 
-    def __init__(self, alpha: float, n: int, target: float | None = None):
+    def __init__(self, alpha: float, n: int, target: float | None = None, futility: bool = False):
         if isinstance(n, bool) or int(n) != n or n < 1:
             raise ValueError(f"`n` must be a positive number of samples, got {n!r}.")
         if isinstance(alpha, bool) or not 0 < alpha < 1:
             raise ValueError(f"`alpha` must be in (0, 1), got {alpha!r}; e.g. `alpha=0.001`.")
         if target is not None and not 0.0 < target < 1.0:
             raise ValueError(f"`target` must be a probability in (0, 1), got {target!r}.")
-        self.n, self.target = int(n), target
+        if not isinstance(futility, bool):
+            raise ValueError(f"`futility` must be True or False, got {futility!r}.")
+        if futility and target is None:
+            raise ValueError("`futility=True` stops sampling once the target is out of reach: it needs a `target`.")
+        self.n, self.target, self.futility = int(n), target, futility
         # a candidate p whose capital cannot reach 1/α in n samples even if every hit is 1 (each factor is at most
         # 1 + c(1 − p)/p) is never rejected: leaving it out changes nothing and saves most of the work at small n
         threshold = math.log(1.0 / alpha)
@@ -106,6 +119,11 @@ class VoteBound:
         grid = grid or vote_grid()[:1]
         self.test = BettingTest(grid, alpha, self.n)
         self.target_index = None if target is None else grid.index(float(target))
+        # the upper sequence: H₀: E[miss] ≤ 1 − target (p_A ≥ target), rejected at level α → p_A < target. Its bets
+        # are tuned for the copies a certificate needs at best to reach the target (any predictable bets are valid):
+        # tuned for n they are several times too timid on the hundreds of copies that decide most images
+        scale = (best_case_reach(target, alpha, self.n) or self.n) if futility else None
+        self.upper = BettingTest(1.0 - target, alpha, scale) if futility else None
         self.reached = torch.zeros(len(grid), dtype=torch.bool)  # rejected by the stopping sample
         self.n_used = self.hits = 0
         self.stop: str | None = None
@@ -125,10 +143,12 @@ class VoteBound:
         reached, hopeless = self.test.update_all(hits, hopeless=give_up)
         end, stop = self.n_used + hits.numel(), None
         if self.target_index is not None:
-            hit_at, give_up_at = int(reached[self.target_index]), int(hopeless[self.target_index])
-            if hit_at or give_up_at:
-                end = min(t for t in (hit_at, give_up_at) if t)
-                stop = "target" if end == hit_at else "unreachable"
+            futile_at = 0 if self.upper is None else int(self.upper.update_all(1.0 - hits, hopeless=False)[0][0])
+            stops = {"target": int(reached[self.target_index]), "futile": futile_at,
+                     "unreachable": int(hopeless[self.target_index])}  # ties: the first named
+            if any(stops.values()):
+                end = min(t for t in stops.values() if t)
+                stop = next(name for name, t in stops.items() if t == end)
         self.reached |= (reached > 0) & (reached <= end)
         self.hits += int(hits[: end - self.n_used].sum())
         self.n_used = end
@@ -145,7 +165,7 @@ class VoteBound:
 @dataclass
 class VoteResult:
     """What CERTIFY returns: the class ĉ_A (None: abstain), its radius, p̲_A, the hits among `n_used` samples and why
-    sampling stopped (`"n"`, `"target"`, `"unreachable"`)."""
+    sampling stopped (`"n"`, `"target"`, `"unreachable"`, `"futile"`)."""
 
     prediction: int | None
     radius: float
@@ -165,16 +185,17 @@ def vote_result(top: int, bound: VoteBound, sigma: float, target_radius: float |
 
 
 def certify_vote(selection_counts: torch.Tensor, hits: torch.Tensor, sigma: float, alpha: float,
-                 n: int | None = None, target_radius: float | None = None) -> VoteResult:
+                 n: int | None = None, target_radius: float | None = None, futility: bool = False) -> VoteResult:
     """
     CERTIFY from the base classifier's outputs: `selection_counts` `(K,)` (n0 selection samples) choose ĉ_A, and the
-    hits `(m,)` of ĉ_A on other samples, in sampling order, bound p_A (only the first hits are used when
-    `target_radius` is reached early; `n` defaults to m).
+    hits `(m,)` of ĉ_A on other samples, in sampling order, bound p_A (only the first hits are used when sampling
+    stops early at `target_radius`, or with `futility` once it is out of reach; `n` defaults to m).
     """
     top = top_class(selection_counts)
     hits = torch.as_tensor(hits).flatten()
     n = n or hits.numel()
-    bound = VoteBound(alpha, n, None if target_radius is None else vote_target(target_radius, sigma, alpha, n))
+    bound = VoteBound(alpha, n, None if target_radius is None else vote_target(target_radius, sigma, alpha, n),
+                      futility)
     bound.update(hits)
     return vote_result(top, bound, sigma, target_radius)
 

@@ -34,10 +34,13 @@ def bf16_supported(device: str | torch.device = "cpu") -> bool:
 
 
 def describe(device: str | torch.device = "cpu") -> dict:
-    """Where timings are measured (recorded in run headers beside their seconds): the CPU model, torch's CPU threads
-    and, when `device` is an accelerator, its name."""
+    """Where timings are measured (recorded in run headers beside their seconds): the CPU model, the vector
+    instructions torch's CPU kernels use (`cpu_capability`, e.g. "AVX2" or "AVX512": one model name covers both, and
+    the passes' speed differs several times between them), whether bf16 is native there, torch's CPU threads and,
+    when `device` is an accelerator, its name."""
     device = torch.device(device)
     described = {"cpu": _cpuinfo("model name") or platform.processor() or platform.machine(),
+                 "cpu_capability": torch.backends.cpu.get_cpu_capability(), "cpu_bf16": bf16_supported("cpu"),
                  "threads": torch.get_num_threads(), "device": device.type}
     if device.type == "cuda" and torch.cuda.is_available():
         described["device"] = torch.cuda.get_device_name(device)
