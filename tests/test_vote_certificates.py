@@ -373,6 +373,11 @@ def test_certify_answer_stops_early_and_records_the_booster(models):
         certificate_eval_results([futile_labelled, labelled[0]], "toy")
     with pytest.raises(ValueError, match="`futility=True`.*give a `target_radius`"):
         hfs.certify_answer(model, inputs, CANDIDATES, sigma=0.02, n0=2, n=2, futility=True)
+    with pytest.raises(ValueError, match="`futility` must be True or False, got 'yes'"):
+        hfs.certify_answer(model, inputs, CANDIDATES, sigma=0.02, n0=2, n=64, target_radius=0.01, futility="yes")
+    with pytest.raises(ValueError, match="`futility=True`.*give a `target_radius`"):
+        certify_prediction(model, inputs["pixel_values"], torch.randn(3, 8), sigma=0.02, n0=2, n=2, futility=True,
+                           input_space="processed")
     boosted = hfs.add_booster(tiny_smoothed_model("llava", num_samples=1, seed=0), hfs.GSBConfig(sigmas=[0.25]))
     record = hfs.certify_answer(boosted, tiny_inputs(boosted), CANDIDATES, n0=4, n=4, seed=1).to_dict()
     assert record["booster"] == "default" and len(record["booster_digest"]) == 16 and record["sigma"] == 0.25

@@ -28,9 +28,9 @@ from ..utils.validation import (
 __all__ = [
     "ALPHA", "ALPHA_SPLITS", "CHUNK_SIZE", "CONFIDENCE_BOUNDS", "DEFAULTS", "EPSILON", "POSITIVE_INT",
     "PREDICTION_METHODS", "RADIUS", "REFERENCES", "SAMPLES", "SEED", "SEQUENTIAL_BOUNDS", "SIGMA", "TARGET_COSINE",
-    "TARGET_RADIUS", "TAU", "check_alpha", "check_bound", "check_chunk_size", "check_labels", "check_prototypes",
-    "check_reference", "check_sampling", "check_seed", "check_sequential", "check_target", "check_values",
-    "target_score",
+    "TARGET_RADIUS", "TAU", "check_alpha", "check_bound", "check_chunk_size", "check_futility", "check_labels",
+    "check_prototypes", "check_reference", "check_sampling", "check_seed", "check_sequential", "check_target",
+    "check_values", "target_score",
 ]
 
 REFERENCES = ("smoothed", "clean")
@@ -112,6 +112,16 @@ def check_target(name: str, value: object, spec: Range) -> float | None:
     if isinstance(value, bool) or not isinstance(value, numbers.Real):
         raise ValueError(f"{_label(name)} must be {spec.describe()} or None, got {value!r}{spec.hint()}")
     return spec.check(name, value)
+
+
+def check_futility(futility: object, target_radius: float | None) -> bool:
+    """`futility` of a vote certificate: True or False, and True only with a `target_radius` (what it stops short of)."""
+    if not isinstance(futility, bool):
+        raise ValueError(f"`futility` must be True or False, got {futility!r}.")
+    if futility and target_radius is None:
+        raise ValueError("`futility=True` stops sampling once `target_radius` is out of reach: give a "
+                         "`target_radius` (a vote certificate's), or leave `futility` False.")
+    return futility
 
 
 def _names(names: dict[str, str] | None) -> dict[str, str]:

@@ -41,6 +41,7 @@ from .arguments import (
     TARGET_RADIUS,
     TAU,
     check_choice,
+    check_futility,
     check_labels,
     check_prototypes,
     check_reference,
@@ -346,9 +347,7 @@ def certify_prediction(
     target_radius = check_target("target_radius", target_radius, TARGET_RADIUS)
     if method == "margin" and target_radius is not None:
         raise ValueError("`target_radius` (sequential certification) is available with `method='vote'` only.")
-    if futility and target_radius is None:
-        raise ValueError("`futility=True` stops sampling once `target_radius` is out of reach: give a "
-                         "`target_radius` (with `method='vote'`), or leave `futility` False.")
+    futility = check_futility(futility, target_radius)
     if method == "vote" and bound != "betting":
         raise ValueError(f"`method='vote'` bounds p_A with the anytime-valid betting confidence sequence; got "
                          f"`bound={bound!r}`. Use `bound='betting'` (the default).")

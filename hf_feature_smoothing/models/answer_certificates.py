@@ -14,7 +14,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from ..certification.arguments import DEFAULTS, SIGMA, TARGET_RADIUS, check_target
+from ..certification.arguments import DEFAULTS, SIGMA, TARGET_RADIUS, check_futility, check_target
 from ..certification.certificates import NOISE_SPACE, strict_json, versions
 from ..certification.certify import as_smoothed_tower, compute_dtype
 from ..certification.inputs import tower_device
@@ -258,9 +258,7 @@ def certify_answer(
     autocast = (contextlib.nullcontext() if tower.config.autocast_dtype is None
                 else torch.autocast(device.type, dtype=getattr(torch, dtype)))
     target = None if target_radius is None else vote_target(target_radius, tower.sigma, alpha, n)
-    if futility and target is None:
-        raise ValueError("`futility=True` stops sampling once `target_radius` is out of reach: give a "
-                         "`target_radius`, or leave `futility` False.")
+    futility = check_futility(futility, target_radius)
     if pad_token_id is None:
         config = getattr(model.config, "text_config", model.config)
         pad_token_id = getattr(config, "pad_token_id", None) or 0
