@@ -6,7 +6,9 @@ import pytest
 import torch
 
 
-torch.set_num_threads(min(2, os.cpu_count() or 1))
+# the cores shared out among pytest-xdist's workers (`-n auto`: one per core), at most 2 threads each
+_WORKERS = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
+torch.set_num_threads(max(1, min(2, (os.cpu_count() or 1) // _WORKERS)))
 
 
 def populate_hub_cache(cache_dir: Path, repo_id: str, src_dir: Path, repo_type: str = "model") -> None:

@@ -163,7 +163,10 @@ def install_in_hub_cache(folder: str | os.PathLike, repo_id: str = REPO_ID, hub_
     for file in files:
         link = snapshot / file.name
         if not link.exists():
-            link.symlink_to(file)
+            try:
+                link.symlink_to(file)
+            except FileExistsError:  # another process made it between the check and here: the same link
+                pass
     (repo / "refs").mkdir(exist_ok=True)
     write_atomically(repo / "refs" / "main", commit)
     return repo_id
