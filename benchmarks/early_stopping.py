@@ -1,8 +1,9 @@
 """Early stopping of answer certificates on real data: a sequential `hf-fs certify-answer` run (`--target-radius`)
 against the fixed-n run of the same images, model, booster, σ, n0, α and seed (at the same n, or a larger n for a
 larger target). The sequential run stops an image's sampling once its anytime-valid bound certifies the target radius
-("target") or can no longer reach it within n ("unreachable"); the table compares certified accuracy at the target,
-the copies drawn and the seconds spent.
+("target") or can no longer reach it within n ("unreachable"), and with `--futility` once its upper confidence
+sequence shows the target out of reach ("futile"); the table compares certified accuracy at the target, the copies
+drawn and the seconds spent.
 
     hf-fs certify-answer --model llava-dinov2-smollm2 --candidates digits --dtype bfloat16 \\
         --booster llava-dinov2-smollm2-gsb --images digits:test --limit 100 --sigma 0.5 --n 500 --n0 16 \\
@@ -50,7 +51,8 @@ def compare(sequential: dict, fixed: dict) -> dict:
     pairs = [(r, by_key[r["key"]]) for r in sequential.rows if r["key"] in by_key]
     if not pairs:
         raise SystemExit("the runs share no image.")
-    result = {"params": {k: seq_params[k] for k in SHARED}, "target_radius": target, "images": len(pairs)}
+    result = {"params": {k: seq_params[k] for k in SHARED}, "target_radius": target, "images": len(pairs),
+              "futility": bool(seq_params.get("futility"))}
     for name, run, rows in (("sequential", sequential, [s for s, _ in pairs]), ("fixed", fixed, [f for _, f in pairs])):
         hardware = run.header.get("info", {}).get("hardware")  # recorded since this benchmark; seconds need it
         hits = sum(certified(r, target) for r in rows)
@@ -61,7 +63,8 @@ def compare(sequential: dict, fixed: dict) -> dict:
             "copies_mean": statistics.fmean(copies(r) for r in rows),
             "copies_median": statistics.median(copies(r) for r in rows),
             "seconds_median": statistics.median(r["elapsed_s"] for r in rows),
-            "measured_on": f"{hardware['cpu']}, {hardware['threads']} threads" if hardware else "not recorded",
+            "measured_on": (f"{hardware['cpu']} {hardware.get('cpu_capability', '')}".strip()
+                            + f", {hardware['threads']} threads") if hardware else "not recorded",
             "stops": {stop: sum(r.get("stop") == stop for r in rows) for stop in sorted({r.get("stop") for r in rows})},
         }
     for stop in result["sequential"]["stops"]:
@@ -74,7 +77,9 @@ def compare(sequential: dict, fixed: dict) -> dict:
 
 def table(result: dict, sequential: str, fixed: str) -> str:
     p = result["params"]
-    title = (f"Early stopping at target radius {result['target_radius']:g}: `{p['model']}` + `{p['booster']}`, "
+    futility = " (and futility stops)" if result.get("futility") else ""
+    title = (f"Early stopping at target radius {result['target_radius']:g}{futility}: `{p['model']}` + "
+             f"`{p['booster']}`, "
              f"σ = {p['sigma']}, n0 = {p['n0']}, α = {p['alpha']}, seed {p['seed']}, {p['bound']} "
              f"bound, {p['dtype']}; {result['images']} images in both runs (`{sequential}` against `{fixed}`).")
     head = ("| run | n (most estimation copies) | certified correct at r = target (95% Wilson) "
