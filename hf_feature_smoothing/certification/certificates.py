@@ -39,6 +39,14 @@ def target_label(record: dict) -> str:
                      if record.get(key) is not None)
 
 
+def sequential_label(record: dict) -> str | None:
+    """`"sequential, target FCSB ≥ 0.9, n ≤ 256"` (`", futility stop"` before the n with `futility`) for a run's
+    parameters or a certificate that stops sampling at a target; `None` at a fixed n."""
+    targets = target_label(record)
+    futility = ", futility stop" if record.get("futility") else ""
+    return f"sequential, {targets}{futility}, n ≤ {record.get('n')}" if targets else None
+
+
 def measured_radii(record: dict, radii) -> list[float]:
     """The radii of `radii` at which prediction or answer certificates like `record` (a certificate or a run's
     parameters) measure certified accuracy: all of them at a fixed n; with a `target_radius`, those up to it. A

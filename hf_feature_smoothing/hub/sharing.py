@@ -11,7 +11,7 @@ from huggingface_hub import EvalResult, HfApi, ModelCard, ModelCardData
 
 from ..booster.layer import booster_layers
 from ..booster.loading import record_smoothing, save_booster_adapter
-from ..certification.certificates import answers_label, measured_radii, prototypes_label, target_label
+from ..certification.certificates import answers_label, measured_radii, prototypes_label, sequential_label
 from ..smoothing.configuration_feature_smoothing import FeatureSmoothingConfig
 from ..smoothing.hub_io import register_hub_io
 from ..smoothing.modeling_smoothed_tower import SmoothedVisionTower
@@ -106,12 +106,12 @@ def certificate_eval_results(certificates, dataset_name: str, dataset_type: str 
         setting += f", {answers_label(first)}"  # one value each: `_as_dicts`
     if task_type == "image-feature-extraction" and kind != "feature":  # the default names the feature task
         task_type = "visual-question-answering" if kind == "answer" else "image-classification"
-    targets = target_label(first)
-    if targets:
+    sequential = sequential_label(first)
+    if sequential:
         args.update(sequential=True, target_cosine=first.get("target_cosine"),
                     target_radius=first.get("target_radius"), futility=bool(first.get("futility")),
                     mean_n_used=sum(r.get("n_used") or r["n"] for r in rows) / len(rows))
-        setting += f", sequential, {targets}{', futility stop' if first.get('futility') else ''}, n ≤ {first['n']}"
+        setting += f", {sequential}"
     common = dict(task_type=task_type, dataset_type=dataset_type or dataset_name, dataset_name=dataset_name)
     results = []
     if kind != "feature":

@@ -9,7 +9,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from ..certification.arguments import RADIUS, check_values
-from ..certification.certificates import measured_radii, prototypes_label, target_label
+from ..certification.certificates import measured_radii, prototypes_label, sequential_label
 from ..statistics.advisories import advisories_for
 from ..statistics.aggregates import REPORT_RADII, certified_accuracy, certified_cosine
 from ..utils.atomic import write_atomically
@@ -66,13 +66,6 @@ def run_state(contents: RunContents) -> RunState:
     else:
         state = "finished"
     return RunState(path, state, done, expected)
-
-
-def sequential_label(params: dict) -> str | None:
-    """`"sequential, target FCSB ≥ 0.9, n ≤ 256"` for a run that stops sampling at a target; `None` otherwise."""
-    targets = target_label(params)
-    futility = ", futility stop" if params.get("futility") else ""
-    return f"sequential, {targets}{futility}, n ≤ {params.get('n')}" if targets else None
 
 
 def run_kind(header: dict) -> str:
