@@ -456,7 +456,13 @@ def test_certify_answer_runs_on_a_qwen_vl_model_with_its_processor(tmp_path, mon
     assert len(rows) == 2 and all(r["status"] == "ok" and r["resolution"] == [56, 56] and sum(r["counts"]) == 4
                                   and r["n_used"] == 8 and r["candidates_digest"] == header["params"]["candidates_digest"]
                                   for r in rows)
-    assert "certified" in capsys.readouterr().out
+    out_text = capsys.readouterr().out
+    assert "certified" in out_text and "n0=4, n=8, α=" in out_text
+    sequential = tmp_path / "sequential.jsonl"  # the summary names the stopping rule as reports and cards do
+    assert main(["certify-answer", "--model", "tiny-qwen2_vl", "--images", "digits:test", "--limit", "1",
+                 "--sigma", "0.25", "--n0", "4", "--n", "12", "--seed", "0", "--target-radius", "0.01", "--futility",
+                 "--output", str(sequential)]) == 0
+    assert "n0=4, sequential, target radius ≥ 0.01, futility stop, n ≤ 12, α=" in capsys.readouterr().out
     from hf_feature_smoothing.testing_utils import tiny_model
 
     tiny_model("qwen2_vl").to(torch.bfloat16).save_pretrained(tmp_path / "bf16")  # half weights, no --dtype: their

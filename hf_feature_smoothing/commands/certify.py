@@ -20,11 +20,12 @@ from ..certification.arguments import (
     check_sequential,
     target_score,
 )
+from ..certification.certificates import sequential_label
 from ..certification.certify import compute_dtype
 from ..certification.prototypes import PrototypeSpace, feature_width, read_prototypes, tower_in_space
 from ..runs import Run, Shard
 from ..runs.fingerprints import file_sha256
-from ..runs.report import RunGroup, plot_group, sequential_label, summary_lines
+from ..runs.report import RunGroup, plot_group, summary_lines
 from ..smoothing.configuration_feature_smoothing import FeatureSmoothingConfig
 from ..smoothing.modeling_smoothed_tower import SmoothedVisionTower
 from ..smoothing.noise import fresh_seed

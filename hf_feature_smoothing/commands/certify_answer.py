@@ -9,6 +9,7 @@ from pathlib import Path
 from ..assets.labelled_images import ANSWER_SETS
 from ..assets.registry import LLAVA_NAME
 from ..certification.arguments import ALPHA, CHUNK_SIZE, DEFAULTS, SAMPLES, SIGMA, TARGET_RADIUS
+from ..certification.certificates import sequential_label
 from ..certification.certify import compute_dtype
 from ..models import SMOOTHED_MODEL_CLASSES
 from ..models.answer_certificates import certify_answer
@@ -178,10 +179,9 @@ def run(args) -> int:
     ok = [r for r in rows if r["status"] == "ok"]
     group = RunGroup("certify-answer", params, [Path(args.output)], ok, [r for r in rows if r["status"] == "skipped"])
     plotted = plot_group(group, args.plot)
-    target = (f", target r ≥ {args.target_radius:g} (sequential{', futility stop' if args.futility else ''})"
-              if args.target_radius else "")
+    budget = sequential_label(params) or f"n={args.n}"  # a stopping rule: each row's n is its own
     print(f"{args.model}{f' + {args.booster}' if args.booster else ''}: {question!r} among {len(texts)} answers "
-          f"(digest {params['candidates_digest']}); σ={sigma} (pixel [0,1]), n0={args.n0}, n={args.n}{target}, "
+          f"(digest {params['candidates_digest']}); σ={sigma} (pixel [0,1]), n0={args.n0}, {budget}, "
           f"α={args.alpha}, seed={params['seed']}")
     print("\n".join(summary_lines(group)))
     for r in group.skipped:
