@@ -210,6 +210,26 @@ def write_table(args, results: list[dict]) -> str:
     return "\n".join(lines) + "\n"
 
 
+def splice_table(path: str, table: str) -> str:
+    """The text of the results page `path` with its copy of the table (the paragraph that opens `table`, then the
+    table's `|` lines) replaced by `table`; a page without that paragraph is an error, not a page left stale."""
+    if not Path(path).is_file():
+        raise SystemExit(f"--results {path}: no such file; give the results page, or '' to write only the table")
+    text = Path(path).read_text(encoding="utf-8")
+    opening = table.split(", n0 = ", 1)[0]  # "`<model>`; same held-out images"
+    lines = text.split("\n")
+    start = next((i for i, line in enumerate(lines) if line.startswith(opening)), None)
+    if start is None:
+        raise SystemExit(f"--results {path}: no paragraph opening with {opening!r} to replace; copy the table there "
+                         "once by hand, or pass --results '' to leave the page alone")
+    end = start + 1
+    while end < len(lines) and not lines[end]:
+        end += 1
+    while end < len(lines) and lines[end].startswith("|"):
+        end += 1
+    return "\n".join(lines[:start] + table.rstrip("\n").split("\n") + lines[end:])
+
+
 def plot(args, results: list[dict]) -> None:
     import matplotlib
 
@@ -260,6 +280,8 @@ def main() -> None:
     parser.add_argument("--output-dir", default="outputs/prediction-certificates", help="run files and prototypes")
     parser.add_argument("--table", default="benchmarks/prediction_certificates.md", help="markdown table (+ .json)")
     parser.add_argument("--plot", default="benchmarks/prediction_certificates.png", help="curves")
+    parser.add_argument("--results", default="benchmarks/RESULTS.md",
+                        help="results page whose copy of the table is replaced ('': leave it)")
     parser.add_argument("--table-only", action="store_true", help="write the table from the rows there are")
     args = parser.parse_args()
     if not all(math.isfinite(s) and s > 0 for s in args.sigmas):
@@ -267,6 +289,8 @@ def main() -> None:
     args.limit = {"digits": args.digits, "textiles": args.textiles}
     args.center = None if args.center == "none" else args.center
     Path(args.output_dir).mkdir(parents=True, exist_ok=True)
+    if args.results:  # a page it cannot update is refused before hours of cells, not after
+        splice_table(args.results, write_table(args, []))
     if not args.table_only:
         for cell in cells(args):
             run_cell(args, *cell)
@@ -274,6 +298,8 @@ def main() -> None:
     table = write_table(args, results)
     write_atomically(args.table, table)
     write_atomically(Path(args.table).with_suffix(".json"), json.dumps(results, indent=1))
+    if args.results:
+        write_atomically(args.results, splice_table(args.results, table))
     if results:
         plot(args, results)
     print(table)
