@@ -4,7 +4,6 @@ smoothed boosted tower, image by image in a resumable, locked run file. Defaults
 
 import inspect
 import time
-from pathlib import Path
 
 from ..attacks.evaluation import attack_rows
 from ..attacks.feature import NOISE_DRAWS, STEPS
@@ -13,13 +12,21 @@ from ..certification.arguments import ALPHA, CHUNK_SIZE, DEFAULTS, EPSILON, SAMP
 from ..certification.certify import compute_dtype
 from ..runs import Run, Shard, UnreadableImage
 from ..runs.fingerprints import weights_fingerprint
-from ..runs.report import RunGroup, plot_group, summary_lines
 from ..smoothing.configuration_feature_smoothing import FeatureSmoothingConfig
 from ..smoothing.noise import fresh_seed
 from ..statistics.bounds import CONFIDENCE_BOUNDS
 from .loading import load_model, open_source
 from .options import HelpFormatter, add_images, add_model, add_run, check_run_options, number
-from .running import model_params, progress, refuse_mislabelled_dtype, run_info, skip_row, smoothed_tower
+from .running import (
+    model_params,
+    print_run,
+    progress,
+    refuse_mislabelled_dtype,
+    run_group,
+    run_info,
+    skip_row,
+    smoothed_tower,
+)
 
 
 ATTACK_DEFAULTS = {name: p.default for name, p in inspect.signature(attack_rows).parameters.items()}
@@ -114,14 +121,8 @@ def run(args) -> int:
         params = run.params
     if rows is None:
         return 0
-    group = RunGroup("attack", params, [Path(args.output)], [r for r in rows if r["status"] == "ok"],
-                     [r for r in rows if r["status"] == "skipped"])
-    plotted = plot_group(group, args.plot)
-    print(f"{args.algorithm.upper()}-{args.norm}, {args.steps} steps, EOT {args.eot}; σ={params['sigma']} (pixel "
-          f"[0,1]), n={args.n}, α={args.alpha}, seed={params['seed']}; success = attacked cosine < "
-          f"{args.success_threshold}")
-    print("\n".join(summary_lines(group)))
-    for r in group.skipped:
-        print(f"skipped {r['key']}: {r['reason']}")
-    print(f"rows: {args.output}" + (f"  plot: {args.plot}" if plotted else ""))
+    settings = (f"{args.algorithm.upper()}-{args.norm}, {args.steps} steps, EOT {args.eot}; σ={params['sigma']} "
+                f"(pixel [0,1]), n={args.n}, α={args.alpha}, seed={params['seed']}; success = attacked cosine < "
+                f"{args.success_threshold}")
+    print_run(run_group("attack", params, rows, args.output), args.plot, [settings])
     return 0

@@ -3,7 +3,6 @@
 (`certification.arguments`); every value is checked before the run file, its header or its lock is written."""
 
 import time
-from pathlib import Path
 
 from ..certification import REFERENCES, certify, certify_prediction
 from ..certification.arguments import (
@@ -25,7 +24,7 @@ from ..certification.certify import compute_dtype
 from ..certification.prototypes import PrototypeSpace, feature_width, read_prototypes, tower_in_space
 from ..runs import Run, Shard
 from ..runs.fingerprints import file_sha256
-from ..runs.report import RunGroup, plot_group, summary_lines
+from ..runs.report import RunGroup
 from ..smoothing.configuration_feature_smoothing import FeatureSmoothingConfig
 from ..smoothing.modeling_smoothed_tower import SmoothedVisionTower
 from ..smoothing.noise import fresh_seed
@@ -50,7 +49,9 @@ from .running import (
     logger,
     model_params,
     pending_images,
+    print_run,
     refuse_mislabelled_dtype,
+    run_group,
     run_info,
     smoothed_tower,
     smoothing_params,
@@ -205,25 +206,23 @@ def check_labels(args, source, prototypes) -> None:
         _check_label(item, prototypes, source.label_column)  # raises, naming the row and its label
 
 
-def _print_summary(rows: list[dict], params: dict, output: str) -> None:
-    ok = [r for r in rows if r["status"] == "ok"]
-    skipped = [r for r in rows if r["status"] == "skipped"]
-    group = RunGroup("certify", params, [Path(output)], ok, skipped)
-    if ok and group.kind == "feature" and len(ok) <= 50:
-        sequential = sequential_label(params)
-        n = f"n={params['n']}" if sequential is None else sequential  # a stopping rule: each row's n is its own
-        print(f"σ={params['sigma']} ({ok[0]['noise_space']}), {n}, α={params['alpha']}, "
-              f"bound={params['bound']}, reference={params['reference']}, seed={params['seed']}")
-        header = "".join(f"  FCSB@{e:<6g}" for e in params["epsilon"])
-        used = f"{'n used':>8}{'stop':>13}" if sequential else ""
-        print(f"{'image':<24}{'S':>7}{'S_low':>8}{used}{header}")
-        for r in ok:
-            cells = "".join(f"  {'none' if b is None else f'{b:.4f}':<11}" for b in r["fcsb"])
-            used = f"{r.get('n_used') or r['n']:>8}{r.get('stop', 'n'):>13}" if sequential else ""
-            print(f"{r['key'][:23]:<24}{r['score']:7.4f}{r['score_lower']:8.4f}{used}{cells}")
-    print("\n".join(summary_lines(group)))
-    for r in skipped:
-        print(f"skipped {r['key']}: {r['reason']}")
+def _feature_table(group: RunGroup) -> list[str]:
+    """The settings and a per-image table of a feature run of at most 50 images (nothing for longer or other runs)."""
+    ok, params = group.rows, group.params
+    if not ok or group.kind != "feature" or len(ok) > 50:
+        return []
+    sequential = sequential_label(params)
+    n = f"n={params['n']}" if sequential is None else sequential  # a stopping rule: each row's n is its own
+    lines = [(f"σ={params['sigma']} ({ok[0]['noise_space']}), {n}, α={params['alpha']}, bound={params['bound']}, "
+              f"reference={params['reference']}, seed={params['seed']}")]
+    header = "".join(f"  FCSB@{e:<6g}" for e in params["epsilon"])
+    used = f"{'n used':>8}{'stop':>13}" if sequential else ""
+    lines.append(f"{'image':<24}{'S':>7}{'S_low':>8}{used}{header}")
+    for r in ok:
+        cells = "".join(f"  {'none' if b is None else f'{b:.4f}':<11}" for b in r["fcsb"])
+        used = f"{r.get('n_used') or r['n']:>8}{r.get('stop', 'n'):>13}" if sequential else ""
+        lines.append(f"{r['key'][:23]:<24}{r['score']:7.4f}{r['score_lower']:8.4f}{used}{cells}")
+    return lines
 
 
 def run(args) -> int:
@@ -286,9 +285,6 @@ def run(args) -> int:
         params = run.params
     if rows is None:  # not rank 0
         return 0
-    ok = [r for r in rows if r["status"] == "ok"]
-    group = RunGroup("certify", params, [Path(args.output)], ok)
-    plotted = plot_group(group, args.plot)
-    _print_summary(rows, params, args.output)
-    print(f"rows: {args.output}" + (f"  plot: {args.plot}" if plotted else ""))
+    group = run_group("certify", params, rows, args.output)
+    print_run(group, args.plot, _feature_table(group))
     return 0

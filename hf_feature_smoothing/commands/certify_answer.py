@@ -4,7 +4,6 @@ certified accuracy per radius. Defaults and ranges are the API's; every value is
 header or its lock is written."""
 
 import time
-from pathlib import Path
 
 from ..assets.labelled_images import ANSWER_SETS
 from ..assets.registry import LLAVA_NAME
@@ -15,7 +14,6 @@ from ..models import SMOOTHED_MODEL_CLASSES
 from ..models.answer_certificates import certify_answer
 from ..models.answers import CandidateAnswers
 from ..runs import Run, Shard
-from ..runs.report import RunGroup, plot_group, summary_lines
 from ..smoothing.configuration_feature_smoothing import FeatureSmoothingConfig
 from ..smoothing.noise import fresh_seed
 from .loading import load_model, load_processor, open_source
@@ -36,6 +34,8 @@ from .running import (
     first_bad_label,
     model_params,
     pending_images,
+    print_run,
+    run_group,
     run_info,
     smoothed_tower,
     smoothing_params,
@@ -176,15 +176,9 @@ def run(args) -> int:
         params = run.params
     if rows is None:  # not rank 0
         return 0
-    ok = [r for r in rows if r["status"] == "ok"]
-    group = RunGroup("certify-answer", params, [Path(args.output)], ok, [r for r in rows if r["status"] == "skipped"])
-    plotted = plot_group(group, args.plot)
     budget = sequential_label(params) or f"n={args.n}"  # a stopping rule: each row's n is its own
-    print(f"{args.model}{f' + {args.booster}' if args.booster else ''}: {question!r} among {len(texts)} answers "
-          f"(digest {params['candidates_digest']}); σ={sigma} (pixel [0,1]), n0={args.n0}, {budget}, "
-          f"α={args.alpha}, seed={params['seed']}")
-    print("\n".join(summary_lines(group)))
-    for r in group.skipped:
-        print(f"skipped {r['key']}: {r['reason']}")
-    print(f"rows: {args.output}" + (f"  plot: {args.plot}" if plotted else ""))
+    settings = (f"{args.model}{f' + {args.booster}' if args.booster else ''}: {question!r} among {len(texts)} "
+                f"answers (digest {params['candidates_digest']}); σ={sigma} (pixel [0,1]), n0={args.n0}, {budget}, "
+                f"α={args.alpha}, seed={params['seed']}")
+    print_run(run_group("certify-answer", params, rows, args.output), args.plot, [settings])
     return 0

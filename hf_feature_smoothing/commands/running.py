@@ -5,6 +5,8 @@ import dataclasses
 import socket
 import sys
 import time
+from collections.abc import Sequence
+from pathlib import Path
 
 import torch
 from packaging.version import InvalidVersion, Version
@@ -15,6 +17,7 @@ from ..certification.inputs import weights_dtype
 from ..runs import Run, RunError, Shard, UnreadableImage
 from ..runs.fingerprints import values_digest, weights_fingerprint
 from ..runs.images import printable_name
+from ..runs.report import RunGroup, plot_group, summary_lines
 from ..smoothing.modeling_smoothed_tower import SmoothedVisionTower
 from ..utils.hardware import describe
 from ..utils.logging import get_logger
@@ -128,6 +131,22 @@ def pending_images(run: Run, shard: Shard, source, desc: str):
                 run.append(skip_row(item, error))
                 continue
             yield item, image, start
+
+
+def run_group(command: str, params: dict, rows: list[dict], output: str) -> RunGroup:
+    """The finished run file `output` of `command` as the report reads it: its `ok` rows and its skipped images."""
+    return RunGroup(command, params, [Path(output)], [r for r in rows if r["status"] == "ok"],
+                    [r for r in rows if r["status"] == "skipped"])
+
+
+def print_run(group: RunGroup, plot: str | None, heading: Sequence[str] = ()) -> None:
+    """A finished run on the terminal: the command's `heading` lines (its settings, a per-image table), the report's
+    summary of `group`, the images it skipped and where its rows (and the plot, drawn to `plot`) are."""
+    plotted = plot_group(group, plot)
+    print(*heading, *summary_lines(group), sep="\n")
+    for r in group.skipped:
+        print(f"skipped {r['key']}: {r['reason']}")
+    print(f"rows: {', '.join(map(str, group.paths))}" + (f"  plot: {plot}" if plotted else ""))
 
 
 def first_bad_label(source, num_classes: int):
