@@ -264,3 +264,22 @@ def test_attack_table_goes_into_model_index_and_the_card(certified, tmp_path):
     types = [r.metric_type for r in loaded.data.eval_results]
     assert "certified_cosine" in types and types.count("attack_success_rate") == 1
     assert loaded.text.rstrip().endswith("| a | b |")
+
+
+@pytest.mark.parametrize("given, shared", [("/home/me/gsb", "gsb"), ("./outputs/gsb/", "gsb"), ("runs/a/gsb", "gsb"),
+                                           ("C:\\boosters\\gsb", "gsb"), ("~/gsb", "gsb"), ("org/gsb", "org/gsb"),
+                                           ("llava-dinov2-smollm2-gsb", "llava-dinov2-smollm2-gsb"), (None, None)])
+def test_run_titles_and_cards_name_a_booster_alike_without_machine_paths(tmp_path, given, shared):
+    """A local booster folder reads as its last part (its digest identifies it), a Hub id or alias as given, in the
+    report's run title and in the card's `metric_args` alike."""
+    from hf_feature_smoothing.runs.report import RunGroup
+
+    params = {"model": "m", "booster": given, "sigma": 0.5, "n": 8, "alpha": 0.01, "method": "vote",
+              "candidates_digest": "c" * 16}
+    title = RunGroup("certify-answer", params, [tmp_path], []).label
+    assert title.startswith(f"certify-answer m + {shared} vote" if given else "certify-answer m vote")
+    row = {"sigma": 0.5, "n": 8, "n0": 2, "alpha": 0.01, "bound": "betting", "noise_space": "pixel [0,1], l2",
+           "method": "vote", "answer": 1, "label": 1, "radius": 0.1, "candidates": ["A 1", "A 2"],
+           "candidates_digest": "c" * 16, "prompt_digest": "p" * 16, "booster": given,
+           "booster_digest": "b" * 16 if given else None, "base_classifier": "argmax"}
+    assert certificate_eval_results([row], "digits", radii=(0.1,))[0].metric_args["booster"] == shared

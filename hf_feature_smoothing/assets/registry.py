@@ -21,6 +21,7 @@ from ..models.loading import load_smoothed
 from ..smoothing.configuration_feature_smoothing import FeatureSmoothingConfig
 from ..smoothing.modeling_smoothed_tower import SmoothedVisionTower
 from ..testing_utils import TINY_FAMILIES, tiny_model
+from ..utils.names import looks_like_path
 from .llava_booster_training import LLAVA_BOOSTER
 from .llava_dinov2_smollm2 import MODEL_NAME as LLAVA_NAME
 from .llava_dinov2_smollm2 import install_in_hub_cache, llava_checkpoint
@@ -88,12 +89,6 @@ def resolve_booster_path(booster: str | os.PathLike | None) -> str | os.PathLike
 ADAPTER_CONFIG = "adapter_config.json"
 
 
-def _looks_like_path(name: str) -> bool:
-    """A name only a local path can be (`./x`, `../x`, `/x`, `~/x`, `C:\\x`, `a/b/c`); `org/name` may be a Hub id."""
-    return (name.startswith((".", "~")) or os.path.isabs(name) or "\\" in name or name.count("/") > 1
-            or name.endswith("/"))
-
-
 def _is_adapter(name: str) -> bool:
     """`name` is a booster adapter (a local folder, or a Hub repo in the offline cache, with `adapter_config.json`)
     and no model config."""
@@ -113,7 +108,7 @@ def check_model_name(name: str, label: str = "`model`") -> None:
     if name in MODEL_ALIASES:
         return
     path = Path(name).expanduser()
-    if not path.exists() and _looks_like_path(name):
+    if not path.exists() and looks_like_path(name):
         raise ValueError(f"{label} {name}: the folder {os.path.abspath(path)} does not exist; pass an existing model folder, a Hub repo "
                          f"id (`org/name`), or a built-in alias ({', '.join(sorted(MODEL_ALIASES))}).")
     if path.is_file():

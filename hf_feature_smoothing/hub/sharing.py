@@ -19,6 +19,7 @@ from ..statistics.advisories import advisories_for
 from ..statistics.aggregates import REPORT_RADII, certified_accuracy, certified_cosine
 from ..utils.atomic import atomic_directory, write_atomically
 from ..utils.logging import get_logger
+from ..utils.names import shared_name
 from ..version import __version__
 
 
@@ -100,9 +101,7 @@ def certificate_eval_results(certificates, dataset_name: str, dataset_type: str 
     if kind == "answer":
         args.update({key: first[key] for key in ("candidates", "candidates_digest", "prompt_digest", "booster_digest",
                                                  "base_classifier")})
-        # a local booster folder is named by its last part (the digest identifies the weights): no machine paths
-        booster = first["booster"]
-        args["booster"] = Path(booster).name if booster and os.path.isabs(booster) else booster
+        args["booster"] = shared_name(first["booster"])  # the digest identifies the weights
         setting += f", {answers_label(first)}"  # one value each: `_as_dicts`
     if task_type == "image-feature-extraction" and kind != "feature":  # the default names the feature task
         task_type = "visual-question-answering" if kind == "answer" else "image-classification"

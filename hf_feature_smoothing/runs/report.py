@@ -16,6 +16,7 @@ from ..utils.atomic import write_atomically
 from ..utils.errors import RunError
 from ..utils.locking import RunLock
 from ..utils.logging import get_logger
+from ..utils.names import shared_name
 from .records import RunContents, describe_differences, dumps, read_run
 from .sharding import existing_shards
 
@@ -109,7 +110,7 @@ class RunGroup:
             digest = _prototypes_sha256(p)
             predictor = f" {p.get('method', 'margin')}" + (f", {prototypes_label(digest)}" if digest else "")
         elif self.kind == "answer":
-            booster = f" + {Path(p['booster']).name}" if p.get("booster") else ""
+            booster = f" + {shared_name(p['booster'])}" if p.get("booster") else ""
             predictor = f"{booster} vote, answers {str(p.get('candidates_digest'))[:8]}"
         return f"{self.command} {p.get('model')}{predictor} σ={p.get('sigma')} {n} α={p.get('alpha')}"
 
