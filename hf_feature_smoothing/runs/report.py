@@ -102,7 +102,7 @@ class RunGroup:
     def label(self) -> str:
         """`certify <model> σ=… n=… α=…`, with the method and the prototypes' digest for prediction runs, the booster
         and the candidates' digest for answer runs (two predictors or answer settings of one model read apart in a
-        report or card)."""
+        report or card); a local model or booster folder by its last part (`utils.names.shared_name`)."""
         p = self.params
         n = f"({sequential_label(p)})" if sequential_label(p) else f"n={p.get('n')}"
         predictor = ""
@@ -112,7 +112,7 @@ class RunGroup:
         elif self.kind == "answer":
             booster = f" + {shared_name(p['booster'])}" if p.get("booster") else ""
             predictor = f"{booster} vote, answers {str(p.get('candidates_digest'))[:8]}"
-        return f"{self.command} {p.get('model')}{predictor} σ={p.get('sigma')} {n} α={p.get('alpha')}"
+        return f"{self.command} {shared_name(p.get('model'))}{predictor} σ={p.get('sigma')} {n} α={p.get('alpha')}"
 
 
 def _prototypes_sha256(params: dict) -> str | None:
