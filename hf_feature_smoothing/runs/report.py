@@ -104,7 +104,8 @@ class RunGroup:
         and the candidates' digest for answer runs (two predictors or answer settings of one model read apart in a
         report or card); a local model or booster folder by its last part (`utils.names.shared_name`)."""
         p = self.params
-        n = f"({sequential_label(p)})" if sequential_label(p) else f"n={p.get('n')}"
+        sequential = sequential_label(p)
+        n = f"({sequential})" if sequential else f"n={p.get('n')}"
         predictor = ""
         if self.kind == "prediction":
             digest = _prototypes_sha256(p)
