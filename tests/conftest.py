@@ -9,6 +9,8 @@ import torch
 # the cores shared out among pytest-xdist's workers (`-n auto`: one per core), at most 2 threads each
 _WORKERS = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
 torch.set_num_threads(max(1, min(2, (os.cpu_count() or 1) // _WORKERS)))
+# and as many for the processes a test starts (children inherit the environment): no more threads than cores
+os.environ["OMP_NUM_THREADS"] = str(torch.get_num_threads())
 
 
 def populate_hub_cache(cache_dir: Path, repo_id: str, src_dir: Path, repo_type: str = "model") -> None:

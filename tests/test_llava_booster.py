@@ -57,7 +57,7 @@ CHILD = textwrap.dedent(
     without = answer_accuracy(plain_smoothing, processor, examples, progress=False)["accuracy"]
     with_booster = answer_accuracy(boosted, processor, examples, progress=False)["accuracy"]
     assert with_booster >= 0.8 and with_booster >= without + 0.4, (without, with_booster)
-    scores = [[c.score for c in hfs.certify(m, [e.image for e in examples[:3]], epsilon=[0.1], n=32,
+    scores = [[c.score for c in hfs.certify(m, [e.image for e in examples[:2]], epsilon=[0.1], n=16,
                                                  reference="clean", seed=0)] for m in (plain_smoothing, boosted)]
     assert all(b > a for a, b in zip(*scores)), scores
     boosted.save_pretrained(sys.argv[2])
@@ -102,7 +102,7 @@ def test_attacks_never_beat_the_certificate_of_the_shipped_booster_on_the_real_l
     reference = tower.clean_unit_features(inputs)[-1]
     assert torch.nn.functional.cosine_similarity(reference, stock, dim=0) < 0.9999  # the booster acts
     epsilons = [0.05, 0.15]
-    (certificate,) = certify(tower, inputs, epsilon=epsilons, n=96, alpha=0.01, seed=0)
+    (certificate,) = certify(tower, inputs, epsilon=epsilons, n0=16, n=96, alpha=0.01, seed=0)
     assert_pgd_never_beats_the_certificate(tower, inputs, reference, epsilons, certificate, protocol_apgd_steps=5)
 
 

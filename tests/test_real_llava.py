@@ -31,8 +31,8 @@ def test_shipped_projector_answers_held_out_digits(llava_folder):
 
     model = LlavaForConditionalGeneration.from_pretrained(llava_folder).eval()
     processor = AutoProcessor.from_pretrained(llava_folder)
-    examples = digit_examples("test")[::4]  # 100 of the 397 held-out digits
-    result = answer_accuracy(model, processor, examples, batch_size=25, progress=False)
+    examples = digit_examples("test")[::10]  # 40 of the 397 held-out digits
+    result = answer_accuracy(model, processor, examples, batch_size=20, progress=False)
     assert result["accuracy"] >= 0.9, result
     assert projector_metadata()["held_out"]["digits_accuracy"] >= 0.9
     inputs = processor(images=[examples[0].image], text=[processor.apply_chat_template(
@@ -49,7 +49,7 @@ CHILD = textwrap.dedent(
     import sys, torch
     from transformers import AutoModelForImageTextToText, AutoProcessor
     import hf_feature_smoothing as hfs
-    from hf_feature_smoothing.assets.llava_dinov2_smollm2 import REPO_ID, install_in_hub_cache
+    from hf_feature_smoothing.assets.llava_dinov2_smollm2 import REPO_ID, install_in_hub_cache, prompt_text
     from hf_feature_smoothing.assets.labelled_images import digit_examples
     from hf_feature_smoothing.assets.projector_training import answer_accuracy
 
@@ -64,11 +64,14 @@ CHILD = textwrap.dedent(
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
     processor = AutoProcessor.from_pretrained(REPO_ID)
     examples = digit_examples("test")[:24]
-    model.smoothed_vision_tower.manual_seed(0)
     first = answer_accuracy(model, processor, examples, batch_size=24, progress=False)
-    again.smoothed_vision_tower.manual_seed(0)
-    assert answer_accuracy(again, processor, examples, batch_size=24, progress=False) == first
     assert first["accuracy"] >= 0.75, first
+    inputs = processor(images=[e.image for e in examples[:2]], text=[prompt_text(e.question) for e in examples[:2]],
+                       return_tensors="pt")
+    for smoothed in (model, again):  # the same noise, the same answers: smoothing round-trips with the weights
+        smoothed.smoothed_vision_tower.manual_seed(0)
+    with torch.no_grad():
+        assert torch.equal(model(**inputs).logits, again(**inputs).logits)
     print("OK", first)
     """
 )

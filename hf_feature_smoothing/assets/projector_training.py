@@ -129,11 +129,13 @@ def answer_accuracy(model, processor, examples: list[VQAExample], batch_size: in
         batch = examples[start : start + batch_size]
         texts = [prompt_text(e.question) + answer_text(e) for e in batch]
         inputs = processor(images=[e.image for e in batch], text=texts, return_tensors="pt", padding=True)
-        logits = model(**inputs).logits
-        for row, example in enumerate(batch):
-            answer = tokenizer(answer_text(example), add_special_tokens=False)["input_ids"]
-            length = int(inputs["attention_mask"][row].sum())
-            predicted = logits[row, length - len(answer) - 1 : length - 1].argmax(-1).tolist()
+        answers = [tokenizer(answer_text(e), add_special_tokens=False)["input_ids"] for e in batch]
+        # right-padded: row r's answer is predicted from position length_r − len(answer) − 1 on
+        begins = [int(inputs["attention_mask"][row].sum()) - len(a) - 1 for row, a in enumerate(answers)]
+        first = min(begins)  # the vocabulary projection only from the first position that predicts an answer token
+        logits = model(**inputs, logits_to_keep=inputs["input_ids"].shape[1] - first).logits
+        for row, (example, answer, begin) in enumerate(zip(batch, answers, begins)):
+            predicted = logits[row, begin - first : begin - first + len(answer)].argmax(-1).tolist()
             hits.setdefault(example.task, []).append(predicted == answer)
             ordered.append(predicted == answer)
     result = {"accuracy": sum(ordered) / len(ordered), "correct": sum(ordered), "total": len(ordered)}
