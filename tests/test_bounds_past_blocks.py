@@ -146,7 +146,7 @@ def test_the_released_carry_fails_the_same_check(broken_carry):
 
 # ----- through certify / certify_prediction on encoders with known smoothing -----------------------------------------
 def _feature_misses(kind: str, alpha: float, target: bool = False) -> int:
-    """Misses (S_low above the closed-form S) of 2000 certificates, n = 100 in blocks of 16 (6 carries)."""
+    """Misses (S_low above the closed-form S) of 2000 certificates, n = 100 in blocks of 32 (3 carries)."""
     sigma, epsilon, trials = 0.25, 0.1, 2000
     encoder = ToyEncoder(kind)
     tower = SmoothedVisionTower(encoder, FeatureSmoothingConfig(sigma=sigma, chunk_size=4096))
@@ -160,12 +160,12 @@ def _feature_misses(kind: str, alpha: float, target: bool = False) -> int:
 
 @pytest.mark.parametrize("kind, alpha, target", [("sign", 0.05, False), ("angle", 0.2, False), ("sign", 0.2, True)])
 def test_certify_covers_the_closed_form_truth_across_many_blocks(monkeypatch, kind, alpha, target):
-    monkeypatch.setattr(betting, "_TIME_BLOCK", 16)
+    monkeypatch.setattr(betting, "_TIME_BLOCK", 32)
     assert _within_level(_feature_misses(kind, alpha, target), 2000, alpha)
 
 
 def test_certify_with_the_released_carry_fails_the_same_check(broken_carry, monkeypatch):
-    monkeypatch.setattr(betting, "_TIME_BLOCK", 16)
+    monkeypatch.setattr(betting, "_TIME_BLOCK", 32)
     assert not _within_level(_feature_misses("angle", 0.2), 2000, 0.2)
 
 

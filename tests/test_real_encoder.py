@@ -41,7 +41,7 @@ def test_converted_dinov2_features_are_semantic(dinov2, photos):
 def test_eot_pgd_never_beats_the_certificate_on_real_dinov2(dinov2, photos):
     tower = SmoothedVisionTower(dinov2, FeatureSmoothingConfig(sigma=0.12, chunk_size=32, seed=0))
     inputs = tower.family.preprocess([photos["coffee"]])
-    epsilons = [0.05, 0.12]
+    epsilons = [0.12]  # several radii: the tiny towers' attack tests
     (certificate,) = certify(tower, inputs, epsilon=epsilons, n0=16, n=96, alpha=0.01)
     reference = tower.clean_unit_features(inputs)[-1]
     assert_pgd_never_beats_the_certificate(tower, inputs, reference, epsilons, certificate)
