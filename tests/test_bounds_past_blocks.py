@@ -5,6 +5,7 @@ through the capital's test, `lower_confidence_bound`, `certify` and `certify_pre
 that released carry (`broken_carry`) to show they catch it."""
 
 import math
+from collections.abc import Callable
 
 import pytest
 import torch
@@ -57,6 +58,19 @@ def _within_level(misses: int, trials: int, alpha: float) -> bool:
     """The miss count is consistent with a miss rate ≤ α: at most α·trials plus 3 binomial standard deviations (a
     valid bound fails this by chance with probability < 0.2 %; the seeds are fixed, so the test is deterministic)."""
     return misses <= alpha * trials + 3 * math.sqrt(trials * alpha * (1 - alpha))
+
+
+def _misses_until_decided(count: Callable[[range], int], trials: int, alpha: float, chunk: int = 500) -> int:
+    """The misses of `trials` trials, counted `chunk` trials at a time (`count(range of trial indices)`), stopping
+    once they exceed what `_within_level` allows: the check has failed then, whatever the other trials give. A
+    bound that passes runs every trial; a broken one is caught without them. A trial's outcome does not depend on
+    the chunks: a certificate's noise depends on its image and the seed only, a sequence's test on its own scores."""
+    misses = 0
+    for start in range(0, trials, chunk):
+        misses += count(range(start, min(start + chunk, trials)))
+        if not _within_level(misses, trials, alpha):
+            break
+    return misses
 
 
 def _scores(distribution: str, trials: int, n: int, seed: int) -> tuple[torch.Tensor, float]:
@@ -117,8 +131,14 @@ def test_the_true_mean_is_rejected_at_most_alpha_at_every_n(distribution, n, alp
     means this test rejects and rejection is monotone in the mean, so its miss rate (bound > truth) is at most this
     rate (checked directly below)."""
     scores, truth = _scores(distribution, 2000, n, seed=n)
-    misses = int(betting_rejects(scores, truth, alpha).sum())
+    misses = _rejections(scores, truth, alpha)
     assert _within_level(misses, 2000, alpha), misses
+
+
+def _rejections(scores: torch.Tensor, truth: float, alpha: float) -> int:
+    """How many of the sequences (rows) reject the true mean, until decided."""
+    return _misses_until_decided(lambda trial: int(betting_rejects(scores[trial.start : trial.stop], truth,
+                                                                    alpha).sum()), len(scores), alpha)
 
 
 @pytest.mark.parametrize("alpha, side", [(0.05, "lower"), (0.2, "lower"), (0.2, "upper")])
@@ -141,21 +161,26 @@ def test_lower_and_upper_bounds_cover_across_many_blocks(monkeypatch, alpha, sid
 
 def test_the_released_carry_fails_the_same_check(broken_carry):
     scores, truth = _scores("bernoulli", 2000, 10_000, seed=10_000)
-    assert not _within_level(int(betting_rejects(scores, truth, 0.2).sum()), 2000, 0.2)
+    assert not _within_level(_rejections(scores, truth, 0.2), 2000, 0.2)
 
 
 # ----- through certify / certify_prediction on encoders with known smoothing -----------------------------------------
 def _feature_misses(kind: str, alpha: float, target: bool = False) -> int:
-    """Misses (S_low above the closed-form S) of 2000 certificates, n = 100 in blocks of 32 (3 carries)."""
+    """Misses (S_low above the closed-form S) of 2000 certificates, n = 100 in blocks of 32 (3 carries), until
+    decided."""
     sigma, epsilon, trials = 0.25, 0.1, 2000
     encoder = ToyEncoder(kind)
     tower = SmoothedVisionTower(encoder, FeatureSmoothingConfig(sigma=sigma, chunk_size=4096))
     starts = [0.3 + 1e-5 * i for i in range(trials)]
     truths = [encoder.true_score(x, sigma) for x in starts]
     extra = {"target_cosine": fcsb(max(truths) + 1e-6, epsilon, sigma)} if target else {}
-    certificates = certify(tower, toy_images(starts), epsilon=epsilon, n=100, alpha=alpha, reference="clean", seed=7,
-                           **extra)
-    return sum(c.score_lower > t for c, t in zip(certificates, truths))
+
+    def count(trial: range) -> int:
+        certificates = certify(tower, toy_images(starts[trial.start : trial.stop]), epsilon=epsilon, n=100,
+                               alpha=alpha, reference="clean", seed=7, **extra)
+        return sum(c.score_lower > truths[i] for c, i in zip(certificates, trial))
+
+    return _misses_until_decided(count, trials, alpha)
 
 
 @pytest.mark.parametrize("kind, alpha, target", [("sign", 0.05, False), ("angle", 0.2, False), ("sign", 0.2, True)])
@@ -171,23 +196,27 @@ def test_certify_with_the_released_carry_fails_the_same_check(broken_carry, monk
 
 def _prediction_misses(alpha: float) -> int:
     """Wrong claims among 2000 prediction certificates on the angle encoder with six prototypes (p_k in closed form,
-    class 0 the smoothed prediction): a certified prediction other than 0, a radius above the true Lipschitz radius,
-    or p̲_y above the true p_y."""
+    class 0 the smoothed prediction), until decided: a certified prediction other than 0, a radius above the true
+    Lipschitz radius, or p̲_y above the true p_y."""
     sigma, trials = 0.25, 2000
     encoder = ToyEncoder("angle")
     tower = SmoothedVisionTower(encoder, FeatureSmoothingConfig(sigma=sigma, chunk_size=4096))
     angles = 0.4 + torch.tensor([0.0, 0.8, -0.8, 1.0, 2.0, 3.0])
     prototypes = torch.stack([torch.cos(angles), torch.sin(angles)], dim=1)
     starts = [0.4 + 1e-5 * i for i in range(trials)]
-    certificates = certify_prediction(tower, toy_images(starts), prototypes, n=64, n0=16, alpha=alpha, seed=7,
-                                      method="margin")
-    misses = 0
-    for c, x in zip(certificates, starts):
-        p = encoder.true_prototype_scores(x, sigma, angles)
-        truth = max(0.0, sigma / 2 * (normal_ppf(p[0].item()) - normal_ppf(p[1:].max().item())))
-        misses += c.prediction is not None and (c.prediction != 0 or c.radius > truth or c.p_lower > p[0].item())
-    assert sum(c.prediction == 0 for c in certificates) > trials / 2  # the check has something to check
-    return misses
+
+    def count(trial: range) -> int:
+        certificates = certify_prediction(tower, toy_images(starts[trial.start : trial.stop]), prototypes, n=64,
+                                          n0=16, alpha=alpha, seed=7, method="margin")
+        misses = 0
+        for c, i in zip(certificates, trial):
+            p = encoder.true_prototype_scores(starts[i], sigma, angles)
+            truth = max(0.0, sigma / 2 * (normal_ppf(p[0].item()) - normal_ppf(p[1:].max().item())))
+            misses += c.prediction is not None and (c.prediction != 0 or c.radius > truth or c.p_lower > p[0].item())
+        assert sum(c.prediction == 0 for c in certificates) > len(trial) / 2  # the check has something to check
+        return misses
+
+    return _misses_until_decided(count, trials, alpha)
 
 
 def test_certify_prediction_covers_the_closed_form_truth_across_many_blocks(monkeypatch):
