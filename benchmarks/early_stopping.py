@@ -11,6 +11,15 @@ drawn and the seconds spent.
         --output benchmarks/early_stopping/digits-answers-gsb-sigma0.5-target0.5-bfloat16.jsonl
     python benchmarks/early_stopping.py
 
+The r = 1.0 run (n <= 4000, futility stops, float32 on a CPU without native bf16) against the same bf16 fixed cell:
+
+    hf-fs certify-answer --model llava-dinov2-smollm2 --candidates digits --booster llava-dinov2-smollm2-gsb \\
+        --images digits:test --limit 100 --sigma 0.5 --n0 16 --alpha 0.001 --seed 0 --n 4000 \\
+        --target-radius 1.0 --futility \\
+        --output benchmarks/early_stopping/digits-answers-gsb-sigma0.5-target1.0-n4000-futility-float32.jsonl
+    python benchmarks/early_stopping.py --allow-difference dtype --table benchmarks/early_stopping_target1.md \\
+        --sequential benchmarks/early_stopping/digits-answers-gsb-sigma0.5-target1.0-n4000-futility-float32.jsonl
+
 Rows are matched by image key; only images in both runs count. The table goes to `--table` (+ `.json`)."""
 
 import argparse
@@ -38,12 +47,27 @@ def copies(row: dict) -> int:
     return row["n0"] + row["n_used"]
 
 
-def compare(sequential: dict, fixed: dict) -> dict:
-    """The comparison's numbers (JSON-ready) from the two runs' contents."""
-    seq_params, fixed_params = sequential.header["params"], fixed.header["params"]
+def effective_params(run) -> dict:
+    """The header's parameters, a `None` (left to the model, e.g. `dtype`) resolved to the value every row records."""
+    params = dict(run.header["params"])
+    for key in SHARED:
+        values = {row.get(key) for row in run.rows}
+        if params.get(key) is None and len(values) == 1:
+            params[key] = values.pop()
+    return params
+
+
+def compare(sequential: dict, fixed: dict, allowed: tuple[str, ...] = ()) -> dict:
+    """The comparison's numbers (JSON-ready) from the two runs' contents. `allowed` names parameters of `SHARED`
+    that may differ (only `dtype`: the same model computed in another precision); the result and its title say
+    which did."""
+    seq_params, fixed_params = effective_params(sequential), effective_params(fixed)
     differ = {k: (seq_params.get(k), fixed_params.get(k)) for k in SHARED if seq_params.get(k) != fixed_params.get(k)}
-    if differ:
-        raise SystemExit(f"the runs differ in {differ} (sequential, fixed): they do not certify the same thing.")
+    refused = {k: v for k, v in differ.items() if k not in allowed}
+    if refused:
+        hint = " (pass --allow-difference dtype to compare precisions)" if set(refused) == {"dtype"} else ""
+        raise SystemExit(f"the runs differ in {refused} (sequential, fixed): they do not certify the same thing"
+                         f"{hint}.")
     target = seq_params["target_radius"]
     if target is None or fixed_params.get("target_radius") is not None:
         raise SystemExit("give a sequential run (--target-radius) and a fixed-n run, in that order.")
@@ -51,8 +75,8 @@ def compare(sequential: dict, fixed: dict) -> dict:
     pairs = [(r, by_key[r["key"]]) for r in sequential.rows if r["key"] in by_key]
     if not pairs:
         raise SystemExit("the runs share no image.")
-    result = {"params": {k: seq_params[k] for k in SHARED}, "target_radius": target, "images": len(pairs),
-              "futility": bool(seq_params.get("futility"))}
+    result = {"params": {k: seq_params[k] for k in SHARED if k not in differ}, "target_radius": target,
+              "images": len(pairs), "futility": bool(seq_params.get("futility")), "differ": differ}
     for name, run, rows in (("sequential", sequential, [s for s, _ in pairs]), ("fixed", fixed, [f for _, f in pairs])):
         hardware = run.header.get("info", {}).get("hardware")  # recorded since this benchmark; seconds need it
         hits = sum(certified(r, target) for r in rows)
@@ -80,8 +104,13 @@ def table(result: dict, sequential: str, fixed: str) -> str:
     futility = " (and futility stops)" if result.get("futility") else ""
     title = (f"Early stopping at target radius {result['target_radius']:g}{futility}: `{p['model']}` + "
              f"`{p['booster']}`, "
-             f"σ = {p['sigma']}, n0 = {p['n0']}, α = {p['alpha']}, seed {p['seed']}, {p['bound']} "
-             f"bound, {p['dtype']}; {result['images']} images in both runs (`{sequential}` against `{fixed}`).")
+             f"σ = {p['sigma']}, n0 = {p['n0']}, α = {p['alpha']}, seed {p['seed']}, {p['bound']} bound"
+             + (f", {p['dtype']}" if "dtype" in p else "")
+             + f"; {result['images']} images in both runs (`{sequential}` against `{fixed}`).")
+    differ = result.get("differ", {})
+    if differ:
+        title += " The runs differ in " + ", ".join(f"{k} (sequential {a}, fixed {b})" for k, (a, b) in differ.items())
+        title += ": the same model computed in two precisions, each certificate valid for its own."
     head = ("| run | n (most estimation copies) | certified correct at r = target (95% Wilson) "
             "| copies / image (mean, median) | s / certificate (median) | measured on | stops |")
     lines = [title, "", head, "|---|---|---|---|---|---|---|"]
@@ -106,12 +135,15 @@ def main() -> None:
     parser.add_argument("--sequential", default=SEQUENTIAL, help="a certify-answer run with --target-radius")
     parser.add_argument("--fixed", default=FIXED, help="the fixed-n certify-answer run of the same images")
     parser.add_argument("--table", default="benchmarks/early_stopping.md", help="markdown table (+ .json)")
+    parser.add_argument("--allow-difference", action="append", choices=["dtype"], default=[],
+                        help="a parameter the runs may differ in, stated in the table (only dtype: the same model "
+                             "computed in another precision)")
     args = parser.parse_args()
     runs = [read_run(path) for path in (args.sequential, args.fixed)]
     for path, run in zip((args.sequential, args.fixed), runs):
         if run.header is None or run.header["command"] != "certify-answer":
             parser.error(f"{path} is not a certify-answer run file.")
-    result = compare(*runs)
+    result = compare(*runs, allowed=tuple(args.allow_difference))
     text = table(result, args.sequential, args.fixed)
     write_atomically(args.table, text)
     write_atomically(Path(args.table).with_suffix(".json"), json.dumps(result, indent=1))
