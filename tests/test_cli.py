@@ -166,8 +166,8 @@ def test_booster_is_loaded_and_part_of_the_run_parameters(image_folder, tmp_path
 
 @pytest.mark.parametrize("option, value, message", [
     ("--chunk-size", "0", "argument --chunk-size: '0': must be a finite integer ≥ 1"),
-    ("--sigma", "nan", "argument --sigma: 'nan': must be a finite number > 0"),
-    ("--sigma", "-0.1", "argument --sigma: '-0.1': must be a finite number > 0"),
+    ("--sigma", "nan", "argument --sigma: 'nan': must be a finite number in (0, 1000]"),
+    ("--sigma", "-0.1", "argument --sigma: '-0.1': must be a finite number in (0, 1000]"),
     ("--epsilon", "inf", "argument --epsilon: 'inf': must be a finite number ≥ 0"),
     ("--epsilon", "-1", "argument --epsilon: '-1': must be a finite number ≥ 0"),
     ("--tau", "1", "argument --tau: '1': must be a finite number in [0, 1)"),

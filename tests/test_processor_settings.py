@@ -92,3 +92,21 @@ def test_qwen_images_use_the_processor_grid(tmp_path):
     _, grid_h, grid_w = reference["image_grid_thw"].tolist()[0]
     patch = model.config.vision_config.patch_size
     assert certificate.resolution == [grid_h * patch, grid_w * patch]  # pixels of the processed image, not one patch
+
+
+def test_qwen_image_size_off_the_merge_grid_is_cropped_with_a_warning(caplog):
+    """Qwen-VL crops `image_size` to whole merge windows: the size certified is said, not silently changed."""
+    model = tiny_model("qwen2_vl")
+    tower = hfs.SmoothedVisionTower(model, hfs.FeatureSmoothingConfig(sigma=0.25))
+    unit = model.config.vision_config.patch_size * model.config.vision_config.spatial_merge_size
+    asked = 3 * unit + 1
+    with caplog.at_level(logging.WARNING):
+        inputs = tower.family.preprocess([_photo(width=90, height=70)], image_size=asked)
+    _, grid_h, grid_w = inputs.image_grid_thw.tolist()[0]
+    patch = model.config.vision_config.patch_size
+    assert [grid_h * patch, grid_w * patch] == [3 * unit, 3 * unit]
+    assert f"`image_size`={asked}" in caplog.text and f"{3 * unit}×{3 * unit}" in caplog.text
+    caplog.clear()
+    with caplog.at_level(logging.WARNING):
+        tower.family.preprocess([_photo(width=90, height=70)], image_size=2 * unit)  # on the grid: nothing to say
+    assert "`image_size`" not in caplog.text

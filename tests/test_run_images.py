@@ -198,6 +198,11 @@ def test_dataset_save_to_disk_folder_with_labels_for_predictions(tmp_path, capsy
                  str(out)]) == 2
     assert "--label-column label: row train/1 has label 7, but --prototypes has 3 classes" in capsys.readouterr().err
     assert not out.exists()
+    # a label column that feature certificates would not read: refused, not recorded and ignored
+    assert main(["certify", "--model", "tiny-llava", "--n", "8", "--seed", "0", "--dataset", str(tmp_path / "ints"),
+                 "--label-column", "label", "--output", str(out)]) == 2
+    assert "--label-column label: labels are read by prediction certificates" in capsys.readouterr().err
+    assert not out.exists()
 
 
 def test_dataset_from_a_local_folder_and_from_the_offline_hub_cache(tmp_path, monkeypatch):

@@ -16,6 +16,7 @@ from ..utils.validation import (
     ALPHA,
     POSITIVE_INT,
     SEED,
+    SIGMA_MAX,
     Range,
     _label,
     as_scalar,
@@ -44,7 +45,8 @@ DEFAULTS = {
     "reference": "smoothed", "alpha_split": "runner_up", "method": "vote",
 }
 
-SIGMA = Range(float, 0, low_open=True, why="σ is the noise std in [0, 1] pixel units, e.g. 0.25.")
+SIGMA = Range(float, 0, SIGMA_MAX, low_open=True,
+              why="σ is the noise std in [0, 1] pixel units, e.g. 0.25 (larger noise swamps every image).")
 SAMPLES = Range(int, 1, why="a number of noise samples.")
 CHUNK_SIZE = Range(int, 1, why="noisy copies per tower call (memory vs speed; certificates do not depend on it).")
 EPSILON = Range(float, 0, why="ℓ2 budgets in [0, 1] pixel units, e.g. 0.25.")

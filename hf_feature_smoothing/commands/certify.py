@@ -114,6 +114,9 @@ def check_options(args) -> None:
     if args.method and not args.prototypes:
         raise OptionError(f"--method {args.method}: a method of prediction certificates; pass --prototypes (class "
                           f"prototypes from `hf-fs prototypes`), or drop --method to certify features.")
+    if args.label_column is not None and not args.prototypes:
+        raise OptionError(f"--label-column {args.label_column}: labels are read by prediction certificates "
+                          f"(--prototypes), not by feature certificates; drop it, or pass --prototypes.")
     chosen, args.method = args.method, args.method or (DEFAULTS["method"] if args.prototypes else None)
     vote = args.method == "vote"
     check_futility(args, vote)
@@ -138,6 +141,9 @@ def check_options(args) -> None:
                           f"--prototypes to certify features.")
     if args.prototypes:
         return
+    if args.reference == "clean" and args.n0 != DEFAULTS["n0"]:
+        raise OptionError(f"--n0 {args.n0}: --reference clean takes f(x) as the reference direction and draws no "
+                          f"selection samples; drop --n0, or use --reference smoothed (the default).")
     try:  # the bound and the epsilon / tau lists; the reach at σ is checked once the model is loaded
         check_sequential(args.target_cosine, args.target_radius, args.epsilon, args.tau, args.bound,
                          names=OPTION_NAMES)

@@ -114,7 +114,14 @@ def prompt(processor, question: str, model_name: str) -> str:
 
 
 def check_labels(source, num_answers: int, candidates: str) -> None:
-    """Every label of the source names a candidate (checked before the run starts, without decoding images)."""
+    """The source's classes are the candidates, one answer per class, and every label names a candidate (checked
+    before the run starts, without decoding images)."""
+    num_classes = getattr(source, "num_classes", None)
+    if num_classes is not None and num_classes != num_answers:
+        name = source.description.get("name") if source.description.get("kind") == "labelled" else None
+        hint = f" (here: --candidates {name})" if name in ANSWER_SETS else ""
+        raise OptionError(f"--candidates {candidates}: {num_answers} answers, but the images' labels have "
+                          f"{num_classes} classes; a label k means candidate k, so give one answer per class{hint}.")
     item = first_bad_label(source, num_answers)
     if item is not None:
         raise OptionError(f"--candidates {candidates}: {num_answers} answers, but image {item.key} has label "

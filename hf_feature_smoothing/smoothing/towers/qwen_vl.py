@@ -8,11 +8,15 @@ import torch
 from torch import nn
 
 from ...utils.deprecation import deprecated_aliases
+from ...utils.logging import get_logger
 from ...utils.validation import check_channels
 from . import register_tower_family
 from .base import BoosterGeometry, TowerFamily, unwrap_tuner_layer
 from .inputs import IMAGENET_STANDARD_MEAN, IMAGENET_STANDARD_STD, ImageInputs, center_crop, pil_to_tensor
 from .processor import qwen_pixels
+
+
+logger = get_logger(__name__)
 
 
 def _window_order(visual: nn.Module, grid_thw: torch.Tensor) -> torch.Tensor:
@@ -116,6 +120,10 @@ class QwenVLTowerFamily(TowerFamily):
                 x = qwen_pixels(img, geometry, patch, merge)
             else:
                 side = max(unit, round((image_size or self.default_image_size()) / unit) * unit)
+                if image_size is not None and side != image_size:
+                    logger.warning_once(f"`image_size`={image_size}: Qwen-VL images are cut into merge windows of "
+                                        f"{unit} px, so they are centre-cropped to {side}×{side} (each certificate's "
+                                        f"`resolution`); pass a multiple of {unit} to certify at the size you chose.")
                 x = pil_to_tensor(center_crop(img, side, side))
             gh, gw = x.shape[1] // patch, x.shape[2] // patch
             x = x.view(channels, gh // merge, merge, patch, gw // merge, merge, patch).permute(1, 4, 2, 5, 0, 3, 6)
