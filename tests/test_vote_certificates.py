@@ -382,6 +382,9 @@ def test_certify_answer_stops_early_and_records_the_booster(models):
     record = hfs.certify_answer(boosted, tiny_inputs(boosted), CANDIDATES, n0=4, n=4, seed=1).to_dict()
     assert record["booster"] == "default" and len(record["booster_digest"]) == 16 and record["sigma"] == 0.25
     assert record["base_classifier"].endswith("on one noisy copy x + δ, the booster conditioned on σ")
+    with boosted.disable_adapter():  # held but not run: the certificate must not claim it
+        off = hfs.certify_answer(boosted, tiny_inputs(boosted), CANDIDATES, n0=4, n=4, seed=1).to_dict()
+    assert off["booster"] is None and off["booster_digest"] is None and "booster" not in off["base_classifier"]
 
 
 def _linear_output_dtypes(model) -> tuple[set, list]:

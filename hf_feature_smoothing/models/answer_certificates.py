@@ -108,13 +108,25 @@ def prompt_digest(input_ids: torch.Tensor, attention_mask: torch.Tensor | None =
 
 
 def booster_record(model: nn.Module) -> tuple[str | None, str | None]:
-    """(name, SHA-256 (16 hex digits) of the weights) of the booster `model` holds, or (None, None)."""
+    """(name, SHA-256 (16 hex digits) of the weights) of the booster `model` runs, or (None, None): a booster held
+    but disabled (`with peft_model.disable_adapter():`, `model.disable_adapters()`) or not active does not act, so
+    it is not recorded; one enabled in some of its layers only is refused (no single function to name)."""
     support = booster_support()
-    state = {k: v for k, v in model.state_dict().items() if support.parameter_prefix in k}
+    layers = support.layers(model)
+    enabled = [not layer.disable_adapters for layer in layers]
+    if any(enabled) and not all(enabled):
+        raise ValueError("The model's booster is disabled in some of its layers and enabled in others, so the "
+                         "certified function is neither the boosted nor the plain model; enable or disable it as a "
+                         "whole (`with peft_model.disable_adapter():` certifies the model without it).")
+    held = set(support.names(model))
+    active = {name for layer in layers if not layer.disable_adapters for name in layer.active_adapters} & held
+    state = {k: v for k, v in model.state_dict().items()
+             if support.parameter_prefix in k and any(f".{name}." in k for name in active)}
     if not state:
         return None, None
     tower = getattr(model, "smoothed_vision_tower", None)
-    name = getattr(getattr(tower, "config", None), "booster", None) or ",".join(support.names(model)) or None
+    recorded = getattr(getattr(tower, "config", None), "booster", None)
+    name = recorded if active == held and recorded else ",".join(sorted(active))
     return name, tensors_digest(state)
 
 
