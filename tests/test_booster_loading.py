@@ -146,8 +146,8 @@ _ADAPTER_METHODS = ("load_adapter", "add_adapter", "set_adapter", "enable_adapte
 
 @pytest.fixture
 def no_transformers_adapter_integration(monkeypatch):
-    """transformers >= 5.24's adapter methods require a PEFT (0.22) that is not released: boosters must never go
-    through them, on any supported transformers."""
+    """The package's own loading and saving go through PEFT's API, never through transformers' adapter methods,
+    which from transformers 5.24 on require peft >= 0.22: they work with every supported transformers and peft."""
     from transformers.integrations.peft import PeftAdapterMixin
 
     def refuse(*args, **kwargs):
@@ -155,6 +155,37 @@ def no_transformers_adapter_integration(monkeypatch):
 
     for name in _ADAPTER_METHODS:
         monkeypatch.setattr(PeftAdapterMixin, name, refuse)
+
+
+def test_transformers_load_adapter_gives_the_load_booster_model(booster_dir):
+    """transformers' `model.load_adapter(booster)` gives the model `load_booster` gives: the recorded smoothing, the
+    same weights and the same outputs up to float rounding (transformers leaves the weights at another memory
+    alignment, where the CPU kernels round differently). Where the installed peft meets transformers' own minimum
+    for its other adapter methods (peft >= 0.22 from transformers 5.24), `disable_adapters()` runs the plain smoothed
+    model; below it, transformers refuses, naming the peft it needs: never a booster silently left on or off."""
+    import peft
+    from packaging.version import Version
+    from transformers.integrations import peft as integration
+
+    model = tiny_model("llava")
+    model.load_adapter(str(booster_dir))
+    reference = tiny_model("llava")
+    hfs.load_booster(reference, booster_dir)
+    assert isinstance(model, hfs.SmoothedLlavaForConditionalGeneration)
+    assert model.smoothing_config.to_dict() | {"booster": None} == reference.smoothing_config.to_dict() | {"booster": None}
+    ours, theirs = ({k: v for k, v in m.state_dict().items() if "fs_booster_" in k} for m in (model, reference))
+    assert ours and ours.keys() == theirs.keys() and all(torch.equal(ours[k], theirs[k]) for k in ours)
+    inputs = tiny_inputs(reference)
+    boosted = _logits(reference, inputs)
+    torch.testing.assert_close(_logits(model, inputs), boosted, rtol=1e-5, atol=1e-5)
+    if Version(peft.__version__) < Version(integration.MIN_PEFT_VERSION):
+        with pytest.raises(ValueError, match=f">= {integration.MIN_PEFT_VERSION}"):
+            model.disable_adapters()
+        return
+    model.disable_adapters()
+    plain = _logits(tiny_smoothed_model("llava", **{k: getattr(reference.smoothing_config, k)
+                                                    for k in ("sigma", "num_samples", "seed")}), inputs)
+    assert torch.equal(_logits(model, inputs), plain) and not torch.allclose(plain, boosted)
 
 
 def test_boosters_load_save_and_reload_through_peft_only(booster_dir, tmp_path, no_transformers_adapter_integration):
