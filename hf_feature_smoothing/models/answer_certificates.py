@@ -120,8 +120,9 @@ def booster_record(model: nn.Module) -> tuple[str | None, str | None]:
                          "whole (`with peft_model.disable_adapter():` certifies the model without it).")
     held = set(support.names(model))
     active = {name for layer in layers if not layer.disable_adapters for name in layer.active_adapters} & held
+    prefix = support.parameter_prefix  # keys `….fs_booster_<part>.<adapter name>.…`
     state = {k: v for k, v in model.state_dict().items()
-             if support.parameter_prefix in k and any(f".{name}." in k for name in active)}
+             if prefix in k and k.split(prefix, 1)[1].split(".")[1] in active}
     if not state:
         return None, None
     tower = getattr(model, "smoothed_vision_tower", None)
