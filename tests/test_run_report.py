@@ -61,6 +61,25 @@ def test_report_refuses_mixed_parameters_unless_grouped(two_runs, image_folder, 
     card = yaml.safe_load((tmp_path / "r2" / "model-index.yaml").read_text())
     sigmas = {m["args"]["sigma"] for result in card["model-index"][0]["results"] for m in result["metrics"]}
     assert sigmas == {0.25, 0.5}
+    # groups whose entries would share names (n is in the args, not the names): no index rather than a mixed one
+    _certify(image_folder, tmp_path / "d.jsonl", "--n", "64")
+    assert cli.main(["report", str(two_runs[0]), str(tmp_path / "d.jsonl"), "--output-dir", str(tmp_path / "r2"),
+                     "--group-by-params"]) == 0  # one folder, σ = 0.25 twice: n = 48 and 64
+    summary = (tmp_path / "r2" / "summary.md").read_text()
+    assert "model-index: not written: " in summary and "metric names repeat" in summary
+    assert not (tmp_path / "r2" / "model-index.yaml").exists()  # the earlier report's index is gone, not kept
+
+
+def test_one_model_index_never_holds_two_models():
+    from huggingface_hub import EvalResult
+
+    from hf_feature_smoothing.runs.report import index_refusal
+
+    entry = EvalResult(task_type="image-classification", dataset_type="digits", dataset_name="digits",
+                       metric_type="certified_accuracy", metric_value=1.0, metric_name="certified accuracy @ r=0.25")
+    assert index_refusal([entry], {"org/A"}) is None
+    assert "2 models (org/A, org/B)" in index_refusal([entry, entry], {"org/A", "org/B"})
+    assert "metric names repeat" in index_refusal([entry, entry], {"org/A"})
 
 
 def test_report_of_an_attack_run(image_folder, tmp_path, capsys):

@@ -198,6 +198,16 @@ def test_accuracy_inputs_refuse_what_has_no_accuracy():
         accuracy_inputs([{"score_lower": 0.9, "sigma": 0.25}])
     with pytest.raises(ValueError, match="row 0 .* is `skipped`"):
         accuracy_inputs([{"key": "a.png", "status": "skipped", "reason": "not an image"}])
+    with pytest.raises(ValueError, match="differ in σ"):  # two settings are two numbers, as in `model-index`
+        accuracy_inputs([{"prediction": 0, "label": 0, "radius": 0.1, "sigma": 0.25},
+                         {"prediction": 0, "label": 0, "radius": 0.1, "sigma": 0.5}])
+    stopped = [{"answer": 1, "label": 1, "radius": 0.26, "target_radius": 0.25, "stop": "target"}] * 4
+    with pytest.raises(ValueError, match="target radius 0.25: pass the radii"):
+        accuracy_inputs(stopped)
+    with pytest.raises(ValueError, match=r"\[0.5\] lies beyond the certificates' target radius 0.25"):
+        accuracy_inputs(stopped, epsilon=[0, 0.25, 0.5])
+    assert accuracy_inputs(stopped, epsilon=[0, 0.25])["epsilon"] == [0.0, 0.25]
+    assert "epsilon" not in accuracy_inputs([{"prediction": 0, "label": 0, "radius": 0.1}])  # as before
 
 
 def test_no_pickle_loading_in_the_package():

@@ -20,7 +20,8 @@ def register_subcommand(subparsers) -> None:
     r.add_argument("--output-dir", default=None,
                    help="where summary.md, group<i>.png and model-index.yaml go; default: <first run>-report")
     r.add_argument("--group-by-params", action="store_true",
-                   help="one aggregate per parameter set instead of refusing runs with different parameters")
+                   help="one aggregate per parameter set instead of refusing runs with different parameters "
+                        "(model-index.yaml only when the groups fit one card: one model, distinct metric names)")
     r.add_argument("--dataset-name", default=None, help="dataset name in model-index; default: from the runs' source")
     r.add_argument("--model-name", default=None, help="model name in model-index; default: from the runs' --model")
     r.add_argument("--radii", type=number(RADIUS), nargs="+", default=list(REPORT_RADII),

@@ -33,20 +33,27 @@ def certificate_kind(row: dict) -> str:
     return "answer" if "answer" in row else "prediction" if "prediction" in row else "feature"
 
 
-def _as_dicts(certificates) -> list[dict]:
-    rows = [c if isinstance(c, dict) else c.to_dict() for c in certificates or []]
+def check_one_setting(rows: list[dict]) -> None:
+    """Refuse certificate dicts of more than one kind or setting: one aggregate (a card entry, a metric) is one
+    certified function, sampled one way."""
     kinds = {certificate_kind(r) for r in rows}
     if len(kinds) > 1:
         raise ValueError(f"Mix of {' and '.join(sorted(kinds))} certificates: share one kind per call.")
-    if len({(r["sigma"], r["n"], r.get("n0"), r["alpha"], r["bound"], r.get("target_cosine"), r.get("target_radius"),
-             r.get("method"), r.get("candidates_digest"), r.get("prompt_digest"), r.get("booster_digest"),
-             r.get("model"), r.get("dtype"), r.get("centered"), r.get("reference"), r.get("alpha_split"),
-             r.get("noise_space"), r.get("prototypes_sha256"), bool(r.get("futility"))) for r in rows}) > 1 or len(
+    if len({(r.get("sigma"), r.get("n"), r.get("n0"), r.get("alpha"), r.get("bound"), r.get("target_cosine"),
+             r.get("target_radius"), r.get("method"), r.get("candidates_digest"), r.get("prompt_digest"),
+             r.get("booster_digest"), r.get("model"), r.get("dtype"), r.get("centered"), r.get("reference"),
+             r.get("alpha_split"), r.get("noise_space"), r.get("prototypes_sha256"), bool(r.get("futility")))
+            for r in rows}) > 1 or len(
             {r["prototypes_digest"] for r in rows if r.get("prototypes_digest")}) > 1:  # older rows have none
         raise ValueError("Certificates differ in σ, n, n0, α, bound, method, sequential target or futility stop, "
                          "compute dtype, centring, reference, α split, noise space, prototypes, or (answers) the "
                          "candidates, prompt, model or booster: aggregate one setting at a time.")
-    if kinds & {"answer", "prediction"} and any(r.get("label") is None for r in rows):
+
+
+def _as_dicts(certificates) -> list[dict]:
+    rows = [c if isinstance(c, dict) else c.to_dict() for c in certificates or []]
+    check_one_setting(rows)
+    if {certificate_kind(r) for r in rows} & {"answer", "prediction"} and any(r.get("label") is None for r in rows):
         raise ValueError("Certified accuracy needs each certificate's reference label: pass `labels=` to "
                          "`certify_prediction` or `label=` to `certify_answer`, or add `label` (the index of the "
                          "correct class or candidate) to every certificate's dict (`hf-fs` rows carry it).")

@@ -125,6 +125,21 @@ def _aggregate_params(header: dict) -> dict:
     return {k: v for k, v in header["params"].items() if k not in POOLABLE}
 
 
+
+def index_refusal(results: list, models: set[str]) -> str | None:
+    """Why the groups' `model-index` entries cannot go into one card (None when they can): entries of several models
+    (a card's index is one model's), or two entries of one name (groups that differ in a parameter the names do not
+    state, such as n, α, the bound or the dtype: a reader could not tell the numbers apart)."""
+    if len(models) > 1:
+        return (f"the groups are runs of {len(models)} models ({', '.join(sorted(models))}), and a card's index is "
+                "one model's; report each model's runs on their own.")
+    names = Counter((r.task_type, r.dataset_name, r.metric_name) for r in results)
+    repeated = [name for name, count in names.items() if count > 1]
+    if repeated:
+        return (f"{len(repeated)} metric names repeat across the groups (e.g. {repeated[0][2]!r}): the groups differ "
+                "in parameters the names do not state (n, α, bound, dtype, …); report each setting on its own.")
+    return None
+
 def group_runs(paths: list[str | os.PathLike], group_by_params: bool = False) -> list[RunGroup]:
     """
     Read run files and pool their rows: runs with the same command and parameters (outside [`POOLABLE`]) form one
@@ -338,7 +353,7 @@ def write_report(paths: list[str | os.PathLike], output_dir: str | os.PathLike, 
     groups = group_runs(paths, group_by_params)
     output_dir = Path(output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
-    lines, results = [], []
+    lines, results, models = [], [], set()
     for i, group in enumerate(groups):
         for line in advisory_lines(group):
             logger.warning(f"{', '.join(map(str, group.paths))}: {line}")
@@ -349,10 +364,17 @@ def write_report(paths: list[str | os.PathLike], output_dir: str | os.PathLike, 
         if plot_group(group, plot):
             lines.append(f"\nplot: {plot}")
         if group.finished:
-            results += eval_results(group, dataset_name, radii)
+            entries = eval_results(group, dataset_name, radii)
+            results += entries
+            models |= {str(group.params.get("model"))} if entries else set()
         elif group.kind != "attack":
             lines.append(f"\nmodel-index: group {i} left out (unfinished runs give no card-ready metrics).")
         lines.append("")
+    refused = index_refusal(results, models)
+    if refused:
+        logger.warning(f"model-index not written: {refused}")
+        lines.append(f"model-index: not written: {refused}")
+        results = []
     text = "\n".join(lines)
     write_atomically(output_dir / "summary.md", text.encode("utf-8", "backslashreplace"))  # paths may not be UTF-8
     index = output_dir / "model-index.yaml"
