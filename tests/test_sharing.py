@@ -43,6 +43,20 @@ def test_save_pretrained_writes_a_card_whose_model_index_parses_back(certified, 
                                 "resolution": [56, 56], "centered": False}
     assert len({c.seed for c in certificates}) == 1  # one call, one seed: stated once
     assert "from_pretrained(" in card.text and "hf-feature-smoothing" in card.data.tags
+    assert "cos(f̂(x'), f(x)) ≥ FCSB" in card.text and "(bernstein)" in card.text  # `reference="clean"`, as made
+
+
+def test_the_card_states_what_each_kind_of_certificate_certifies(certified):
+    model, certificates = certified
+    smoothed = [dict(c.to_dict(), reference="smoothed") for c in certificates]
+    text = build_model_card("org/x", certificates=smoothed).text
+    assert "cos(f̂(x'), v) ≥ FCSB" in text and "direction of f̂(x) estimated from n0" in text
+    answer = {"sigma": 0.5, "n": 200, "n0": 16, "alpha": 0.001, "bound": "betting", "noise_space": "pixel [0,1], l2",
+              "method": "vote", "answer": 3, "label": 3, "radius": 0.6, "candidates": ["A 3", "A 4"],
+              "candidates_digest": "c" * 16, "prompt_digest": "p" * 16, "booster": None, "booster_digest": None,
+              "base_classifier": "argmax"}
+    text = build_model_card("org/x", certificates=[answer]).text
+    assert "answer among the candidate answers" in text and "σ·Φ⁻¹(p̲_A)" in text and "FCSB" not in text
 
 
 def test_prediction_certificates_become_certified_accuracy():

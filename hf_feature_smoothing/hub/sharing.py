@@ -237,12 +237,41 @@ def build_model_card(
     card = ModelCard.from_template(
         card_data, template_path=str(TEMPLATE), title=title, description=description, load_snippet=snippet,
         noise_space=rows[0]["noise_space"] if rows else "pixel [0,1], l2", smoothing_table=table,
-        bound=rows[0]["bound"] if rows else "empirical Bernstein", results_table=_results_table(results),
+        certificates_text=certificates_text(rows), results_table=_results_table(results),
         dataset_name=dataset_name, library_version=__version__,
     )
     if extra_markdown:
         card.text = card.text.rstrip("\n") + "\n\n" + extra_markdown.strip("\n") + "\n"
     return card
+
+
+def certificates_text(rows: list[dict]) -> str:
+    """The card's statement of what its certificates (of one kind and setting) guarantee: the reference of feature
+    certificates (`f(x)`, or the direction v of an n0-sample estimate of f̂(x)), the certified prediction or answer of
+    the others."""
+    first = rows[0] if rows else {"reference": "clean", "bound": "empirical Bernstein"}
+    kind, bound = certificate_kind(first), first["bound"]
+    if kind == "feature":
+        if first.get("reference") == "clean":
+            quantity, where = "cos(f̂(x'), f(x))", "f(x) is the clean feature"
+        else:
+            quantity, where = "cos(f̂(x'), v)", ("v is the direction of f̂(x) estimated from n0 noisy copies drawn "
+                                                 "apart from the n that bound the score (`reference=\"smoothed\"`)")
+        centred = " f is the feature centred on μ before normalising (`feature_center`)." if first.get("centered") else ""
+        return (f"For every perturbation with ‖x' − x‖₂ ≤ ε (pixel [0, 1] units), {quantity} ≥ "
+                f"FCSB = 2Φ(Φ⁻¹(S_low) − ε/σ) − 1, where {where} and S_low is a one-sided (1 − α) lower confidence "
+                f"bound ({bound}) on the Gaussian robustness score from n noisy samples.{centred} Certified cosine is "
+                "averaged over images with abstentions (S_low ≤ 1/2) and vacuous bounds counted as 0. The certificates "
+                "are about the exact smoothed encoder f̂; the model's forward pass uses an estimate of it from "
+                "`num_samples` noisy copies.")
+    what = ("the model's answer among the candidate answers (its answer on one noisy copy x + δ, the base classifier)"
+            if kind == "answer" else "the few-shot cosine predictor's class (its prototypes named in each entry)")
+    how = ("Cohen et al.'s vote certificate: the top class chosen on n0 copies, a one-sided (1 − α) lower bound "
+           f"p̲_A ({bound}) on its probability from n others, radius σ·Φ⁻¹(p̲_A)" if first.get("method", "margin") == "vote"
+           else f"the FS margin certificate of the smoothed features' cosine scores ({bound} bounds at level α)")
+    return (f"Each certificate certifies {what}: for every perturbation with ‖x' − x‖₂ ≤ r (pixel [0, 1] units) the "
+            f"smoothed prediction stays the same, with r from {how}. Certified accuracy at r counts the images whose "
+            "certified prediction is correct with a radius ≥ r; abstentions count as wrong.")
 
 
 def write_card_atomically(card: ModelCard, directory: str | os.PathLike) -> Path:
