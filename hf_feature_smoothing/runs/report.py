@@ -125,7 +125,6 @@ def _aggregate_params(header: dict) -> dict:
     return {k: v for k, v in header["params"].items() if k not in POOLABLE}
 
 
-
 def index_refusal(results: list, models: set[str]) -> str | None:
     """Why the groups' `model-index` entries cannot go into one card (None when they can): entries of several models
     (a card's index is one model's), or two entries of one name (groups that differ in a parameter the names do not
@@ -139,6 +138,7 @@ def index_refusal(results: list, models: set[str]) -> str | None:
         return (f"{len(repeated)} metric names repeat across the groups (e.g. {repeated[0][2]!r}): the groups differ "
                 "in parameters the names do not state (n, α, bound, dtype, …); report each setting on its own.")
     return None
+
 
 def group_runs(paths: list[str | os.PathLike], group_by_params: bool = False) -> list[RunGroup]:
     """
