@@ -64,6 +64,12 @@ def plug_in_bets(scores: torch.Tensor, alpha: float | torch.Tensor, horizon: int
     return torch.sqrt(2.0 * _log_inverse(alpha) / (horizon * previous))
 
 
+@functools.lru_cache(maxsize=16)
+def _truncation_tensor(truncations: tuple[float, ...], dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """The mixture's truncations c as a tensor, built once per setting (read only)."""
+    return torch.tensor(list(truncations), dtype=dtype, device=device)
+
+
 def _max_log_capital(scores: torch.Tensor, bets_all: torch.Tensor, means: torch.Tensor,
                      truncations: Sequence[float], threshold: float | torch.Tensor) -> torch.Tensor:
     """log sup_t of the truncation-mixture capital for every candidate mean: scores/bets `(B, n)`, means `(B, G)`
@@ -86,23 +92,28 @@ def _max_log_capital(scores: torch.Tensor, bets_all: torch.Tensor, means: torch.
     cap = threshold + math.log(len(truncations)) + 1.0
     if torch.is_tensor(cap):
         cap = cap[:, :, None, None]  # (B, 1, 1, 1) against (B, T, G, C)
-    caps = torch.tensor(list(truncations), dtype=scores.dtype, device=scores.device) / means[..., None]  # (B, G, C)
+    caps = _truncation_tensor(tuple(truncations), scores.dtype, scores.device) / means[..., None]  # (B, G, C)
     lowest_cap = caps.amin(-1)  # (B, G)
+    several = n > _TIME_BLOCK  # one block (the usual n): no capital to carry, so none is added or copied
     carry = torch.zeros(batch, grid, len(truncations), dtype=scores.dtype, device=scores.device)
-    best = torch.full((batch, grid), -math.inf, dtype=scores.dtype, device=scores.device)  # log Σ_c capital
+    best = None  # log Σ_c capital, the max over the blocks so far
     for start in range(0, n, _TIME_BLOCK):
         excess = scores[:, start : start + _TIME_BLOCK, None] - means[:, None, :]  # (B, T, G)
         bets = bets_all[:, start : start + _TIME_BLOCK, None]  # (B, T, 1)
         if bool((bets <= lowest_cap[:, None]).all()):  # no truncation binds: one increment for every component
             growth = torch.log1p(bets * excess).cumsum(1)  # (B, T, G)
             block_best = growth.amax(1) + torch.logsumexp(carry, -1)
-            carry = carry + growth[:, -1, :, None]
+            if several:
+                carry = carry + growth[:, -1, :, None]
         else:
             log_capital = torch.log1p(torch.minimum(bets[..., None], caps[:, None]) * excess[..., None]).cumsum(1)
-            log_capital = log_capital + carry[:, None]  # (B, T, G, C), a new tensor: the carry below is its own
-            carry = log_capital[:, -1].clone()
+            if several:
+                log_capital = log_capital + carry[:, None]  # (B, T, G, C), a new tensor: the carry below is its own
+                carry = log_capital[:, -1].clone()
             block_best = log_capital.clamp_max_(cap).exp_().sum(-1).amax(1).log_()  # in place: carry is a copy
-        best = torch.maximum(best, block_best)
+        best = block_best if best is None else torch.maximum(best, block_best)
+    if best is None:  # no scores: no capital
+        best = torch.full((batch, grid), -math.inf, dtype=scores.dtype, device=scores.device)
     return best - math.log(len(truncations))
 
 
@@ -182,11 +193,11 @@ def _betting_lower_bound(scores: torch.Tensor, alpha: float | torch.Tensor, hori
     for _ in range(_ROUNDS):
         means = low[:, None] + (high - low)[:, None] * fractions
         rejected = _max_log_capital(x, bets, means, tuple(truncations), threshold) >= threshold
-        # the first candidate not rejected; every candidate before it is rejected (verified, not assumed)
-        first_kept = torch.where(rejected.all(-1), _GRID, (~rejected).int().argmax(-1))
-        below = (first_kept - 1).clamp_min(0)
-        low = torch.where(first_kept > 0, means.gather(1, below[:, None])[:, 0], low)
-        high = torch.where(first_kept < _GRID, means.gather(1, first_kept.clamp_max(_GRID - 1)[:, None])[:, 0], high)
+        # k = the first candidate not rejected (every one before it is rejected: verified, not assumed); the new
+        # bracket is [edges[k], edges[k + 1]] of edges = (low, candidates..., high)
+        first_kept = rejected.long().cumprod(-1).sum(-1, keepdim=True)
+        edges = torch.cat([low[:, None], means, high[:, None]], dim=1)
+        low, high = edges.gather(1, torch.cat([first_kept, first_kept + 1], dim=1)).unbind(1)
     return low.reshape(lead)
 
 
