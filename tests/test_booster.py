@@ -82,6 +82,44 @@ def test_smoothing_conditions_booster_on_its_sigma_and_restores_it():
     assert layer.noise_level == 0.0
 
 
+def test_an_interrupted_smoothed_call_leaves_no_booster_conditioned(monkeypatch):
+    """An exception between the tower's pre-hook (which conditions the booster on σ) and its last feature site (which
+    restores it) must not leave the booster acting on σ: the next call, smoothed or not, starts from the clean state."""
+    model = tiny_smoothed_model("llava", num_samples=3, seed=0)
+    hfs.add_booster(model)
+    layer, tower = booster_layers(model)[0], model.smoothed_vision_tower
+
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    with monkeypatch.context() as patch, torch.no_grad():
+        patch.setattr(tower, "monte_carlo", interrupted)
+        with pytest.raises(KeyboardInterrupt):
+            model(**tiny_inputs(model))
+    assert layer.noise_level == 0.25  # left behind by the interruption
+    seen = []
+    layer.register_forward_pre_hook(lambda m, args: seen.append(m.noise_level))
+    tower.enabled = False
+    with torch.no_grad():
+        model(**tiny_inputs(model))
+    assert seen == [0.0] and layer.noise_level == 0.0  # the unsmoothed call ran the booster unconditioned
+    tower.enabled, seen[:] = True, []
+    with torch.no_grad():
+        model(**tiny_inputs(model))
+    assert set(seen) == {0.25} and layer.noise_level == 0.0
+
+
+def test_a_seed_edited_in_the_config_gives_the_noise_of_a_tower_made_with_it():
+    model = tiny_smoothed_model("llava", num_samples=3, seed=0)
+    images = _image_inputs(model)
+    with torch.no_grad():
+        model.smoothed_vision_tower(**images)  # draws from seed 0's stream
+        model.smoothing_config.seed = 1
+        edited = model.smoothed_vision_tower(**images)[0]
+        fresh = tiny_smoothed_model("llava", num_samples=3, seed=1).smoothed_vision_tower(**images)[0]
+    assert torch.equal(edited, fresh)
+
+
 @pytest.mark.parametrize("family", ["llava", "qwen2_vl"])
 def test_adapter_save_load_is_bit_exact(family, tmp_path):
     model, peft_model = _trained_booster(tmp_path, family)

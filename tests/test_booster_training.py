@@ -11,13 +11,14 @@ import datasets
 import numpy as np
 import pytest
 import torch
+from peft import PeftConfig
 from PIL import Image
 from safetensors.torch import load_file
 from transformers import TrainingArguments
 
 import hf_feature_smoothing as hfs
 from hf_feature_smoothing import FeatureSmoothingConfig, GSBConfig
-from hf_feature_smoothing.booster import GSBLoss, GSBTrainer
+from hf_feature_smoothing.booster import GSBLoss, GSBTrainer, booster_layers
 from hf_feature_smoothing.booster.data import GSBCollator, RandomCropFlip, load_image
 from hf_feature_smoothing.testing_utils import (
     IMAGE_TOKEN_ID,
@@ -287,3 +288,44 @@ def test_attaching_a_booster_to_a_stock_model_does_not_warn_about_pixel_statisti
         hfs.add_booster(tiny_model("llava"), GSBConfig(sigmas=[0.25], hidden_dim=16, purifier=True,
                                                                   mapper_mixing="conv"))
     assert "image_mean" not in caplog.text
+
+
+def test_training_images_are_made_on_the_smoothed_model_pixel_grid(tmp_path):
+    """The collator resizes as the smoothed model's own processor settings say (here a squash to 56 × 56, no crop),
+    not into a centre-cropped square: the booster trains on the pixel grid it is smoothed and certified on."""
+    geometry = {"do_resize": True, "size": {"height": 56, "width": 56}, "resample": 3, "do_center_crop": False}
+    model = tiny_smoothed_model("llava", image_processor=geometry)
+    booster = hfs.add_booster(model, GSBConfig(sigmas=[0.25], hidden_dim=16))
+    wide = Image.fromarray(np.random.default_rng(0).integers(0, 255, (40, 100, 3), dtype=np.uint8))
+    trainer = GSBTrainer(booster, _args(tmp_path, 1), train_dataset=dataset(4), crop_scale=None, flip=False)
+    pixels = trainer.data_collator([{"image": wide}])["pixel_values"]
+    family = model.smoothed_vision_tower.family
+    assert torch.equal(pixels, family.preprocess([wide]).pixel_values)
+    assert not torch.allclose(pixels, family.preprocess([wide], 56).pixel_values)  # not the square crop
+    # a stock model's booster takes the pixel grid of `processing_class`: the processor's own pixels, bit for bit
+    from transformers import CLIPImageProcessor
+
+    processor = CLIPImageProcessor(size={"height": 56, "width": 56}, do_center_crop=False, image_mean=[0.5, 0.4, 0.3],
+                                   image_std=[0.2, 0.25, 0.3])
+    booster = hfs.add_booster(tiny_model("llava"), GSBConfig(sigmas=[0.25], hidden_dim=16))
+    trainer = GSBTrainer(booster, _args(tmp_path, 1), train_dataset=dataset(4), processing_class=processor,
+                         crop_scale=None, flip=False)
+    assert torch.equal(trainer.data_collator([{"image": wide}])["pixel_values"],
+                       processor(images=wide, return_tensors="pt").pixel_values)
+
+
+def test_the_saved_booster_records_the_sigmas_it_was_trained_for(tmp_path, caplog):
+    import logging
+
+    model = tiny_smoothed_model("llava")
+    booster = hfs.add_booster(model, GSBConfig(sigmas=[0.25], hidden_dim=16))
+    trainer = GSBTrainer(booster, _args(tmp_path, 1), train_dataset=dataset(4), image_size=56, sigmas=[0.5, 1.0])
+    assert trainer.model.sigmas == [0.5, 1.0] and booster.peft_config["default"].sigmas == [0.5, 1.0]
+    trainer.save_model(str(tmp_path / "out"))
+    saved = PeftConfig.from_pretrained(str(tmp_path / "out"))
+    assert saved.sigmas == [0.5, 1.0]
+    assert {layer.trained_noise_levels() for layer in booster_layers(booster)} == {(0.5, 1.0)}
+    with caplog.at_level(logging.WARNING):
+        GSBTrainer(booster, _args(tmp_path, 1), train_dataset=dataset(4), image_size=56,
+                   smoothing={"sigma": 0.75, "image_mean": [0.5] * 3, "image_std": [0.5] * 3})
+    assert "not used: {'sigma': 0.75}" in caplog.text

@@ -243,6 +243,26 @@ def test_certify_memory_does_not_grow_with_n():
     assert peaks[16384] < 3 * peaks[256], peaks
 
 
+@pytest.mark.parametrize("family", ["llava", "qwen2_vl"])
+def test_chunk_size_bounds_every_tower_call_even_with_more_images_than_it(family):
+    """9 images with `chunk_size=4`: every Monte Carlo tower call holds at most 4 images, and the smoothed features
+    equal those of one call per copy (`chunk_size=16`): the same noise, only the tower batches differ."""
+    model = tiny_model(family)
+    images = {k: v for k, v in tiny_inputs(model, num_images=9).items() if k in ("pixel_values", "image_grid_thw")}
+    outputs = {}
+    for chunk in (4, 16):
+        tower = SmoothedVisionTower(model, FeatureSmoothingConfig(sigma=0.25, num_samples=3, chunk_size=chunk, seed=0))
+        sizes = []
+        hook = tower.family.tower().register_forward_pre_hook(
+            lambda module, args, kwargs: sizes.append(tower.family.inputs_from_call(args, kwargs).num_images),
+            with_kwargs=True)
+        with torch.no_grad():
+            outputs[chunk] = torch.stack(tower(**images))
+        hook.remove()
+        assert max(sizes) <= chunk and sum(sizes) == 9 * 3, (chunk, sizes)
+    torch.testing.assert_close(outputs[4], outputs[16], rtol=1e-5, atol=1e-6)
+
+
 def test_prediction_memory_does_not_grow_with_n_times_k():
     tower = SmoothedVisionTower(ToyEncoder("angle"), FeatureSmoothingConfig(sigma=0.25, chunk_size=256))
     prototypes = torch.randn(1000, 2)

@@ -349,6 +349,41 @@ def test_a_config_never_claims_a_booster_that_is_not_attached(adapter, tmp_path)
     assert hfs.SmoothedVisionTower(model, config).config.booster == str(adapter)
 
 
+def test_projected_features_are_refused_on_an_encoder_without_a_projector():
+    from transformers import Dinov2Config, Dinov2Model
+
+    config = Dinov2Config(hidden_size=32, num_hidden_layers=1, num_attention_heads=2, intermediate_size=64,
+                          image_size=28, patch_size=14)
+    tower = hfs.SmoothedVisionTower(Dinov2Model(config).eval(), hfs.FeatureSmoothingConfig(smoothed_features="projected"))
+    with pytest.raises(ValueError, match=r"`smoothed_features='projected'` .* `dinov2` encoder has no projector"):
+        tower(torch.rand(1, 3, 28, 28))
+
+
+def test_a_stand_alone_tower_never_claims_or_saves_a_booster_it_does_not_run(tmp_path):
+    from transformers import Dinov2Config, Dinov2Model
+
+    config = Dinov2Config(hidden_size=32, num_hidden_layers=1, num_attention_heads=2, intermediate_size=64,
+                          image_size=28, patch_size=14)
+    peft_model = hfs.add_booster(Dinov2Model(config).eval())
+    peft_model.save_pretrained(tmp_path / "adapter")
+    described = {"adapter_name": "default", "config": json.loads((tmp_path / "adapter" / "adapter_config.json").read_text())}
+    for claim in ({"booster": "org/some-gsb", "booster_config": described}, {"booster_config": described}):
+        with pytest.raises(ValueError, match=r"`config.booster(_config)?` .* holds no(ne| booster)"):
+            hfs.SmoothedVisionTower(Dinov2Model(config).eval(), hfs.FeatureSmoothingConfig(**claim))
+    tower = hfs.SmoothedVisionTower(Dinov2Model(config).eval(), hfs.FeatureSmoothingConfig())
+    tower.config.booster = "org/some-gsb"  # named by hand, never loaded
+    with pytest.raises(ValueError, match=r"`smoothing_config.booster` is 'org/some-gsb' but the model holds no booster"):
+        tower.save_pretrained(tmp_path / "claims")
+    assert not (tmp_path / "claims").exists()
+    encoder = hfs.load_booster(Dinov2Model(config).eval(), tmp_path / "adapter")
+    tower = hfs.SmoothedVisionTower(encoder, hfs.FeatureSmoothingConfig(booster=str(tmp_path / "adapter")))
+    for layer in booster_layers(tower):
+        layer.enable_adapters(False)
+    with pytest.raises(ValueError, match=r"Booster `default` is disabled"):
+        tower.save_pretrained(tmp_path / "disabled")
+    assert not (tmp_path / "disabled").exists()
+
+
 def test_a_failing_booster_in_from_pretrained_leaves_no_claim(broken, tmp_path):
     folder = broken(_truncate(WEIGHTS))
     tiny_smoothed_model("llava", **SMOOTHING).save_pretrained(tmp_path / "plain")

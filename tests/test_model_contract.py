@@ -169,6 +169,8 @@ def test_one_source_of_truth_for_the_smoothing_parameters(tmp_path):
         model.smoothing_config.sigma = -1.0
     with pytest.raises(ValueError, match="`num_samples`"):
         model.config.feature_smoothing = {"num_samples": 0}
+    with pytest.raises(ValueError, match=r"`image_mean` must be on the \[0, 1\] pixel scale .* divide 0–255"):
+        model.smoothing_config.image_mean = [123.675, 116.28, 103.53]
     assert model.smoothing_config.sigma == 0.2 and model.smoothing_config.num_samples == 2
     model.save_pretrained(tmp_path / "saved")
     saved = json.loads((tmp_path / "saved" / "config.json").read_text())["feature_smoothing"]

@@ -52,6 +52,26 @@ def test_transformers5_processor_config_is_read_and_logged(tmp_path, caplog):
     assert explicit.pixel_values.shape == (1, 3, 28, 28)
 
 
+def test_a_padding_llava_processor_is_followed_pad_first(tmp_path):
+    """LLaVA's `do_pad` pads to a centred square in the mean colour before the resize: read from the checkpoint
+    and applied, PIL images land on the processor's own pixels (a processor that does not pad records no `do_pad`)."""
+    from transformers.models.llava.image_processing_pil_llava import LlavaImageProcessorPil
+
+    tiny_model("llava").save_pretrained(tmp_path / "stock")
+    image_processor = LlavaImageProcessorPil(do_pad=True, **GEOMETRY)
+    processor = _llava_processor(**GEOMETRY)
+    processor.image_processor = image_processor
+    processor.save_pretrained(tmp_path / "stock")
+    model = hfs.SmoothedLlavaForConditionalGeneration.from_pretrained(tmp_path / "stock")
+    assert model.smoothing_config.image_processor["do_pad"] is True
+    for image in (_photo(), _photo(70, 93)):  # wide and tall
+        ours = model.smoothed_vision_tower.family.preprocess([image]).pixel_values
+        reference = image_processor(image, return_tensors="pt")["pixel_values"]
+        torch.testing.assert_close(ours, reference, atol=1e-5, rtol=0)
+    _llava_processor(**GEOMETRY).save_pretrained(tmp_path / "no-pad")
+    assert "do_pad" not in read_processor_settings(tmp_path / "no-pad")["image_processor"]
+
+
 def test_legacy_preprocessor_config_and_priority(tmp_path):
     folder = tmp_path / "ckpt"
     folder.mkdir()

@@ -330,13 +330,18 @@ def test_certifying_a_booster_at_a_sigma_it_was_not_trained_for_says_so(caplog):
         caplog.clear()
         with caplog.at_level(logging.WARNING):
             certificate = hfs.certify_answer(boosted, inputs, CANDIDATES, sigma=sigma, n0=2, n=2, seed=1)
-        message = "`sigma`=0.3: the model's booster was trained for σ in [0.25, 0.5]"
+        message = "The booster is conditioned on σ=0.3 but was trained for σ in [0.25, 0.5]"
         assert (message in caplog.text) == warned and certificate.sigma == (sigma or 0.25)
     caplog.clear()
     with caplog.at_level(logging.WARNING):
         hfs.certify(boosted, inputs["pixel_values"], sigma=0.4, n=4, n0=2, seed=0, input_space="processed")
         hfs.certify(boosted, inputs["pixel_values"], sigma=0.4, n=4, n0=2, seed=1, input_space="processed")
-    assert caplog.text.count("`sigma`=0.4") == 1  # the feature path says it too, once per setting, not per call
+    assert caplog.text.count("conditioned on σ=0.4") == 1  # the feature path says it too, once per setting
+    caplog.clear()
+    boosted.get_base_model().smoothing_config.sigma = 0.6  # an edit after loading: said at the next smoothed run
+    with caplog.at_level(logging.WARNING), torch.no_grad():
+        boosted(**inputs)
+    assert "conditioned on σ=0.6 but was trained for σ in [0.25, 0.5]" in caplog.text
 
 
 def test_certify_answer_stops_early_and_records_the_booster(models):

@@ -340,11 +340,6 @@ def load_booster(model: nn.Module, booster: str | os.PathLike, adapter_name: str
     if smoothing is not None:
         if smoothing.config is getattr(getattr(model, "config", None), "feature_smoothing", None):
             smoothing.config.booster = str(booster)  # the model's one smoothing config names its booster
-        if smoothing.sigma not in config.sigmas:
-            logger.warning(
-                f"The booster was trained for σ in {config.sigmas} but the model smooths with σ={smoothing.sigma}; "
-                "its features may be less robust than measured."
-            )
     return model
 
 

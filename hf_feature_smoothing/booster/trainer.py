@@ -9,7 +9,7 @@ from torch import nn
 from transformers import Trainer, TrainingArguments
 
 from ..smoothing.configuration_feature_smoothing import FeatureSmoothingConfig
-from ..smoothing.towers.processor import processor_stats
+from ..smoothing.towers.processor import processor_settings
 from ..utils.logging import get_logger
 from .data import EpochCallback, GSBCollator, RandomCropFlip
 from .layer import booster_layers
@@ -25,17 +25,22 @@ PARTS = ("mapper", "purifier")
 
 
 STATS = ("image_mean", "image_std")
+PIXEL_FIELDS = (*STATS, "image_processor")  # the smoothing fields that define the pixel space of training
 
 
-def pixel_stats(model: nn.Module, processing_class=None) -> dict:
-    """The mean/std of the pixel space the training noise lives in: the processor's, else the smoothed model's own
-    (what it was loaded with), else none (the tower resolves them: [`~towers.processor.resolve_pixel_stats`]). A
-    processor that normalises differently from the smoothed model's own config is refused: the booster would be
-    trained in another space."""
+def pixel_space(model: nn.Module, processing_class=None) -> dict:
+    """The pixel space the training noise lives in: its mean/std and the resize / crop that makes it
+    (`image_processor`), each the smoothed model's own (what it was loaded with and certifies at), else the
+    processor's, else none (the tower resolves the statistics: [`~towers.processor.resolve_pixel_stats`]; images
+    are centre-cropped squares). A processor that normalises differently from the smoothed model's own config is
+    refused: the booster would be trained in another space."""
     base = model.get_base_model() if callable(getattr(model, "get_base_model", None)) else model
-    own = getattr(getattr(base, "smoothed_vision_tower", None), "config", None)
-    own = {k: [float(v) for v in getattr(own, k)] for k in STATS if own is not None and getattr(own, k) is not None}
-    processor = processor_stats(processing_class) if processing_class is not None else {}
+    config = getattr(getattr(base, "smoothed_vision_tower", None), "config", None)
+    own = {k: [float(v) for v in getattr(config, k)] for k in STATS
+           if config is not None and getattr(config, k) is not None}
+    if config is not None and config.image_processor:
+        own["image_processor"] = config.image_processor
+    processor = processor_settings(processing_class) if processing_class is not None else {}
     differing = [k for k in STATS if k in own and k in processor
                  and any(abs(a - b) > 1e-6 for a, b in zip(own[k], processor[k]))]
     if differing:
@@ -44,7 +49,19 @@ def pixel_stats(model: nn.Module, processing_class=None) -> dict:
             + ", ".join(f"{k} {processor[k]} vs the model's {own[k]}" for k in differing)
             + ". Pass the model's own processor, or `smoothing={'image_mean': ..., 'image_std': ...}` explicitly."
         )
-    return processor or own
+    return {**processor, **own}
+
+
+def _pixel_fields(smoothing: FeatureSmoothingConfig | dict) -> FeatureSmoothingConfig:
+    """The pixel space of a `smoothing=` argument; other fields, which training does not use, are named in a
+    warning when they are set."""
+    given = smoothing.to_dict() if isinstance(smoothing, FeatureSmoothingConfig) else dict(smoothing)
+    defaults = FeatureSmoothingConfig().to_dict()
+    unused = {k: v for k, v in given.items() if k not in PIXEL_FIELDS and k in defaults and v != defaults[k]}
+    if unused:
+        logger.warning(f"GSBTrainer reads only {PIXEL_FIELDS} from `smoothing`; not used: {unused} (σ is drawn from "
+                       "`sigmas`, one per step).")
+    return FeatureSmoothingConfig.from_dict({k: v for k, v in given.items() if k in PIXEL_FIELDS})
 
 
 class GSBTrainer(Trainer):
@@ -66,7 +83,8 @@ class GSBTrainer(Trainer):
         train_dataset, eval_dataset (`datasets.Dataset`, *optional*):
             Rows with an image column, optionally text for the LM term (formats: `hf_feature_smoothing.booster.data`).
         sigmas (`Sequence[float]`, *optional*):
-            Noise levels σ (pixel [0, 1] units), one drawn per step; defaults to the booster config's `sigmas`.
+            Noise levels σ (pixel [0, 1] units), one drawn per step; defaults to the active booster's config
+            `sigmas`. Others replace them in that config (what the saved booster records it was trained for).
         noise_samples (`int`, *optional*, defaults to 2):
             Noisy copies per image and step.
         lambda_clean (`float`, *optional*, defaults to 1.0), lambda_stats (`float`, *optional*, defaults to 0.1),
@@ -81,9 +99,10 @@ class GSBTrainer(Trainer):
         image_column (`str`, *optional*, defaults to `"image"`):
             Dataset column holding the images.
         smoothing (`FeatureSmoothingConfig` or `dict`, *optional*):
-            Processor mean/std of the pixel space; defaults to `processing_class`'s, else the smoothed model's own
-            (`model.smoothing_config`), else the tower family's (with a warning); a processor that disagrees with the
-            smoothed model's own statistics is refused.
+            The pixel space: `image_mean` / `image_std` and the resize / crop `image_processor` (other fields are not
+            used, and named in a warning when set). Defaults to the smoothed model's own (`model.smoothing_config`),
+            else `processing_class`'s, else the tower family's statistics (with a warning) and square centre crops; a
+            processor that disagrees with the smoothed model's own statistics is refused.
         processing_class (`ProcessorMixin`, *optional*):
             The MLLM's processor, for `prompt` / `answer` rows (and the default mean/std).
         crop_scale (`tuple[float, float]`, *optional*, defaults to `(0.5, 1.0)`), flip (`bool`, *optional*,
@@ -123,17 +142,21 @@ class GSBTrainer(Trainer):
         self.trained_prefixes = tuple(f".{PARAMETER_PREFIX}{part}." for part in trainable)
         for name, param in model.named_parameters():
             param.requires_grad_(any(prefix in name for prefix in self.trained_prefixes))
+        self.booster_model = model
+        config = getattr(model, "peft_config", {}).get(self._active_booster())
         if sigmas is None:
-            configs = getattr(model, "peft_config", {})
-            sigmas = next(iter(configs.values())).sigmas if configs else [0.25]
+            sigmas = config.sigmas if config is not None else [0.25]
         if args is None:
             args = TrainingArguments(output_dir="tmp_trainer")
-        if smoothing is None:
-            smoothing = pixel_stats(model, processing_class)
-        smoothing = FeatureSmoothingConfig.from_dict(smoothing)
-        self.booster_model = model
+        smoothing = pixel_space(model, processing_class) if smoothing is None else _pixel_fields(smoothing)
         loss = GSBLoss(model, sigmas, noise_samples, lambda_clean, lambda_stats, smoothing, lambda_pixel=lambda_pixel,
                        lambda_lm=lambda_lm, lambda_consistency=lambda_consistency, seed=args.seed)
+        if config is not None and list(config.sigmas) != loss.sigmas:  # the saved config says what it was trained for
+            logger.info(f"Training booster `{self._active_booster()}` for σ in {loss.sigmas} (its config said "
+                        f"{config.sigmas}); its config now records them.")
+            config.sigmas = list(loss.sigmas)
+            for layer in layers:
+                layer.trained_sigmas[self._active_booster()] = tuple(loss.sigmas)
         augment = RandomCropFlip(args.seed, crop_scale, flip) if crop_scale is not None or flip else None
         if augment is not None and args.dataloader_persistent_workers and args.dataloader_num_workers > 0:
             raise ValueError("`dataloader_persistent_workers=True` keeps the collator of the first epoch in its workers, "

@@ -12,7 +12,6 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from ..smoothing.conditioning import untrained_noise_level
 from ..smoothing.configuration_feature_smoothing import FeatureSmoothingConfig
 from ..smoothing.modeling_smoothed_tower import SmoothedVisionTower
 from ..smoothing.towers import TOWER_FAMILIES, ImageInputs
@@ -104,12 +103,7 @@ def as_smoothed_tower(
             changes["autocast_dtype"] = wanted
     if changes:
         tower = SmoothedVisionTower(tower.encoder, dataclasses.replace(tower.config, **changes))
-    trained = untrained_noise_level(tower.encoder, tower.sigma) if "sigma" in changes else None
-    if trained:  # sound still (the certificate is about the model as conditioned), but not what was trained
-        logger.warning_once(f"`sigma`={tower.sigma:g}: the model's booster was trained for σ in {list(trained)}, so "
-                            "it is certified conditioned on a noise level it never saw; the certificate holds for the "
-                            f"model as it is, but pick one of {list(trained)} for the booster's measured robustness.")
-    return tower
+    return tower  # a booster conditioned on a σ it was not trained for is logged where it is conditioned
 
 
 def compute_dtype(tower: SmoothedVisionTower) -> str:

@@ -54,4 +54,26 @@ def booster_support() -> BoosterSupport:
     return _SUPPORT[0]
 
 
-__all__ = ["BoosterSupport", "booster_support", "register_booster_support"]
+def booster_to_save(model, booster: str | None) -> str | None:
+    """The name of the booster `model` runs, which `save_pretrained` saves with it (None: it holds none). Refuses
+    what would make the saved model differ from the one that runs: several boosters, a disabled one, or a
+    `booster` (the smoothing config's field) naming one the model does not hold."""
+    support = booster_support()
+    names = support.names(model)  # mapper and purifier: a purifier-only booster is a booster too
+    if len(names) > 1:
+        raise ValueError(f"The model holds several boosters {names}; keep one before `save_pretrained` "
+                         "(`remove_boosters(model)`, then `load_booster` the one to keep).")
+    if not names:
+        if booster is not None:
+            raise ValueError(f"`smoothing_config.booster` is {booster!r} but the model holds no booster: the saved "
+                             f"model would claim one it does not run. Load it (`load_booster(model, {booster!r})`) "
+                             "or clear the field (`smoothing_config.booster = None`).")
+        return None
+    if any(layer.disable_adapters or names[0] not in layer.active_adapters for layer in support.layers(model)):
+        raise ValueError(f"Booster `{names[0]}` is disabled: the saved model would differ from the one you run. "
+                         "Enable it (`layer.enable_adapters(True)` for each of `booster_layers(model)`) or remove "
+                         "it (`remove_boosters(model)`) before `save_pretrained`.")
+    return names[0]
+
+
+__all__ = ["BoosterSupport", "booster_support", "booster_to_save", "register_booster_support"]

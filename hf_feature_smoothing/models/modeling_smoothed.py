@@ -13,7 +13,7 @@ from ..utils.atomic import recover_if_local
 from ..utils.logging import get_logger
 from ..utils.tensors import check_finite, reading_safetensors
 from .auto import loading_smoothed_checkpoint, smoothing_argument
-from .booster_support import booster_support
+from .booster_support import booster_support, booster_to_save
 from .registry import SMOOTHED_MODEL_CLASSES, register_smoothed_model
 
 
@@ -211,24 +211,10 @@ class FeatureSmoothingMixin:
     def _save_pretrained_raw(self, save_directory, **kwargs) -> None:
         """Config and full weights (booster included) into `save_directory`, no card."""
         support = booster_support()
-        layers, names = support.layers(self), support.names(self)
         smoothing = self.smoothing_config
-        if len(names) > 1:
-            raise ValueError(f"The model holds several boosters {names}; keep one before `save_pretrained` "
-                             "(`remove_boosters(model)`, then `load_booster` the one to keep).")
-        if names:
-            name = names[0]
-            if any(layer.disable_adapters or name not in layer.active_adapters for layer in layers):
-                raise ValueError(f"Booster `{name}` is disabled: the saved model would differ from the one you run. "
-                                 "Enable it (`layer.enable_adapters(True)` for each of `booster_layers(model)`) or remove "
-                                 "it (`remove_boosters(model)`) before `save_pretrained`.")
-            smoothing.booster_config = {"adapter_name": name, "config": support.config_dict(self.peft_config[name])}
-        elif smoothing.booster is not None:
-            raise ValueError(f"`smoothing_config.booster` is {smoothing.booster!r} but the model holds no booster: the "
-                             "saved model would claim one it does not run. Load it (`load_booster(model, "
-                             f"{smoothing.booster!r})`) or clear the field (`model.smoothing_config.booster = None`).")
-        else:
-            smoothing.booster_config = None
+        name = booster_to_save(self, smoothing.booster)
+        smoothing.booster_config = None if name is None else {
+            "adapter_name": name, "config": support.config_dict(self.peft_config[name])}
         peft_loaded = getattr(self, "_hf_peft_config_loaded", False)
         self._hf_peft_config_loaded = False  # full weights, not transformers' adapter-only save
         try:

@@ -20,7 +20,7 @@ from ..utils.atomic import recover_if_local
 from ..utils.logging import get_logger
 from ..utils.tensors import reading_safetensors
 from .auto import loading_smoothed_checkpoint, smoothing_argument
-from .booster_support import booster_support
+from .booster_support import booster_support, booster_to_save
 from .modeling_smoothed import CORRUPT_WEIGHTS_FIX, check_loaded_weights, fill_processor_settings
 from .registry import smoothed_class_for
 
@@ -85,12 +85,9 @@ def tower_from_pretrained(cls, path, smoothing=None, **kwargs):
 def _save_booster(encoder, folder: Path, smoothing: FeatureSmoothingConfig) -> dict | None:
     """The encoder's booster as a PEFT adapter in `folder/booster` (the format `load_booster` reads)."""
     support = booster_support()
-    names = support.names(encoder)  # mapper and purifier: a purifier-only booster is a booster too
-    if not names:
+    name = booster_to_save(encoder, smoothing.booster)
+    if name is None:
         return None
-    if len(names) > 1:
-        raise ValueError(f"The encoder holds several boosters {names}; keep one before `save_pretrained`.")
-    name = names[0]
     config = encoder.peft_config[name]
     config.smoothing = support.smoothing_record(smoothing)
     target = folder / BOOSTER_FOLDER

@@ -20,7 +20,7 @@ SMOOTHED_FEATURES = ("vision", "projected")
 AUTOCAST_DTYPES = ("bfloat16", "float16")
 # the processor settings that fix the pixel grid the noise lives on (read from the checkpoint's processor config)
 IMAGE_PROCESSOR_KEYS = ("do_resize", "size", "resample", "do_center_crop", "crop_size", "min_pixels", "max_pixels",
-                        "patch_size", "temporal_patch_size", "merge_size")
+                        "patch_size", "temporal_patch_size", "merge_size", "do_pad")
 
 
 def _check_stats(name: str, value: Any) -> list[float] | None:
@@ -33,6 +33,9 @@ def _check_stats(name: str, value: Any) -> list[float] | None:
         raise ValueError(f"`{name}` must be 3 finite per-channel values, got {value!r}.")
     if name == "image_std" and min(values) <= 0:
         raise ValueError(f"`image_std` must be positive, got {values!r}.")
+    if max(abs(v) for v in values) > 1:  # σ and certificates are in [0, 1] pixel units: 0–255 statistics rescale them
+        raise ValueError(f"`{name}` must be on the [0, 1] pixel scale the noise lives in, got {values!r}; divide "
+                         "0–255 statistics by 255 (e.g. 123.675 → 0.485).")
     return values
 
 
@@ -95,7 +98,8 @@ class FeatureSmoothingConfig:
             Most images (noisy copies × images in the batch) sent through the tower in one call; bounds memory.
         autocast_dtype (`str`, *optional*):
             `"bfloat16"` or `"float16"` to run the Monte Carlo tower passes under `torch.autocast`; `None` keeps the
-            model's dtype. Features are always averaged in float32.
+            model's dtype. Features are always averaged in float32. In an MLLM's own forward, copy 1 of the n runs
+            inside the model's tower call, in whatever dtype that call runs (certificates run every copy autocast).
         seed (`int`, *optional*):
             Seed of a dedicated `torch.Generator` for the noise. `None` (default) draws fresh noise from the global
             RNG; a fixed seed makes outputs reproducible but also predictable to an attacker.
@@ -109,8 +113,9 @@ class FeatureSmoothingConfig:
         image_std (`list[float]`, *optional*):
             Per-channel std of the processor's normalisation (same sources as `image_mean`).
         image_processor (`dict`, *optional*):
-            The processor's resize / crop settings (`size`, `crop_size`, `do_center_crop`, `resample`; Qwen-VL:
-            `min_pixels`, `max_pixels`, `patch_size`, `merge_size`), read with the statistics: PIL images are
+            The processor's resize / crop settings (`size`, `crop_size`, `do_center_crop`, `resample`, `do_pad`: a
+            LLaVA processor's pad to a square in the mean colour first; Qwen-VL: `min_pixels`, `max_pixels`,
+            `patch_size`, `merge_size`), read with the statistics: PIL images are
             certified on the pixel grid the model's own processor produces. `None` uses the model config's
             `image_size` (square resize and centre crop).
         booster (`str`, *optional*):

@@ -43,10 +43,21 @@ class MLLMHooksMixin:
         """Remove the hooks: the model is the stock model again."""
         for handle in self._handles:
             handle.remove()
-        self._handles, self._call = [], None
+        self._handles = []
+        self._end_call()
+
+    def _end_call(self) -> None:
+        """Forget the current call and give the boosters back their previous noise condition (also the end of a
+        call that an exception interrupted between the tower's pre-hook and its last feature site)."""
+        call, self._call = self._call, None
+        if call is not None:
+            restore_noise_condition(call.booster_levels or [])
 
     def _tower_pre_hook(self, module: nn.Module, args: tuple, kwargs: dict):
-        if self.family.capturing or not self.enabled:
+        if self.family.capturing:  # the Monte Carlo's own passes
+            return None
+        self._end_call()  # a call still open was interrupted: boosters must not stay conditioned on its σ
+        if not self.enabled:
             return None
         inputs = self.family.inputs_from_call(args, kwargs)
         # copy #1 runs in the model's own call: condition boosters on σ
@@ -77,6 +88,5 @@ class MLLMHooksMixin:
             smoothed = self._center(smoothed, sign=1.0, channels=features.shape[-1])  # the projector's raw space
         call.sites_done += 1
         if call.sites_done == len(self.family.site_modules()):
-            restore_noise_condition(call.booster_levels or [])
-            self._call = None
+            self._end_call()
         return smoothed.to(features.dtype).view_as(features)

@@ -23,8 +23,16 @@ def check_booster_attached(model: nn.Module, config: FeatureSmoothingConfig) -> 
     adapters = getattr(model, "peft_config", None) or {}
     boosters = [name for name, adapter in adapters.items()
                 if getattr(getattr(adapter, "peft_type", None), "name", None) == "FEATURE_BOOSTER"]
-    if config.booster is None or config.booster_config is not None or boosters:
+    # a smoothed MLLM's own tower: the booster its config saved (`booster_config`) is attached right after
+    own = getattr(getattr(model, "config", None), "feature_smoothing", None) is config
+    if boosters or (config.booster is None and config.booster_config is None) or (own and config.booster_config):
         return
+    if config.booster is None:
+        raise ValueError(
+            "`config.booster_config` describes a booster but the model holds none: the tower would run without it. "
+            "It is written by `save_pretrained`; load the saved tower with `SmoothedVisionTower.from_pretrained`, "
+            "or leave `booster_config` out of the config."
+        )
     raise ValueError(
         f"`config.booster` is {config.booster!r} but the model holds no booster: a tower built directly does not "
         "load one, and its config must not claim it. Load the booster first (`load_booster(model, "
@@ -86,7 +94,7 @@ class SmoothedVisionTower(MLLMHooksMixin, nn.Module):
         self.family: TowerFamily = get_tower_family(model, self.config)
         self.encoder = self.family.model
         self.enabled = True
-        self._generators: dict[torch.device, torch.Generator] = {}
+        self._generators: dict[tuple[torch.device, int], torch.Generator] = {}
         self._handles: list[torch.utils.hooks.RemovableHandle] = []
         self._call: SmoothedCall | None = None
 
@@ -98,9 +106,11 @@ class SmoothedVisionTower(MLLMHooksMixin, nn.Module):
     def _generator(self, device: torch.device) -> torch.Generator | None:
         if self.config.seed is None:
             return None
-        if device not in self._generators:
-            self._generators[device] = torch.Generator(device=device).manual_seed(self.config.seed)
-        return self._generators[device]
+        key = (device, self.config.seed)  # a seed edited in the config starts its own stream, as a fresh tower would
+        if key not in self._generators:
+            self._generators = {k: g for k, g in self._generators.items() if k[1] == self.config.seed}
+            self._generators[key] = torch.Generator(device=device).manual_seed(self.config.seed)
+        return self._generators[key]
 
     @property
     def adapter(self) -> TowerFamily:
@@ -174,7 +184,13 @@ class SmoothedVisionTower(MLLMHooksMixin, nn.Module):
         return (tokens + sign * center).reshape(rows.shape)
 
     def _site_rows(self, inputs: ImageInputs, copies: int) -> list[torch.Tensor]:
-        """Encode `copies`-fold inputs; every site as float `(copies, R, F)`, the primary one centred."""
+        """Encode `copies`-fold inputs; every site as float `(copies, R, F)`, the primary one centred. One copy of
+        more than `chunk_size` images is encoded `chunk_size` images per tower call."""
+        chunk = self.config.chunk_size
+        if copies == 1 and inputs.num_images > chunk:
+            images = self.family.split(inputs)
+            groups = [self._site_rows(ImageInputs.concat(images[i : i + chunk]), 1) for i in range(0, len(images), chunk)]
+            return [torch.cat(parts, dim=1) for parts in zip(*groups)]
         sites = [rows.float().view(copies, -1, rows.shape[-1]) for rows in self.family.encode(inputs)]
         return [*sites[:-1], self._center(sites[-1])]
 
@@ -237,12 +253,8 @@ class SmoothedVisionTower(MLLMHooksMixin, nn.Module):
         from its own `source`, so its features do not depend on what else is in the batch (up to the kernels'
         batch invariance). All images must share the pixel layout (`pixel_values.shape[1:]`).
         """
-        parts, grids = [], []
-        for request in requests:
-            copies = self.family.noisy_copies(request.inputs, request.count, self.sigma, _request_noise(request))
-            parts.append(copies.pixel_values)
-            grids.append(copies.image_grid_thw)
-        batch = ImageInputs(torch.cat(parts), None if grids[0] is None else torch.cat(grids))
+        batch = ImageInputs.concat([self.family.noisy_copies(request.inputs, request.count, self.sigma,
+                                                             _request_noise(request)) for request in requests])
         with self._compute_context(batch.pixel_values.device):
             sites = [rows.float() for rows in self.family.encode(batch)]
             sites[-1] = self._center(sites[-1])
@@ -260,7 +272,8 @@ class SmoothedVisionTower(MLLMHooksMixin, nn.Module):
     # ----- smoothing -----------------------------------------------------------------------------------------------
     def monte_carlo(self, inputs: ImageInputs, num_samples: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
         """Per site: the sum over `num_samples` noisy copies of the unit feature rows `(R, F)` and of the per-image
-        raw norms `(B,)`, computed `chunk_size` images per tower call."""
+        raw norms `(B,)`, computed `chunk_size` images per tower call (more images than that: one copy at a time, its
+        images in groups of `chunk_size`)."""
         sums: list[tuple[torch.Tensor, torch.Tensor]] | None = None
         per_call = max(1, self.config.chunk_size // inputs.num_images)
         device = inputs.pixel_values.device

@@ -290,7 +290,7 @@ class TowerFamily(ABC):
         is `image_size` (default: the model config's) and centre-cropped to a square; then normalised."""
         geometry = self.config.image_processor
         if image_size is None and geometry:
-            pixels = [processor_pixels(img, geometry) for img in images]
+            pixels = [processor_pixels(img, geometry, self.image_mean) for img in images]
             if len({p.shape for p in pixels}) > 1:
                 raise ValueError(f"The processor settings {geometry} give images of different sizes "
                                  f"{sorted({tuple(p.shape) for p in pixels})}; pass `image_size=` to crop them alike.")

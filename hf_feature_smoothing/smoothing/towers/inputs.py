@@ -1,6 +1,7 @@
 """What a tower family's inputs are: `ImageInputs` (one tower call's processed pixels), the processor statistics the
 families default to, and the PIL resize / crop the families share (the one decoder is `utils.images`)."""
 
+from collections.abc import Sequence
 from dataclasses import dataclass, replace
 
 import torch
@@ -30,6 +31,13 @@ class ImageInputs:
 
     def with_pixels(self, pixel_values: torch.Tensor) -> "ImageInputs":
         return replace(self, pixel_values=pixel_values)
+
+    @staticmethod
+    def concat(parts: Sequence["ImageInputs"]) -> "ImageInputs":
+        """The images of `parts`, in order, as the inputs of one call."""
+        grids = [part.image_grid_thw for part in parts]
+        return ImageInputs(torch.cat([part.pixel_values for part in parts]),
+                           None if grids[0] is None else torch.cat(grids))
 
     def model_kwargs(self) -> dict:
         """The model's image arguments: `pixel_values`, and `image_grid_thw` for patch-flattened (Qwen-VL) inputs."""

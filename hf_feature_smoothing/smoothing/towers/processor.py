@@ -29,6 +29,11 @@ def _image_processor_dict(data: dict, filename: str) -> dict | None:
     return data if isinstance(data, dict) and ("image_mean" in data or "size" in data) else None
 
 
+def _geometry(processor: dict) -> dict:
+    """The resize / crop settings of an image processor's dict (`do_pad` only when it pads: absent means no pad)."""
+    return {k: processor[k] for k in IMAGE_PROCESSOR_KEYS if k in processor and (k != "do_pad" or processor[k])}
+
+
 def optional_file(path, filename: str, **hub_kwargs) -> str | None:
     """The local path of `filename` in the folder or Hub repo `path` (read from the cache, downloaded when allowed),
     or None when it has no such file or it cannot be reached."""
@@ -61,7 +66,7 @@ def read_processor_settings(path: str | os.PathLike, **hub_kwargs) -> dict:
         if processor is None:
             continue
         settings = {k: processor[k] for k in ("image_mean", "image_std") if k in processor}
-        geometry = {k: processor[k] for k in IMAGE_PROCESSOR_KEYS if k in processor}
+        geometry = _geometry(processor)
         if geometry:
             settings["image_processor"] = geometry
         settings["source"] = os.path.join(str(path), hub.get("subfolder") or "", filename)
@@ -81,6 +86,18 @@ def processor_stats(processor) -> dict:
     image_processor = getattr(processor, "image_processor", processor)
     return {k: [float(v) for v in getattr(image_processor, k)] for k in ("image_mean", "image_std")
             if getattr(image_processor, k, None) is not None}
+
+
+def processor_settings(processor) -> dict:
+    """`image_mean`, `image_std` and the resize / crop settings (`image_processor`) of a processor or image processor
+    object: what [`read_processor_settings`] reads from the files it saves."""
+    settings = processor_stats(processor)
+    image_processor = getattr(processor, "image_processor", processor)
+    if callable(getattr(image_processor, "to_json_string", None)):
+        geometry = _geometry(json.loads(image_processor.to_json_string()))
+        if geometry:
+            settings["image_processor"] = geometry
+    return settings
 
 
 def resolve_pixel_stats(family: str, image_mean=None, image_std=None, *, processor=None, settings: dict | None = None,
@@ -133,10 +150,20 @@ def _size_dict(size, square: bool) -> dict:
     return dict(size)
 
 
-def processor_pixels(image, geometry: dict) -> torch.Tensor:
+def processor_pixels(image, geometry: dict, image_mean: Sequence[float] | None = None) -> torch.Tensor:
     """A PIL image → `(3, H, W)` float tensor in [0, 1] on the grid the processor described by `geometry` produces
-    (resize, then centre crop), computed with transformers' own PIL backend so it matches the processor exactly."""
+    (with `do_pad`: padded to a centred square in the colour of `image_mean`, as LLaVA's processor does; then resize
+    and centre crop), computed with transformers' own PIL backend so it matches the processor exactly."""
+    from PIL import Image
     from transformers.image_processing_backends import PilBackend
+
+    image = to_rgb(image, exif_orientation=False)
+    if geometry.get("do_pad") and image.width != image.height:
+        side = max(image.width, image.height)
+        colour = tuple(int(m * 255) for m in image_mean) if image_mean else (0, 0, 0)
+        square = Image.new("RGB", (side, side), colour)
+        square.paste(image, ((side - image.width) // 2, (side - image.height) // 2))
+        image = square
 
     crop = geometry.get("do_center_crop", "crop_size" in geometry)
     size = _size_dict(geometry.get("size", 224), square=not crop)
@@ -145,7 +172,7 @@ def processor_pixels(image, geometry: dict) -> torch.Tensor:
                   do_convert_rgb=True, default_to_square=False)
     if crop:
         kwargs["crop_size"] = _size_dict(geometry.get("crop_size", size), square=True)
-    return PilBackend(**kwargs)(to_rgb(image, exif_orientation=False), return_tensors="pt")["pixel_values"][0].float()
+    return PilBackend(**kwargs)(image, return_tensors="pt")["pixel_values"][0].float()
 
 
 def qwen_pixels(image, geometry: dict, patch: int, merge: int) -> torch.Tensor:

@@ -69,6 +69,10 @@ class VisionEncoderFamily(LlavaTowerFamily):
         raise NotImplementedError("Stand-alone encoders are read through `encode`.")
 
     def encode(self, inputs: ImageInputs) -> list[torch.Tensor]:
+        if self.config.smoothed_features != "vision":  # checked per call: the config is live
+            raise ValueError(f"`smoothed_features={self.config.smoothed_features!r}` smooths an MLLM projector's "
+                             f"outputs, but a stand-alone `{self.model.config.model_type}` encoder has no projector; "
+                             "use `smoothed_features='vision'` (its pooled feature).")
         pooled = self.model(pixel_values=inputs.pixel_values).pooler_output.flatten(1)
         self.primary_channels = pooled.shape[-1]  # one pooled token per image
         return [pooled]
