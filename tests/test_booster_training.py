@@ -321,9 +321,10 @@ def test_the_saved_booster_records_the_sigmas_it_was_trained_for(tmp_path, caplo
     booster = hfs.add_booster(model, GSBConfig(sigmas=[0.25], hidden_dim=16))
     trainer = GSBTrainer(booster, _args(tmp_path, 1), train_dataset=dataset(4), image_size=56, sigmas=[0.5, 1.0])
     assert trainer.model.sigmas == [0.5, 1.0] and booster.peft_config["default"].sigmas == [0.5, 1.0]
+    model.smoothing_config.sigma = 0.5  # edited after the booster was attached: the saved record follows
     trainer.save_model(str(tmp_path / "out"))
     saved = PeftConfig.from_pretrained(str(tmp_path / "out"))
-    assert saved.sigmas == [0.5, 1.0]
+    assert saved.sigmas == [0.5, 1.0] and saved.smoothing["sigma"] == 0.5
     assert {layer.trained_noise_levels() for layer in booster_layers(booster)} == {(0.5, 1.0)}
     with caplog.at_level(logging.WARNING):
         GSBTrainer(booster, _args(tmp_path, 1), train_dataset=dataset(4), image_size=56,

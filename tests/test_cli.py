@@ -332,9 +332,10 @@ def test_the_header_records_the_dtype_a_model_runs_in_by_default(image_folder, t
     assert header["params"]["dtype"] == "bfloat16" and rows and all(r["dtype"] == "bfloat16" for r in rows)
 
 
-@pytest.mark.parametrize("setting", ["feature_center", "image_mean"])
+@pytest.mark.parametrize("subcommand, setting", [("certify", "feature_center"), ("certify", "image_mean"),
+                                                 ("attack", "feature_center")])
 def test_a_model_config_edited_between_pieces_of_a_run_is_refused_naming_the_setting(image_folder, tmp_path,
-                                                                                     capsys, setting):
+                                                                                     capsys, subcommand, setting):
     """The weights fingerprint does not see the smoothing config: re-estimating the centre (or the processor's
     statistics) and saving into the same folder changes the certified function, so the resumed run refuses."""
     from hf_feature_smoothing.certification import estimate_feature_mean
@@ -348,6 +349,10 @@ def test_a_model_config_edited_between_pieces_of_a_run_is_refused_naming_the_set
         extra.rename(tmp_path / extra.name)  # a first piece on two images
     command = ["certify", "--model", str(folder), "--n", "16", "--n0", "4", "--seed", "0", "--images",
                str(image_folder), "--output", str(out)]
+    if subcommand == "attack":
+        command = ["attack", "--model", str(folder), "--epsilon", "0.2", "--steps", "1", "--eot", "1",
+                   "--eval-samples", "2", "--n", "8", "--alpha", "0.1", "--seed", "0", "--images", str(image_folder),
+                   "--output", str(out)]
     assert main(command) == 0
     before = out.read_bytes()
     pixels = torch.rand(2, 3, 56, 56, generator=torch.Generator().manual_seed(0))

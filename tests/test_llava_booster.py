@@ -7,6 +7,7 @@ import json
 import subprocess
 import sys
 import textwrap
+from dataclasses import asdict
 
 import pytest
 import torch
@@ -15,17 +16,29 @@ from hf_feature_smoothing.assets.llava_booster_training import (
     LLAVA_BOOSTER,
     RECORD_FILE,
     LlavaBoosterRecipe,
-    _check_recipe,
 )
+from hf_feature_smoothing.assets.training_folder import check_settings, last_checkpoint
 
 from .conftest import assert_pgd_never_beats_the_certificate, offline_env
 
 
 def test_stages_trained_with_another_recipe_are_refused(tmp_path):
-    _check_recipe(tmp_path, LlavaBoosterRecipe())
-    _check_recipe(tmp_path, LlavaBoosterRecipe())  # the same settings continue
+    check_settings(tmp_path, asdict(LlavaBoosterRecipe()))
+    check_settings(tmp_path, asdict(LlavaBoosterRecipe()))  # the same settings continue
     with pytest.raises(ValueError, match=r"lambda_lm: 1\.0 → 0\.5.*steps: 300 → 10"):
-        _check_recipe(tmp_path, LlavaBoosterRecipe(steps=10, lambda_lm=0.5))
+        check_settings(tmp_path, asdict(LlavaBoosterRecipe(steps=10, lambda_lm=0.5)))
+
+
+def test_training_resumes_from_the_last_checkpoint_trainer_finished(tmp_path):
+    """A kill while `Trainer` writes checkpoint-20 leaves it without `trainer_state.json` (written last): training
+    resumes from checkpoint-10, never from half-saved weights."""
+    assert last_checkpoint(tmp_path / "none") is None
+    for step, complete in ((5, True), (10, True), (20, False)):
+        (tmp_path / f"checkpoint-{step}").mkdir()
+        if complete:
+            (tmp_path / f"checkpoint-{step}" / "trainer_state.json").write_text("{}")
+    (tmp_path / "checkpoint-x").mkdir()
+    assert last_checkpoint(tmp_path) == tmp_path / "checkpoint-10"
 
 
 def test_the_shipped_booster_records_how_it_was_trained():

@@ -127,6 +127,33 @@ def test_locks_are_exclusive_within_a_process_too_and_released(tmp_path):
     RunLock(path).acquire().release()  # free again
 
 
+def test_a_symlinked_output_is_written_through_and_keeps_its_lock(tmp_path):
+    """A rewrite (here: dropping a torn last line) goes to the file the link names, the link stays a link, and a
+    second writer by either name is refused while the first holds the run."""
+    real, link = tmp_path / "real.jsonl", tmp_path / "link.jsonl"
+    _file(real, [{"key": "a"}], tail=b'{"key": "b", "sta')
+    link.symlink_to(real)
+    with Run(link, "certify") as run:
+        run.lock().open(dict(PARAMS))
+        assert link.is_symlink() and real.read_bytes().endswith(b"\n") and run.done == {"a"}
+        for name in (link, real):
+            with Run(name, "certify") as second, pytest.raises(RunError, match="is being written by another run"):
+                second.lock()
+        run.append({"key": "b", "index": 1, "status": "ok"})
+        run.finish()
+    assert [r["key"] for r in read_run(real).rows] == ["a", "b"] and link.is_symlink()
+
+
+def test_overwrite_never_replaces_an_earlier_backup(tmp_path):
+    out = tmp_path / "r.jsonl"
+    for sigma in (0.1, 0.2, 0.3):
+        with Run(out, "certify", overwrite=True) as run:
+            run.lock().open({"sigma": sigma, "seed": 1})
+            run.finish()
+    sigmas = [read_run(p).header["params"]["sigma"] for p in (out, tmp_path / "r.jsonl.bak.1", tmp_path / "r.jsonl.bak")]
+    assert sigmas == [0.3, 0.2, 0.1]
+
+
 def test_run_resolves_the_seed_once_and_refuses_other_commands(tmp_path):
     out = tmp_path / "r.jsonl"
     with Run(out, "certify") as run:

@@ -50,6 +50,22 @@ def test_report_pools_runs_without_recomputing(two_runs, tmp_path, monkeypatch, 
     assert summary in capsys.readouterr().out
 
 
+def test_a_boosted_feature_run_names_its_booster_in_the_report_and_the_index(two_runs, tmp_path):
+    """The booster is part of the certified function: a feature run of a boosted model says so in its title and in
+    every `model-index` entry, so its numbers never read as the base model's."""
+    from hf_feature_smoothing.runs.report import write_report
+
+    lines = two_runs[0].read_text().splitlines()
+    header = json.loads(lines[0])
+    header["params"]["booster"] = "/home/me/my-gsb"
+    two_runs[0].write_text("\n".join([json.dumps(header), *lines[1:]]) + "\n")
+    summary = write_report([two_runs[0]], tmp_path / "boosted")
+    assert "certify tiny-llava + my-gsb σ=" in summary
+    card = yaml.safe_load((tmp_path / "boosted" / "model-index.yaml").read_text())
+    metrics = card["model-index"][0]["results"][0]["metrics"]
+    assert all(m["args"]["booster"] == "my-gsb" and "booster my-gsb" in m["name"] for m in metrics)
+
+
 def test_report_refuses_mixed_parameters_unless_grouped(two_runs, image_folder, tmp_path, capsys):
     _certify(image_folder, tmp_path / "c.jsonl", "--sigma", "0.5")
     runs = [*map(str, two_runs), str(tmp_path / "c.jsonl")]

@@ -91,8 +91,8 @@ def test_answer_and_vote_certificates_name_their_method_candidates_and_targets()
     plain = [{**a, "booster": None, "booster_digest": None} for a in answers]  # the same answers without a booster
     assert certificate_eval_results(plain, "digits", radii=(0.5,))[0].metric_name == (
         f"certified answer accuracy @ r=0.5 ({setting.replace('booster bbbbbbbb', 'no booster')})")
-    votes = [{k: v for k, v in a.items() if k not in ("answer", "candidates_digest")} | {"prediction": a["answer"]}
-             for a in answers]
+    votes = [{k: v for k, v in a.items() if k not in ("answer", "candidates_digest", "booster", "booster_digest")}
+             | {"prediction": a["answer"]} for a in answers]
     (vote, _) = certificate_eval_results(votes, "d", radii=(0.5,))
     assert vote.metric_name == "certified accuracy @ r=0.5 (σ=0.5, vote, sequential, target radius ≥ 0.5, n ≤ 200)"
     assert vote.task_type == "image-classification" and vote.metric_value == 0.5

@@ -7,6 +7,7 @@ import torch
 import transformers as tf
 
 import hf_feature_smoothing as hfs
+from hf_feature_smoothing.booster import booster_layers
 from hf_feature_smoothing.testing_utils import tiny_inputs, tiny_model
 
 
@@ -72,6 +73,12 @@ def test_standalone_encoder_with_booster_round_trip(tmp_path):
     assert (tmp_path / "saved" / "booster" / "adapter_model.safetensors").exists()
     again = hfs.SmoothedVisionTower.from_pretrained(tmp_path / "saved")
     assert torch.equal(_features(again, pixels), expected)
+    # saved again without its booster, through a symlink: the link stays, the old booster/ folder does not
+    (tmp_path / "latest").symlink_to(tmp_path / "saved")
+    hfs.SmoothedVisionTower.from_pretrained(folder, smoothing={"sigma": 0.25}).save_pretrained(tmp_path / "latest")
+    assert (tmp_path / "latest").is_symlink() and not (tmp_path / "saved" / "booster").exists()
+    plain = hfs.SmoothedVisionTower.from_pretrained(tmp_path / "latest")
+    assert plain.config.booster_config is None and not booster_layers(plain.encoder)
 
 
 @pytest.mark.parametrize("config", [

@@ -26,6 +26,7 @@ from ..utils.atomic import write_atomically
 from ..utils.locking import RunLock
 from ..utils.logging import get_logger
 from ..version import __version__
+from .training_folder import check_settings, last_checkpoint
 
 
 logger = get_logger(__name__)
@@ -100,12 +101,12 @@ def _train_stage(name: str, output: Path, booster, processor, rows, steps: int, 
     )
     trainer = GSBTrainer(booster, args, train_dataset=rows, processing_class=processor,
                          noise_samples=recipe.noise_samples, crop_scale=recipe.crop_scale, flip=False, **loss_kwargs)
-    checkpoints = sorted((output / "checkpoints").glob("checkpoint-*"), key=lambda p: int(p.name.split("-")[1]))
+    checkpoint = last_checkpoint(output / "checkpoints")
     start, load = time.time(), os.getloadavg()[0]
-    metrics = trainer.train(resume_from_checkpoint=str(checkpoints[-1]) if checkpoints else None).metrics
+    metrics = trainer.train(resume_from_checkpoint=str(checkpoint) if checkpoint else None).metrics
     booster.save_pretrained(str(output))
     cost = {"stage": name, "steps": steps, "seconds": round(time.time() - start, 1),
-            "train_runtime": round(metrics.get("train_runtime", 0.0), 1), "resumed": bool(checkpoints),
+            "train_runtime": round(metrics.get("train_runtime", 0.0), 1), "resumed": checkpoint is not None,
             "load_average": round((load + os.getloadavg()[0]) / 2, 2),
             "final_terms": {k: v for k, v in trainer.state.log_history[-2].items() if k.startswith("gsb_")}
             if len(trainer.state.log_history) > 1 else {}}
@@ -132,7 +133,7 @@ def train_llava_booster(output_dir: str | os.PathLike, variant: str = "lm",
     output_dir = Path(output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
     with RunLock(output_dir):  # a second trainer of the same folder fails at once, naming the holder
-        _check_recipe(output_dir, recipe)
+        check_settings(output_dir, asdict(recipe))
         return _train(output_dir, variant, recipe)
 
 
@@ -188,17 +189,3 @@ def _finish(folder: Path, variant: str, recipe: LlavaBoosterRecipe, costs: list[
     _write_json(folder / RECORD_FILE, record)
     return folder
 
-
-def _check_recipe(output_dir: Path, recipe: LlavaBoosterRecipe) -> None:
-    """Refuse to continue stages trained with other settings (they would mix two recipes silently)."""
-    stored = output_dir / "recipe.json"
-    current = json.loads(json.dumps(asdict(recipe)))
-    if stored.exists():
-        previous = json.loads(stored.read_text())
-        differing = sorted(k for k in set(previous) | set(current) if previous.get(k) != current.get(k))
-        if differing:
-            details = ", ".join(f"{k}: {previous.get(k)!r} → {current.get(k)!r}" for k in differing)
-            raise ValueError(f"{output_dir} holds stages trained with other settings ({details}); use another "
-                             "`output_dir` or delete it.")
-    else:
-        _write_json(stored, current)

@@ -16,10 +16,12 @@ from tqdm.auto import tqdm
 from transformers import Trainer, TrainingArguments
 
 from ..utils.atomic import atomic_path
+from ..utils.locking import RunLock
 from ..utils.logging import get_logger
 from ..version import __version__
 from .labelled_images import VQAExample, digit_examples, textile_examples
 from .llava_dinov2_smollm2 import IMAGE_TOKEN, build_llava, prompt_text
+from .training_folder import SETTINGS_FILE, check_settings, last_checkpoint
 
 
 logger = get_logger(__name__)
@@ -164,6 +166,18 @@ def train_projector(output_dir: str | os.PathLike, *, max_steps: int = 600, batc
     bf16 = bf16_supported(device) if bf16 is None else bf16
     output_dir = Path(output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
+    settings = {"max_steps": max_steps, "batch_size": batch_size, "learning_rate": learning_rate, "seed": seed,
+                "bf16": bf16}
+    with RunLock(output_dir):  # a second trainer of the same folder fails at once, naming the holder
+        if not resume:  # a fresh start in this folder: its earlier settings no longer count
+            (output_dir / SETTINGS_FILE).unlink(missing_ok=True)
+        check_settings(output_dir, settings)
+        return _train_projector(output_dir, settings, resume=resume, evaluate=evaluate, device=device)
+
+
+def _train_projector(output_dir: Path, settings: dict, *, resume: bool, evaluate: bool, device: str) -> Path:
+    max_steps, batch_size, learning_rate, seed, bf16 = (settings[k] for k in ("max_steps", "batch_size",
+                                                                               "learning_rate", "seed", "bf16"))
     model, processor = build_llava(projector=None, seed=seed)
     train = training_examples("train")
     cached = output_dir / FEATURES_FILE
@@ -171,7 +185,8 @@ def train_projector(output_dir: str | os.PathLike, *, max_steps: int = 600, batc
         features = load_file(str(cached))["features"]
     else:
         features = tower_features(model, processor, train)
-        save_file({"features": features}, str(cached))
+        with atomic_path(cached) as tmp:  # a kill mid-write leaves no truncated cache
+            save_file({"features": features}, str(tmp))
     image_tokens = features.shape[1]
     rows = []
     for index, example in enumerate(train):
@@ -185,8 +200,8 @@ def train_projector(output_dir: str | os.PathLike, *, max_steps: int = 600, batc
     )
     trainer = ProjectorTrainer(model=ProjectorAlignment(model), args=args, train_dataset=rows,
                                data_collator=_Collator(features, processor.tokenizer.pad_token_id))
-    checkpoints = sorted(output_dir.glob("checkpoint-*"), key=lambda p: int(p.name.split("-")[1]))
-    trainer.train(resume_from_checkpoint=str(checkpoints[-1]) if resume and checkpoints else None)
+    checkpoint = last_checkpoint(output_dir) if resume else None
+    trainer.train(resume_from_checkpoint=str(checkpoint) if checkpoint else None)
     record = {"max_steps": max_steps, "batch_size": batch_size, "learning_rate": learning_rate, "seed": seed, "bf16": bf16,
               "train_images": {"digits": sum(e.task == "digits" for e in train),
                                "textiles": sum(e.task == "textiles" for e in train)},

@@ -353,6 +353,7 @@ def save_booster_adapter(model: nn.Module, folder: str | os.PathLike, adapter_na
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     state = get_peft_model_state_dict(model, adapter_name=adapter_name)
+    record_smoothing(model.peft_config[adapter_name], model)  # the smoothing as it is now, not as when attached
     model.peft_config[adapter_name].save_pretrained(str(folder))
     save_file({f"base_model.model.{k}": v.contiguous() for k, v in state.items()}, str(folder / ADAPTER_WEIGHTS),
               metadata={"format": "pt"})

@@ -13,7 +13,7 @@ from ..smoothing.towers.processor import processor_settings
 from ..utils.logging import get_logger
 from .data import EpochCallback, GSBCollator, RandomCropFlip
 from .layer import booster_layers
-from .loading import save_booster_adapter
+from .loading import record_smoothing, save_booster_adapter
 from .loss import GSBLoss
 from .registration import PARAMETER_PREFIX
 
@@ -212,6 +212,7 @@ class GSBTrainer(Trainer):
         from peft import PeftModel
 
         output_dir = output_dir or self.args.output_dir
+        record_smoothing(self.booster_model.peft_config[self._active_booster()], self.booster_model)  # as it is now
         if isinstance(self.booster_model, PeftModel):
             self.booster_model.save_pretrained(output_dir, safe_serialization=True)
         else:  # layers injected in place: PEFT's files, without transformers' adapter integration

@@ -18,6 +18,7 @@ from ..statistics.bounds import CONFIDENCE_BOUNDS
 from .loading import load_model, open_source
 from .options import HelpFormatter, add_images, add_model, add_run, check_run_options, number
 from .running import (
+    NEWER_PARAMS,
     model_params,
     print_run,
     progress,
@@ -26,6 +27,7 @@ from .running import (
     run_info,
     skip_row,
     smoothed_tower,
+    smoothing_params,
 )
 
 
@@ -85,12 +87,14 @@ def run(args) -> int:
         "success_threshold": args.success_threshold, "seed": args.seed, "dtype": compute_dtype(towers["smoothed"]),
         "image_size": args.image_size, "chunk_size": towers["smoothed"].config.chunk_size,
         "device": shard.device.type, "max_image_pixels": args.max_image_pixels,
+        "smoothing": smoothing_params(towers["smoothed"]),
     })
     with Run(args.output, "attack", shard, overwrite=args.overwrite, repair=args.repair) as run:
         run.lock()
         # one row per (image, variant); an unreadable image is one `skipped` row for all its variants
         info = {**run_info(shard, len(source) * len(variants)), "rows_per_image": len(variants)}
-        run.open(params, info, resolve={"seed": fresh_seed}, check_resumed=refuse_mislabelled_dtype(model))
+        run.open(params, info, resolve={"seed": fresh_seed}, newer_params=NEWER_PARAMS,
+                 check_resumed=refuse_mislabelled_dtype(model))
         seed = run.params["seed"]
         indices = shard.indices(len(source))
         with progress(shard, len(indices), "attack") as bar:

@@ -65,7 +65,7 @@ def model_params(args, model) -> dict:
             "booster": args.booster, "model_weights": weights_fingerprint(model)}
 
 
-NEWER_PARAMS = ("smoothing",)  # recorded by certify / certify-answer since 0.2.0's runs; their files still resume
+NEWER_PARAMS = ("smoothing",)  # recorded by certify / certify-answer / attack since 0.2.0's runs; theirs still resume
 
 
 def smoothing_params(tower: SmoothedVisionTower) -> dict:

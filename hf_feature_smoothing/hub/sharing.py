@@ -41,13 +41,13 @@ def check_one_setting(rows: list[dict]) -> None:
         raise ValueError(f"Mix of {' and '.join(sorted(kinds))} certificates: share one kind per call.")
     if len({(r.get("sigma"), r.get("n"), r.get("n0"), r.get("alpha"), r.get("bound"), r.get("target_cosine"),
              r.get("target_radius"), r.get("method"), r.get("candidates_digest"), r.get("prompt_digest"),
-             r.get("booster_digest"), r.get("model"), r.get("dtype"), r.get("centered"), r.get("reference"),
+             r.get("booster_digest"), r.get("booster"), r.get("model"), r.get("dtype"), r.get("centered"), r.get("reference"),
              r.get("alpha_split"), r.get("noise_space"), r.get("prototypes_sha256"), bool(r.get("futility")))
             for r in rows}) > 1 or len(
             {r["prototypes_digest"] for r in rows if r.get("prototypes_digest")}) > 1:  # older rows have none
         raise ValueError("Certificates differ in σ, n, n0, α, bound, method, sequential target or futility stop, "
-                         "compute dtype, centring, reference, α split, noise space, prototypes, or (answers) the "
-                         "candidates, prompt, model or booster: aggregate one setting at a time.")
+                         "compute dtype, centring, reference, α split, noise space, prototypes, booster, or (answers) "
+                         "the candidates, prompt or model: aggregate one setting at a time.")
 
 
 def _as_dicts(certificates) -> list[dict]:
@@ -110,6 +110,9 @@ def certificate_eval_results(certificates, dataset_name: str, dataset_type: str 
                                                  "base_classifier")})
         args["booster"] = shared_name(first["booster"])  # the digest identifies the weights
         setting += f", {answers_label(first)}"  # one value each: `_as_dicts`
+    elif first.get("booster"):  # a feature or prediction run of a boosted model (`hf-fs report` adds its --booster)
+        args["booster"] = shared_name(first["booster"])
+        setting += f", booster {args['booster']}"
     if task_type == "image-feature-extraction" and kind != "feature":  # the default names the feature task
         task_type = "visual-question-answering" if kind == "answer" else "image-classification"
     sequential = sequential_label(first)

@@ -100,19 +100,18 @@ class RunGroup:
 
     @property
     def label(self) -> str:
-        """`certify <model> σ=… n=… α=…`, with the method and the prototypes' digest for prediction runs, the booster
-        and the candidates' digest for answer runs (two predictors or answer settings of one model read apart in a
-        report or card); a local model or booster folder by its last part (`utils.names.shared_name`)."""
+        """`certify <model> σ=… n=… α=…`, with the booster (`+ <booster>`), the method and the prototypes' digest for
+        prediction runs and the candidates' digest for answer runs (two predictors or answer settings of one model
+        read apart in a report or card); a local model or booster folder by its last part (`utils.names.shared_name`)."""
         p = self.params
         sequential = sequential_label(p)
         n = f"({sequential})" if sequential else f"n={p.get('n')}"
-        predictor = ""
+        predictor = f" + {shared_name(p['booster'])}" if p.get("booster") else ""
         if self.kind == "prediction":
             digest = _prototypes_sha256(p)
-            predictor = f" {p.get('method', 'margin')}" + (f", {prototypes_label(digest)}" if digest else "")
+            predictor += f" {p.get('method', 'margin')}" + (f", {prototypes_label(digest)}" if digest else "")
         elif self.kind == "answer":
-            booster = f" + {shared_name(p['booster'])}" if p.get("booster") else ""
-            predictor = f"{booster} vote, answers {str(p.get('candidates_digest'))[:8]}"
+            predictor += f" vote, answers {str(p.get('candidates_digest'))[:8]}"
         return f"{self.command} {shared_name(p.get('model'))}{predictor} σ={p.get('sigma')} {n} α={p.get('alpha')}"
 
 
@@ -311,6 +310,8 @@ def eval_results(group: RunGroup, dataset_name: str | None = None, radii: Sequen
         rows = [r for r in rows if r.get("label") is not None]
         if not rows:
             return []
+    if group.kind != "answer" and group.params.get("booster"):  # answer rows record their booster themselves
+        rows = [{**r, "booster": group.params["booster"]} for r in rows]
     return certificate_eval_results(rows, dataset_name or _dataset_name(group), radii=radii)
 
 

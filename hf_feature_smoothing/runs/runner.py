@@ -5,7 +5,7 @@ import os
 from collections.abc import Callable
 from pathlib import Path
 
-from ..utils.atomic import write_atomically
+from ..utils.atomic import fsync_path, write_atomically
 from ..utils.errors import RunError
 from ..utils.locking import RunLock, lock_path
 from ..utils.logging import get_logger
@@ -72,7 +72,7 @@ class Run:
 
     def __init__(self, output: str | os.PathLike, command: str, shard: Shard | None = None, *,
                  overwrite: bool = False, repair: bool = False):
-        self.output = Path(output)
+        self.output = Path(os.path.realpath(output)) if os.path.islink(output) else Path(output)  # rows go to the file
         self.command = command
         self.shard = shard or Shard()
         self.overwrite, self.repair = overwrite, repair
@@ -148,11 +148,17 @@ class Run:
         return read_run(self.output)
 
     def _set_aside(self) -> None:
-        """`--overwrite`: keep the output (whatever it holds) and shards of a stopped run with a `.bak` suffix."""
+        """`--overwrite`: keep the output (whatever it holds) and shards of a stopped run with a `.bak` suffix
+        (`.bak.1`, `.bak.2`, ... when earlier backups exist: none is ever replaced)."""
         for path in [self.output, *existing_shards(self.output)]:
             if path.exists():
-                os.replace(path, f"{path}.bak")
-                logger.warning(f"--overwrite: {path} is kept as {path}.bak; starting a new run.")
+                backup, number = Path(f"{path}.bak"), 0
+                while backup.exists():
+                    number += 1
+                    backup = Path(f"{path}.bak.{number}")
+                os.rename(path, backup)
+                fsync_path(backup.parent)
+                logger.warning(f"--overwrite: {path} is kept as {backup}; starting a new run.")
 
     def _prepare(self, params: dict, info: dict, resolve: dict[str, Callable[[], object]],
                  newer_params: tuple[str, ...] = (), check_resumed: Callable[[dict], None] | None = None) -> None:
@@ -161,7 +167,7 @@ class Run:
         main = self._merge_leftovers()
         if main.header is not None and main.header["command"] != self.command:
             raise RunError(f"{self.output} holds a `{main.header['command']}` run, not `{self.command}`: choose "
-                           f"another --output, or --overwrite (the old file is kept as {self.output}.bak).")
+                           f"another --output, or --overwrite (the old file is kept as {self.output}.bak, or the next free .bak.N).")
         if main.header is not None and check_resumed is not None:
             check_resumed(main.header)
         old = main.header["params"] if main.header is not None else {}
@@ -176,12 +182,12 @@ class Run:
                 logger.warning(f"{self.output} was made before run headers recorded {', '.join(unrecorded)}: it is "
                                f"continued as it is, but its rows cannot be checked against this command's "
                                f"{'; '.join(f'{k} {dumps(params[k])}' for k in unrecorded)}. Use --overwrite to "
-                               f"start a run that records them (the old file is kept as {self.output}.bak).")
+                               f"start a run that records them (the old file is kept as {self.output}.bak, or the next free .bak.N).")
             if differences:
                 raise RunError(
                     f"{self.output} holds a run with other parameters, so its rows cannot be continued by this "
                     f"command: {'; '.join(differences)}. Use the run's parameters to resume it, --overwrite to start "
-                    f"a new run in this file (the old one is kept as {self.output}.bak), or another --output.")
+                    f"a new run in this file (the old one is kept as {self.output}.bak, or the next free .bak.N), or another --output.")
             self._record_expected(main, info)
             return
         self._rewrite(encode_lines(make_header(self.command, params, info), []))

@@ -32,7 +32,7 @@ TMP_TAG, OLD_TAG = ".tmp-", ".old-"
 # files a save owns: when the new save does not write them they are stale (e.g. shards of a bigger earlier save) and
 # are not carried over; anything else already in the folder (tokenizer, processor, user files) is kept
 OWNED_PREFIXES = ("model.safetensors", "model-", "pytorch_model", "adapter_model", "adapter_config.json",
-                  "config.json", "generation_config.json", "README.md", "feature_smoothing.json")
+                  "config.json", "generation_config.json", "README.md", "feature_smoothing.json", "booster")
 
 
 def fsync_path(path: str | os.PathLike) -> None:
@@ -74,9 +74,9 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
     """
     Yield a temporary path beside `path` to write the new file to (by any writer: `save_file`, `savefig`, ...);
     when the block ends without error it is fsynced and renamed over `path`, and the folder is fsynced. On error
-    `path` is left as it was and the temporary file is deleted.
+    `path` is left as it was and the temporary file is deleted. A symlink is written through (it stays a link).
     """
-    path = Path(path)
+    path = Path(os.path.realpath(path))
     tmp = temporary_sibling(path)
     try:
         yield tmp
@@ -184,9 +184,10 @@ def atomic_directory(target: str | os.PathLike) -> Iterator[Path]:
     """
     Yield an empty temporary folder beside `target`; when the block ends without error, its content replaces
     `target` atomically (files of the previous folder that the save does not own are carried over). On error
-    `target` is left as it was. Concurrent saves to one target are serialised by [`folder_lock`].
+    `target` is left as it was. Concurrent saves to one target are serialised by [`folder_lock`]. A symlinked
+    `target` is saved through (the link stays a link, and every name of the folder takes the same lock).
     """
-    target = Path(target).absolute()
+    target = Path(os.path.realpath(target))
     if target.exists() and not target.is_dir():
         raise NotADirectoryError(f"`save_directory`={str(target)!r} is a file; pass a folder.")
     target.parent.mkdir(parents=True, exist_ok=True)
