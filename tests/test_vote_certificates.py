@@ -436,18 +436,35 @@ def test_certify_answer_runs_in_the_autocast_dtype_it_records(models):
     ({"target_radius": -1.0}, ValueError, "target_radius"),
     ({"images": 2}, ValueError, "pixel_values"),
     ({"prompts": 2}, ValueError, "inputs"),
+    ({"scale": 3.0}, ValueError, r"`pixel_values` map back to pixel intensities .* outside \[0, 1\]"),
 ])
 def test_certify_answer_refuses_bad_arguments(models, change, error, match):
     model = models["stock"]
     inputs = tiny_inputs(model)
+    if "scale" in change:  # not this model's processed pixels: σ there would not be σ in [0, 1] pixel units
+        inputs = dict(inputs, pixel_values=inputs["pixel_values"] * change["scale"])
     if "images" in change:
         inputs = dict(inputs, pixel_values=tiny_inputs(model, num_images=2)["pixel_values"])
     if "prompts" in change:
         inputs = tiny_inputs(model, num_images=2)
     arguments = dict(candidates=CANDIDATES, sigma=0.25, n0=4, n=4, seed=0)
-    arguments.update({k: v for k, v in change.items() if k not in ("images", "prompts")})
+    arguments.update({k: v for k, v in change.items() if k not in ("images", "prompts", "scale")})
     with pytest.raises(error, match=match):
         hfs.certify_answer(model, inputs, **arguments)
+
+
+def test_the_target_a_vote_stops_at_proves_its_radius_in_exact_arithmetic():
+    """A stop rejects p_A ≤ t̂ (a float); claiming radius R exactly needs t̂ ≥ Φ(R/σ) exactly, not only in float
+    (Φ(R/σ) rounded to the nearest float is below it about half the time)."""
+    import mpmath
+
+    from hf_feature_smoothing.statistics.vote import vote_target
+
+    generator = torch.Generator().manual_seed(0)
+    for sigma, radius in (torch.rand(500, 2, generator=generator, dtype=torch.float64) * torch.tensor([1.0, 2.0])
+                          + torch.tensor([0.05, 1e-17])).tolist():
+        if radius / sigma < 3.5:
+            assert mpmath.mpf(vote_target(radius, sigma)) >= mpmath.ncdf(mpmath.mpf(radius) / mpmath.mpf(sigma))
 
 
 @pytest.mark.parametrize("sigma, target_radius", [(0.25, 0.3), (0.5, 0.5), (0.12, 0.1)])

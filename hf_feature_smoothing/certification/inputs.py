@@ -31,6 +31,22 @@ def _in_unit_range(low: float, high: float) -> bool:
     return low >= -_PIXEL_TOLERANCE and high <= 1.0 + _PIXEL_TOLERANCE
 
 
+def check_processed(tower: SmoothedVisionTower, inputs: ImageInputs, name: str = "pixel_values",
+                    hint: str = "Pass [0, 1] images with `input_space='pixel'`, PIL images, or",
+                    context: str = "") -> None:
+    """Refuse processed pixel values that do not map back to [0, 1] intensities through the tower's normalisation:
+    noise of σ there would not be σ in [0, 1] pixel units, the space every radius is stated in."""
+    adapter = tower.family
+    low, high = _range(adapter.to_image(inputs))
+    if not _in_unit_range(low, high):
+        raise ValueError(
+            f"`{name}`{context} map back to pixel intensities in [{low:.4g}, {high:.4g}] through this model's normalisation "
+            f"(mean {adapter.image_mean}, std {adapter.image_std}), outside [0, 1]: they are not this model's "
+            f"processed pixel values. {hint} set `image_mean` / `image_std` in the smoothing config to the "
+            "processor's."
+        )
+
+
 def _from_tensor(tower: SmoothedVisionTower, images: torch.Tensor, input_space: str | None,
                  image_grid_thw: torch.Tensor | None, name: str) -> ImageInputs:
     adapter = tower.family
@@ -53,18 +69,11 @@ def _from_tensor(tower: SmoothedVisionTower, images: torch.Tensor, input_space: 
         like = ImageInputs(images.float())
         return like.with_pixels(adapter.from_image(images.float(), like))
     inputs = ImageInputs(images, image_grid_thw)
-    pixels = adapter.to_image(inputs)
-    low, high = _range(pixels)
-    maps_to_pixels = _in_unit_range(low, high)
     if input_space == "processed":
-        if not maps_to_pixels:
-            raise ValueError(
-                f"`{name}` with `input_space='processed'` map back to pixel intensities in [{low:.4g}, {high:.4g}] "
-                f"through this model's normalisation (mean {adapter.image_mean}, std {adapter.image_std}), outside "
-                "[0, 1]: they are not this model's processed pixel values. Pass [0, 1] images with "
-                "`input_space='pixel'`, PIL images, or set `image_mean` / `image_std` in the smoothing config."
-            )
+        check_processed(tower, inputs, name, context=" with `input_space='processed'`")
         return inputs
+    low, high = _range(adapter.to_image(inputs))
+    maps_to_pixels = _in_unit_range(low, high)
     identity = all(m == 0 for m in adapter.image_mean) and all(s == 1 for s in adapter.image_std)
     if identity and maps_to_pixels:
         return inputs  # the normalisation is the identity: both readings give the same image

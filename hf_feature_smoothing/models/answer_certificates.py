@@ -17,7 +17,7 @@ from tqdm.auto import tqdm
 from ..certification.arguments import DEFAULTS, SIGMA, TARGET_RADIUS, check_futility, check_target
 from ..certification.certificates import NOISE_SPACE, strict_json, versions
 from ..certification.certify import as_smoothed_tower, compute_dtype
-from ..certification.inputs import tower_device
+from ..certification.inputs import check_processed, tower_device
 from ..certification.sampling import ImageNoise
 from ..smoothing.conditioning import noise_condition
 from ..smoothing.modeling_smoothed_tower import SmoothedVisionTower
@@ -276,6 +276,7 @@ def certify_answer(
         config = getattr(model.config, "text_config", model.config)
         pad_token_id = getattr(config, "pad_token_id", None) or 0
     image_inputs = ImageInputs(inputs["pixel_values"], inputs.get("image_grid_thw"))
+    check_processed(tower, image_inputs, hint="Pass the model's processor outputs, or")  # σ is in [0, 1] pixels
     noise = ImageNoise(tower, image_inputs, seed)
     prefixed, positions = candidates.with_prefix(inputs, pad_token_id)  # with Qwen-VL's mm_token_type_ids
 

@@ -104,8 +104,8 @@ def lower_confidence_bound(scores: torch.Tensor, alpha: float, method: str = "be
     (1 − α) one-sided lower confidence bound on the mean of i.i.d. [0, 1] scores, clipped to [0, 1].
 
     `method`: `"betting"` (default; Waudby-Smith & Ramdas, within ≈ 1.15× of the S·ln(1/α)/n floor on concentrated
-    scores, and a confidence sequence: valid at every prefix, so sequential stopping is allowed; `horizon` tunes its
-    bets, see [`betting_lower_bound`]), `"bernstein"` (Maurer–Pontil) or `"hoeffding"` (both fixed-n only).
+    scores, and a confidence sequence: valid at every prefix, so sequential stopping is allowed when `horizon`, which
+    tunes its bets, is the planned maximum n fixed before sampling, see [`betting_lower_bound`]), `"bernstein"` (Maurer–Pontil) or `"hoeffding"` (both fixed-n only).
     """
     if method not in CONFIDENCE_BOUNDS:
         raise ValueError(f"`method` must be one of {CONFIDENCE_BOUNDS}, got {method!r}.")

@@ -56,15 +56,20 @@ def vote_radius(p_lower: float, sigma: float) -> float:
     return sigma * normal_ppf(p_lower) if p_lower > 0.5 else 0.0
 
 
+TARGET_SLACK = 1e-12  # ≫ the float error of Φ(R/σ) (≈ 1e-15 at most): a target of 0.5 + 1e-17 is above ½ too
+
+
 def vote_target(target_radius: float, sigma: float, alpha: float | None = None, n: int | None = None,
                 n_name: str = "`n`") -> float:
-    """The p̲_A a certificate of radius `target_radius` needs: Φ(R/σ) (so that σ Φ⁻¹(p̲_A) ≥ R). With `alpha` and
+    """The p̲_A a certificate of radius `target_radius` needs: Φ(R/σ) (so that σ Φ⁻¹(p̲_A) ≥ R), raised by
+    `TARGET_SLACK` above the float rounding of R/σ and Φ, so that reaching it proves p_A > Φ(R/σ) in exact
+    arithmetic (a stop at the target then claims R exactly, soundly). With `alpha` and
     `n`, a target that `n` samples cannot certify even if every one votes for the top class is refused, with the n
     that can (else every certificate would stop, out of reach, after one sample)."""
     if not target_radius > 0 or not sigma > 0 or not math.isfinite(target_radius):
         raise ValueError(f"Need `target_radius` > 0 and `sigma` > 0, got target_radius={target_radius!r}, "
                          f"sigma={sigma!r}.")
-    target = normal_cdf(target_radius / sigma)
+    target = normal_cdf(target_radius / sigma) + TARGET_SLACK
     if target >= normal_cdf(VOTE_GRID_TOP):
         raise ValueError(f"`target_radius` {target_radius:g} is out of reach at σ={sigma:g}: it needs p̲_A ≥ "
                          f"Φ({target_radius / sigma:.3g}), beyond what any sample size certifies here (Φ⁻¹(p̲_A) ≤ "
